@@ -1,0 +1,110 @@
+"""Train/test splits of the images.
+
+Defaults follow Brain-Score's ``neuron_to_neuron`` cross-validation (brainscore_vision
+``metric_helpers.transformations.Split``): sklearn ``StratifiedShuffleSplit`` with 10 splits,
+train_size 0.9, random_state 1, stratified by object; its indices are reproduced exactly, so scores
+computed here are comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+Split = tuple[np.ndarray, np.ndarray]
+
+#: metadata columns tried, in order, when stratify="auto"
+STRATIFY_COLUMNS = ("object_name", "object", "category_name", "category")
+
+
+def brainscore_splits(
+    metadata: pd.DataFrame | None = None,
+    *,
+    n_images: int | None = None,
+    n_splits: int = 10,
+    train_size: float = 0.9,
+    random_state: int = 1,
+    stratify: str | None = "auto",
+) -> list[Split]:
+    """Brain-Score-compatible splits.
+
+    Args:
+        metadata: one row per image, in image order (the stimulus set's metadata).
+        n_images: number of images when there is no metadata.
+        n_splits, train_size, random_state: as sklearn's (Brain-Score defaults).
+        stratify: a metadata column; ``"auto"`` takes the first of object_name, object,
+            category_name, category present, else no stratification; None never stratifies.
+
+    Returns:
+        A list of (train_idx, test_idx) integer arrays.
+
+    Raises:
+        ValueError: unknown stratification column, or too few images per class to stratify.
+    """
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+    if metadata is None and n_images is None:
+        raise ValueError("give metadata or n_images")
+    n = len(metadata) if metadata is not None else int(n_images)
+    column = None
+    if stratify == "auto":
+        if metadata is not None:
+            column = next((c for c in STRATIFY_COLUMNS if c in metadata.columns), None)
+    elif stratify is not None:
+        if metadata is None or stratify not in metadata.columns:
+            have = [] if metadata is None else list(metadata.columns)
+            raise ValueError(f"stratify column {stratify!r} not in the image metadata columns {have}")
+        column = stratify
+    if column is None:
+        splitter = ShuffleSplit(n_splits=n_splits, train_size=train_size, random_state=random_state)
+        pairs = splitter.split(np.zeros(n))
+    else:
+        labels = metadata[column].to_numpy()
+        splitter = StratifiedShuffleSplit(n_splits=n_splits, train_size=train_size, random_state=random_state)
+        try:
+            pairs = list(splitter.split(np.zeros(n), labels))
+        except ValueError as err:
+            raise ValueError(f"cannot stratify by {column!r}: {err}") from err
+    return [(np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64)) for tr, te in pairs]
+
+
+def validate_splits(splits: Sequence[Split], n_images: int, *, min_train: int = 3, min_test: int = 3) -> list[Split]:
+    """Check user-given splits and return them as sorted int64 arrays.
+
+    Each split is (train_idx, test_idx): integer positions into the image axis, disjoint, no
+    duplicates. Images in neither set are allowed (they are simply unused by that split).
+
+    Raises:
+        ValueError: naming the split and what is wrong with it.
+    """
+    if len(splits) == 0:
+        raise ValueError("no splits given; need at least one (train_idx, test_idx) pair")
+    out = []
+    for s, pair in enumerate(splits):
+        try:
+            train, test = pair
+        except (TypeError, ValueError):
+            raise ValueError(f"split {s} must be a (train_idx, test_idx) pair; got {type(pair).__name__}") from None
+        arrays = []
+        for name, idx, minimum in (("train", train, min_train), ("test", test, min_test)):
+            idx = np.asarray(idx)
+            if idx.dtype == bool:
+                raise ValueError(f"split {s}: {name} indices must be integer positions, not a boolean mask")
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise ValueError(f"split {s}: {name} indices must be a 1-D integer array; got {idx.dtype} {idx.shape}")
+            if idx.size < minimum:
+                raise ValueError(f"split {s}: {name} has {idx.size} images; at least {minimum} are needed")
+            if idx.min() < 0 or idx.max() >= n_images:
+                raise ValueError(
+                    f"split {s}: {name} indices must lie in [0, {n_images}); got range [{idx.min()}, {idx.max()}]"
+                )
+            if np.unique(idx).size != idx.size:
+                raise ValueError(f"split {s}: {name} indices contain duplicates")
+            arrays.append(np.sort(idx.astype(np.int64)))
+        overlap = np.intersect1d(*arrays)
+        if overlap.size:
+            raise ValueError(f"split {s}: {overlap.size} images are in both train and test, e.g. {overlap[:5].tolist()}")
+        out.append((arrays[0], arrays[1]))
+    return out
