@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 #: rows of the shift estimate and of each preparation chunk (chunks stay in L2 with 16k units)
 _SHIFT_ROWS = 64
-_CHUNK_ROWS = 16
+_CHUNK_ROWS = 32
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
@@ -135,42 +135,36 @@ class MatchResult:
 
 # ---------------------------------------------------------------------------------------- engine
 class _SplitPlan:
-    """Per-split constants: indices, neuron-side matrices for the GEMMs, float64 re-scoring data."""
+    """Per-split constants: indices and the neuron-side matrices of the GEMMs."""
 
-    def __init__(self, y64: np.ndarray, yz: np.ndarray, train: np.ndarray, test: np.ndarray, shared: bool,
-                 device: torch.device):
-        n_images = y64.shape[1]
+    def __init__(self, yz: np.ndarray, train: np.ndarray, test: np.ndarray, shared: bool, device: torch.device):
+        n_images = yz.shape[1]
         self.train, self.test = train, test
         self.n_train = len(train)
+        outside = np.setdiff1d(np.arange(n_images), train)
+        self.outside = torch.as_tensor(outside, device=device)
+        self.test_t = torch.as_tensor(test, device=device)
         mz = yz[:, train].mean(axis=1)  # train mean of the z-scored responses
-        ssz = ((yz[:, train] - mz[:, None]) ** 2).sum(axis=1)
         #: divides the screening score into r
-        self.y_scale = np.sqrt(ssz)
+        self.y_scale = np.sqrt(((yz[:, train] - mz[:, None]) ** 2).sum(axis=1))
         if shared:
-            outside = np.setdiff1d(np.arange(n_images), train)
-            self.outside = torch.as_tensor(outside, device=device)
-            # rows: images outside T, then one extra row; columns: neurons, then the unit-sum column
+            # rows: images outside T, then one extra row; columns: neurons, then the unit-sum column.
+            # products_all - a^T [x_outside; sum_all x] = train cross-products about the train mean
             a = np.zeros((len(outside) + 1, yz.shape[0] + 1))
             a[:-1, :-1] = yz[:, outside].T - mz
             a[:-1, -1] = 1.0
             a[-1, :-1] = mz
             self.a_t = torch.as_tensor(np.ascontiguousarray(a.T), dtype=torch.float32, device=device)
         else:
-            self.rows = torch.as_tensor(train, device=device)
-            self.not_train = torch.as_tensor(np.setdiff1d(np.arange(n_images), train), device=device)
-            d = np.empty((yz.shape[0] + 1, len(train)))
-            d[:-1] = yz[:, train] - mz[:, None]
-            d[-1] = 1.0
+            # all images, zero outside T: one GEMM over the block as it is (no row gather, no copy)
+            d = np.zeros((yz.shape[0] + 1, n_images))
+            d[:-1, train] = yz[:, train] - mz[:, None]
+            d[-1, train] = 1.0
             self.d_t = torch.as_tensor(d, dtype=torch.float32, device=device)
-        self.yn_train = torch.as_tensor(_unit_columns(y64[:, train].T), device=device)  # (n_T, M)
-        self.yn_test = torch.as_tensor(_unit_columns(y64[:, test].T), device=device)  # (n_H, M)
-
-
-def _unit_columns(a: np.ndarray) -> np.ndarray:
-    """Center and scale each column to unit norm (NaN for constant columns), float64."""
-    a = a - a.mean(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return a / np.sqrt((a * a).sum(axis=0))
+        yt = yz[:, test] - yz[:, test].mean(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            yt = yt / np.sqrt((yt * yt).sum(axis=1, keepdims=True))  # NaN where constant on test
+        self.yn_test = yt  # (M, |H|) float64
 
 
 class MatchEngine:
@@ -214,8 +208,15 @@ class MatchEngine:
         self.tie_margin = float(tie_margin)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.shared = len(self.splits) > 1
-        yz = (y - y.mean(axis=1, keepdims=True)) / y.std(axis=1, keepdims=True)
-        self._plans = [_SplitPlan(y, yz, tr, te, self.shared, self.device) for tr, te in self.splits]
+        yc = y - y.mean(axis=1, keepdims=True)
+        yz = yc / yc.std(axis=1, keepdims=True)
+        self._y = y  # float64, for the final re-scoring
+        self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device) for tr, te in self.splits]
+        masks = np.zeros((1 + self.n_splits, self.n_images), np.float32)
+        masks[0] = 1.0
+        for s, (train, _) in enumerate(self.splits):
+            masks[1 + s, train] = 1.0
+        self._row_masks = torch.as_tensor(masks, device=self.device)
         if self.shared:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
             self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
@@ -264,74 +265,72 @@ class MatchEngine:
         partial.n_units = n_units
         if n_units == 0:
             return partial
+        x, sxx = self._prepare(xb)  # sxx: row 0 all images, row 1 + s the train images of split s
+        _check_finite(sxx[0], block)
+        products = self._buffer("products", (self.n_neurons + 1, n_units))
         if self.shared:
-            x, sxx = self._prepare(xb, None)
-            _check_finite(sxx, block)
-            sx, products = self._shared_products(x)
-            per_split = (self._split_scores_shared(p, x, sx, sxx, products) for p in self._plans)
-        else:
-            plan = self._plans[0]
-            x, sxx = self._prepare(xb, plan.rows)
-            _check_finite(sxx, block)
-            _check_finite(xb.index_select(0, plan.not_train), block)
-            products = self._buffer("products", (self.n_neurons + 1, n_units))
-            torch.mm(plan.d_t, x, out=products)
-            per_split = [self._finish_scores(plan, products, sxx)]
-        best = LayerBest(np.full((self.n_splits, self.n_neurons), -1, np.int64),
-                         np.full((self.n_splits, self.n_neurons), -np.inf),
-                         np.full((self.n_splits, self.n_neurons), np.nan))
-        for s, scores in enumerate(per_split):
-            top_r, top_local = self._top_k(scores, self._plans[s])
+            torch.mm(self._full_t, x, out=products)
+            sx_all = products[-1].clone()
+        S, M = self.n_splits, self.n_neurons
+        leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
+        for s, plan in enumerate(self._plans):
+            if self.shared:
+                n_out = len(plan.outside)
+                outside = self._buffer("outside", (n_out + 1, n_units))
+                torch.index_select(x, 0, plan.outside, out=outside[:n_out])
+                outside[n_out].copy_(sx_all)
+                scores = self._buffer("scores", products.shape)
+                torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
+            else:
+                scores = torch.mm(plan.d_t, x, out=products)
+            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[1 + s]), plan)
             k = top_r.shape[1]
+            found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
-            partial.top_unit[s, :, :k] = np.where(np.isfinite(top_r), top_local + block.first_unit, -1)
-            self._rescore(s, xb, top_r, top_local, block.first_unit, best)
-        partial.layers[block.layer] = best
+            partial.top_unit[s, :, :k] = np.where(found, top_local + block.first_unit, -1)
+            has = found[:, 0]
+            leader.unit[s, has] = top_local[has, 0] + block.first_unit
+            leader.train_r[s, has] = top_r[has, 0]
+            leader.test_r[s] = self._leader_test_r(x, plan, top_local[:, 0], has)
+        partial.layers[block.layer] = leader
         return partial
 
-    def _prepare(self, xb: torch.Tensor, rows: torch.Tensor | None):
-        """float32 copy of the block (the given rows, or all), shifted per unit; raw sums of squares."""
-        n_rows = self.n_images if rows is None else len(rows)
-        n_units = xb.shape[1]
-        head = xb[:_SHIFT_ROWS] if rows is None else xb.index_select(0, rows[:_SHIFT_ROWS])
-        shift = head.to(torch.float32).mean(dim=0)
-        x = self._buffer("x", (n_rows, n_units))
+    def _prepare(self, xb: torch.Tensor):
+        """The block as float32 (shifted per unit where needed) and its per-unit sums of squares.
+
+        float32 blocks whose units have moderate means are used as they are (no copy).
+
+        Returns:
+            x (images, units) and sums of squares (1 + splits, units): over all images, then over
+            each split's train images (one small GEMM with the train masks per row chunk).
+        """
+        n_rows, n_units = xb.shape
+        head = xb[:_SHIFT_ROWS].to(torch.float32)
+        mean = head.mean(dim=0)
+        var = (head * head).mean(dim=0) - mean * mean
+        # float32 products lose digits when a unit's mean dwarfs its spread: shift such blocks
+        shift = mean if bool((mean * mean > 16 * var).any()) else None
+        zero_copy = shift is None and xb.dtype == torch.float32 and xb.stride(1) == 1
+        x = xb if zero_copy else self._buffer("x", (n_rows, n_units))
         if self.device.type != "cpu":
-            x.copy_(xb if rows is None else xb.index_select(0, rows)).sub_(shift)
-            return x, torch.einsum("ij,ij->j", x, x)
-        chunk = _CHUNK_ROWS
-        acc = self._buffer("acc", (chunk, n_units))
-        acc.zero_()
-        staging = self._buffer("staging", (chunk, n_units), xb.dtype) if rows is not None else None
-        for r0 in range(0, n_rows, chunk):
-            r1 = min(r0 + chunk, n_rows)
-            dst = x[r0:r1]
-            if rows is None:
-                dst.copy_(xb[r0:r1])
-            else:
-                src = staging[: r1 - r0]
-                torch.index_select(xb, 0, rows[r0:r1], out=src)
-                dst.copy_(src)
-            dst.sub_(shift)
-            acc[: r1 - r0].addcmul_(dst, dst)
-        return x, acc.sum(dim=0)
-
-    def _shared_products(self, x: torch.Tensor):
-        """Products of [z-scored neurons; ones] with all images: (M+1, units); last row = unit sums."""
-        products = self._buffer("products", (self.n_neurons + 1, x.shape[1]))
-        torch.mm(self._full_t, x, out=products)
-        return products[-1].clone(), products
-
-    def _split_scores_shared(self, plan: _SplitPlan, x, sx_all, sxx_all, products):
-        """Train products of one split by subtracting the images outside T (one GEMM)."""
-        n_out = len(plan.outside)
-        outside = self._buffer("outside", (n_out + 1, x.shape[1]))
-        torch.index_select(x, 0, plan.outside, out=outside[:n_out])
-        outside[n_out].copy_(sx_all)
-        sxx_out = torch.einsum("ij,ij->j", outside[:n_out], outside[:n_out])
-        scores = self._buffer("scores", products.shape)
-        torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
-        return self._finish_scores(plan, scores, sxx_all - sxx_out)
+            if not zero_copy:
+                x.copy_(xb)
+                if shift is not None:
+                    x.sub_(shift)
+            return x, self._row_masks @ (x * x)
+        # one sweep of row chunks: cast, shift and square while the chunk is in cache
+        sums = self._buffer("sxx", (self._row_masks.shape[0], n_units))
+        sums.zero_()
+        sq = self._buffer("sq", (_CHUNK_ROWS, n_units))
+        for r0 in range(0, n_rows, _CHUNK_ROWS):
+            r1 = min(r0 + _CHUNK_ROWS, n_rows)
+            chunk = x[r0:r1]
+            if not zero_copy:
+                chunk.copy_(xb[r0:r1])
+                if shift is not None:
+                    chunk.sub_(shift)
+            sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=sq[: r1 - r0]))
+        return x, sums
 
     def _finish_scores(self, plan: _SplitPlan, scores: torch.Tensor, sxx_train: torch.Tensor):
         """Turn train cross-products (rows :M) and unit sums (row M) into ranking scores in place."""
@@ -351,69 +350,51 @@ class MatchEngine:
         top_r = (values.double().cpu().numpy() / plan.y_scale[:, None]).astype(np.float32)
         return top_r, local.cpu().numpy()
 
-    # ---------------------------------------------------------------- float64 re-scoring
-    def _rescore(self, s: int, xb: torch.Tensor, top_r: np.ndarray, top_local: np.ndarray, first_unit: int,
-                 best: LayerBest):
-        """Float64 train r of the block leaders; the winner per neuron and its float64 test r."""
-        plan = self._plans[s]
-        near = np.isfinite(top_r) & (top_r >= top_r[:, :1] - self.tie_margin)
-        neuron_idx, slot = np.nonzero(near)
-        if neuron_idx.size == 0:
-            return
-        local = top_local[neuron_idx, slot]
-        cols, col_of_pair = np.unique(local, return_inverse=True)
-        cols_t = torch.as_tensor(cols, device=self.device)
-        xc = xb.index_select(1, cols_t).double()  # (images, candidates)
-        train_cols = _unit_columns_t(xc.index_select(0, torch.as_tensor(plan.train, device=self.device)))
-        pair_cols = torch.as_tensor(col_of_pair, device=self.device)
-        pair_neurons = torch.as_tensor(neuron_idx, device=self.device)
-        r64 = (train_cols[:, pair_cols] * plan.yn_train[:, pair_neurons]).sum(0).cpu().numpy()
-        r64 = np.where(np.isfinite(r64), r64, -np.inf)
-        units = local + first_unit
-        # per neuron: highest float64 r, then lowest unit id
-        order = np.lexsort((units, -r64, neuron_idx))
-        first = np.ones(order.size, bool)
-        first[1:] = neuron_idx[order][1:] != neuron_idx[order][:-1]
-        win = order[first]
-        j = neuron_idx[win]
-        best.unit[s, j] = units[win]
-        best.train_r[s, j] = r64[win]
-        test_cols = _unit_columns_t(xc.index_select(0, torch.as_tensor(plan.test, device=self.device)))
-        win_t = torch.as_tensor(win, device=self.device)
-        best.test_r[s, j] = (
-            (test_cols[:, pair_cols[win_t]] * plan.yn_test[:, pair_neurons[win_t]]).sum(0).cpu().numpy()
-        )
+    def _leader_test_r(self, x: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """float64 test r of each neuron's block leader, from the block's test rows (a few values)."""
+        cols = torch.as_tensor(leaders, device=self.device)
+        xt = x[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
+        xt = xt - xt.mean(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = (xt * plan.yn_test.T).sum(axis=0) / np.sqrt((xt * xt).sum(axis=0))
+        return np.where(has, r, np.nan)
 
     # ---------------------------------------------------------------- final tables
-    def finalize(self, partial: MatchPartial, catalogue: UnitCatalogue, neuron_ids: Sequence[str] | None = None
-                 ) -> MatchResult:
-        """Assemble the per-(neuron, split) and per-(neuron, split, layer) tables."""
+    def finalize(self, partial: MatchPartial, catalogue: UnitCatalogue, neuron_ids: Sequence[str] | None = None,
+                 columns: Callable[[np.ndarray], np.ndarray] | None = None) -> MatchResult:
+        """Assemble the per-(neuron, split) and per-(neuron, split, layer) tables.
+
+        Args:
+            partial: the merge of all blocks.
+            catalogue: the layers the unit ids refer to.
+            neuron_ids: names for the neuron column.
+            columns: ``columns(units) -> (images, len(units))`` activations of those global unit ids.
+                When given (``run_matching`` always gives it), every (neuron, split)'s candidates
+                within ``tie_margin`` of its best are re-scored in float64: the best unit is the
+                float64 argmax and train_r / test_r are float64. Without it they are the float32
+                screening values (about 1e-6 from float64).
+        """
         ids = np.asarray([f"n{i:03d}" for i in range(self.n_neurons)] if neuron_ids is None else neuron_ids)
         if ids.shape != (self.n_neurons,):
             raise ValueError(f"{len(ids)} neuron ids for {self.n_neurons} neurons")
         S, M = self.n_splits, self.n_neurons
         names = [layer.name for layer in catalogue.layers if layer.name in partial.layers]
-        if not names:
-            raise ValueError("no layer produced a candidate unit (were all units constant?)")
-        stack = [partial.layers[n] for n in names]
-        unit = np.stack([lb.unit for lb in stack])
-        train_r = np.stack([lb.train_r for lb in stack])
-        test_r = np.stack([lb.test_r for lb in stack])
-        # best layer per (split, neuron): highest float64 train r, then lowest unit id
-        key_u = np.where(unit < 0, np.iinfo(np.int64).max, unit)
-        order = np.lexsort((key_u, -np.where(unit < 0, -np.inf, train_r)), axis=0)[0]
-        pick = lambda a: np.take_along_axis(a, order[None], 0)[0]  # noqa: E731
-        b_unit, b_train, b_test = pick(unit), pick(train_r), pick(test_r)
+        if not names or (partial.top_unit[..., 0] < 0).all():
+            raise ValueError("no candidate unit was found (no blocks processed, or every unit is constant)")
+        b_unit = partial.top_unit[..., 0].copy()
+        b_train = partial.top_r[..., 0].astype(np.float64)
+        b_test = self._layer_test_r(partial, catalogue, b_unit)
+        rescored = columns is not None
+        if rescored:
+            b_unit, b_train, b_test = self._rescore(partial, columns)
         second = np.where(partial.top_unit[..., 0] == b_unit, partial.top_r[..., 1], partial.top_r[..., 0])
         second = np.where(np.isfinite(second), second, np.nan).astype(np.float64)
         split_col = np.repeat(np.arange(S), M)
-        base = pd.DataFrame({
-            "neuron": np.tile(ids, S),
-            "split": split_col,
-        })
-        described = catalogue.describe(b_unit.ravel())
-        matches = pd.concat([base, described], axis=1)
-        matches["train_r"] = b_train.ravel()
+        matches = pd.concat([
+            pd.DataFrame({"neuron": np.tile(ids, S), "split": split_col}),
+            catalogue.describe(b_unit.ravel()),
+        ], axis=1)
+        matches["train_r"] = np.where(b_unit >= 0, b_train, np.nan).ravel()
         matches["test_r"] = b_test.ravel()
         matches["second_r"] = second.ravel()
         matches["gap"] = matches["train_r"] - matches["second_r"]
@@ -421,15 +402,58 @@ class MatchEngine:
         matches["topk_r"] = list(partial.top_r.reshape(S * M, -1).astype(np.float64))
         matches["n_train"] = np.repeat([len(tr) for tr, _ in self.splits], M)
         matches["n_test"] = np.repeat([len(te) for _, te in self.splits], M)
+        matches["float64"] = rescored
+        stack = [partial.layers[n] for n in names]
         layer_rows = pd.DataFrame({
             "neuron": np.tile(np.tile(ids, S), len(names)),
             "split": np.tile(split_col, len(names)),
             "layer": np.repeat(names, S * M),
-            "unit": unit.ravel(),
-            "train_r": train_r.ravel(),
-            "test_r": test_r.ravel(),
+            "unit": np.concatenate([lb.unit.ravel() for lb in stack]),
+            "train_r": np.concatenate([lb.train_r.ravel() for lb in stack]),
+            "test_r": np.concatenate([lb.test_r.ravel() for lb in stack]),
         })
+        layer_rows.loc[layer_rows["unit"] < 0, "train_r"] = np.nan
         return MatchResult(matches, layer_rows)
+
+    @staticmethod
+    def _layer_test_r(partial: MatchPartial, catalogue: UnitCatalogue, units: np.ndarray) -> np.ndarray:
+        """Test r of each best unit, read from its layer's leader record (they are the same unit)."""
+        out = np.full(units.shape, np.nan)
+        layer_of = catalogue.describe(units.ravel())["layer"].to_numpy().reshape(units.shape)
+        for name, lb in partial.layers.items():
+            sel = (layer_of == name) & (lb.unit == units)
+            out[sel] = lb.test_r[sel]
+        return out
+
+    def _rescore(self, partial: MatchPartial, columns):
+        """float64 re-scoring of every (split, neuron)'s candidates within tie_margin of its best."""
+        near = (partial.top_unit >= 0) & (partial.top_r >= partial.top_r[..., :1] - self.tie_margin)
+        units, inverse = np.unique(partial.top_unit[near], return_inverse=True)
+        xc = np.asarray(columns(units), dtype=np.float64)
+        if xc.shape != (self.n_images, units.size):
+            raise ValueError(f"columns() returned shape {xc.shape}; expected ({self.n_images}, {units.size})")
+        cand = np.full(partial.top_unit.shape, -1, np.int64)
+        cand[near] = inverse
+        S, M, _ = cand.shape
+        b_unit = np.full((S, M), -1, np.int64)
+        b_train = np.full((S, M), np.nan)
+        b_test = np.full((S, M), np.nan)
+        from .reference import pearson_columns
+
+        for s, (train, test) in enumerate(self.splits):
+            r = pearson_columns(xc[train], self._y[:, train].T)  # (M, candidates), float64
+            r_pairs = np.where(cand[s] >= 0, np.take_along_axis(r, np.maximum(cand[s], 0), 1), -np.inf)
+            r_pairs = np.nan_to_num(r_pairs, nan=-np.inf)
+            # highest float64 r, then lowest unit id
+            unit_key = np.where(cand[s] >= 0, partial.top_unit[s], np.iinfo(np.int64).max)
+            pick = np.lexsort((unit_key, -r_pairs), axis=-1)[:, 0]
+            rows = np.arange(M)
+            ok = cand[s, rows, pick] >= 0
+            b_unit[s, ok] = partial.top_unit[s, rows, pick][ok]
+            b_train[s, ok] = r_pairs[rows, pick][ok]
+            r_test = pearson_columns(xc[test], self._y[:, test].T)
+            b_test[s, ok] = r_test[rows[ok], cand[s, rows, pick][ok]]
+        return b_unit, b_train, b_test
 
 
 def _check_finite(values: torch.Tensor, block: UnitBlock) -> None:
@@ -445,11 +469,6 @@ def _check_finite(values: torch.Tensor, block: UnitBlock) -> None:
         )
 
 
-def _unit_columns_t(a: torch.Tensor) -> torch.Tensor:
-    a = a - a.mean(dim=0)
-    return a / a.norm(dim=0)
-
-
 def _as_tensor(data, device: torch.device) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data.to(device)
@@ -462,20 +481,24 @@ def _as_tensor(data, device: torch.device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ public API
-def default_block_units(n_images: int, budget_bytes: int = 128 << 20) -> int:
+def default_block_units(n_images: int, budget_bytes: int = 256 << 20) -> int:
     """Units per block so the float32 working copy of a block takes about ``budget_bytes``."""
     return max(1024, (budget_bytes // (4 * max(n_images, 1))) // 1024 * 1024)
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,
-                 neuron_ids: Sequence[str] | None = None, progress: bool = False) -> MatchResult:
-    """Run the engine over a stream of blocks (memory, Zarr...) in one process."""
+                 neuron_ids: Sequence[str] | None = None, columns=None, progress: bool = False) -> MatchResult:
+    """Run the engine over a stream of blocks (memory, Zarr...) in one process.
+
+    ``columns(units) -> (images, n)`` enables the final float64 re-scoring (see
+    :meth:`MatchEngine.finalize`).
+    """
     from tqdm.auto import tqdm
 
     total = engine.empty()
     for block in tqdm(blocks, desc="matching", unit="block", disable=not progress):
         total = merge(total, engine.process(block))
-    return engine.finalize(total, catalogue, neuron_ids)
+    return engine.finalize(total, catalogue, neuron_ids, columns)
 
 
 def run_matching(activations, responses, splits, *, top_k: int = 5, block_units: int | None = None, device=None,
@@ -488,14 +511,14 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
         responses: (neurons, images) mean responses, images in the same order.
         splits: (train_idx, test_idx) pairs, e.g. :func:`core.splits.brainscore_splits`.
         top_k: candidates reported per (neuron, split).
-        block_units: units per block (default: about 128 MiB of float32 per block).
+        block_units: units per block (default: about 256 MiB of float32 per block).
         device: torch device for the products (default cuda when available).
         neuron_ids: names for the neuron column (default n000, n001, ...).
         dims: optional ``{layer: dim names}`` for unit coordinates (default by rank: channel / token,
             channel / channel, y, x).
         progress: show a progress bar.
     """
-    from .units import as_layers, catalogue_of, iter_blocks
+    from .units import as_layers, catalogue_of, gather_columns, iter_blocks
 
     layers = as_layers(activations)
     catalogue = catalogue_of(layers, dims)
@@ -504,7 +527,8 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
     size = block_units or default_block_units(n_images)
-    return stream_match(engine, iter_blocks(layers, catalogue, size), catalogue, neuron_ids, progress)
+    return stream_match(engine, iter_blocks(layers, catalogue, size), catalogue, neuron_ids,
+                        columns=lambda units: gather_columns(layers, catalogue, units), progress=progress)
 
 
 def match_neurons(activations, responses, splits, *, top_k: int = 5, **kwargs) -> pd.DataFrame:

@@ -168,3 +168,18 @@ def iter_blocks(
         base = catalogue.offset(name)
         for start in range(0, flat.shape[1], block_units):
             yield UnitBlock(flat[:, start:start + block_units], name, base + start)
+
+
+def gather_columns(layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, units: np.ndarray) -> np.ndarray:
+    """(images, len(units)) float64 activations of global unit ids from in-memory layers."""
+    units = np.asarray(units, dtype=np.int64)
+    first = next(iter(layers.values()))
+    out = np.empty((first.shape[0], units.size))
+    layer_idx = np.searchsorted(catalogue.offsets, units, side="right") - 1
+    for li in np.unique(layer_idx):
+        layer = catalogue.layers[li]
+        sel = layer_idx == li
+        flat = layers[layer.name].reshape(first.shape[0], -1)
+        cols = units[sel] - catalogue.offsets[li]
+        out[:, sel] = np.asarray(flat[:, cols], dtype=np.float64)
+    return out
