@@ -9,6 +9,7 @@ Two on-disk layouts are read:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -46,6 +47,8 @@ class NeuralAssembly:
                 f"responses must be neurons x images or neurons x images x repeats; got shape {r.shape}"
             )
         m, n = r.shape[:2]
+        if m == 0 or n == 0:
+            raise ValueError(f"an assembly needs at least one neuron and one image; got responses of shape {r.shape}")
         for name, n_expected, what in (("neuron_ids", m, "neurons"), ("regions", m, "neurons"),
                                        ("image_ids", n, "images")):
             values = np.asarray(getattr(self, name)).astype(str)
@@ -91,15 +94,18 @@ class NeuralAssembly:
         keep = np.ones(self.n_neurons, bool)
         if region is not None:
             regions = [region] if isinstance(region, str) else list(region)
-            unknown = sorted(set(regions) - set(self.regions))
+            have = set(self.regions.tolist())  # plain str, so messages do not read np.str_('V4')
+            unknown = sorted(set(regions) - have)
             if unknown:
-                raise ValueError(f"unknown region(s) {unknown}; the assembly has {sorted(set(self.regions))}")
+                raise ValueError(f"unknown region(s) {unknown}; the assembly has {sorted(have)}")
             keep &= np.isin(self.regions, regions)
         if neurons is not None:
-            unknown = sorted(set(neurons) - set(self.neuron_ids))
+            unknown = sorted(set(neurons) - set(self.neuron_ids.tolist()))
             if unknown:
                 raise ValueError(f"unknown neuron ids {unknown[:10]}")
             keep &= np.isin(self.neuron_ids, list(neurons))
+        if not keep.any():
+            raise ValueError(f"no neuron matches region={region!r}, neurons={neurons!r}")
         return NeuralAssembly(self.responses[keep], self.neuron_ids[keep], self.regions[keep],
                               self.image_ids, self.image_metadata)
 
@@ -109,7 +115,7 @@ class NeuralAssembly:
         Raises:
             ValueError: the two sets of image ids differ (the message lists examples both ways).
         """
-        ours, theirs = set(self.image_ids), set(stimuli.image_ids)
+        ours, theirs = set(self.image_ids.tolist()), set(stimuli.image_ids)
         if ours != theirs:
             only_ours = sorted(ours - theirs)[:5]
             only_theirs = sorted(theirs - ours)[:5]
@@ -200,7 +206,7 @@ def load_brainio(
             da = da.mean("time_bin")
         elif time_bin is None and n_bins == 1:
             da = da.isel(time_bin=0)
-        elif isinstance(time_bin, int) and 0 <= time_bin < n_bins:
+        elif isinstance(time_bin, numbers.Integral) and 0 <= time_bin < n_bins:
             da = da.isel(time_bin=time_bin)
         else:
             raise ValueError(

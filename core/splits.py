@@ -92,11 +92,13 @@ def validate_splits(splits: Sequence[Split], n_images: int, *, min_train: int = 
             idx = np.asarray(idx)
             if idx.dtype == bool:
                 raise ValueError(f"split {s}: {name} indices must be integer positions, not a boolean mask")
+            if idx.ndim == 1 and idx.size == 0:
+                idx = idx.astype(np.int64)  # [] is float64 to numpy; an empty set of positions is fine
             if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
                 raise ValueError(f"split {s}: {name} indices must be a 1-D integer array; got {idx.dtype} {idx.shape}")
             if idx.size < minimum:
                 raise ValueError(f"split {s}: {name} has {idx.size} images; at least {minimum} are needed")
-            if idx.min() < 0 or idx.max() >= n_images:
+            if idx.size and (idx.min() < 0 or idx.max() >= n_images):
                 raise ValueError(
                     f"split {s}: {name} indices must lie in [0, {n_images}); got range [{idx.min()}, {idx.max()}]"
                 )

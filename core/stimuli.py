@@ -101,7 +101,11 @@ class StimulusSet:
             table = pd.DataFrame(index=pd.Index(ids, name="image_id"))
             return cls(tuple(ids), table, source, tuple(names))
 
-        table = metadata.copy() if isinstance(metadata, pd.DataFrame) else pd.read_csv(metadata)
+        if isinstance(metadata, pd.DataFrame):
+            table = metadata.copy()
+        else:  # ids and file names stay strings: '0001' must not become 1
+            as_str = {c: str for c in ("image_id", "stimulus_id", "filename", id_column, file_column) if c}
+            table = pd.read_csv(metadata, dtype=as_str)
         id_column = id_column or next((c for c in ("image_id", "stimulus_id") if c in table.columns), None)
         if id_column is None or id_column not in table.columns:
             raise ValueError(

@@ -88,3 +88,52 @@ def plant_neurons(
         "offset": np.concatenate([offset, np.zeros(n_noise)]),
     })
     return SyntheticBrain(responses, truth)
+
+
+SHAPES = ("disk", "square", "ring", "cross", "hbars", "vbars", "checker", "triangle")
+
+
+def generate_stimuli(n_categories: int = 8, objects_per_category: int = 5, variations: int = 10, size: int = 96,
+                     seed: int = 0):
+    """Procedural images with category / object / variation metadata, no downloads.
+
+    A category is a shape family, an object is one colour and scale of it, a variation moves and
+    rescales it over a noisy background. Returns a :class:`core.StimulusSet` (in memory).
+    """
+    from .stimuli import StimulusSet
+
+    if not 1 <= n_categories <= len(SHAPES):
+        raise ValueError(f"n_categories must be in [1, {len(SHAPES)}]; got {n_categories}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images, rows = [], []
+    for c in range(n_categories):
+        for o in range(objects_per_category):
+            color = rng.uniform(0.2, 1.0, 3)
+            scale = rng.uniform(0.15, 0.3)
+            for v in range(variations):
+                cx, cy = rng.uniform(0.3, 0.7, 2)
+                s = scale * rng.uniform(0.8, 1.25)
+                dx, dy = (xx - cx) / s, (yy - cy) / s
+                mask = _shape_mask(SHAPES[c], dx, dy)
+                background = rng.uniform(0.0, 0.3) + 0.05 * rng.standard_normal((size, size, 1))
+                image = np.clip(background + mask[..., None] * color, 0, 1)
+                images.append((image * 255).astype(np.uint8))
+                rows.append({"category_name": SHAPES[c], "object_name": f"{SHAPES[c]}_{o}", "variation": v})
+    return StimulusSet.from_array(np.stack(images), metadata=pd.DataFrame(rows))
+
+
+def _shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    r = np.hypot(dx, dy)
+    inside = (np.abs(dx) < 1) & (np.abs(dy) < 1)
+    masks = {
+        "disk": r < 1,
+        "square": inside,
+        "ring": (r < 1) & (r > 0.6),
+        "cross": inside & ((np.abs(dx) < 0.3) | (np.abs(dy) < 0.3)),
+        "hbars": inside & (np.sin(dy * 3 * np.pi) > 0),
+        "vbars": inside & (np.sin(dx * 3 * np.pi) > 0),
+        "checker": inside & ((np.floor(dx * 2) + np.floor(dy * 2)) % 2 == 0),
+        "triangle": (dy < 1) & (dy > 2 * np.abs(dx) - 1),
+    }
+    return masks[shape].astype(np.float64)

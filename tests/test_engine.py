@@ -1,0 +1,324 @@
+"""The streaming matching engine against an independent float64 reference (core.reference)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import core
+from core.engine import MatchEngine, merge, merge_all, run_matching
+from core.reference import match_reference, pearson_columns
+from core.units import as_layers, catalogue_of, gather_columns, iter_blocks
+
+N_IMAGES = 300
+
+
+def _activations(seed=0, n_images=N_IMAGES):
+    """Three layers of different ranks, with awkward units: constant, all-zero, duplicated, large mean."""
+    rng = np.random.default_rng(seed)
+    conv = np.maximum(rng.standard_normal((n_images, 4, 5, 6)), 0).astype(np.float32)  # 120 units
+    conv[:, 0, 0, 0] = 0.0  # dead ReLU unit
+    conv[:, 1, 2, 3] = 7.5  # constant unit
+    tokens = rng.standard_normal((n_images, 10, 16)).astype(np.float32)  # 160 units
+    tokens[:, 3, :] += 300.0  # massive-activation token: mean >> spread
+    flat = rng.standard_normal((n_images, 500)).astype(np.float32)
+    flat[:, 42] = flat[:, 17]  # exact duplicate: a tie the lower id must win
+    return {"stage1": conv, "stage2": tokens, "head": flat}
+
+
+def _flat(layers):
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in layers.values()], axis=1)
+
+
+def _responses(x, seed=1, n_planted=20, n_noise=10, snr=2.0):
+    brain = core.plant_neurons(x, n_planted=n_planted, n_noise=n_noise, snr=snr, seed=seed)
+    return brain.responses, brain.truth
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_splits", [1, 10])
+def test_agrees_with_float64_reference(dtype, n_splits):
+    layers = {k: v.astype(dtype) for k, v in _activations().items()}
+    x = _flat(layers)
+    y, _ = _responses(x.astype(np.float32))
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
+    result = run_matching(layers, y, splits, top_k=4, block_units=64)
+    ref = match_reference(x.astype(np.float64), y, splits)
+    m = result.matches
+    for s, r in enumerate(ref):
+        got = m[m.split == s].sort_values("neuron")
+        # identical argmax (exact ties resolve to the lower unit id in both)
+        np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"])
+        np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10)
+        np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10)
+        # screening top-k: the right units, r within float32 error
+        order = np.argsort(-np.where(np.isfinite(r["r"]), r["r"], -np.inf), axis=1, kind="stable")[:, :4]
+        topk = np.stack(got.topk_unit.to_numpy())
+        ref_top = np.take_along_axis(r["r"], order, 1)
+        np.testing.assert_allclose(np.stack(got.topk_r.to_numpy()), ref_top, atol=1e-5)
+        same = (topk == order).mean()
+        assert same > 0.98, f"top-k units differ from the reference in {1 - same:.1%} of slots"
+    assert m["float64"].all()
+
+
+def test_float32_screening_alone_is_within_1e_5():
+    """finalize without a column source reports the float32 screen: still the right units, r within 1e-5."""
+    layers = _activations(seed=3)
+    x = _flat(layers)
+    y, _ = _responses(x, seed=4)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3)
+    cat = catalogue_of(layers)
+    engine = MatchEngine(y, splits, top_k=3)
+    partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 100))
+    m = engine.finalize(partial, cat).matches
+    ref = match_reference(x.astype(np.float64), y, splits)
+    for s, r in enumerate(ref):
+        got = m[m.split == s]
+        np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"])
+        np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-5)
+        np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-5)
+    assert not m["float64"].any()
+
+
+def test_recovers_planted_units_at_high_snr():
+    rng = np.random.default_rng(7)
+    layers = {
+        "conv": np.maximum(rng.standard_normal((400, 16, 8, 8)), 0).astype(np.float16),  # 1024 units
+        "fc": rng.standard_normal((400, 3000)).astype(np.float16),
+    }
+    x = _flat(layers).astype(np.float32)
+    brain = core.plant_neurons(x, n_planted=200, n_noise=0, snr=10.0, seed=8)
+    splits = core.brainscore_splits(n_images=400)
+    m = core.match_neurons(layers, brain.responses, splits, block_units=700)
+    truth = brain.truth.set_index("neuron").unit
+    recovered = (m.unit.to_numpy() == truth.loc[m.neuron].to_numpy()).mean()
+    assert recovered >= 0.99, f"recovered {recovered:.3f} of planted units"
+    assert m.test_r.median() > 0.9  # r = sqrt(snr / (1 + snr)) = 0.95 for the planted unit
+
+
+def test_unit_coordinates_and_layers():
+    layers = _activations()
+    x = _flat(layers)
+    y, truth = _responses(x, n_planted=30, n_noise=0, snr=50.0)
+    m = core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1))
+    cat = catalogue_of(layers)
+    for row in m.itertuples():
+        layer = cat.layer(row.layer)
+        local = np.unravel_index(row.unit - cat.offset(row.layer), layer.shape)
+        coords = {d: getattr(row, d) for d in layer.dims}
+        assert tuple(coords[d] for d in layer.dims) == tuple(int(v) for v in local)
+        for d in {"channel", "y", "x", "token"} - set(layer.dims):
+            assert getattr(row, d) == -1
+    assert set(m.layer) <= set(layers)
+    assert (m.unit.to_numpy() == truth.unit.to_numpy()).all()
+
+
+def test_best_unit_per_layer_matches_reference():
+    layers = _activations(seed=5)
+    y, _ = _responses(_flat(layers), seed=6)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2)
+    res = run_matching(layers, y, splits, block_units=50)
+    cat = catalogue_of(layers)
+    for name, a in layers.items():
+        flat = a.reshape(a.shape[0], -1).astype(np.float64)
+        ref = match_reference(flat, y, splits)
+        for s, r in enumerate(ref):
+            got = res.layer_matches.query("layer == @name and split == @s")
+            np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"] + cat.offset(name))
+            # per-layer values come from the float32 pass (shifted copy for the large-mean layer)
+            np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-5)
+            np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-6)
+
+
+def test_partials_merge_in_any_order_and_grouping():
+    layers = _activations(seed=9)
+    y, _ = _responses(_flat(layers), seed=10)
+    cat = catalogue_of(layers)
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=4), top_k=5)
+    parts = [engine.process(b) for b in iter_blocks(layers, cat, 37)]
+    assert len(parts) > 10
+
+    def left(ps):
+        out = ps[0]
+        for p in ps[1:]:
+            out = merge(out, p)
+        return out
+
+    def right(ps):
+        out = ps[-1]
+        for p in reversed(ps[:-1]):
+            out = merge(p, out)
+        return out
+
+    def random_tree(ps, rng):
+        ps = list(ps)
+        while len(ps) > 1:
+            i, j = sorted(rng.sample(range(len(ps)), 2))
+            b, a = ps.pop(j), ps.pop(i)
+            ps.append(merge(a, b) if rng.random() < 0.5 else merge(b, a))
+        return ps[0]
+
+    rng = random.Random(0)
+    shuffled = parts[:]
+    rng.shuffle(shuffled)
+    results = [left(parts), right(parts), merge_all(shuffled), random_tree(parts, rng), random_tree(shuffled, rng)]
+    first = results[0]
+    for other in results[1:]:
+        np.testing.assert_array_equal(first.top_r, other.top_r)
+        np.testing.assert_array_equal(first.top_unit, other.top_unit)
+        assert first.layers.keys() == other.layers.keys()
+        for name in first.layers:
+            for field in ("unit", "train_r", "test_r"):
+                np.testing.assert_array_equal(getattr(first.layers[name], field), getattr(other.layers[name], field))
+        assert first.n_units == other.n_units == cat.n_units
+    columns = lambda u: gather_columns(layers, cat, u)  # noqa: E731
+    a = engine.finalize(results[0], cat, columns=columns).matches
+    b = engine.finalize(results[-1], cat, columns=columns).matches
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_constant_units_are_never_chosen_even_when_all_correlations_are_negative():
+    rng = np.random.default_rng(11)
+    u1, u2 = rng.standard_normal((2, 200))
+    x = np.stack([np.full(200, 3.0), u1, np.zeros(200), u2], axis=1).astype(np.float32)
+    y = (-u1 - u2 + 0.1 * rng.standard_normal(200))[None, :]
+    m = core.match_neurons(x, y, core.brainscore_splits(n_images=200))
+    assert set(m.unit) <= {1, 3}
+    assert (m.train_r < 0).all()
+
+
+def test_unit_constant_on_train_images_only_is_never_chosen():
+    rng = np.random.default_rng(12)
+    splits = core.brainscore_splits(n_images=200, n_splits=1)
+    train, test = splits[0]
+    y = rng.standard_normal((3, 200))
+    x = rng.standard_normal((200, 50)).astype(np.float32)
+    x[:, 7] = 0.0
+    x[test, 7] = y[0, test] * 100  # varies only on test images
+    m = core.match_neurons(x, y, splits)
+    assert 7 not in set(m.unit)
+
+
+@pytest.mark.parametrize("n_splits", [1, 3])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_in_activations_names_the_layer(n_splits, bad):
+    layers = _activations()
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
+    y, _ = _responses(_flat(layers))
+    # a test image (never in train) of split 0, so the single-split path must see it too
+    layers["stage2"][splits[0][1][0], 2, 3] = bad
+    with pytest.raises(ValueError, match="layer 'stage2' contain NaN or inf"):
+        core.match_neurons(layers, y, splits)
+
+
+def test_inputs_are_not_modified():
+    layers = _activations()
+    copies = {k: v.copy() for k, v in layers.items()}
+    y, _ = _responses(_flat(layers))
+    y_copy = y.copy()
+    core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=2))
+    for k in layers:
+        np.testing.assert_array_equal(layers[k], copies[k])
+    np.testing.assert_array_equal(y, y_copy)
+
+
+def test_torch_tensor_blocks_and_threads_and_pickling():
+    layers = _activations(seed=13)
+    y, _ = _responses(_flat(layers), seed=14)
+    cat = catalogue_of(layers)
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=3))
+    blocks = list(iter_blocks(layers, cat, 64))
+    sequential = merge_all(engine.process(b) for b in blocks)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = merge_all(pool.map(engine.process, blocks))
+    clone = pickle.loads(pickle.dumps(engine))
+    tensors = [core.UnitBlock(torch.from_numpy(np.ascontiguousarray(b.data)), b.layer, b.first_unit) for b in blocks]
+    from_tensors = merge_all(clone.process(b) for b in tensors)
+    for other in (threaded, from_tensors):
+        np.testing.assert_array_equal(sequential.top_unit, other.top_unit)
+        np.testing.assert_array_equal(sequential.top_r, other.top_r)
+
+
+def test_statistics_for_a_tiny_case_by_hand():
+    """train_r / test_r / gap on a case small enough to check with np.corrcoef."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    y = (x[:, 2] + 0.5 * rng.standard_normal(40))[None, :]
+    train, test = np.arange(30), np.arange(30, 40)
+    m = core.match_neurons(x, y, [(train, test)], top_k=3).iloc[0]
+    r_all = [np.corrcoef(x[train, u].astype(np.float64), y[0, train])[0, 1] for u in range(6)]
+    order = np.argsort(r_all)[::-1]
+    assert m.unit == order[0] == 2
+    assert m.train_r == pytest.approx(r_all[2], abs=1e-12)
+    assert m.test_r == pytest.approx(np.corrcoef(x[test, 2].astype(np.float64), y[0, test])[0, 1], abs=1e-12)
+    assert m.second_r == pytest.approx(r_all[order[1]], abs=1e-5)
+    assert m.gap == pytest.approx(r_all[2] - r_all[order[1]], abs=1e-5)
+    assert list(m.topk_unit) == list(order[:3])
+    assert (m.n_train, m.n_test) == (30, 10)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(responses=np.ones(10)), "neurons x images"),
+        (dict(responses=np.full((2, N_IMAGES), np.nan)), "contain NaN"),
+        (dict(top_k=1), "top_k must be an integer >= 2"),
+        (dict(splits=[]), "no splits given"),
+        (dict(splits=[(np.arange(10), np.arange(5, 15))]), "in both train and test"),
+    ],
+)
+def test_bad_engine_inputs(kwargs, message):
+    rng = np.random.default_rng(0)
+    args = dict(responses=rng.standard_normal((2, N_IMAGES)), splits=core.brainscore_splits(n_images=N_IMAGES),
+                top_k=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        MatchEngine(args["responses"], args["splits"], top_k=args["top_k"])
+
+
+def test_constant_neuron_on_train_images_is_named():
+    y = np.random.default_rng(0).standard_normal((3, 50))
+    y[1] = 4.0
+    with pytest.raises(ValueError, match=r"neurons \[1\] have the same response"):
+        MatchEngine(y, [(np.arange(40), np.arange(40, 50))])
+
+
+def test_mismatched_images_and_bad_blocks():
+    y = np.random.default_rng(0).standard_normal((3, 50))
+    splits = [(np.arange(40), np.arange(40, 50))]
+    with pytest.raises(ValueError, match="activations have 60 images but responses have 50"):
+        core.match_neurons(np.zeros((60, 5), np.float32), y, splits)
+    with pytest.raises(ValueError, match="float16 or float32"):
+        core.match_neurons(np.zeros((50, 5), np.int32), y, splits)
+    with pytest.raises(ValueError, match="shape"):
+        core.match_neurons({"a": np.zeros(50, np.float32)}, y, splits)
+    engine = MatchEngine(y, splits)
+    with pytest.raises(ValueError, match=r"block of layer 'x' has shape \(49, 4\)"):
+        engine.process(core.UnitBlock(np.zeros((49, 4), np.float32), "x", 0))
+
+
+def test_all_units_constant_is_a_clear_error():
+    y = np.random.default_rng(0).standard_normal((2, 50))
+    with pytest.raises(ValueError, match="every unit is constant"):
+        core.match_neurons(np.ones((50, 4), np.float32), y, [(np.arange(40), np.arange(40, 50))])
+
+
+def test_layer_dims_override_and_catalogue_describe():
+    layers = as_layers({"blk": np.zeros((5, 3, 4), np.float32)})
+    cat = catalogue_of(layers, dims={"blk": ("token", "channel")})
+    d = cat.describe(np.array([0, 5, 11, -1]))
+    assert d.layer.tolist()[:3] == ["blk", "blk", "blk"] and d.layer.isna().tolist() == [False] * 3 + [True]
+    assert d.token.tolist() == [0, 1, 2, -1] and d.channel.tolist() == [0, 1, 3, -1]
+
+
+def test_pearson_columns_matches_numpy_corrcoef():
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 2))
+    expected = np.corrcoef(np.concatenate([y, x], axis=1).T)[:2, 2:]
+    np.testing.assert_allclose(pearson_columns(x, y), expected, atol=1e-12)
