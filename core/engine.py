@@ -502,7 +502,8 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
 
 
 def run_matching(activations, responses, splits, *, top_k: int = 5, block_units: int | None = None, device=None,
-                 neuron_ids: Sequence[str] | None = None, dims=None, progress: bool = False) -> MatchResult:
+                 neuron_ids: Sequence[str] | None = None, dims=None, catalogue: UnitCatalogue | None = None,
+                 progress: bool = False) -> MatchResult:
     """Match every neuron to its best unit, with per-layer bests.
 
     Args:
@@ -516,12 +517,23 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
         neuron_ids: names for the neuron column (default n000, n001, ...).
         dims: optional ``{layer: dim names}`` for unit coordinates (default by rank: channel / token,
             channel / channel, y, x).
+        catalogue: the layers' unit shapes when the arrays are stored flat (e.g. 2-D Zarr arrays of
+            images x units); its layer names must be the keys of ``activations``, in order.
         progress: show a progress bar.
     """
     from .units import as_layers, catalogue_of, gather_columns, iter_blocks
 
     layers = as_layers(activations)
-    catalogue = catalogue_of(layers, dims)
+    if catalogue is None:
+        catalogue = catalogue_of(layers, dims)
+    elif [layer.name for layer in catalogue.layers] != list(layers):
+        raise ValueError(f"catalogue layers {[layer.name for layer in catalogue.layers]} do not match the "
+                         f"activations' layers {list(layers)}")
+    for layer in catalogue.layers:
+        stored = int(np.prod(layers[layer.name].shape[1:]))
+        if stored != layer.size:
+            raise ValueError(f"layer {layer.name!r} stores {stored} units per image; the catalogue says "
+                             f"{layer.size} {layer.shape}")
     engine = MatchEngine(responses, splits, top_k=top_k, device=device)
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:

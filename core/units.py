@@ -160,11 +160,15 @@ def catalogue_of(layers: Mapping[str, np.ndarray], dims: Mapping[str, Sequence[s
 def iter_blocks(
     layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, block_units: int
 ) -> Iterator[UnitBlock]:
-    """Blocks of at most ``block_units`` units, layer by layer, as views (no copies)."""
+    """Blocks of at most ``block_units`` units, layer by layer.
+
+    numpy layers give views (no copies); 2-D Zarr arrays (images x units) are read block by block,
+    so pick ``block_units`` as a multiple of their unit chunk size.
+    """
     if block_units <= 0:
         raise ValueError(f"block_units must be positive; got {block_units}")
     for name, a in layers.items():
-        flat = a.reshape(a.shape[0], -1)
+        flat = _flat(a)
         base = catalogue.offset(name)
         for start in range(0, flat.shape[1], block_units):
             yield UnitBlock(flat[:, start:start + block_units], name, base + start)
@@ -179,7 +183,14 @@ def gather_columns(layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, u
     for li in np.unique(layer_idx):
         layer = catalogue.layers[li]
         sel = layer_idx == li
-        flat = layers[layer.name].reshape(first.shape[0], -1)
+        flat = _flat(layers[layer.name])
         cols = units[sel] - catalogue.offsets[li]
-        out[:, sel] = np.asarray(flat[:, cols], dtype=np.float64)
+        # orthogonal selection reads only the chunks holding these columns (Zarr), or indexes (numpy)
+        picked = flat.oindex[:, cols] if hasattr(flat, "oindex") else flat[:, cols]
+        out[:, sel] = np.asarray(picked, dtype=np.float64)
     return out
+
+
+def _flat(a):
+    """(images, units) view of a layer: 2-D arrays (numpy, torch, Zarr) as they are, others reshaped."""
+    return a if len(a.shape) == 2 else a.reshape(a.shape[0], -1)

@@ -322,3 +322,26 @@ def test_pearson_columns_matches_numpy_corrcoef():
     x, y = rng.standard_normal((30, 4)), rng.standard_normal((30, 2))
     expected = np.corrcoef(np.concatenate([y, x], axis=1).T)[:2, 2:]
     np.testing.assert_allclose(pearson_columns(x, y), expected, atol=1e-12)
+
+
+def test_matching_from_zarr_arrays_equals_in_memory(tmp_path):
+    zarr = pytest.importorskip("zarr")
+    layers = _activations(seed=21)
+    layers = {k: v.astype(np.float16) for k, v in layers.items()}
+    y, _ = _responses(_flat(layers).astype(np.float32), seed=22)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2)
+    cat = catalogue_of(layers)
+    stored = {}
+    for name, a in layers.items():
+        flat = a.reshape(N_IMAGES, -1)
+        arr = zarr.create_array(store=str(tmp_path / f"{name}.zarr"), shape=flat.shape, chunks=(N_IMAGES, 32),
+                                dtype="float16", dimension_names=("image", "unit"))
+        arr[:] = flat
+        stored[name] = arr
+    from_store = run_matching(stored, y, splits, block_units=64, catalogue=cat)
+    in_memory = run_matching(layers, y, splits, block_units=64)
+    pd.testing.assert_frame_equal(from_store.matches, in_memory.matches)
+    pd.testing.assert_frame_equal(from_store.layer_matches, in_memory.layer_matches)
+    bad = core.UnitCatalogue([core.LayerUnits(n, (7,), ("unit",)) for n in layers])
+    with pytest.raises(ValueError, match="stores 120 units per image; the catalogue says 7"):
+        run_matching(stored, y, splits, catalogue=bad)
