@@ -120,6 +120,21 @@ def merge_all(partials: Iterable[MatchPartial]) -> MatchPartial:
 
 
 @dataclass
+class NullDistribution:
+    """The whole selection redone on permuted neurons: arrays of shape (permutations, splits, neurons).
+
+    Attributes:
+        unit: the unit selected for each permuted copy.
+        train_r: its train r: the maximum over all units, what selection alone achieves on noise.
+        test_r: its held-out r: the null of the correspondence score.
+    """
+
+    unit: np.ndarray
+    train_r: np.ndarray
+    test_r: np.ndarray
+
+
+@dataclass
 class MatchResult:
     """Final tables.
 
@@ -127,10 +142,12 @@ class MatchResult:
         matches: one row per (neuron, split): neuron, split, unit, layer, unit coordinates, train_r,
             test_r, second_r, gap, topk_unit, topk_r, n_train, n_test.
         layer_matches: one row per (neuron, split, layer): that layer's best unit, train_r, test_r.
+        null: the selection redone on permuted copies of every neuron (when asked for).
     """
 
     matches: pd.DataFrame
     layer_matches: pd.DataFrame
+    null: NullDistribution | None = None
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -175,14 +192,19 @@ class MatchEngine:
         splits: (train_idx, test_idx) pairs of image positions.
         top_k: candidates kept per (split, neuron) (>= 2, so the best-vs-second gap is defined).
         device: torch device for the products ("cpu", "cuda", ...); default cuda when available.
-        tie_margin: block leaders within this r of the block's best are re-scored in float64.
+        tie_margin: final candidates within this r of a neuron's best are re-scored in float64.
+        n_permutations: permuted copies of every neuron that ride along as extra neuron rows of the
+            same products (one independent permutation of image order per neuron and copy, the
+            same for its train and test images), for a null distribution that includes the
+            selection over all units. They cost compute, never another read of the activations.
+        seed: seeds the permutations.
 
     Use :meth:`process` on each block, :func:`merge` / :func:`merge_all` on the partials, then
     :meth:`finalize`.
     """
 
     def __init__(self, responses: np.ndarray, splits: Sequence[Split], *, top_k: int = 5, device=None,
-                 tie_margin: float = 1e-4):
+                 tie_margin: float = 1e-4, n_permutations: int = 0, seed: int = 0):
         y = np.asarray(responses)
         if y.ndim != 2:
             raise ValueError(f"responses must be neurons x images (mean over repeats); got shape {y.shape}")
@@ -195,14 +217,22 @@ class MatchEngine:
             )
         if not isinstance(top_k, (int, np.integer)) or top_k < 2:
             raise ValueError(f"top_k must be an integer >= 2; got {top_k!r}")
+        if not isinstance(n_permutations, (int, np.integer)) or n_permutations < 0:
+            raise ValueError(f"n_permutations must be a non-negative integer; got {n_permutations!r}")
         self.n_neurons, self.n_images = y.shape
+        self.n_permutations = int(n_permutations)
         self.splits = validate_splits(splits, self.n_images)
+        y = stack_permutations(y, self.n_permutations, seed)
+        #: neuron rows of the products: the neurons, then each permutation's copy of them
+        self.n_rows = y.shape[0]
         for s, (train, _) in enumerate(self.splits):
-            flat = np.ptp(y[:, train], axis=1) == 0
-            if flat.any():
+            flat = np.flatnonzero(np.ptp(y[:, train], axis=1) == 0)
+            if flat.size:
+                neurons = sorted({int(r % self.n_neurons) for r in flat})
                 raise ValueError(
-                    f"neurons {np.flatnonzero(flat)[:10].tolist()} have the same response to every train image "
-                    f"of split {s}: their correlation with any unit is undefined"
+                    f"neurons {neurons[:10]} have the same response to every train image of split {s}"
+                    f"{' (in a permuted copy)' if flat.min() >= self.n_neurons else ''}: their correlation with "
+                    f"any unit is undefined"
                 )
         self.top_k = int(top_k)
         self.tie_margin = float(tie_margin)
@@ -236,7 +266,7 @@ class MatchEngine:
         return len(self.splits)
 
     def empty(self) -> MatchPartial:
-        shape = (self.n_splits, self.n_neurons, self.top_k)
+        shape = (self.n_splits, self.n_rows, self.top_k)
         return MatchPartial(np.full(shape, -np.inf, np.float32), np.full(shape, -1, np.int64))
 
     # ---------------------------------------------------------------- scratch memory
@@ -267,11 +297,11 @@ class MatchEngine:
             return partial
         x, sxx = self._prepare(xb)  # sxx: row 0 all images, row 1 + s the train images of split s
         _check_finite(sxx[0], block)
-        products = self._buffer("products", (self.n_neurons + 1, n_units))
+        products = self._buffer("products", (self.n_rows + 1, n_units))
         if self.shared:
             torch.mm(self._full_t, x, out=products)
             sx_all = products[-1].clone()
-        S, M = self.n_splits, self.n_neurons
+        S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
             if self.shared:
@@ -387,6 +417,20 @@ class MatchEngine:
         rescored = columns is not None
         if rescored:
             b_unit, b_train, b_test = self._rescore(partial, columns)
+        null = None
+        if self.n_permutations:
+            P = self.n_permutations
+            shape = (S, P, M)  # rows M + p * M + j -> (split, permutation, neuron)
+            null = NullDistribution(
+                unit=b_unit[:, M:].reshape(shape).transpose(1, 0, 2),
+                train_r=b_train[:, M:].reshape(shape).transpose(1, 0, 2),
+                test_r=b_test[:, M:].reshape(shape).transpose(1, 0, 2),
+            )
+            partial = MatchPartial(partial.top_r[:, :M], partial.top_unit[:, :M], {
+                name: LayerBest(lb.unit[:, :M], lb.train_r[:, :M], lb.test_r[:, :M])
+                for name, lb in partial.layers.items()
+            }, partial.n_units)
+            b_unit, b_train, b_test = b_unit[:, :M], b_train[:, :M], b_test[:, :M]
         second = np.where(partial.top_unit[..., 0] == b_unit, partial.top_r[..., 1], partial.top_r[..., 0])
         second = np.where(np.isfinite(second), second, np.nan).astype(np.float64)
         split_col = np.repeat(np.arange(S), M)
@@ -413,7 +457,7 @@ class MatchEngine:
             "test_r": np.concatenate([lb.test_r.ravel() for lb in stack]),
         })
         layer_rows.loc[layer_rows["unit"] < 0, "train_r"] = np.nan
-        return MatchResult(matches, layer_rows)
+        return MatchResult(matches, layer_rows, null)
 
     @staticmethod
     def _layer_test_r(partial: MatchPartial, catalogue: UnitCatalogue, units: np.ndarray) -> np.ndarray:
@@ -426,7 +470,11 @@ class MatchEngine:
         return out
 
     def _rescore(self, partial: MatchPartial, columns):
-        """float64 re-scoring of every (split, neuron)'s candidates within tie_margin of its best."""
+        """float64 re-scoring of every (split, neuron)'s candidates within tie_margin of its best.
+
+        Works on (neuron, candidate) pairs, so the cost grows with the number of neuron rows, not
+        neuron rows x candidates (permutation nulls stack many neuron rows).
+        """
         near = (partial.top_unit >= 0) & (partial.top_r >= partial.top_r[..., :1] - self.tie_margin)
         units, inverse = np.unique(partial.top_unit[near], return_inverse=True)
         xc = np.asarray(columns(units), dtype=np.float64)
@@ -438,22 +486,46 @@ class MatchEngine:
         b_unit = np.full((S, M), -1, np.int64)
         b_train = np.full((S, M), np.nan)
         b_test = np.full((S, M), np.nan)
-        from .reference import pearson_columns
-
         for s, (train, test) in enumerate(self.splits):
-            r = pearson_columns(xc[train], self._y[:, train].T)  # (M, candidates), float64
-            r_pairs = np.where(cand[s] >= 0, np.take_along_axis(r, np.maximum(cand[s], 0), 1), -np.inf)
-            r_pairs = np.nan_to_num(r_pairs, nan=-np.inf)
-            # highest float64 r, then lowest unit id
-            unit_key = np.where(cand[s] >= 0, partial.top_unit[s], np.iinfo(np.int64).max)
-            pick = np.lexsort((unit_key, -r_pairs), axis=-1)[:, 0]
-            rows = np.arange(M)
-            ok = cand[s, rows, pick] >= 0
-            b_unit[s, ok] = partial.top_unit[s, rows, pick][ok]
-            b_train[s, ok] = r_pairs[rows, pick][ok]
-            r_test = pearson_columns(xc[test], self._y[:, test].T)
-            b_test[s, ok] = r_test[rows[ok], cand[s, rows, pick][ok]]
+            j, slot = np.nonzero(cand[s] >= 0)
+            c = cand[s, j, slot]
+            r = _pair_r(xc[train], self._y[:, train], c, j)
+            r = np.nan_to_num(r, nan=-np.inf)
+            # per neuron row: highest float64 r, then lowest unit id
+            order = np.lexsort((partial.top_unit[s, j, slot], -r, j))
+            first = np.ones(order.size, bool)
+            first[1:] = j[order][1:] != j[order][:-1]
+            win = order[first]
+            b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
+            b_train[s, j[win]] = r[win]
+            b_test[s, j[win]] = _pair_r(xc[test], self._y[:, test], c[win], j[win])
         return b_unit, b_train, b_test
+
+
+def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0) -> np.ndarray:
+    """The neurons, then ``n_permutations`` copies of them, each row's images independently permuted.
+
+    Row ``(1 + p) * M + j`` is neuron j under permutation p.
+    """
+    if n_permutations == 0:
+        return responses
+    rng = np.random.default_rng(seed)
+    copies = [rng.permuted(responses, axis=1) for _ in range(n_permutations)]
+    return np.concatenate([responses] + copies)
+
+
+def _pair_r(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """float64 Pearson r of x[:, cols[p]] (images, units) with y[rows[p]] (neurons, images), per pair p."""
+    xc = x - x.mean(axis=0)
+    yc = y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xn = xc / np.sqrt((xc * xc).sum(axis=0))
+        yn = yc / np.sqrt((yc * yc).sum(axis=1, keepdims=True))
+    out = np.empty(cols.size)
+    for a in range(0, cols.size, chunk):
+        sl = slice(a, a + chunk)
+        out[sl] = np.einsum("ip,pi->p", xn[:, cols[sl]], yn[rows[sl]])
+    return out
 
 
 def _check_finite(values: torch.Tensor, block: UnitBlock) -> None:
@@ -481,9 +553,10 @@ def _as_tensor(data, device: torch.device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ public API
-def default_block_units(n_images: int, budget_bytes: int = 256 << 20) -> int:
-    """Units per block so the float32 working copy of a block takes about ``budget_bytes``."""
-    return max(1024, (budget_bytes // (4 * max(n_images, 1))) // 1024 * 1024)
+def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int = 256 << 20) -> int:
+    """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``."""
+    per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
+    return max(256, (budget_bytes // per_unit) // 256 * 256)
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,
@@ -503,7 +576,7 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
 
 def run_matching(activations, responses, splits, *, top_k: int = 5, block_units: int | None = None, device=None,
                  neuron_ids: Sequence[str] | None = None, dims=None, catalogue: UnitCatalogue | None = None,
-                 progress: bool = False) -> MatchResult:
+                 n_permutations: int = 0, seed: int = 0, progress: bool = False) -> MatchResult:
     """Match every neuron to its best unit, with per-layer bests.
 
     Args:
@@ -519,6 +592,8 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
             channel / channel, y, x).
         catalogue: the layers' unit shapes when the arrays are stored flat (e.g. 2-D Zarr arrays of
             images x units); its layer names must be the keys of ``activations``, in order.
+        n_permutations, seed: permutation null computed in the same pass (see :class:`MatchEngine`);
+            the result's ``null`` holds it.
         progress: show a progress bar.
     """
     from .units import as_layers, catalogue_of, gather_columns, iter_blocks
@@ -534,11 +609,11 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
         if stored != layer.size:
             raise ValueError(f"layer {layer.name!r} stores {stored} units per image; the catalogue says "
                              f"{layer.size} {layer.shape}")
-    engine = MatchEngine(responses, splits, top_k=top_k, device=device)
+    engine = MatchEngine(responses, splits, top_k=top_k, device=device, n_permutations=n_permutations, seed=seed)
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = block_units or default_block_units(n_images)
+    size = block_units or default_block_units(n_images, engine.n_rows)
     return stream_match(engine, iter_blocks(layers, catalogue, size), catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units), progress=progress)
 
