@@ -489,7 +489,7 @@ class MatchEngine:
         for s, (train, test) in enumerate(self.splits):
             j, slot = np.nonzero(cand[s] >= 0)
             c = cand[s, j, slot]
-            r = _pair_r(xc[train], self._y[:, train], c, j)
+            r = pearson_pairs(xc[train], self._y[:, train], c, j)
             r = np.nan_to_num(r, nan=-np.inf)
             # per neuron row: highest float64 r, then lowest unit id
             order = np.lexsort((partial.top_unit[s, j, slot], -r, j))
@@ -498,7 +498,7 @@ class MatchEngine:
             win = order[first]
             b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
             b_train[s, j[win]] = r[win]
-            b_test[s, j[win]] = _pair_r(xc[test], self._y[:, test], c[win], j[win])
+            b_test[s, j[win]] = pearson_pairs(xc[test], self._y[:, test], c[win], j[win])
         return b_unit, b_train, b_test
 
 
@@ -514,7 +514,7 @@ def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0
     return np.concatenate([responses] + copies)
 
 
-def _pair_r(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """float64 Pearson r of x[:, cols[p]] (images, units) with y[rows[p]] (neurons, images), per pair p."""
     xc = x - x.mean(axis=0)
     yc = y - y.mean(axis=1, keepdims=True)

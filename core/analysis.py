@@ -1,0 +1,205 @@
+"""The whole per-model analysis in one call, as tidy tables.
+
+matching (with the permutation null in the same pass) -> noise ceilings -> per-neuron statistics ->
+strict one-to-one assignment -> matched-population decoding -> per-region summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
+from .decoding import matched_population_decoding
+from .engine import MatchResult, pearson_pairs, run_matching
+from .neural import NeuralAssembly
+from .reliability import split_half_reliability
+from .stats import neuron_table, summarize
+from .units import as_layers, catalogue_of, gather_columns
+
+log = logging.getLogger(__name__)
+
+#: image metadata columns tried, in order, for the decoding labels
+LABEL_COLUMNS = ("category_name", "category")
+
+
+@dataclass
+class Analysis:
+    """Everything one model's analysis produces.
+
+    Attributes:
+        matches: per (neuron, split): the engine's columns plus region.
+        layer_matches: per (neuron, split, layer): the layer's best unit (layer profiles).
+        neurons: per neuron: see :func:`core.stats.neuron_table`, plus strict_unit / strict_test_r
+            (mean over splits under the bijective assignment).
+        assignment: per (neuron, split): free unit and test r, strict unit and test r, k_used.
+        decoding: per (region, split): see :class:`core.decoding.DecodingResult`.
+        summary: per region: see :func:`core.stats.summarize`, plus strict_median_test_r,
+            strict_drop, and the decoding means over splits (transfer_accuracy, neuron_accuracy,
+            unit_accuracy, chance, null_mean, percentile).
+        result: the raw :class:`core.engine.MatchResult` (including the null arrays).
+    """
+
+    matches: pd.DataFrame
+    layer_matches: pd.DataFrame
+    neurons: pd.DataFrame
+    assignment: pd.DataFrame
+    decoding: pd.DataFrame
+    summary: pd.DataFrame
+    result: MatchResult
+
+
+def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: int = 100, top_k: int = 5,
+            labels: Sequence | None = None, decode: bool = True, n_random_populations: int = 100,
+            alpha: float = 0.05, seed: int = 0, block_units: int | None = None, device=None, dims=None,
+            catalogue=None, max_top_k: int = 64) -> Analysis:
+    """Run the full analysis of one model against one assembly.
+
+    Args:
+        activations: ``{layer: (images, *unit_shape)}`` (numpy, torch or 2-D Zarr), images in the
+            assembly's order.
+        assembly: the neurons (mean over repeats is matched; repeats give the ceiling).
+        splits: (train_idx, test_idx) pairs.
+        n_permutations: permutations for the selection-aware null (0: no p-values).
+        top_k: candidates per (neuron, split); also the strict assignment's starting pool.
+        labels: category per image for decoding (default: the assembly's image metadata column
+            category_name or category).
+        decode: run matched-population decoding.
+        n_random_populations: random unit populations per (region, split) for the decoding null.
+        alpha: FDR level.
+        seed: permutations and random populations.
+        max_top_k: the strict assignment re-runs matching with a doubled top_k while infeasible, up
+            to this.
+
+    Raises:
+        ValueError: decoding without category labels (naming the metadata columns available), or any
+            input error of the parts (each names the bad value).
+    """
+    layers = as_layers(activations)
+    catalogue = catalogue or catalogue_of(layers, dims)
+    columns = lambda units: gather_columns(layers, catalogue, units)  # noqa: E731
+    y = assembly.mean_responses()
+    if decode:
+        labels = _labels(assembly, labels)
+    common = dict(block_units=block_units, device=device, catalogue=catalogue, neuron_ids=assembly.neuron_ids)
+    result = run_matching(layers, y, splits, top_k=top_k, n_permutations=n_permutations, seed=seed, **common)
+    ceiling = split_half_reliability(assembly.responses) if assembly.has_repeats else None
+    neurons = neuron_table(result, regions=assembly.regions, ceiling=ceiling, alpha=alpha)
+    region_of = dict(zip(assembly.neuron_ids, assembly.regions))
+    matches = result.matches.assign(region=result.matches.neuron.map(region_of))
+
+    assignment = _strict(layers, y, splits, result, columns, common, top_k, max_top_k)
+    assignment["region"] = assignment.neuron.map(region_of)
+    strict_mean = assignment.groupby("neuron", sort=False)[["strict_test_r"]].mean()
+    neurons = neurons.merge(strict_mean, left_on="neuron", right_index=True, how="left")
+    neurons["strict_unit"] = neurons.neuron.map(
+        assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
+
+    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations, seed) \
+        if decode else pd.DataFrame()
+    summary = summarize(result, neurons)
+    extra = []
+    for region, part in assignment.groupby("region"):
+        drops = [assignment_drop(p.unit, p.free_test_r, p.strict_unit, p.strict_test_r)
+                 for _, p in part.groupby("split")]
+        extra.append({"region": region,
+                      "strict_median_test_r": np.mean([d["strict_median"] for d in drops]),
+                      "strict_drop": np.mean([d["drop"] for d in drops]),
+                      "strict_n_reassigned": np.mean([d["n_reassigned"] for d in drops])})
+    summary = summary.merge(pd.DataFrame(extra), on="region", how="left")
+    if len(decoding):
+        means = decoding.groupby("region")[["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "chance",
+                                            "null_mean", "percentile"]].mean()
+        summary = summary.merge(means, left_on="region", right_index=True, how="left")
+    return Analysis(matches, result.layer_matches, neurons, assignment, decoding, summary, result)
+
+
+def _labels(assembly: NeuralAssembly, labels):
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (assembly.n_images,):
+            raise ValueError(f"labels must have one category per image ({assembly.n_images}); got {labels.shape}")
+        return labels
+    meta = assembly.image_metadata
+    have = [] if meta is None else list(meta.columns)
+    column = next((c for c in LABEL_COLUMNS if c in have), None)
+    if column is None:
+        raise ValueError(
+            f"decoding needs a category per image: none of {list(LABEL_COLUMNS)} is in the image metadata "
+            f"(columns: {have}); pass labels=..., or decode=False"
+        )
+    values = meta[column]
+    if values.isna().any():
+        missing = meta.index[values.isna()][:5].tolist()
+        raise ValueError(f"{values.isna().sum()} images have no {column!r}, e.g. {missing}")
+    return values.to_numpy()
+
+
+def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int, max_top_k: int) -> pd.DataFrame:
+    """Bijective assignment per split from the top-k candidates; k grows (re-running) until feasible."""
+    m = result.matches.sort_values(["split", "neuron"], kind="stable")
+    neuron_ids = list(common["neuron_ids"])
+    order = {n: i for i, n in enumerate(neuron_ids)}
+    rows = []
+    k = top_k
+    for s, part in m.groupby("split"):
+        part = part.iloc[np.argsort([order[n] for n in part.neuron])]
+        cands, weights = np.stack(part.topk_unit.to_numpy()), np.stack(part.topk_r.to_numpy())
+        while True:
+            try:
+                a = strict_assignment(cands, weights)
+                break
+            except InfeasibleAssignment:
+                if k >= max_top_k:
+                    raise
+                k = min(2 * k, max_top_k)
+                log.info("strict assignment infeasible with top_k=%d candidates; re-running with %d", k // 2, k)
+                wider = run_matching(layers, y, [splits[s]], top_k=k, **common).matches
+                wider = wider.iloc[np.argsort([order[n] for n in wider.neuron])]
+                cands, weights = np.stack(wider.topk_unit.to_numpy()), np.stack(wider.topk_r.to_numpy())
+        units, inverse = np.unique(a.units, return_inverse=True)
+        strict_r = pearson_pairs(columns(units)[splits[s][1]], y[:, splits[s][1]], inverse, np.arange(len(y)))
+        rows.append(pd.DataFrame({
+            "neuron": part.neuron.to_numpy(), "split": s, "unit": part.unit.to_numpy(),
+            "free_test_r": part.test_r.to_numpy(), "strict_unit": a.units, "strict_train_r": a.weights,
+            "strict_test_r": strict_r, "k_used": a.k_used,
+        }))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int) -> pd.DataFrame:
+    """Matched-population decoding per (region, split), with random-population nulls."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for region in sorted(set(assembly.regions)):
+        idx = np.flatnonzero(assembly.regions == region)
+        ids = assembly.neuron_ids[idx]
+        neurons_x = y[idx].T  # (images, neurons of the region)
+        for s, (train, test) in enumerate(splits):
+            part = matches[(matches.split == s)].set_index("neuron").loc[ids]
+            units_x = columns(part.unit.to_numpy())
+
+            def draw(_i, n=len(idx), train=train):
+                return _random_population(columns, catalogue.n_units, n, train, rng)
+
+            res = matched_population_decoding(units_x, neurons_x, labels, train, test,
+                                              random_populations=draw, n_random=n_random)
+            rows.append({"region": region, "split": s, **res.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def _random_population(columns, n_units: int, size: int, train, rng, tries: int = 20) -> np.ndarray:
+    """Activations of ``size`` random distinct units that vary over the train images."""
+    units = rng.choice(n_units, size=size, replace=False)
+    x = columns(units)
+    for _ in range(tries):
+        flat = np.ptp(x[train], axis=0) == 0
+        if not flat.any():
+            return x
+        units[flat] = rng.choice(n_units, size=int(flat.sum()), replace=True)
+        x[:, flat] = columns(units[flat])
+    raise ValueError(f"could not draw {size} random units that vary over the train images; too many constant units")

@@ -1,0 +1,450 @@
+"""Matched-population decoding (SCIENCE.md, "Matched-population decoding").
+
+This module owns claim 3 of the reference memo: a category classifier trained only on the matched
+model units (unit i standing in for neuron i) decodes stimulus category from the real neurons.
+
+The matched population of a region is one model unit per neuron, column i of the unit responses
+being the unit matched to neuron i (chosen on the train images, e.g. by :mod:`core.engine`). Here:
+
+1. A multinomial logistic regression (scikit-learn ``LogisticRegression``, lbfgs) is fit on the
+   units' responses to the TRAIN images, labels = image category. Each unit is z-scored with its
+   own train mean and standard deviation.
+2. The fitted classifier is applied, unchanged, to the neurons' responses to the TEST images, each
+   neuron z-scored with its own TRAIN-image mean and standard deviation (feature i of the
+   classifier reads neuron i). Its accuracy is the *transfer accuracy*, reported against chance
+   (1 / number of categories).
+3. Baselines: the same classifier fit and tested on the neurons (upper bound,
+   :func:`neuron_accuracy`), and the transfer accuracy of random unit populations of the same size
+   (a null distribution) with the matched population's mid-rank percentile within it.
+
+All response arrays here are images x columns (``(n_images, M)``), i.e. the transpose of the
+neurons x images layout of :class:`core.neural.NeuralAssembly`. ``train`` and ``test`` are integer
+image indices (as produced by :func:`core.splits.brainscore_splits`) or boolean masks over images.
+Only the train and test images are used; other rows may hold anything, NaN included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: iterations of lbfgs; z-scored features converge well within this
+MAX_ITER = 1000
+#: a column whose train standard deviation is at most this fraction of its largest train magnitude
+#: is treated as constant (z-scoring impossible)
+_CONSTANT_RTOL = 1e-12
+#: fewer random populations than this give a coarse null; a warning is logged
+_MIN_RECOMMENDED_DRAWS = 100
+
+RandomPopulations = Union[np.ndarray, Callable[[int], np.ndarray], None]
+
+
+# --------------------------------------------------------------------------------------- result
+@dataclass
+class DecodingResult:
+    """Matched-population decoding of one region on one split.
+
+    Attributes:
+        transfer_accuracy: classifier fit on the matched units (train images), applied unchanged
+            to the neurons' test responses.
+        unit_accuracy: the same classifier tested on the units' own test responses (diagnostic).
+        neuron_accuracy: a classifier fit and tested on the neurons (upper bound).
+        chance: 1 / n_categories.
+        null: (n_random,) transfer accuracies of random unit populations of the same size.
+        percentile: percent of ``null`` strictly below ``transfer_accuracy`` plus half the ties
+            (mid-rank); NaN when ``null`` is empty.
+        n_neurons: size of the population (M).
+        n_categories: categories among the train images (the classifier's classes).
+    """
+
+    transfer_accuracy: float
+    unit_accuracy: float
+    neuron_accuracy: float
+    chance: float
+    null: np.ndarray = field(repr=False)
+    percentile: float
+    n_neurons: int
+    n_categories: int
+
+    def as_dict(self) -> dict:
+        """Flat dict of the scalars for a results table.
+
+        Returns:
+            The scalar fields plus ``n_random`` (null size), ``null_mean`` and ``null_p95`` (the
+            95th percentile of the null); the null statistics are NaN when the null is empty.
+        """
+        null = np.asarray(self.null, dtype=np.float64)
+        empty = null.size == 0
+        return {
+            "transfer_accuracy": float(self.transfer_accuracy),
+            "unit_accuracy": float(self.unit_accuracy),
+            "neuron_accuracy": float(self.neuron_accuracy),
+            "chance": float(self.chance),
+            "percentile": float(self.percentile),
+            "n_neurons": int(self.n_neurons),
+            "n_categories": int(self.n_categories),
+            "n_random": int(null.size),
+            "null_mean": float("nan") if empty else float(null.mean()),
+            "null_p95": float("nan") if empty else float(np.percentile(null, 95)),
+        }
+
+
+# --------------------------------------------------------------------------------------- validation
+def _as_responses(x, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (n_images, M) array; got shape {arr.shape}")
+    return arr
+
+
+def _as_index(split, n_images: int, name: str) -> np.ndarray:
+    idx = np.asarray(split)
+    if idx.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of image indices or a boolean mask; "
+                         f"got shape {idx.shape}")
+    if idx.dtype == bool:
+        if idx.size != n_images:
+            raise ValueError(f"{name} is a boolean mask of length {idx.size}; it must have one "
+                             f"entry per image ({n_images})")
+        idx = np.flatnonzero(idx)
+    elif idx.size == 0:
+        idx = idx.astype(np.int64)
+    elif not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer image indices or be a boolean mask; "
+                         f"got dtype {idx.dtype}")
+    if idx.size == 0:
+        raise ValueError(f"{name} selects no images; it needs at least one")
+    bad = idx[(idx < 0) | (idx >= n_images)]
+    if bad.size:
+        raise ValueError(f"{name} holds image index {int(bad[0])}, outside the valid range "
+                         f"0..{n_images - 1}")
+    uniq, counts = np.unique(idx, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name} lists image {int(uniq[counts > 1][0])} more than once; "
+                         f"each image may appear once")
+    return idx.astype(np.int64)
+
+
+def _check_finite(x: np.ndarray, rows: np.ndarray, name: str) -> None:
+    sub = x[rows]
+    bad = ~np.isfinite(sub)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) on the train/test "
+                         f"images (first: {sub[r, c]} at image {int(rows[r])}, column {int(c)}); "
+                         f"responses must be finite")
+
+
+def _train_stats(x: np.ndarray, train: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (ddof=0) over the train images."""
+    xt = x[train]
+    mean = xt.mean(axis=0)
+    std = xt.std(axis=0)
+    scale = np.abs(xt).max(axis=0)
+    const = std <= _CONSTANT_RTOL * scale
+    if const.any():
+        cols = np.flatnonzero(const)
+        raise ValueError(f"{name} column {int(cols[0])} is constant on the train images "
+                         f"(value {float(xt[0, cols[0]])!r}; {cols.size} constant column(s) in all: "
+                         f"{cols[:10].tolist()}); z-scoring is impossible, every column needs "
+                         f"non-zero variance over the train images")
+    return mean, std
+
+
+@dataclass
+class _Problem:
+    """Validated labels and split shared by all classifiers of one decoding run."""
+
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    classes: np.ndarray
+    n_images: int
+    n_columns: int
+
+
+def _validate(labels, train, test, n_images: int, n_columns: int) -> _Problem:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D (one category per image); got shape {labels.shape}")
+    if labels.shape[0] != n_images:
+        raise ValueError(f"labels has {labels.shape[0]} entries but the responses have "
+                         f"{n_images} images (rows); give one category per image")
+    train_idx = _as_index(train, n_images, "train")
+    test_idx = _as_index(test, n_images, "test")
+    overlap = np.intersect1d(train_idx, test_idx)
+    if overlap.size:
+        raise ValueError(f"train and test share {overlap.size} image(s) (e.g. image "
+                         f"{int(overlap[0])}); the split must hold disjoint image sets")
+    used = np.concatenate([train_idx, test_idx])
+    all_classes = np.unique(labels[used])
+    if all_classes.size < 2:
+        raise ValueError(f"fewer than 2 categories overall (only {all_classes.tolist()!r} among "
+                         f"the train/test images); decoding needs at least 2")
+    classes = np.unique(labels[train_idx])
+    if classes.size < 2:
+        raise ValueError(f"the split's train images hold a single category "
+                         f"({classes.tolist()[0]!r}); "
+                         f"a classifier needs at least 2 categories among the train images")
+    unseen = np.setdiff1d(np.unique(labels[test_idx]), classes)
+    if unseen.size:
+        raise ValueError(f"test images include categor{'y' if unseen.size == 1 else 'ies'} "
+                         f"{unseen.tolist()!r} never seen in train (train categories: "
+                         f"{classes.tolist()!r}); every test category must occur among the train "
+                         f"images")
+    if n_columns < classes.size:
+        raise ValueError(f"the region has {n_columns} neuron(s) but there are {classes.size} "
+                         f"categories; matched-population decoding needs at least as many "
+                         f"neurons as categories")
+    return _Problem(labels, train_idx, test_idx, classes, n_images, n_columns)
+
+
+def _check_pair(unit_responses, neuron_responses) -> tuple[np.ndarray, np.ndarray]:
+    units = _as_responses(unit_responses, "unit_responses")
+    neurons = _as_responses(neuron_responses, "neuron_responses")
+    if units.shape[0] != neurons.shape[0]:
+        raise ValueError(f"unit_responses has {units.shape[0]} images (rows) but neuron_responses "
+                         f"has {neurons.shape[0]}; both must be (n_images, M) over the same images")
+    if units.shape[1] != neurons.shape[1]:
+        raise ValueError(f"unit_responses has {units.shape[1]} columns (units) but "
+                         f"neuron_responses has {neurons.shape[1]} (neurons); column i of each "
+                         f"must be matched pair i")
+    return units, neurons
+
+
+def _zscored(x: np.ndarray, p: _Problem, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test rows of x, each column z-scored with its own train statistics."""
+    _check_finite(x, np.concatenate([p.train, p.test]), name)
+    mean, std = _train_stats(x, p.train, name)
+    return (x[p.train] - mean) / std, (x[p.test] - mean) / std
+
+
+# --------------------------------------------------------------------------------------- classifier
+def _single_threaded():
+    """Context in which BLAS/OpenMP run one thread.
+
+    The fits here are small (M features, a few thousand images at most) and many (the null). With
+    the default thread pools they were measured 10-25x slower on a loaded 2-core machine (pool
+    threads spin-waiting for busy cores: 55 ms instead of 2-4 ms per fit); one thread is never
+    slower at this size. Parallelise across regions or splits instead.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
+
+
+def _fit(z_train: np.ndarray, y_train: np.ndarray, C: float):
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=MAX_ITER)
+    clf.fit(z_train, y_train)
+    return clf
+
+
+def _accuracy(clf, z: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(clf.predict(z) == y))
+
+
+def _check_C(C: float) -> float:
+    C = float(C)
+    if not np.isfinite(C) or C <= 0:
+        raise ValueError(f"C (inverse regularisation strength) must be a positive finite number; "
+                         f"got {C}")
+    return C
+
+
+# --------------------------------------------------------------------------------------- public API
+def transfer_accuracy(unit_responses, neuron_responses, labels, train, test, *,
+                      C: float = 1.0) -> tuple[float, float]:
+    """Accuracy of a unit-trained classifier applied unchanged to the matched neurons.
+
+    Args:
+        unit_responses: (n_images, M) responses of the matched units.
+        neuron_responses: (n_images, M) responses of the neurons; column i of each array is
+            matched pair i.
+        labels: (n_images,) category of each image (any hashable values).
+        train: train image indices (or a boolean mask); the classifier and all z-scoring
+            statistics come from these images only.
+        test: test image indices (or a boolean mask), disjoint from ``train``.
+        C: inverse L2 regularisation strength of the logistic regression.
+
+    Returns:
+        (transfer accuracy on the neurons' test responses, accuracy on the units' own test
+        responses).
+
+    Raises:
+        ValueError: disagreeing shapes, bad labels or split, fewer neurons than categories,
+            non-finite responses, or a column constant on the train images.
+    """
+    C = _check_C(C)
+    units, neurons = _check_pair(unit_responses, neuron_responses)
+    p = _validate(labels, train, test, *units.shape)
+    _, zn_test = _zscored(neurons, p, "neuron_responses")
+    zu_train, zu_test = _zscored(units, p, "unit_responses")
+    y_test = p.labels[p.test]
+    with _single_threaded():
+        clf = _fit(zu_train, p.labels[p.train], C)
+        return _accuracy(clf, zn_test, y_test), _accuracy(clf, zu_test, y_test)
+
+
+def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0) -> float:
+    """Accuracy of the same classifier fit and tested on the neurons (the upper bound).
+
+    Args:
+        neuron_responses: (n_images, M) responses of the neurons.
+        labels: (n_images,) category of each image.
+        train: train image indices (or a boolean mask).
+        test: test image indices (or a boolean mask), disjoint from ``train``.
+        C: inverse L2 regularisation strength of the logistic regression.
+
+    Returns:
+        Accuracy on the neurons' test responses.
+
+    Raises:
+        ValueError: as :func:`transfer_accuracy`.
+    """
+    C = _check_C(C)
+    neurons = _as_responses(neuron_responses, "neuron_responses")
+    p = _validate(labels, train, test, *neurons.shape)
+    zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
+    with _single_threaded():
+        clf = _fit(zn_train, p.labels[p.train], C)
+        return _accuracy(clf, zn_test, p.labels[p.test])
+
+
+def null_percentile(value: float, null) -> float:
+    """Mid-rank percentile of ``value`` within a null distribution.
+
+    Args:
+        value: the observed statistic.
+        null: 1-D sample of the statistic under the null.
+
+    Returns:
+        100 * (number of null values strictly below ``value`` + half the number equal to it)
+        / len(null); NaN when ``null`` is empty.
+
+    Raises:
+        ValueError: ``null`` is not 1-D or holds non-finite values.
+    """
+    null = np.asarray(null, dtype=np.float64)
+    if null.ndim != 1:
+        raise ValueError(f"null must be 1-D; got shape {null.shape}")
+    if null.size == 0:
+        return float("nan")
+    if not np.isfinite(null).all():
+        raise ValueError(f"null holds {int((~np.isfinite(null)).sum())} non-finite value(s); "
+                         f"all values must be finite")
+    below = np.count_nonzero(null < value)
+    ties = np.count_nonzero(null == value)
+    return float(100.0 * (below + 0.5 * ties) / null.size)
+
+
+def matched_population_decoding(unit_responses, neuron_responses, labels, train, test, *,
+                                random_populations: RandomPopulations = None,
+                                n_random: int = 100, C: float = 1.0) -> DecodingResult:
+    """Transfer decoding of one region's matched population, with both baselines.
+
+    Args:
+        unit_responses: (n_images, M) responses of the matched units (column i = unit matched to
+            neuron i on the train images).
+        neuron_responses: (n_images, M) responses of the region's neurons.
+        labels: (n_images,) category of each image.
+        train: train image indices (or a boolean mask).
+        test: test image indices (or a boolean mask), disjoint from ``train``.
+        random_populations: the null. An array (n_draws, n_images, M) of random units' responses
+            (all n_draws are used; ``n_random`` is ignored), or a callable ``rng_draw(i)``
+            returning the i-th random population as an (n_images, M) array (called for
+            i = 0 .. n_random - 1), or None (no null: ``null`` is empty and ``percentile`` NaN).
+            Column i of a random population is read as neuron i's stand-in, like the matched
+            units; each population is z-scored with its own train statistics.
+        n_random: number of draws from a callable ``random_populations``.
+        C: inverse L2 regularisation strength of every logistic regression fit here.
+
+    Returns:
+        A :class:`DecodingResult`.
+
+    Raises:
+        ValueError: as :func:`transfer_accuracy`; also a random population of the wrong shape,
+            with non-finite values or a column constant on the train images (named by its draw),
+            a non-positive ``n_random`` with a callable, or a ``random_populations`` that is
+            neither an array nor a callable.
+    """
+    C = _check_C(C)
+    units, neurons = _check_pair(unit_responses, neuron_responses)
+    p = _validate(labels, train, test, *units.shape)
+    y_train, y_test = p.labels[p.train], p.labels[p.test]
+
+    zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
+    zu_train, zu_test = _zscored(units, p, "unit_responses")
+    with _single_threaded():
+        clf = _fit(zu_train, y_train, C)
+        transfer = _accuracy(clf, zn_test, y_test)
+        unit_acc = _accuracy(clf, zu_test, y_test)
+        neuron_acc = _accuracy(_fit(zn_train, y_train, C), zn_test, y_test)
+        null = _null_distribution(random_populations, n_random, p, zn_test, y_train, y_test, C)
+    percentile = null_percentile(transfer, null)
+    chance = 1.0 / p.classes.size
+    result = DecodingResult(
+        transfer_accuracy=transfer, unit_accuracy=unit_acc, neuron_accuracy=neuron_acc,
+        chance=chance, null=null, percentile=percentile, n_neurons=p.n_columns,
+        n_categories=int(p.classes.size),
+    )
+    log.info("matched-population decoding: %d neurons, %d categories: transfer %.3f, units %.3f, "
+             "neurons %.3f, chance %.3f, null n=%d, percentile %.1f", p.n_columns,
+             p.classes.size, transfer, unit_acc, neuron_acc, chance, null.size, percentile)
+    return result
+
+
+def _null_distribution(random_populations: RandomPopulations, n_random: int, p: _Problem,
+                       zn_test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
+                       C: float) -> np.ndarray:
+    """Transfer accuracies of random unit populations applied to the (z-scored) neurons."""
+    if random_populations is None:
+        return np.empty(0, dtype=np.float64)
+    expected = (p.n_images, p.n_columns)
+    if callable(random_populations):
+        if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
+            raise ValueError(f"n_random must be a positive integer (number of random populations "
+                             f"to draw); got {n_random!r}")
+        n_draws = int(n_random)
+
+        def draw(i: int) -> np.ndarray:
+            return random_populations(i)
+    elif isinstance(random_populations, np.ndarray) or hasattr(random_populations, "__array__"):
+        pops = np.asarray(random_populations)
+        if pops.ndim != 3 or pops.shape[1:] != expected:
+            raise ValueError(f"random_populations array must have shape (n_draws, {expected[0]}, "
+                             f"{expected[1]}) (draws x images x neurons); got {pops.shape}")
+        if pops.shape[0] == 0:
+            raise ValueError("random_populations array holds 0 draws; give at least one, or None "
+                             "for no null")
+        n_draws = pops.shape[0]
+
+        def draw(i: int) -> np.ndarray:
+            return pops[i]
+    else:
+        raise ValueError(f"random_populations must be an (n_draws, n_images, M) array, a "
+                         f"callable rng_draw(i) -> (n_images, M) array, or None; got "
+                         f"{type(random_populations).__name__}")
+    if n_draws < _MIN_RECOMMENDED_DRAWS:
+        log.warning("null of %d random populations (at least %d recommended): percentile "
+                    "resolution is coarse", n_draws, _MIN_RECOMMENDED_DRAWS)
+
+    null = np.empty(n_draws, dtype=np.float64)
+    for i in range(n_draws):
+        name = f"random population {i}"
+        pop = np.asarray(draw(i), dtype=np.float64)
+        if pop.shape != expected:
+            raise ValueError(f"{name} has shape {pop.shape}; it must be (n_images, M) = "
+                             f"{expected}, like the matched units")
+        zr_train, _ = _zscored(pop, p, name)
+        null[i] = _accuracy(_fit(zr_train, y_train, C), zn_test, y_test)
+    return null
