@@ -1,8 +1,9 @@
 """The built-in demo: the whole core pipeline on embedded data, no downloads, no credentials.
 
 Generated stimuli -> a random-weight timm model's stage outputs (every unit) -> a synthetic brain
-with planted neurons (noisy copies of chosen units, 8 repeats) and pure-noise neurons -> noise
-ceilings -> Brain-Score splits -> one-to-one matching -> a results table and a printed summary.
+with planted neurons (noisy copies of chosen units, 8 repeats) and pure-noise neurons -> Brain-Score
+splits -> core.analyze: matching with a permutation null in the same pass, noise ceilings, p-values
+and FDR, strict one-to-one assignment, matched-population decoding -> tables and a printed summary.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out_dir: Path, *, model_name: str = "test_convnext", n_planted: int = 48, n_noise: int = 16,
-             snr: float = 1.0, seed: int = 0) -> pd.DataFrame:
+             snr: float = 1.0, n_permutations: int = 100, seed: int = 0) -> pd.DataFrame:
     """Run the demo and write its tables to ``out_dir``; returns the per-neuron summary table."""
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,40 +40,36 @@ def run_demo(out_dir: Path, *, model_name: str = "test_convnext", n_planted: int
                                repeats=8, seed=seed + 1)
     truth = brain.truth
     regions = np.where(truth.planted, "V4", "noise")
-    assembly = core.NeuralAssembly(brain.responses, truth.neuron, regions, stimuli.image_ids)
-    ceiling = core.split_half_reliability(assembly.responses)
-    print(f"brain: {n_planted} planted neurons (SNR {snr} for the 8-repeat mean) + {n_noise} noise neurons; "
-          f"median split-half ceiling {np.median(ceiling[truth.planted]):.2f} planted, "
-          f"{np.median(ceiling[~truth.planted]):.2f} noise")
+    print(f"brain: {n_planted} planted neurons (region V4, SNR {snr} for the 8-repeat mean) + {n_noise} "
+          f"pure-noise neurons (region 'noise')")
 
     splits = core.brainscore_splits(stimuli.metadata)
-    result = core.run_matching(acts, assembly.mean_responses(), splits, neuron_ids=assembly.neuron_ids,
-                               dims={name: ("channel", "y", "x") for name in acts})
-    matches = result.matches.merge(truth[["neuron", "planted", "unit"]].rename(columns={"unit": "planted_unit"}),
-                                   on="neuron")
-    matches["region"] = matches.neuron.map(dict(zip(assembly.neuron_ids, assembly.regions)))
-    matches["ceiling"] = matches.neuron.map(dict(zip(assembly.neuron_ids, ceiling)))
+    assembly = core.NeuralAssembly(brain.responses, truth.neuron, regions, stimuli.image_ids, stimuli.metadata)
+    analysis = core.analyze(acts, assembly, splits, n_permutations=n_permutations, seed=seed,
+                            dims={name: ("channel", "y", "x") for name in acts})
+    truth_unit = dict(zip(truth.neuron, truth.unit))
+    matches = analysis.matches.assign(planted_unit=analysis.matches.neuron.map(truth_unit))
     matches["recovered"] = matches.unit == matches.planted_unit
-    list_cols = ["topk_unit", "topk_r"]
-    matches.drop(columns=list_cols).to_csv(out_dir / "matches.csv", index=False)
+    matches.drop(columns=["topk_unit", "topk_r"]).to_csv(out_dir / "matches.csv", index=False)
     matches.to_parquet(out_dir / "matches.parquet", index=False)
-    result.layer_matches.to_parquet(out_dir / "layer_matches.parquet", index=False)
+    analysis.layer_matches.to_parquet(out_dir / "layer_matches.parquet", index=False)
+    neurons = analysis.neurons.merge(truth[["neuron", "planted"]], on="neuron")
+    neurons.to_csv(out_dir / "neurons.csv", index=False)
+    analysis.summary.to_csv(out_dir / "summary.csv", index=False)
+    analysis.decoding.to_csv(out_dir / "decoding.csv", index=False)
 
-    per_neuron = matches.groupby("neuron").agg(
-        region=("region", "first"), planted=("planted", "first"), test_r=("test_r", "mean"),
-        test_r_sd=("test_r", "std"), recovered=("recovered", "mean"), ceiling=("ceiling", "first"),
-        layer=("layer", lambda s: s.mode().iloc[0]),
-    )
-    per_neuron.to_csv(out_dir / "neurons.csv")
-    planted = per_neuron[per_neuron.planted]
-    noise = per_neuron[~per_neuron.planted]
-    print(f"matching: {len(splits)} splits x {len(per_neuron)} neurons x {n_units:,} units "
-          f"in {time.perf_counter() - t0:.1f} s total")
-    print(f"  planted neurons: unit recovered in {planted.recovered.mean():.0%} of (neuron, split) pairs; "
-          f"held-out r median {planted.test_r.median():.2f} (expected about {np.sqrt(snr / (1 + snr)):.2f})")
-    print(f"  noise neurons:   held-out r median {noise.test_r.median():.2f} (selection from {n_units:,} units "
-          f"finds high train r even for noise; the held-out r shows it)")
-    print("  best layer of planted neurons: "
+    s = analysis.summary.set_index("region")
+    planted = matches[matches.planted_unit >= 0]
+    print(f"analysis: {len(splits)} splits x {len(neurons)} neurons x {n_units:,} units, {n_permutations} "
+          f"permutations in the same pass, {time.perf_counter() - t0:.1f} s total")
+    print(f"  planted units recovered in {planted.recovered.mean():.0%} of (neuron, split) pairs; best layers: "
           + ", ".join(f"{k} {v}" for k, v in planted.layer.value_counts().sort_index().items()))
-    print(f"tables: {out_dir / 'matches.parquet'} (per neuron and split), {out_dir / 'neurons.csv'}")
-    return per_neuron
+    for region in s.index:
+        r = s.loc[region]
+        print(f"  {region:>5}: held-out r median {r.median_test_r:.2f} +- {r.median_test_r_sem:.2f} "
+              f"(ceiled {r.median_test_r_ceiled:.2f}); null: max train r {r.median_null_train_r:.2f}, "
+              f"held-out {r.median_null_test_r:.2f}; significant (BH q<=0.05) {r.frac_significant:.0%}; "
+              f"one-to-one drop {r.strict_drop:.3f}; decoding {r.transfer_accuracy:.2f} transferred to neurons "
+              f"(neurons {r.neuron_accuracy:.2f}, random units {r.null_mean:.2f}, chance {r.chance:.2f})")
+    print(f"tables: {out_dir}/ matches.parquet (per neuron and split), neurons.csv, summary.csv, decoding.csv")
+    return neurons
