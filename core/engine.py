@@ -6,18 +6,22 @@ highest Pearson r over T among all candidate units, and reports that unit's r ov
 How, per block of units (images x units, one layer):
 
 1. Preparation, one cache-friendly sweep over row chunks: cast to float32, subtract a per-unit shift
-   (the mean of a few rows, so float32 products do not lose digits to large unit means), and
-   accumulate sums of squares.
-2. Products as one matrix multiply. With one split, directly over T. With several splits, the work
-   is shared: products over all images minus products over the images outside T give every split's
-   train products (SCIENCE.md), so 10 splits cost about 2x one split instead of 9x. The neuron
-   side is augmented so the same GEMM also yields each unit's sum, and the train-mean correction is
-   folded into the subtraction: no separate pass.
-3. r for every (neuron, unit) pair of the block is screened in float32 and a running top-k is kept.
-   The block's leaders within ``tie_margin`` of its best are re-scored in float64 from the original
-   activations; the float64 train r decides the best unit, and its test r is computed in float64.
-   The reported r therefore agree with a float64 reference to float64 precision, and the chosen unit
-   is the float64 argmax unless more than k units sit within float32 error of each other.
+   where a unit's mean dwarfs its spread (float32 products would lose digits), square, and sum the
+   squares over all images and over each split's train images (a small GEMM with the train masks).
+   float32 blocks that need no shift are used as they are, without a copy.
+2. Products as one matrix multiply. With one split, the z-scored neurons (zero outside T) times the
+   block. With several splits the work is shared: products over all images minus products over the
+   images outside T give every split's train products (SCIENCE.md), so 10 splits cost about 2-3x
+   one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
+   sum, and the train-mean correction is folded into the subtraction: no separate pass.
+3. r for every (neuron, unit) pair of the block is screened in float32 and a running top-k is kept,
+   with each layer's leader and the leader's test r (read from the block's test rows).
+4. At the end (:meth:`MatchEngine.finalize`), each neuron's candidates within ``tie_margin`` of its
+   best are re-scored in float64 from the activations (only those columns are read again): the
+   float64 train r decides the best unit and its test r is computed in float64. The chosen unit is
+   therefore the float64 argmax unless more than k units sit within float32 error of each other.
+
+Permutation nulls ride along as extra neuron rows of the same products (``n_permutations``).
 
 Never built: an all-units array, or a neurons x units array beyond one block.
 
