@@ -1,0 +1,272 @@
+"""Activation stores: every unit of every selected layer for every image, on disk, written once.
+
+Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)::
+
+    <root>/<digest>/
+        key.json        what the store holds: model identity, preprocessing, stimuli hash, layers,
+                        dtype, unitmatch version (the digest is a hash of exactly this)
+        store.zarr/     Zarr v3; one group per layer: ``activations`` (image, unit) float16 by default,
+                        zstd, chunked (extraction batch x unit_chunk); coordinates ``image_id`` (image)
+                        and one array per unit dimension (channel, y, x / token, channel) on ``unit``,
+                        so ``xarray.open_zarr(path, group=layer, consolidated=False)`` gives a
+                        labelled Dataset
+        done/           one empty file per finished image batch (written after all its layers)
+        COMPLETE        written last, once every batch is done
+
+Each writer owns whole chunks (a chunk's rows are exactly one extraction batch), so writers on
+several processes or nodes never share a chunk and need no locks; nothing is sharded (concurrent
+writes into one shard lose data). A crash leaves a batch without its ``done`` file: a rerun redoes
+that batch and skips the finished ones. Readers (:meth:`ActivationStore.open`) refuse a store
+without ``COMPLETE``, so a half-written store is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .units import LayerUnits, UnitCatalogue
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+DEFAULT_UNIT_CHUNK = 16384
+
+
+def unitmatch_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """Everything that decides what a store holds. Change any field and a different store is made.
+
+    Attributes:
+        model: model identity: ``name.tag`` for published weights, ``name@random:<seed>`` for random
+            weights, ``name@sha256:<digest>`` for a local weights file.
+        preprocessing: input size, interpolation, crop, mean, std actually used.
+        stimuli: the stimulus set's content hash.
+        layers: layer names in order.
+        dtype: stored dtype.
+        version: unitmatch version that wrote it.
+    """
+
+    model: str
+    preprocessing: dict
+    stimuli: str
+    layers: tuple[str, ...]
+    dtype: str = "float16"
+    version: str = field(default_factory=unitmatch_version)
+    format: int = STORE_FORMAT
+
+    def as_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=list)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:24]
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class IncompleteStoreError(RuntimeError):
+    """A store whose extraction has not finished (no COMPLETE marker)."""
+
+
+class ActivationStore:
+    """One store on disk; see the module docstring for the layout.
+
+    Use :meth:`create` (writers: creates or resumes) or :meth:`open` (readers: complete stores only).
+    """
+
+    def __init__(self, path: Path, key: dict, layers: list[LayerUnits], image_ids: np.ndarray, batch_size: int):
+        self.path = Path(path)
+        self.key = key
+        self.layer_units = layers
+        self.image_ids = image_ids
+        self.batch_size = int(batch_size)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def create(cls, root: str | Path, key: StoreKey, layers: Sequence[LayerUnits], image_ids: Sequence[str], *,
+               batch_size: int = 32, unit_chunk: int = DEFAULT_UNIT_CHUNK, compression_level: int | None = 1
+               ) -> "ActivationStore":
+        """Create the store for ``key``, or resume the one already there.
+
+        Creation is staged in a temporary directory and moved into place in one rename, so a crash
+        during creation leaves nothing that looks like a store.
+        """
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        if not image_ids:
+            raise ValueError("cannot create a store for an empty stimulus set")
+        if batch_size <= 0 or unit_chunk <= 0:
+            raise ValueError(f"batch_size and unit_chunk must be positive; got {batch_size}, {unit_chunk}")
+        path = Path(root) / key.digest()
+        if path.exists():
+            store = cls._load(path)
+            if json.loads(key.as_json()) != store.key:
+                raise RuntimeError(f"{path} holds a different key than its digest promises; delete it")
+            if store.batch_size != batch_size:
+                log.info("resuming %s with its own batch size %d (asked %d)", path, store.batch_size, batch_size)
+            return store
+        staging = Path(root) / f".{key.digest()}.staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "done").mkdir(parents=True)
+        group = zarr.open_group(str(staging / "store.zarr"), mode="w")
+        n = len(image_ids)
+        ids = np.asarray(image_ids, dtype=str)
+        for layer in layers:
+            g = group.create_group(layer.name.replace("/", "_"))
+            g.attrs.update({"layer": layer.name, "shape": list(layer.shape), "dims": list(layer.dims)})
+            g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, min(unit_chunk, layer.size)),
+                           dtype=key.dtype,
+                           compressors=None if compression_level is None else [ZstdCodec(level=compression_level)],
+                           dimension_names=("image", "unit"), fill_value=np.nan)
+            image_id = g.create_array("image_id", shape=(n,), dtype=str, dimension_names=("image",))
+            image_id[:] = ids  # variable-length UTF-8: the string type Zarr v3 specifies
+            local = np.unravel_index(np.arange(layer.size), layer.shape)
+            for dim, values in zip(layer.dims, local):
+                g.create_array(dim, data=values.astype(np.int32), dimension_names=("unit",))
+        group.attrs.update({"layers": [layer.name for layer in layers], "batch_size": batch_size})
+        (staging / "key.json").write_text(key.as_json())
+        try:
+            staging.rename(path)
+        except OSError:  # another writer created it first: use theirs
+            shutil.rmtree(staging, ignore_errors=True)
+            if not path.exists():
+                raise
+        return cls._load(path)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "ActivationStore":
+        """A complete store, for reading.
+
+        Raises:
+            FileNotFoundError: no store there.
+            IncompleteStoreError: extraction has not finished (says how far it got).
+        """
+        store = cls._load(Path(path))
+        if not store.complete:
+            done, total = len(store.done_batches()), store.n_batches
+            raise IncompleteStoreError(
+                f"store {store.path} is incomplete ({done} of {total} image batches written); "
+                f"rerun the extraction to finish it"
+            )
+        return store
+
+    @classmethod
+    def _load(cls, path: Path) -> "ActivationStore":
+        import zarr
+
+        if not (path / "key.json").exists():
+            raise FileNotFoundError(f"no activation store at {path} (no key.json)")
+        key = json.loads((path / "key.json").read_text())
+        group = zarr.open_group(str(path / "store.zarr"), mode="r")
+        layers = []
+        for name in group.attrs["layers"]:
+            attrs = group[name.replace("/", "_")].attrs
+            layers.append(LayerUnits(name, tuple(attrs["shape"]), tuple(attrs["dims"])))
+        first = group[layers[0].name.replace("/", "_")]
+        return cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"])
+
+    # ------------------------------------------------------------------ progress
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_images // self.batch_size)
+
+    def batch_rows(self, batch: int) -> slice:
+        return slice(batch * self.batch_size, min((batch + 1) * self.batch_size, self.n_images))
+
+    def done_batches(self) -> set[int]:
+        return {int(p.name[1:]) for p in (self.path / "done").glob("b*")}
+
+    def pending_batches(self) -> list[int]:
+        done = self.done_batches()
+        return [b for b in range(self.n_batches) if b not in done]
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / "COMPLETE").exists()
+
+    # ------------------------------------------------------------------ writing
+    def _arrays(self, mode: str):
+        import zarr
+
+        group = zarr.open_group(str(self.path / "store.zarr"), mode=mode)
+        return {layer.name: group[layer.name.replace("/", "_")]["activations"] for layer in self.layer_units}
+
+    def writer(self) -> "BatchWriter":
+        return BatchWriter(self)
+
+    def finalize(self) -> None:
+        """Write COMPLETE if every batch is done.
+
+        Raises:
+            IncompleteStoreError: batches are missing.
+        """
+        missing = self.pending_batches()
+        if missing:
+            raise IncompleteStoreError(f"store {self.path}: {len(missing)} batches not written, e.g. {missing[:5]}")
+        _atomic_touch(self.path / "COMPLETE")
+
+    # ------------------------------------------------------------------ reading
+    def layers(self) -> dict[str, object]:
+        """``{layer: zarr array (images, units)}`` for the matching engine."""
+        return self._arrays("r")
+
+    def catalogue(self) -> UnitCatalogue:
+        return UnitCatalogue(self.layer_units)
+
+    @property
+    def unit_chunk(self) -> int:
+        return int(min(a.chunks[1] for a in self.layers().values()))
+
+
+class BatchWriter:
+    """Writes whole image batches (all layers), then marks each done."""
+
+    def __init__(self, store: ActivationStore):
+        self.store = store
+        self.arrays = store._arrays("r+")
+
+    def write(self, batch: int, activations: Mapping[str, np.ndarray]) -> None:
+        import zarr
+
+        rows = self.store.batch_rows(batch)
+        # every chunk of a batch is fully written: skip zarr's comparison against the fill value
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for layer in self.store.layer_units:
+                values = activations[layer.name]
+                expected = (rows.stop - rows.start, layer.size)
+                if values.shape != expected:
+                    raise ValueError(
+                        f"batch {batch} of layer {layer.name!r} has shape {values.shape}; expected {expected}")
+                self.arrays[layer.name][rows] = values
+        _atomic_touch(self.store.path / "done" / f"b{batch:06d}")
+
+
+def _atomic_touch(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(b"")
+    os.replace(tmp, path)

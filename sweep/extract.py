@@ -1,0 +1,162 @@
+"""Extraction across a Ray cluster: a pool of extractor actors fills activation stores.
+
+Work items are (model, shard of image batches). Each actor holds the models it has loaded (one
+load per model per actor), runs :func:`core.extract.extract_to_store` on its shard (decode, forward,
+float16 on the device, background writes of whole chunks), and reports the batches it wrote. The
+driver keeps at most ``in_flight`` items per actor (backpressure), replaces an actor that dies and
+re-submits its item (batches it had finished are skipped: their completion records exist), and
+marks each store COMPLETE once every batch is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import ray
+
+from core.extract import ModelSpec, extract_to_store
+from core.stimuli import StimulusSet
+from core.store import ActivationStore
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class Extractor:
+    """Loads each model once and extracts shards of image batches into stores."""
+
+    def __init__(self, root: str, batch_size: int, dtype: str, num_workers: int):
+        import torch
+
+        self.root, self.batch_size, self.dtype, self.num_workers = root, batch_size, dtype, num_workers
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.models: dict[ModelSpec, object] = {}
+
+    def run(self, spec: ModelSpec, stimuli: StimulusSet, selection, batches: list[int]) -> list[int]:
+        if spec not in self.models:
+            self.models[spec] = spec.create()
+        report = extract_to_store(spec, stimuli, selection, self.root, batch_size=self.batch_size, dtype=self.dtype,
+                                  device=self.device, batches=batches, num_workers=self.num_workers,
+                                  model=self.models[spec])
+        return report.written
+
+    def where(self) -> str:
+        import os
+        import socket
+
+        return f"{socket.gethostname()}:{os.getpid()}:{self.device}"
+
+
+@dataclass
+class ZooExtraction:
+    """Extract a zoo of models on a running Ray cluster (``ray.init`` first).
+
+    Args:
+        root: folder of stores (shared storage when the cluster has several nodes).
+        n_actors: extractor actors (default: one per GPU, else 2).
+        num_gpus, num_cpus: resources per actor (num_gpus=1 pins each actor to a GPU).
+        batch_size, dtype, num_workers: passed to :func:`core.extract.extract_to_store`.
+        shard_batches: image batches per work item.
+        in_flight: work items queued per actor.
+        max_retries: re-submissions of one work item after actor deaths.
+    """
+
+    root: Path
+    n_actors: int | None = None
+    num_gpus: float = 0
+    num_cpus: float = 1
+    batch_size: int = 32
+    dtype: str = "float16"
+    num_workers: int = 0
+    shard_batches: int = 4
+    in_flight: int = 2
+    max_retries: int = 3
+    actors: list = field(default_factory=list)
+    #: (model identity, shard, batches written) for every finished work item
+    log: list = field(default_factory=list)
+
+    def _start_actor(self):
+        return Extractor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
+            str(self.root), self.batch_size, self.dtype, self.num_workers)
+
+    def start(self) -> None:
+        n = self.n_actors
+        if n is None:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            n = gpus if self.num_gpus and gpus else 2
+        self.actors = [self._start_actor() for _ in range(n)]
+
+    def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection) -> dict[ModelSpec, ActivationStore]:
+        """Fill (or finish) the store of every model; returns the complete stores.
+
+        Raises:
+            ValueError: unknown model or layer, empty stimuli (before any actor works).
+            RuntimeError: a work item failed more than ``max_retries`` times.
+        """
+        Path(self.root).mkdir(parents=True, exist_ok=True)
+        stores, items = {}, []
+        for spec in specs:
+            # creates (or finds) the store and validates model and layers on the driver, before any work
+            store = extract_to_store(spec, stimuli, selection, self.root, batch_size=self.batch_size,
+                                     dtype=self.dtype, batches=[], device="cpu").store
+            stores[spec] = store
+            pending = store.pending_batches()
+            items += [(spec, pending[i:i + self.shard_batches]) for i in range(0, len(pending), self.shard_batches)]
+        if items:
+            self._dispatch(items, ray.put(stimuli), selection)
+        out = {}
+        for spec, store in stores.items():
+            if not store.complete:
+                store.finalize()
+            out[spec] = ActivationStore.open(store.path)
+        return out
+
+    def _dispatch(self, items, stimuli_ref, selection) -> None:
+        if not self.actors:
+            self.start()
+        queue = list(items)
+        retries: dict[int, int] = {}
+        running: dict = {}  # ObjectRef -> (actor index, item)
+        load = [0] * len(self.actors)
+        t0 = time.perf_counter()
+        while queue or running:
+            for a in range(len(self.actors)):
+                while queue and load[a] < self.in_flight:
+                    item = queue.pop(0)
+                    ref = self.actors[a].run.remote(item[0], stimuli_ref, selection, item[1])
+                    running[ref] = (a, item)
+                    load[a] += 1
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            a, item = running.pop(ref)
+            load[a] -= 1
+            try:
+                written = ray.get(ref)
+                self.log.append((item[0].identity(), item[1], written))
+            except ray.exceptions.RayActorError:
+                key = id(item)
+                retries[key] = retries.get(key, 0) + 1
+                if retries[key] > self.max_retries:
+                    raise RuntimeError(f"work item {item[0].name} batches {item[1]} failed {retries[key]} times")
+                log.warning("extractor %d died; restarting it and re-submitting batches %s", a, item[1])
+                self._replace(a, running, queue, load)
+                queue.insert(0, item)
+        log.info("extracted %d work items in %.1f s", len(items), time.perf_counter() - t0)
+
+    def _replace(self, a: int, running: dict, queue: list, load: list) -> None:
+        """Start a new actor in slot a; items still queued on the dead one go back to the queue."""
+        for ref, (slot, item) in list(running.items()):
+            if slot == a:
+                running.pop(ref)
+                queue.insert(0, item)
+        load[a] = 0
+        self.actors[a] = self._start_actor()
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,157 @@
+"""Activation stores: equal to a direct forward-hook reference, resumable, keyed by identity."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import core
+from core.extract import ModelSpec, extract_activations, extract_to_store
+from core.store import ActivationStore, BatchWriter, IncompleteStoreError
+from core.synthetic import generate_stimuli
+
+LAYERS = ["layer1", "layer3.0"]
+
+
+@pytest.fixture(scope="module")
+def stimuli():
+    return generate_stimuli(n_categories=2, objects_per_category=2, variations=5, size=48)  # 20 images
+
+
+@pytest.fixture(scope="module")
+def reference(stimuli):
+    """Direct forward hooks, same batches, float32."""
+    spec = ModelSpec("test_resnet", seed=0)
+    return extract_activations(spec.create(), stimuli, LAYERS, batch_size=8, dtype=np.float32)
+
+
+def _stored(store):
+    return {name: np.asarray(arr[:]) for name, arr in store.layers().items()}
+
+
+def test_float32_store_equals_the_forward_hook_reference_exactly(tmp_path, stimuli, reference):
+    report = extract_to_store(ModelSpec("test_resnet", seed=0), stimuli, LAYERS, tmp_path, batch_size=8,
+                              dtype="float32")
+    assert report.written == [0, 1, 2] and report.skipped == 0 and report.store.complete
+    stored = _stored(ActivationStore.open(report.store.path))
+    for name in LAYERS:
+        np.testing.assert_array_equal(stored[name], reference[name].reshape(len(stimuli), -1))
+
+
+def test_float16_store_is_labelled_for_xarray_and_matchable(tmp_path, stimuli, reference):
+    import xarray as xr
+
+    store = extract_to_store(ModelSpec("test_resnet", seed=0), stimuli, LAYERS, tmp_path, batch_size=8).store
+    stored = _stored(store)
+    for name in LAYERS:
+        np.testing.assert_array_equal(stored[name], reference[name].reshape(len(stimuli), -1).astype(np.float16))
+        ds = xr.open_zarr(store.path / "store.zarr", group=name, consolidated=False)
+        assert ds.activations.dims == ("image", "unit") and ds.activations.dtype == np.float16
+        assert list(ds.image_id.values) == list(stimuli.image_ids)
+        c, h, w = reference[name].shape[1:]
+        assert (int(ds.channel[-1]), int(ds.y[-1]), int(ds.x[-1])) == (c - 1, h - 1, w - 1)
+    key = json.loads((store.path / "key.json").read_text())
+    assert key["model"] == "test_resnet@random:0" and key["stimuli"] == stimuli.content_hash
+    assert key["layers"] == LAYERS and key["dtype"] == "float16" and key["version"] == core.__version__
+    # the engine streams the store's 2-D arrays with the store's unit shapes
+    y = core.plant_neurons(stored["layer1"].astype(np.float32), n_planted=3, snr=50.0, seed=0).responses
+    result = core.run_matching(store.layers(), y, [(np.arange(14), np.arange(14, 20))],
+                               catalogue=store.catalogue(), block_units=store.unit_chunk)
+    assert set(result.matches.layer) == {"layer1"}
+
+
+def test_resume_after_a_writer_failure_recomputes_only_the_missing_batches(tmp_path, stimuli, monkeypatch):
+    spec = ModelSpec("test_resnet", seed=0)
+    real_write = BatchWriter.write
+    calls = []
+
+    def failing_write(self, batch, activations):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        real_write(self, batch, activations)
+
+    monkeypatch.setattr(BatchWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8)
+    monkeypatch.setattr(BatchWriter, "write", real_write)
+    path = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+    half = ActivationStore._load(path)
+    assert half.done_batches() == {0} and not half.complete
+    with pytest.raises(IncompleteStoreError, match="1 of 3 image batches written"):
+        ActivationStore.open(path)
+    resumed = extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8)
+    assert resumed.written == [1, 2] and resumed.skipped == 1 and resumed.store.complete
+    clean = extract_to_store(spec, stimuli, LAYERS, tmp_path / "clean", batch_size=8).store
+    for name, values in _stored(clean).items():
+        np.testing.assert_array_equal(_stored(resumed.store)[name], values)
+    again = extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8)
+    assert again.written == [] and again.skipped == 3
+
+
+def test_identity_changes_with_image_size_weights_and_images(tmp_path, stimuli):
+    def digest(spec, stim=stimuli):
+        return extract_to_store(spec, stim, LAYERS, tmp_path, batch_size=8, batches=[]).store.path.name
+
+    base = digest(ModelSpec("test_resnet", seed=0))
+    assert digest(ModelSpec("test_resnet", seed=0)) == base
+    assert digest(ModelSpec("test_resnet", seed=0, input_size=(3, 96, 96))) != base
+    assert digest(ModelSpec("test_resnet", seed=1)) != base
+    images = stimuli.source.copy()
+    images[3, 0, 0, 0] ^= 1  # one pixel of one image
+    changed = core.StimulusSet.from_array(images, stimuli.image_ids, stimuli.metadata)
+    assert digest(ModelSpec("test_resnet", seed=0), changed) != base
+    import torch
+
+    weights = tmp_path / "w.pth"
+    torch.save(ModelSpec("test_resnet", seed=5).create().state_dict(), weights)
+    from_file = ModelSpec("test_resnet", checkpoint=str(weights))
+    assert from_file.identity().startswith("test_resnet@sha256:")
+    assert digest(from_file) != base
+
+
+def test_clear_errors(tmp_path, stimuli):
+    with pytest.raises(ValueError, match="unknown timm model 'resnet_nope'"):
+        extract_to_store(ModelSpec("resnet_nope"), stimuli, LAYERS, tmp_path)
+    with pytest.raises(ValueError, match="layer9"):
+        extract_to_store(ModelSpec("test_resnet"), stimuli, ["layer9"], tmp_path)
+    with pytest.raises(ValueError, match="at least one image"):
+        core.StimulusSet.from_array(np.zeros((0, 8, 8, 3), np.uint8))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+        (folder / f"im{i}.png").write_bytes(buf.getvalue())
+    (folder / "im1.png").write_bytes(b"not a png at all")
+    broken = core.StimulusSet.from_files(folder)
+    with pytest.raises(ValueError, match="image 'im1'"):
+        extract_to_store(ModelSpec("test_resnet"), broken, LAYERS, tmp_path / "broken", batch_size=2)
+    with pytest.raises(ValueError, match="dtype must be"):
+        extract_to_store(ModelSpec("test_resnet"), stimuli, LAYERS, tmp_path, dtype="int8")
+
+
+def test_hooks_copy_outputs_before_in_place_ops(tmp_path, stimuli):
+    """timm ResNets apply ReLU in place after bn1: the stored bn1 output must keep its negative values."""
+    import torch
+
+    spec = ModelSpec("test_resnet", seed=0)
+    model = spec.create()
+    captured = {}
+    handle = model.bn1.register_forward_hook(lambda _m, _i, out: captured.__setitem__("bn1", out.clone()))
+    images = np.stack([np.asarray(stimuli.load_image(i)) for i in range(8)])
+    with torch.inference_mode():
+        from core.extract import preprocess
+
+        model(preprocess(model, images))
+    handle.remove()
+    expected = captured["bn1"].numpy().reshape(8, -1)
+    assert expected.min() < 0
+    direct = extract_activations(model, stimuli, ["bn1"], batch_size=8, dtype=np.float32)["bn1"]
+    np.testing.assert_array_equal(direct[:8].reshape(8, -1), expected)
+    store = extract_to_store(spec, stimuli, ["bn1"], tmp_path, batch_size=8, dtype="float32").store
+    np.testing.assert_array_equal(np.asarray(store.layers()["bn1"][:8]), expected)
