@@ -56,7 +56,7 @@ class Analysis:
 def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: int = 100, top_k: int = 5,
             labels: Sequence | None = None, decode: bool = True, n_random_populations: int = 100,
             alpha: float = 0.05, seed: int = 0, block_units: int | None = None, device=None, dims=None,
-            catalogue=None, max_top_k: int = 64) -> Analysis:
+            catalogue=None, max_top_k: int = 64, result: MatchResult | None = None) -> Analysis:
     """Run the full analysis of one model against one assembly.
 
     Args:
@@ -74,6 +74,8 @@ def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: in
         seed: permutations and random populations.
         max_top_k: the strict assignment re-runs matching with a doubled top_k while infeasible, up
             to this.
+        result: the matching already done elsewhere (e.g. a Dask reduction over a store, with its
+            permutation null); then ``top_k``/``n_permutations`` only describe it.
 
     Raises:
         ValueError: decoding without category labels (naming the metadata columns available), or any
@@ -86,7 +88,10 @@ def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: in
     if decode:
         labels = _labels(assembly, labels)
     common = dict(block_units=block_units, device=device, catalogue=catalogue, neuron_ids=assembly.neuron_ids)
-    result = run_matching(layers, y, splits, top_k=top_k, n_permutations=n_permutations, seed=seed, **common)
+    if result is None:
+        result = run_matching(layers, y, splits, top_k=top_k, n_permutations=n_permutations, seed=seed, **common)
+    else:
+        top_k = len(result.matches.topk_unit.iloc[0])
     ceiling = split_half_reliability(assembly.responses) if assembly.has_repeats else None
     neurons = neuron_table(result, regions=assembly.regions, ceiling=ceiling, alpha=alpha)
     region_of = dict(zip(assembly.neuron_ids, assembly.regions))
@@ -172,34 +177,45 @@ def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int,
 
 
 def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int) -> pd.DataFrame:
-    """Matched-population decoding per (region, split), with random-population nulls."""
+    """Matched-population decoding per (region, split), with random-population nulls.
+
+    The random populations of a region are drawn once and their activations read in a few batched
+    gathers (from a store, one read per chunk instead of one per population), then reused by every split.
+    """
     rng = np.random.default_rng(seed)
     rows = []
     for region in sorted(set(assembly.regions)):
         idx = np.flatnonzero(assembly.regions == region)
         ids = assembly.neuron_ids[idx]
         neurons_x = y[idx].T  # (images, neurons of the region)
+        pool = _random_populations(columns, catalogue.n_units, n_random, len(idx), splits, rng)
         for s, (train, test) in enumerate(splits):
             part = matches[(matches.split == s)].set_index("neuron").loc[ids]
             units_x = columns(part.unit.to_numpy())
-
-            def draw(_i, n=len(idx), train=train):
-                return _random_population(columns, catalogue.n_units, n, train, rng)
-
             res = matched_population_decoding(units_x, neurons_x, labels, train, test,
-                                              random_populations=draw, n_random=n_random)
+                                              random_populations=pool, n_random=n_random)
             rows.append({"region": region, "split": s, **res.as_dict()})
     return pd.DataFrame(rows)
 
 
-def _random_population(columns, n_units: int, size: int, train, rng, tries: int = 20) -> np.ndarray:
-    """Activations of ``size`` random distinct units that vary over the train images."""
-    units = rng.choice(n_units, size=size, replace=False)
-    x = columns(units)
+def _random_populations(columns, n_units: int, n_random: int, size: int, splits, rng, batch: int = 25,
+                        tries: int = 20) -> np.ndarray:
+    """(n_random, images, size) activations of random distinct units that vary over every split's train images."""
+    draws = np.stack([rng.choice(n_units, size=size, replace=False) for _ in range(n_random)])
+    out = None
+    for start in range(0, n_random, batch):
+        block = draws[start:start + batch]
+        x = columns(block.ravel()).astype(np.float32)
+        if out is None:
+            out = np.empty((n_random, x.shape[0], size), np.float32)
+        out[start:start + len(block)] = x.reshape(x.shape[0], len(block), size).transpose(1, 0, 2)
     for _ in range(tries):
-        flat = np.ptp(x[train], axis=0) == 0
+        flat = np.zeros(out.shape[0::2], bool)  # (draw, unit) constant on some split's train images
+        for train, _ in splits:
+            flat |= np.ptp(out[:, train, :], axis=1) == 0
         if not flat.any():
-            return x
-        units[flat] = rng.choice(n_units, size=int(flat.sum()), replace=True)
-        x[:, flat] = columns(units[flat])
+            return out
+        d, u = np.nonzero(flat)
+        draws[d, u] = rng.choice(n_units, size=d.size, replace=True)
+        out[d, :, u] = columns(draws[d, u]).astype(np.float32).T
     raise ValueError(f"could not draw {size} random units that vary over the train images; too many constant units")

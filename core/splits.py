@@ -8,10 +8,13 @@ computed here are comparable.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -35,7 +38,9 @@ def brainscore_splits(
         n_images: number of images when there is no metadata.
         n_splits, train_size, random_state: as sklearn's (Brain-Score defaults).
         stratify: a metadata column; ``"auto"`` takes the first of object_name, object,
-            category_name, category present, else no stratification; None never stratifies.
+            category_name, category present that sklearn can stratify by (a warning says when it
+            falls back because a test set cannot hold one image per object), else no
+            stratification; None never stratifies.
 
     Returns:
         A list of (train_idx, test_idx) integer arrays.
@@ -51,7 +56,11 @@ def brainscore_splits(
     column = None
     if stratify == "auto":
         if metadata is not None:
-            column = next((c for c in STRATIFY_COLUMNS if c in metadata.columns), None)
+            usable = [c for c in STRATIFY_COLUMNS if c in metadata.columns]
+            column = next((c for c in usable if _can_stratify(metadata[c], n, train_size)), None)
+            if usable and column != usable[0]:
+                log.warning("cannot stratify %d images by %r (too few images per class for a %.0f%% test set); "
+                            "stratifying by %r instead", n, usable[0], 100 * (1 - train_size), column)
     elif stratify is not None:
         if metadata is None or stratify not in metadata.columns:
             have = [] if metadata is None else list(metadata.columns)
@@ -68,6 +77,13 @@ def brainscore_splits(
         except ValueError as err:
             raise ValueError(f"cannot stratify by {column!r}: {err}") from err
     return [(np.asarray(tr, dtype=np.int64), np.asarray(te, dtype=np.int64)) for tr, te in pairs]
+
+
+def _can_stratify(labels: pd.Series, n: int, train_size: float) -> bool:
+    """sklearn's conditions: every class has 2 images, and each side can hold one image per class."""
+    counts = labels.value_counts()
+    n_train = int(np.floor(train_size * n))
+    return counts.min() >= 2 and min(n_train, n - n_train) >= len(counts)
 
 
 def validate_splits(splits: Sequence[Split], n_images: int, *, min_train: int = 3, min_test: int = 3) -> list[Split]:

@@ -7,6 +7,8 @@ permuted copies of the neuron, so the maximum over a million units is inside the
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -58,6 +60,12 @@ def neuron_table(result: MatchResult, *, regions=None, ceiling=None, alpha: floa
     null_test_r_95 (its 95th percentile), p_value, q_value (Benjamini-Hochberg within region),
     significant (q_value <= alpha).
     """
+    with warnings.catch_warnings():  # a neuron whose selected units are flat on every test set: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _neuron_table(result, regions, ceiling, alpha)
+
+
+def _neuron_table(result: MatchResult, regions, ceiling, alpha: float) -> pd.DataFrame:
     m = result.matches
     neurons = pd.unique(m.neuron)
     S = m.split.nunique()

@@ -1,29 +1,32 @@
-"""The ``unitmatch`` command.
+"""The ``unitmatch`` command (also ``python -m sweep``): the Hydra sweep app.
 
-With no arguments it runs the built-in demo (embedded data, no downloads, no credentials). The
-Hydra sweep app (zoo extraction on Ray, Dask reduction, W&B) will take over this entry point.
+With no arguments it runs the built-in demo: generated stimuli, a zoo of random-weight timm test
+models, a synthetic brain planted from one of them, local Ray, local Dask, W&B offline. Everything is
+overridable: ``unitmatch zoo=classic cluster=ray analysis.n_permutations=1000``; ``--multirun`` works;
+``unitmatch --help`` lists the config groups; ``unitmatch --cfg job`` prints the resolved config.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="unitmatch",
-        description="Does this single DNN unit behave like this neuron? With no arguments: run the built-in demo.",
-    )
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="where the demo writes its tables")
-    parser.add_argument("--model", default="test_convnext", help="timm model for the demo (random weights)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .demo import run_demo
+# an absolute path: the console script and `python -m sweep` both find the repository's conf/
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-    run_demo(args.out, model_name=args.model, seed=args.seed)
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from .app import print_summary, run
+
+    logging.getLogger("unitmatch").setLevel(logging.INFO)
+    os.environ.setdefault("WANDB_SILENT", "true")  # one line per run is enough; WANDB_SILENT=false for more
+    done = run(cfg)
+    print_summary(cfg, done)
 
 
 if __name__ == "__main__":

@@ -121,10 +121,19 @@ def test_needs_metadata_or_n_images():
         brainscore_splits()
 
 
-def test_too_few_per_class():
+def test_too_few_per_class(caplog):
+    import logging
+
     meta = pd.DataFrame({"object_name": ["a"] * 19 + ["lonely"]})
     with pytest.raises(ValueError, match="cannot stratify by 'object_name'"):
-        brainscore_splits(meta)
+        brainscore_splits(meta, stratify="object_name")
+    with caplog.at_level(logging.WARNING):  # auto: no usable column, so unstratified, with a warning
+        splits = brainscore_splits(meta)
+    assert "cannot stratify 20 images by 'object_name'" in caplog.text
+    expected = ShuffleSplit(n_splits=10, train_size=0.9, random_state=1).split(np.zeros(20))
+    for (train, test), (etr, ete) in zip(splits, expected):
+        np.testing.assert_array_equal(train, etr)
+        np.testing.assert_array_equal(test, ete)
 
 
 # ------------------------------------------------------------------ validate_splits
@@ -200,3 +209,22 @@ def test_validate_empty_side_allowed_when_minimum_is_zero():
 def test_validate_non_pair_entries(entry):
     with pytest.raises(ValueError, match=r"split 1 must be a \(train_idx, test_idx\) pair; got"):
         validate_splits([([0, 1, 2], [3, 4, 5]), entry], 10)
+
+
+def test_auto_falls_back_to_category_when_objects_outnumber_test_images(caplog):
+    import logging
+
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    meta = pd.DataFrame({"object_name": [f"o{i % 40}" for i in range(120)],
+                         "category_name": [f"c{i % 8}" for i in range(120)]})
+    with caplog.at_level(logging.WARNING):
+        splits = brainscore_splits(meta)
+    assert "stratifying by 'category_name' instead" in caplog.text
+    expected = StratifiedShuffleSplit(n_splits=10, train_size=0.9, random_state=1).split(
+        np.zeros(120), meta.category_name.to_numpy())
+    for (train, test), (etr, ete) in zip(splits, expected):
+        np.testing.assert_array_equal(train, etr)
+        np.testing.assert_array_equal(test, ete)
+    with pytest.raises(ValueError, match="cannot stratify by 'object_name'"):
+        brainscore_splits(meta, stratify="object_name")

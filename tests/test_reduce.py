@@ -1,0 +1,217 @@
+"""The matching reduction as a Dask graph over a store (sweep.reduce): same answer as run_matching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core.engine import run_matching
+from core.splits import brainscore_splits
+from core.store import ActivationStore, StoreKey
+from core.synthetic import plant_neurons
+from core.units import LayerUnits
+from sweep.reduce import block_plan, build_graph, match_store
+
+N_IMAGES = 96
+CHUNK = 64
+LAYERS = [
+    LayerUnits("conv", (16, 7, 7), ("channel", "y", "x")),  # 784 units: 13 chunks, the last one partial
+    LayerUnits("blocks.1", (10, 40), ("token", "channel")),  # 400 units
+    LayerUnits("fc", (300,), ("channel",)),  # 300 units
+]
+N_UNITS = sum(layer.size for layer in LAYERS)
+BLOCK = 128  # 14 block tasks: 7 + 4 + 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A complete store written batch by batch (no model), its in-memory float16 twin, neurons, splits."""
+    rng = np.random.default_rng(7)
+    acts = {layer.name: rng.standard_normal((N_IMAGES, layer.size)).astype(np.float16) for layer in LAYERS}
+    acts["fc"][:, :50] += np.float16(3.0)  # some units with a non-zero mean
+    key = StoreKey(model="test@random:0", preprocessing={"size": 8}, stimuli="abc",
+                   layers=tuple(a.name for a in LAYERS))
+    store = ActivationStore.create(tmp_path_factory.mktemp("stores"), key, LAYERS,
+                                   [f"im{i:03d}" for i in range(N_IMAGES)], batch_size=32, unit_chunk=CHUNK)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        rows = store.batch_rows(b)
+        writer.write(b, {name: a[rows] for name, a in acts.items()})
+    store.finalize()
+    store = ActivationStore.open(store.path)
+    flat = np.concatenate([acts[layer.name] for layer in LAYERS], axis=1).astype(np.float32)
+    brain = plant_neurons(flat, n_planted=6, n_noise=2, snr=8.0, seed=3)
+    splits = brainscore_splits(n_images=N_IMAGES, n_splits=3, random_state=0)
+    return store, acts, brain, splits
+
+
+def _reference(setup, **kwargs):
+    store, acts, brain, splits = setup
+    return run_matching(acts, brain.responses, splits, catalogue=store.catalogue(), **kwargs)
+
+
+def _assert_same(result, expected):
+    key = ["neuron", "split"]
+    pd.testing.assert_frame_equal(result.matches.sort_values(key).reset_index(drop=True),
+                                  expected.matches.sort_values(key).reset_index(drop=True))
+    key = ["neuron", "split", "layer"]
+    pd.testing.assert_frame_equal(result.layer_matches.sort_values(key).reset_index(drop=True),
+                                  expected.layer_matches.sort_values(key).reset_index(drop=True))
+
+
+@pytest.fixture(scope="module")
+def threaded(setup):
+    store, _, brain, splits = setup
+    return match_store(store, brain.responses, splits, scheduler="threads", block_units=BLOCK)
+
+
+def test_store_holds_the_activations(setup):
+    store, acts, _, _ = setup
+    assert store.complete and store.unit_chunk == CHUNK
+    for name, arr in store.layers().items():
+        np.testing.assert_array_equal(np.asarray(arr[:]), acts[name])
+
+
+def test_block_plan_covers_every_unit_once_in_whole_chunks(setup):
+    store, _, _, _ = setup
+    plan = block_plan(store, BLOCK)
+    assert len(plan) == 7 + 4 + 3
+    assert [p[0] for p in plan] == ["conv"] * 7 + ["blocks.1"] * 4 + ["fc"] * 3
+    for layer in LAYERS:
+        runs = [(a, b) for name, a, b in plan if name == layer.name]
+        assert runs[0][0] == 0 and runs[-1][1] == layer.size
+        assert all(b == c for (_, b), (c, _) in zip(runs, runs[1:]))  # contiguous, no overlap
+        assert all(a % CHUNK == 0 for a, _ in runs)
+    assert sum(b - a for _, a, b in plan) == N_UNITS
+
+
+def test_threads_equals_run_matching(setup, threaded):
+    expected = _reference(setup, block_units=BLOCK)
+    _assert_same(threaded, expected)
+    truth = setup[2].truth
+    planted = truth[truth.planted]
+    found = threaded.matches[threaded.matches.neuron.isin([f"n{i:03d}" for i in planted.index])]
+    # the planted units are recovered (sanity: the store really holds the data the neurons copy)
+    by_neuron = found.groupby("neuron")["unit"].agg(lambda u: u.mode()[0])
+    assert (by_neuron.to_numpy() == planted.unit.to_numpy()).mean() >= 5 / 6
+    assert set(threaded.layer_matches.layer) == {layer.name for layer in LAYERS}
+
+
+def test_sync_with_progress_equals_run_matching_and_threads(setup, threaded, capsys):
+    store, _, brain, splits = setup
+    result = match_store(store, brain.responses, splits, scheduler="sync", block_units=BLOCK, progress=True)
+    _assert_same(result, threaded)
+    assert "100%" in capsys.readouterr().out  # dask's ProgressBar ran
+
+
+def test_default_block_units_equals_run_matching_default(setup):
+    store, _, brain, splits = setup
+    result = match_store(store, brain.responses, splits, neuron_ids=[f"v{i}" for i in range(8)])
+    expected = _reference(setup, neuron_ids=[f"v{i}" for i in range(8)])
+    _assert_same(result, expected)
+    assert result.matches["float64"].all()
+
+
+def test_permutation_null_equals_run_matching(setup):
+    store, _, brain, splits = setup
+    result = match_store(store, brain.responses, splits, n_permutations=5, seed=11, block_units=BLOCK, top_k=3)
+    expected = _reference(setup, n_permutations=5, seed=11, block_units=BLOCK, top_k=3)
+    _assert_same(result, expected)
+    assert result.null.unit.shape == (5, 3, 8)
+    for name in ("unit", "train_r", "test_r"):
+        np.testing.assert_array_equal(getattr(result.null, name), getattr(expected.null, name))
+    other = match_store(store, brain.responses, splits, n_permutations=5, seed=12, block_units=BLOCK, top_k=3)
+    assert not np.array_equal(other.null.train_r, result.null.train_r)  # the seed is used
+
+
+def test_block_units_not_a_chunk_multiple_is_rounded_down(setup, caplog):
+    store, _, brain, splits = setup
+    assert block_plan(store, 100) == block_plan(store, 64)
+    assert block_plan(store, 10) == block_plan(store, 64)  # at least one chunk
+    assert block_plan(store, 200) == block_plan(store, 192)
+    with caplog.at_level("WARNING", logger="sweep.reduce"):
+        result = match_store(store, brain.responses, splits, block_units=100)
+    assert "not a multiple" in caplog.text
+    _assert_same(result, _reference(setup, block_units=64))
+    for bad in (0, -64, 64.0, True):
+        with pytest.raises(ValueError, match="block_units"):
+            block_plan(store, bad)
+
+
+def test_fan_in_changes_the_tree_not_the_answer(setup, threaded):
+    store, _, brain, splits = setup
+    results = {f: match_store(store, brain.responses, splits, block_units=BLOCK, fan_in=f) for f in (2, 8)}
+    for result in results.values():
+        _assert_same(result, threaded)
+    plan = block_plan(store, BLOCK)
+
+    def n_merges(fan_in):
+        from sweep.reduce import _EngineHandle
+
+        graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, plan, fan_in)
+        return sum(1 for k in dict(graph) if "merge" in str(k)), root
+
+    assert n_merges(2)[0] == 7 + 4 + 2 + 1  # 14 -> 7 -> 4 -> 2 -> 1
+    assert n_merges(8)[0] == 2 + 1  # 14 -> 2 -> 1
+    with pytest.raises(ValueError, match="fan_in"):
+        match_store(store, brain.responses, splits, fan_in=1)
+
+
+def test_bad_arguments(setup):
+    store, _, brain, splits = setup
+    with pytest.raises(ValueError, match="scheduler"):
+        match_store(store, brain.responses, splits, scheduler="processes")
+    with pytest.raises(ValueError, match="95 images but the store"):
+        match_store(store, brain.responses[:, :95], brainscore_splits(n_images=95, n_splits=2, random_state=0))
+
+
+def test_ray_scheduler_without_ray_is_a_clear_error(setup, monkeypatch):
+    ray = pytest.importorskip("ray")
+    store, _, brain, splits = setup
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match=r"ray\.init"):
+        match_store(store, brain.responses, splits, scheduler="ray")
+
+
+def test_ray_scheduler_equals_threads(setup, threaded, ray_local):
+    import os
+    import sys
+
+    store, _, brain, splits = setup
+    result = match_store(store, brain.responses, splits, scheduler="ray", block_units=BLOCK, fan_in=3)
+    _assert_same(result, threaded)
+    # the blocks ran in Ray worker processes: they rebuilt (and cached) the engine there
+    probe = ray_local.remote(lambda: (os.getpid(), len(getattr(sys.modules.get("sweep.reduce"), "_ENGINES", {}))))
+    seen = ray_local.get([probe.remote() for _ in range(30)])
+    assert any(pid != os.getpid() and n > 0 for pid, n in seen)
+
+
+def test_ray_scheduler_with_null_and_busy_cluster_warning(setup, ray_local, monkeypatch, caplog):
+    store, _, brain, splits = setup
+    # a cluster that shows no free CPU (e.g. extraction actors hold them all) is reported before submitting
+    monkeypatch.setattr(ray_local, "available_resources", lambda: {"CPU": 0.0})
+    with caplog.at_level("WARNING", logger="sweep.reduce"):
+        result = match_store(store, brain.responses, splits, scheduler="ray", block_units=256, n_permutations=2,
+                             seed=1)
+    assert "free CPUs" in caplog.text
+    expected = _reference(setup, block_units=256, n_permutations=2, seed=1)
+    _assert_same(result, expected)
+    for name in ("unit", "train_r", "test_r"):
+        np.testing.assert_array_equal(getattr(result.null, name), getattr(expected.null, name))
+
+
+def test_ray_remote_args_reach_block_tasks_only(setup):
+    pytest.importorskip("ray")
+    from ray.util.dask.scheduler import _build_key_scoped_ray_remote_args
+
+    from sweep.reduce import _EngineHandle
+
+    store, _, _, _ = setup
+    graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, block_plan(store, BLOCK), 4,
+                              {"num_gpus": 0.5})
+    scoped = _build_key_scoped_ray_remote_args(graph, {}, {})
+    blocks = {k: v for k, v in scoped.items() if "block" in str(k)}
+    assert len(blocks) == 14 and all(v == {"num_gpus": 0.5} for v in blocks.values())
+    assert all(v == {} for k, v in scoped.items() if k not in blocks)  # engine, arrays, merges: no GPU asked
+    assert "merge" in str(root)
