@@ -276,7 +276,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                 result = match_store(store, assembly.mean_responses(), splits, top_k=a.top_k,
                                      n_permutations=a.n_permutations, seed=a.random_state,
                                      neuron_ids=assembly.neuron_ids, scheduler=scheduler,
-                                     block_units=a.block_units)
+                                     block_units=a.block_units, progress=True)
             finally:
                 if cluster is not None:
                     cluster.close()
@@ -310,21 +310,31 @@ def _write_results(out: Path, entry: ModelEntry, store, analysis, result) -> Non
         np.savez_compressed(out / "null.npz", test_r=result.null.test_r, train_r=result.null.train_r)
 
 
-def collect(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Every model's summary and neuron tables in a sweep directory, and each model's pooled null."""
-    summaries, neurons, nulls = [], [], {}
+def collect(results_dir: Path, with_matches: bool = False):
+    """Every model's summary and neuron tables in a sweep directory, and each model's pooled null.
+
+    With ``with_matches`` also the per-(model, neuron, split) table joined with the neuron statistics.
+    """
+    summaries, neurons, nulls, matches = [], [], {}, []
     for folder in sorted((results_dir / "models").glob("*")):
         if not (folder / "DONE.json").exists():
             continue
         summaries.append(pd.read_parquet(folder / "summary.parquet"))
         neurons.append(pd.read_parquet(folder / "neurons.parquet"))
+        if with_matches:
+            stats = [c for c in ("p_value", "q_value", "significant", "ceiling", "ceiling_ok", "null_test_r")
+                     if c in neurons[-1]]
+            m = pd.read_parquet(folder / "matches.parquet").drop(columns=["topk_unit", "topk_r"])
+            matches.append(m.merge(neurons[-1][["neuron", *stats]], on="neuron", how="left"))
         if (folder / "null.npz").exists():
             with warnings.catch_warnings():  # all-NaN (flat on the test images) copies stay NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
                 nulls[folder.name] = np.nanmean(np.load(folder / "null.npz")["test_r"], axis=1).ravel()
     if not summaries:
-        return pd.DataFrame(), pd.DataFrame(), {}
-    return pd.concat(summaries, ignore_index=True), pd.concat(neurons, ignore_index=True), nulls
+        empty = (pd.DataFrame(), pd.DataFrame(), {})
+        return (*empty, pd.DataFrame()) if with_matches else empty
+    out = (pd.concat(summaries, ignore_index=True), pd.concat(neurons, ignore_index=True), nulls)
+    return (*out, pd.concat(matches, ignore_index=True)) if with_matches else out
 
 
 def stage_report(cfg: DictConfig) -> Path | None:
@@ -332,10 +342,13 @@ def stage_report(cfg: DictConfig) -> Path | None:
     from .report import log_to_wandb, make_plots, write_markdown
 
     results_dir = Path(cfg.results_dir)
-    summary, neurons, nulls = collect(results_dir)
+    summary, neurons, nulls, matches = collect(results_dir, with_matches=True)
     if summary.empty:
         log.warning("no finished model results in %s: nothing to report", results_dir)
         return None
+    # per (model, neuron, split): layer, unit coordinates, train_r, test_r, p-value, ceiling ...
+    matches.to_parquet(results_dir / "matches.parquet", index=False)
+    matches.to_csv(results_dir / "matches.csv", index=False)
     summary.to_csv(results_dir / "summary.csv", index=False)
     summary.to_parquet(results_dir / "summary.parquet", index=False)
     neurons.to_parquet(results_dir / "neurons.parquet", index=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import ray
+from tqdm.auto import tqdm
 
 from core.extract import ModelSpec, extract_to_store
 from core.stimuli import StimulusSet
@@ -123,6 +124,7 @@ class ZooExtraction:
         running: dict = {}  # ObjectRef -> (actor index, item)
         load = [0] * len(self.actors)
         t0 = time.perf_counter()
+        bar = tqdm(total=sum(len(item[1]) for item in items), desc="extracting", unit="batch")
         while queue or running:
             for a in range(len(self.actors)):
                 while queue and load[a] < self.in_flight:
@@ -137,6 +139,7 @@ class ZooExtraction:
             try:
                 written = ray.get(ref)
                 self.log.append((item[0].identity(), item[1], written))
+                bar.update(len(item[1]))
             except ray.exceptions.RayActorError:
                 key = id(item)
                 retries[key] = retries.get(key, 0) + 1
@@ -145,6 +148,7 @@ class ZooExtraction:
                 log.warning("extractor %d died; restarting it and re-submitting batches %s", a, item[1])
                 self._replace(a, running, queue, load)
                 queue.insert(0, item)
+        bar.close()
         log.info("extracted %d work items in %.1f s", len(items), time.perf_counter() - t0)
 
     def _replace(self, a: int, running: dict, queue: list, load: list) -> None:

@@ -86,6 +86,11 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     assert (planted.unit == planted.unit_planted).mean() >= 0.95
     for column in ("neuron", "split", "unit", "layer", "channel", "y", "x", "train_r", "test_r", "region", "model"):
         assert column in matches
+    table = pd.read_parquet(results / "matches.parquet")  # the sweep's per-(model, neuron, split) table
+    for column in ("model", "region", "neuron", "split", "layer", "channel", "y", "x", "train_r", "test_r",
+                   "p_value", "q_value", "significant", "ceiling"):
+        assert column in table, column
+    assert (results / "matches.csv").exists()
     summary = pd.read_csv(results / "summary.csv")
     for column in ("model", "region", "imagenet_top1", "median_test_r", "median_test_r_sem", "frac_significant",
                    "transfer_accuracy", "strict_drop"):
