@@ -360,7 +360,7 @@ def stage_report(cfg: DictConfig) -> Path | None:
     if cfg.logger.enabled:
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
                      mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
-                     config=OmegaConf.to_container(cfg, resolve=True))
+                     config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir)
     return report
 
 
@@ -387,7 +387,7 @@ def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict) ->
     from .report import log_model_run
 
     log_model_run(entry.key, stage, metrics, project=cfg.logger.project, entity=cfg.logger.entity,
-                  mode=cfg.logger.mode, group=cfg.sweep_name,
+                  mode=cfg.logger.mode, group=cfg.sweep_name, wandb_dir=cfg.logger.dir,
                   config={"model": entry.key, "spec": entry.spec.__dict__, "imagenet_top1": entry.imagenet_top1,
                           "sweep": OmegaConf.to_container(cfg, resolve=True)})
 
