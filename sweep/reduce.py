@@ -288,7 +288,7 @@ def _compute(graph, root, scheduler: str, progress: bool, num_workers: int | Non
     if progress:
         from dask.diagnostics import ProgressBar
 
-        bar = ProgressBar()
+        bar = ProgressBar(dt=1.0)  # one redraw a second: readable in logs too
     with bar:
         (result,) = get(graph, [root], **kwargs)
     return result
