@@ -36,19 +36,17 @@ def main():
     ap.add_argument("--levels", type=int, nargs="+", default=[1, -1], help="zstd levels of the store runs")
     args = ap.parse_args()
 
-    from core._compat import import_timm
-    from core.extract import ModelSpec, extract_to_store
+    from core.extract import ModelSpec, eval_transform, extract_to_store
     from core.layers import layer_names, probe_layers
     from core.synthetic import generate_stimuli
 
-    timm = import_timm()
     stimuli = generate_stimuli(n_categories=8, objects_per_category=4, variations=-(-args.images // 32), size=256,
                                seed=0).subset([f"img{i:05d}" for i in range(args.images)])
     spec = ModelSpec(args.model)
     device = torch.device(args.device)
     model = spec.create().to(device)
     cfg = spec.data_config(model)
-    transform = timm.data.create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+    transform = eval_transform(cfg)
     names = layer_names(model, "blocks")
     units = sum(info.size for info in probe_layers(model, names, tuple(cfg["input_size"])))
     batches = [range(i, min(i + args.batch, args.images)) for i in range(0, args.images, args.batch)]

@@ -146,26 +146,27 @@ def _labels(assembly: NeuralAssembly, labels):
 
 def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int, max_top_k: int) -> pd.DataFrame:
     """Bijective assignment per split from the top-k candidates; k grows (re-running) until feasible."""
-    m = result.matches.sort_values(["split", "neuron"], kind="stable")
-    neuron_ids = list(common["neuron_ids"])
-    order = {n: i for i, n in enumerate(neuron_ids)}
+    order = {n: i for i, n in enumerate(common["neuron_ids"])}
+
+    def in_neuron_order(df: pd.DataFrame) -> pd.DataFrame:
+        return df.iloc[np.argsort([order[n] for n in df.neuron])]
+
     rows = []
-    k = top_k
-    for s, part in m.groupby("split"):
-        part = part.iloc[np.argsort([order[n] for n in part.neuron])]
-        cands, weights = np.stack(part.topk_unit.to_numpy()), np.stack(part.topk_r.to_numpy())
+    for s, part in result.matches.groupby("split"):
+        part = in_neuron_order(part)
+        candidates = part
+        k = top_k
         while True:
             try:
-                a = strict_assignment(cands, weights)
+                a = strict_assignment(np.stack(candidates.topk_unit.to_numpy()), np.stack(candidates.topk_r.to_numpy()))
                 break
             except InfeasibleAssignment:
                 if k >= max_top_k:
                     raise
-                k = min(2 * k, max_top_k)
-                log.info("strict assignment infeasible with top_k=%d candidates; re-running with %d", k // 2, k)
-                wider = run_matching(layers, y, [splits[s]], top_k=k, **common).matches
-                wider = wider.iloc[np.argsort([order[n] for n in wider.neuron])]
-                cands, weights = np.stack(wider.topk_unit.to_numpy()), np.stack(wider.topk_r.to_numpy())
+                previous, k = k, min(2 * k, max_top_k)
+                log.info("split %d: strict assignment infeasible with top_k=%d candidates; re-running with %d",
+                         s, previous, k)
+                candidates = in_neuron_order(run_matching(layers, y, [splits[s]], top_k=k, **common).matches)
         units, inverse = np.unique(a.units, return_inverse=True)
         strict_r = pearson_pairs(columns(units)[splits[s][1]], y[:, splits[s][1]], inverse, np.arange(len(y)))
         rows.append(pd.DataFrame({

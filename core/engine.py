@@ -532,11 +532,9 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
     return out
 
 
-def _check_finite(values: torch.Tensor, block: UnitBlock) -> None:
-    """Raise if any unit has a NaN/inf activation (a sum of squares or the values themselves)."""
-    bad = ~torch.isfinite(values)
-    if bad.ndim == 2:
-        bad = bad.any(dim=0)
+def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
+    """Raise if any unit has a NaN/inf activation: its sum of squares over all images is then not finite."""
+    bad = ~torch.isfinite(sxx)
     if bool(bad.any()):
         units = (torch.nonzero(bad).flatten()[:5].cpu().numpy() + block.first_unit).tolist()
         raise ValueError(

@@ -46,12 +46,11 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None 
     return model.eval()
 
 
-def stage_layers(model) -> list[str]:
-    """Module names of the model's stage outputs, from timm's ``feature_info``."""
-    info = getattr(model, "feature_info", None)
-    if not info:
-        raise ValueError(f"{type(model).__name__} has no feature_info; name the layers explicitly")
-    return [f["module"] for f in info]
+def eval_transform(cfg: dict):
+    """timm's eval transform (resize, center crop, to tensor, normalize) for a data config."""
+    timm = import_timm()
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    return timm.data.create_transform(**args, is_training=False)
 
 
 def preprocess(model, images: np.ndarray) -> torch.Tensor:
@@ -63,8 +62,7 @@ def preprocess(model, images: np.ndarray) -> torch.Tensor:
     timm = import_timm()
     from PIL import Image
 
-    cfg = timm.data.resolve_data_config({}, model=model)
-    transform = timm.data.create_transform(**cfg, is_training=False)
+    transform = eval_transform(timm.data.resolve_data_config({}, model=model))
     return torch.stack([transform(Image.fromarray(im)) for im in images])
 
 
@@ -245,9 +243,7 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     skipped = (store.n_batches if batches is None else len(batches)) - len(wanted)
     written: list[int] = []
     if wanted:
-        timm = import_timm()
-        cfg_args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        transform = timm.data.create_transform(**cfg_args, is_training=False)
+        transform = eval_transform(cfg)
         loader = torch.utils.data.DataLoader(
             _Batches(stimuli, wanted, store.batch_size, transform), batch_size=None, shuffle=False,
             num_workers=num_workers, pin_memory=device.type == "cuda")

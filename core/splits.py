@@ -123,6 +123,7 @@ def validate_splits(splits: Sequence[Split], n_images: int, *, min_train: int = 
             arrays.append(np.sort(idx.astype(np.int64)))
         overlap = np.intersect1d(*arrays)
         if overlap.size:
-            raise ValueError(f"split {s}: {overlap.size} images are in both train and test, e.g. {overlap[:5].tolist()}")
+            raise ValueError(
+                f"split {s}: {overlap.size} images are in both train and test, e.g. {overlap[:5].tolist()}")
         out.append((arrays[0], arrays[1]))
     return out

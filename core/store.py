@@ -240,7 +240,12 @@ class ActivationStore:
 
     @property
     def unit_chunk(self) -> int:
-        return int(min(a.chunks[1] for a in self.layers().values()))
+        """Units per Zarr chunk that matching blocks should be a multiple of.
+
+        A layer smaller than the configured chunk is stored as one chunk of its own size and any
+        block covers it whole, so the alignment that matters is the largest chunk of any layer.
+        """
+        return int(max(a.chunks[1] for a in self.layers().values()))
 
 
 class BatchWriter:

@@ -189,16 +189,17 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
         if store.complete:
             stores[entry.key] = ActivationStore.open(store.path)
         else:
-            todo.append(entry)
+            todo.append((entry, store))
     if todo:
         cluster = _Cluster(c)
         zoo = ZooExtraction(cfg.store_root, n_actors=c.n_actors, num_gpus=c.num_gpus_per_actor,
                             num_cpus=c.num_cpus_per_actor, batch_size=a.batch_size, dtype=a.dtype,
                             shard_batches=c.shard_batches, in_flight=c.in_flight)
         try:
-            for entry in todo:  # one model at a time so a failure is attributed to its model
+            for entry, store in todo:  # one model at a time so a failure is attributed to its model
                 try:
-                    stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers)[entry.spec]
+                    stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers,
+                                                stores={entry.spec: store})[entry.spec]
                     done["extracted"].append(entry.key)
                     _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)})
                 except Exception as err:  # noqa: BLE001

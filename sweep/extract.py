@@ -91,19 +91,24 @@ class ZooExtraction:
             n = gpus if self.num_gpus and gpus else 2
         self.actors = [self._start_actor() for _ in range(n)]
 
-    def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection) -> dict[ModelSpec, ActivationStore]:
+    def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection,
+            stores: dict[ModelSpec, ActivationStore] | None = None) -> dict[ModelSpec, ActivationStore]:
         """Fill (or finish) the store of every model; returns the complete stores.
+
+        ``stores`` are stores the caller already created for some of the specs (with these
+        stimuli, layers, batch size and dtype); the others are created here, on the driver.
 
         Raises:
             ValueError: unknown model or layer, empty stimuli (before any actor works).
             RuntimeError: a work item failed more than ``max_retries`` times.
         """
         Path(self.root).mkdir(parents=True, exist_ok=True)
-        stores, items = {}, []
+        prepared, stores, items = dict(stores or {}), {}, []
         for spec in specs:
             # creates (or finds) the store and validates model and layers on the driver, before any work
-            store = extract_to_store(spec, stimuli, selection, self.root, batch_size=self.batch_size,
-                                     dtype=self.dtype, batches=[], device="cpu").store
+            store = prepared.get(spec) or extract_to_store(spec, stimuli, selection, self.root,
+                                                           batch_size=self.batch_size, dtype=self.dtype,
+                                                           batches=[], device="cpu").store
             stores[spec] = store
             pending = store.pending_batches()
             items += [(spec, pending[i:i + self.shard_batches]) for i in range(0, len(pending), self.shard_batches)]

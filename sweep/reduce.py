@@ -37,17 +37,6 @@ DEFAULT_FAN_IN = 4
 
 
 # ------------------------------------------------------------------------------------- planning
-def store_unit_chunk(store) -> int:
-    """Units per Zarr chunk that block boundaries must respect.
-
-    A layer smaller than the configured chunk is stored as one chunk of its own size; any block
-    covers it whole. The alignment that matters is therefore the largest unit chunk of any layer
-    (the store's configured ``unit_chunk`` as soon as one layer is at least that big), not the
-    smallest one.
-    """
-    return int(max(a.chunks[1] for a in store.layers().values()))
-
-
 def aligned_block_units(store, block_units: int) -> int:
     """``block_units`` rounded down to a multiple of the store's unit chunk (at least one chunk).
 
@@ -56,7 +45,7 @@ def aligned_block_units(store, block_units: int) -> int:
     """
     if isinstance(block_units, bool) or not isinstance(block_units, (int, np.integer)) or block_units <= 0:
         raise ValueError(f"block_units must be a positive integer; got {block_units!r}")
-    chunk = store_unit_chunk(store)
+    chunk = store.unit_chunk
     aligned = max(chunk, int(block_units) // chunk * chunk)
     if aligned != block_units:
         log.warning("block_units=%d is not a multiple of the store's unit chunk (%d): using %d", block_units, chunk,
@@ -250,7 +239,7 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
     if engine.n_images != store.n_images:
         raise ValueError(f"responses have {engine.n_images} images but the store {store.path} has {store.n_images}")
     if block_units is None:
-        chunk = store_unit_chunk(store)
+        chunk = store.unit_chunk
         block_units = max(chunk, default_block_units(engine.n_images, engine.n_rows) // chunk * chunk)
     plan = block_plan(store, block_units)
     handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, device)

@@ -98,3 +98,16 @@ def test_decoding_input_errors():
         analyze(layers, bare, splits, n_permutations=0)
     out = analyze(layers, bare, splits, n_permutations=0, decode=False)
     assert out.decoding.empty and "p_value" not in out.neurons and len(out.summary) == 3
+
+
+def test_strict_assignment_widens_top_k_until_feasible():
+    """Six copies of one neuron share their top candidates: starting from top_k=2 the matching is
+    re-run with more candidates until every copy gets its own unit."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((120, 300)).astype(np.float32)
+    y = np.repeat((x[:, 7] + 0.5 * rng.standard_normal(120))[None, :], 6, axis=0)
+    assembly = core.NeuralAssembly(y, [f"n{i}" for i in range(6)], ["V4"] * 6, [f"im{i}" for i in range(120)])
+    splits = [(np.arange(100), np.arange(100, 120))]
+    a = analyze({"fc": x}, assembly, splits, top_k=2, n_permutations=0, decode=False)
+    assert a.assignment.strict_unit.is_unique and set(a.assignment.unit) == {7}
+    assert 7 in set(a.assignment.strict_unit) and (a.assignment.k_used >= 6).all()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.extract import create_model, extract_activations, preprocess, stage_layers
+from core.extract import create_model, extract_activations, preprocess
+from core.layers import layer_names
 from core.synthetic import generate_stimuli
 
 
@@ -28,7 +29,7 @@ def test_hooked_output_equals_forward_features(stimuli):
 
 def test_every_unit_of_every_stage_in_float16(stimuli):
     model = create_model("test_convnext")
-    layers = stage_layers(model)
+    layers = layer_names(model, "stages")
     acts = extract_activations(model, stimuli, layers, batch_size=8)
     assert list(acts) == layers == ["stages.0", "stages.1", "stages.2", "stages.3"]
     for a in acts.values():
