@@ -36,9 +36,9 @@ def main():
     ap.add_argument("--levels", type=int, nargs="+", default=[1, -1], help="zstd levels of the store runs")
     args = ap.parse_args()
 
-    from core.extract import ModelSpec, eval_transform, extract_to_store
-    from core.layers import layer_names, probe_layers
-    from core.synthetic import generate_stimuli
+    from unitmatch.core.extract import ModelSpec, eval_transform, extract_to_store
+    from unitmatch.core.layers import layer_names, probe_layers
+    from unitmatch.core.synthetic import generate_stimuli
 
     stimuli = generate_stimuli(n_categories=8, objects_per_category=4, variations=-(-args.images // 32), size=256,
                                seed=0).subset([f"img{i:05d}" for i in range(args.images)])

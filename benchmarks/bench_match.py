@@ -40,19 +40,22 @@ def _pool(dtype: str, block: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _setup(units: int, dtype: str):
-    import core
-    from core.engine import default_block_units
+    from unitmatch import core
+    from unitmatch.core.engine import default_block_units
+    from unitmatch.core.synthetic import plant_neurons
 
     block = min(default_block_units(N_IMAGES), units)
     pool = _pool(dtype, block)
-    brain = core.plant_neurons(pool[0].astype(np.float32), n_planted=192, n_noise=64, snr=0.5, seed=1)
+    brain = plant_neurons(pool[0].astype(np.float32), n_planted=192, n_noise=64, snr=0.5, seed=1)
     widths = [min(block, units - s) for s in range(0, units, block)]
     return core, pool, brain.responses, widths, block
 
 
 def _blocks(core, pool, widths, block):
+    from unitmatch.core.units import UnitBlock
+
     for i, w in enumerate(widths):
-        yield core.UnitBlock(pool[i % POOL][:, :w], "units", i * block)
+        yield UnitBlock(pool[i % POOL][:, :w], "units", i * block)
 
 
 def _columns(pool, block, n_images):
@@ -66,14 +69,15 @@ def _columns(pool, block, n_images):
 
 def worker_engine(units: int, dtype: str) -> dict:
     core, pool, y, widths, block = _setup(units, dtype)
-    from core.engine import MatchEngine, stream_match
+    from unitmatch.core.engine import MatchEngine, stream_match
+    from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
-    catalogue = core.UnitCatalogue([core.LayerUnits("units", (units,), ("unit",))])
+    catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
     out = {"block_units": block}
     for n_splits in (1, 10):
         splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
         engine = MatchEngine(y, splits, top_k=5)
-        engine.process(core.UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
+        engine.process(UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
         t0 = time.perf_counter()
         res = stream_match(engine, _blocks(core, pool, widths, block), catalogue,
                            columns=_columns(pool, block, N_IMAGES))

@@ -1,7 +1,7 @@
 """Strict one-to-one assignment of neurons to units, and what it costs.
 
 The free choice lets each neuron take its best unit, so several neurons may share one unit. This
-module owns the bijective alternative (SCIENCE.md, "Strict one-to-one"): no two neurons share a
+module owns the bijective alternative (docs/SCIENCE.md, "Strict one-to-one"): no two neurons share a
 unit, and the total train correlation is maximal. It works on each neuron's top-k candidate units
 (as reported by the matching engine): with k' = 1, 2, ..., k it builds the bipartite graph
 neuron -> its first k' candidates and, at the smallest k' where every neuron can be matched to a

@@ -1,4 +1,4 @@
-"""Matched-population decoding (SCIENCE.md, "Matched-population decoding").
+"""Matched-population decoding (docs/SCIENCE.md, "Matched-population decoding").
 
 This module owns claim 3 of the reference memo: a category classifier trained only on the matched
 model units (unit i standing in for neuron i) decodes stimulus category from the real neurons.

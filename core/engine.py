@@ -11,7 +11,7 @@ How, per block of units (images x units, one layer):
    float32 blocks that need no shift are used as they are, without a copy.
 2. Products as one matrix multiply. With one split, the z-scored neurons (zero outside T) times the
    block. With several splits the work is shared: products over all images minus products over the
-   images outside T give every split's train products (SCIENCE.md), so 10 splits cost about 2-3x
+   images outside T give every split's train products (docs/SCIENCE.md), so 10 splits cost about 2-3x
    one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
    sum, and the train-mean correction is folded into the subtraction: no separate pass.
 3. r for every (neuron, unit) pair of the block is screened in float32 and a running top-k is kept,

@@ -4,7 +4,10 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
 
     <root>/<digest>/
         key.json        what the store holds: model identity, preprocessing, stimuli hash, layers,
-                        dtype, unitmatch version (the digest is a hash of exactly this)
+                        dtype, store format (the digest is a hash of exactly this; the unitmatch
+                        version that wrote it is recorded in the Zarr group's attributes, and is not
+                        part of the identity: a release that does not change what is stored reuses
+                        every store, one that does bumps ``STORE_FORMAT``)
         store.zarr/     Zarr v3; one group per layer: ``activations`` (image, unit) float16 by default,
                         zstd, chunked (extraction batch x unit_chunk); coordinates ``image_id`` (image)
                         and one array per unit dimension (channel, y, x / token, channel) on ``unit``,
@@ -27,24 +30,19 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from .. import __version__
 from .units import LayerUnits, UnitCatalogue
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 DEFAULT_UNIT_CHUNK = 16384
-
-
-def unitmatch_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 @dataclass(frozen=True)
@@ -58,7 +56,7 @@ class StoreKey:
         stimuli: the stimulus set's content hash.
         layers: layer names in order.
         dtype: stored dtype.
-        version: unitmatch version that wrote it.
+        format: the store layout version (:data:`STORE_FORMAT`).
     """
 
     model: str
@@ -66,7 +64,6 @@ class StoreKey:
     stimuli: str
     layers: tuple[str, ...]
     dtype: str = "float16"
-    version: str = field(default_factory=unitmatch_version)
     format: int = STORE_FORMAT
 
     def as_json(self) -> str:
@@ -144,7 +141,8 @@ class ActivationStore:
             local = np.unravel_index(np.arange(layer.size), layer.shape)
             for dim, values in zip(layer.dims, local):
                 g.create_array(dim, data=values.astype(np.int32), dimension_names=("unit",))
-        group.attrs.update({"layers": [layer.name for layer in layers], "batch_size": batch_size})
+        group.attrs.update({"layers": [layer.name for layer in layers], "batch_size": batch_size,
+                            "unitmatch_version": __version__})
         (staging / "key.json").write_text(key.as_json())
         try:
             staging.rename(path)

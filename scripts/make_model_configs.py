@@ -123,8 +123,8 @@ def choose_tag(timm, arch: str, results: dict) -> tuple[str | None, str]:
 
 def choose_layers(arch: str):
     """The layer selection for an architecture: "blocks", else "stages", else an explicit list."""
-    from core.extract import create_model
-    from core.layers import layer_names, probe_layers
+    from unitmatch.core.extract import create_model
+    from unitmatch.core.layers import layer_names, probe_layers
 
     model = create_model(arch, pretrained=False, seed=0)
     errors = []
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore")
 
-    from core._compat import import_timm
+    from unitmatch.core._compat import import_timm
 
     timm = import_timm()
     results = read_csv(args.results)

@@ -1,4 +1,4 @@
-"""The ``unitmatch`` command (also ``python -m sweep``): the Hydra sweep app.
+"""The ``unitmatch`` command (also ``python -m unitmatch.sweep``): the Hydra sweep app.
 
 With no arguments it runs the built-in demo: generated stimuli, a zoo of random-weight timm test
 models, a synthetic brain planted from one of them, local Ray, local Dask, W&B offline. Everything is
@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-# an absolute path: the console script and `python -m sweep` both find the repository's conf/
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+#: the configs ship inside the package, so an installed wheel finds them wherever it runs
+CONFIG_PATH = "pkg://unitmatch.conf"
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> None:
     from .app import print_summary, run
 

@@ -22,8 +22,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-import core
-from core.extract import ModelSpec
+from unitmatch import core
+from unitmatch.core._compat import import_timm
+from unitmatch.core.extract import ModelSpec
+from unitmatch.core.synthetic import generate_stimuli, plant_neurons
+from unitmatch.core.units import gather_columns
 
 log = logging.getLogger("unitmatch")
 
@@ -62,7 +65,7 @@ def load_model_entry(key: str, overrides: DictConfig | None = None) -> ModelEntr
     cfg = OmegaConf.load(path)
     if overrides is not None and key in overrides:
         cfg = OmegaConf.merge(cfg, overrides[key])
-    timm = core.extract.import_timm()
+    timm = import_timm()
     if not timm.is_model(cfg.arch):
         raise ValueError(f"model {key!r}: timm has no architecture {cfg.arch!r}")
     input_size = tuple(cfg.input_size) if cfg.get("input_size") else None
@@ -96,7 +99,7 @@ def _check_path(value, what: str) -> Path:
 def load_stimuli(cfg: DictConfig) -> core.StimulusSet:
     s = cfg.stimuli
     if s.kind == "generated":
-        return core.synthetic.generate_stimuli(s.n_categories, s.objects_per_category, s.variations, s.size, s.seed)
+        return generate_stimuli(s.n_categories, s.objects_per_category, s.variations, s.size, s.seed)
     if s.kind == "files":
         metadata = None if s.get("metadata") in (None, "") else _check_path(s.metadata, "stimuli.metadata")
         return core.StimulusSet.from_files(_check_path(s.path, "stimuli.path"), metadata)
@@ -172,8 +175,8 @@ class _Cluster:
 
 def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:
     """Complete stores for every model (extracting what is missing on the Ray actor pool)."""
-    from core.extract import extract_to_store
-    from core.store import ActivationStore
+    from unitmatch.core.extract import extract_to_store
+    from unitmatch.core.store import ActivationStore
 
     from .extract import ZooExtraction
 
@@ -228,11 +231,11 @@ def load_assembly(cfg: DictConfig, stimuli, stores: dict, entries: list[ModelEnt
     cat = store.catalogue()
     layers = store.layers()
     candidates = rng.choice(cat.n_units, size=4 * n.n_planted, replace=False)
-    x = core.units.gather_columns(layers, cat, np.sort(candidates))
+    x = gather_columns(layers, cat, np.sort(candidates))
     varying = np.sort(candidates)[x.std(axis=0) > 0]
     units = rng.choice(varying, size=n.n_planted, replace=False)
-    x = core.units.gather_columns(layers, cat, units)
-    brain = core.plant_neurons(x, n_planted=n.n_planted, n_noise=n.n_noise, snr=n.snr,
+    x = gather_columns(layers, cat, units)
+    brain = plant_neurons(x, n_planted=n.n_planted, n_noise=n.n_noise, snr=n.snr,
                                units=np.arange(n.n_planted), repeats=n.repeats, seed=n.seed)
     truth = brain.truth.assign(unit=np.concatenate([units, np.full(n.n_noise, -1)]), model=n.planted_model)
     truth.to_csv(Path(cfg.results_dir) / "planted_truth.csv", index=False)

@@ -19,9 +19,9 @@ from typing import Sequence
 import ray
 from tqdm.auto import tqdm
 
-from core.extract import ModelSpec, extract_to_store
-from core.stimuli import StimulusSet
-from core.store import ActivationStore
+from unitmatch.core.extract import ModelSpec, extract_to_store
+from unitmatch.core.stimuli import StimulusSet
+from unitmatch.core.store import ActivationStore
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from core.engine import MatchEngine, MatchPartial, MatchResult, default_block_units, merge_all
-from core.units import UnitBlock, gather_columns
+from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, default_block_units, merge_all
+from unitmatch.core.units import UnitBlock, gather_columns
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import core
-from core.analysis import analyze
+from unitmatch import core
+from unitmatch.core.synthetic import plant_neurons
+from unitmatch.core.analysis import analyze
 
 N_CAT, PER_CAT = 6, 40
 
@@ -21,7 +22,7 @@ def _world(seed=0):
     cat_idx = np.repeat(np.arange(N_CAT), PER_CAT)
     flat = (0.8 * code[cat_idx] + rng.standard_normal((n, 400))).astype(np.float32)
     layers = {"conv": flat[:, :256].reshape(n, 16, 4, 4), "fc": flat[:, 256:]}
-    brain = core.plant_neurons(flat, n_planted=24, n_noise=12, snr=2.0, repeats=6, seed=seed + 1)
+    brain = plant_neurons(flat, n_planted=24, n_noise=12, snr=2.0, repeats=6, seed=seed + 1)
     regions = np.array(["V4"] * 12 + ["IT"] * 12 + ["noise"] * 12)
     meta = pd.DataFrame({"category_name": cats, "object_name": [f"{c}_{i % 4}" for i, c in enumerate(cats)]},
                         index=pd.Index([f"im{i}" for i in range(n)], name="image_id"))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from core.assignment import Assignment, InfeasibleAssignment, assignment_drop, strict_assignment
+from unitmatch.core.assignment import Assignment, InfeasibleAssignment, assignment_drop, strict_assignment
 
 
 def _brute_force(candidates: np.ndarray, weights: np.ndarray, k: int) -> float | None:

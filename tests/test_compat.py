@@ -17,7 +17,7 @@ def test_guard_makes_timm_importable_and_models_run():
     out = _run(
         """
         import torch
-        from core._compat import import_timm
+        from unitmatch.core._compat import import_timm
         timm = import_timm()
         model = timm.create_model("test_resnet", pretrained=False).eval()
         with torch.inference_mode():
@@ -35,7 +35,7 @@ def test_guard_only_acts_on_the_known_failure():
     plain = _run("import torchvision")
     guarded = _run(
         """
-        from core import _compat
+        from unitmatch.core import _compat
         _compat.import_torchvision()
         print(len(_compat._libraries))
         """
@@ -51,7 +51,7 @@ def test_guard_only_acts_on_the_known_failure():
 def test_guard_reraises_other_errors(monkeypatch):
     import builtins
 
-    from core import _compat
+    from unitmatch.core import _compat
 
     real_import = builtins.__import__
 

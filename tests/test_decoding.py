@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from core.decoding import (
+from unitmatch.core.decoding import (
     DecodingResult,
     matched_population_decoding,
     neuron_accuracy,
@@ -173,7 +173,7 @@ def test_callable_and_array_random_populations_agree(caplog):
         calls.append(i)
         return units[:, perms[i]]
 
-    with caplog.at_level(logging.WARNING, logger="core.decoding"):
+    with caplog.at_level(logging.WARNING, logger="unitmatch.core.decoding"):
         a = matched_population_decoding(units, neurons, labels, train, test,
                                         random_populations=pops)
         b = matched_population_decoding(units, neurons, labels, train, test,

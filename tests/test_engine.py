@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-import core
-from core.engine import MatchEngine, merge, merge_all, run_matching
-from core.reference import match_reference, pearson_columns
-from core.units import as_layers, catalogue_of, gather_columns, iter_blocks
+from unitmatch import core
+from unitmatch.core.synthetic import plant_neurons
+from unitmatch.core.engine import MatchEngine, merge, merge_all, run_matching
+from unitmatch.core.reference import match_reference, pearson_columns
+from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue, as_layers, catalogue_of, gather_columns, iter_blocks
 
 N_IMAGES = 300
 
@@ -37,7 +38,7 @@ def _flat(layers):
 
 
 def _responses(x, seed=1, n_planted=20, n_noise=10, snr=2.0):
-    brain = core.plant_neurons(x, n_planted=n_planted, n_noise=n_noise, snr=snr, seed=seed)
+    brain = plant_neurons(x, n_planted=n_planted, n_noise=n_noise, snr=snr, seed=seed)
     return brain.responses, brain.truth
 
 
@@ -93,7 +94,7 @@ def test_recovers_planted_units_at_high_snr():
         "fc": rng.standard_normal((400, 3000)).astype(np.float16),
     }
     x = _flat(layers).astype(np.float32)
-    brain = core.plant_neurons(x, n_planted=200, n_noise=0, snr=10.0, seed=8)
+    brain = plant_neurons(x, n_planted=200, n_noise=0, snr=10.0, seed=8)
     splits = core.brainscore_splits(n_images=400)
     m = core.match_neurons(layers, brain.responses, splits, block_units=700)
     truth = brain.truth.set_index("neuron").unit
@@ -238,7 +239,7 @@ def test_torch_tensor_blocks_and_threads_and_pickling():
     with ThreadPoolExecutor(2) as pool:
         threaded = merge_all(pool.map(engine.process, blocks))
     clone = pickle.loads(pickle.dumps(engine))
-    tensors = [core.UnitBlock(torch.from_numpy(np.ascontiguousarray(b.data)), b.layer, b.first_unit) for b in blocks]
+    tensors = [UnitBlock(torch.from_numpy(np.ascontiguousarray(b.data)), b.layer, b.first_unit) for b in blocks]
     from_tensors = merge_all(clone.process(b) for b in tensors)
     for other in (threaded, from_tensors):
         np.testing.assert_array_equal(sequential.top_unit, other.top_unit)
@@ -300,7 +301,7 @@ def test_mismatched_images_and_bad_blocks():
         core.match_neurons({"a": np.zeros(50, np.float32)}, y, splits)
     engine = MatchEngine(y, splits)
     with pytest.raises(ValueError, match=r"block of layer 'x' has shape \(49, 4\)"):
-        engine.process(core.UnitBlock(np.zeros((49, 4), np.float32), "x", 0))
+        engine.process(UnitBlock(np.zeros((49, 4), np.float32), "x", 0))
 
 
 def test_all_units_constant_is_a_clear_error():
@@ -342,6 +343,6 @@ def test_matching_from_zarr_arrays_equals_in_memory(tmp_path):
     in_memory = run_matching(layers, y, splits, block_units=64)
     pd.testing.assert_frame_equal(from_store.matches, in_memory.matches)
     pd.testing.assert_frame_equal(from_store.layer_matches, in_memory.layer_matches)
-    bad = core.UnitCatalogue([core.LayerUnits(n, (7,), ("unit",)) for n in layers])
+    bad = UnitCatalogue([LayerUnits(n, (7,), ("unit",)) for n in layers])
     with pytest.raises(ValueError, match="stores 120 units per image; the catalogue says 7"):
         run_matching(stored, y, splits, catalogue=bad)

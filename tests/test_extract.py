@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.extract import create_model, extract_activations, preprocess
-from core.layers import layer_names
-from core.synthetic import generate_stimuli
+from unitmatch.core.extract import create_model, extract_activations, preprocess
+from unitmatch.core.layers import layer_names
+from unitmatch.core.synthetic import generate_stimuli
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Layer selection (presets, names, globs, regexes) and output-shape probing on timm models.
 
 Tiny timm test models (random weights) in the default run; full-size architectures, still with
-random weights, in the slow run (``pytest -m slow``), where the SCIENCE.md unit counts are checked.
+random weights, in the slow run (``pytest -m slow``), where the docs/SCIENCE.md unit counts are checked.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from core.extract import create_model
-from core.layers import PRESETS, LayerInfo, catalogue_for, layer_names, probe_layers
-from core.units import LayerUnits
+from unitmatch.core.extract import create_model
+from unitmatch.core.layers import PRESETS, LayerInfo, catalogue_for, layer_names, probe_layers
+from unitmatch.core.units import LayerUnits
 
 PASS_THROUGH = ("Identity", "Dropout", "DropPath", "DropBlock2d", "PatchDropout")
 
@@ -246,7 +246,7 @@ def test_probe_restores_mode_removes_hooks_and_defaults_input_size(models):
 def test_probe_warns_about_outputs_changed_in_place(models, caplog):
     model = models("test_resnet")  # BatchNorm -> ReLU(inplace=True) inside every block
     assert model.layer1[0].act1.inplace
-    with caplog.at_level("WARNING", logger="core.layers"):
+    with caplog.at_level("WARNING", logger="unitmatch.core.layers"):
         probe_layers(model, ["layer1.0.bn1", "layer1.0.conv1", "layer1"], (3, 32, 32))
     (record,) = [r for r in caplog.records if "in place" in r.getMessage()]
     assert "'layer1.0.bn1'" in record.getMessage() and "conv1" not in record.getMessage()
@@ -303,7 +303,7 @@ def test_catalogue_for_counts_and_describes_units(models):
 
 
 # ------------------------------------------------------------------------------------------------
-# full-size architectures (random weights): block lists and the SCIENCE.md unit counts
+# full-size architectures (random weights): block lists and the docs/SCIENCE.md unit counts
 # ------------------------------------------------------------------------------------------------
 
 
@@ -347,7 +347,7 @@ def test_full_size_block_lists_and_unit_counts():
 @pytest.mark.parametrize("name, table_millions", [("resnet18", 9.0), ("resnet50", 34.8),
                                                   ("vit_small_patch16_224", 29.5), ("convnext_tiny", 48.9)])
 def test_leaf_units_against_the_science_table(name, table_millions):
-    """SCIENCE.md's leaf counts include Identity / Dropout / DropPath outputs; 'leaves' leaves them out."""
+    """docs/SCIENCE.md's leaf counts include Identity / Dropout / DropPath outputs; 'leaves' leaves them out."""
     model = create_model(name)
     modules = dict(model.named_modules())
     sizes: dict[str, int] = {}

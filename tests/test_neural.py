@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core.neural import NeuralAssembly, load_brainio, load_plain
-from core.reliability import split_half_reliability
-from core.stimuli import StimulusSet
+from unitmatch.core.neural import NeuralAssembly, load_brainio, load_plain
+from unitmatch.core.reliability import split_half_reliability
+from unitmatch.core.stimuli import StimulusSet
 
 V4_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "v4_cowley2023_session210325"
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from core.extract import ModelSpec, extract_activations
-from core.synthetic import generate_stimuli
+from unitmatch.core.extract import ModelSpec, extract_activations
+from unitmatch.core.synthetic import generate_stimuli
 
 LAYERS = ["layer2", "layer4.0"]
 
@@ -25,7 +25,7 @@ def _reference(spec, stimuli, batch_size):
 
 
 def test_zoo_on_two_actors_equals_direct_reference(ray_local, tmp_path, stimuli):
-    from sweep.extract import ZooExtraction
+    from unitmatch.sweep.extract import ZooExtraction
 
     specs = [ModelSpec("test_resnet", seed=0), ModelSpec("test_resnet", seed=1)]
     zoo = ZooExtraction(tmp_path, n_actors=2, num_cpus=1, batch_size=8, dtype="float32", shard_batches=1)
@@ -53,7 +53,7 @@ def test_zoo_on_two_actors_equals_direct_reference(ray_local, tmp_path, stimuli)
 
 
 def test_killed_actor_is_replaced_and_its_shard_redone(ray_local, tmp_path, stimuli):
-    from sweep.extract import ZooExtraction
+    from unitmatch.sweep.extract import ZooExtraction
 
     spec = ModelSpec("test_resnet", seed=2)
     zoo = ZooExtraction(tmp_path, n_actors=2, num_cpus=1, batch_size=2, dtype="float32", shard_batches=2,

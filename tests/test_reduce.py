@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.engine import run_matching
-from core.splits import brainscore_splits
-from core.store import ActivationStore, StoreKey
-from core.synthetic import plant_neurons
-from core.units import LayerUnits
-from sweep.reduce import block_plan, build_graph, match_store
+from unitmatch.core.engine import run_matching
+from unitmatch.core.splits import brainscore_splits
+from unitmatch.core.store import ActivationStore, StoreKey
+from unitmatch.core.synthetic import plant_neurons
+from unitmatch.core.units import LayerUnits
+from unitmatch.sweep.reduce import block_plan, build_graph, match_store
 
 N_IMAGES = 96
 CHUNK = 64
@@ -130,7 +130,7 @@ def test_block_units_not_a_chunk_multiple_is_rounded_down(setup, caplog):
     assert block_plan(store, 100) == block_plan(store, 64)
     assert block_plan(store, 10) == block_plan(store, 64)  # at least one chunk
     assert block_plan(store, 200) == block_plan(store, 192)
-    with caplog.at_level("WARNING", logger="sweep.reduce"):
+    with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
         result = match_store(store, brain.responses, splits, block_units=100)
     assert "not a multiple" in caplog.text
     _assert_same(result, _reference(setup, block_units=64))
@@ -147,7 +147,7 @@ def test_fan_in_changes_the_tree_not_the_answer(setup, threaded):
     plan = block_plan(store, BLOCK)
 
     def n_merges(fan_in):
-        from sweep.reduce import _EngineHandle
+        from unitmatch.sweep.reduce import _EngineHandle
 
         graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, plan, fan_in)
         return sum(1 for k in dict(graph) if "merge" in str(k)), root
@@ -182,7 +182,7 @@ def test_ray_scheduler_equals_threads(setup, threaded, ray_local):
     result = match_store(store, brain.responses, splits, scheduler="ray", block_units=BLOCK, fan_in=3)
     _assert_same(result, threaded)
     # the blocks ran in Ray worker processes: they rebuilt (and cached) the engine there
-    probe = ray_local.remote(lambda: (os.getpid(), len(getattr(sys.modules.get("sweep.reduce"), "_ENGINES", {}))))
+    probe = ray_local.remote(lambda: (os.getpid(), len(getattr(sys.modules.get("unitmatch.sweep.reduce"), "_ENGINES", {}))))
     seen = ray_local.get([probe.remote() for _ in range(30)])
     assert any(pid != os.getpid() and n > 0 for pid, n in seen)
 
@@ -191,7 +191,7 @@ def test_ray_scheduler_with_null_and_busy_cluster_warning(setup, ray_local, monk
     store, _, brain, splits = setup
     # a cluster that shows no free CPU (e.g. extraction actors hold them all) is reported before submitting
     monkeypatch.setattr(ray_local, "available_resources", lambda: {"CPU": 0.0})
-    with caplog.at_level("WARNING", logger="sweep.reduce"):
+    with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
         result = match_store(store, brain.responses, splits, scheduler="ray", block_units=256, n_permutations=2,
                              seed=1)
     assert "free CPUs" in caplog.text
@@ -205,7 +205,7 @@ def test_ray_remote_args_reach_block_tasks_only(setup):
     pytest.importorskip("ray")
     from ray.util.dask.scheduler import _build_key_scoped_ray_remote_args
 
-    from sweep.reduce import _EngineHandle
+    from unitmatch.sweep.reduce import _EngineHandle
 
     store, _, _, _ = setup
     graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, block_plan(store, BLOCK), 4,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import ShuffleSplit
 
-from core.reliability import spearman_brown, split_half_reliability
+from unitmatch.core.reliability import spearman_brown, split_half_reliability
 
 
 # ------------------------------------------------------------------ spearman_brown

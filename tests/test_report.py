@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from sweep import report
+from unitmatch.sweep import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAINED = {  # model -> (arch, top-1 %, V4 median r): r rises with top-1 but not monotonically
@@ -137,7 +137,7 @@ def test_make_plots_writes_valid_pngs(tmp_path):
 def test_make_plots_without_matplotlib_returns_no_plots(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
     summary = _summary(("V4",))
-    with caplog.at_level(logging.WARNING, logger="sweep.report"):
+    with caplog.at_level(logging.WARNING, logger="unitmatch.sweep.report"):
         assert report.make_plots(summary, _neurons(summary), tmp_path) == {}
     assert "matplotlib is not installed" in caplog.text
     assert not list(tmp_path.glob("*.png"))
@@ -279,7 +279,7 @@ def test_auto_mode_without_api_key_is_offline(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE")
     assert report.resolve_wandb_mode("auto") == "offline"
     summary = _summary(("V4",))
-    with caplog.at_level(logging.INFO, logger="sweep.report"):
+    with caplog.at_level(logging.INFO, logger="unitmatch.sweep.report"):
         run = report.log_to_wandb(summary, _neurons(summary, 1), {}, project="unitmatch-test",
                                   wandb_dir=tmp_path / "wb")
     assert run.settings.mode == "offline"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
-from core.splits import STRATIFY_COLUMNS, brainscore_splits, validate_splits
+from unitmatch.core.splits import STRATIFY_COLUMNS, brainscore_splits, validate_splits
 
 N = 120
 

@@ -6,9 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import core
-from core.engine import MatchEngine, stack_permutations
-from core.stats import fdr_bh, neuron_table, permutation_p_values, summarize
+from unitmatch import core
+from unitmatch.core.synthetic import plant_neurons
+from unitmatch.core.engine import MatchEngine, stack_permutations
+from unitmatch.core.stats import fdr_bh, neuron_table, permutation_p_values, summarize
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def null_run():
     """100 planted neurons at moderate SNR and 400 pure-noise neurons, 100 permutations, one pass."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 2000)).astype(np.float32)
-    brain = core.plant_neurons(x, n_planted=100, n_noise=400, snr=0.5, seed=1)
+    brain = plant_neurons(x, n_planted=100, n_noise=400, snr=0.5, seed=1)
     splits = core.brainscore_splits(n_images=300, n_splits=2)
     result = core.run_matching(x, brain.responses, splits, n_permutations=100, seed=3)
     regions = np.where(brain.truth.planted, "planted", "noise")
@@ -80,7 +81,7 @@ def test_p_values_and_bh_by_hand():
 def test_ceiling_normalized_scores_and_bad_ceilings_are_reported():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((200, 300)).astype(np.float32)
-    brain = core.plant_neurons(x, n_planted=6, snr=1.0, seed=6)
+    brain = plant_neurons(x, n_planted=6, snr=1.0, seed=6)
     result = core.run_matching(x, brain.responses, core.brainscore_splits(n_images=200, n_splits=3))
     ceiling = np.array([0.81, 0.64, 0.25, 0.0, -0.1, np.nan])
     table = neuron_table(result, regions=["V4"] * 3 + ["IT"] * 3, ceiling=ceiling)

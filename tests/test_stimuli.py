@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from core.stimuli import StimulusSet
+from unitmatch.core.stimuli import StimulusSet
 
 
 # ------------------------------------------------------------------ helpers

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sweep.app import CONF_DIR, load_model_entry, run
+from unitmatch.sweep.app import CONF_DIR, load_model_entry, run
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a small, fast sweep: 2 demo models, 240 images, few permutations
@@ -119,7 +119,7 @@ def test_wandb_offline_run_holds_the_summary(outputs):
 
 
 def test_multirun_jobs_share_one_sweep_and_the_report_aggregates(outputs):
-    cmd = [sys.executable, "-m", "sweep", "-m", *TINY, "sweep_name=multi",
+    cmd = [sys.executable, "-m", "unitmatch.sweep", "-m", *TINY, "sweep_name=multi",
            "models=[demo_test_convnext],[demo_test_resnet]", f"hydra.sweep.dir={outputs}/hydra"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_multirun_jobs_share_one_sweep_and_the_report_aggregates(outputs):
 @pytest.mark.slow
 def test_demo_default_recovers_planted_model(outputs):
     """The README's main command, exactly (minus W&B: its offline run is tested above)."""
-    proc = subprocess.run([sys.executable, "-m", "sweep", "logger=none"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "unitmatch.sweep", "logger=none"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1200, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = pd.read_csv(outputs / "sweeps" / "demo" / "summary.csv")
@@ -149,7 +149,7 @@ def test_sweep_through_the_address_of_a_multi_process_ray_cluster(outputs):
     try:
         cluster.add_node(num_cpus=2)
         cluster.wait_for_nodes()
-        cmd = [sys.executable, "-m", "sweep", *TINY, "sweep_name=raycluster", "cluster=ray",
+        cmd = [sys.executable, "-m", "unitmatch.sweep", *TINY, "sweep_name=raycluster", "cluster=ray",
                f"cluster.address={cluster.address}", "cluster.num_gpus_per_actor=0", "cluster.num_cpus_per_actor=1",
                "cluster.n_actors=2", "analysis.scheduler=ray"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import core
+from unitmatch import core
+from unitmatch.core.synthetic import plant_neurons
 
 
 def test_planted_neurons_follow_the_requested_snr():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5000, 40)).astype(np.float32)
-    brain = core.plant_neurons(x, n_planted=30, n_noise=10, snr=4.0, seed=1)
+    brain = plant_neurons(x, n_planted=30, n_noise=10, snr=4.0, seed=1)
     t = brain.truth
     assert brain.responses.shape == (40, 5000)
     assert t.planted.sum() == 30 and (t.unit[~t.planted] == -1).all()
@@ -28,7 +29,7 @@ def test_planted_neurons_follow_the_requested_snr():
 
 def test_repeats_average_to_the_requested_snr_and_are_reliable():
     x = np.random.default_rng(2).standard_normal((2000, 10))
-    brain = core.plant_neurons(x, n_planted=5, snr=3.0, repeats=6, seed=3)
+    brain = plant_neurons(x, n_planted=5, snr=3.0, repeats=6, seed=3)
     assert brain.responses.shape == (5, 2000, 6)
     mean = brain.responses.mean(axis=2)
     for row in brain.truth.itertuples():
@@ -41,11 +42,11 @@ def test_repeats_average_to_the_requested_snr_and_are_reliable():
 def test_chosen_units_and_errors():
     x = np.random.default_rng(4).standard_normal((100, 8))
     x[:, 3] = 1.0
-    brain = core.plant_neurons(x, n_planted=2, units=np.array([5, 6]))
+    brain = plant_neurons(x, n_planted=2, units=np.array([5, 6]))
     assert brain.truth.unit.tolist() == [5, 6]
     with pytest.raises(ValueError, match="snr must be positive"):
-        core.plant_neurons(x, n_planted=1, snr=0)
+        plant_neurons(x, n_planted=1, snr=0)
     with pytest.raises(ValueError, match="only 7 non-constant units"):
-        core.plant_neurons(x, n_planted=8)
+        plant_neurons(x, n_planted=8)
     with pytest.raises(ValueError, match="units must have 2 entries"):
-        core.plant_neurons(x, n_planted=2, units=np.array([1]))
+        plant_neurons(x, n_planted=2, units=np.array([1]))
