@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from unitmatch.sweep import report
+from unitmatch.sweep import figures, report, wandb_sink
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAINED = {  # model -> (arch, top-1 %, V4 median r): r rises with top-1 but not monotonically
@@ -122,7 +122,7 @@ def test_make_plots_writes_valid_pngs(tmp_path):
     summary = _summary()
     neurons = _neurons(summary)
     nulls = {"resnet50.a1_in1k": np.random.default_rng(1).normal(0, 0.05, 500), "not/in the table": np.zeros(3)}
-    plots = report.make_plots(summary, neurons, tmp_path / "plots", nulls=nulls)
+    plots = figures.make_plots(summary, neurons, tmp_path / "plots", nulls=nulls)
     assert set(plots) == {"correspondence_V4", "correspondence_IT", "layer_profile_V4", "layer_profile_IT",
                           "null_resnet50.a1_in1k"}
     for name, path in plots.items():
@@ -137,8 +137,8 @@ def test_make_plots_writes_valid_pngs(tmp_path):
 def test_make_plots_without_matplotlib_returns_no_plots(tmp_path, monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import raise ImportError
     summary = _summary(("V4",))
-    with caplog.at_level(logging.WARNING, logger="unitmatch.sweep.report"):
-        assert report.make_plots(summary, _neurons(summary), tmp_path) == {}
+    with caplog.at_level(logging.WARNING, logger="unitmatch.sweep.figures"):
+        assert figures.make_plots(summary, _neurons(summary), tmp_path) == {}
     assert "matplotlib is not installed" in caplog.text
     assert not list(tmp_path.glob("*.png"))
 
@@ -239,7 +239,7 @@ def test_log_to_wandb_offline_logs_tables_scatter_stats_and_images(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8), "white").save(image)
-    run = report.log_to_wandb(summary, neurons, {"correspondence_V4": image}, project="unitmatch-test",
+    run = wandb_sink.log_to_wandb(summary, neurons, {"correspondence_V4": image}, project="unitmatch-test",
                               mode="offline", group="zoo-1", config={"seed": 3}, wandb_dir=tmp_path / "wb")
     assert run.name == "summary" and run.job_type == "summary" and run.group == "zoo-1"
     assert Path(run.dir).is_relative_to(tmp_path / "wb" / "wandb")
@@ -268,7 +268,7 @@ def test_log_to_wandb_puts_a_large_neuron_table_into_an_artifact(tmp_path, monke
     monkeypatch.setattr(wandb.Table, "MAX_ROWS", 20)
     summary = _summary(("V4",))
     neurons = _neurons(summary, per_model=4)  # 28 rows
-    run = report.log_to_wandb(summary, neurons, {}, project="unitmatch-test", mode="offline",
+    run = wandb_sink.log_to_wandb(summary, neurons, {}, project="unitmatch-test", mode="offline",
                               wandb_dir=tmp_path / "wb")
     logged = _read_offline_run(run)
     assert ("neurons-" + run.id, "neurons") in logged["artifacts"]
@@ -277,10 +277,10 @@ def test_log_to_wandb_puts_a_large_neuron_table_into_an_artifact(tmp_path, monke
 
 def test_auto_mode_without_api_key_is_offline(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE")
-    assert report.resolve_wandb_mode("auto") == "offline"
+    assert wandb_sink.resolve_wandb_mode("auto") == "offline"
     summary = _summary(("V4",))
-    with caplog.at_level(logging.INFO, logger="unitmatch.sweep.report"):
-        run = report.log_to_wandb(summary, _neurons(summary, 1), {}, project="unitmatch-test",
+    with caplog.at_level(logging.INFO, logger="unitmatch.sweep.wandb_sink"):
+        run = wandb_sink.log_to_wandb(summary, _neurons(summary, 1), {}, project="unitmatch-test",
                                   wandb_dir=tmp_path / "wb")
     assert run.settings.mode == "offline"
     run_dir = Path(run.dir).parent
@@ -291,36 +291,36 @@ def test_auto_mode_without_api_key_is_offline(tmp_path, monkeypatch, caplog):
 
 def test_resolve_wandb_mode(monkeypatch, wandb_sandbox):
     monkeypatch.delenv("WANDB_MODE")
-    assert report.resolve_wandb_mode("offline") == "offline"
-    assert report.resolve_wandb_mode("disabled") == "disabled"
+    assert wandb_sink.resolve_wandb_mode("offline") == "offline"
+    assert wandb_sink.resolve_wandb_mode("disabled") == "disabled"
     with pytest.raises(ValueError, match="'cloud'.*auto, online, offline, disabled"):
-        report.resolve_wandb_mode("cloud")
+        wandb_sink.resolve_wandb_mode("cloud")
     wandb_sandbox.write_text("machine example.org login user password other\n")
-    assert report.resolve_wandb_mode() == "offline"
+    assert wandb_sink.resolve_wandb_mode() == "offline"
     wandb_sandbox.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
-    assert report.resolve_wandb_mode() == "online"
+    assert wandb_sink.resolve_wandb_mode() == "online"
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a private server: its own host
-    assert report.resolve_wandb_mode() == "offline"
+    assert wandb_sink.resolve_wandb_mode() == "offline"
     wandb_sandbox.write_text("")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
-    assert report.resolve_wandb_mode() == "online"
+    assert wandb_sink.resolve_wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")  # an explicit environment choice wins
-    assert report.resolve_wandb_mode() == "disabled"
+    assert wandb_sink.resolve_wandb_mode() == "disabled"
 
 
 def test_disabled_mode_writes_nothing(tmp_path, wandb_sandbox):
     summary = _summary(("V4",))
-    run = report.log_to_wandb(summary, _neurons(summary, 2), {}, project="unitmatch-test", mode="disabled",
+    run = wandb_sink.log_to_wandb(summary, _neurons(summary, 2), {}, project="unitmatch-test", mode="disabled",
                               wandb_dir=tmp_path / "wb")
     assert run is not None and run.settings.mode == "disabled"
-    model_run = report.log_model_run("resnet18.a1_in1k", "extract", {"seconds": 1.0}, project="unitmatch-test",
+    model_run = wandb_sink.log_model_run("resnet18.a1_in1k", "extract", {"seconds": 1.0}, project="unitmatch-test",
                                      mode="disabled", wandb_dir=tmp_path / "wb")
     assert model_run is not None
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p != wandb_sandbox] == []
 
 
 def test_log_model_run_offline(tmp_path):
-    run = report.log_model_run("resnet18.a1_in1k", "match", {"median_test_r": np.float32(0.25), "n_units": np.int64(7)},
+    run = wandb_sink.log_model_run("resnet18.a1_in1k", "match", {"median_test_r": np.float32(0.25), "n_units": np.int64(7)},
                                project="unitmatch-test", mode="offline", group="zoo-1", config={"top_k": 5},
                                wandb_dir=tmp_path / "wb")
     assert run.name == "resnet18.a1_in1k/match" and run.job_type == "match" and run.group == "zoo-1"

@@ -1,6 +1,7 @@
-"""The Hydra sweep app: configs compose, overrides and multiruns work, the demo recovers its planted
-model, reruns do no work, bad input fails before any work, one failing model does not stop the rest,
-and a real multi-process Ray cluster runs a sweep through its address."""
+"""The Hydra sweep app end to end: the demo recovers its planted model, reruns (also with other compute
+settings) do no work, one failing model does not stop the rest and makes the command fail, multiruns
+share one sweep, and a real multi-process Ray cluster runs a sweep through its address. The config
+itself (groups, schema, bad values) is tested in test_config.py."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
 
-from unitmatch.sweep.app import CONF_DIR, load_model_entry, run
+from unitmatch.sweep.stages import run
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a small, fast sweep: 2 demo models, 240 images, few permutations
 TINY = ["logger=none", "stimuli.variations=6", "analysis.n_permutations=19", "analysis.n_random_populations=20",
-        "analysis.splits=3", "neural.n_planted=24", "neural.n_noise=8", "zoo.models=[demo_test_convnext,demo_test_resnet]"]
+        "analysis.splits=3", "neural.n_planted=24", "neural.n_noise=8", "models=[demo_test_convnext,demo_test_resnet]",
+        "untrained_controls=[]"]
 
 
 def _compose(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+    with initialize_config_module(version_base="1.3", config_module="unitmatch.conf"):
         return compose(config_name="config", overrides=overrides)
 
 
@@ -36,43 +37,8 @@ def outputs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_every_config_group_composes_and_every_model_config_loads():
-    groups = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF_DIR.iterdir()
-              if g.is_dir() and g.name != "model"}
-    assert {"zoo", "stimuli", "neural", "analysis", "cluster", "logger", "experiment"} <= set(groups)
-    for group, options in groups.items():
-        for option in options:
-            override = f"+experiment={option}" if group == "experiment" else f"{group}={option}"
-            cfg = _compose([override] if group != "experiment" else [f"experiment={option}"])
-            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    assert len(models) > 50
-    for key in models:  # checks the timm architecture exists; creates no model
-        entry = load_model_entry(key)
-        assert entry.trained == (entry.imagenet_top1 is not None) or key.startswith("demo_")
-    zoo_models = {m for z in (CONF_DIR / "zoo").glob("*.yaml") for m in OmegaConf.load(z).models}
-    assert zoo_models <= set(models)
-
-
-def test_command_line_overrides_reach_the_config():
-    cfg = _compose(["zoo=classic", "analysis.n_permutations=1000", "cluster=ray", "cluster.address=ray://h:10001"])
-    assert "resnet50" in cfg.zoo.models and cfg.analysis.n_permutations == 1000
-    assert cfg.cluster.address == "ray://h:10001" and cfg.cluster.num_gpus_per_actor == 1
-
-
-def test_bad_overrides_fail_before_any_work(outputs):
-    with pytest.raises(ValueError, match=r"unknown model 'resnet5O'.*close names: \['resnet50'"):
-        run(_compose(TINY + ["models=[resnet5O]"]))
-    with pytest.raises(FileNotFoundError, match="neural.responses='/nonexistent/r.npy' does not exist"):
-        run(_compose([t for t in TINY if not t.startswith("neural.")]
-                     + ["neural=plain", "neural.responses=/nonexistent/r.npy"]))
-    with pytest.raises(ValueError, match="stage must be one of"):
-        run(_compose(TINY + ["stage=everything"]))
-    assert not (outputs / "stores").exists()  # nothing was extracted
-
-
 def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
-    cfg = _compose(TINY + ["+model_overrides.demo_test_resnet.layers=[layer9]"])
+    cfg = _compose(TINY + ["models.demo_test_resnet.layers=[layer9]"])
     done = run(cfg)
     # the resnet config asks for a layer it does not have: recorded, and the other model goes on
     assert list(done["failed"]) == ["demo_test_resnet"] and "layer9" in done["failed"]["demo_test_resnet"]["error"]
@@ -104,6 +70,12 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     again = run(fixed)  # a finished sweep: no extraction, no matching
     assert again["extracted"] == [] and again["analyzed"] == [] and sorted(again["skipped"]) == [
         "demo_test_convnext", "demo_test_resnet"]
+    # compute settings are not science: another scheduler, block size and batch size reuse the results
+    other = run(_compose(TINY + ["compute.scheduler=sync", "compute.block_units=4096"]))
+    assert other["analyzed"] == [] and sorted(other["skipped"]) == ["demo_test_convnext", "demo_test_resnet"]
+    # a science setting is: a new alpha recomputes both models
+    assert sorted(run(_compose(TINY + ["analysis.alpha=0.01"]))["analyzed"]) == ["demo_test_convnext",
+                                                                                "demo_test_resnet"]
     summary = pd.read_csv(results / "summary.csv")
     v4 = summary[summary.region == "V4"].set_index("model").median_test_r
     assert v4["demo_test_convnext"] > v4["demo_test_resnet"] + 0.1  # the planted model wins
@@ -126,6 +98,23 @@ def test_multirun_jobs_share_one_sweep_and_the_report_aggregates(outputs):
     summary = pd.read_csv(outputs / "sweeps" / "multi" / "summary.csv")
     assert set(summary.model) == {"demo_test_convnext", "demo_test_resnet"}
     assert proc.stdout.count("sweep multi: extracted") == 2  # one summary per job
+
+
+def test_a_failed_model_makes_the_command_fail_after_the_others_finish(outputs):
+    cmd = [sys.executable, "-m", "unitmatch.sweep", *TINY, "sweep_name=failing", "models.demo_test_resnet.layers=[layer9]"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "analyzed 1, already done 0, failed 1" in proc.stdout
+    assert "FAILED demo_test_resnet (extract)" in proc.stdout and "layer9" in proc.stdout
+    assert "1 model(s) failed: ['demo_test_resnet']" in proc.stderr
+    assert (outputs / "sweeps" / "failing" / "models" / "demo_test_convnext" / "DONE.json").exists()
+
+
+def test_a_configuration_error_exits_2_before_any_work(outputs):
+    cmd = [sys.executable, "-m", "unitmatch.sweep", *TINY, "analysis.alpha=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert proc.returncode == 2 and "analysis.alpha=2.0 is out of range" in proc.stderr
+    assert not (outputs / "stores").exists()
 
 
 @pytest.mark.slow
@@ -151,7 +140,7 @@ def test_sweep_through_the_address_of_a_multi_process_ray_cluster(outputs):
         cluster.wait_for_nodes()
         cmd = [sys.executable, "-m", "unitmatch.sweep", *TINY, "sweep_name=raycluster", "cluster=ray",
                f"cluster.address={cluster.address}", "cluster.num_gpus_per_actor=0", "cluster.num_cpus_per_actor=1",
-               "cluster.n_actors=2", "analysis.scheduler=ray"]
+               "cluster.n_actors=2", "compute.scheduler=ray"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     finally:
         cluster.shutdown()

@@ -1,0 +1,256 @@
+"""The sweep's stages: extract -> analyze (match on Dask, statistics, decoding) -> report.
+
+:func:`run` checks everything that needs no extraction first (the config against its schema, the
+models' architectures, the data paths), then runs the stages ``cfg.stage`` asks for. Each stage skips
+finished work: extraction finds complete stores by their identity; analysis finds a model's results
+by a fingerprint of (store, neural data, splits, science settings); the report is rebuilt from
+whatever complete results the sweep folder holds, so the jobs of a multirun add up. One model
+failing is recorded in ``<results_dir>/failures.json`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from unitmatch import core
+
+from . import results
+from .config import plain, validate
+from .data import check_data, load_assembly, load_stimuli
+from .zoo import ModelEntry, load_model, plan_models
+
+log = logging.getLogger("unitmatch")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run the configured stages; returns what was done (for tests and the final summary)."""
+    t0 = time.perf_counter()
+    validate(cfg)
+    cfg = plain(cfg)
+    entries = plan_models(cfg)
+    check_data(cfg)
+    extra = []
+    if cfg.neural.kind == "synthetic" and cfg.stage != "report" and cfg.neural.planted_model not in {e.key for e in entries}:
+        # every job of a multirun builds the same brain from the planted model's store
+        extra = [load_model(cfg.neural.planted_model, "neural.planted_model")]
+    results_dir = Path(cfg.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
+    if cfg.stage in ("all", "extract", "analyze"):
+        stimuli = load_stimuli(cfg)
+        stores = stage_extract(cfg, entries + extra, stimuli, done)
+    if cfg.stage in ("all", "analyze"):
+        assembly = load_assembly(cfg, stimuli, stores)
+        stage_analyze(cfg, entries, stores, assembly, done)
+    if cfg.stage in ("all", "report"):
+        done["report"] = stage_report(cfg)
+    results.update_failures(results_dir, done["failed"], done["analyzed"])
+    log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
+             len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
+             time.perf_counter() - t0)
+    return done
+
+
+class _Cluster:
+    """Ray for the extraction actors and the Dask-on-Ray reduction; a local instance is stopped after."""
+
+    def __init__(self, cfg: DictConfig):
+        import ray
+
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
+            if cfg.address == "local":
+                ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
+            else:
+                ray.init(address=cfg.address, **kwargs)
+            self.started = True
+
+    def close(self):
+        if self.started:
+            self.ray.shutdown()
+
+
+def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:
+    """Complete stores for every model (extracting what is missing on the Ray actor pool)."""
+    from unitmatch.core.extract import extract_to_store
+    from unitmatch.core.store import ActivationStore
+
+    from .extract import ZooExtraction
+
+    c, compute = cfg.cluster, cfg.compute
+    stores, todo = {}, []
+    for entry in entries:
+        try:
+            store = extract_to_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
+                                     dtype=compute.dtype, batches=[], device="cpu").store
+        except Exception as err:  # noqa: BLE001 - one model failing must not stop the sweep
+            _failed(done, entry.key, "extract", err)
+            continue
+        if store.complete:
+            stores[entry.key] = ActivationStore.open(store.path)
+        else:
+            todo.append((entry, store))
+    if todo:
+        cluster = _Cluster(c)
+        zoo = ZooExtraction(cfg.store_root, n_actors=c.n_actors, num_gpus=c.num_gpus_per_actor,
+                            num_cpus=c.num_cpus_per_actor, batch_size=compute.batch_size, dtype=compute.dtype,
+                            shard_batches=c.shard_batches, in_flight=c.in_flight)
+        try:
+            for entry, store in todo:  # one model at a time so a failure is attributed to its model
+                try:
+                    stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers,
+                                                stores={entry.spec: store})[entry.spec]
+                    done["extracted"].append(entry.key)
+                    _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)})
+                except Exception as err:  # noqa: BLE001
+                    _failed(done, entry.key, "extract", err)
+        finally:
+            zoo.shutdown()  # release the actors' CPUs before the reduction runs on the cluster
+            cluster.close()
+    return stores
+
+
+def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, assembly, done: dict) -> None:
+    from .reduce import match_store
+
+    a, compute = cfg.analysis, cfg.compute
+    meta = assembly.image_metadata
+    stratify = None if a.stratify == "none" else a.stratify
+    splits = core.brainscore_splits(meta if meta is not None and len(meta.columns) else None,
+                                    n_images=assembly.n_images, n_splits=a.splits, train_size=a.train_size,
+                                    random_state=a.random_state, stratify=stratify)
+    neural_fp = hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
+    science = OmegaConf.to_container(a, resolve=True)
+    for entry in entries:
+        if entry.key not in stores:
+            continue
+        store = stores[entry.key]
+        fp = results.fingerprint(store.path.name, neural_fp, [s[0].tolist() for s in splits], science)
+        if results.is_done(cfg.results_dir, entry.key, fp):
+            done["skipped"].append(entry.key)
+            continue
+        try:
+            t0 = time.perf_counter()
+            scheduler = compute.scheduler
+            if scheduler == "auto":
+                scheduler = "threads" if cfg.cluster.address == "local" else "ray"
+            cluster = _Cluster(cfg.cluster) if scheduler == "ray" else None
+            try:
+                result = match_store(store, assembly.mean_responses(), splits, top_k=a.top_k,
+                                     n_permutations=a.n_permutations, seed=a.random_state,
+                                     neuron_ids=assembly.neuron_ids, scheduler=scheduler, device=compute.device,
+                                     block_units=compute.block_units, progress=True)
+            finally:
+                if cluster is not None:
+                    cluster.close()
+            analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
+                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
+                                    seed=a.random_state, top_k=a.top_k)
+            _write_results(cfg, entry, store, analysis, result,
+                           {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name})
+            done["analyzed"].append(entry.key)
+            _log_stage(cfg, entry, "analyze", _metrics(analysis.summary))
+        except Exception as err:  # noqa: BLE001
+            _failed(done, entry.key, "analyze", err)
+
+
+def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, done: dict) -> None:
+    depth = {layer.name: i / max(len(store.layer_units) - 1, 1) for i, layer in enumerate(store.layer_units)}
+    tag = dict(model=entry.key, arch=entry.arch, trained=entry.trained,
+               imagenet_top1=np.nan if entry.imagenet_top1 is None else entry.imagenet_top1)
+    neurons = analysis.neurons.assign(**tag)
+    neurons["layer_depth"] = neurons.layer.map(depth)
+    tables = {
+        "matches": analysis.matches.assign(model=entry.key),
+        "neurons": neurons,
+        "summary": analysis.summary.assign(**tag, imagenet_top1_source=entry.imagenet_top1_source),
+        "layer_matches": analysis.layer_matches.assign(model=entry.key),
+        "assignment": analysis.assignment.assign(model=entry.key),
+        "decoding": analysis.decoding.assign(model=entry.key),
+    }
+    null = None if result.null is None else {"test_r": result.null.test_r, "train_r": result.null.train_r}
+    results.write_model_results(Path(cfg.results_dir), entry.key, tables, null, done)
+
+
+def stage_report(cfg: DictConfig) -> Path | None:
+    """Aggregate all models of the sweep: tables, plots, report.md, and the W&B summary run."""
+    from .figures import make_plots
+    from .report import write_markdown
+    from .wandb_sink import log_to_wandb
+
+    results_dir = Path(cfg.results_dir)
+    summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True)
+    if summary.empty:
+        log.warning("no finished model results in %s: nothing to report", results_dir)
+        return None
+    # per (model, neuron, split): layer, unit coordinates, train_r, test_r, p-value, ceiling ...
+    matches.to_parquet(results_dir / "matches.parquet", index=False)
+    matches.to_csv(results_dir / "matches.csv", index=False)
+    summary.to_csv(results_dir / "summary.csv", index=False)
+    summary.to_parquet(results_dir / "summary.parquet", index=False)
+    neurons.to_parquet(results_dir / "neurons.parquet", index=False)
+    neurons.drop(columns=[c for c in neurons.columns if neurons[c].dtype == object and c not in
+                          ("model", "neuron", "region", "layer", "arch")]).to_csv(results_dir / "neurons.csv",
+                                                                                 index=False)
+    plots = make_plots(summary, neurons, results_dir, nulls=nulls)
+    report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
+    if cfg.logger.enabled:
+        log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
+                     mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
+                     config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _failed(done: dict, key: str, stage: str, err: BaseException) -> None:
+    log.error("model %s failed in %s: %s", key, stage, err)
+    done["failed"][key] = {"stage": stage, "error": f"{type(err).__name__}: {err}",
+                           "traceback": traceback.format_exc()}
+
+
+def _metrics(summary: pd.DataFrame) -> dict:
+    out = {}
+    for row in summary.itertuples():
+        for col in ("median_test_r", "mean_test_r", "frac_significant", "median_test_r_ceiled", "transfer_accuracy"):
+            value = getattr(row, col, None)
+            if value is not None and np.isfinite(value):
+                out[f"{row.region}/{col}"] = float(value)
+    return out
+
+
+def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict) -> None:
+    if not cfg.logger.enabled:
+        return
+    from .wandb_sink import log_model_run
+
+    log_model_run(entry.key, stage, metrics, project=cfg.logger.project, entity=cfg.logger.entity,
+                  mode=cfg.logger.mode, group=cfg.sweep_name, wandb_dir=cfg.logger.dir,
+                  config={"model": entry.key, "spec": entry.spec.__dict__, "imagenet_top1": entry.imagenet_top1,
+                          "sweep": OmegaConf.to_container(cfg, resolve=True)})
+
+
+def print_summary(cfg: DictConfig, done: dict) -> None:
+    """The end-of-run summary on stdout (the command's output)."""
+    summary, _, _ = results.collect(Path(cfg.results_dir))
+    print(f"sweep {cfg.sweep_name}: extracted {len(done['extracted'])}, analyzed {len(done['analyzed'])}, "
+          f"already done {len(done['skipped'])}, failed {len(done['failed'])}")
+    for key, failure in done["failed"].items():
+        print(f"  FAILED {key} ({failure['stage']}): {failure['error']}")
+    if not summary.empty:
+        cols = ["model", "region", "imagenet_top1", "median_test_r", "median_test_r_sem", "frac_significant",
+                "transfer_accuracy"]
+        table = summary[[c for c in cols if c in summary]].sort_values(["region", "median_test_r"],
+                                                                       ascending=[True, False])
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if done["report"]:
+        print(f"report: {done['report']}  (plots and tables beside it; all results in {cfg.results_dir})")

@@ -1,0 +1,169 @@
+"""The W&B sink: one run per (model, stage) and one summary run per sweep, online or offline.
+
+W&B runs go online when an API key is configured and offline otherwise (``wandb sync <run dir>``
+uploads them later); ``mode="disabled"`` logs and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+
+from .report import STAT_KEYS, _fitted_rows, _regions, correspondence_stats
+
+log = logging.getLogger(__name__)
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def resolve_wandb_mode(mode: str = "auto") -> str:
+    """The W&B mode to use: ``mode`` itself unless it is ``"auto"``.
+
+    ``"auto"`` follows a ``WANDB_MODE`` set in the environment; otherwise it is ``"online"`` when an
+    API key is configured (``WANDB_API_KEY``, or a netrc entry for the W&B host: ``NETRC`` or
+    ``~/.netrc``; the host is ``WANDB_BASE_URL``'s, default api.wandb.ai) and ``"offline"`` when not.
+    """
+    if mode not in WANDB_MODES:
+        raise ValueError(f"unknown W&B mode {mode!r}; valid: {', '.join(WANDB_MODES)}")
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip()
+    if env:
+        return env
+    return "online" if _wandb_api_key_configured() else "offline"
+
+
+def _wandb_api_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY", "").strip():
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
+
+
+def _init_run(*, project: str, entity: str | None, mode: str, group: str | None, name: str, job_type: str,
+              config: Mapping | None, wandb_dir: str | Path | None):
+    import wandb
+
+    mode = resolve_wandb_mode(mode)
+    kwargs: dict[str, Any] = {}
+    if wandb_dir is not None and mode != "disabled":
+        Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["dir"] = str(wandb_dir)
+    # create_new: never return or finish a run the caller has open (the sweep's own run, say).
+    return wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, job_type=job_type,
+                      config=dict(config or {}), reinit="create_new", **kwargs)
+
+
+def _finish(run) -> None:
+    offline = getattr(run.settings, "mode", None) in ("offline", "dryrun")
+    run_dir = Path(run.dir).parent if offline else None
+    run.finish()
+    if offline:
+        log.info("W&B run %r written offline to %s; upload it later with `wandb sync %s`", run.name, run_dir,
+                 run_dir)
+
+
+def _disabled(run) -> bool:
+    return bool(getattr(run, "disabled", False)) or getattr(run.settings, "mode", None) == "disabled"
+
+
+def log_to_wandb(summary: pd.DataFrame, neurons: pd.DataFrame, plots: Mapping[str, str | Path], *, project: str,
+                 entity: str | None = None, mode: str = "auto", group: str | None = None, name: str = "summary",
+                 config: Mapping | None = None, wandb_dir: str | Path | None = None):
+    """Log the sweep's summary as one W&B run (``job_type="summary"``) and finish it.
+
+    Logged: the summary table (``summary``); per region a scatter of ``median_test_r`` against
+    ``imagenet_top1`` over the models the statistics use (``correspondence_<region>``); the statistics
+    in ``run.summary`` as ``<region>/spearman_r``, ``<region>/pearson_r``, ... ; each PNG as an image
+    (``plots/<name>``); the neurons table (``neurons``; above ``wandb.Table.MAX_ROWS`` rows it goes into
+    a ``neurons`` artifact instead, which holds up to ``wandb.Table.MAX_ARTIFACT_ROWS``).
+
+    Args:
+        mode: ``"auto"`` (see :func:`resolve_wandb_mode`), ``"online"``, ``"offline"`` or ``"disabled"``
+            (logs nothing, writes nothing).
+        config: run config (e.g. the resolved Hydra config), merged over the regions and model count.
+        wandb_dir: where W&B writes its ``wandb/`` folder (default: ``WANDB_DIR`` or the working directory).
+
+    Returns:
+        The finished run.
+    """
+    import wandb
+
+    regions = _regions(summary)
+    run_config = {"regions": regions, "n_models": int(summary.model.nunique()), **dict(config or {})}
+    run = _init_run(project=project, entity=entity, mode=mode, group=group, name=name, job_type="summary",
+                    config=run_config, wandb_dir=wandb_dir)
+    if _disabled(run):
+        _finish(run)
+        return run
+
+    payload: dict[str, Any] = {"summary": wandb.Table(dataframe=_wandb_frame(summary))}
+    for region in regions:
+        s = correspondence_stats(summary, region)
+        points = wandb.Table(dataframe=_wandb_frame(_fitted_rows(summary, region)))
+        payload[f"correspondence_{region}"] = wandb.plot.scatter(
+            points, "imagenet_top1", "median_test_r",
+            title=f"{region}: median test r vs ImageNet top-1 (Spearman {s['spearman_r']:.3f}, "
+                  f"Pearson {s['pearson_r']:.3f})")
+        for key in STAT_KEYS:
+            run.summary[f"{region}/{key}"] = s[key]
+    for stem, path in plots.items():
+        payload[f"plots/{stem}"] = wandb.Image(str(path), caption=stem)
+    neuron_table = wandb.Table(dataframe=_wandb_frame(neurons))
+    if len(neurons) <= wandb.Table.MAX_ROWS:
+        payload["neurons"] = neuron_table
+    else:
+        artifact = wandb.Artifact(f"neurons-{run.id}", type="neurons",
+                                  description=f"per-neuron matches ({len(neurons)} rows)")
+        artifact.add(neuron_table, "neurons")
+        run.log_artifact(artifact)
+    run.log(payload)
+    _finish(run)
+    return run
+
+
+def log_model_run(model: str, stage: str, metrics: Mapping[str, Any], *, project: str, entity: str | None = None,
+                  mode: str = "auto", group: str | None = None, config: Mapping | None = None,
+                  wandb_dir: str | Path | None = None):
+    """One small W&B run per (model, stage): ``job_type=stage``, name ``"<model>/<stage>"``.
+
+    The config holds ``model``, ``stage`` and ``config``; ``metrics`` go into ``run.summary``. The run
+    is finished and returned. ``mode`` as in :func:`log_to_wandb`.
+    """
+    run = _init_run(project=project, entity=entity, mode=mode, group=group, name=f"{model}/{stage}",
+                    job_type=stage, config={"model": model, "stage": stage, **dict(config or {})},
+                    wandb_dir=wandb_dir)
+    if not _disabled(run):
+        run.summary.update({k: _plain(v) for k, v in metrics.items()})
+    _finish(run)
+    return run
+
+
+def _plain(value):
+    """numpy scalars and arrays as plain Python values for the run summary."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _wandb_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The table as W&B takes it: plain object/str columns for categoricals, a fresh index."""
+    df = df.reset_index(drop=True).copy()
+    for column in df.columns:
+        if isinstance(df[column].dtype, pd.CategoricalDtype):
+            df[column] = df[column].astype(str)
+    return df
