@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
-from .report import CHANCE_TOP1, _fitted_rows, _regions, _safe, _trained_by_model, correspondence_stats
+from .report import CHANCE_TOP1, ILLUSTRATIVE, _regions, _safe, correspondence_stats, fitted_rows, weights_by_model
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,12 @@ def make_plots(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | Path
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plots[stem] = path
 
-    trained = _trained_by_model(summary)
+    weights = weights_by_model(summary)
     for region in _regions(summary):
         save(_correspondence_figure(Figure, summary, region), f"correspondence_{_safe(region)}")
         part = neurons[neurons.region == region]
         if len(part):
-            save(_layer_profile_figure(Figure, part, region, trained), f"layer_profile_{_safe(region)}")
+            save(_layer_profile_figure(Figure, part, region, weights), f"layer_profile_{_safe(region)}")
     for model, null in (nulls or {}).items():
         observed = neurons.loc[neurons.model == model, "test_r"].to_numpy(float)
         null = np.asarray(null, float).ravel()
@@ -68,8 +69,8 @@ def make_plots(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | Path
 
 def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
     rows = summary[summary.region == region]
-    fitted = _fitted_rows(summary, region)
-    controls = rows[~rows.trained.astype(bool)]
+    fitted, illustrative = fitted_rows(summary, region)
+    controls = rows[rows.control.astype(bool)] if "control" in rows else rows[~rows.trained.astype(bool)]
     s = correspondence_stats(summary, region)
 
     fig = Figure(figsize=(9 if len(controls) else 7, 5))
@@ -85,14 +86,14 @@ def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
                           textcoords="offset points")
         left.set_xlim(-0.6, 1.4)
         top1 = ", ".join(sorted({f"{v:g}%" for v in x0}))
-        left.set_xticks([0], [f"random weights\n(top-1 {top1})"])
+        left.set_xticks([0], [f"untrained controls\n(random weights; top-1 {top1})"])
         left.set_ylabel("median test r (held-out images)")
     else:
         ax = fig.subplots()
         ax.set_ylabel("median test r (held-out images)")
     ax.errorbar(fitted.imagenet_top1.astype(float), fitted.median_test_r.astype(float),
-                yerr=fitted.median_test_r_sem.astype(float).fillna(0), fmt="o", color="C0", capsize=2,
-                label="trained models")
+                yerr=fitted.median_test_r_sem.astype(float).fillna(0), fmt="o", color="C3" if illustrative else "C0",
+                capsize=2, label="random-weight models (illustrative x)" if illustrative else "models with these weights")
     for _, row in fitted.iterrows():
         ax.annotate(str(row.model), (row.imagenet_top1, row.median_test_r), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
@@ -101,14 +102,18 @@ def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
         ax.plot(xs, s["slope"] * xs + s["intercept"], color="C1", lw=1.2,
                 label=f"least squares: {s['slope']:.4f} r per % top-1")
         ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("ImageNet top-1 (%)")
-    fig.suptitle(f"{region}: unit-neuron correspondence vs ImageNet accuracy (n = {s['n_models']} models)\n"
-                 f"Spearman ρ = {s['spearman_r']:.3f} (p = {s['spearman_p']:.2g}), "
-                 f"Pearson r = {s['pearson_r']:.3f} (p = {s['pearson_p']:.2g})", fontsize=9)
+    ax.set_xlabel("ImageNet top-1 (%) of the trained weights: ILLUSTRATIVE (models have random weights)"
+                  if illustrative else "ImageNet top-1 (%) of these weights")
+    title = (f"{region}: unit-neuron correspondence vs ImageNet accuracy (n = {s['n_models']} models)\n"
+             f"Spearman ρ = {s['spearman_r']:.3f} (p = {s['spearman_p']:.2g}), "
+             f"Pearson r = {s['pearson_r']:.3f} (p = {s['pearson_p']:.2g}; {s['p_method'] or 'no test'})")
+    if illustrative:
+        title = "\n".join(textwrap.wrap(ILLUSTRATIVE, 110)) + "\n" + title
+    fig.suptitle(title, fontsize=8 if illustrative else 9, color="C3" if illustrative else "black")
     return fig
 
 
-def _layer_profile_figure(Figure, part: pd.DataFrame, region: str, trained: dict[str, bool]):
+def _layer_profile_figure(Figure, part: pd.DataFrame, region: str, weights: dict[str, str]):
     # A cumulative distribution per model: exact for the few discrete depths a stage selection gives
     # (no bins to choose, a layer that wins no neuron shows as a flat step) and easy to compare across
     # many models (a curve further right = deeper best layers).
@@ -118,11 +123,12 @@ def _layer_profile_figure(Figure, part: pd.DataFrame, region: str, trained: dict
         depth = np.sort(np.clip(pd.to_numeric(rows.layer_depth, errors="coerce").dropna().to_numpy(float), 0, 1))
         if not len(depth):
             continue
-        is_trained = trained.get(str(model), True)
+        kind = weights.get(str(model), "trained")
+        is_trained = kind != "random"
         x = np.concatenate([[0.0], depth, [1.0]])
         y = np.concatenate([[0.0], np.arange(1, len(depth) + 1) / len(depth), [1.0]])
         ax.step(x, y, where="post", color=f"C{i % 10}", ls="-" if is_trained else "--",
-                label=f"{model} (n={len(depth)}, median {np.median(depth):.2f})" + ("" if is_trained else " [random]"))
+                label=f"{model} (n={len(depth)}, median {np.median(depth):.2f})" + f" [weights: {kind}]")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("best-layer depth (0 = first selected layer, 1 = last)")

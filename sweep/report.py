@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: ImageNet top-1 (%) of guessing among 1000 classes: where a random-weight control sits on the x axis.
 CHANCE_TOP1 = 0.1
 STAT_KEYS = ("n_models", "spearman_r", "spearman_p", "pearson_r", "pearson_p", "slope", "intercept")
+#: how the report names an x axis that is only illustrative
+ILLUSTRATIVE = ("ILLUSTRATIVE: these models have random weights; x is the published top-1 of their "
+                "architecture's trained weights, which they do not have")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,53 +44,94 @@ STAT_KEYS = ("n_models", "spearman_r", "spearman_p", "pearson_r", "pearson_p", "
 def correspondence_stats(summary: pd.DataFrame, region: str, value: str = "median_test_r") -> dict:
     """Rank and linear correlation of a model score with ImageNet top-1 across models of one region.
 
-    Uses trained models with a finite ``imagenet_top1`` and a finite ``value`` in ``region``.
+    Uses the rows of :func:`fitted_rows`: models whose weights have that top-1 (trained or checkpoint),
+    or, when there are none, random-weight models carrying an illustrative top-1 (the demo), flagged
+    ``illustrative``. p-values come from the permutation distribution of the statistic (|r|, two-sided)
+    over all pairings of top-1 and score: exact (every pairing) up to 8 models, else
+    :data:`N_PERMUTATIONS` random pairings; ``p_method`` says which. Asymptotic p-values are meaningless
+    for the handful of models a sweep has.
 
     Returns:
-        ``n_models``, ``spearman_r``, ``spearman_p``, ``pearson_r``, ``pearson_p`` and the least-squares
-        line ``value = slope * top1 + intercept``; every statistic is NaN with fewer than 3 models (or
-        when either variable is constant).
+        ``n_models``, ``spearman_r``, ``spearman_p``, ``pearson_r``, ``pearson_p``, the least-squares
+        line ``value = slope * top1 + intercept``, ``illustrative`` and ``p_method``; every statistic
+        is NaN with fewer than 3 models (or when either variable is constant).
     """
     if value not in summary:
         raise ValueError(f"summary has no column {value!r}; columns: {list(summary.columns)}")
-    x, y = _trained_points(summary, region, value)
+    rows, illustrative = fitted_rows(summary, region, value)
+    x, y = rows.imagenet_top1.to_numpy(float), rows[value].to_numpy(float)
     out = dict.fromkeys(STAT_KEYS, math.nan)
-    out["n_models"] = len(x)
+    out.update(n_models=len(x), illustrative=illustrative, p_method="")
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return out
-    spearman = stats.spearmanr(x, y)
-    pearson = stats.pearsonr(x, y)
+    rank_x, rank_y = stats.rankdata(x), stats.rankdata(y)
+    spearman_p, method = permutation_p(rank_x, rank_y)
+    pearson_p, _ = permutation_p(x, y)
     slope, intercept = np.polyfit(x, y, 1)
-    out.update(spearman_r=float(spearman.statistic), spearman_p=float(spearman.pvalue),
-               pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
-               slope=float(slope), intercept=float(intercept))
+    out.update(spearman_r=float(stats.spearmanr(x, y).statistic), spearman_p=spearman_p,
+               pearson_r=float(stats.pearsonr(x, y).statistic), pearson_p=pearson_p,
+               slope=float(slope), intercept=float(intercept), p_method=method)
     return out
 
 
-def _trained_points(summary: pd.DataFrame, region: str, value: str) -> tuple[np.ndarray, np.ndarray]:
-    rows = _fitted_rows(summary, region, value)
-    return rows.imagenet_top1.to_numpy(float), rows[value].to_numpy(float)
+#: random pairings for the p-value above :data:`EXACT_UP_TO` models
+N_PERMUTATIONS = 100_000
+#: models up to which every pairing is enumerated (8! = 40,320)
+EXACT_UP_TO = 8
 
 
-def _fitted_rows(summary: pd.DataFrame, region: str, value: str = "median_test_r") -> pd.DataFrame:
-    """The rows the statistics use: trained models in ``region`` with finite top-1 and value."""
-    rows = summary[(summary.region == region) & summary.trained.astype(bool)]
+def permutation_p(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """Two-sided permutation p-value of the Pearson correlation of ``x`` and ``y`` (ranks give Spearman's).
+
+    p = share of pairings (permutations of ``x`` against ``y``) whose |r| is at least the observed
+    |r|, the observed pairing included: exact over all n! pairings for n <= :data:`EXACT_UP_TO`,
+    else over :data:`N_PERMUTATIONS` random pairings (seeded).
+    """
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    exact = len(x) <= EXACT_UP_TO
+    yz = (y - y.mean()) / np.linalg.norm(y - y.mean())
+
+    def abs_r(a, axis):
+        a = a - a.mean(axis=axis, keepdims=True)
+        return np.abs((a * yz).sum(axis=axis) / np.linalg.norm(a, axis=axis))
+
+    res = stats.permutation_test((x,), abs_r, permutation_type="pairings", vectorized=True,
+                                 n_resamples=np.inf if exact else N_PERMUTATIONS, alternative="greater",
+                                 rng=np.random.default_rng(0))
+    method = (f"exact permutation ({math.factorial(len(x))} pairings)" if exact
+              else f"permutation ({N_PERMUTATIONS} random pairings)")
+    return float(res.pvalue), method
+
+
+def fitted_rows(summary: pd.DataFrame, region: str, value: str = "median_test_r") -> tuple[pd.DataFrame, bool]:
+    """The rows the statistics use in ``region``, and whether their top-1 is only illustrative.
+
+    Models whose weights have the top-1 they carry (``trained``: a published tag or a checkpoint)
+    with finite top-1 and ``value``; untrained controls never. When no such model exists, the
+    random-weight models that carry an illustrative top-1 (``top1_illustrative``: the demo's test
+    models at their trained weights' published value) stand in, and the result says so.
+    """
+    rows = summary[summary.region == region]
     top1 = pd.to_numeric(rows.imagenet_top1, errors="coerce")
     score = pd.to_numeric(rows[value], errors="coerce")
     rows = rows[np.isfinite(top1) & np.isfinite(score)]
-    duplicated = rows.model[rows.model.duplicated()].unique()
+    real = rows[rows.trained.astype(bool)]
+    illustrative = real.empty and "top1_illustrative" in rows and bool(rows.top1_illustrative.astype(bool).any())
+    chosen = rows[rows.top1_illustrative.astype(bool)] if illustrative else real
+    duplicated = chosen.model[chosen.model.duplicated()].unique()
     if len(duplicated):
         raise ValueError(f"summary has several rows for model(s) {list(duplicated)} in region {region!r}; "
                          "expected one row per (model, region)")
-    return rows
+    return chosen, illustrative
 
 
 def _regions(summary: pd.DataFrame) -> list[str]:
     return [str(r) for r in pd.unique(summary.region)]
 
 
-def _trained_by_model(summary: pd.DataFrame) -> dict[str, bool]:
-    return {str(m): bool(t) for m, t in summary.groupby("model", sort=False).trained.first().items()}
+def weights_by_model(summary: pd.DataFrame) -> dict[str, str]:
+    """model -> what its weights are (trained, checkpoint, random), for labels."""
+    return {str(m): str(w) for m, w in summary.groupby("model", sort=False).weights.first().items()}
 
 
 def _safe(name: str) -> str:
@@ -107,15 +151,20 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
     lines = [f"# {title}", ""]
 
     lines += ["## Correspondence vs ImageNet top-1", "",
-              "Across trained models with a known top-1 (random-weight controls excluded); score: median "
-              "held-out r of each neuron's best-matching unit.", ""]
-    stat_rows = []
+              "Across models whose weights have the top-1 they carry (trained tags, checkpoints; untrained "
+              "controls excluded); score: median held-out r of each neuron's best-matching unit. p-values: "
+              "permutation tests over the pairings of top-1 and score (exact up to 8 models).", ""]
+    stat_rows, illustrative = [], False
     for region in _regions(summary):
         s = correspondence_stats(summary, region)
+        illustrative |= bool(s["illustrative"])
         stat_rows.append({"region": region, "models": s["n_models"],
-                          "Spearman ρ": _num(s["spearman_r"]), "p (Spearman)": _num(s["spearman_p"], ".2g"),
-                          "Pearson r": _num(s["pearson_r"]), "p (Pearson)": _num(s["pearson_p"], ".2g"),
-                          "slope (r per % top-1)": _num(s["slope"], ".4f")})
+                          "x axis": "illustrative" if s["illustrative"] else "top-1 of these weights",
+                          "Spearman ρ": _num(s["spearman_r"]), "p (Spearman)": _p(s["spearman_p"]),
+                          "Pearson r": _num(s["pearson_r"]), "p (Pearson)": _p(s["pearson_p"]),
+                          "slope (r per % top-1)": _num(s["slope"], ".4f"), "p method": s["p_method"] or "–"})
+    if illustrative:
+        lines += [f"**{ILLUSTRATIVE}.** The correlations below describe nothing about ImageNet accuracy.", ""]
     lines += [_markdown_table(pd.DataFrame(stat_rows)), ""]
 
     lines += ["## Models", ""]
@@ -125,8 +174,10 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
     model_rows = []
     for _, row in order.iterrows():
         model_rows.append({
-            "model": row.model, "arch": row.get("arch", ""), "weights": "trained" if row.trained else "random",
-            "top-1 %": _num(row.get("imagenet_top1"), ".1f"), "region": row.region,
+            "model": row.model, "arch": row.get("arch", ""),
+            "weights": str(row.weights) + (" (control)" if bool(row.get("control", False)) else ""),
+            "top-1 %": _num(row.get("imagenet_top1"), ".1f") + (" (illustrative)" if bool(
+                row.get("top1_illustrative", False)) else ""), "region": row.region,
             "neurons": _num(row.get("n_neurons"), "d"),
             "median r": _pm(row.get("median_test_r"), row.get("median_test_r_sem")),
             "mean r": _pm(row.get("mean_test_r"), row.get("mean_test_r_sem")),
@@ -168,6 +219,12 @@ def _num(x, spec: str = ".3f") -> str:
     if not math.isfinite(x):
         return "–"
     return format(int(round(x)), spec) if spec == "d" else format(x, spec)
+
+
+def _p(p) -> str:
+    """A p-value as a number, never a bare 0 (permutation p-values are at least 1 / pairings)."""
+    text = _num(p, ".2g")
+    return text if text == "–" or float(p) >= 1e-4 else format(float(p), ".1e")
 
 
 def _pm(value, sem) -> str:

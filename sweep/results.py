@@ -47,13 +47,14 @@ def is_done(results_dir: Path, key: str, fp: str) -> bool:
 
 
 def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFrame], null: dict | None,
-                        done: dict) -> Path:
-    """Write one model's tables (Parquet), its null (npz) and ``DONE.json`` in one rename.
+                        done: dict, records: dict | None = None) -> Path:
+    """Write one model's tables (Parquet), its null (npz), JSON records and ``DONE.json`` in one rename.
 
     Args:
         tables: file stem -> table (empty tables are left out).
         null: arrays for ``null.npz``, or None.
         done: what ``DONE.json`` records (must include ``fingerprint``).
+        records: file name -> JSON-serialisable content (e.g. ``provenance.json``).
     """
     final = model_dir(results_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,8 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
                 table.to_parquet(staging / f"{stem}.parquet", index=False)
         if null is not None:
             np.savez_compressed(staging / "null.npz", **null)
+        for name, content in (records or {}).items():
+            (staging / name).write_text(json.dumps(content, indent=2, default=str))
         (staging / DONE).write_text(json.dumps(done, indent=2))
         old = final.parent / f".{key}.old-{os.getpid()}"
         if final.exists():

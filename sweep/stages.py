@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from unitmatch import core
 
-from . import results
+from hydra.experimental.callback import Callback
+
+from . import provenance, results
 from .config import plain, validate
 from .data import check_data, load_assembly, load_stimuli
 from .zoo import ModelEntry, load_model, plan_models
@@ -51,7 +53,9 @@ def run(cfg: DictConfig) -> dict:
         assembly = load_assembly(cfg, stimuli, stores)
         stage_analyze(cfg, entries, stores, assembly, done)
     if cfg.stage in ("all", "report"):
-        done["report"] = stage_report(cfg)
+        # in a multirun the jobs' reports are partial: the W&B summary is logged once, after the last
+        # job, by the MultirunReport callback
+        done["report"] = stage_report(cfg, wandb_summary=not _in_multirun())
     results.update_failures(results_dir, done["failed"], done["analyzed"])
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
@@ -111,7 +115,8 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
                     stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers,
                                                 stores={entry.spec: store})[entry.spec]
                     done["extracted"].append(entry.key)
-                    _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)})
+                    _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)},
+                               produces=[("store", stores[entry.key])])
                 except Exception as err:  # noqa: BLE001
                     _failed(done, entry.key, "extract", err)
         finally:
@@ -131,6 +136,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                     random_state=a.random_state, stratify=stratify)
     neural_fp = hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
     science = OmegaConf.to_container(a, resolve=True)
+    provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
     for entry in entries:
         if entry.key not in stores:
             continue
@@ -156,17 +162,20 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
                                     decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
                                     seed=a.random_state, top_k=a.top_k)
-            _write_results(cfg, entry, store, analysis, result,
-                           {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name})
+            folder = _write_results(cfg, entry, store, analysis, result,
+                                    {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
+                                     "neural_data": neural_fp})
             done["analyzed"].append(entry.key)
-            _log_stage(cfg, entry, "analyze", _metrics(analysis.summary))
+            _log_stage(cfg, entry, "analyze", _metrics(analysis.summary),
+                       uses=[("store", store), ("data", neural_fp)], produces=[("results", folder)])
         except Exception as err:  # noqa: BLE001
             _failed(done, entry.key, "analyze", err)
 
 
-def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, done: dict) -> None:
+def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, done: dict) -> Path:
     depth = {layer.name: i / max(len(store.layer_units) - 1, 1) for i, layer in enumerate(store.layer_units)}
-    tag = dict(model=entry.key, arch=entry.arch, trained=entry.trained,
+    tag = dict(model=entry.key, arch=entry.arch, weights=entry.weights, trained=entry.trained,
+               control=entry.control is not None, top1_illustrative=entry.top1_illustrative,
                imagenet_top1=np.nan if entry.imagenet_top1 is None else entry.imagenet_top1)
     neurons = analysis.neurons.assign(**tag)
     neurons["layer_depth"] = neurons.layer.map(depth)
@@ -179,11 +188,12 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
         "decoding": analysis.decoding.assign(model=entry.key),
     }
     null = None if result.null is None else {"test_r": result.null.test_r, "train_r": result.null.train_r}
-    results.write_model_results(Path(cfg.results_dir), entry.key, tables, null, done)
+    return results.write_model_results(Path(cfg.results_dir), entry.key, tables, null, done,
+                                       {"provenance.json": provenance.model_record(entry, store)})
 
 
-def stage_report(cfg: DictConfig) -> Path | None:
-    """Aggregate all models of the sweep: tables, plots, report.md, and the W&B summary run."""
+def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
+    """Aggregate all models of the sweep: tables, plots, report.md, and (``wandb_summary``) the W&B summary run."""
     from .figures import make_plots
     from .report import write_markdown
     from .wandb_sink import log_to_wandb
@@ -204,11 +214,32 @@ def stage_report(cfg: DictConfig) -> Path | None:
                                                                                  index=False)
     plots = make_plots(summary, neurons, results_dir, nulls=nulls)
     report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
-    if cfg.logger.enabled:
+    if cfg.logger.enabled and wandb_summary:
+        folders = {m: results.model_dir(results_dir, m) for m in pd.unique(summary.model)}
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
                      mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
-                     config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir)
+                     config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir,
+                     matches=matches, results=folders)
     return report
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class MultirunReport(Callback):
+    """After the last job of a multirun: the sweep's report and its one W&B summary run."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        validate(config)
+        cfg = plain(config)
+        if results.collect(Path(cfg.results_dir))[0].empty:
+            return
+        report = stage_report(cfg)
+        log.info("multirun report (all jobs): %s", report)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -228,15 +259,33 @@ def _metrics(summary: pd.DataFrame) -> dict:
     return out
 
 
-def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict) -> None:
+def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict, uses=(), produces=()) -> None:
+    """One W&B run for (model, stage), with its inputs and outputs as artifacts (W&B's lineage graph)."""
     if not cfg.logger.enabled:
         return
-    from .wandb_sink import log_model_run
+    import wandb
 
-    log_model_run(entry.key, stage, metrics, project=cfg.logger.project, entity=cfg.logger.entity,
-                  mode=cfg.logger.mode, group=cfg.sweep_name, wandb_dir=cfg.logger.dir,
-                  config={"model": entry.key, "spec": entry.spec.__dict__, "imagenet_top1": entry.imagenet_top1,
-                          "sweep": OmegaConf.to_container(cfg, resolve=True)})
+    from .wandb_sink import data_artifact, log_model_run, results_artifact, store_artifact
+
+    def artifact(kind, value):
+        if kind == "store":
+            return store_artifact(wandb, value.path, value.key)
+        if kind == "results":
+            return results_artifact(wandb, entry.key, value)
+        n = cfg.neural
+        return data_artifact(wandb, cfg.sweep_name, value, {"responses": n.responses or n.path,
+                                                            "stimuli": cfg.stimuli.path})
+
+    model = {"key": entry.key, "weights": entry.weights, "control": entry.control or "none",
+             "imagenet_top1": entry.imagenet_top1, "imagenet_top1_illustrative": entry.top1_illustrative,
+             "spec": {k: v for k, v in entry.spec.__dict__.items()}}
+    try:
+        log_model_run(entry.key, stage, {**metrics, "weights": entry.weights}, project=cfg.logger.project,
+                      entity=cfg.logger.entity, mode=cfg.logger.mode, group=cfg.sweep_name, wandb_dir=cfg.logger.dir,
+                      config={"model": model, **OmegaConf.to_container(cfg, resolve=True)},
+                      uses=[artifact(*u) for u in uses], produces=[artifact(*p) for p in produces])
+    except Exception as err:  # noqa: BLE001 - the results are on disk; logging them must not fail the model
+        log.error("W&B run for %s/%s not logged: %s: %s", entry.key, stage, type(err).__name__, err)
 
 
 def print_summary(cfg: DictConfig, done: dict) -> None:

@@ -47,8 +47,20 @@ class ModelEntry:
     control: str | None = None
 
     @property
+    def weights(self) -> str:
+        """What the weights are: ``"trained"`` (a published tag), ``"checkpoint"`` (a local file) or ``"random"``."""
+        if self.spec.checkpoint:
+            return "checkpoint"
+        return "trained" if self.spec.pretrained else "random"
+
+    @property
     def trained(self) -> bool:
-        return self.control is None
+        return self.weights != "random"
+
+    @property
+    def top1_illustrative(self) -> bool:
+        """A top-1 that belongs to other (trained) weights than these random ones: an illustrative x value."""
+        return self.weights == "random" and self.imagenet_top1 is not None
 
     @property
     def arch(self) -> str:

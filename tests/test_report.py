@@ -50,6 +50,8 @@ def _summary(regions=("V4", "IT")) -> pd.DataFrame:
         for trained, models in ((True, TRAINED), (False, UNTRAINED)):
             for model, (arch, top1, r) in models.items():
                 rows.append({"model": model, "arch": arch, "trained": trained, "imagenet_top1": top1,
+                             "weights": "trained" if trained else "random", "control": not trained,
+                             "top1_illustrative": False,
                              "region": region, "n_neurons": 12, "median_test_r": r - 0.05 * k,
                              "median_test_r_sem": 0.01, "mean_test_r": r - 0.05 * k - 0.01,
                              "mean_test_r_sem": 0.012, "frac_significant": 0.75 if trained else np.nan,
@@ -83,9 +85,10 @@ def test_correspondence_stats_match_scipy_over_trained_models_only():
     slope, intercept = np.polyfit(x, y, 1)
     assert got["n_models"] == 5
     assert got["spearman_r"] == pytest.approx(spearman.statistic) and got["spearman_r"] == pytest.approx(0.6)
-    assert got["spearman_p"] == pytest.approx(spearman.pvalue)
+    assert got["spearman_p"] == pytest.approx(_exact_p(stats.rankdata(x), stats.rankdata(y)))
     assert got["pearson_r"] == pytest.approx(pearson.statistic)
-    assert got["pearson_p"] == pytest.approx(pearson.pvalue)
+    assert got["pearson_p"] == pytest.approx(_exact_p(x, y))
+    assert got["p_method"] == "exact permutation (120 pairings)" and not got["illustrative"]
     assert got["slope"] == pytest.approx(slope) and got["intercept"] == pytest.approx(intercept)
     # The controls would change the answer if they were used.
     with_controls = summary[(summary.region == "V4") & summary.imagenet_top1.notna()]
@@ -95,6 +98,56 @@ def test_correspondence_stats_match_scipy_over_trained_models_only():
     mean = report.correspondence_stats(summary, "IT", value="mean_test_r")
     assert mean["pearson_r"] == pytest.approx(stats.pearsonr(x, y - 0.06).statistic)
     assert mean["slope"] == pytest.approx(slope)
+
+
+def _exact_p(x, y) -> float:
+    """P(|r| >= |observed r|) over every pairing of x with y, by enumeration (the reference)."""
+    import itertools
+
+    observed = abs(np.corrcoef(x, y)[0, 1])
+    rs = [abs(np.corrcoef(np.asarray(perm), y)[0, 1]) for perm in itertools.permutations(x)]
+    return float(np.mean(np.asarray(rs) >= observed - 1e-12))
+
+
+def test_p_values_for_four_models_are_the_exact_permutation_values_not_asymptotic_ones():
+    summary = _summary()
+    four = summary[summary.model != "mobilenetv3_small_100.lamb_in1k"]
+    x = np.array([v[1] for k, v in TRAINED.items() if k != "mobilenetv3_small_100.lamb_in1k"])
+    y = np.array([v[2] for k, v in TRAINED.items() if k != "mobilenetv3_small_100.lamb_in1k"])
+    got = report.correspondence_stats(four, "V4")
+    assert got["n_models"] == 4 and got["p_method"] == "exact permutation (24 pairings)"
+    assert got["spearman_p"] == pytest.approx(_exact_p(stats.rankdata(x), stats.rankdata(y)))
+    assert got["pearson_p"] == pytest.approx(_exact_p(x, y))
+    assert got["spearman_p"] >= 2 / 24  # never 0: the observed pairing and its mirror count
+    assert got["spearman_p"] != pytest.approx(stats.spearmanr(x, y).pvalue)  # the asymptotic value differs
+    # above 8 models: random pairings, seeded, close to the exact value
+    many = pd.concat([summary.assign(model=summary.model + "_b", imagenet_top1=summary.imagenet_top1 + 0.5,
+                                     median_test_r=summary.median_test_r + 0.004), summary], ignore_index=True)
+    sampled = report.correspondence_stats(many, "V4")
+    assert sampled["n_models"] == 10 and sampled["p_method"] == "permutation (100000 random pairings)"
+    assert 0 < sampled["pearson_p"] < 1
+
+
+def test_random_weight_models_are_labelled_random_and_their_x_axis_illustrative(tmp_path):
+    summary = _summary(("V4",))
+    demo = summary[summary.trained].assign(weights="random", trained=False, top1_illustrative=True)
+    demo = pd.concat([demo, summary[~summary.trained]], ignore_index=True)
+    s = report.correspondence_stats(demo, "V4")
+    assert s["illustrative"] and s["n_models"] == 5  # the demo's models, never its controls
+    rows, illustrative = report.fitted_rows(demo, "V4")
+    assert illustrative and not rows.control.any()
+    md = report.write_markdown(demo, _neurons(demo), tmp_path, {}, title="demo").read_text()
+    assert "ILLUSTRATIVE: these models have random weights" in md and "| illustrative |" in md
+    assert "weights: trained" not in md and "| trained" not in md
+    assert md.count("(illustrative)") == 5 and md.count("random (control)") == 2
+    # one trained model with a real top-1 makes the statistics real again, over it alone
+    mixed = pd.concat([demo, summary[summary.model == "resnet50.a1_in1k"]], ignore_index=True)
+    assert not report.correspondence_stats(mixed, "V4")["illustrative"]
+    assert report.correspondence_stats(mixed, "V4")["n_models"] == 1
+    run = wandb_sink.log_to_wandb(demo, _neurons(demo, 2), {}, project="unitmatch-test", mode="offline",
+                                  wandb_dir=tmp_path / "wb")
+    logged = _read_offline_run(run)
+    assert logged["summary"]["V4/x_illustrative"] is True and logged["summary"]["V4/n_models"] == 5
 
 
 def test_correspondence_stats_are_nan_below_three_models():

@@ -62,6 +62,17 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
                    "transfer_accuracy", "strict_drop"):
         assert column in summary
     assert (results / "report.md").exists() and (results / "correspondence_V4.png").exists()
+    assert set(summary.weights) == {"random"} and not summary.trained.any() and summary.top1_illustrative.all()
+    assert "ILLUSTRATIVE" in (results / "report.md").read_text()
+    # provenance: what produced these numbers
+    record = json.loads((results / "provenance.json").read_text())
+    assert record["config"]["analysis"]["n_permutations"] == 19 and record["packages"]["torch"]
+    assert record["git"] is None or len(record["git"]["commit"]) == 40
+    assert len(record["neural_data"]["sha256_16"]) == 16 and record["neural_data"]["n_neurons"] == 32
+    store = record["stores"]["demo_test_convnext"]
+    assert store["key"]["model"] == "test_convnext@random:0" and store["extraction"]["unitmatch_version"]
+    model = json.loads((results / "models" / "demo_test_convnext" / "provenance.json").read_text())
+    assert model["weights"] == "random" and model["store"]["digest"] == store["digest"]
 
     fixed = _compose(TINY)  # the resnet is fine now: only it is done, the convnext is skipped
     done = run(fixed)
@@ -81,23 +92,62 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     assert v4["demo_test_convnext"] > v4["demo_test_resnet"] + 0.1  # the planted model wins
 
 
-def test_wandb_offline_run_holds_the_summary(outputs):
+def _offline_runs(folder: Path) -> dict[str, dict]:
+    """Every offline W&B run under ``folder``: name -> flat config keys, config, artifacts (name, type)."""
+    from test_report import _records
+
+    runs = {}
+    for path in folder.rglob("offline-run-*/run-*.wandb"):
+        out = {"config": {}, "artifacts": []}
+        for record in _records(path.read_bytes()):
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                out["name"] = record.run.display_name
+            if which in ("run", "config"):
+                for item in (record.run.config.update if which == "run" else record.config.update):
+                    out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            elif which == "artifact":
+                out["artifacts"].append((record.artifact.name, record.artifact.type))
+        runs[out["name"]] = out
+    return runs
+
+
+def test_wandb_offline_runs_hold_lineage_artifacts_matches_and_one_flat_config(outputs):
     done = run(_compose([t for t in TINY if t != "logger=none"] + ["logger=wandb", "logger.mode=offline"]))
     assert done["report"] is not None
-    runs = list((outputs / "wandb_dir").rglob("offline-run-*"))
-    # one run per model and stage (extract, analyze) plus the summary run
-    assert len(runs) >= 5
-    assert any(list(r.glob("*.wandb")) for r in runs)
+    runs = _offline_runs(outputs / "wandb_dir")
+    assert set(runs) == {f"{m}/{s}" for m in ("demo_test_convnext", "demo_test_resnet")
+                         for s in ("extract", "analyze")} | {"demo/summary"}
+    for name, logged in runs.items():
+        config = logged["config"]
+        assert config["analysis.top_k"] == 5 and config["compute.dtype"] == "float16", name
+        assert not any(isinstance(v, dict) for k, v in config.items() if k != "_wandb"), name  # flat
+        assert "sweep" not in config
+    for model in ("demo_test_convnext", "demo_test_resnet"):
+        (store,) = [a for a in runs[f"{model}/extract"]["artifacts"] if a[1] == "activation-store"]
+        analyze = runs[f"{model}/analyze"]
+        assert analyze["config"]["model.weights"] == "random" and analyze["config"]["stage"] == "analyze"
+        assert ("results-" + model, "results") in analyze["artifacts"]
+        inputs = analyze["config"]["inputs"]  # offline, W&B keeps the inputs' names (use_artifact is online only)
+        assert store[0] in inputs and any(i.startswith("data-demo-") for i in inputs)
+    summary = runs["demo/summary"]
+    assert ("matches-demo", "results") in summary["artifacts"]
+    assert sorted(summary["config"]["inputs"]) == ["results-demo_test_convnext", "results-demo_test_resnet"]
 
 
 def test_multirun_jobs_share_one_sweep_and_the_report_aggregates(outputs):
-    cmd = [sys.executable, "-m", "unitmatch.sweep", "-m", *TINY, "sweep_name=multi",
+    tiny = [t for t in TINY if t != "logger=none"] + ["logger.mode=offline"]
+    cmd = [sys.executable, "-m", "unitmatch.sweep", "-m", *tiny, "sweep_name=multi",
            "models=[demo_test_convnext],[demo_test_resnet]", f"hydra.sweep.dir={outputs}/hydra"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = pd.read_csv(outputs / "sweeps" / "multi" / "summary.csv")
     assert set(summary.model) == {"demo_test_convnext", "demo_test_resnet"}
     assert proc.stdout.count("sweep multi: extracted") == 2  # one summary per job
+    # one W&B summary run for the whole sweep, after the last job, over both models
+    runs = _offline_runs(outputs / "wandb_dir")
+    assert [n for n in runs if n.endswith("/summary")] == ["multi/summary"]
+    assert runs["multi/summary"]["config"]["n_models"] == 2
 
 
 def test_a_failed_model_makes_the_command_fail_after_the_others_finish(outputs):
