@@ -234,6 +234,7 @@ class MultirunReport(Callback):
     """After the last job of a multirun: the sweep's report and its one W&B summary run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # the sweep's own keys
         validate(config)
         cfg = plain(config)
         if results.collect(Path(cfg.results_dir))[0].empty:
