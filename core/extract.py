@@ -118,46 +118,51 @@ def full_float32():
     in full float32 too. Every setting is restored afterwards, also on errors. The settings are
     process-wide (other threads see them while the block runs).
 
-    On torch >= 2.9 this sets the per-operator precisions (``torch.backends.cuda.matmul``,
-    ``torch.backends.cudnn.conv`` / ``.rnn`` ``fp32_precision = "ieee"``) together with the legacy
-    ``torch.set_float32_matmul_precision("highest")``, which torch requires to agree with them (it
-    raises on a mix of a legacy and a new setting); older torch has only ``allow_tf32`` flags.
+    torch >= 2.9 keeps a per-operator precision (``torch.backends.cuda.matmul``,
+    ``torch.backends.cudnn.conv`` / ``.rnn``: ``fp32_precision``) beside the legacy settings
+    (``torch.set_float32_matmul_precision``, ``torch.backends.cudnn.allow_tf32``) and raises where
+    the two disagree, so both are set to full precision, in this order: legacy first (it resets the
+    per-operator values), then per-operator ``"ieee"`` (explicit, so that no ``"tf32"`` inherited
+    from ``torch.backends.fp32_precision`` applies). A legacy setting that torch refuses to report
+    (the caller's settings already disagree) is left alone. Older torch has only the legacy settings.
     """
     b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(getattr(b.cudnn, "conv", None), "fp32_precision"):
-        knobs = [(b.cuda.matmul, "ieee"), (b.mkldnn.matmul, None), (b.cudnn.conv, "ieee"), (b.cudnn.rnn, "ieee")]
-        saved = [(obj, obj.fp32_precision) for obj, _ in knobs]
-        try:  # raises when new-API settings disagree with the legacy one: then leave the legacy one alone
-            legacy = torch.get_float32_matmul_precision()
-        except RuntimeError:
-            legacy = None
-        try:
-            if legacy is not None:
-                torch.set_float32_matmul_precision("highest")  # also sets both matmul precisions to ieee
-            for obj, value in knobs:
-                if value is not None:
-                    obj.fp32_precision = value
-            yield
-        finally:
-            if legacy is not None:
-                torch.set_float32_matmul_precision(legacy)
-            for obj, value in saved:
-                obj.fp32_precision = value
-    else:  # torch < 2.9
-        legacy, cudnn = torch.get_float32_matmul_precision(), b.cudnn.allow_tf32
-        try:
+    ops = [getattr(b.cuda, "matmul", None), getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None)]
+    ops = [op for op in ops if hasattr(op, "fp32_precision")]
+    # oneDNN's matmul precision is saved too: the legacy matmul setting changes it
+    saved = [(op, op.fp32_precision) for op in [*ops, getattr(b.mkldnn, "matmul", None)]
+             if hasattr(op, "fp32_precision")]
+    matmul = _legacy_setting(torch.get_float32_matmul_precision)
+    cudnn = _legacy_setting(lambda: b.cudnn.allow_tf32)
+    try:
+        if matmul is not None:
             torch.set_float32_matmul_precision("highest")
+        if cudnn is not None:
             b.cudnn.allow_tf32 = False
-            yield
-        finally:
-            torch.set_float32_matmul_precision(legacy)
+        for op in ops:
+            op.fp32_precision = "ieee"
+        yield
+    finally:
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if cudnn is not None:
             b.cudnn.allow_tf32 = cudnn
+        for op, value in saved:
+            op.fp32_precision = value
+
+
+def _legacy_setting(read):
+    """A legacy TF32 setting, or None where torch refuses to report it (it disagrees with a new one)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
 
 
 def _device(device) -> torch.device:
     """The extraction device: as given (``"cuda"`` as the current CUDA device), default cuda when available."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
@@ -174,7 +179,7 @@ def _on_device(model, device: torch.device):
     """
     tensors = [*model.parameters(), *model.buffers()]
     where = {t.device for t in tensors}
-    if not tensors or where == {device}:
+    if not tensors or all(d.type == device.type and device.index in (None, d.index) for d in where):
         yield model
         return
     if len(where) > 1:
@@ -482,9 +487,8 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
             undecodable image (named).
     """
     t0 = time.perf_counter()
-    device = _device(device)
-    if model is None:
-        model = spec.create().to(device)  # ours: no need to move it back
+    own = model is None
+    model = spec.create() if own else model
     store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype,
                           compression_level=compression_level, model=model)
     if batches is not None:
@@ -497,6 +501,9 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     skipped = (store.n_batches if batches is None else len(batches)) - len(wanted)
     written: list[int] = []
     if wanted:
+        device = _device(device)
+        if own:
+            model.to(device)  # ours: no need to move it back
         with _StoreSink(store) as sink:
             _extract(model, stimuli, spec.data_config(model), store.layer_units, sink, batches=wanted,
                      batch_size=store.batch_size, dtype=DTYPES[store.key["dtype"]], device=device,

@@ -105,10 +105,13 @@ def test_the_callers_model_is_left_as_it_was(stimuli):
 
 
 def _precisions() -> dict:
+    """torch's float32 settings, legacy and per operator (torch raises on reading a legacy one that
+    disagrees with the per-operator ones, so reading them also checks that they agree)."""
     b = torch.backends
     return {"matmul": torch.get_float32_matmul_precision(), "cuda.matmul": b.cuda.matmul.fp32_precision,
             "mkldnn.matmul": b.mkldnn.matmul.fp32_precision, "cudnn.conv": b.cudnn.conv.fp32_precision,
-            "cudnn.rnn": b.cudnn.rnn.fp32_precision}
+            "cudnn.rnn": b.cudnn.rnn.fp32_precision, "legacy matmul tf32": b.cuda.matmul.allow_tf32,
+            "legacy cudnn tf32": b.cudnn.allow_tf32}
 
 
 @pytest.fixture
@@ -119,6 +122,7 @@ def tf32_allowed():
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     yield _precisions()
     torch.set_float32_matmul_precision(before["matmul"])
+    torch.backends.cudnn.allow_tf32 = before["legacy cudnn tf32"]
     for knob in ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn"):
         backend, op = knob.split(".")
         setattr(getattr(getattr(torch.backends, backend), op), "fp32_precision", before[knob])
@@ -132,7 +136,7 @@ def test_extraction_runs_without_tf32_and_restores_the_callers_settings(stimuli,
     try:
         extract_activations(model, stimuli, ["layer2"], batch_size=10)
         full = {"matmul": "highest", "cuda.matmul": "ieee", "mkldnn.matmul": "ieee", "cudnn.conv": "ieee",
-                "cudnn.rnn": "ieee"}
+                "cudnn.rnn": "ieee", "legacy matmul tf32": False, "legacy cudnn tf32": False}
         assert len(seen) >= 3 and seen[-2:] == [full, full]  # the probe pass, then both batches
         assert _precisions() == tf32_allowed
 
