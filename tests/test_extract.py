@@ -68,7 +68,7 @@ def test_activations_refuse_arrays_that_do_not_fit_their_descriptions():
     a = np.zeros((4, 3, 5), np.float32)
     layer = LayerUnits("blk", (3, 5), ("token", "channel"), prefix_tokens=1)
     assert Activations({"blk": a}, [layer])["blk"] is a
-    with pytest.raises(ValueError, match=r"layer 'blk': array of shape \(4, 5, 3\) does not hold \(images, \*\(3, 5\)\)"):
+    with pytest.raises(ValueError, match=r"'blk': array of shape \(4, 5, 3\) does not hold \(images, \*\(3, 5\)\)"):
         Activations({"blk": np.zeros((4, 5, 3))}, [layer])
     with pytest.raises(ValueError, match=r"descriptions \['blk'\] do not match the arrays' layers \['other'\]"):
         Activations({"other": a}, [layer])

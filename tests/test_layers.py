@@ -302,7 +302,8 @@ def test_probed_layers_make_the_catalogue_that_describes_and_flags_units(models)
 
 
 def test_layer_units_validate_their_description():
-    assert LayerUnits("x", (np.int64(2), 3), ["token", "channel"], 1) == LayerUnits("x", (2, 3), ("token", "channel"), 1)
+    normalized = LayerUnits("x", (np.int64(2), 3), ["token", "channel"], 1)  # as read back from JSON / numpy
+    assert normalized == LayerUnits("x", (2, 3), ("token", "channel"), 1)
     with pytest.raises(ValueError, match="does not match dims"):
         LayerUnits("x", (2, 3), ("channel",))
     with pytest.raises(ValueError, match="needs a 'token' axis"):
@@ -316,7 +317,8 @@ def test_layer_units_validate_their_description():
     with pytest.raises(ValueError, match=r"positive integers; got \(0, 5\)"):
         LayerUnits("x", (0, 5), ("token", "channel"))
     # dimension names come from one place
-    assert infer_dims((4, 5, 6)) == ("channel", "y", "x") and infer_dims((4, 5, 6), channels_last=True) == ("y", "x", "channel")
+    assert infer_dims((4, 5, 6)) == ("channel", "y", "x")
+    assert infer_dims((4, 5, 6), channels_last=True) == ("y", "x", "channel")
     assert infer_dims((7,)) == ("channel",) and infer_dims((3, 7)) == ("token", "channel")
     assert infer_dims((1, 2, 3, 4)) == ("d0", "d1", "d2", "d3")
     layer = LayerUnits.infer("blocks.0", (5, 8), prefix_tokens=1)
