@@ -5,9 +5,11 @@ Model: resnet18 (random weights; speed does not depend on the weights), its 8 bl
 in one process:
 - bare: ``model(x)`` on already preprocessed batches (no hooks, no copies, no disk),
 - bare + preprocessing: Pillow decode/resize/crop/normalize of each batch, then ``model(x)``,
-- store: :func:`core.extract.extract_to_store` end to end (decode, forward with hooks, float16,
-  background zstd writes of whole chunks, completion records) into a fresh store.
-The overhead of the store is reported against both references.
+- memory: :func:`core.extract.extract_activations`, the same extraction loop (decode, forward with
+  hooks, float16 copies to the host) into in-memory arrays: the loop's cost without the disk,
+- store: :func:`core.extract.extract_to_store` end to end (the same loop, background zstd writes of
+  whole chunks, completion records) into a fresh store.
+The overhead of each is reported against both references.
 
 Run: .venv/bin/python benchmarks/bench_extract.py [--images 256] [--batch 32] [--device cuda]
 """
@@ -20,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,7 +37,7 @@ def main():
     ap.add_argument("--levels", type=int, nargs="+", default=[1, -1], help="zstd levels of the store runs")
     args = ap.parse_args()
 
-    from unitmatch.core.extract import ModelSpec, eval_transform, extract_to_store
+    from unitmatch.core.extract import ModelSpec, eval_transform, extract_activations, extract_to_store
     from unitmatch.core.layers import layer_names, probe_layers
     from unitmatch.core.synthetic import generate_stimuli
 
@@ -67,6 +68,9 @@ def main():
     bare_pass(False)  # warm-up: allocations, kernel selection
     bare = min(bare_pass(False) for _ in range(2))
     bare_pre = min(bare_pass(True) for _ in range(2))
+    t0 = time.perf_counter()
+    extract_activations(model, stimuli, names, batch_size=args.batch, device=device, num_workers=args.workers)
+    memory = time.perf_counter() - t0
     rows = []
     for level in args.levels:
         with tempfile.TemporaryDirectory() as root:
@@ -83,6 +87,8 @@ def main():
     print("|---|---|---|---|---|---|")
     print(f"| bare forward (preprocessed tensors) | {bare:.2f} | {n / bare:.1f} | | | |")
     print(f"| bare forward + preprocessing | {bare_pre:.2f} | {n / bare_pre:.1f} | {bare_pre / bare - 1:+.1%} | | |")
+    print(f"| extract_activations float16 (memory) | {memory:.2f} | {n / memory:.1f} | {memory / bare - 1:+.1%} | "
+          f"{memory / bare_pre - 1:+.1%} | |")
     for level, seconds, size in rows:
         print(f"| extract_to_store float16, zstd {level} | {seconds:.2f} | {n / seconds:.1f} | "
               f"{seconds / bare - 1:+.1%} | {seconds / bare_pre - 1:+.1%} | "

@@ -1,26 +1,56 @@
-"""Models and in-memory activation extraction with forward hooks.
+"""Models, their preprocessing, and the one extraction loop that reads every unit of chosen layers.
 
-This is the direct, in-process path: a timm model, its own preprocessing, forward hooks on the
-chosen layers, every unit of every chosen layer kept. It serves notebooks, the built-in demo and, as
-the reference, the tests of the scaled-out extraction into Zarr stores.
+What this module owns:
+
+- models: :func:`create_model` (timm, random or published weights) and :class:`ModelSpec`, a model
+  and its preprocessing as an identity; :func:`data_config` / :func:`eval_transform`, timm's eval
+  preprocessing of each model (images decoded with Pillow);
+- the extraction loop (:func:`_extract`), one for every output: images are decoded and transformed
+  by a DataLoader, the model runs under ``torch.inference_mode`` with forward hooks that copy each
+  chosen layer's output in the output dtype (float16 or float32) on the device as soon as it is
+  produced (later in-place operations cannot change it), and each batch goes to a *sink*: in
+  memory (:func:`extract_activations` returns :class:`~core.units.Activations`, arrays that carry
+  their layers' :class:`~core.units.LayerUnits`) or into an activation store
+  (:func:`extract_to_store`: whole batches written by a background thread, see
+  :mod:`core.store`);
+- store creation (:func:`prepare_store`): the store of an identity, created or resumed, its layers
+  probed, no batch written.
+
+Guarantees of the loop:
+
+- the caller's model comes back as it went in: every parameter and buffer on its device, every
+  module in its train/eval mode, no hook left (extraction itself runs in eval mode, on ``device``);
+- full float32: CUDA matmuls and cuDNN convolutions run without TF32 (:func:`full_float32`), so
+  stores written on a GPU agree with CPU stores to float32 rounding; the policy is recorded in each
+  store's attributes (``"tf32": false``);
+- both sinks see the same values: a float16 store equals float16 in-memory activations exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from queue import Queue
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from ._compat import import_timm
+from .layers import eval_mode, layer_names, probe_layers
 from .stimuli import StimulusSet
+from .units import Activations, LayerUnits
 
 if TYPE_CHECKING:
     from .store import ActivationStore
 
 log = logging.getLogger(__name__)
+
+#: output dtypes of extraction, by name
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None = None, seed: int = 0):
@@ -46,6 +76,16 @@ def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None 
     return model.eval()
 
 
+def data_config(model, overrides: dict | None = None) -> dict:
+    """A model's eval preprocessing (input size, interpolation, crop, mean, std), JSON-able and sorted.
+
+    The model's pretrained config, with ``overrides`` applied (see :class:`ModelSpec`).
+    """
+    timm = import_timm()
+    cfg = timm.data.resolve_data_config(dict(overrides or {}), model=model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
+
+
 def eval_transform(cfg: dict):
     """timm's eval transform (resize, center crop, to tensor, normalize) for a data config."""
     timm = import_timm()
@@ -59,11 +99,98 @@ def preprocess(model, images: np.ndarray) -> torch.Tensor:
     Uses the model's pretrained config (input size, interpolation, mean, std); images are resized
     (shorter side to the crop's size / crop_pct) and center-cropped as timm's eval transform does.
     """
-    timm = import_timm()
     from PIL import Image
 
-    transform = eval_transform(timm.data.resolve_data_config({}, model=model))
+    transform = eval_transform(data_config(model))
     return torch.stack([transform(Image.fromarray(im)) for im in images])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The extraction loop and what it guarantees
+# ---------------------------------------------------------------------------------------------------
+@contextmanager
+def full_float32():
+    """CUDA matmuls and cuDNN convolutions in full float32 (no TF32) inside the block.
+
+    PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa products): GPU activations
+    then differ from CPU ones by up to about 1e-3 of the largest value, far beyond float32
+    rounding. oneDNN's CPU matmuls, which ``torch.set_float32_matmul_precision`` also governs, run
+    in full float32 too. Every setting is restored afterwards, also on errors. The settings are
+    process-wide (other threads see them while the block runs).
+
+    torch >= 2.9 keeps a per-operator precision (``torch.backends.cuda.matmul``,
+    ``torch.backends.cudnn.conv`` / ``.rnn``: ``fp32_precision``) beside the legacy settings
+    (``torch.set_float32_matmul_precision``, ``torch.backends.cudnn.allow_tf32``) and raises where
+    the two disagree, so both are set to full precision, in this order: legacy first (it resets the
+    per-operator values), then per-operator ``"ieee"`` (explicit, so that no ``"tf32"`` inherited
+    from ``torch.backends.fp32_precision`` applies). A legacy setting that torch refuses to report
+    (the caller's settings already disagree) is left alone. Older torch has only the legacy settings.
+    """
+    b = torch.backends
+    ops = [getattr(b.cuda, "matmul", None), getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None)]
+    ops = [op for op in ops if hasattr(op, "fp32_precision")]
+    # oneDNN's matmul precision is saved too: the legacy matmul setting changes it
+    saved = [(op, op.fp32_precision) for op in [*ops, getattr(b.mkldnn, "matmul", None)]
+             if hasattr(op, "fp32_precision")]
+    matmul = _legacy_setting(torch.get_float32_matmul_precision)
+    cudnn = _legacy_setting(lambda: b.cudnn.allow_tf32)
+    try:
+        if matmul is not None:
+            torch.set_float32_matmul_precision("highest")
+        if cudnn is not None:
+            b.cudnn.allow_tf32 = False
+        for op in ops:
+            op.fp32_precision = "ieee"
+        yield
+    finally:
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
+        if cudnn is not None:
+            b.cudnn.allow_tf32 = cudnn
+        for op, value in saved:
+            op.fp32_precision = value
+
+
+def _legacy_setting(read):
+    """A legacy TF32 setting, or None where torch refuses to report it (it disagrees with a new one)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
+
+
+def _device(device) -> torch.device:
+    """The extraction device: as given (``"cuda"`` as the current CUDA device), default cuda when available."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def _on_device(model, device: torch.device):
+    """``model`` on ``device`` inside the block, and back on its own device afterwards (also on errors).
+
+    ``Module.to`` moves parameters and buffers in place (the same Parameter objects), so nothing
+    the caller holds goes stale and no moved copy stays behind.
+
+    Raises:
+        ValueError: the model is spread over several devices (it cannot be moved and put back).
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    where = {t.device for t in tensors}
+    if not tensors or all(d.type == device.type and device.index in (None, d.index) for d in where):
+        yield model
+        return
+    if len(where) > 1:
+        raise ValueError(f"the model's parameters and buffers are on several devices {sorted(map(str, where))}; "
+                         f"extraction moves a model to one device (here {device}) and back, so place it on one")
+    (home,) = where
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
 
 
 def _capture(captured: dict, name: str, dtype: torch.dtype):
@@ -79,42 +206,160 @@ def _capture(captured: dict, name: str, dtype: torch.dtype):
     return hook
 
 
-def extract_activations(
-    model, stimuli: StimulusSet, layers: Sequence[str], *, batch_size: int = 32, dtype=np.float16, device=None
-) -> dict[str, np.ndarray]:
-    """Every unit of every named layer for every image, in memory.
+class _Batches(torch.utils.data.Dataset):
+    """Decodes (Pillow) and transforms one image batch per item, so DataLoader workers can do it."""
 
-    Returns:
-        ``{layer: (images, *unit_shape)}`` arrays of ``dtype``, in ``layers`` order.
+    def __init__(self, stimuli: StimulusSet, batches: list[int], batch_size: int, transform):
+        self.stimuli, self.batches, self.batch_size, self.transform = stimuli, batches, batch_size, transform
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        b = self.batches[i]
+        idx = range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.stimuli)))
+        return b, torch.stack([self.transform(self.stimuli.load_image(k)) for k in idx])
+
+
+def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits], sink, *, batches: Sequence[int],
+             batch_size: int, dtype: torch.dtype, device: torch.device, num_workers: int = 0, desc: str = "extract",
+             progress: bool = False) -> None:
+    """The extraction loop: ``sink.put(batch, {layer: (images, *shape) numpy array})`` per image batch.
+
+    Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size`` (fewer for the last).
+    See the module docstring for what the loop guarantees.
 
     Raises:
-        ValueError: unknown layer names (with the valid names listed).
+        ValueError: a layer's output per image is not its probed shape; an undecodable image.
     """
+    from tqdm.auto import tqdm
+
     modules = dict(model.named_modules())
-    unknown = [name for name in layers if name not in modules]
-    if unknown:
-        valid = [n for n in modules if n]
-        raise ValueError(f"unknown layers {unknown} for {type(model).__name__}; valid names include {valid[:40]}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = model.to(device)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [modules[name].register_forward_hook(_capture(captured, name, torch.float32)) for name in layers]
-    out: dict[str, np.ndarray] = {}
+    hooks = [modules[layer.name].register_forward_hook(_capture(captured, layer.name, dtype)) for layer in layers]
+    loader = torch.utils.data.DataLoader(
+        _Batches(stimuli, list(batches), batch_size, eval_transform(cfg)), batch_size=None, shuffle=False,
+        num_workers=num_workers, pin_memory=device.type == "cuda")
     try:
-        with torch.inference_mode():
-            for start in range(0, len(stimuli), batch_size):
-                idx = range(start, min(start + batch_size, len(stimuli)))
-                images = np.stack([np.asarray(stimuli.load_image(i)) for i in idx])
-                model(preprocess(model, images).to(device))
-                for name in layers:
-                    act = captured[name].to("cpu").numpy().astype(dtype)
-                    if name not in out:
-                        out[name] = np.empty((len(stimuli),) + act.shape[1:], dtype=dtype)
-                    out[name][idx.start:idx.stop] = act
+        with _on_device(model, device), eval_mode(model), full_float32(), torch.inference_mode():
+            for b, images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+                captured.clear()
+                model(images.to(device, non_blocking=True))
+                host = {}
+                for layer in layers:
+                    out = captured.get(layer.name)
+                    if out is None or tuple(out.shape) != (len(images), *layer.shape):
+                        got = "no output" if out is None else f"output {tuple(out.shape)}"
+                        raise ValueError(f"layer {layer.name!r} gave {got} for a batch of {len(images)} images; "
+                                         f"probing found {layer.shape} per image")
+                    host[layer.name] = out.to("cpu", non_blocking=True)
+                if device.type == "cuda":
+                    torch.cuda.current_stream(device).synchronize()
+                sink.put(b, {name: t.numpy() for name, t in host.items()})
     finally:
         for h in hooks:
             h.remove()
-    return out
+
+
+class _MemorySink:
+    """Fills one (images, *shape) array per layer."""
+
+    def __init__(self, layers: Sequence[LayerUnits], n_images: int, batch_size: int, dtype):
+        self.batch_size, self.n_images = batch_size, n_images
+        self.arrays = {layer.name: np.empty((n_images, *layer.shape), dtype=dtype) for layer in layers}
+
+    def put(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+        rows = slice(batch * self.batch_size, min((batch + 1) * self.batch_size, self.n_images))
+        for name, values in outputs.items():
+            self.arrays[name][rows] = values
+
+
+class _StoreSink:
+    """Writes whole batches into a store from a background thread (a context manager).
+
+    At most two batches wait for the disk (backpressure). A write error is raised in the caller's
+    thread, by the next :meth:`put` or on leaving the block.
+    """
+
+    def __init__(self, store: "ActivationStore"):
+        self.writer = store.writer()
+        self.queue: Queue = Queue(maxsize=2)
+        self.failure: list[BaseException] = []
+        self.written: list[int] = []
+        self.thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
+
+    def _drain(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.failure:
+                continue  # keep consuming, so that put() never blocks on a dead writer
+            try:
+                self.writer.write(*item)
+                self.written.append(item[0])
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                self.failure.append(err)
+
+    def __enter__(self) -> "_StoreSink":
+        self.thread.start()
+        return self
+
+    def put(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+        if self.failure:
+            raise self.failure[0]
+        self.queue.put((batch, {name: a.reshape(len(a), -1) for name, a in outputs.items()}))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.failure and exc is None:
+            raise self.failure[0]
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    return int(batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# In memory
+# ---------------------------------------------------------------------------------------------------
+def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int = 32, dtype=np.float16, device=None,
+                        num_workers: int = 0, progress: bool = False) -> Activations:
+    """Every unit of every chosen layer for every image, in memory.
+
+    Args:
+        model: a torch model (e.g. :func:`create_model`); preprocessing comes from its pretrained
+            config (:func:`data_config`). It is left as it was: same devices, same modes, no hooks.
+        stimuli: the images.
+        layers: module names (in the order wanted), or a preset / selection as
+            :func:`core.layers.layer_names` takes it (``"stages"``, ``"blocks"``, ``"leaves"``).
+        batch_size: images per forward pass.
+        dtype: float16 (default) or float32.
+        device: where to run (default cuda when available); the model is moved there for the call
+            and back afterwards.
+        num_workers: DataLoader workers decoding images in parallel (0: in this process).
+        progress: show a progress bar.
+
+    Returns:
+        :class:`~core.units.Activations`: ``{layer: (images, *unit_shape)}`` arrays of ``dtype`` in
+        layer order, carrying each layer's probed :class:`~core.units.LayerUnits` (dimension names,
+        prefix tokens), so that matching names units as it does from a store.
+
+    Raises:
+        ValueError: unknown layer names (close valid names listed), a bad dtype or batch size, an
+            undecodable image (named).
+    """
+    out_dtype = np.dtype(dtype)
+    if out_dtype.name not in DTYPES:
+        raise ValueError(f"dtype must be float16 or float32; got {dtype!r}")
+    batch_size = _check_batch_size(batch_size)
+    names = layer_names(model, layers) if isinstance(layers, str) else list(layers)
+    cfg = data_config(model)
+    units = probe_layers(model, names, tuple(cfg["input_size"]))
+    sink = _MemorySink(units, len(stimuli), batch_size, out_dtype)
+    _extract(model, stimuli, cfg, units, sink, batches=range(-(-len(stimuli) // batch_size)), batch_size=batch_size,
+             dtype=DTYPES[out_dtype.name], device=_device(device), num_workers=num_workers, progress=progress)
+    return Activations(sink.arrays, units)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -156,12 +401,10 @@ class ModelSpec:
 
     def data_config(self, model) -> dict:
         """The preprocessing actually used: the model's pretrained config with the overrides applied."""
-        timm = import_timm()
         overrides = {k: v for k, v in (("input_size", self.input_size), ("crop_pct", self.crop_pct),
                                        ("interpolation", self.interpolation), ("mean", self.mean),
                                        ("std", self.std)) if v is not None}
-        cfg = timm.data.resolve_data_config(overrides, model=model)
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
+        return data_config(model, overrides)
 
 
 @dataclass
@@ -174,19 +417,44 @@ class ExtractionReport:
     seconds: float
 
 
-class _Batches(torch.utils.data.Dataset):
-    """Decodes (Pillow) and transforms one image batch per item, so DataLoader workers can do it."""
+def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, batch_size: int = 32,
+                  dtype: str = "float16", compression_level: int | None = 1, model=None) -> "ActivationStore":
+    """The store for this identity, created (or found, to resume), with no batch written.
 
-    def __init__(self, stimuli: StimulusSet, batches: list[int], batch_size: int, transform):
-        self.stimuli, self.batches, self.batch_size, self.transform = stimuli, batches, batch_size, transform
+    Validates model, layers and arguments before any work: this is what a driver calls before
+    handing batches to workers. Layers are probed (one forward pass on a zero image) only when the
+    store is new, on the model's device: CPU for a model created here.
 
-    def __len__(self):
-        return len(self.batches)
+    Args:
+        spec: the model and its preprocessing.
+        stimuli: the images.
+        selection: layers: a preset ("blocks", "stages", "leaves"), or names / globs / "re:" regexes.
+        root: folder of stores.
+        batch_size: images per extraction batch and per store chunk row (a resumed store keeps its own).
+        dtype: "float16" (default) or "float32".
+        compression_level: zstd level of a new store (None: uncompressed; -1 is faster, 1 smaller).
+        model: an already created model for ``spec`` (default: ``spec.create()`` on the CPU).
 
-    def __getitem__(self, i):
-        b = self.batches[i]
-        idx = range(b * self.batch_size, min((b + 1) * self.batch_size, len(self.stimuli)))
-        return b, torch.stack([self.transform(self.stimuli.load_image(k)) for k in idx])
+    Raises:
+        ValueError: empty stimulus set, unknown model or layer, bad dtype or batch size.
+    """
+    from .store import ActivationStore, StoreKey
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}")
+    if len(stimuli) == 0:
+        raise ValueError("the stimulus set is empty")
+    batch_size = _check_batch_size(batch_size)
+    model = model if model is not None else spec.create()
+    cfg = spec.data_config(model)
+    names = layer_names(model, selection)
+    key = StoreKey(spec.identity(), cfg, stimuli.content_hash, tuple(names), dtype)
+    store = ActivationStore.find(root, key)
+    if store is not None:
+        return store
+    units = probe_layers(model, names, tuple(cfg["input_size"]))
+    return ActivationStore.create(root, key, units, list(stimuli.image_ids), batch_size=batch_size,
+                                  compression_level=compression_level, attrs={"tf32": False})
 
 
 def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, batch_size: int = 32,
@@ -202,7 +470,8 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
         root: folder of stores.
         batch_size: images per forward pass and per store chunk row.
         dtype: "float16" (default) or "float32".
-        device: torch device (default cuda when available).
+        device: torch device (default cuda when available); a caller's ``model`` is moved there for
+            the call and back afterwards.
         batches: only these image batches (a shard, e.g. one Ray work item); default all pending.
         num_workers: DataLoader workers decoding images in parallel (0: in this process).
         model: an already created model for ``spec`` (Ray actors load a model once).
@@ -214,77 +483,32 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
         and how many asked-for batches were already done.
 
     Raises:
-        ValueError: empty stimulus set, unknown model or layer, undecodable image (named).
+        ValueError: empty stimulus set, unknown model or layer, batches outside the store,
+            undecodable image (named).
     """
-    import threading
-    import time
-    from queue import Queue
-
-    from tqdm.auto import tqdm
-
-    from .layers import layer_names, probe_layers
-    from .store import ActivationStore, StoreKey
-
-    if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32'; got {dtype!r}")
-    if len(stimuli) == 0:
-        raise ValueError("the stimulus set is empty")
     t0 = time.perf_counter()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = (model if model is not None else spec.create()).to(device).eval()
-    cfg = spec.data_config(model)
-    names = layer_names(model, selection)
-    infos = probe_layers(model, names, tuple(cfg["input_size"]))
-    key = StoreKey(spec.identity(), cfg, stimuli.content_hash, tuple(names), dtype)
-    store = ActivationStore.create(root, key, [info.units() for info in infos], list(stimuli.image_ids),
-                                   batch_size=batch_size, compression_level=compression_level)
+    own = model is None
+    model = spec.create() if own else model
+    store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype,
+                          compression_level=compression_level, model=model)
+    if batches is not None:
+        outside = sorted({int(b) for b in batches} - set(range(store.n_batches)))
+        if outside:
+            raise ValueError(f"batches {outside[:10]} are not batches of the store ({store.n_batches} batches: "
+                             f"0 to {store.n_batches - 1})")
     pending = store.pending_batches()
-    wanted = pending if batches is None else [b for b in batches if b in set(pending)]
+    wanted = pending if batches is None else [b for b in dict.fromkeys(int(b) for b in batches) if b in set(pending)]
     skipped = (store.n_batches if batches is None else len(batches)) - len(wanted)
     written: list[int] = []
     if wanted:
-        transform = eval_transform(cfg)
-        loader = torch.utils.data.DataLoader(
-            _Batches(stimuli, wanted, store.batch_size, transform), batch_size=None, shuffle=False,
-            num_workers=num_workers, pin_memory=device.type == "cuda")
-        writer = store.writer()
-        queue: Queue = Queue(maxsize=2)  # backpressure: at most two batches wait for the disk
-        failure: list[BaseException] = []
-
-        def drain():
-            while (item := queue.get()) is not None:
-                if failure:
-                    continue
-                try:
-                    writer.write(*item)
-                    written.append(item[0])
-                except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-                    failure.append(err)
-
-        thread = threading.Thread(target=drain, name="store-writer", daemon=True)
-        thread.start()
-        captured: dict[str, torch.Tensor] = {}
-        modules = dict(model.named_modules())
-        out_dtype = torch.float16 if dtype == "float16" else torch.float32
-        hooks = [modules[name].register_forward_hook(_capture(captured, name, out_dtype)) for name in names]
-        try:
-            with torch.inference_mode():
-                for b, images in tqdm(loader, desc=f"extract {spec.name}", unit="batch", disable=not progress):
-                    if failure:
-                        break
-                    model(images.to(device, non_blocking=True))
-                    host = {name: captured[name].reshape(len(images), -1).to("cpu", non_blocking=True)
-                            for name in names}
-                    if device.type == "cuda":
-                        torch.cuda.current_stream(device).synchronize()
-                    queue.put((b, {name: t.numpy() for name, t in host.items()}))
-        finally:
-            queue.put(None)
-            thread.join()
-            for h in hooks:
-                h.remove()
-        if failure:
-            raise failure[0]
+        device = _device(device)
+        if own:
+            model.to(device)  # ours: no need to move it back
+        with _StoreSink(store) as sink:
+            _extract(model, stimuli, spec.data_config(model), store.layer_units, sink, batches=wanted,
+                     batch_size=store.batch_size, dtype=DTYPES[store.key["dtype"]], device=device,
+                     num_workers=num_workers, desc=f"extract {spec.name}", progress=progress)
+        written = sink.written
     if not store.pending_batches():
         store.finalize()
     return ExtractionReport(store, sorted(written), skipped, time.perf_counter() - t0)

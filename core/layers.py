@@ -16,8 +16,9 @@ into module names:
 
 The result is always in forward (registration) order without duplicates, whatever the order of
 the entries. :func:`probe_layers` then runs one forward pass on a zero image to read every layer's
-per-image output shape, which becomes a :class:`LayerInfo` and, through :func:`catalogue_for`, the
-:class:`~core.units.UnitCatalogue` of all candidate units.
+per-image output shape and describes it as a :class:`~core.units.LayerUnits` (shape, dimension
+names, prefix tokens): the one layer description that stores, in-memory activations, the engine's
+:class:`~core.units.UnitCatalogue` and the result columns all use.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import difflib
 import fnmatch
 import logging
 import re
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from contextlib import contextmanager
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from .units import LayerUnits, UnitCatalogue
+from .units import LayerUnits
 
 log = logging.getLogger(__name__)
 
@@ -317,47 +318,8 @@ _PRESET_FUNCTIONS = {"blocks": _blocks, "stages": _stages, "leaves": _leaves}
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LayerInfo:
-    """One layer's per-image output: shape, dimension names, leading special tokens.
-
-    Attributes:
-        name: the module name.
-        shape: the per-image unit shape (the output shape without the batch axis).
-        dims: names of those axes: ``("channel", "y", "x")`` for NCHW maps, ``("y", "x", "channel")``
-            for NHWC maps (Swin, MambaOut), ``("token", "channel")`` for (N, T, C) outputs,
-            ``("channel",)`` for (N, C) outputs, ``("d0", "d1", ...)`` for other ranks.
-        prefix_tokens: for token outputs, how many class / register tokens lead the token axis
-            (their units are flagged, not spatial); 0 otherwise.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dims: tuple[str, ...]
-    prefix_tokens: int = 0
-
-    def __post_init__(self):
-        if len(self.shape) != len(self.dims):
-            raise ValueError(f"layer {self.name!r}: shape {self.shape} does not match dims {self.dims}")
-        if self.prefix_tokens < 0 or (self.prefix_tokens and "token" not in self.dims):
-            raise ValueError(f"layer {self.name!r}: prefix_tokens={self.prefix_tokens} needs a 'token' axis; "
-                             f"dims are {self.dims}")
-
-    @property
-    def size(self) -> int:
-        """Number of units (scalars per image)."""
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
-
-    def units(self) -> LayerUnits:
-        """The layer as :class:`~core.units.LayerUnits` (name, shape, dims)."""
-        return LayerUnits(self.name, tuple(self.shape), tuple(self.dims))
-
-
 def probe_layers(model: nn.Module, names: Sequence[str], input_size: tuple[int, int, int] | None = None
-                 ) -> list[LayerInfo]:
+                 ) -> list[LayerUnits]:
     """Per-image output shape of each named layer, from one forward pass on a zero image.
 
     The model runs in eval mode (its mode is restored afterwards) under ``torch.no_grad`` on a
@@ -373,8 +335,15 @@ def probe_layers(model: nn.Module, names: Sequence[str], input_size: tuple[int, 
         names: module names, e.g. from :func:`layer_names`.
         input_size: (C, H, W) of the preprocessed images; default the model's pretrained config's.
 
+    Dimension names come from :func:`core.units.infer_dims`: rank-3 outputs are channels-last
+    (y, x, channel) where the module (or, for modules that are not always NCHW, the model) says its
+    output format is NHWC (Swin, MambaOut stages), else (channel, y, x). Token outputs get the
+    model's ``num_prefix_tokens`` (ViT's class token, register tokens) as prefix tokens once those
+    tokens are in the sequence (its length is the patch count plus them; ViT's ``patch_embed``
+    output has none).
+
     Returns:
-        One :class:`LayerInfo` per name, in the order given.
+        One :class:`~core.units.LayerUnits` per name, in the order given.
 
     Raises:
         ValueError: an unknown module name, a bad ``input_size``, a layer that produced no output
@@ -422,27 +391,12 @@ def probe_layers(model: nn.Module, names: Sequence[str], input_size: tuple[int, 
             )
         shape = tuple(int(s) for s in out.shape[1:])
         prefix = 0
-        if len(shape) == 1:
-            dims = ("channel",)
-        elif len(shape) == 2:
-            dims = ("token", "channel")
-            if n_prefix and shape[0] > n_prefix and (n_patches is None or shape[0] == n_patches + n_prefix):
-                prefix = n_prefix
-        elif len(shape) == 3:
-            dims = ("y", "x", "channel") if _is_nhwc(modules[name], model_fmt) else ("channel", "y", "x")
-        else:
-            dims = tuple(f"d{i}" for i in range(len(shape)))
-        infos.append(LayerInfo(name, shape, dims, prefix))
+        if len(shape) == 2 and n_prefix and shape[0] > n_prefix and (n_patches is None
+                                                                     or shape[0] == n_patches + n_prefix):
+            prefix = n_prefix
+        channels_last = len(shape) == 3 and _is_nhwc(modules[name], model_fmt)
+        infos.append(LayerUnits.infer(name, shape, channels_last=channels_last, prefix_tokens=prefix))
     return infos
-
-
-def catalogue_for(infos: Iterable[LayerInfo]) -> UnitCatalogue:
-    """The unit catalogue (global unit ids) of probed layers, in the order given.
-
-    Raises:
-        ValueError: no layers, or duplicate layer names.
-    """
-    return UnitCatalogue([info.units() for info in infos])
 
 
 def _input_size(model: nn.Module, input_size) -> tuple[int, int, int]:
@@ -494,11 +448,25 @@ def _first_tensor(output) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Every module of ``model`` in eval mode inside the block; each module's own train/eval flag
+    restored afterwards, also on errors (a caller may keep some modules, e.g. frozen BatchNorms,
+    in a mode that differs from the rest)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def _forward_with_hooks(model: nn.Module, hooked: dict[str, nn.Module], input_size: tuple[int, int, int]):
     """Run a zero batch of one image with forward hooks.
 
     Eval mode and ``torch.no_grad`` (not inference mode, so that tensors keep version counters) on
-    the model's device and dtype; the model's train/eval mode is restored and every hook removed
+    the model's device and dtype; every module's train/eval mode is restored and every hook removed
     afterwards, also on errors.
 
     Returns:
@@ -521,15 +489,12 @@ def _forward_with_hooks(model: nn.Module, hooked: dict[str, nn.Module], input_si
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None else torch.float32
     handles = [module.register_forward_hook(hook(key)) for key, module in hooked.items()]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(torch.zeros((1, *input_size), device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     changed = {k for k, v in versions.items() if _first_tensor(outputs[k])._version != v}
     return outputs, calls, changed
 

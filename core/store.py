@@ -10,9 +10,13 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
                         every store, one that does bumps ``STORE_FORMAT``)
         store.zarr/     Zarr v3; one group per layer: ``activations`` (image, unit) float16 by default,
                         zstd, chunked (extraction batch x unit_chunk); coordinates ``image_id`` (image)
-                        and one array per unit dimension (channel, y, x / token, channel) on ``unit``,
-                        so ``xarray.open_zarr(path, group=layer, consolidated=False)`` gives a
-                        labelled Dataset
+                        and one array per unit dimension (channel, y, x / y, x, channel / token,
+                        channel) on ``unit``, so ``xarray.open_zarr(path, group=layer,
+                        consolidated=False)`` gives a labelled Dataset. The layer group's attributes
+                        hold its :class:`~core.units.LayerUnits` (``layer``, ``shape``, ``dims``,
+                        ``prefix_tokens``: class / register tokens leading the token axis); the root
+                        group's hold the layer order, batch size, writing version and whatever
+                        provenance the creator adds (extraction records ``"tf32": false``)
         done/           one empty file per finished image batch (written after all its layers)
         COMPLETE        written last, once every batch is done
 
@@ -41,7 +45,10 @@ from .units import LayerUnits, UnitCatalogue
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 2
+#: 3: layer groups record ``prefix_tokens`` and stores are extracted with TF32 off on CUDA (format 2
+#: stores had neither: a ViT's class token was not flagged, and GPU values differed from CPU ones
+#: by up to 1e-3 of the largest value)
+STORE_FORMAT = 3
 DEFAULT_UNIT_CHUNK = 16384
 
 
@@ -91,22 +98,44 @@ class ActivationStore:
     Use :meth:`create` (writers: creates or resumes) or :meth:`open` (readers: complete stores only).
     """
 
-    def __init__(self, path: Path, key: dict, layers: list[LayerUnits], image_ids: np.ndarray, batch_size: int):
+    def __init__(self, path: Path, key: dict, layers: list[LayerUnits], image_ids: np.ndarray, batch_size: int,
+                 attrs: Mapping | None = None):
         self.path = Path(path)
         self.key = key
         self.layer_units = layers
         self.image_ids = image_ids
         self.batch_size = int(batch_size)
+        #: the root group's attributes (layers, batch_size, unitmatch_version, creator's provenance)
+        self.attrs = dict(attrs or {})
 
     # ------------------------------------------------------------------ constructors
     @classmethod
+    def find(cls, root: str | Path, key: StoreKey) -> "ActivationStore | None":
+        """The store for ``key`` under ``root`` (complete or not), or None when there is none yet.
+
+        Raises:
+            RuntimeError: the directory of that digest holds another key.
+        """
+        path = Path(root) / key.digest()
+        if not path.exists():
+            return None
+        store = cls._load(path)
+        if json.loads(key.as_json()) != store.key:
+            raise RuntimeError(f"{path} holds a different key than its digest promises; delete it")
+        return store
+
+    @classmethod
     def create(cls, root: str | Path, key: StoreKey, layers: Sequence[LayerUnits], image_ids: Sequence[str], *,
-               batch_size: int = 32, unit_chunk: int = DEFAULT_UNIT_CHUNK, compression_level: int | None = 1
-               ) -> "ActivationStore":
+               batch_size: int = 32, unit_chunk: int = DEFAULT_UNIT_CHUNK, compression_level: int | None = 1,
+               attrs: Mapping | None = None) -> "ActivationStore":
         """Create the store for ``key``, or resume the one already there.
 
         Creation is staged in a temporary directory and moved into place in one rename, so a crash
         during creation leaves nothing that looks like a store.
+
+        Args:
+            attrs: JSON-able provenance for the root group's attributes (e.g. the extraction's
+                float32 policy); ignored when resuming.
         """
         import zarr
         from zarr.codecs import ZstdCodec
@@ -115,14 +144,13 @@ class ActivationStore:
             raise ValueError("cannot create a store for an empty stimulus set")
         if batch_size <= 0 or unit_chunk <= 0:
             raise ValueError(f"batch_size and unit_chunk must be positive; got {batch_size}, {unit_chunk}")
-        path = Path(root) / key.digest()
-        if path.exists():
-            store = cls._load(path)
-            if json.loads(key.as_json()) != store.key:
-                raise RuntimeError(f"{path} holds a different key than its digest promises; delete it")
+        store = cls.find(root, key)
+        if store is not None:
             if store.batch_size != batch_size:
-                log.info("resuming %s with its own batch size %d (asked %d)", path, store.batch_size, batch_size)
+                log.info("resuming %s with its own batch size %d (asked %d)", store.path, store.batch_size,
+                         batch_size)
             return store
+        path = Path(root) / key.digest()
         staging = Path(root) / f".{key.digest()}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "done").mkdir(parents=True)
@@ -131,7 +159,7 @@ class ActivationStore:
         ids = np.asarray(image_ids, dtype=str)
         for layer in layers:
             g = group.create_group(layer.name.replace("/", "_"))
-            g.attrs.update({"layer": layer.name, "shape": list(layer.shape), "dims": list(layer.dims)})
+            g.attrs.update(layer.as_attrs())
             g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, min(unit_chunk, layer.size)),
                            dtype=key.dtype,
                            compressors=None if compression_level is None else [ZstdCodec(level=compression_level)],
@@ -141,8 +169,8 @@ class ActivationStore:
             local = np.unravel_index(np.arange(layer.size), layer.shape)
             for dim, values in zip(layer.dims, local):
                 g.create_array(dim, data=values.astype(np.int32), dimension_names=("unit",))
-        group.attrs.update({"layers": [layer.name for layer in layers], "batch_size": batch_size,
-                            "unitmatch_version": __version__})
+        group.attrs.update({**dict(attrs or {}), "layers": [layer.name for layer in layers],
+                            "batch_size": batch_size, "unitmatch_version": __version__})
         (staging / "key.json").write_text(key.as_json())
         try:
             staging.rename(path)
@@ -177,12 +205,13 @@ class ActivationStore:
             raise FileNotFoundError(f"no activation store at {path} (no key.json)")
         key = json.loads((path / "key.json").read_text())
         group = zarr.open_group(str(path / "store.zarr"), mode="r")
-        layers = []
-        for name in group.attrs["layers"]:
-            attrs = group[name.replace("/", "_")].attrs
-            layers.append(LayerUnits(name, tuple(attrs["shape"]), tuple(attrs["dims"])))
+        layers = [LayerUnits.from_attrs({"layer": name, **group[name.replace("/", "_")].attrs})
+                  for name in group.attrs["layers"]]
+        if key.get("format", 0) < 3:
+            log.warning("store %s has format %s: its layers do not record prefix tokens (none are flagged)",
+                        path, key.get("format"))
         first = group[layers[0].name.replace("/", "_")]
-        return cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"])
+        return cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"], dict(group.attrs))
 
     # ------------------------------------------------------------------ progress
     @property

@@ -1,9 +1,14 @@
 """Candidate units: which layers exist, how many units each has, and what a unit's coordinates are.
 
-A unit is one scalar of one layer's output for one image. Units get global integer ids: layers in
-catalogue order, each layer's units in C order of its per-image shape (channel, y, x for conv maps;
-token, channel for transformers). A :class:`UnitBlock` is a slice of one layer's units for all
-images; the matching engine consumes blocks, so it never needs all units at once.
+A unit is one scalar of one layer's output for one image. :class:`LayerUnits` is the one
+description of a layer (name, per-image unit shape, dimension names, leading prefix tokens) used by
+probing (:func:`core.layers.probe_layers`), activation stores, in-memory activations
+(:class:`Activations`), the matching engine and the result columns; :func:`infer_dims` is the one
+place where dimension names are derived from a shape. Units get global integer ids: layers in
+catalogue order, each layer's units in C order of its per-image shape (channel, y, x for NCHW
+maps; y, x, channel for NHWC maps; token, channel for transformers). A :class:`UnitBlock` is a
+slice of one layer's units for all images; the matching engine consumes blocks, so it never needs
+all units at once.
 """
 
 from __future__ import annotations
@@ -14,27 +19,82 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-#: dimension names by rank of the per-image unit shape, when a layer does not name them itself
+#: dimension names by rank of the per-image unit shape, for channels-first layers that do not name
+#: them themselves (see :func:`infer_dims`)
 DEFAULT_DIMS = {1: ("channel",), 2: ("token", "channel"), 3: ("channel", "y", "x")}
+
+
+def infer_dims(shape: Sequence[int], *, channels_last: bool = False) -> tuple[str, ...]:
+    """Dimension names of a per-image unit shape, from its rank.
+
+    ``("channel",)`` for vectors, ``("token", "channel")`` for token sequences, ``("channel", "y",
+    "x")`` for maps, or ``("y", "x", "channel")`` when ``channels_last`` (NHWC outputs: Swin,
+    MambaOut), and ``("d0", "d1", ...)`` for other ranks.
+    """
+    rank = len(shape)
+    if rank == 3 and channels_last:
+        return ("y", "x", "channel")
+    return DEFAULT_DIMS.get(rank) or tuple(f"d{i}" for i in range(rank))
 
 
 @dataclass(frozen=True)
 class LayerUnits:
-    """One layer's units: name, per-image shape and the names of those dimensions."""
+    """One layer's units.
+
+    Attributes:
+        name: the layer (module) name.
+        shape: the per-image unit shape (a layer output's shape without the batch axis).
+        dims: the names of those axes (see :func:`infer_dims`), all different.
+        prefix_tokens: how many class / register tokens lead the ``token`` axis (ViT: 1); their
+            units are flagged in result tables (``prefix_token``), since they are not spatial. 0 for
+            layers without such tokens.
+    """
 
     name: str
     shape: tuple[int, ...]
     dims: tuple[str, ...]
+    prefix_tokens: int = 0
 
     def __post_init__(self):
-        if len(self.shape) != len(self.dims):
-            raise ValueError(f"layer {self.name!r}: shape {self.shape} does not match dims {self.dims}")
-        if any(int(s) <= 0 for s in self.shape):
-            raise ValueError(f"layer {self.name!r}: empty unit shape {self.shape}")
+        shape, dims = tuple(self.shape), tuple(self.dims)
+        if len(shape) != len(dims):
+            raise ValueError(f"layer {self.name!r}: shape {shape} does not match dims {dims}")
+        if not shape or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s <= 0 for s in shape):
+            raise ValueError(f"layer {self.name!r}: unit shape must be positive integers; got {shape}")
+        if len(set(dims)) != len(dims) or not all(isinstance(d, str) and d for d in dims):
+            raise ValueError(f"layer {self.name!r}: dims must be distinct non-empty names; got {dims}")
+        n = self.prefix_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"layer {self.name!r}: prefix_tokens must be a non-negative integer; got {n!r}")
+        if n and "token" not in dims:
+            raise ValueError(f"layer {self.name!r}: prefix_tokens={n} needs a 'token' axis; dims are {dims}")
+        if n and n > shape[dims.index("token")]:
+            raise ValueError(f"layer {self.name!r}: prefix_tokens={n} exceeds its {shape[dims.index('token')]} "
+                             f"tokens")
+        # normalized, so that equal descriptions compare equal (numpy ints, lists from JSON)
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "dims", dims)
+        object.__setattr__(self, "prefix_tokens", int(n))
+
+    @classmethod
+    def infer(cls, name: str, shape: Sequence[int], *, channels_last: bool = False, prefix_tokens: int = 0
+              ) -> "LayerUnits":
+        """A layer whose dimension names come from its rank (:func:`infer_dims`)."""
+        return cls(name, tuple(shape), infer_dims(shape, channels_last=channels_last), prefix_tokens)
 
     @property
     def size(self) -> int:
+        """Number of units (scalars per image)."""
         return int(np.prod(self.shape))
+
+    def as_attrs(self) -> dict:
+        """JSON-able description (a store's layer group attributes); :meth:`from_attrs` reads it back."""
+        return {"layer": self.name, "shape": list(self.shape), "dims": list(self.dims),
+                "prefix_tokens": self.prefix_tokens}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping) -> "LayerUnits":
+        return cls(attrs["layer"], tuple(attrs["shape"]), tuple(attrs["dims"]), int(attrs.get("prefix_tokens", 0)))
 
 
 class UnitCatalogue:
@@ -79,7 +139,9 @@ class UnitCatalogue:
 
         Returns:
             One row per id: ``unit``, ``layer``, then one integer column per dimension name used by
-            any layer (channel, y, x, token...), -1 where a layer has no such dimension.
+            any layer (channel, y, x, token...), -1 where a layer has no such dimension, then
+            ``prefix_token``: whether the unit belongs to a class / register token (its token index
+            is below its layer's ``prefix_tokens``), False for every other unit.
         """
         units = np.asarray(units, dtype=np.int64).ravel()
         valid = (units >= 0) & (units < self.n_units)
@@ -88,6 +150,7 @@ class UnitCatalogue:
         dims = list(dict.fromkeys(d for layer in self.layers for d in layer.dims))
         out = {"unit": units, "layer": np.full(units.shape, None, dtype=object)}
         coords = {d: np.full(units.shape, -1, dtype=np.int64) for d in dims}
+        prefix = np.zeros(units.shape, dtype=bool)
         for li, layer in enumerate(self.layers):
             sel = layer_idx == li
             if not sel.any():
@@ -96,7 +159,66 @@ class UnitCatalogue:
             local = np.unravel_index(units[sel] - self.offsets[li], layer.shape)
             for d, values in zip(layer.dims, local):
                 coords[d][sel] = values
-        return pd.DataFrame({**out, **coords})
+            if layer.prefix_tokens:
+                prefix[sel] = local[layer.dims.index("token")] < layer.prefix_tokens
+        return pd.DataFrame({**out, **coords, "prefix_token": prefix})
+
+
+class Activations(Mapping):
+    """In-memory activations that know their layers: ``{layer: (images, *unit_shape)}`` plus descriptions.
+
+    A read-only mapping from layer name to array (numpy or torch), in layer order, that also carries
+    each layer's :class:`LayerUnits`. :func:`core.extract.extract_activations` returns one, so that
+    :func:`core.match_neurons`, :func:`core.run_matching` and :func:`core.analyze` name units with
+    the probed dimensions (Swin's NHWC stages as y, x, channel) and flag prefix tokens, exactly as
+    they do from an activation store. A plain ``dict`` of arrays carries no descriptions: its
+    dimension names come from each array's rank (:func:`infer_dims`, channels first), and no
+    token is flagged; ``dict(activations)`` drops the descriptions the same way.
+
+    Args:
+        arrays: ``{layer: array (images, *unit_shape)}``.
+        layers: one description per array, in the same order; each array's shape after the image
+            axis must be its layer's shape, and all arrays must have the same number of images.
+    """
+
+    def __init__(self, arrays: Mapping[str, object], layers: Sequence[LayerUnits]):
+        layers = tuple(layers)
+        if [layer.name for layer in layers] != list(arrays):
+            raise ValueError(f"layer descriptions {[layer.name for layer in layers]} do not match the arrays' "
+                             f"layers {list(arrays)} (same names, same order)")
+        if not layers:
+            raise ValueError("no activations given (no layers)")
+        n_images = None
+        for layer in layers:
+            shape = tuple(int(s) for s in getattr(arrays[layer.name], "shape", ()))
+            if shape[1:] != layer.shape:
+                raise ValueError(f"layer {layer.name!r}: array of shape {shape} does not hold (images, *{layer.shape})")
+            if n_images is not None and shape[0] != n_images:
+                raise ValueError(f"layer {layer.name!r} has {shape[0]} images, earlier layers have {n_images}")
+            n_images = shape[0]
+        self._arrays = dict(arrays)
+        self.layer_units = layers
+
+    def __getitem__(self, name: str):
+        return self._arrays[name]
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{u.name}: {tuple(self._arrays[u.name].shape)} {dict(zip(u.dims, u.shape))}"
+                           for u in self.layer_units)
+        return f"Activations({layers})"
+
+    @property
+    def n_images(self) -> int:
+        return int(next(iter(self._arrays.values())).shape[0])
+
+    def catalogue(self) -> UnitCatalogue:
+        return UnitCatalogue(self.layer_units)
 
 
 @dataclass(frozen=True)
@@ -118,11 +240,15 @@ class UnitBlock:
         return int(self.data.shape[1])
 
 
-def as_layers(activations) -> dict[str, np.ndarray]:
+def as_layers(activations) -> Mapping[str, object]:
     """Normalize in-memory activations to ``{layer: array (images, *unit_shape)}``.
 
-    A bare 2-D array becomes the single layer ``"units"``.
+    :class:`Activations` come back as they are (with their layer descriptions). A bare 2-D array
+    (images, units) becomes :class:`Activations` of the single layer ``"units"`` with dimension
+    ``unit``; any other bare array, a single layer ``"units"`` named by rank.
     """
+    if isinstance(activations, Activations):
+        return activations
     if isinstance(activations, Mapping):
         layers = dict(activations)
     else:
@@ -140,20 +266,28 @@ def as_layers(activations) -> dict[str, np.ndarray]:
             n_images = a.shape[0]
         elif a.shape[0] != n_images:
             raise ValueError(f"layer {name!r} has {a.shape[0]} images, earlier layers have {n_images}")
+    if not isinstance(activations, Mapping) and len(activations.shape) == 2:
+        return Activations(layers, [LayerUnits("units", (int(activations.shape[1]),), ("unit",))])
     return layers
 
 
-def catalogue_of(layers: Mapping[str, np.ndarray], dims: Mapping[str, Sequence[str]] | None = None) -> UnitCatalogue:
-    """A catalogue for in-memory layers; dims default by rank (see ``DEFAULT_DIMS``)."""
+def catalogue_of(layers: Mapping[str, object], dims: Mapping[str, Sequence[str]] | None = None) -> UnitCatalogue:
+    """The catalogue of in-memory layers.
+
+    Layers of :class:`Activations` keep their descriptions; those of a plain mapping are named by
+    rank (:func:`infer_dims`, channels first, no prefix tokens). ``dims`` overrides the dimension
+    names of the layers it names (a layer's prefix tokens are kept when the new names still have a
+    ``token`` axis).
+    """
+    described = {u.name: u for u in layers.layer_units} if isinstance(layers, Activations) else {}
     out = []
     for name, a in layers.items():
         shape = tuple(int(s) for s in a.shape[1:])
-        d = tuple(dims[name]) if dims and name in dims else DEFAULT_DIMS.get(len(shape))
-        if d is None:
-            d = tuple(f"d{i}" for i in range(len(shape)))
-        if name == "units" and len(shape) == 1 and not (dims and name in dims):
-            d = ("unit",)
-        out.append(LayerUnits(name, shape, d))
+        layer = described.get(name) or LayerUnits.infer(name, shape)
+        if dims and name in dims:
+            new = tuple(dims[name])
+            layer = LayerUnits(name, shape, new, layer.prefix_tokens if "token" in new else 0)
+        out.append(layer)
     return UnitCatalogue(out)
 
 

@@ -1,11 +1,18 @@
 """Extraction across a Ray cluster: a pool of extractor actors fills activation stores.
 
-Work items are (model, shard of image batches). Each actor holds the models it has loaded (one
-load per model per actor), runs :func:`core.extract.extract_to_store` on its shard (decode, forward,
-float16 on the device, background writes of whole chunks), and reports the batches it wrote. The
-driver keeps at most ``in_flight`` items per actor (backpressure), replaces an actor that dies and
-re-submits its item (batches it had finished are skipped: their completion records exist), and
-marks each store COMPLETE once every batch is written.
+The driver first prepares every store (:func:`core.extract.prepare_store`: model and layers
+validated, store created or found, nothing extracted). Work items are (model, shard of image
+batches). Each actor holds the models it has loaded (one load per model per actor, placed on its
+device once), runs :func:`core.extract.extract_to_store` on its shard (decode, forward, float16 on
+the device, background writes of whole chunks), and reports the batches it wrote. The driver keeps
+at most ``in_flight`` items per actor (backpressure), replaces an actor that dies and re-submits
+its item (batches it had finished are skipped: their completion records exist), and marks each
+store COMPLETE once every batch is written.
+
+Actors run torch with the threads Ray gives them (``OMP_NUM_THREADS`` = their ``num_cpus``):
+float32 convolutions sum in a thread-count-dependent order, so a store written with 1 thread can
+differ from an extraction with 2 threads by float32 rounding (about 1e-7); :meth:`Extractor.threads`
+says how many an actor uses.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Sequence
 import ray
 from tqdm.auto import tqdm
 
-from unitmatch.core.extract import ModelSpec, extract_to_store
+from unitmatch.core.extract import ModelSpec, extract_to_store, prepare_store
 from unitmatch.core.stimuli import StimulusSet
 from unitmatch.core.store import ActivationStore
 
@@ -39,11 +46,17 @@ class Extractor:
 
     def run(self, spec: ModelSpec, stimuli: StimulusSet, selection, batches: list[int]) -> list[int]:
         if spec not in self.models:
-            self.models[spec] = spec.create()
+            self.models[spec] = spec.create().to(self.device)  # moved once, not per work item
         report = extract_to_store(spec, stimuli, selection, self.root, batch_size=self.batch_size, dtype=self.dtype,
                                   device=self.device, batches=batches, num_workers=self.num_workers,
                                   model=self.models[spec])
         return report.written
+
+    def threads(self) -> int:
+        """torch's intra-op threads in this actor."""
+        import torch
+
+        return torch.get_num_threads()
 
     def where(self) -> str:
         import os
@@ -106,9 +119,8 @@ class ZooExtraction:
         prepared, stores, items = dict(stores or {}), {}, []
         for spec in specs:
             # creates (or finds) the store and validates model and layers on the driver, before any work
-            store = prepared.get(spec) or extract_to_store(spec, stimuli, selection, self.root,
-                                                           batch_size=self.batch_size, dtype=self.dtype,
-                                                           batches=[], device="cpu").store
+            store = prepared.get(spec) or prepare_store(spec, stimuli, selection, self.root,
+                                                        batch_size=self.batch_size, dtype=self.dtype)
             stores[spec] = store
             pending = store.pending_batches()
             items += [(spec, pending[i:i + self.shard_batches]) for i in range(0, len(pending), self.shard_batches)]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
 
-from unitmatch.core.extract import create_model, extract_activations, preprocess
-from unitmatch.core.layers import layer_names
+from unitmatch.core.extract import create_model, extract_activations, full_float32, preprocess
+from unitmatch.core.layers import layer_names, probe_layers
 from unitmatch.core.synthetic import generate_stimuli
+from unitmatch.core.units import Activations, LayerUnits, as_layers, catalogue_of
 
 
 @pytest.fixture(scope="module")
@@ -16,12 +19,15 @@ def stimuli():
     return generate_stimuli(n_categories=2, objects_per_category=2, variations=5, size=48)
 
 
+def _images(stimuli, n=None):
+    return np.stack([np.asarray(stimuli.load_image(i)) for i in range(n or len(stimuli))])
+
+
 def test_hooked_output_equals_forward_features(stimuli):
     model = create_model("test_resnet", seed=1)
     acts = extract_activations(model, stimuli, ["layer4"], batch_size=7, dtype=np.float32)
-    images = np.stack([np.asarray(stimuli.load_image(i)) for i in range(len(stimuli))])
     with torch.inference_mode():
-        direct = model.forward_features(preprocess(model, images)).numpy()
+        direct = model.forward_features(preprocess(model, _images(stimuli))).numpy()
     assert acts["layer4"].shape == direct.shape
     np.testing.assert_allclose(acts["layer4"], direct, rtol=1e-5, atol=1e-5)
     assert not model.layer4._forward_hooks  # hooks removed
@@ -30,19 +36,137 @@ def test_hooked_output_equals_forward_features(stimuli):
 def test_every_unit_of_every_stage_in_float16(stimuli):
     model = create_model("test_convnext")
     layers = layer_names(model, "stages")
-    acts = extract_activations(model, stimuli, layers, batch_size=8)
+    acts = extract_activations(model, stimuli, "stages", batch_size=8)  # a preset selects the same layers
     assert list(acts) == layers == ["stages.0", "stages.1", "stages.2", "stages.3"]
     for a in acts.values():
         assert a.dtype == np.float16 and a.shape[0] == len(stimuli) and a.ndim == 4
         assert np.isfinite(a).all() and a.astype(np.float32).std() > 0
+    float32 = extract_activations(model, stimuli, layers, batch_size=5, dtype="float32")
+    for name in layers:  # float16 output is the rounding of the float32 output, whatever the batch size
+        np.testing.assert_array_equal(acts[name], float32[name].astype(np.float16))
 
 
-def test_same_seed_same_weights_and_clear_errors(stimuli):
+def test_in_memory_activations_carry_the_probed_layer_descriptions(stimuli):
+    model = create_model("test_vit")
+    acts = extract_activations(model, stimuli, ["patch_embed", "blocks.0", "head"], batch_size=8)
+    assert isinstance(acts, Activations) and acts.n_images == len(stimuli)
+    assert list(acts.layer_units) == probe_layers(model, ["patch_embed", "blocks.0", "head"])
+    units = {u.name: u for u in acts.layer_units}
+    assert units["blocks.0"].dims == ("token", "channel") and units["blocks.0"].prefix_tokens == 1
+    assert units["patch_embed"].prefix_tokens == 0 and units["head"].prefix_tokens == 0
+    # the engine's catalogue of these activations is the probed description, class token included
+    cat = catalogue_of(as_layers(acts))
+    assert cat.layers == list(acts.layer_units)
+    row = cat.describe(np.array([cat.offset("blocks.0") + 5])).iloc[0]
+    assert (row.token, row.channel, row.prefix_token) == (0, 5, True)
+    # a plain dict has no descriptions: rank defaults, nothing flagged (documented)
+    plain = catalogue_of(as_layers(dict(acts)))
+    assert plain.layer("blocks.0").prefix_tokens == 0 and plain.layer("blocks.0").dims == ("token", "channel")
+
+
+def test_activations_refuse_arrays_that_do_not_fit_their_descriptions():
+    a = np.zeros((4, 3, 5), np.float32)
+    layer = LayerUnits("blk", (3, 5), ("token", "channel"), prefix_tokens=1)
+    assert Activations({"blk": a}, [layer])["blk"] is a
+    with pytest.raises(ValueError, match=r"'blk': array of shape \(4, 5, 3\) does not hold \(images, \*\(3, 5\)\)"):
+        Activations({"blk": np.zeros((4, 5, 3))}, [layer])
+    with pytest.raises(ValueError, match=r"descriptions \['blk'\] do not match the arrays' layers \['other'\]"):
+        Activations({"other": a}, [layer])
+    with pytest.raises(ValueError, match="has 2 images, earlier layers have 4"):
+        Activations({"blk": a, "fc": np.zeros((2, 7))}, [layer, LayerUnits("fc", (7,), ("channel",))])
+
+
+def test_the_callers_model_is_left_as_it_was(stimuli):
+    """Same parameter objects and storage on the same device, same per-module modes, BatchNorm
+    statistics untouched (extraction ran in eval mode although the model was training), no hook and
+    no moved copy left behind."""
+    model = create_model("test_resnet", seed=2)
+    model.train()
+    model.bn1.eval()  # a caller's frozen BatchNorm: per-module modes must survive, not just the root's
+    modes = {n: m.training for n, m in model.named_modules()}
+    params = {n: (p, p.data_ptr(), p.device) for n, p in model.named_parameters()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gc.collect()
+    n_models = sum(type(o) is type(model) for o in gc.get_objects())
+
+    acts = extract_activations(model, stimuli, ["layer4"], batch_size=8, dtype=np.float32, device="cpu")
+
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: (p, p.data_ptr(), p.device) for n, p in model.named_parameters()} == params
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k  # running means / vars / counts not updated
+    assert all(not m._forward_hooks for m in model.modules())
+    gc.collect()
+    assert sum(type(o) is type(model) for o in gc.get_objects()) == n_models
+    model.eval()
+    with torch.inference_mode():
+        direct = model.forward_features(preprocess(model, _images(stimuli)))
+    np.testing.assert_allclose(acts["layer4"], direct.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _precisions() -> dict:
+    """torch's float32 settings, legacy and per operator (torch raises on reading a legacy one that
+    disagrees with the per-operator ones, so reading them also checks that they agree)."""
+    b = torch.backends
+    return {"matmul": torch.get_float32_matmul_precision(), "cuda.matmul": b.cuda.matmul.fp32_precision,
+            "mkldnn.matmul": b.mkldnn.matmul.fp32_precision, "cudnn.conv": b.cudnn.conv.fp32_precision,
+            "cudnn.rnn": b.cudnn.rnn.fp32_precision, "legacy matmul tf32": b.cuda.matmul.allow_tf32,
+            "legacy cudnn tf32": b.cudnn.allow_tf32}
+
+
+@pytest.fixture
+def tf32_allowed():
+    """A caller who allows TF32 (matmul precision "high"; cuDNN convolutions allow it by default)."""
+    before = _precisions()
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    yield _precisions()
+    torch.set_float32_matmul_precision(before["matmul"])
+    torch.backends.cudnn.allow_tf32 = before["legacy cudnn tf32"]
+    for knob in ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn"):
+        backend, op = knob.split(".")
+        setattr(getattr(getattr(torch.backends, backend), op), "fp32_precision", before[knob])
+
+
+def test_extraction_runs_without_tf32_and_restores_the_callers_settings(stimuli, tf32_allowed):
+    assert tf32_allowed["cuda.matmul"] == "tf32" and tf32_allowed["cudnn.conv"] == "tf32"
+    model = create_model("test_resnet")
+    seen = []
+    probe = model.layer1.register_forward_hook(lambda *_: seen.append(_precisions()))
+    try:
+        extract_activations(model, stimuli, ["layer2"], batch_size=10)
+        full = {"matmul": "highest", "cuda.matmul": "ieee", "mkldnn.matmul": "ieee", "cudnn.conv": "ieee",
+                "cudnn.rnn": "ieee", "legacy matmul tf32": False, "legacy cudnn tf32": False}
+        assert len(seen) >= 3 and seen[-2:] == [full, full]  # the probe pass, then both batches
+        assert _precisions() == tf32_allowed
+
+        def fail(*_):
+            raise RuntimeError("simulated failure inside the forward pass")
+
+        failing = model.layer2.register_forward_hook(fail)
+        try:
+            with pytest.raises(RuntimeError, match="simulated failure"):
+                with full_float32():
+                    assert _precisions() == full
+                    extract_activations(model, stimuli, ["layer2"], batch_size=10)
+        finally:
+            failing.remove()
+        assert _precisions() == tf32_allowed  # restored on errors too, also when nested
+    finally:
+        probe.remove()
+
+
+def test_clear_errors(stimuli):
     a = create_model("test_resnet", seed=3).state_dict()["fc.weight"]
     b = create_model("test_resnet", seed=3).state_dict()["fc.weight"]
     c = create_model("test_resnet", seed=4).state_dict()["fc.weight"]
     assert torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="unknown timm model 'resnet_nonexistent'"):
         create_model("resnet_nonexistent")
-    with pytest.raises(ValueError, match=r"unknown layers \['layer9'\].*valid names include"):
-        extract_activations(create_model("test_resnet"), stimuli, ["layer1", "layer9"])
+    model = create_model("test_resnet")
+    with pytest.raises(ValueError, match=r"unknown layers \['layer9'\] in ResNet; close module names: .*'layer4'"):
+        extract_activations(model, stimuli, ["layer1", "layer9"])
+    with pytest.raises(ValueError, match="dtype must be float16 or float32; got 'int8'"):
+        extract_activations(model, stimuli, ["layer1"], dtype="int8")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
+        extract_activations(model, stimuli, ["layer1"], batch_size=0)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from unitmatch.core.extract import create_model
-from unitmatch.core.layers import PRESETS, LayerInfo, catalogue_for, layer_names, probe_layers
-from unitmatch.core.units import LayerUnits
+from unitmatch.core.layers import PRESETS, eval_mode, layer_names, probe_layers
+from unitmatch.core.units import LayerUnits, UnitCatalogue, infer_dims
 
 PASS_THROUGH = ("Identity", "Dropout", "DropPath", "DropBlock2d", "PatchDropout")
 
@@ -197,7 +197,8 @@ def test_probe_conv_maps_and_vectors_match_a_direct_forward(models):
     assert last.shape == tuple(features.shape[1:])
     assert fc.shape == tuple(logits.shape[1:]) == (model.num_classes,) and fc.dims == ("channel",)
     assert all(i.prefix_tokens == 0 for i in infos)
-    assert last.size == math.prod(last.shape) and last.units() == LayerUnits("layer4", last.shape, last.dims)
+    assert last.size == math.prod(last.shape) and last == LayerUnits("layer4", tuple(features.shape[1:]),
+                                                                     ("channel", "y", "x"))
 
 
 def test_probe_tokens_flag_the_class_token_only_where_it_is(models):
@@ -285,21 +286,55 @@ def test_probe_errors(models):
         probe_layers(Scalar(), ["inner"], (3, 4, 4))
 
 
-def test_catalogue_for_counts_and_describes_units(models):
+def test_probed_layers_make_the_catalogue_that_describes_and_flags_units(models):
     model = models("test_vit")
     infos = probe_layers(model, layer_names(model, ["blocks.0", "head"]), (3, 64, 64))
-    cat = catalogue_for(infos)
+    cat = UnitCatalogue(infos)
     assert len(cat) == 2 and cat.n_units == sum(i.size for i in infos) == 17 * 64 + 1000
     unit = cat.offset("blocks.0") + 3 * 64 + 5  # token 3, channel 5
-    row = cat.describe(np.array([unit, cat.offset("head") + 7])).iloc
-    assert (row[0]["layer"], row[0]["token"], row[0]["channel"]) == ("blocks.0", 3, 5)
-    assert (row[1]["layer"], row[1]["channel"], row[1]["token"]) == ("head", 7, -1)
+    cls = cat.offset("blocks.0") + 63  # token 0 (the class token), channel 63
+    rows = cat.describe(np.array([unit, cat.offset("head") + 7, cls, -1]))
+    assert rows.layer.tolist()[:3] == ["blocks.0", "head", "blocks.0"] and rows.layer.isna().tolist()[3]
+    assert rows.token.tolist() == [3, -1, 0, -1] and rows.channel.tolist() == [5, 7, 63, -1]
+    assert rows.prefix_token.dtype == bool and rows.prefix_token.tolist() == [False, False, True, False]
     with pytest.raises(ValueError):
-        catalogue_for([])
+        UnitCatalogue([])
+
+
+def test_layer_units_validate_their_description():
+    normalized = LayerUnits("x", (np.int64(2), 3), ["token", "channel"], 1)  # as read back from JSON / numpy
+    assert normalized == LayerUnits("x", (2, 3), ("token", "channel"), 1)
     with pytest.raises(ValueError, match="does not match dims"):
-        LayerInfo("x", (2, 3), ("channel",))
+        LayerUnits("x", (2, 3), ("channel",))
     with pytest.raises(ValueError, match="needs a 'token' axis"):
-        LayerInfo("x", (2,), ("channel",), prefix_tokens=1)
+        LayerUnits("x", (2,), ("channel",), prefix_tokens=1)
+    with pytest.raises(ValueError, match="prefix_tokens=3 exceeds its 2 tokens"):
+        LayerUnits("x", (2, 5), ("token", "channel"), prefix_tokens=3)
+    with pytest.raises(ValueError, match="non-negative integer; got -1"):
+        LayerUnits("x", (2, 5), ("token", "channel"), prefix_tokens=-1)
+    with pytest.raises(ValueError, match="distinct"):
+        LayerUnits("x", (2, 5), ("channel", "channel"))
+    with pytest.raises(ValueError, match=r"positive integers; got \(0, 5\)"):
+        LayerUnits("x", (0, 5), ("token", "channel"))
+    # dimension names come from one place
+    assert infer_dims((4, 5, 6)) == ("channel", "y", "x")
+    assert infer_dims((4, 5, 6), channels_last=True) == ("y", "x", "channel")
+    assert infer_dims((7,)) == ("channel",) and infer_dims((3, 7)) == ("token", "channel")
+    assert infer_dims((1, 2, 3, 4)) == ("d0", "d1", "d2", "d3")
+    layer = LayerUnits.infer("blocks.0", (5, 8), prefix_tokens=1)
+    assert LayerUnits.from_attrs(layer.as_attrs()) == layer
+
+
+def test_eval_mode_restores_each_modules_own_mode(models):
+    model = models("test_resnet")
+    model.train()
+    model.bn1.eval()  # a caller's frozen BatchNorm
+    try:
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+        assert model.training and model.layer1.training and not model.bn1.training
+    finally:
+        model.eval()
 
 
 # ------------------------------------------------------------------------------------------------

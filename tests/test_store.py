@@ -6,13 +6,16 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from unitmatch import core
-from unitmatch.core.extract import ModelSpec, extract_activations, extract_to_store
+from unitmatch.core._compat import import_timm
+from unitmatch.core.extract import ModelSpec, extract_activations, extract_to_store, prepare_store
 from unitmatch.core.store import ActivationStore, BatchWriter, IncompleteStoreError
 from unitmatch.core.synthetic import generate_stimuli, plant_neurons
+from unitmatch.core.units import as_layers, catalogue_of
 
 LAYERS = ["layer1", "layer3.0"]
 
@@ -99,7 +102,7 @@ def test_resume_after_a_writer_failure_recomputes_only_the_missing_batches(tmp_p
 
 def test_identity_changes_with_image_size_weights_and_images(tmp_path, stimuli):
     def digest(spec, stim=stimuli):
-        return extract_to_store(spec, stim, LAYERS, tmp_path, batch_size=8, batches=[]).store.path.name
+        return prepare_store(spec, stim, LAYERS, tmp_path, batch_size=8).path.name
 
     base = digest(ModelSpec("test_resnet", seed=0))
     assert digest(ModelSpec("test_resnet", seed=0)) == base
@@ -159,3 +162,97 @@ def test_hooks_copy_outputs_before_in_place_ops(tmp_path, stimuli):
     np.testing.assert_array_equal(direct[:8].reshape(8, -1), expected)
     store = extract_to_store(spec, stimuli, ["bn1"], tmp_path, batch_size=8, dtype="float32").store
     np.testing.assert_array_equal(np.asarray(store.layers()["bn1"][:8]), expected)
+
+
+def test_prepare_store_creates_the_store_and_writes_no_batch(tmp_path, stimuli):
+    import zarr
+
+    spec = ModelSpec("test_resnet", seed=0)
+    store = prepare_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, dtype="float32")
+    assert not store.complete and store.done_batches() == set() and store.pending_batches() == [0, 1, 2]
+    assert all(arr.nchunks_initialized == 0 for arr in store._arrays("r").values())  # not one chunk written
+    with pytest.raises(IncompleteStoreError, match="0 of 3 image batches written"):
+        ActivationStore.open(store.path)
+    assert store.attrs["tf32"] is False  # the float32 policy of the extraction that will fill it
+    group = zarr.open_group(str(store.path / "store.zarr"), mode="r")
+    assert group["layer1"].attrs["prefix_tokens"] == 0 and group["layer1"].attrs["dims"] == ["channel", "y", "x"]
+    assert prepare_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, dtype="float32").path == store.path
+    report = extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, dtype="float32", batches=[2, 0])
+    assert report.written == [0, 2] and report.skipped == 0 and not report.store.complete
+    with pytest.raises(ValueError, match=r"batches \[3, 7\] are not batches of the store \(3 batches: 0 to 2\)"):
+        extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, dtype="float32", batches=[1, 3, 7])
+    with pytest.raises(ValueError, match="batch_size must be a positive integer; got -8"):
+        prepare_store(spec, stimuli, LAYERS, tmp_path / "other", batch_size=-8)
+
+
+def _small_swin():
+    """timm's Swin architecture made small (64 px, one block per stage, 24 channels): fast on a CPU."""
+    import torch
+
+    torch.manual_seed(0)
+    return import_timm().create_model(
+        "swin_tiny_patch4_window7_224", img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1), pretrained_cfg_overlay=dict(input_size=(3, 64, 64))).eval()
+
+
+def _both_paths(tmp_path, stimuli, spec, model, selection):
+    """(in-memory activations, the store) of one model, float16, through the shared extraction loop."""
+    acts = extract_activations(model, stimuli, selection, batch_size=8)
+    store = extract_to_store(spec, stimuli, list(acts), tmp_path, batch_size=8, model=model).store
+    assert list(store.layer_units) == list(acts.layer_units)  # one description, through both paths
+    for name, values in _stored(store).items():
+        np.testing.assert_array_equal(values, acts[name].reshape(len(stimuli), -1))
+    return acts, ActivationStore.open(store.path)
+
+
+def _match_both(acts, store, planted_units):
+    """The match tables of neurons that copy the given global units, from memory and from the store."""
+    cat = catalogue_of(as_layers(acts))
+    x = np.concatenate([a.reshape(len(a), -1) for a in acts.values()], axis=1).astype(np.float64)
+    rng = np.random.default_rng(0)
+    y = x[:, planted_units].T + 1e-3 * rng.standard_normal((len(planted_units), x.shape[0]))
+    splits = [(np.arange(14), np.arange(14, 20))]
+    memory = core.match_neurons(acts, y, splits, block_units=store.unit_chunk)
+    stored = core.match_neurons(store.layers(), y, splits, catalogue=store.catalogue(), block_units=store.unit_chunk)
+    pd.testing.assert_frame_equal(memory, stored)
+    assert memory.unit.tolist() == list(planted_units)
+    return memory, cat
+
+
+def test_vit_class_token_is_flagged_the_same_in_memory_and_in_the_store(tmp_path, stimuli):
+    import zarr
+
+    spec = ModelSpec("test_vit", seed=0)
+    acts, store = _both_paths(tmp_path, stimuli, spec, spec.create(), ["patch_embed", "blocks.0", "blocks.2"])
+    group = zarr.open_group(str(store.path / "store.zarr"), mode="r")
+    assert [group[n].attrs["prefix_tokens"] for n in acts] == [0, 1, 1]
+    assert store.catalogue().layer("blocks.2").dims == ("token", "channel")
+    cat = store.catalogue()
+    width = cat.layer("blocks.2").shape[1]
+    planted = [cat.offset("blocks.2") + 0 * width + 7,  # class token, channel 7
+               cat.offset("blocks.2") + 12 * width + 3,  # patch token 12, channel 3
+               cat.offset("blocks.0") + 1 * width + 5]  # the first patch token, right after the class token
+    matches, _ = _match_both(acts, store, planted)
+    assert matches.layer.tolist() == ["blocks.2", "blocks.2", "blocks.0"]
+    assert matches.token.tolist() == [0, 12, 1] and matches.channel.tolist() == [7, 3, 5]
+    assert matches.prefix_token.tolist() == [True, False, False]
+
+
+def test_swin_stages_are_y_x_channel_the_same_in_memory_and_in_the_store(tmp_path, stimuli):
+    model = _small_swin()
+    # the identity names the architecture only; this store holds the small configuration above
+    spec = ModelSpec("swin_tiny_patch4_window7_224", seed=0)
+    acts, store = _both_paths(tmp_path, stimuli, spec, model, "stages")
+    assert list(acts) == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert all(u.dims == ("y", "x", "channel") for u in store.layer_units)
+    stage0 = store.catalogue().layer("layers.0")
+    assert stage0.shape == (16, 16, 24)  # NHWC: 64 px / patch 4, 24 channels
+    cat = store.catalogue()
+    planted = [cat.offset("layers.0") + int(np.ravel_multi_index((2, 9, 17), stage0.shape)),
+               cat.offset("layers.2") + int(np.ravel_multi_index((3, 1, 40), cat.layer("layers.2").shape))]
+    matches, memory_cat = _match_both(acts, store, planted)
+    assert memory_cat.layers == cat.layers
+    assert matches[["layer", "y", "x", "channel"]].values.tolist() == [["layers.0", 2, 9, 17], ["layers.2", 3, 1, 40]]
+    assert not matches.prefix_token.any()
+    # a plain dict of the same arrays knows no layout: its names come from the rank (channels first)
+    assert catalogue_of(dict(acts)).layer("layers.0").dims == ("channel", "y", "x")
