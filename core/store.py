@@ -8,11 +8,13 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
                         version that wrote it is recorded in the Zarr group's attributes, and is not
                         part of the identity: a release that does not change what is stored reuses
                         every store, one that does bumps ``STORE_FORMAT``)
-        store.zarr/     Zarr v3; one group per layer: ``activations`` (image, unit) float16 by default,
-                        zstd, chunked (extraction batch x unit_chunk); coordinates ``image_id`` (image)
-                        and one array per unit dimension (channel, y, x / y, x, channel / token,
-                        channel) on ``unit``, so ``xarray.open_zarr(path, group=layer,
-                        consolidated=False)`` gives a labelled Dataset. The layer group's attributes
+        store.zarr/     Zarr v3 with consolidated metadata; one group per layer: ``activations``
+                        (image_id, unit) float16 by default, zstd, chunked (extraction batch x
+                        unit_chunk); dimension coordinates ``image_id`` and ``unit`` (the unit's index
+                        within its layer), and one array per unit dimension (channel, y, x / y, x,
+                        channel / token, channel) on ``unit``, named in the ``coordinates`` attribute of
+                        ``activations``, so ``xarray.open_zarr(path, group=layer)`` gives a Dataset
+                        whose every dimension has coordinates. The layer group's attributes
                         hold its :class:`~core.units.LayerUnits` (``layer``, ``shape``, ``dims``,
                         ``prefix_tokens``: class / register tokens leading the token axis); the root
                         group's hold the layer order, batch size, writing version and whatever
@@ -34,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -163,14 +166,23 @@ class ActivationStore:
             g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, min(unit_chunk, layer.size)),
                            dtype=key.dtype,
                            compressors=None if compression_level is None else [ZstdCodec(level=compression_level)],
-                           dimension_names=("image", "unit"), fill_value=np.nan)
-            image_id = g.create_array("image_id", shape=(n,), dtype=str, dimension_names=("image",))
+                           dimension_names=("image_id", "unit"), fill_value=np.nan,
+                           # xarray (CF conventions) reads these as the unit's coordinates
+                           attributes={"coordinates": " ".join(layer.dims)})
+            image_id = g.create_array("image_id", shape=(n,), dtype=str, dimension_names=("image_id",))
             image_id[:] = ids  # variable-length UTF-8: the string type Zarr v3 specifies
+            g.create_array("unit", data=np.arange(layer.size, dtype=np.int64), dimension_names=("unit",))
             local = np.unravel_index(np.arange(layer.size), layer.shape)
             for dim, values in zip(layer.dims, local):
                 g.create_array(dim, data=values.astype(np.int32), dimension_names=("unit",))
         group.attrs.update({**dict(attrs or {}), "layers": [layer.name for layer in layers],
                             "batch_size": batch_size, "unitmatch_version": __version__})
+        # every array and attribute exists now and batches only write chunks: one metadata read for readers
+        # (xarray asks for it). Zarr warns that consolidation is not in the v3 spec yet; it is what
+        # zarr-python and xarray both read, and a reader without it still opens the groups.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(str(staging / "store.zarr"))
         (staging / "key.json").write_text(key.as_json())
         try:
             staging.rename(path)

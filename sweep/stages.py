@@ -86,7 +86,7 @@ class _Cluster:
 
 def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:
     """Complete stores for every model (extracting what is missing on the Ray actor pool)."""
-    from unitmatch.core.extract import extract_to_store
+    from unitmatch.core.extract import prepare_store
     from unitmatch.core.store import ActivationStore
 
     from .extract import ZooExtraction
@@ -95,8 +95,8 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
     stores, todo = {}, []
     for entry in entries:
         try:
-            store = extract_to_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
-                                     dtype=compute.dtype, batches=[], device="cpu").store
+            store = prepare_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
+                                  dtype=compute.dtype)
         except Exception as err:  # noqa: BLE001 - one model failing must not stop the sweep
             _failed(done, entry.key, "extract", err)
             continue

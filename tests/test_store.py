@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -52,11 +53,20 @@ def test_float16_store_is_labelled_for_xarray_and_matchable(tmp_path, stimuli, r
     stored = _stored(store)
     for name in LAYERS:
         np.testing.assert_array_equal(stored[name], reference[name].reshape(len(stimuli), -1).astype(np.float16))
-        ds = xr.open_zarr(store.path / "store.zarr", group=name, consolidated=False)
-        assert ds.activations.dims == ("image", "unit") and ds.activations.dtype == np.float16
+        with warnings.catch_warnings():  # consolidated metadata: xarray opens it without a warning
+            warnings.simplefilter("error")
+            ds = xr.open_zarr(store.path / "store.zarr", group=name)
+        assert ds.activations.dims == ("image_id", "unit") and ds.activations.dtype == np.float16
+        # every dimension has coordinates, and the unit coordinates are coordinates, not data variables
+        assert set(ds.activations.dims) <= set(ds.coords) and list(ds.data_vars) == ["activations"]
+        assert {"channel", "y", "x"} <= set(ds.coords) and "Dimensions without coordinates" not in repr(ds)
         assert list(ds.image_id.values) == list(stimuli.image_ids)
         c, h, w = reference[name].shape[1:]
         assert (int(ds.channel[-1]), int(ds.y[-1]), int(ds.x[-1])) == (c - 1, h - 1, w - 1)
+        # the README's selection of one unit by its coordinates gives that unit's responses
+        unit = ds.activations.set_index(unit=["channel", "y", "x"]).sel(unit=(c - 1, 1, 2))
+        assert unit.dims == ("image_id",)
+        np.testing.assert_array_equal(unit.values, reference[name][:, c - 1, 1, 2].astype(np.float16))
     key = json.loads((store.path / "key.json").read_text())
     assert key["model"] == "test_resnet@random:0" and key["stimuli"] == stimuli.content_hash
     assert key["layers"] == LAYERS and key["dtype"] == "float16" and "version" not in key
