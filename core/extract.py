@@ -29,6 +29,7 @@ Guarantees of the loop:
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
 from contextlib import contextmanager
@@ -281,8 +282,9 @@ class _StoreSink:
     thread, by the next :meth:`put` or on leaving the block.
     """
 
-    def __init__(self, store: "ActivationStore"):
+    def __init__(self, store: "ActivationStore", info: dict | None = None):
         self.writer = store.writer()
+        self.info = dict(info or {})  # recorded with every batch: how it was made
         self.queue: Queue = Queue(maxsize=2)
         self.failure: list[BaseException] = []
         self.written: list[int] = []
@@ -293,7 +295,7 @@ class _StoreSink:
             if self.failure:
                 continue  # keep consuming, so that put() never blocks on a dead writer
             try:
-                self.writer.write(*item)
+                self.writer.write(*item, info=self.info)
                 self.written.append(item[0])
             except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
                 self.failure.append(err)
@@ -504,7 +506,8 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
         device = _device(device)
         if own:
             model.to(device)  # ours: no need to move it back
-        with _StoreSink(store) as sink:
+        info = {"device": str(device), "host": platform.node(), "torch": torch.__version__, "tf32": False}
+        with _StoreSink(store, info) as sink:
             _extract(model, stimuli, spec.data_config(model), store.layer_units, sink, batches=wanted,
                      batch_size=store.batch_size, dtype=DTYPES[store.key["dtype"]], device=device,
                      num_workers=num_workers, desc=f"extract {spec.name}", progress=progress)

@@ -240,6 +240,17 @@ class ActivationStore:
     def done_batches(self) -> set[int]:
         return {int(p.name[1:]) for p in (self.path / "done").glob("b*")}
 
+    def extraction_records(self) -> dict[str, int]:
+        """How the batches were extracted: ``"<device> on <host>, tf32 <policy>"`` -> number of batches."""
+        counts: dict[str, int] = {}
+        for path in sorted((self.path / "done").glob("b*")):
+            text = path.read_text()
+            info = json.loads(text) if text.strip() else {}
+            label = (f"{info.get('device', 'unrecorded device')} on {info.get('host', 'unrecorded host')}, "
+                     f"tf32 {info.get('tf32', self.attrs.get('tf32', 'unrecorded'))}")
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
     def pending_batches(self) -> list[int]:
         done = self.done_batches()
         return [b for b in range(self.n_batches) if b not in done]
@@ -294,7 +305,8 @@ class BatchWriter:
         self.store = store
         self.arrays = store._arrays("r+")
 
-    def write(self, batch: int, activations: Mapping[str, np.ndarray]) -> None:
+    def write(self, batch: int, activations: Mapping[str, np.ndarray], info: Mapping | None = None) -> None:
+        """Write one image batch of every layer, then its ``done`` record (``info`` as JSON: how it was made)."""
         import zarr
 
         rows = self.store.batch_rows(batch)
@@ -307,10 +319,10 @@ class BatchWriter:
                     raise ValueError(
                         f"batch {batch} of layer {layer.name!r} has shape {values.shape}; expected {expected}")
                 self.arrays[layer.name][rows] = values
-        _atomic_touch(self.store.path / "done" / f"b{batch:06d}")
+        _atomic_touch(self.store.path / "done" / f"b{batch:06d}", json.dumps(dict(info or {})).encode())
 
 
-def _atomic_touch(path: Path) -> None:
+def _atomic_touch(path: Path, content: bytes = b"") -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(b"")
+    tmp.write_bytes(content)
     os.replace(tmp, path)

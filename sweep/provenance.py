@@ -54,7 +54,8 @@ def store_record(store) -> dict:
 
     attrs = dict(zarr.open_group(str(store.path / "store.zarr"), mode="r").attrs)
     extraction = {k: v for k, v in attrs.items() if k not in ("layers",)}
-    return {"path": str(store.path), "digest": store.path.name, "key": store.key, "extraction": extraction}
+    return {"path": str(store.path), "digest": store.path.name, "key": store.key, "extraction": extraction,
+            "batches": store.extraction_records()}
 
 
 def model_record(entry, store) -> dict:

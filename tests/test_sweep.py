@@ -71,6 +71,9 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     assert len(record["neural_data"]["sha256_16"]) == 16 and record["neural_data"]["n_neurons"] == 32
     store = record["stores"]["demo_test_convnext"]
     assert store["key"]["model"] == "test_convnext@random:0" and store["extraction"]["unitmatch_version"]
+    assert store["extraction"]["tf32"] is False
+    ((how, n_batches),) = store["batches"].items()  # every batch on this machine's CPU, TF32 off
+    assert how.startswith("cpu on ") and how.endswith("tf32 False") and n_batches == 8
     model = json.loads((results / "models" / "demo_test_convnext" / "provenance.json").read_text())
     assert model["weights"] == "random" and model["store"]["digest"] == store["digest"]
 
