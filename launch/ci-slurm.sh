@@ -8,8 +8,9 @@
 #
 # After `start`, point the client commands at the cluster with `export SLURM_CONF=DIR/slurm.conf`.
 # Needs root (daemons, munge key). Each node gets half of this machine's CPUs and one GPU gres
-# with no device file (a "logical" GPU: Slurm schedules it and sets SLURM_GPUS_ON_NODE, Ray
+# whose "device" is /dev/null (a logical GPU: Slurm schedules it and sets SLURM_GPUS_ON_NODE, Ray
 # counts it, torch sees no CUDA), so the GPU requests of the batch script are exercised too.
+# Two slurmd on one host work with Debian's packages: each node has its own Port, spool and pid file.
 # Accounting is off (no slurmdbd): job states come from `scontrol show job` and from the
 # completion log DIR/jobcomp.log (jobcomp/filetxt).
 set -euo pipefail

@@ -193,6 +193,29 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
                                       getattr(threaded, name).sort_values(key).reset_index(drop=True))
 
 
+# ------------------------------------------------------------------------- the Ray cluster YAML
+def test_the_ray_cluster_yaml_passes_rays_own_validation_and_would_launch_gpu_workers(capsys):
+    """The checks `ray up` runs: prepare_config (defaults filled in) and validate_config (the schema),
+    and its warning about a head start command without --autoscaling-config (shown for a broken
+    copy, absent for ours). At least one GPU worker starts with the cluster."""
+    import yaml
+    from ray.autoscaler._private.commands import warn_about_bad_start_command
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "launch" / "ray-cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] >= 1 and gpu["max_workers"] >= gpu["min_workers"] and gpu["resources"]["GPU"] >= 1
+    assert config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    capsys.readouterr()
+    warn_about_bad_start_command(config["head_start_ray_commands"])
+    assert "will not launch any workers" not in "".join(capsys.readouterr())
+    broken = dict(raw, head_start_ray_commands=["ray stop", "ray start --head --port=6379"])
+    warn_about_bad_start_command(prepare_config(broken)["head_start_ray_commands"])
+    assert "will not launch any workers" in "".join(capsys.readouterr())
+
+
 # ---------------------------------------------------------------------- scenarios (own process)
 def _scenario_two_cpu_session(workdir: Path) -> dict:
     import ray
