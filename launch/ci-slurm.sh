@@ -41,6 +41,8 @@ start() {
   local node
   for node in "${NODES[@]}"; do mkdir -p "$dir/spool-$node"; done
   dir=$(cd "$dir" && pwd)
+  # slurmstepd makes Unix sockets in the spool directory: their paths must stay under 108 bytes
+  [ "${#dir}" -le 40 ] || die "DIR $dir is too long (${#dir} characters); use a short one such as /tmp/umslurm"
   local cpus=$(( $(nproc) / ${#NODES[@]} ))
   [ "$cpus" -ge 1 ] || cpus=1
   local mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) / ${#NODES[@]} / 2 ))

@@ -226,9 +226,7 @@ def test_reduction_waits_for_busy_cpus_says_so_and_finishes_once_they_are_releas
         assert worker.is_alive()  # nothing could run
         for h in holders:
             ray_local.kill(h)
-        t_released = time.perf_counter()
-        worker.join(timeout=120)
-        print(f"reduction finished {time.perf_counter() - t_released:.1f} s after the actors were killed")
+        worker.join(timeout=120)  # fresh Ray workers import torch first: tens of seconds on a busy machine
     assert not worker.is_alive()
     assert caplog.text.count("reduction: the next reduction block task(s) wait for {CPU: 1}") >= 2  # periodic
     _assert_same(out["result"], threaded)

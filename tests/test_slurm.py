@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,19 +40,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sh(*args, env=None, timeout=600) -> str:
-    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout)
+def _sh(*args, env=None, timeout=600, cwd=None) -> str:
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     assert proc.returncode == 0, f"{args}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
 @pytest.fixture()
-def slurm(tmp_path):
+def slurm():
     """A running two-node Slurm cluster (SLURM_CONF in the returned environment); stopped afterwards."""
     if os.geteuid() != 0 and shutil.which("slurmctld") is None:
         pytest.skip("Slurm is not installed and installing it needs root (CI runs as root)")
     _sh("bash", SETUP, "install", timeout=900)
-    state = tmp_path / "slurm"
+    # a short path: slurmstepd's Unix sockets live in the spool directory (at most 108 bytes)
+    state = Path(tempfile.mkdtemp(prefix="umslurm-", dir="/tmp"))
     env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
     try:
         _sh("bash", SETUP, "start", state, timeout=120)
@@ -59,6 +61,7 @@ def slurm(tmp_path):
     finally:
         subprocess.run(["scancel", "--user", str(os.geteuid())], env=env, capture_output=True)
         _sh("bash", SETUP, "stop", state)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def _job_fields(job_id: str, env) -> dict:
@@ -66,6 +69,7 @@ def _job_fields(job_id: str, env) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
+@pytest.mark.timeout(1800)  # installing Slurm, two Ray nodes and a sweep on 2 cores; the job gets 1500 s
 def test_sbatch_runs_a_sweep_on_a_ray_cluster_spanning_two_slurm_nodes(slurm, tmp_path):
     outputs = tmp_path / "outputs"
     env = {**slurm,
@@ -79,13 +83,13 @@ def test_sbatch_runs_a_sweep_on_a_ray_cluster_spanning_two_slurm_nodes(slurm, tm
     cpus = int(_job_node_cpus(env))
     job_id = _sh("sbatch", "--parsable", "--nodes=2", f"--cpus-per-task={cpus}", "--gpus-per-node=1", "--mem=0",
                  "--time=30", f"--output={tmp_path}/unitmatch-%j.log", SBATCH, *TINY,
-                 env={**env, "PWD": str(tmp_path)}).strip().split(";")[0]
+                 env=env, cwd=tmp_path).strip().split(";")[0]
     deadline = time.monotonic() + 1500
     fields = {}
     while time.monotonic() < deadline:
         fields = _job_fields(job_id, env)
-        if fields.get("JobState") in FINAL_STATES:
-            break
+        if fields.get("JobState") in FINAL_STATES or "launch_failed" in fields.get("Reason", ""):
+            break  # (a batch step that cannot start is requeued and held: it would wait forever)
         time.sleep(5)
     log = (tmp_path / f"unitmatch-{job_id}.log")
     text = log.read_text() if log.exists() else "(no job log)"
