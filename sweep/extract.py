@@ -30,7 +30,19 @@ from unitmatch.core.extract import ModelSpec, extract_to_store, prepare_store
 from unitmatch.core.stimuli import StimulusSet
 from unitmatch.core.store import ActivationStore
 
+from .cluster import ResourceRequest, check_requests, describe_wait
+
 log = logging.getLogger(__name__)
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of the library reach the actor's stderr, which Ray streams to the driver's log."""
+    logger = logging.getLogger("unitmatch")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 @ray.remote
@@ -40,8 +52,10 @@ class Extractor:
     def __init__(self, root: str, batch_size: int, dtype: str, num_workers: int):
         import torch
 
+        _log_to_stderr()
         self.root, self.batch_size, self.dtype, self.num_workers = root, batch_size, dtype, num_workers
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # an actor that asked for no GPU stays on cpu: Ray (>= 2.4x) no longer hides the node's GPUs from it
+        self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.models: dict[ModelSpec, object] = {}
 
     def run(self, spec: ModelSpec, stimuli: StimulusSet, selection, batches: list[int]) -> list[int]:
@@ -72,11 +86,16 @@ class ZooExtraction:
     Args:
         root: folder of stores (shared storage when the cluster has several nodes).
         n_actors: extractor actors (default: one per GPU, else 2).
-        num_gpus, num_cpus: resources per actor (num_gpus=1 pins each actor to a GPU).
+        num_gpus, num_cpus, memory, resources: Ray resources per actor (num_gpus=1 pins each
+            actor to a GPU; memory in bytes; custom resources by name). Checked against the
+            cluster's nodes before any actor starts: a request no node can satisfy raises
+            :class:`sweep.cluster.ClusterResourceError` at once; actors that fit but wait for a busy
+            cluster are reported every ``wait_log_s``.
         batch_size, dtype, num_workers: passed to :func:`core.extract.extract_to_store`.
         shard_batches: image batches per work item.
         in_flight: work items queued per actor.
         max_retries: re-submissions of one work item after actor deaths.
+        wait_log_s: how often to log what actors still waiting for resources wait for.
     """
 
     root: Path
@@ -89,20 +108,46 @@ class ZooExtraction:
     shard_batches: int = 4
     in_flight: int = 2
     max_retries: int = 3
+    memory: float = 0
+    resources: dict = field(default_factory=dict)
+    wait_log_s: float = 30.0
     actors: list = field(default_factory=list)
     #: (model identity, shard, batches written) for every finished work item
     log: list = field(default_factory=list)
+    #: per actor, the reference that resolves once it is running
+    _ready: list = field(default_factory=list, repr=False)
+
+    def _remote_args(self) -> dict:
+        args = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        if self.memory:
+            args["memory"] = self.memory
+        if self.resources:
+            args["resources"] = dict(self.resources)
+        return args
+
+    def request(self) -> ResourceRequest:
+        """What one extractor actor asks the cluster for."""
+        return ResourceRequest.from_remote_args("extraction actor", self._remote_args())
 
     def _start_actor(self):
-        return Extractor.options(num_gpus=self.num_gpus, num_cpus=self.num_cpus).remote(
-            str(self.root), self.batch_size, self.dtype, self.num_workers)
+        """A new actor and the reference that resolves once it is placed and built."""
+        actor = Extractor.options(**self._remote_args()).remote(str(self.root), self.batch_size, self.dtype,
+                                                                 self.num_workers)
+        return actor, actor.__ray_ready__.remote()
 
     def start(self) -> None:
+        """Start the actors, after checking that a node can host one.
+
+        Raises:
+            ClusterResourceError: no node of the cluster has what one actor asks for.
+        """
+        check_requests(self.request())
         n = self.n_actors
         if n is None:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             n = gpus if self.num_gpus and gpus else 2
-        self.actors = [self._start_actor() for _ in range(n)]
+        started = [self._start_actor() for _ in range(n)]
+        self.actors, self._ready = [a for a, _ in started], [r for _, r in started]
 
     def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection,
             stores: dict[ModelSpec, ActivationStore] | None = None) -> dict[ModelSpec, ActivationStore]:
@@ -143,14 +188,23 @@ class ZooExtraction:
         t0 = time.perf_counter()
         bar = tqdm(total=sum(len(item[1]) for item in items), desc="extracting", unit="batch")
         while queue or running:
-            for a in range(len(self.actors)):
+            # work goes only to actors that are placed: an item queued on an actor that waits for
+            # resources would wait with it while the others idle
+            placed = self._placed()
+            for a in placed:
                 while queue and load[a] < self.in_flight:
                     item = queue.pop(0)
                     ref = self.actors[a].run.remote(item[0], stimuli_ref, selection, item[1])
                     running[ref] = (a, item)
                     load[a] += 1
-            done, _ = ray.wait(list(running), num_returns=1)
+            starting = [r for a, r in enumerate(self._ready) if a not in placed]
+            done, _ = ray.wait(list(running) + starting, num_returns=1, timeout=self.wait_log_s)
+            if not done:
+                self._report_waiting()
+                continue
             ref = done[0]
+            if ref not in running:  # an actor is up: give it work
+                continue
             a, item = running.pop(ref)
             load[a] -= 1
             try:
@@ -168,6 +222,20 @@ class ZooExtraction:
         bar.close()
         log.info("extracted %d work items in %.1f s", len(items), time.perf_counter() - t0)
 
+    def _placed(self) -> set[int]:
+        """Indices of the actors that are running (or died starting: their work fails and is redone)."""
+        ready, _ = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
+        ready = set(ready)
+        return {a for a, r in enumerate(self._ready) if r in ready}
+
+    def _report_waiting(self) -> None:
+        """Log what the actors that are not placed yet wait for (nothing when all are running)."""
+        _, pending = ray.wait(self._ready, num_returns=len(self._ready), timeout=0)
+        if not pending:
+            return
+        message = describe_wait(self.request(), len(pending), len(self.actors))
+        log.info("%s", message or f"{len(pending)} of {len(self.actors)} extraction actors are still starting")
+
     def _replace(self, a: int, running: dict, queue: list, load: list) -> None:
         """Start a new actor in slot a; items still queued on the dead one go back to the queue."""
         for ref, (slot, item) in list(running.items()):
@@ -175,9 +243,9 @@ class ZooExtraction:
                 running.pop(ref)
                 queue.insert(0, item)
         load[a] = 0
-        self.actors[a] = self._start_actor()
+        self.actors[a], self._ready[a] = self._start_actor()
 
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self._ready = [], []

@@ -11,13 +11,19 @@ and equals :func:`core.engine.run_matching` on the same activations with the sam
 Schedulers: ``"threads"`` (Dask's threaded scheduler), ``"sync"`` (one thread, for debugging) and
 ``"ray"`` (Dask-on-Ray, :func:`ray.util.dask.ray_dask_get`, on the cluster that ``ray.init`` joined).
 
-The graph is built by hand (no ``dask.array``): every block task opens nothing and copies nothing
-but its own slice, so there is no ``inline_array`` question with Zarr 3 under Dask-on-Ray, and each
-task's unit range is exactly one run of whole Zarr chunks.
+The graph is made of ``dask.delayed`` calls (no ``dask.array``): every block task opens nothing and
+copies nothing but its own slice, so there is no ``inline_array`` question with Zarr 3 under
+Dask-on-Ray, and each task's unit range is exactly one run of whole Zarr chunks.
+
+GPUs on a Ray cluster: block tasks ask for a fraction of a GPU (``gpus_per_task``, so several
+blocks share one) and run their products on cuda only when Ray granted them one; a task that asked
+for none runs on cpu (:func:`task_device`). Requests are checked against the cluster's nodes before
+anything is submitted (:mod:`sweep.cluster`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 SCHEDULERS = ("threads", "sync", "ray")
 #: default fan-in of the merge tree
 DEFAULT_FAN_IN = 4
+#: fraction of a GPU a block task asks for when the cluster has GPUs: four blocks share one
+DEFAULT_GPUS_PER_TASK = 0.25
 
 
 # ------------------------------------------------------------------------------------- planning
@@ -69,30 +77,49 @@ def block_plan(store, block_units: int) -> list[tuple[str, int, int]]:
 
 
 # ------------------------------------------------------------------------------------ the engine
-_ENGINES: "OrderedDict[str, MatchEngine]" = OrderedDict()
+_ENGINES: "OrderedDict[tuple[str, str], MatchEngine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 _ENGINES_KEEP = 2
+
+
+def task_device() -> str:
+    """The torch device of a block task running as a Ray task: what Ray granted it, nothing else.
+
+    ``"cuda"`` only when Ray granted this task a GPU (``ray.get_gpu_ids()``; Ray then sets
+    CUDA_VISIBLE_DEVICES to the granted GPU, so cuda:0 is that GPU) and torch sees CUDA; ``"cpu"``
+    otherwise. Since Ray 2.4x leaves CUDA_VISIBLE_DEVICES alone for tasks that ask for no GPU,
+    ``torch.cuda.is_available()`` alone would put every such task on cuda:0 of its node, unseen
+    by Ray's scheduler.
+    """
+    import ray
+    import torch
+
+    granted = ray.get_gpu_ids()
+    if granted and torch.cuda.is_available():
+        return "cuda"
+    if granted:
+        log.debug("Ray granted GPU %s but torch sees no CUDA (a logical GPU): the block runs on cpu", granted)
+    return "cpu"
 
 
 class _EngineHandle:
     """The engine as the tasks see it: shipped once per graph, built at most once per process.
 
     In the driver's process (threads, sync) it is the driver's engine itself. Pickled (Ray) it
-    carries the engine's constructor arguments, not its tensors, and the worker builds the engine
-    once per process with its own device: ``device=None`` gives cuda on a worker that sees a GPU
-    and cpu elsewhere, whatever the driver had (a cuda engine could not be unpickled on a CPU-only
-    worker). The construction is deterministic (seeded permutations), so every process holds the
-    same neurons, splits and permutations.
+    carries the engine's constructor arguments, not its tensors, and a worker builds the engine
+    once per process and device, on the device Ray granted the task (:func:`task_device`),
+    whatever the driver had (a cuda engine could not be unpickled on a CPU-only worker). The
+    construction is deterministic (seeded permutations), so every process holds the same
+    neurons, splits and permutations.
     """
 
-    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict, device):
+    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict):
         self.token = uuid.uuid4().hex
-        self.responses, self.splits, self.options, self.device = responses, splits, options, device
+        self.responses, self.splits, self.options = responses, splits, options
         self._engine = engine
 
     def __getstate__(self):
-        return {"token": self.token, "responses": self.responses, "splits": self.splits, "options": self.options,
-                "device": self.device}
+        return {"token": self.token, "responses": self.responses, "splits": self.splits, "options": self.options}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -101,16 +128,16 @@ class _EngineHandle:
     def get(self) -> MatchEngine:
         if self._engine is not None:
             return self._engine
+        key = (self.token, task_device())
         with _ENGINES_LOCK:
-            engine = _ENGINES.get(self.token)
+            engine = _ENGINES.get(key)
             if engine is None:
-                engine = MatchEngine(self.responses, self.splits, device=self.device, **self.options)
-                _ENGINES[self.token] = engine
+                engine = MatchEngine(self.responses, self.splits, device=key[1], **self.options)
+                _ENGINES[key] = engine
                 while len(_ENGINES) > _ENGINES_KEEP:
                     _ENGINES.popitem(last=False)
             else:
-                _ENGINES.move_to_end(self.token)
-        self._engine = engine
+                _ENGINES.move_to_end(key)
         return engine
 
 
@@ -131,55 +158,47 @@ def _merge_group(*partials: MatchPartial) -> MatchPartial:
 
 def build_graph(handle: _EngineHandle, store, plan: Sequence[tuple[str, int, int]], fan_in: int = DEFAULT_FAN_IN,
                 block_remote_args: dict | None = None):
-    """The reduction as a Dask HighLevelGraph and the key of its result.
+    """The reduction as a :class:`dask.delayed.Delayed` graph: its HighLevelGraph and root key.
 
-    Layers: the engine handle and the Zarr arrays (one identity task each, so each is shipped
-    once), the block tasks (annotated with ``ray_remote_args`` when given, e.g.
-    ``{"num_gpus": 0.5}``), then the merge tree, fan-in ``fan_in`` per level.
+    Built with Dask's public API only: ``dask.delayed`` for every task, ``dask.annotate`` for the
+    Ray options of the block tasks. The engine handle and each layer's Zarr array are one task
+    each (an identity), so Dask-on-Ray puts each in the object store once and every block task
+    receives a reference; then one task per block of ``plan`` (annotated with
+    ``ray_remote_args=block_remote_args`` when given, e.g. ``{"num_gpus": 0.25}``: the other tasks
+    keep Ray's defaults); then the merge tree, ``fan_in`` partials per merge task.
     """
-    from dask._task_spec import DataNode, Task, TaskRef  # the task spec Dask (and ray.util.dask) use
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+    import dask
 
     if isinstance(fan_in, bool) or not isinstance(fan_in, (int, np.integer)) or not 2 <= fan_in <= 8:
         raise ValueError(f"fan_in must be an integer in 2..8; got {fan_in!r}")
     if not plan:
         raise ValueError("the block plan is empty: the store has no units")
     tok = handle.token[:12]
-    eng_key = f"unitmatch-engine-{tok}"
-    arrays = store.layers()
     catalogue = store.catalogue()
-    arr_keys = {name: (f"unitmatch-array-{tok}", i) for i, name in enumerate(arrays)}
-    # tasks (not data nodes) so that Dask-on-Ray puts each in the object store once and the block
-    # tasks receive references; locally they are plain calls returning their argument
-    inputs = {eng_key: Task(eng_key, _identity, DataNode(None, handle))}
-    inputs.update({key: Task(key, _identity, DataNode(None, arrays[name])) for name, key in arr_keys.items()})
-    blocks = {}
-    for i, (layer, start, stop) in enumerate(plan):
-        key = (f"unitmatch-block-{tok}", i)
-        blocks[key] = Task(key, _process_block, TaskRef(eng_key), TaskRef(arr_keys[layer]), layer, start, stop,
-                           catalogue.offset(layer) + start)
-    layers = {"inputs": MaterializedLayer(inputs)}
-    annotations = {"ray_remote_args": dict(block_remote_args)} if block_remote_args else None
-    layers["blocks"] = MaterializedLayer(blocks, annotations=annotations)
-    deps = {"inputs": set(), "blocks": {"inputs"}}
-    level_keys, previous, level = list(blocks), "blocks", 0
-    while len(level_keys) > 1:
-        name = f"merge-{level}"
-        merged = {}
-        for g in range(0, len(level_keys), fan_in):
-            key = (f"unitmatch-merge{level}-{tok}", g // fan_in)
-            merged[key] = Task(key, _merge_group, *(TaskRef(k) for k in level_keys[g:g + fan_in]))
-        layers[name] = MaterializedLayer(merged)
-        deps[name] = {previous}
-        level_keys, previous, level = list(merged), name, level + 1
-    return HighLevelGraph(layers, deps), level_keys[0]
+    task = dask.delayed(pure=False)  # keys are named here, never derived from hashing the arguments
+    engine = task(_identity)(handle, dask_key_name=f"unitmatch-engine-{tok}")
+    arrays = {name: task(_identity)(array, dask_key_name=(f"unitmatch-array-{tok}", i))
+              for i, (name, array) in enumerate(store.layers().items())}
+    annotate = (dask.annotate(ray_remote_args=dict(block_remote_args)) if block_remote_args
+                else contextlib.nullcontext())
+    with annotate:
+        level = [task(_process_block)(engine, arrays[layer], layer, start, stop, catalogue.offset(layer) + start,
+                                      dask_key_name=(f"unitmatch-block-{tok}", i))
+                 for i, (layer, start, stop) in enumerate(plan)]
+    depth = 0
+    while len(level) > 1:
+        level = [task(_merge_group)(*level[g:g + fan_in], dask_key_name=(f"unitmatch-merge{depth}-{tok}", g // fan_in))
+                 for g in range(0, len(level), fan_in)]
+        depth += 1
+    return level[0].__dask_graph__(), level[0].key
 
 
 # ----------------------------------------------------------------------------------- public API
 def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int = 0, seed: int = 0,
                 neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", device=None,
                 block_units: int | None = None, progress: bool = False, fan_in: int = DEFAULT_FAN_IN,
-                num_workers: int | None = None, ray_remote_args: dict | None = None) -> MatchResult:
+                num_workers: int | None = None, gpus_per_task: float | None = None,
+                ray_remote_args: dict | None = None, wait_log_s: float = 30.0) -> MatchResult:
     """Match every neuron to its best unit over a complete activation store, as a Dask graph.
 
     One task per block of units (see :func:`block_plan`): it reads its slice of one layer's Zarr
@@ -199,9 +218,10 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
         scheduler: ``"threads"`` (Dask's threaded scheduler), ``"sync"`` (single-threaded, for
             debugging) or ``"ray"`` (Dask-on-Ray on the cluster ``ray.init`` joined; the tasks run
             as Ray tasks, the finalize in the driver).
-        device: torch device of the products. ``None``: cuda where the process that runs a block
-            sees a GPU, else cpu (with ``"ray"`` decided on each worker: the engine is rebuilt once
-            per worker process from its arguments, so a CPU-only driver can feed GPU workers).
+        device: torch device of the driver's engine: the blocks of the local schedulers and the
+            finalize (``None``: cuda when this process sees a GPU, else cpu). Ray block tasks
+            ignore it: each runs where Ray put it, on cuda only if Ray granted it a GPU
+            (:func:`task_device`).
         block_units: units per block task: a multiple of the store's unit chunk (other values are
             rounded down to one, at least one chunk, with a warning). Default: the largest multiple
             not above :func:`core.engine.default_block_units` for these images and neuron rows.
@@ -210,22 +230,31 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
         fan_in: partials merged per merge task (2..8).
         num_workers: threads of the local threaded scheduler, or submitting threads for ``"ray"``
             (Dask's default when ``None``).
-        ray_remote_args: Ray options of the block tasks only (e.g. ``{"num_gpus": 0.5}`` so block
-            tasks land on, and see, a GPU; Ray hides GPUs from tasks that do not ask for one).
+        gpus_per_task: with ``"ray"``, the fraction of a GPU each block task requests (0..1;
+            e.g. 0.25: four blocks share a GPU). ``None``: :data:`DEFAULT_GPUS_PER_TASK` when the
+            cluster has GPUs, else 0. 0: block tasks run on CPU even on GPU nodes.
+        ray_remote_args: further Ray options of the block tasks only (e.g. ``{"num_cpus": 2}`` or
+            custom ``resources``); GPUs are asked with ``gpus_per_task``.
+        wait_log_s: with ``"ray"``, how often to log that block tasks wait for resources while
+            the cluster has none free for them.
 
-    Dask-on-Ray and extraction actors: every block task needs a free CPU (and whatever
-    ``ray_remote_args`` asks for). Extraction actors that still hold every CPU leave the reduction
-    waiting forever (seen once: a deadlock). Release the extractors first (e.g.
-    ``ZooExtraction.shutdown()``) or reserve CPUs for the reduction; a warning is logged when the
-    cluster shows no free CPU at submission.
+    Resources (``"ray"``): before submitting, the block tasks' request (1 CPU unless
+    ``ray_remote_args`` says otherwise, plus ``gpus_per_task``) and the merge tasks' (1 CPU) are
+    checked against the cluster's nodes: a request no node can satisfy raises
+    :class:`sweep.cluster.ClusterResourceError` at once instead of waiting forever. A request
+    that fits but finds the cluster busy (e.g. extraction actors still hold the GPUs or CPUs)
+    waits, and says so every ``wait_log_s``; the sweep releases its extractors before the
+    reduction, so the two never wait on each other.
 
     Raises:
         ValueError: unknown scheduler, responses whose image count differs from the store's, bad
-            ``block_units`` or ``fan_in``.
+            ``block_units``, ``fan_in`` or ``gpus_per_task``.
         RuntimeError: ``scheduler="ray"`` while Ray is not initialized.
+        sweep.cluster.ClusterResourceError: block or merge tasks that no node can run.
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
+    block_args = None
     if scheduler == "ray":
         import ray
 
@@ -234,6 +263,7 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
                 "scheduler='ray' needs a running Ray: call ray.init(...) (address='auto' to join a cluster, "
                 "address='local' for a private one) before match_store, or use scheduler='threads'"
             )
+        block_args = block_remote_args(gpus_per_task, ray_remote_args)
     options = {"top_k": top_k, "n_permutations": n_permutations, "seed": seed}
     engine = MatchEngine(responses, splits, device=device, **options)
     if engine.n_images != store.n_images:
@@ -242,42 +272,75 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
         chunk = store.unit_chunk
         block_units = max(chunk, default_block_units(engine.n_images, engine.n_rows) // chunk * chunk)
     plan = block_plan(store, block_units)
-    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, device)
-    graph, root = build_graph(handle, store, plan, fan_in, ray_remote_args if scheduler == "ray" else None)
-    log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks, fan-in %d, %s",
+    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options)
+    graph, root = build_graph(handle, store, plan, fan_in, block_args)
+    log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks%s, fan-in %d, %s",
              engine.n_neurons, engine.n_rows - engine.n_neurons, store.catalogue().n_units, store.path, len(plan),
-             fan_in, scheduler)
-    partial = _compute(graph, root, scheduler, progress, num_workers, ray_remote_args)
+             f" ({block_args})" if block_args else "", fan_in, scheduler)
+    if scheduler == "ray":
+        partial = _compute_ray(graph, root, block_args, num_workers, wait_log_s)
+    else:
+        partial = _compute_local(graph, root, scheduler, progress, num_workers)
     layers, catalogue = store.layers(), store.catalogue()
     return engine.finalize(partial, catalogue, neuron_ids,
                            columns=lambda units: gather_columns(layers, catalogue, units))
 
 
-def _compute(graph, root, scheduler: str, progress: bool, num_workers: int | None, ray_remote_args):
-    import contextlib
+def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict | None = None) -> dict:
+    """The Ray options of the reduction's block tasks on the cluster ``ray.init`` joined.
+
+    Args:
+        gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: :data:`DEFAULT_GPUS_PER_TASK`
+            when the cluster has GPUs, else 0.
+        ray_remote_args: other options (``num_cpus``, ``memory``, ``resources``, ...).
+
+    Raises:
+        ValueError: ``gpus_per_task`` outside 0..1, or ``num_gpus`` given in ``ray_remote_args`` too.
+    """
+    args = dict(ray_remote_args or {})
+    if "num_gpus" in args:
+        raise ValueError(f"ray_remote_args={ray_remote_args!r} sets num_gpus: ask for GPUs with gpus_per_task "
+                         f"(a fraction of one GPU per block task, 0..1)")
+    if gpus_per_task is None:
+        import ray
+
+        gpus_per_task = DEFAULT_GPUS_PER_TASK if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if isinstance(gpus_per_task, bool) or not isinstance(gpus_per_task, (int, float)) or not 0 <= gpus_per_task <= 1:
+        raise ValueError(f"gpus_per_task must be a number in 0..1 (a fraction of one GPU per block task, e.g. 0.25); "
+                         f"got {gpus_per_task!r}")
+    if gpus_per_task > 0:
+        args["num_gpus"] = float(gpus_per_task)
+    return args
+
+
+def _compute_ray(graph, root, block_args: dict, num_workers: int | None, wait_log_s: float):
+    import dask
+    from dask.delayed import Delayed
+    from ray.util.dask import ray_dask_get
+
+    from .cluster import ResourceRequest, check_requests, describe_wait, watch_waiting
+
+    block = ResourceRequest.from_remote_args("reduction block task", block_args)
+    check_requests(block, ResourceRequest("reduction merge task", num_cpus=1))
+    waiting = describe_wait(block)
+    if waiting:
+        log.warning("%s", waiting)
+    kwargs = {} if num_workers is None else {"num_workers": int(num_workers)}
+    with watch_waiting(block, wait_log_s, what="reduction"):
+        (result,) = dask.compute(Delayed(root, graph), scheduler=ray_dask_get, **kwargs)
+    return result
+
+
+def _compute_local(graph, root, scheduler: str, progress: bool, num_workers: int | None):
+    import dask
+    from dask.delayed import Delayed
 
     kwargs = {} if num_workers is None or scheduler == "sync" else {"num_workers": int(num_workers)}
-    if scheduler == "ray":
-        import ray
-        from ray.util.dask import ray_dask_get
-
-        needed = float((ray_remote_args or {}).get("num_cpus", 1))
-        free = ray.available_resources().get("CPU", 0.0)
-        if needed > 0 and free < needed:
-            log.warning(
-                "the Ray cluster shows %.1f free CPUs and every block task needs %.1f: if actors (e.g. extractors) "
-                "hold them, the reduction waits until they are released (shut them down first)", free, needed)
-        (result,) = ray_dask_get(graph, [root], **kwargs)
-        return result
-    if scheduler == "sync":
-        from dask.local import get_sync as get
-    else:
-        from dask.threaded import get
     bar = contextlib.nullcontext()
     if progress:
         from dask.diagnostics import ProgressBar
 
         bar = ProgressBar(dt=1.0)  # one redraw a second: readable in logs too
     with bar:
-        (result,) = get(graph, [root], **kwargs)
+        (result,) = dask.compute(Delayed(root, graph), scheduler=scheduler, **kwargs)
     return result

@@ -149,7 +149,7 @@ def test_fan_in_changes_the_tree_not_the_answer(setup, threaded):
     def n_merges(fan_in):
         from unitmatch.sweep.reduce import _EngineHandle
 
-        graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, plan, fan_in)
+        graph, root = build_graph(_EngineHandle(None, None, None, {}), store, plan, fan_in)
         return sum(1 for k in dict(graph) if "merge" in str(k)), root
 
     assert n_merges(2)[0] == 7 + 4 + 2 + 1  # 14 -> 7 -> 4 -> 2 -> 1
@@ -194,11 +194,106 @@ def test_ray_scheduler_with_null_and_busy_cluster_warning(setup, ray_local, monk
     with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
         result = match_store(store, brain.responses, splits, scheduler="ray", block_units=256, n_permutations=2,
                              seed=1)
-    assert "free CPUs" in caplog.text
+    assert "reduction block task(s) wait for {CPU: 1}: the cluster has CPU 0 of 3 free" in caplog.text
     expected = _reference(setup, block_units=256, n_permutations=2, seed=1)
     _assert_same(result, expected)
     for name in ("unit", "train_r", "test_r"):
         np.testing.assert_array_equal(getattr(result.null, name), getattr(expected.null, name))
+
+
+def test_reduction_waits_for_busy_cpus_says_so_and_finishes_once_they_are_released(setup, threaded, ray_local,
+                                                                                  caplog):
+    """Actors holding every CPU (extractors not yet released): the reduction waits, logs what it waits
+    for, and completes with the threaded answer once the actors go; no deadlock."""
+    import threading
+    import time
+
+    store, _, brain, splits = setup
+
+    @ray_local.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    holders = [Holder.remote() for _ in range(3)]  # the fixture's cluster has 3 CPUs
+    ray_local.get([h.ready.remote() for h in holders])
+    out = {}
+    with caplog.at_level("INFO", logger="unitmatch.sweep"):
+        worker = threading.Thread(target=lambda: out.update(result=match_store(
+            store, brain.responses, splits, scheduler="ray", block_units=BLOCK, wait_log_s=0.5)))
+        worker.start()
+        time.sleep(3)
+        assert worker.is_alive()  # nothing could run
+        for h in holders:
+            ray_local.kill(h)
+        worker.join(timeout=120)  # fresh Ray workers import torch first: tens of seconds on a busy machine
+    assert not worker.is_alive()
+    assert caplog.text.count("reduction: the next reduction block task(s) wait for {CPU: 1}") >= 2  # periodic
+    _assert_same(out["result"], threaded)
+
+
+def test_gpu_request_that_no_node_can_grant_fails_fast(setup, ray_local):
+    from unitmatch.sweep.cluster import ClusterResourceError
+
+    store, _, brain, splits = setup
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterResourceError, match=r"one reduction block task \{CPU: 1, GPU: 0.25\}: no node") as err:
+        match_store(store, brain.responses, splits, scheduler="ray", block_units=BLOCK, gpus_per_task=0.25)
+    assert time.perf_counter() - t0 < 30
+    assert "CPU: 3" in str(err.value)  # the nodes are listed with their resources
+
+
+def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_fraction(ray_local):
+    from unitmatch.sweep.reduce import DEFAULT_GPUS_PER_TASK, block_remote_args
+
+    assert block_remote_args() == {}  # the fixture's cluster has no GPU
+    assert block_remote_args(0.5, {"num_cpus": 2}) == {"num_cpus": 2, "num_gpus": 0.5}
+    assert block_remote_args(0) == {}
+    assert 0 < DEFAULT_GPUS_PER_TASK <= 1
+    for bad in (-0.1, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="gpus_per_task"):
+            block_remote_args(bad)
+    with pytest.raises(ValueError, match="num_gpus"):
+        block_remote_args(0.5, {"num_gpus": 1})
+
+
+def test_block_tasks_use_cuda_only_when_ray_granted_them_a_gpu(monkeypatch):
+    """Ray >= 2.4x leaves CUDA_VISIBLE_DEVICES set for tasks that ask for no GPU: the device comes from
+    the grant, never from torch.cuda.is_available() alone."""
+    import ray
+    import torch
+
+    from unitmatch.sweep.reduce import task_device
+
+    cases = {((), True): "cpu", ((0,), True): "cuda", ((0,), False): "cpu", ((), False): "cpu"}
+    for (granted, cuda), device in cases.items():
+        monkeypatch.setattr(ray, "get_gpu_ids", lambda granted=granted: list(granted))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert task_device() == device, (granted, cuda)
+
+
+def test_graph_ships_engine_and_arrays_once_and_each_block_reads_its_own_slice(setup):
+    from unitmatch.sweep.reduce import _EngineHandle, _process_block
+
+    store, _, _, _ = setup
+    plan = block_plan(store, BLOCK)
+    graph, root = build_graph(_EngineHandle(None, None, None, {}), store, plan, 4)
+    deps = graph.get_all_dependencies()
+    engine = [k for k in deps if "engine" in str(k)]
+    arrays = sorted((k for k in deps if "array" in str(k)), key=str)
+    assert len(engine) == 1 and len(arrays) == len(LAYERS)
+    blocks = sorted((k for k in deps if "block" in str(k)), key=lambda k: k[1])
+    assert len(blocks) == len(plan)
+    offsets = {layer.name: sum(x.size for x in LAYERS[:i]) for i, layer in enumerate(LAYERS)}
+    for key, (layer, start, stop) in zip(blocks, plan):
+        # a block depends on the engine and its own layer's array only, by reference
+        assert deps[key] == {engine[0], arrays[[x.name for x in LAYERS].index(layer)]}
+        task = graph[key]
+        assert task.func is _process_block
+        literal = [getattr(a, "value", a) for a in task.args[2:]]
+        assert literal == [layer, start, stop, offsets[layer] + start]
 
 
 def test_ray_remote_args_reach_block_tasks_only(setup):
@@ -208,7 +303,7 @@ def test_ray_remote_args_reach_block_tasks_only(setup):
     from unitmatch.sweep.reduce import _EngineHandle
 
     store, _, _, _ = setup
-    graph, root = build_graph(_EngineHandle(None, None, None, {}, None), store, block_plan(store, BLOCK), 4,
+    graph, root = build_graph(_EngineHandle(None, None, None, {}), store, block_plan(store, BLOCK), 4,
                               {"num_gpus": 0.5})
     scoped = _build_key_scoped_ray_remote_args(graph, {}, {})
     blocks = {k: v for k, v in scoped.items() if "block" in str(k)}

@@ -1,0 +1,165 @@
+"""On a CUDA machine: the engine, extraction, Ray actors and the Dask-on-Ray reduction on the GPU.
+
+Every test is marked ``gpu`` and skipped (with the reason) where torch sees no CUDA. Run them with
+``pytest -m gpu`` (the default run includes them too on a CUDA machine). Their CPU analogues run
+everywhere: tests/test_engine.py (engine vs the float64 reference), tests/test_store.py (stores vs
+direct extraction), tests/test_cluster.py (Ray tasks granted a logical GPU).
+
+Tolerances:
+
+- The engine decides and scores in float64 at the end (re-scoring from the activations), so on
+  cuda it must give the reference's argmax and r to 1e-10, exactly as on cpu; only the float32
+  screening r (topk_r) carries float32 error (1e-5).
+- Extraction runs with TF32 off (the project's policy), so a cuda forward differs from the cpu
+  forward by float32 rounding only, accumulated in a different order: the bound used is
+  1e-4 x each layer's largest magnitude (float32 eps is 1.2e-7; a few hundred accumulation
+  steps per output and a handful of layers stay far below it; TF32, with its 10-bit mantissa,
+  would give about 1e-3 and fail).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")]
+
+#: extraction: max |cuda - cpu| over a layer, relative to the layer's largest |activation|
+EXTRACT_RTOL = 1e-4
+
+
+def _layers(seed=0, n_images=300):
+    rng = np.random.default_rng(seed)
+    conv = np.maximum(rng.standard_normal((n_images, 8, 5, 5)), 0).astype(np.float16)
+    tokens = rng.standard_normal((n_images, 10, 16)).astype(np.float16)
+    tokens[:, 3, :] += np.float16(300.0)  # a mean far above the spread
+    head = rng.standard_normal((n_images, 400)).astype(np.float16)
+    return {"conv": conv, "tokens": tokens, "head": head}
+
+
+def test_engine_on_cuda_agrees_with_the_float64_reference():
+    from unitmatch.core.engine import run_matching
+    from unitmatch.core.reference import match_reference
+    from unitmatch.core.splits import brainscore_splits
+    from unitmatch.core.synthetic import plant_neurons
+
+    layers = _layers()
+    x = np.concatenate([a.reshape(a.shape[0], -1) for a in layers.values()], axis=1)
+    y = plant_neurons(x.astype(np.float32), n_planted=20, n_noise=10, snr=2.0, seed=1).responses
+    splits = brainscore_splits(n_images=300, n_splits=10)
+    result = run_matching(layers, y, splits, top_k=4, block_units=64, device="cuda")
+    ref = match_reference(x.astype(np.float64), y, splits)
+    m = result.matches
+    for s, r in enumerate(ref):
+        got = m[m.split == s].sort_values("neuron")
+        np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"])
+        np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10)
+        np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10)
+        best = np.sort(np.where(np.isfinite(r["r"]), r["r"], -np.inf), axis=1)[:, ::-1][:, :4]
+        np.testing.assert_allclose(np.stack(got.topk_r.to_numpy()), best, atol=1e-5)
+    assert m["float64"].all()
+
+
+def test_extraction_on_cuda_equals_the_cpu_store_to_float32_rounding(tmp_path):
+    from unitmatch.core.extract import ModelSpec, extract_to_store
+    from unitmatch.core.store import ActivationStore
+    from unitmatch.core.synthetic import generate_stimuli
+
+    stimuli = generate_stimuli(n_categories=2, objects_per_category=2, variations=4, size=48)  # 16 images
+    spec = ModelSpec("test_resnet", seed=0)
+    stores = {}
+    for device in ("cpu", "cuda"):
+        report = extract_to_store(spec, stimuli, "stages", tmp_path / device, batch_size=8, dtype="float32",
+                                  device=device)
+        stores[device] = ActivationStore.open(report.store.path)
+    cpu, cuda = stores["cpu"].layers(), stores["cuda"].layers()
+    assert list(cpu) == list(cuda) and len(cpu) >= 3
+    for name in cpu:
+        a, b = np.asarray(cpu[name][:]), np.asarray(cuda[name][:])
+        scale = float(np.abs(a).max())
+        assert np.abs(a - b).max() <= EXTRACT_RTOL * scale, (name, np.abs(a - b).max() / scale)
+
+
+def test_ray_actors_given_a_gpu_run_on_cuda_and_actors_given_none_stay_on_cpu(ray_local, tmp_path):
+    from unitmatch.sweep.extract import ZooExtraction
+
+    if ray_local.cluster_resources().get("GPU", 0) < 1:
+        pytest.fail("torch sees CUDA but the local Ray detected no GPU")
+    placed = {}
+    for gpus in (1, 0):
+        zoo = ZooExtraction(tmp_path, n_actors=1, num_gpus=gpus, num_cpus=1)
+        try:
+            zoo.start()
+            placed[gpus] = ray_local.get(zoo.actors[0].where.remote())
+        finally:
+            zoo.shutdown()
+    assert placed[1].endswith(":cuda"), placed
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES set for actors that ask for no GPU: they must not use it
+    assert placed[0].endswith(":cpu"), placed
+
+
+def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, tmp_path):
+    from ray.util.dask import RayDaskCallback
+
+    from unitmatch.core.splits import brainscore_splits
+    from unitmatch.core.store import ActivationStore, StoreKey
+    from unitmatch.core.synthetic import plant_neurons
+    from unitmatch.core.units import LayerUnits
+    from unitmatch.sweep.reduce import match_store
+
+    layers = _layers(seed=3, n_images=96)
+    units = [LayerUnits("conv", (8, 5, 5), ("channel", "y", "x")), LayerUnits("tokens", (10, 16), ("token", "channel")),
+             LayerUnits("head", (400,), ("channel",))]
+    key = StoreKey(model="test@random:3", preprocessing={"size": 8}, stimuli="gpu", layers=tuple(layers))
+    store = ActivationStore.create(tmp_path, key, units, [f"im{i:03d}" for i in range(96)], batch_size=32,
+                                   unit_chunk=64)
+    writer = store.writer()
+    flat = {name: a.reshape(96, -1) for name, a in layers.items()}
+    for b in range(store.n_batches):
+        writer.write(b, {name: a[store.batch_rows(b)] for name, a in flat.items()})
+    store.finalize()
+    store = ActivationStore.open(store.path)
+    x = np.concatenate(list(flat.values()), axis=1).astype(np.float32)
+    y = plant_neurons(x, n_planted=8, n_noise=4, snr=4.0, seed=2).responses
+    splits = brainscore_splits(n_images=96, n_splits=3, random_state=0)
+
+    records = tmp_path / "blocks"
+    records.mkdir()
+
+    class RecordBlocks(RayDaskCallback):
+        """Runs inside each Ray task: the GPU it was granted and the device of its engine."""
+
+        def _ray_pretask(self, key, object_refs):
+            import ray
+
+            return [str(i) for i in ray.get_gpu_ids()]
+
+        def _ray_posttask(self, key, result, pre_state):
+            import json
+            import sys
+
+            if "block" in str(key):
+                engines = sys.modules["unitmatch.sweep.reduce"]._ENGINES
+                record = {"gpu_ids": pre_state, "devices": sorted({e.device.type for e in engines.values()})}
+                (records / f"{abs(hash(str(key)))}.json").write_text(json.dumps(record))
+
+    expected = match_store(store, y, splits, scheduler="threads", block_units=128, device="cpu", n_permutations=3)
+    with RecordBlocks():
+        result = match_store(store, y, splits, scheduler="ray", block_units=128, gpus_per_task=0.25,
+                             n_permutations=3)
+    exact = [c for c in expected.matches.columns if c != "topk_r"]
+    key = ["neuron", "split"]
+    got, want = (r.matches.sort_values(key).reset_index(drop=True) for r in (result, expected))
+    pd.testing.assert_frame_equal(got[exact], want[exact])  # float64 re-scored: identical
+    np.testing.assert_allclose(np.stack(got.topk_r), np.stack(want.topk_r), atol=1e-5)  # float32 screening
+    np.testing.assert_array_equal(result.null.unit, expected.null.unit)
+    np.testing.assert_allclose(result.null.test_r, expected.null.test_r, atol=1e-10)
+    # every block ran in a Ray task granted a GPU, on a cuda engine
+    import json
+
+    seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    assert len(seen) == 2 + 2 + 4  # 200, 160 and 400 units in blocks of 128
+    assert all(r["gpu_ids"] and r["devices"] == ["cuda"] for r in seen), seen
