@@ -86,11 +86,11 @@ def test_resume_after_a_writer_failure_recomputes_only_the_missing_batches(tmp_p
     real_write = BatchWriter.write
     calls = []
 
-    def failing_write(self, batch, activations):
+    def failing_write(self, batch, activations, info=None):
         calls.append(batch)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        real_write(self, batch, activations)
+        real_write(self, batch, activations, info)
 
     monkeypatch.setattr(BatchWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
