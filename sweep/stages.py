@@ -10,6 +10,7 @@ failing is recorded in ``<results_dir>/failures.json`` and the others go on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -63,25 +64,13 @@ def run(cfg: DictConfig) -> dict:
     return done
 
 
-class _Cluster:
-    """Ray for the extraction actors and the Dask-on-Ray reduction; a local instance is stopped after."""
+def _ray(cfg: DictConfig):
+    """Ray for this job: a private local instance (stopped after) or the cluster at ``cluster.address``."""
+    from .cluster import ray_session
 
-    def __init__(self, cfg: DictConfig):
-        import ray
-
-        self.ray = ray
-        self.started = False
-        if not ray.is_initialized():
-            kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
-            if cfg.address == "local":
-                ray.init(address="local", num_cpus=cfg.num_cpus, **kwargs)
-            else:
-                ray.init(address=cfg.address, **kwargs)
-            self.started = True
-
-    def close(self):
-        if self.started:
-            self.ray.shutdown()
+    c = cfg.cluster
+    local = c.address == "local"
+    return ray_session(c.address, num_cpus=c.num_cpus if local else None, connect_timeout_s=c.connect_timeout_s)
 
 
 def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:
@@ -105,23 +94,23 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
         else:
             todo.append((entry, store))
     if todo:
-        cluster = _Cluster(c)
-        zoo = ZooExtraction(cfg.store_root, n_actors=c.n_actors, num_gpus=c.num_gpus_per_actor,
-                            num_cpus=c.num_cpus_per_actor, batch_size=compute.batch_size, dtype=compute.dtype,
-                            shard_batches=c.shard_batches, in_flight=c.in_flight)
-        try:
-            for entry, store in todo:  # one model at a time so a failure is attributed to its model
-                try:
-                    stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers,
-                                                stores={entry.spec: store})[entry.spec]
-                    done["extracted"].append(entry.key)
-                    _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)},
-                               produces=[("store", stores[entry.key])])
-                except Exception as err:  # noqa: BLE001
-                    _failed(done, entry.key, "extract", err)
-        finally:
-            zoo.shutdown()  # release the actors' CPUs before the reduction runs on the cluster
-            cluster.close()
+        with _ray(cfg):
+            zoo = ZooExtraction(cfg.store_root, n_actors=c.n_actors, num_gpus=c.num_gpus_per_actor,
+                                num_cpus=c.num_cpus_per_actor, batch_size=compute.batch_size, dtype=compute.dtype,
+                                shard_batches=c.shard_batches, in_flight=c.in_flight, memory=c.memory_per_actor,
+                                resources=dict(c.resources_per_actor), wait_log_s=c.wait_log_s)
+            try:
+                for entry, store in todo:  # one model at a time so a failure is attributed to its model
+                    try:
+                        stores[entry.key] = zoo.run([entry.spec], stimuli, entry.layers,
+                                                    stores={entry.spec: store})[entry.spec]
+                        done["extracted"].append(entry.key)
+                        _log_stage(cfg, entry, "extract", {"store": str(stores[entry.key].path)},
+                                   produces=[("store", stores[entry.key])])
+                    except Exception as err:  # noqa: BLE001
+                        _failed(done, entry.key, "extract", err)
+            finally:
+                zoo.shutdown()  # release the actors' CPUs before the reduction runs on the cluster
     return stores
 
 
@@ -150,15 +139,12 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             scheduler = compute.scheduler
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
-            cluster = _Cluster(cfg.cluster) if scheduler == "ray" else None
-            try:
+            with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
                 result = match_store(store, assembly.mean_responses(), splits, top_k=a.top_k,
                                      n_permutations=a.n_permutations, seed=a.random_state,
                                      neuron_ids=assembly.neuron_ids, scheduler=scheduler, device=compute.device,
-                                     block_units=compute.block_units, progress=True)
-            finally:
-                if cluster is not None:
-                    cluster.close()
+                                     block_units=compute.block_units, progress=True,
+                                     gpus_per_task=cfg.cluster.gpus_per_reduce_task, wait_log_s=cfg.cluster.wait_log_s)
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
                                     decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
                                     seed=a.random_state, top_k=a.top_k)
