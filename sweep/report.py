@@ -233,14 +233,8 @@ def _pm(value, sem) -> str:
 
 
 def _markdown_table(df: pd.DataFrame) -> str:
-    """A pipe table: ``DataFrame.to_markdown`` when tabulate is installed, else a small formatter."""
+    """A pipe table, cells as given (already formatted), pipes escaped: the same with or without tabulate."""
     df = df.astype(str)
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        return df.to_markdown(index=False)
     cell = lambda v: str(v).replace("|", r"\|").replace("\n", " ")  # noqa: E731
     rows = [[cell(c) for c in df.columns]] + [[cell(v) for v in r] for r in df.itertuples(index=False)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(df.columns))]
