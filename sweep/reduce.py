@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, default_block_units, merge_all
+from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units, merge_all
 from unitmatch.core.units import UnitBlock, gather_columns
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class _EngineHandle:
         with _ENGINES_LOCK:
             engine = _ENGINES.get(self.token)
             if engine is None:
-                engine = MatchEngine(self.responses, self.splits, device=self.device, **self.options)
+                engine = MatchEngine(self.responses, self.splits, self.options)
                 _ENGINES[self.token] = engine
                 while len(_ENGINES) > _ENGINES_KEEP:
                     _ENGINES.popitem(last=False)
@@ -176,10 +176,10 @@ def build_graph(handle: _EngineHandle, store, plan: Sequence[tuple[str, int, int
 
 
 # ----------------------------------------------------------------------------------- public API
-def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int = 0, seed: int = 0,
-                neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", device=None,
-                block_units: int | None = None, progress: bool = False, fan_in: int = DEFAULT_FAN_IN,
-                num_workers: int | None = None, ray_remote_args: dict | None = None) -> MatchResult:
+def match_store(store, responses, splits, settings: MatchSettings | None = None, *,
+                neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", progress: bool = False,
+                fan_in: int = DEFAULT_FAN_IN, num_workers: int | None = None, ray_remote_args: dict | None = None,
+                **overrides) -> MatchResult:
     """Match every neuron to its best unit over a complete activation store, as a Dask graph.
 
     One task per block of units (see :func:`block_plan`): it reads its slice of one layer's Zarr
@@ -193,16 +193,17 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
         store: a complete :class:`core.store.ActivationStore` (``ActivationStore.open(path)``).
         responses: (neurons, images) mean responses, images in the store's order.
         splits: (train_idx, test_idx) pairs of image positions.
-        top_k, n_permutations, seed: as :class:`core.engine.MatchEngine`; ``result.null`` holds the
-            permutation null when ``n_permutations`` > 0.
+        settings: :class:`core.engine.MatchSettings` (keyword overrides of its fields are applied on
+            top); ``result.null`` holds the permutation null when ``n_permutations`` > 0. Its
+            ``device`` and ``block_units`` act here as follows.
         neuron_ids: names for the neuron column.
         scheduler: ``"threads"`` (Dask's threaded scheduler), ``"sync"`` (single-threaded, for
             debugging) or ``"ray"`` (Dask-on-Ray on the cluster ``ray.init`` joined; the tasks run
             as Ray tasks, the finalize in the driver).
-        device: torch device of the products. ``None``: cuda where the process that runs a block
+        settings.device: torch device of the products. ``None``: cuda where the process that runs a block
             sees a GPU, else cpu (with ``"ray"`` decided on each worker: the engine is rebuilt once
             per worker process from its arguments, so a CPU-only driver can feed GPU workers).
-        block_units: units per block task: a multiple of the store's unit chunk (other values are
+        settings.block_units: units per block task: a multiple of the store's unit chunk (other values are
             rounded down to one, at least one chunk, with a warning). Default: the largest multiple
             not above :func:`core.engine.default_block_units` for these images and neuron rows.
         progress: a ``dask.diagnostics.ProgressBar`` for the local schedulers (with ``"ray"`` only
@@ -234,8 +235,9 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
                 "scheduler='ray' needs a running Ray: call ray.init(...) (address='auto' to join a cluster, "
                 "address='local' for a private one) before match_store, or use scheduler='threads'"
             )
-    options = {"top_k": top_k, "n_permutations": n_permutations, "seed": seed}
-    engine = MatchEngine(responses, splits, device=device, **options)
+    options = MatchSettings.resolve(settings, **overrides)
+    device, block_units = options.device, options.block_units
+    engine = MatchEngine(responses, splits, options)
     if engine.n_images != store.n_images:
         raise ValueError(f"responses have {engine.n_images} images but the store {store.path} has {store.n_images}")
     if block_units is None:
