@@ -276,7 +276,8 @@ def test_statistics_for_a_tiny_case_by_hand():
 )
 def test_bad_engine_inputs(kwargs, message):
     rng = np.random.default_rng(0)
-    args = dict(responses=rng.standard_normal((2, N_IMAGES)), splits=core.brainscore_splits(n_images=N_IMAGES, stratify=None),
+    args = dict(responses=rng.standard_normal((2, N_IMAGES)),
+                splits=core.brainscore_splits(n_images=N_IMAGES, stratify=None),
                 top_k=3)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
