@@ -75,7 +75,7 @@ def worker_engine(units: int, dtype: str) -> dict:
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
     out = {"block_units": block}
     for n_splits in (1, 10):
-        splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
+        splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
         engine = MatchEngine(y, splits, top_k=5)
         engine.process(UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
         t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def worker_engine(units: int, dtype: str) -> dict:
 
 def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
     core, pool, y, widths, block = _setup(units, dtype)
-    train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1)[0][0]
+    train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
     # the machine's float32 GEMM on the same shapes, per distinct block width, summed over the stream
     yt = np.ascontiguousarray(y[:, train].astype(np.float32))
     gemm = 0.0

@@ -7,7 +7,8 @@ strict one-to-one assignment -> matched-population decoding -> per-region summar
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import pandas as pd
 
 from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
 from .decoding import matched_population_decoding
-from .engine import MatchResult, pearson_pairs, run_matching
+from .engine import MatchResult, MatchSettings, pearson_pairs, run_matching
 from .neural import NeuralAssembly
 from .reliability import split_half_reliability
 from .stats import neuron_table, summarize
@@ -53,10 +54,10 @@ class Analysis:
     result: MatchResult
 
 
-def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: int = 100, top_k: int = 5,
+def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettings | None = None, *,
             labels: Sequence | None = None, decode: bool = True, n_random_populations: int = 100,
-            alpha: float = 0.05, seed: int = 0, block_units: int | None = None, device=None, dims=None,
-            catalogue=None, max_top_k: int = 64, result: MatchResult | None = None) -> Analysis:
+            alpha: float = 0.05, dims=None, catalogue=None, max_top_k: int = 64, result: MatchResult | None = None,
+            **overrides) -> Analysis:
     """Run the full analysis of one model against one assembly.
 
     Args:
@@ -64,22 +65,24 @@ def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: in
             assembly's order.
         assembly: the neurons (mean over repeats is matched; repeats give the ceiling).
         splits: (train_idx, test_idx) pairs.
-        n_permutations: permutations for the selection-aware null (0: no p-values).
-        top_k: candidates per (neuron, split); also the strict assignment's starting pool.
+        settings: :class:`core.engine.MatchSettings`; keyword overrides of its fields
+            (``n_permutations=100``) are applied on top. ``n_permutations`` > 0 gives p-values;
+            ``top_k`` is the strict assignment's starting pool; ``seed`` also seeds the random
+            decoding populations.
         labels: category per image for decoding (default: the assembly's image metadata column
             category_name or category).
         decode: run matched-population decoding.
         n_random_populations: random unit populations per (region, split) for the decoding null.
         alpha: FDR level.
-        seed: permutations and random populations.
         max_top_k: the strict assignment re-runs matching with a doubled top_k while infeasible, up
             to this.
         result: the matching already done elsewhere (e.g. a Dask reduction over a store, with its
-            permutation null); then ``top_k``/``n_permutations`` only describe it.
+            permutation null). Its own settings are used; settings given here must agree with them.
 
     Raises:
-        ValueError: decoding without category labels (naming the metadata columns available), or any
-            input error of the parts (each names the bad value).
+        ValueError: settings that disagree with ``result``'s, decoding without category labels
+            (naming the metadata columns available), or any input error of the parts (each names the
+            bad value).
     """
     layers = as_layers(activations)
     catalogue = catalogue or catalogue_of(layers, dims)
@@ -87,26 +90,35 @@ def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: in
     y = assembly.mean_responses()
     if decode:
         labels = _labels(assembly, labels)
-    common = dict(block_units=block_units, device=device, catalogue=catalogue, neuron_ids=assembly.neuron_ids)
     if result is None:
-        result = run_matching(layers, y, splits, top_k=top_k, n_permutations=n_permutations, seed=seed, **common)
+        settings = MatchSettings.resolve(settings, **overrides)
+        result = run_matching(layers, y, splits, settings, catalogue=catalogue, neuron_ids=assembly.neuron_ids)
     else:
-        top_k = len(result.matches.topk_unit.iloc[0])
-    ceiling = split_half_reliability(assembly.responses) if assembly.has_repeats else None
+        settings = _settings_of(result, settings, overrides)
+    if settings.n_permutations == 0:
+        log.info("no permutation null (n_permutations=0): no p-values or q-values")
+    ceiling_splits = split_half_reliability(assembly.responses, per_split=True) if assembly.has_repeats else None
+    with warnings.catch_warnings():  # a neuron without a defined ceiling in any repeat split: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ceiling = None if ceiling_splits is None else np.nanmean(ceiling_splits, axis=0)
     neurons = neuron_table(result, regions=assembly.regions, ceiling=ceiling, alpha=alpha)
     region_of = dict(zip(assembly.neuron_ids, assembly.regions))
     matches = result.matches.assign(region=result.matches.neuron.map(region_of))
+    n_nan = int(matches.test_r.isna().sum())
+    if n_nan:
+        log.info("%d of %d (neuron, split) matches have an undefined held-out r (the selected unit is constant "
+                 "on the test images); counted in n_nan_test_r", n_nan, len(matches))
 
-    assignment = _strict(layers, y, splits, result, columns, common, top_k, max_top_k)
+    assignment = _strict(layers, y, splits, result, columns, settings, assembly.neuron_ids, catalogue, max_top_k)
     assignment["region"] = assignment.neuron.map(region_of)
     strict_mean = assignment.groupby("neuron", sort=False)[["strict_test_r"]].mean()
     neurons = neurons.merge(strict_mean, left_on="neuron", right_index=True, how="left")
     neurons["strict_unit"] = neurons.neuron.map(
         assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
 
-    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations, seed) \
-        if decode else pd.DataFrame()
-    summary = summarize(result, neurons)
+    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations,
+                       settings.seed) if decode else pd.DataFrame()
+    summary = summarize(result, neurons, ceiling_splits)
     extra = []
     for region, part in assignment.groupby("region"):
         drops = [assignment_drop(p.unit, p.free_test_r, p.strict_unit, p.strict_test_r)
@@ -144,9 +156,33 @@ def _labels(assembly: NeuralAssembly, labels):
     return values.to_numpy()
 
 
-def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int, max_top_k: int) -> pd.DataFrame:
+def _settings_of(result: MatchResult, settings: MatchSettings | None, overrides: dict) -> MatchSettings:
+    """The settings that produced ``result``; given settings or overrides must agree with them."""
+    k = len(result.matches.topk_unit.iloc[0])
+    own = result.settings
+    if own is None:  # a result built by hand: only its top-k and null size are known
+        known = {"top_k": k, "n_permutations": 0 if result.null is None else result.null.unit.shape[0]}
+        base = MatchSettings.resolve(settings, **overrides)
+        differ = {n: (getattr(base, n), v) for n, v in known.items()
+                  if (settings is not None or n in overrides) and getattr(base, n) != v}
+        own = replace(base, **known)
+    elif settings is not None:
+        differ = MatchSettings.resolve(settings, **overrides).differences(own)
+    else:
+        MatchSettings.resolve(own, **overrides)  # unknown names and bad values fail as usual
+        differ = {n: (v, getattr(own, n)) for n, v in overrides.items()
+                  if n in MatchSettings.RESULT_FIELDS and v != getattr(own, n)}
+    if differ:
+        said = ", ".join(f"{n}={a!r} (the result has {b!r})" for n, (a, b) in differ.items())
+        raise ValueError(f"the settings given disagree with those that produced result: {said}; pass the "
+                         f"result's own settings (result.settings) or re-run the matching")
+    return own
+
+
+def _strict(layers, y, splits, result: MatchResult, columns, settings: MatchSettings, neuron_ids, catalogue,
+            max_top_k: int) -> pd.DataFrame:
     """Bijective assignment per split from the top-k candidates; k grows (re-running) until feasible."""
-    order = {n: i for i, n in enumerate(common["neuron_ids"])}
+    order = {n: i for i, n in enumerate(neuron_ids)}
 
     def in_neuron_order(df: pd.DataFrame) -> pd.DataFrame:
         return df.iloc[np.argsort([order[n] for n in df.neuron])]
@@ -155,7 +191,7 @@ def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int,
     for s, part in result.matches.groupby("split"):
         part = in_neuron_order(part)
         candidates = part
-        k = top_k
+        k = settings.top_k
         while True:
             try:
                 a = strict_assignment(np.stack(candidates.topk_unit.to_numpy()), np.stack(candidates.topk_r.to_numpy()))
@@ -166,7 +202,9 @@ def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int,
                 previous, k = k, min(2 * k, max_top_k)
                 log.info("split %d: strict assignment infeasible with top_k=%d candidates; re-running with %d",
                          s, previous, k)
-                candidates = in_neuron_order(run_matching(layers, y, [splits[s]], top_k=k, **common).matches)
+                wider = replace(settings, top_k=k, n_permutations=0)
+                candidates = in_neuron_order(run_matching(layers, y, [splits[s]], wider, catalogue=catalogue,
+                                                          neuron_ids=neuron_ids).matches)
         units, inverse = np.unique(a.units, return_inverse=True)
         strict_r = pearson_pairs(columns(units)[splits[s][1]], y[:, splits[s][1]], inverse, np.arange(len(y)))
         rows.append(pd.DataFrame({

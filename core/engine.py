@@ -23,6 +23,16 @@ How, per block of units (images x units, one layer):
 
 Permutation nulls ride along as extra neuron rows of the same products (``n_permutations``).
 
+Which units may be chosen: a unit whose train variance is zero, or which varies on fewer than
+``min_varying_images`` train images of a split, is never chosen in that split. "Varies on n
+images" counts the train images whose activation differs from the unit's most populated extreme
+(its minimum over all images, e.g. a ReLU's zero, or its maximum, e.g. a saturated unit): a unit
+non-zero on one train image varies on one. The rule acts on units, before any neuron is looked at,
+so observed and permuted neurons face the same candidates. ``min_varying_images=1`` excludes only
+constant units, which is Brain-Score's ``SingleRegression`` (``nanargmax``) selection.
+
+All matching settings travel as one frozen :class:`MatchSettings`, the one source of their defaults.
+
 Never built: an all-units array, or a neurons x units array beyond one block.
 
 Partial results (:class:`MatchPartial`) are pure functions of their block and merge associatively
@@ -33,8 +43,10 @@ e.g. a Dask tree reduction, gives the identical answer.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -52,6 +64,97 @@ _CHUNK_ROWS = 32
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
+
+
+# -------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class MatchSettings:
+    """Everything that decides how neurons are matched to units: one object from config to engine.
+
+    Attributes:
+        top_k: candidates kept per (split, neuron), >= 2 (so the best-vs-second gap is defined);
+            also the strict one-to-one assignment's starting pool.
+        n_permutations: permuted copies of every neuron that ride along in the same pass for the
+            selection-aware null (0: no null, no p-values).
+        seed: seeds the permutations (and, in :func:`core.analyze`, the random decoding populations).
+        block_units: units per streamed block; None sizes blocks to about 256 MiB of float32.
+        device: torch device of the products ("cpu", "cuda", "cuda:1"...); None: cuda when available.
+        tie_margin: final candidates within this train r of a neuron's best are re-scored in float64.
+        min_varying_images: a unit that varies on fewer than this many train images of a split is
+            never chosen in that split (see the module docstring). 1 excludes only constant units
+            (Brain-Score's selection). The default, 10, was chosen on the real V4 session with
+            random-weight resnet18 units (benchmarks/RESULTS.md, "Sparse units"): a unit that varies
+            on k train images varies on about k / 9 images of a 10% test set, so below about 9 its
+            held-out r is more often undefined than not (NaN held-out r: 8.2% of matches and 38%
+            of the null at 1, 0.8% and 8.8% at 10); the null's false-positive rate stays nominal
+            at every value, and 10 is the largest value tried that left unitmatch's per-neuron
+            scores unchanged (20 lowered them).
+
+    Raises:
+        ValueError: a field outside its valid range (naming the field, the value and the range).
+    """
+
+    top_k: int = 5
+    n_permutations: int = 0
+    seed: int = 0
+    block_units: int | None = None
+    device: str | None = None
+    tie_margin: float = 1e-4
+    min_varying_images: int = 10
+
+    def __post_init__(self):
+        def integer(name, minimum, optional=False):
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                valid = f"an integer >= {minimum}" + (" or None" if optional else "")
+                raise ValueError(f"MatchSettings.{name} must be {valid}; got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+        integer("top_k", 2)
+        integer("n_permutations", 0)
+        integer("seed", 0)
+        integer("block_units", 1, optional=True)
+        integer("min_varying_images", 1)
+        margin = self.tie_margin
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0 <= margin < math.inf):
+            raise ValueError(f"MatchSettings.tie_margin must be a finite number >= 0; got {margin!r}")
+        object.__setattr__(self, "tie_margin", float(margin))
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"MatchSettings.device must be None or a torch device such as 'cpu', 'cuda' "
+                                 f"or 'cuda:0'; got {self.device!r} ({err})") from None
+            object.__setattr__(self, "device", str(device))
+
+    @classmethod
+    def resolve(cls, settings: "MatchSettings | None" = None, **overrides) -> "MatchSettings":
+        """``settings`` (default: the defaults) with some fields replaced, for keyword-style callers.
+
+        Raises:
+            TypeError: an override that is not a field (the fields are listed).
+            ValueError: a bad value (see the class).
+        """
+        if settings is not None and not isinstance(settings, cls):
+            raise TypeError(f"settings must be a MatchSettings; got {type(settings).__name__}")
+        unknown = sorted(set(overrides) - cls.field_names())
+        if unknown:
+            raise TypeError(f"unknown matching settings {unknown}; the fields are {sorted(cls.field_names())}")
+        base = settings if settings is not None else cls()
+        return replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    #: fields that change a result (block size and device do not: partials merge exactly)
+    RESULT_FIELDS = ("top_k", "n_permutations", "seed", "tie_margin", "min_varying_images")
+
+    def differences(self, other: "MatchSettings", names: Iterable[str] = RESULT_FIELDS) -> dict:
+        """``{field: (self's value, other's value)}`` for the named fields that differ."""
+        return {n: (getattr(self, n), getattr(other, n)) for n in names if getattr(self, n) != getattr(other, n)}
 
 
 # --------------------------------------------------------------------------------------- results
@@ -147,11 +250,13 @@ class MatchResult:
             test_r, second_r, gap, topk_unit, topk_r, n_train, n_test.
         layer_matches: one row per (neuron, split, layer): that layer's best unit, train_r, test_r.
         null: the selection redone on permuted copies of every neuron (when asked for).
+        settings: the settings that produced it.
     """
 
     matches: pd.DataFrame
     layer_matches: pd.DataFrame
     null: NullDistribution | None = None
+    settings: MatchSettings | None = None
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -194,21 +299,21 @@ class MatchEngine:
     Args:
         responses: (neurons, images) mean responses; finite.
         splits: (train_idx, test_idx) pairs of image positions.
-        top_k: candidates kept per (split, neuron) (>= 2, so the best-vs-second gap is defined).
-        device: torch device for the products ("cpu", "cuda", ...); default cuda when available.
-        tie_margin: final candidates within this r of a neuron's best are re-scored in float64.
-        n_permutations: permuted copies of every neuron that ride along as extra neuron rows of the
-            same products (one independent permutation of image order per neuron and copy, the
-            same for its train and test images), for a null distribution that includes the
-            selection over all units. They cost compute, never another read of the activations.
-        seed: seeds the permutations.
+        settings: the matching settings (:class:`MatchSettings`); keyword overrides of its fields
+            (``top_k=3``) are applied on top. The permuted copies (``n_permutations``) ride along
+            as extra neuron rows of the same products (one independent permutation of image order
+            per neuron and copy, the same for its train and test images), for a null distribution
+            that includes the selection over all units: they cost compute, never another read of
+            the activations.
 
     Use :meth:`process` on each block, :func:`merge` / :func:`merge_all` on the partials, then
     :meth:`finalize`.
     """
 
-    def __init__(self, responses: np.ndarray, splits: Sequence[Split], *, top_k: int = 5, device=None,
-                 tie_margin: float = 1e-4, n_permutations: int = 0, seed: int = 0):
+    def __init__(self, responses: np.ndarray, splits: Sequence[Split], settings: MatchSettings | None = None,
+                 **overrides):
+        settings = MatchSettings.resolve(settings, **overrides)
+        self.settings = settings
         y = np.asarray(responses)
         if y.ndim != 2:
             raise ValueError(f"responses must be neurons x images (mean over repeats); got shape {y.shape}")
@@ -219,14 +324,17 @@ class MatchEngine:
                 f"responses of neurons {np.flatnonzero(bad)[:10].tolist()} contain NaN/inf; the engine needs a "
                 f"response to every image (drop those neurons, or the images they lack)"
             )
-        if not isinstance(top_k, (int, np.integer)) or top_k < 2:
-            raise ValueError(f"top_k must be an integer >= 2; got {top_k!r}")
-        if not isinstance(n_permutations, (int, np.integer)) or n_permutations < 0:
-            raise ValueError(f"n_permutations must be a non-negative integer; got {n_permutations!r}")
         self.n_neurons, self.n_images = y.shape
-        self.n_permutations = int(n_permutations)
+        self.n_permutations = settings.n_permutations
         self.splits = validate_splits(splits, self.n_images)
-        y = stack_permutations(y, self.n_permutations, seed)
+        self.min_varying_images = settings.min_varying_images
+        for s, (train, _) in enumerate(self.splits):
+            if len(train) < self.min_varying_images:
+                raise ValueError(
+                    f"split {s} has {len(train)} train images, fewer than min_varying_images="
+                    f"{self.min_varying_images}: no unit could be chosen; lower min_varying_images"
+                )
+        y = stack_permutations(y, self.n_permutations, settings.seed)
         #: neuron rows of the products: the neurons, then each permutation's copy of them
         self.n_rows = y.shape[0]
         for s, (train, _) in enumerate(self.splits):
@@ -238,8 +346,9 @@ class MatchEngine:
                     f"{' (in a permuted copy)' if flat.min() >= self.n_neurons else ''}: their correlation with "
                     f"any unit is undefined"
                 )
-        self.top_k = int(top_k)
-        self.tie_margin = float(tie_margin)
+        self.top_k = settings.top_k
+        self.tie_margin = settings.tie_margin
+        device = settings.device
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.shared = len(self.splits) > 1
         yc = y - y.mean(axis=1, keepdims=True)
@@ -301,6 +410,10 @@ class MatchEngine:
             return partial
         x, sxx = self._prepare(xb)  # sxx: row 0 all images, row 1 + s the train images of split s
         _check_finite(sxx[0], block)
+        # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
+        sparse = None
+        if self.min_varying_images > 1:
+            sparse = self._varying_train_images(xb)[1:] < self.min_varying_images
         products = self._buffer("products", (self.n_rows + 1, n_units))
         if self.shared:
             torch.mm(self._full_t, x, out=products)
@@ -317,7 +430,8 @@ class MatchEngine:
                 torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
             else:
                 scores = torch.mm(plan.d_t, x, out=products)
-            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[1 + s]), plan)
+            excluded = None if sparse is None else sparse[s]
+            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[1 + s], excluded), plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -366,11 +480,44 @@ class MatchEngine:
             sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=sq[: r1 - r0]))
         return x, sums
 
-    def _finish_scores(self, plan: _SplitPlan, scores: torch.Tensor, sxx_train: torch.Tensor):
-        """Turn train cross-products (rows :M) and unit sums (row M) into ranking scores in place."""
+    def _varying_train_images(self, xb: torch.Tensor) -> torch.Tensor:
+        """Per unit, over all images and then each split's train images: images off its most populated extreme.
+
+        The extremes are the unit's minimum and maximum over all images, compared in the block's own
+        dtype (exact); the counts come from small GEMMs of equality indicators with the train masks,
+        row chunk by row chunk, as the sums of squares do. (Counting over all images first and
+        per split only for the units near the threshold was measured slower: torch's boolean
+        column sums cost more than these GEMMs.)
+
+        Returns:
+            (1 + splits, units) float32 counts (exact integers).
+        """
+        low, high = torch.aminmax(xb, dim=0)
+        n_rows, n_units = xb.shape
+        masks = self._row_masks
+        at_low = torch.zeros((masks.shape[0], n_units), dtype=torch.float32, device=self.device)
+        at_high = torch.zeros_like(at_low)
+        step = _CHUNK_ROWS if self.device.type == "cpu" else n_rows
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            chunk = xb[r0:r1]
+            at_low.addmm_(masks[:, r0:r1], (chunk == low).to(torch.float32))
+            at_high.addmm_(masks[:, r0:r1], (chunk == high).to(torch.float32))
+        totals = masks.sum(dim=1, keepdim=True)
+        return totals - torch.maximum(at_low, at_high)
+
+    def _finish_scores(self, plan: _SplitPlan, scores: torch.Tensor, sxx_train: torch.Tensor,
+                       excluded: torch.Tensor | None = None):
+        """Turn train cross-products (rows :M) and unit sums (row M) into ranking scores in place.
+
+        Units that are constant on the train images, or ``excluded`` (the sparse-unit policy), get
+        -inf: never chosen.
+        """
         sx = scores[-1].double()
         ss = sxx_train.double() - sx * sx / plan.n_train  # train sum of squares about the mean
         constant = ss <= _CONSTANT_TOL * sxx_train.double().clamp_min(0)
+        if excluded is not None:
+            constant |= excluded
         inv_sd = torch.where(constant, 0.0, ss.clamp_min(1e-300).rsqrt()).to(torch.float32)
         body = scores[:-1]
         body.mul_(inv_sd)
@@ -461,7 +608,7 @@ class MatchEngine:
             "test_r": np.concatenate([lb.test_r.ravel() for lb in stack]),
         })
         layer_rows.loc[layer_rows["unit"] < 0, "train_r"] = np.nan
-        return MatchResult(matches, layer_rows, null)
+        return MatchResult(matches, layer_rows, null, self.settings)
 
     @staticmethod
     def _layer_test_r(partial: MatchPartial, catalogue: UnitCatalogue, units: np.ndarray) -> np.ndarray:
@@ -576,9 +723,9 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
     return engine.finalize(total, catalogue, neuron_ids, columns)
 
 
-def run_matching(activations, responses, splits, *, top_k: int = 5, block_units: int | None = None, device=None,
+def run_matching(activations, responses, splits, settings: MatchSettings | None = None, *,
                  neuron_ids: Sequence[str] | None = None, dims=None, catalogue: UnitCatalogue | None = None,
-                 n_permutations: int = 0, seed: int = 0, progress: bool = False) -> MatchResult:
+                 progress: bool = False, **overrides) -> MatchResult:
     """Match every neuron to its best unit, with per-layer bests.
 
     Args:
@@ -586,16 +733,14 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
             (float16 or float32, numpy or torch).
         responses: (neurons, images) mean responses, images in the same order.
         splits: (train_idx, test_idx) pairs, e.g. :func:`core.splits.brainscore_splits`.
-        top_k: candidates reported per (neuron, split).
-        block_units: units per block (default: about 256 MiB of float32 per block).
-        device: torch device for the products (default cuda when available).
+        settings: :class:`MatchSettings` (top_k, n_permutations, seed, block_units, device,
+            tie_margin, min_varying_images); keyword overrides of its fields (``top_k=3``) are
+            applied on top. With ``n_permutations`` the result's ``null`` holds the permutation null.
         neuron_ids: names for the neuron column (default n000, n001, ...).
         dims: optional ``{layer: dim names}`` for unit coordinates (default by rank: channel / token,
             channel / channel, y, x).
         catalogue: the layers' unit shapes when the arrays are stored flat (e.g. 2-D Zarr arrays of
             images x units); its layer names must be the keys of ``activations``, in order.
-        n_permutations, seed: permutation null computed in the same pass (see :class:`MatchEngine`);
-            the result's ``null`` holds it.
         progress: show a progress bar.
     """
     from .units import as_layers, catalogue_of, gather_columns, iter_blocks
@@ -611,20 +756,20 @@ def run_matching(activations, responses, splits, *, top_k: int = 5, block_units:
         if stored != layer.size:
             raise ValueError(f"layer {layer.name!r} stores {stored} units per image; the catalogue says "
                              f"{layer.size} {layer.shape}")
-    engine = MatchEngine(responses, splits, top_k=top_k, device=device, n_permutations=n_permutations, seed=seed)
+    engine = MatchEngine(responses, splits, MatchSettings.resolve(settings, **overrides))
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = block_units or default_block_units(n_images, engine.n_rows)
+    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows)
     return stream_match(engine, iter_blocks(layers, catalogue, size), catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units), progress=progress)
 
 
-def match_neurons(activations, responses, splits, *, top_k: int = 5, **kwargs) -> pd.DataFrame:
+def match_neurons(activations, responses, splits, settings: MatchSettings | None = None, **kwargs) -> pd.DataFrame:
     """The best unit per (neuron, split) as a DataFrame; see :func:`run_matching` for the arguments.
 
     Columns: neuron, split, unit, layer, unit coordinates (channel, y, x, token... as the layers
     have them; -1 where not applicable), train_r, test_r (float64), second_r, gap, topk_unit,
     topk_r (float32 screening values), n_train, n_test.
     """
-    return run_matching(activations, responses, splits, top_k=top_k, **kwargs).matches
+    return run_matching(activations, responses, splits, settings, **kwargs).matches

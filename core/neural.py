@@ -180,8 +180,13 @@ def load_brainio(
 ) -> NeuralAssembly:
     """Load a Brain-Score / BrainIO netCDF neural assembly.
 
-    Presentations are grouped by stimulus_id; repeats (the ``repetition`` coord when present, else
-    order of appearance) become the third axis, NaN-padded where a stimulus has fewer.
+    Presentations are grouped by stimulus_id; repeats become the third axis, NaN where a stimulus
+    lacks one. With a ``repetition`` coord, position k of that axis holds the k-th smallest
+    repetition value present in the assembly, for every stimulus: the axis is indexed by value, as
+    Brain-Score's ``InternalConsistency`` splits halves (``np.unique`` of the repetition values,
+    then ``ShuffleSplit``), so :func:`core.split_half_reliability` draws the same halves of values
+    even when the values are not contiguous or some stimuli lack some of them. Without the coord,
+    repeats are numbered by order of appearance.
 
     Args:
         path: the .nc file.
@@ -189,7 +194,8 @@ def load_brainio(
         region: keep only neurons of this region.
 
     Raises:
-        ValueError: missing dims/coords, several time bins without ``time_bin``.
+        ValueError: missing dims/coords, several time bins without ``time_bin``, a stimulus with the
+            same repetition value twice.
     """
     import xarray as xr
 
@@ -223,8 +229,15 @@ def load_brainio(
     image_ids = stim.drop_duplicates().to_numpy()
     image_pos = pd.Series(np.arange(len(image_ids)), index=image_ids)[stim].to_numpy()
     if "repetition" in pres:
-        rep_values = pd.Series(pres["repetition"])
-        rep_pos = rep_values.groupby(stim.to_numpy()).rank(method="first").astype(int).to_numpy() - 1
+        rep_values = np.asarray(pres["repetition"])
+        rep_pos = np.searchsorted(np.unique(rep_values), rep_values)
+        twice = pd.DataFrame({"stimulus": stim.to_numpy(), "repetition": rep_pos}).duplicated()
+        if twice.any():
+            k = int(np.flatnonzero(twice.to_numpy())[0])
+            raise ValueError(
+                f"{path.name}: stimulus {stim.iloc[k]!r} has repetition {rep_values[k].item()!r} more than once; each "
+                f"(stimulus_id, repetition) pair must be one presentation"
+            )
     else:
         rep_pos = stim.groupby(stim.to_numpy()).cumcount().to_numpy()
     n_rep = int(rep_pos.max()) + 1

@@ -23,8 +23,11 @@ def pearson_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return yn.T @ xn
 
 
-def match_reference(activations: np.ndarray, responses: np.ndarray, splits) -> list[dict]:
+def match_reference(activations: np.ndarray, responses: np.ndarray, splits, min_varying_images: int = 1) -> list[dict]:
     """float64 one-to-one matching: per split, the full neurons x units r matrix, then argmax.
+
+    Units that vary on fewer than ``min_varying_images`` train images (:func:`varying_images`) are
+    never chosen, nor are constant ones (their r is NaN).
 
     Returns:
         One dict per split with ``unit`` (M,), ``train_r`` (M,), ``test_r`` (M,) and ``r`` (M, U).
@@ -32,7 +35,8 @@ def match_reference(activations: np.ndarray, responses: np.ndarray, splits) -> l
     out = []
     for train, test in splits:
         r = pearson_columns(activations[train], responses[:, train].T)
-        r_masked = np.where(np.isfinite(r), r, -np.inf)
+        allowed = np.isfinite(r) & (varying_images(activations, train) >= min_varying_images)[None, :]
+        r_masked = np.where(allowed, r, -np.inf)
         unit = np.argmax(r_masked, axis=1)
         test_r = np.array([
             pearson_columns(activations[test][:, [u]], responses[[j]][:, test].T)[0, 0]
@@ -58,3 +62,20 @@ def per_neuron_loop(activations: np.ndarray, responses: np.ndarray, train: np.nd
             r = (xc * yc[:, None]).sum(axis=0) / np.sqrt((xc * xc).sum(axis=0) * (yc * yc).sum())
         best[j] = np.nanargmax(r)
     return best
+
+
+def varying_images(activations: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Per unit, the train images on which it varies: those off its most populated extreme.
+
+    The extremes are each unit's minimum and maximum over all images (a ReLU unit's zero, a
+    saturated unit's ceiling); the count is |train| minus the larger of the numbers of train
+    images at either extreme. A constant unit varies on 0 images, a unit non-zero on one
+    train image (and zero elsewhere) on 1.
+
+    Returns:
+        (U,) int64 counts.
+    """
+    x = np.asarray(activations)
+    low, high = x.min(axis=0), x.max(axis=0)
+    xt = x[np.asarray(train)]
+    return len(train) - np.maximum((xt == low).sum(axis=0), (xt == high).sum(axis=0))

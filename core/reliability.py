@@ -5,7 +5,11 @@ Follows Brain-Score's ``InternalConsistency``: repeats are split into two halves
 averaged per image, the halves are Pearson-correlated across images per neuron, the correlation is
 Spearman-Brown corrected (n = 2), and the corrected values are averaged over the 10 splits.
 Missing repeats (NaN) are skipped in the half means; an image whose half has no recorded repeat is
-left out of that neuron's correlation.
+left out of that neuron's correlation. Brain-Score splits the unique repetition *values*: the repeat
+axis must be indexed by value (position k = the k-th smallest repetition value, NaN where a
+stimulus lacks it), as :func:`core.load_brainio` builds it, for the halves to be Brain-Score's.
+``per_split=True`` gives the per-split values that Brain-Score's ceiling aggregates (per split the
+median over neurons, then the mean over splits: :func:`core.stats.brainscore_scores`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Defaults follow Brain-Score's ``neuron_to_neuron`` cross-validation (brainscore_vision
 ``metric_helpers.transformations.Split``): sklearn ``StratifiedShuffleSplit`` with 10 splits,
-train_size 0.9, random_state 1, stratified by object; its indices are reproduced exactly, so scores
-computed here are comparable.
+train_size 0.9, random_state 1, stratified by ``object_name``; its indices are reproduced exactly,
+so scores computed here are comparable. Like Brain-Score (which asserts the column exists), the
+default insists on ``object_name``: unstratified splits (``stratify=None``) and the automatic
+choice of another column (``stratify="auto"``) happen only when asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ Split = tuple[np.ndarray, np.ndarray]
 
 #: metadata columns tried, in order, when stratify="auto"
 STRATIFY_COLUMNS = ("object_name", "object", "category_name", "category")
+#: Brain-Score's stratification column (``Split.Defaults.stratification_coord``)
+BRAINSCORE_STRATIFY = "object_name"
 
 
 def brainscore_splits(
@@ -29,7 +33,7 @@ def brainscore_splits(
     n_splits: int = 10,
     train_size: float = 0.9,
     random_state: int = 1,
-    stratify: str | None = "auto",
+    stratify: str | None = BRAINSCORE_STRATIFY,
 ) -> list[Split]:
     """Brain-Score-compatible splits.
 
@@ -37,16 +41,18 @@ def brainscore_splits(
         metadata: one row per image, in image order (the stimulus set's metadata).
         n_images: number of images when there is no metadata.
         n_splits, train_size, random_state: as sklearn's (Brain-Score defaults).
-        stratify: a metadata column; ``"auto"`` takes the first of object_name, object,
+        stratify: a metadata column, by default Brain-Score's ``object_name`` (an error when the
+            metadata lacks it); None: unstratified (sklearn ``ShuffleSplit``, as Brain-Score with
+            ``stratification_coord=None``); ``"auto"``: the first of object_name, object,
             category_name, category present that sklearn can stratify by (a warning says when it
-            falls back because a test set cannot hold one image per object), else no
-            stratification; None never stratifies.
+            falls back because a test set cannot hold one image per object), else unstratified.
 
     Returns:
         A list of (train_idx, test_idx) integer arrays.
 
     Raises:
-        ValueError: unknown stratification column, or too few images per class to stratify.
+        ValueError: the stratification column is not in the metadata (the message says how to ask
+            for unstratified splits), or too few images per class to stratify.
     """
     from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
 
@@ -64,7 +70,12 @@ def brainscore_splits(
     elif stratify is not None:
         if metadata is None or stratify not in metadata.columns:
             have = [] if metadata is None else list(metadata.columns)
-            raise ValueError(f"stratify column {stratify!r} not in the image metadata columns {have}")
+            default = " (Brain-Score's default)" if stratify == BRAINSCORE_STRATIFY else ""
+            raise ValueError(
+                f"stratify column {stratify!r}{default} not in the image metadata columns {have}; pass "
+                f"stratify=None for unstratified splits, stratify='<column>' for another column, or "
+                f"stratify='auto' to take the first usable of {list(STRATIFY_COLUMNS)}"
+            )
         column = stratify
     if column is None:
         splitter = ShuffleSplit(n_splits=n_splits, train_size=train_size, random_state=random_state)

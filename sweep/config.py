@@ -54,10 +54,12 @@ class NeuralKind(str, Enum):
 
 
 class Stratify(str, Enum):
-    auto = "auto"
-    none = "none"
-    object_name = "object_name"
+    object_name = "object_name"      # Brain-Score's default: an error when the images have no object_name
+    auto = "auto"                    # the first usable of object_name, object, category_name, category
+    none = "none"                    # unstratified (ShuffleSplit)
+    object = "object"
     category_name = "category_name"
+    category = "category"
 
 
 class StoreDtype(str, Enum):
@@ -131,9 +133,10 @@ class AnalysisConfig:
     splits: int = field(default=10, metadata=_range(1))
     train_size: float = field(default=0.9, metadata=_range(0, 1, lo_open=True, hi_open=True))
     random_state: int = 1
-    stratify: Stratify = Stratify.auto
-    top_k: int = field(default=5, metadata=_range(1, 4096))
+    stratify: Stratify = Stratify.object_name
+    top_k: int = field(default=5, metadata=_range(2, 4096))
     n_permutations: int = field(default=100, metadata=_range(0, 100_000))
+    min_varying_images: int = field(default=10, metadata=_range(1))
     alpha: float = field(default=0.05, metadata=_range(0, 1, lo_open=True, hi_open=True))
     decode: bool = True
     n_random_populations: int = field(default=100, metadata=_range(0, 100_000))

@@ -56,6 +56,23 @@ def load_stimuli(cfg: DictConfig) -> core.StimulusSet:
     return core.StimulusSet.from_files(_existing(s.path, "stimuli.path"), metadata)
 
 
+def make_splits(cfg: DictConfig, stimuli: core.StimulusSet) -> list:
+    """The analysis splits of the stimulus set's images (before any extraction: bad settings fail early).
+
+    Raises:
+        ConfigError: the images cannot be split as ``analysis.stratify`` asks (the message says why).
+    """
+    a = cfg.analysis
+    meta = stimuli.metadata
+    try:
+        return core.brainscore_splits(meta if meta is not None and len(meta.columns) else None,
+                                      n_images=len(stimuli), n_splits=a.splits, train_size=a.train_size,
+                                      random_state=a.random_state, stratify=None if a.stratify == "none" else a.stratify)
+    except ValueError as err:
+        raise ConfigError(f"analysis.stratify={a.stratify!r}, analysis.splits={a.splits}, analysis.train_size="
+                          f"{a.train_size} cannot split the {len(stimuli)} images: {err}") from None
+
+
 def load_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict) -> core.NeuralAssembly:
     """The neurons, images in the stimulus set's order.
 

@@ -24,6 +24,7 @@ anything is submitted (:mod:`sweep.cluster`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import uuid
@@ -32,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, default_block_units, merge_all
+from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units, merge_all
 from unitmatch.core.units import UnitBlock, gather_columns
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class _EngineHandle:
         with _ENGINES_LOCK:
             engine = _ENGINES.get(key)
             if engine is None:
-                engine = MatchEngine(self.responses, self.splits, device=key[1], **self.options)
+                engine = MatchEngine(self.responses, self.splits, dataclasses.replace(self.options, device=key[1]))
                 _ENGINES[key] = engine
                 while len(_ENGINES) > _ENGINES_KEEP:
                     _ENGINES.popitem(last=False)
@@ -194,11 +195,10 @@ def build_graph(handle: _EngineHandle, store, plan: Sequence[tuple[str, int, int
 
 
 # ----------------------------------------------------------------------------------- public API
-def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int = 0, seed: int = 0,
-                neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", device=None,
-                block_units: int | None = None, progress: bool = False, fan_in: int = DEFAULT_FAN_IN,
-                num_workers: int | None = None, gpus_per_task: float | None = None,
-                ray_remote_args: dict | None = None, wait_log_s: float = 30.0) -> MatchResult:
+def match_store(store, responses, splits, settings: MatchSettings | None = None, *,
+                neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", progress: bool = False,
+                fan_in: int = DEFAULT_FAN_IN, num_workers: int | None = None, gpus_per_task: float | None = None,
+                ray_remote_args: dict | None = None, wait_log_s: float = 30.0, **overrides) -> MatchResult:
     """Match every neuron to its best unit over a complete activation store, as a Dask graph.
 
     One task per block of units (see :func:`block_plan`): it reads its slice of one layer's Zarr
@@ -212,17 +212,18 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
         store: a complete :class:`core.store.ActivationStore` (``ActivationStore.open(path)``).
         responses: (neurons, images) mean responses, images in the store's order.
         splits: (train_idx, test_idx) pairs of image positions.
-        top_k, n_permutations, seed: as :class:`core.engine.MatchEngine`; ``result.null`` holds the
-            permutation null when ``n_permutations`` > 0.
+        settings: :class:`core.engine.MatchSettings` (keyword overrides of its fields are applied on
+            top); ``result.null`` holds the permutation null when ``n_permutations`` > 0. Its
+            ``device`` and ``block_units`` act here as follows.
         neuron_ids: names for the neuron column.
         scheduler: ``"threads"`` (Dask's threaded scheduler), ``"sync"`` (single-threaded, for
             debugging) or ``"ray"`` (Dask-on-Ray on the cluster ``ray.init`` joined; the tasks run
             as Ray tasks, the finalize in the driver).
-        device: torch device of the driver's engine: the blocks of the local schedulers and the
-            finalize (``None``: cuda when this process sees a GPU, else cpu). Ray block tasks
-            ignore it: each runs where Ray put it, on cuda only if Ray granted it a GPU
+        settings.device: torch device of the driver's engine: the blocks of the local schedulers
+            and the finalize (``None``: cuda when this process sees a GPU, else cpu). Ray block
+            tasks ignore it: each runs where Ray put it, on cuda only if Ray granted it a GPU
             (:func:`task_device`).
-        block_units: units per block task: a multiple of the store's unit chunk (other values are
+        settings.block_units: units per block task: a multiple of the store's unit chunk (other values are
             rounded down to one, at least one chunk, with a warning). Default: the largest multiple
             not above :func:`core.engine.default_block_units` for these images and neuron rows.
         progress: a ``dask.diagnostics.ProgressBar`` for the local schedulers (with ``"ray"`` only
@@ -264,8 +265,9 @@ def match_store(store, responses, splits, *, top_k: int = 5, n_permutations: int
                 "address='local' for a private one) before match_store, or use scheduler='threads'"
             )
         block_args = block_remote_args(gpus_per_task, ray_remote_args)
-    options = {"top_k": top_k, "n_permutations": n_permutations, "seed": seed}
-    engine = MatchEngine(responses, splits, device=device, **options)
+    options = MatchSettings.resolve(settings, **overrides)
+    block_units = options.block_units
+    engine = MatchEngine(responses, splits, options)
     if engine.n_images != store.n_images:
         raise ValueError(f"responses have {engine.n_images} images but the store {store.path} has {store.n_images}")
     if block_units is None:

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 
 from . import provenance, results
 from .config import plain, validate
-from .data import check_data, load_assembly, load_stimuli
+from .data import check_data, load_assembly, load_stimuli, make_splits
 from .zoo import ModelEntry, load_model, plan_models
 
 log = logging.getLogger("unitmatch")
@@ -49,10 +49,11 @@ def run(cfg: DictConfig) -> dict:
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
     if cfg.stage in ("all", "extract", "analyze"):
         stimuli = load_stimuli(cfg)
+        splits = make_splits(cfg, stimuli)
         stores = stage_extract(cfg, entries + extra, stimuli, done)
     if cfg.stage in ("all", "analyze"):
         assembly = load_assembly(cfg, stimuli, stores)
-        stage_analyze(cfg, entries, stores, assembly, done)
+        stage_analyze(cfg, entries, stores, assembly, splits, done)
     if cfg.stage in ("all", "report"):
         # in a multirun the jobs' reports are partial: the W&B summary is logged once, after the last
         # job, by the MultirunReport callback
@@ -114,17 +115,16 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
     return stores
 
 
-def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, assembly, done: dict) -> None:
+def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, assembly, splits, done: dict) -> None:
     from .reduce import match_store
 
     a, compute = cfg.analysis, cfg.compute
-    meta = assembly.image_metadata
-    stratify = None if a.stratify == "none" else a.stratify
-    splits = core.brainscore_splits(meta if meta is not None and len(meta.columns) else None,
-                                    n_images=assembly.n_images, n_splits=a.splits, train_size=a.train_size,
-                                    random_state=a.random_state, stratify=stratify)
     neural_fp = hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
     science = OmegaConf.to_container(a, resolve=True)
+    # the science settings of matching, and how to compute it, as the engine takes them
+    settings = core.MatchSettings(top_k=a.top_k, n_permutations=a.n_permutations, seed=a.random_state,
+                                  min_varying_images=a.min_varying_images, block_units=compute.block_units,
+                                  device=compute.device)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
     for entry in entries:
         if entry.key not in stores:
@@ -140,14 +140,11 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
             with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
-                result = match_store(store, assembly.mean_responses(), splits, top_k=a.top_k,
-                                     n_permutations=a.n_permutations, seed=a.random_state,
-                                     neuron_ids=assembly.neuron_ids, scheduler=scheduler, device=compute.device,
-                                     block_units=compute.block_units, progress=True,
+                result = match_store(store, assembly.mean_responses(), splits, settings,
+                                     neuron_ids=assembly.neuron_ids, scheduler=scheduler, progress=True,
                                      gpus_per_task=cfg.cluster.gpus_per_reduce_task, wait_log_s=cfg.cluster.wait_log_s)
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
-                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
-                                    seed=a.random_state, top_k=a.top_k)
+                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha)
             folder = _write_results(cfg, entry, store, analysis, result,
                                     {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
                                      "neural_data": neural_fp})

@@ -47,9 +47,11 @@ def test_tables_have_the_documented_columns(analysis):
         assert column in a.assignment
     for column in ("transfer_accuracy", "neuron_accuracy", "chance", "null_mean", "percentile"):
         assert column in a.decoding and column in a.summary
-    for column in ("median_test_r", "median_test_r_sem", "mean_test_r", "frac_significant",
-                   "median_test_r_ceiled", "brainscore_ceiled", "strict_drop", "n_ceiling_bad"):
-        assert column in a.summary
+    for column in ("median_test_r", "median_test_r_sem", "mean_test_r", "frac_significant", "n_tested",
+                   "median_test_r_ceiled", "brainscore_score", "brainscore_error", "brainscore_ceiling",
+                   "brainscore_ceiled", "n_nan_test_r", "n_neurons_nan_test_r", "strict_drop", "n_ceiling_bad",
+                   "min_varying_images"):
+        assert column in a.summary, column
     assert set(a.summary.region) == {"V4", "IT", "noise"}
     assert set(a.decoding.region) == {"V4", "IT", "noise"} and a.decoding.split.nunique() == 3
 
@@ -112,3 +114,20 @@ def test_strict_assignment_widens_top_k_until_feasible():
     a = analyze({"fc": x}, assembly, splits, top_k=2, n_permutations=0, decode=False)
     assert a.assignment.strict_unit.is_unique and set(a.assignment.unit) == {7}
     assert 7 in set(a.assignment.strict_unit) and (a.assignment.k_used >= 6).all()
+
+
+def test_a_result_from_elsewhere_keeps_its_settings_and_disagreeing_ones_are_an_error():
+    """analyze(result=...) used to replace the top_k it was given by the result's, silently."""
+    layers, assembly, _ = _world(seed=5)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=2)
+    settings = core.MatchSettings(top_k=3, n_permutations=5, seed=2)
+    result = core.run_matching(layers, assembly.mean_responses(), splits, settings,
+                               neuron_ids=assembly.neuron_ids)
+    for given in ({"top_k": 5}, {"n_permutations": 0}, {"settings": core.MatchSettings(top_k=3, seed=2)}):
+        with pytest.raises(ValueError, match=r"disagree with those that produced result: (top_k=5 \(the result "
+                                             r"has 3\)|n_permutations=0 \(the result has 5\))"):
+            analyze(layers, assembly, splits, result=result, decode=False, **given)
+    same = analyze(layers, assembly, splits, result=result, decode=False, top_k=3, seed=2)
+    fresh = analyze(layers, assembly, splits, settings, decode=False)
+    pd.testing.assert_frame_equal(same.neurons, fresh.neurons)
+    assert (same.assignment.k_used >= 1).all() and same.result.settings == settings

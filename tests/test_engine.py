@@ -13,8 +13,8 @@ import torch
 
 from unitmatch import core
 from unitmatch.core.synthetic import plant_neurons
-from unitmatch.core.engine import MatchEngine, merge, merge_all, run_matching
-from unitmatch.core.reference import match_reference, pearson_columns
+from unitmatch.core.engine import MatchEngine, merge, merge_all, run_matching, stack_permutations
+from unitmatch.core.reference import match_reference, pearson_columns, varying_images
 from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue, as_layers, catalogue_of, gather_columns, iter_blocks
 
 N_IMAGES = 300
@@ -48,7 +48,7 @@ def test_agrees_with_float64_reference(dtype, n_splits):
     layers = {k: v.astype(dtype) for k, v in _activations().items()}
     x = _flat(layers)
     y, _ = _responses(x.astype(np.float32))
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
     result = run_matching(layers, y, splits, top_k=4, block_units=64)
     ref = match_reference(x.astype(np.float64), y, splits)
     m = result.matches
@@ -73,7 +73,7 @@ def test_float32_screening_alone_is_within_1e_5():
     layers = _activations(seed=3)
     x = _flat(layers)
     y, _ = _responses(x, seed=4)
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3, stratify=None)
     cat = catalogue_of(layers)
     engine = MatchEngine(y, splits, top_k=3)
     partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 100))
@@ -95,7 +95,7 @@ def test_recovers_planted_units_at_high_snr():
     }
     x = _flat(layers).astype(np.float32)
     brain = plant_neurons(x, n_planted=200, n_noise=0, snr=10.0, seed=8)
-    splits = core.brainscore_splits(n_images=400)
+    splits = core.brainscore_splits(n_images=400, stratify=None)
     m = core.match_neurons(layers, brain.responses, splits, block_units=700)
     truth = brain.truth.set_index("neuron").unit
     recovered = (m.unit.to_numpy() == truth.loc[m.neuron].to_numpy()).mean()
@@ -107,7 +107,7 @@ def test_unit_coordinates_and_layers():
     layers = _activations()
     x = _flat(layers)
     y, truth = _responses(x, n_planted=30, n_noise=0, snr=50.0)
-    m = core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1))
+    m = core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None))
     cat = catalogue_of(layers)
     for row in m.itertuples():
         layer = cat.layer(row.layer)
@@ -123,7 +123,7 @@ def test_unit_coordinates_and_layers():
 def test_best_unit_per_layer_matches_reference():
     layers = _activations(seed=5)
     y, _ = _responses(_flat(layers), seed=6)
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2, stratify=None)
     res = run_matching(layers, y, splits, block_units=50)
     cat = catalogue_of(layers)
     for name, a in layers.items():
@@ -141,7 +141,7 @@ def test_partials_merge_in_any_order_and_grouping():
     layers = _activations(seed=9)
     y, _ = _responses(_flat(layers), seed=10)
     cat = catalogue_of(layers)
-    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=4), top_k=5)
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=4, stratify=None), top_k=5)
     parts = [engine.process(b) for b in iter_blocks(layers, cat, 37)]
     assert len(parts) > 10
 
@@ -189,14 +189,14 @@ def test_constant_units_are_never_chosen_even_when_all_correlations_are_negative
     u1, u2 = rng.standard_normal((2, 200))
     x = np.stack([np.full(200, 3.0), u1, np.zeros(200), u2], axis=1).astype(np.float32)
     y = (-u1 - u2 + 0.1 * rng.standard_normal(200))[None, :]
-    m = core.match_neurons(x, y, core.brainscore_splits(n_images=200))
+    m = core.match_neurons(x, y, core.brainscore_splits(n_images=200, stratify=None))
     assert set(m.unit) <= {1, 3}
     assert (m.train_r < 0).all()
 
 
 def test_unit_constant_on_train_images_only_is_never_chosen():
     rng = np.random.default_rng(12)
-    splits = core.brainscore_splits(n_images=200, n_splits=1)
+    splits = core.brainscore_splits(n_images=200, n_splits=1, stratify=None)
     train, test = splits[0]
     y = rng.standard_normal((3, 200))
     x = rng.standard_normal((200, 50)).astype(np.float32)
@@ -210,7 +210,7 @@ def test_unit_constant_on_train_images_only_is_never_chosen():
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_in_activations_names_the_layer(n_splits, bad):
     layers = _activations()
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
     y, _ = _responses(_flat(layers))
     # a test image (never in train) of split 0, so the single-split path must see it too
     layers["stage2"][splits[0][1][0], 2, 3] = bad
@@ -223,7 +223,7 @@ def test_inputs_are_not_modified():
     copies = {k: v.copy() for k, v in layers.items()}
     y, _ = _responses(_flat(layers))
     y_copy = y.copy()
-    core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=2))
+    core.match_neurons(layers, y, core.brainscore_splits(n_images=N_IMAGES, n_splits=2, stratify=None))
     for k in layers:
         np.testing.assert_array_equal(layers[k], copies[k])
     np.testing.assert_array_equal(y, y_copy)
@@ -233,7 +233,7 @@ def test_torch_tensor_blocks_and_threads_and_pickling():
     layers = _activations(seed=13)
     y, _ = _responses(_flat(layers), seed=14)
     cat = catalogue_of(layers)
-    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=3))
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=3, stratify=None))
     blocks = list(iter_blocks(layers, cat, 64))
     sequential = merge_all(engine.process(b) for b in blocks)
     with ThreadPoolExecutor(2) as pool:
@@ -276,7 +276,8 @@ def test_statistics_for_a_tiny_case_by_hand():
 )
 def test_bad_engine_inputs(kwargs, message):
     rng = np.random.default_rng(0)
-    args = dict(responses=rng.standard_normal((2, N_IMAGES)), splits=core.brainscore_splits(n_images=N_IMAGES),
+    args = dict(responses=rng.standard_normal((2, N_IMAGES)),
+                splits=core.brainscore_splits(n_images=N_IMAGES, stratify=None),
                 top_k=3)
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
@@ -330,7 +331,7 @@ def test_matching_from_zarr_arrays_equals_in_memory(tmp_path):
     layers = _activations(seed=21)
     layers = {k: v.astype(np.float16) for k, v in layers.items()}
     y, _ = _responses(_flat(layers).astype(np.float32), seed=22)
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2, stratify=None)
     cat = catalogue_of(layers)
     stored = {}
     for name, a in layers.items():
@@ -346,3 +347,122 @@ def test_matching_from_zarr_arrays_equals_in_memory(tmp_path):
     bad = UnitCatalogue([LayerUnits(n, (7,), ("unit",)) for n in layers])
     with pytest.raises(ValueError, match="stores 120 units per image; the catalogue says 7"):
         run_matching(stored, y, splits, catalogue=bad)
+
+
+# ------------------------------------------------------------------------------ sparse units, settings
+def _sparse_activations(seed=30, n_images=N_IMAGES):
+    """Dense units plus units that vary on 1, 2, 3 or 4 images (ReLU-like zeros or saturated at a ceiling),
+    with float16-friendly values and a block with a large mean (shifted in the engine)."""
+    rng = np.random.default_rng(seed)
+    dense = np.maximum(rng.standard_normal((n_images, 200)), 0)
+    sparse = np.zeros((n_images, 80))
+    for u in range(80):
+        k = 1 + u % 4
+        sparse[rng.choice(n_images, k, replace=False), u] = rng.uniform(0.5, 4.0, k).round(2)
+    saturated = np.full((n_images, 20), 6.0)  # ReLU6 at its ceiling except on a few images
+    for u in range(20):
+        k = 1 + u % 4
+        saturated[rng.choice(n_images, k, replace=False), u] = rng.uniform(0.0, 5.0, k).round(2)
+    # mean >> spread: the engine shifts this block before the products (other images than the sparse
+    # block's: a unit active on one image has the same r whatever its value, an exact tie)
+    shifted = np.full((n_images, 40), 500.0)
+    for u in range(40):
+        k = 1 + u % 4
+        shifted[rng.choice(n_images, k, replace=False), u] += rng.uniform(0.5, 4.0, k).round(2)
+    return {"dense": dense.astype(np.float32), "sparse": sparse.astype(np.float32),
+            "saturated": saturated.astype(np.float32), "shifted": shifted.astype(np.float32)}
+
+
+def _spiky_neurons(x, seed=31, n=40):
+    """Neurons that spike on the images where sparse units are active, plus dense-unit copies."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(x.shape[1], n, replace=False)
+    return x[:, pick].T.astype(np.float64) * 3 + rng.standard_normal((n, x.shape[0]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_varying_image_counts_equal_the_float64_reference(dtype):
+    layers = {k: v.astype(dtype) for k, v in _sparse_activations().items()}
+    x = _flat(layers)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=4, stratify=None)
+    engine = MatchEngine(np.random.default_rng(0).standard_normal((3, N_IMAGES)), splits)
+    counts = engine._varying_train_images(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(counts[0], varying_images(x, np.arange(N_IMAGES)))
+    for s, (train, _) in enumerate(splits):
+        np.testing.assert_array_equal(counts[1 + s], varying_images(x, train))
+    assert set(np.unique(varying_images(x, np.arange(N_IMAGES))[200:])) == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("n_splits", [1, 5])
+@pytest.mark.parametrize("min_varying_images", [1, 2, 4])
+def test_sparse_unit_policy_agrees_with_float64_reference(n_splits, min_varying_images):
+    layers = _sparse_activations()
+    x = _flat(layers)
+    y = _spiky_neurons(x)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
+    result = run_matching(layers, y, splits, min_varying_images=min_varying_images, block_units=48)
+    ref = match_reference(x.astype(np.float64), y, splits, min_varying_images=min_varying_images)
+    m = result.matches
+    chose_sparse = 0
+    for s, (train, _) in enumerate(splits):
+        got = m[m.split == s].sort_values("neuron")
+        np.testing.assert_array_equal(got.unit.to_numpy(), ref[s]["unit"])
+        np.testing.assert_allclose(got.train_r.to_numpy(), ref[s]["train_r"], atol=1e-10)
+        np.testing.assert_allclose(got.test_r.to_numpy(), ref[s]["test_r"], atol=1e-10, equal_nan=True)
+        varying = varying_images(x, train)[got.unit.to_numpy()]
+        assert (varying >= min_varying_images).all()
+        chose_sparse += (varying < 4).sum()
+    if min_varying_images == 1:
+        assert chose_sparse > 0  # the policy had something to exclude
+
+
+def test_sparse_unit_policy_excludes_the_same_units_for_permuted_copies():
+    """The null rows equal an explicit run on the stacked permuted neurons under the same policy."""
+    layers = _sparse_activations(seed=32)
+    y = _spiky_neurons(_flat(layers), seed=33, n=10)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3, stratify=None)
+    settings = core.MatchSettings(n_permutations=4, seed=5, min_varying_images=3)
+    with_null = run_matching(layers, y, splits, settings)
+    explicit = run_matching(layers, stack_permutations(y, 4, seed=5), splits, settings, n_permutations=0)
+    units = explicit.matches.sort_values(["split", "neuron"]).unit.to_numpy().reshape(3, 5, 10)
+    np.testing.assert_array_equal(with_null.null.unit, units[:, 1:].transpose(1, 0, 2))
+    assert with_null.settings == settings
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_k", 1, r"MatchSettings.top_k must be an integer >= 2; got 1"),
+    ("top_k", 2.5, r"MatchSettings.top_k must be an integer >= 2; got 2.5"),
+    ("top_k", True, r"MatchSettings.top_k must be an integer >= 2; got True"),
+    ("n_permutations", -1, r"MatchSettings.n_permutations must be an integer >= 0; got -1"),
+    ("seed", -3, r"MatchSettings.seed must be an integer >= 0; got -3"),
+    ("block_units", 0, r"MatchSettings.block_units must be an integer >= 1 or None; got 0"),
+    ("min_varying_images", 0, r"MatchSettings.min_varying_images must be an integer >= 1; got 0"),
+    ("tie_margin", -1e-3, r"MatchSettings.tie_margin must be a finite number >= 0; got -0.001"),
+    ("tie_margin", float("nan"), r"MatchSettings.tie_margin must be a finite number >= 0; got nan"),
+    ("device", "gpu0", r"MatchSettings.device must be None or a torch device .*; got 'gpu0'"),
+])
+def test_match_settings_reject_bad_values_naming_field_value_and_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        core.MatchSettings(**{field: value})
+
+
+def test_match_settings_are_frozen_normalized_and_the_one_source_of_defaults():
+    import dataclasses
+
+    s = core.MatchSettings(top_k=np.int64(4), device="cpu")
+    assert type(s.top_k) is int and s.device == "cpu"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.top_k = 9
+    assert core.MatchSettings.resolve(s, top_k=7) == dataclasses.replace(s, top_k=7)
+    assert core.MatchSettings.resolve() == core.MatchSettings()
+    with pytest.raises(TypeError, match=r"unknown matching settings \['topk'\]; the fields are \["):
+        core.MatchSettings.resolve(topk=3)
+    engine = MatchEngine(np.random.default_rng(0).standard_normal((2, 50)), [(np.arange(40), np.arange(40, 50))])
+    assert engine.settings == core.MatchSettings()
+    assert "MatchSettings" in core.__all__
+
+
+def test_min_varying_images_above_the_train_set_is_named():
+    y = np.random.default_rng(0).standard_normal((2, 50))
+    with pytest.raises(ValueError, match=r"split 0 has 5 train images, fewer than min_varying_images=6"):
+        MatchEngine(y, [(np.arange(5), np.arange(40, 50))], min_varying_images=6)

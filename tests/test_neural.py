@@ -440,3 +440,60 @@ def test_empty_selection_and_numpy_time_bin_are_handled(tmp_path):
     da.to_netcdf(path)
     loaded = load_brainio(path, time_bin=np.int64(1))
     np.testing.assert_array_equal(loaded.responses, da.isel(time_bin=1).values.T)
+
+
+def test_brainio_repeat_axis_is_indexed_by_repetition_value_as_brainscore_halves_it(tmp_path):
+    """Non-contiguous repetition values, some missing per stimulus: axis position k holds the k-th
+    smallest value for every stimulus, so split-half reliability draws Brain-Score's halves of values
+    (InternalConsistency: ShuffleSplit(0.5, random_state=1) over np.unique(repetition), each half
+    averaged per stimulus, Pearson r per neuroid, Spearman-Brown), checked against that procedure
+    run on the presentations themselves."""
+    import scipy.stats
+    import xarray as xr
+    from sklearn.model_selection import ShuffleSplit
+
+    from unitmatch.core.reliability import split_half_reliability
+
+    rng = np.random.default_rng(11)
+    levels = np.array([0, 3, 4, 9, 12, 20])
+    n_stim, n_neuroid = 40, 3
+    signal = rng.normal(size=(n_stim, n_neuroid))
+    rows, values = [], []
+    for i in range(n_stim):
+        have = levels if i % 3 else np.sort(rng.choice(levels, 4, replace=False))  # a third lack two values
+        for rep in have:
+            rows.append((f"s{i:02d}", int(rep)))
+            values.append(signal[i] + rng.normal(scale=1.0, size=n_neuroid))
+    order = rng.permutation(len(rows))
+    rows, values = [rows[k] for k in order], np.array(values)[order]
+    da = xr.DataArray(values, dims=("presentation", "neuroid"), coords={
+        "stimulus_id": ("presentation", [s for s, _ in rows]),
+        "repetition": ("presentation", [r for _, r in rows]),
+        "neuroid_id": ("neuroid", [f"n{j}" for j in range(n_neuroid)]),
+    })
+    da.to_netcdf(tmp_path / "gaps.nc")
+    a = load_brainio(tmp_path / "gaps.nc")
+    assert a.responses.shape == (n_neuroid, n_stim, len(levels))
+    pos = {s: k for k, s in enumerate(a.image_ids)}
+    for p, (s, rep) in enumerate(rows):
+        np.testing.assert_array_equal(a.responses[:, pos[s], int(np.searchsorted(levels, rep))], values[p])
+
+    expected = []
+    stim, rep = np.array([s for s, _ in rows]), np.array([r for _, r in rows])
+    for h1, h2 in ShuffleSplit(n_splits=10, train_size=0.5, random_state=1).split(np.zeros(len(levels))):
+        halves = [pd.DataFrame(values[np.isin(rep, levels[h])], index=stim[np.isin(rep, levels[h])])
+                  .groupby(level=0).mean() for h in (h1, h2)]
+        first, second = halves[0].align(halves[1], join="inner", axis=0)  # stimuli present in both halves
+        r = np.array([scipy.stats.pearsonr(first[j], second[j])[0] for j in range(n_neuroid)])
+        expected.append(2 * r / (1 + r))
+    np.testing.assert_allclose(split_half_reliability(a.responses, per_split=True), expected, atol=1e-12)
+
+
+def test_brainio_same_repetition_twice_is_an_error(tmp_path):
+    import xarray as xr
+
+    da = xr.DataArray(np.arange(6.0).reshape(3, 2), dims=("presentation", "neuroid"), coords={
+        "stimulus_id": ("presentation", ["a", "a", "b"]), "repetition": ("presentation", [1, 1, 0])})
+    da.to_netcdf(tmp_path / "twice.nc")
+    with pytest.raises(ValueError, match=r"stimulus 'a' has repetition 1 more than once"):
+        load_brainio(tmp_path / "twice.nc")

@@ -47,7 +47,7 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo_from_another_directory
     assert where.startswith(str(venv)), where
     job = _run([str(venv / "bin" / "unitmatch"), "--cfg", "job"], cwd=elsewhere, env=env, timeout=120).stdout
     assert "demo_test_convnext:" in job and "n_permutations: 100" in job
-    demo = _run([str(venv / "bin" / "unitmatch"), "logger=none", "stimuli.variations=4", "analysis.splits=2",
+    demo = _run([str(venv / "bin" / "unitmatch"), "logger=none", "stimuli.variations=4", "analysis.splits=2", "analysis.stratify=auto",
                  "analysis.n_permutations=9", "analysis.n_random_populations=5", "neural.n_planted=12",
                  "neural.n_noise=8", "models=[demo_test_convnext]", "untrained_controls=[]"],
                 cwd=elsewhere, env=env, timeout=900)

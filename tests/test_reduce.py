@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     store = ActivationStore.open(store.path)
     flat = np.concatenate([acts[layer.name] for layer in LAYERS], axis=1).astype(np.float32)
     brain = plant_neurons(flat, n_planted=6, n_noise=2, snr=8.0, seed=3)
-    splits = brainscore_splits(n_images=N_IMAGES, n_splits=3, random_state=0)
+    splits = brainscore_splits(n_images=N_IMAGES, n_splits=3, random_state=0, stratify=None)
     return store, acts, brain, splits
 
 
@@ -163,7 +163,8 @@ def test_bad_arguments(setup):
     with pytest.raises(ValueError, match="scheduler"):
         match_store(store, brain.responses, splits, scheduler="processes")
     with pytest.raises(ValueError, match="95 images but the store"):
-        match_store(store, brain.responses[:, :95], brainscore_splits(n_images=95, n_splits=2, random_state=0))
+        match_store(store, brain.responses[:, :95],
+                    brainscore_splits(n_images=95, n_splits=2, random_state=0, stratify=None))
 
 
 def test_ray_scheduler_without_ray_is_a_clear_error(setup, monkeypatch):

@@ -28,7 +28,7 @@ SETUP = ROOT / "launch" / "ci-slurm.sh"
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 #: the tiny sweep of tests/test_sweep.py (2 demo models, 240 images) on the job's Ray cluster
 TINY = ["logger=none", "stimuli.variations=6", "analysis.n_permutations=19", "analysis.n_random_populations=20",
-        "analysis.splits=3", "neural.n_planted=24", "neural.n_noise=8",
+        "analysis.splits=3", "analysis.stratify=auto", "neural.n_planted=24", "neural.n_noise=8",
         "models=[demo_test_convnext,demo_test_resnet]", "untrained_controls=[]", "cluster.num_cpus_per_actor=1",
         "sweep_name=slurm"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",

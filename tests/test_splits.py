@@ -62,7 +62,7 @@ def test_stratify_columns_order():
 ])
 def test_auto_picks_first_present_column_exactly_like_sklearn(table, present, picked):
     meta = table[present + ["variation"]]
-    got = brainscore_splits(meta)
+    got = brainscore_splits(meta, stratify="auto")
     _assert_same(got, _sklearn_stratified(meta[picked].to_numpy()))
     # the choice matters: the other candidate columns would give different splits
     for other in present:
@@ -72,10 +72,25 @@ def test_auto_picks_first_present_column_exactly_like_sklearn(table, present, pi
 
 
 def test_auto_without_stratify_columns_is_shufflesplit(table):
-    got = brainscore_splits(table[["variation"]])
+    got = brainscore_splits(table[["variation"]], stratify="auto")
     _assert_same(got, _sklearn_plain(N))
-    _assert_same(brainscore_splits(n_images=N), _sklearn_plain(N))
-    _assert_same(brainscore_splits(pd.DataFrame(index=range(N))), _sklearn_plain(N))
+    _assert_same(brainscore_splits(n_images=N, stratify="auto"), _sklearn_plain(N))
+    _assert_same(brainscore_splits(pd.DataFrame(index=range(N)), stratify="auto"), _sklearn_plain(N))
+    _assert_same(brainscore_splits(n_images=N, stratify=None), _sklearn_plain(N))
+
+
+def test_default_is_brainscores_object_name_stratification_exactly(table):
+    _assert_same(brainscore_splits(table), _sklearn_stratified(table["object_name"].to_numpy()))
+
+
+@pytest.mark.parametrize("how", ["metadata without object_name", "no metadata"])
+def test_default_without_object_name_is_an_error_that_names_the_unstratified_choice(table, how):
+    """Brain-Score asserts that object_name exists; falling back is only for stratify='auto'."""
+    args = (table.drop(columns="object_name"),) if how == "metadata without object_name" else ()
+    kwargs = {} if args else {"n_images": N}
+    with pytest.raises(ValueError, match=r"stratify column 'object_name' \(Brain-Score's default\) not in the "
+                                         r"image metadata columns .*stratify=None for unstratified splits.*'auto'"):
+        brainscore_splits(*args, **kwargs)
 
 
 def test_stratify_none_ignores_columns(table):
@@ -112,7 +127,7 @@ def test_other_parameters_forwarded(table):
 def test_explicit_stratify_column_missing(table):
     with pytest.raises(ValueError, match=r"stratify column 'object_id' not in the image metadata columns \["):
         brainscore_splits(table, stratify="object_id")
-    with pytest.raises(ValueError, match=r"stratify column 'object_name' not in the image metadata columns \[\]"):
+    with pytest.raises(ValueError, match=r"stratify column 'object_name' .*not in the image metadata columns \[\]"):
         brainscore_splits(n_images=N, stratify="object_name")
 
 
@@ -128,7 +143,7 @@ def test_too_few_per_class(caplog):
     with pytest.raises(ValueError, match="cannot stratify by 'object_name'"):
         brainscore_splits(meta, stratify="object_name")
     with caplog.at_level(logging.WARNING):  # auto: no usable column, so unstratified, with a warning
-        splits = brainscore_splits(meta)
+        splits = brainscore_splits(meta, stratify="auto")
     assert "cannot stratify 20 images by 'object_name'" in caplog.text
     expected = ShuffleSplit(n_splits=10, train_size=0.9, random_state=1).split(np.zeros(20))
     for (train, test), (etr, ete) in zip(splits, expected):
@@ -219,7 +234,7 @@ def test_auto_falls_back_to_category_when_objects_outnumber_test_images(caplog):
     meta = pd.DataFrame({"object_name": [f"o{i % 40}" for i in range(120)],
                          "category_name": [f"c{i % 8}" for i in range(120)]})
     with caplog.at_level(logging.WARNING):
-        splits = brainscore_splits(meta)
+        splits = brainscore_splits(meta, stratify="auto")
     assert "stratifying by 'category_name' instead" in caplog.text
     expected = StratifiedShuffleSplit(n_splits=10, train_size=0.9, random_state=1).split(
         np.zeros(120), meta.category_name.to_numpy())

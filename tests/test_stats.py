@@ -18,7 +18,7 @@ def null_run():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 2000)).astype(np.float32)
     brain = plant_neurons(x, n_planted=100, n_noise=400, snr=0.5, seed=1)
-    splits = core.brainscore_splits(n_images=300, n_splits=2)
+    splits = core.brainscore_splits(n_images=300, n_splits=2, stratify=None)
     result = core.run_matching(x, brain.responses, splits, n_permutations=100, seed=3)
     regions = np.where(brain.truth.planted, "planted", "noise")
     return x, brain, splits, result, neuron_table(result, regions=regions)
@@ -71,6 +71,12 @@ def test_p_values_and_bh_by_hand():
     observed = np.array([0.5, 0.1, np.nan])
     null = np.array([[0.6, 0.0, 0.1], [0.2, 0.1, 0.1], [0.1, 0.3, 0.1], [0.4, -0.1, 0.1]])
     np.testing.assert_allclose(permutation_p_values(observed, null), [2 / 5, 3 / 5, np.nan])
+    # an undefined permuted copy leaves the null (P counts the defined ones), as an undefined
+    # observed neuron leaves the FDR family; a neuron with no defined copy gets no p-value
+    null_nan = np.array([[0.6, np.nan, np.nan], [np.nan, 0.1, np.nan], [0.1, np.nan, np.nan],
+                         [0.4, -0.1, np.nan]])
+    np.testing.assert_allclose(permutation_p_values(observed, null_nan), [2 / 4, 2 / 3, np.nan])
+    np.testing.assert_allclose(permutation_p_values(np.array([0.5, 0.1, 0.2]), null_nan), [2 / 4, 2 / 3, np.nan])
     p = np.array([0.01, 0.04, 0.03, 0.20, np.nan])
     # BH by hand: sorted p (0.01, 0.03, 0.04, 0.20) * 4 / rank, then running minimum from the top
     np.testing.assert_allclose(fdr_bh(p), [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.20, np.nan])
@@ -82,18 +88,26 @@ def test_ceiling_normalized_scores_and_bad_ceilings_are_reported():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((200, 300)).astype(np.float32)
     brain = plant_neurons(x, n_planted=6, snr=1.0, seed=6)
-    result = core.run_matching(x, brain.responses, core.brainscore_splits(n_images=200, n_splits=3))
+    result = core.run_matching(x, brain.responses, core.brainscore_splits(n_images=200, n_splits=3, stratify=None))
     ceiling = np.array([0.81, 0.64, 0.25, 0.0, -0.1, np.nan])
     table = neuron_table(result, regions=["V4"] * 3 + ["IT"] * 3, ceiling=ceiling)
     np.testing.assert_allclose(table.test_r_ceiled[:3], table.test_r[:3] / np.sqrt(ceiling[:3]))
     assert table.ceiling_ok.tolist() == [True] * 3 + [False] * 3
     assert table.test_r_ceiled[3:].isna().all()
-    summary = summarize(result, table).set_index("region")
+    ceiling_splits = ceiling[None, :] + np.array([[-0.05], [0.0], [0.05]])  # three repeat splits
+    summary = summarize(result, table, ceiling_splits).set_index("region")
     assert summary.loc["IT", "n_ceiling_bad"] == 3 and np.isnan(summary.loc["IT", "median_test_r_ceiled"])
     v4 = table[table.region == "V4"]
     assert summary.loc["V4", "median_test_r_ceiled"] == pytest.approx(v4.test_r_ceiled.median())
+    # Brain-Score's ceiling: per repeat split the median over neurons, then the mean over splits
+    assert summary.loc["V4", "brainscore_ceiling"] == pytest.approx(np.median(ceiling_splits[:, :3], axis=1).mean())
     assert summary.loc["V4", "brainscore_ceiled"] == pytest.approx(
-        np.median(np.clip(v4.test_r, 0, None) ** 2) / np.median(ceiling[:3]))
+        summary.loc["V4", "brainscore_score"] ** 2 / summary.loc["V4", "brainscore_ceiling"])
+    # IT: every neuron enters Brain-Score's median, the negative ceiling and the NaN one (skipped) too
+    assert summary.loc["IT", "brainscore_ceiling"] == pytest.approx(
+        np.mean([np.median([c + d for c in (0.0, -0.1)]) for d in (-0.05, 0.0, 0.05)]))
+    with pytest.raises(ValueError, match=r"ceiling_splits must be \(splits, 6 neurons\)"):
+        summarize(result, table, ceiling_splits[:, :2])
     # model-level score: median over neurons per split, then the mean over splits
     m = result.matches[result.matches.neuron.isin(v4.neuron)]
     assert summary.loc["V4", "median_test_r"] == pytest.approx(m.groupby("split").test_r.median().mean())
@@ -103,7 +117,7 @@ def test_ceiling_normalized_scores_and_bad_ceilings_are_reported():
 
 
 def test_bad_permutation_count():
-    with pytest.raises(ValueError, match="n_permutations must be a non-negative integer"):
+    with pytest.raises(ValueError, match=r"MatchSettings.n_permutations must be an integer >= 0; got -1"):
         MatchEngine(np.random.default_rng(0).standard_normal((2, 30)), [(np.arange(20), np.arange(20, 30))],
                     n_permutations=-1)
 
@@ -111,6 +125,6 @@ def test_bad_permutation_count():
 def test_tables_are_tidy_frames(null_run):
     table = null_run[-1]
     assert isinstance(table, pd.DataFrame) and table.neuron.is_unique
-    for column in ("neuron", "region", "test_r", "test_r_sd", "train_r", "layer", "unit", "null_train_r",
-                   "null_test_r", "p_value", "q_value", "significant"):
+    for column in ("neuron", "region", "test_r", "test_r_sd", "n_nan_test_r", "train_r", "layer", "unit",
+                   "null_train_r", "null_test_r", "n_null", "p_value", "q_value", "significant"):
         assert column in table

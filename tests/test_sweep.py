@@ -20,7 +20,7 @@ from unitmatch.sweep.stages import run
 ROOT = Path(__file__).resolve().parents[1]
 #: a small, fast sweep: 2 demo models, 240 images, few permutations
 TINY = ["logger=none", "stimuli.variations=6", "analysis.n_permutations=19", "analysis.n_random_populations=20",
-        "analysis.splits=3", "neural.n_planted=24", "neural.n_noise=8", "models=[demo_test_convnext,demo_test_resnet]",
+        "analysis.splits=3", "analysis.stratify=auto", "neural.n_planted=24", "neural.n_noise=8", "models=[demo_test_convnext,demo_test_resnet]",
         "untrained_controls=[]"]
 
 
