@@ -25,7 +25,7 @@ def _images(stimuli, n=None):
 
 def test_hooked_output_equals_forward_features(stimuli):
     model = create_model("test_resnet", seed=1)
-    acts = extract_activations(model, stimuli, ["layer4"], batch_size=7, dtype=np.float32)
+    acts = extract_activations(model, stimuli, ["layer4"], batch_size=7, dtype=np.float32, device="cpu")
     with torch.inference_mode():
         direct = model.forward_features(preprocess(model, _images(stimuli))).numpy()
     assert acts["layer4"].shape == direct.shape
@@ -36,12 +36,12 @@ def test_hooked_output_equals_forward_features(stimuli):
 def test_every_unit_of_every_stage_in_float16(stimuli):
     model = create_model("test_convnext")
     layers = layer_names(model, "stages")
-    acts = extract_activations(model, stimuli, "stages", batch_size=8)  # a preset selects the same layers
+    acts = extract_activations(model, stimuli, "stages", batch_size=8, device="cpu")  # a preset: the same layers
     assert list(acts) == layers == ["stages.0", "stages.1", "stages.2", "stages.3"]
     for a in acts.values():
         assert a.dtype == np.float16 and a.shape[0] == len(stimuli) and a.ndim == 4
         assert np.isfinite(a).all() and a.astype(np.float32).std() > 0
-    float32 = extract_activations(model, stimuli, layers, batch_size=5, dtype="float32")
+    float32 = extract_activations(model, stimuli, layers, batch_size=5, dtype="float32", device="cpu")
     for name in layers:  # float16 output is the rounding of the float32 output, whatever the batch size
         np.testing.assert_array_equal(acts[name], float32[name].astype(np.float16))
 

@@ -38,8 +38,9 @@ def _torch_threads(n: int):
 
 
 def _reference(spec, stimuli, batch_size, threads):
-    with _torch_threads(threads):
-        acts = extract_activations(spec.create(), stimuli, LAYERS, batch_size=batch_size, dtype=np.float32)
+    with _torch_threads(threads):  # on the CPU, as the actors (which ask for no GPU) run
+        acts = extract_activations(spec.create(), stimuli, LAYERS, batch_size=batch_size, dtype=np.float32,
+                                   device="cpu")
     return {k: v.reshape(len(stimuli), -1) for k, v in acts.items()}
 
 
