@@ -70,7 +70,8 @@ def make_splits(cfg: DictConfig, stimuli: core.StimulusSet) -> list:
                                       random_state=a.random_state, stratify=None if a.stratify == "none" else a.stratify)
     except ValueError as err:
         raise ConfigError(f"analysis.stratify={a.stratify!r}, analysis.splits={a.splits}, analysis.train_size="
-                          f"{a.train_size} cannot split the {len(stimuli)} images: {err}") from None
+                          f"{a.train_size} cannot split the {len(stimuli)} images: {err}. analysis.stratify=auto "
+                          f"falls back to a coarser column, analysis.stratify=none does not stratify") from None
 
 
 def load_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict) -> core.NeuralAssembly:

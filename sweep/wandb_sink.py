@@ -200,14 +200,14 @@ def log_model_run(model: str, stage: str, metrics: Mapping[str, Any], *, project
                   wandb_dir: str | Path | None = None, uses: list | None = None, produces: list | None = None):
     """One small W&B run per (model, stage): ``job_type=stage``, name ``"<model>/<stage>"``.
 
-    The config (flat: ``model``, ``stage``, then ``config``'s dotted keys) and ``metrics`` (in
+    The config (flat: ``config``'s dotted keys, then ``run.model`` and ``run.stage``) and ``metrics`` (in
     ``run.summary``) describe the run; ``uses`` and ``produces`` are artifacts (see
     :func:`store_artifact`, :func:`results_artifact`, :func:`data_artifact`) it consumed and made, so
     W&B's lineage graph links stores, neural data and results. ``mode`` as in :func:`log_to_wandb`.
     The run is finished and returned.
     """
     run = _init_run(project=project, entity=entity, mode=mode, group=group, name=f"{model}/{stage}",
-                    job_type=stage, config={"model": model, "stage": stage, **flat_config(config)},
+                    job_type=stage, config={**flat_config(config), "run.model": model, "run.stage": stage},
                     wandb_dir=wandb_dir)
     if not _disabled(run):
         use_artifacts(run, uses or [])

@@ -175,7 +175,7 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
     from unitmatch.sweep.reduce import match_store
 
     store, responses = _tiny_store(tmp_path / "stores")
-    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0)
+    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0, stratify=None)
     (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((str(store.path), responses, splits)))
     summary, _ = _run_scenario("logical_gpu_reduction", tmp_path)
     seen = summary["blocks"]

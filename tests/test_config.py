@@ -128,7 +128,7 @@ def test_models_are_a_hydra_group_with_per_model_overrides_and_derived_controls(
     ("cluster.n_actors=0", r"cluster\.n_actors=0 is out of range"),
     ("analysis.train_size=1.0", r"analysis\.train_size=1\.0 is out of range: valid is 0 < train_size < 1"),
     ("neural=plain", r"neural\.responses is not set"),
-    ("stimuli.variations=2", r"analysis\.stratify='object_name'.* cannot split the 80 images: .*stratify=None"),
+    ("stimuli.variations=2", r"analysis\.stratify='object_name'.* cannot split the 80 images: .*analysis\.stratify=none does not"),
     ("analysis.min_varying_images=0", r"analysis\.min_varying_images=0 is out of range"),
     ("untrained_controls=[demo_test_convnext] control_seed=0", r"already has random weights"),
 ])

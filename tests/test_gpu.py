@@ -49,7 +49,7 @@ def test_engine_on_cuda_agrees_with_the_float64_reference():
     layers = _layers()
     x = np.concatenate([a.reshape(a.shape[0], -1) for a in layers.values()], axis=1)
     y = plant_neurons(x.astype(np.float32), n_planted=20, n_noise=10, snr=2.0, seed=1).responses
-    splits = brainscore_splits(n_images=300, n_splits=10)
+    splits = brainscore_splits(n_images=300, n_splits=10, stratify=None)
     result = run_matching(layers, y, splits, top_k=4, block_units=64, device="cuda")
     ref = match_reference(x.astype(np.float64), y, splits)
     m = result.matches
@@ -124,7 +124,7 @@ def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, 
     store = ActivationStore.open(store.path)
     x = np.concatenate(list(flat.values()), axis=1).astype(np.float32)
     y = plant_neurons(x, n_planted=8, n_noise=4, snr=4.0, seed=2).responses
-    splits = brainscore_splits(n_images=96, n_splits=3, random_state=0)
+    splits = brainscore_splits(n_images=96, n_splits=3, random_state=0, stratify=None)
 
     records = tmp_path / "blocks"
     records.mkdir()

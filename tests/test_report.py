@@ -415,5 +415,5 @@ def test_log_model_run_offline(tmp_path):
     logged = _read_offline_run(run)
     assert logged["summary"]["median_test_r"] == pytest.approx(0.25)
     assert logged["summary"]["n_units"] == 7
-    assert {k: logged["config"][k] for k in ("model", "stage", "top_k")} == {
-        "model": "resnet18.a1_in1k", "stage": "match", "top_k": 5}
+    assert {k: logged["config"][k] for k in ("run.model", "run.stage", "top_k")} == {
+        "run.model": "resnet18.a1_in1k", "run.stage": "match", "top_k": 5}

@@ -129,7 +129,8 @@ def test_wandb_offline_runs_hold_lineage_artifacts_matches_and_one_flat_config(o
     for model in ("demo_test_convnext", "demo_test_resnet"):
         (store,) = [a for a in runs[f"{model}/extract"]["artifacts"] if a[1] == "activation-store"]
         analyze = runs[f"{model}/analyze"]
-        assert analyze["config"]["model.weights"] == "random" and analyze["config"]["stage"] == "analyze"
+        assert analyze["config"]["model.weights"] == "random" and analyze["config"]["run.stage"] == "analyze"
+        assert analyze["config"]["run.model"] == model and analyze["config"]["stage"] == "all"  # the sweep's
         assert ("results-" + model, "results") in analyze["artifacts"]
         inputs = analyze["config"]["inputs"]  # offline, W&B keeps the inputs' names (use_artifact is online only)
         assert store[0] in inputs and any(i.startswith("data-demo-") for i in inputs)
