@@ -44,12 +44,13 @@ def run(cfg: DictConfig) -> dict:
     if cfg.neural.kind == "synthetic" and cfg.stage != "report" and cfg.neural.planted_model not in {e.key for e in entries}:
         # every job of a multirun builds the same brain from the planted model's store
         extra = [load_model(cfg.neural.planted_model, "neural.planted_model")]
+    if cfg.stage in ("all", "extract", "analyze"):
+        stimuli = load_stimuli(cfg)
+        splits = make_splits(cfg, stimuli)
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
     if cfg.stage in ("all", "extract", "analyze"):
-        stimuli = load_stimuli(cfg)
-        splits = make_splits(cfg, stimuli)
         stores = stage_extract(cfg, entries + extra, stimuli, done)
     if cfg.stage in ("all", "analyze"):
         assembly = load_assembly(cfg, stimuli, stores)
