@@ -285,7 +285,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     n_not = int((~converged).sum())
     if n_not:
         log.warning("%d of %d logistic regressions did not converge in %d iterations (largest "
-                    "gradient entry above tol=%g); increase max_iter", n_not, n_batch, max_iter, tol)
+                    "gradient entry above tol=%g, or no decrease found along the search direction); "
+                    "increase max_iter", n_not, n_batch, max_iter, tol)
     w, b = obj.split(theta_out)
     return BatchedFit(coef=w.contiguous(), intercept=b.contiguous(),
                       n_iter=n_iter, converged=converged)

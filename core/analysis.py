@@ -104,8 +104,8 @@ def analyze(activations, assembly: NeuralAssembly, splits, *, n_permutations: in
     neurons["strict_unit"] = neurons.neuron.map(
         assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
 
-    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations, seed) \
-        if decode else pd.DataFrame()
+    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations, seed,
+                       device) if decode else pd.DataFrame()
     summary = summarize(result, neurons)
     extra = []
     for region, part in assignment.groupby("region"):
@@ -177,7 +177,8 @@ def _strict(layers, y, splits, result: MatchResult, columns, common, top_k: int,
     return pd.concat(rows, ignore_index=True)
 
 
-def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int) -> pd.DataFrame:
+def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int,
+            device=None) -> pd.DataFrame:
     """Matched-population decoding per (region, split), with random-population nulls.
 
     The random populations of a region are drawn once and their activations read in a few batched
@@ -194,7 +195,7 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
             part = matches[(matches.split == s)].set_index("neuron").loc[ids]
             units_x = columns(part.unit.to_numpy())
             res = matched_population_decoding(units_x, neurons_x, labels, train, test,
-                                              random_populations=pool, n_random=n_random)
+                                              random_populations=pool, n_random=n_random, device=device)
             rows.append({"region": region, "split": s, **res.as_dict()})
     return pd.DataFrame(rows)
 
