@@ -27,7 +27,8 @@ Solvers: every fit goes through one of two solvers of the same objective. ``"bat
 default) fits many problems of one shape at once in torch (:mod:`core._logreg`: the units' and the
 neurons' classifiers as one batch, the random populations of the null in a few chunks), on CPU or
 a GPU; ``"sklearn"`` fits them one by one with scikit-learn's lbfgs, the reference the batched
-solver is tested against (accuracies within 0.01; coefficients within 1e-5 of the largest at a tight tolerance).
+solver is tested against (accuracies within 0.01; coefficients within 1e-4 of the largest at a
+tight tolerance, observed 4e-6).
 """
 
 from __future__ import annotations
