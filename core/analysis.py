@@ -117,7 +117,7 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
         assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
 
     decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations,
-                       settings.seed) if decode else pd.DataFrame()
+                       settings.seed, settings.device) if decode else pd.DataFrame()
     summary = summarize(result, neurons, ceiling_splits)
     extra = []
     for region, part in assignment.groupby("region"):
@@ -215,7 +215,8 @@ def _strict(layers, y, splits, result: MatchResult, columns, settings: MatchSett
     return pd.concat(rows, ignore_index=True)
 
 
-def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int) -> pd.DataFrame:
+def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int,
+            device=None) -> pd.DataFrame:
     """Matched-population decoding per (region, split), with random-population nulls.
 
     The random populations of a region are drawn once and their activations read in a few batched
@@ -232,7 +233,7 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
             part = matches[(matches.split == s)].set_index("neuron").loc[ids]
             units_x = columns(part.unit.to_numpy())
             res = matched_population_decoding(units_x, neurons_x, labels, train, test,
-                                              random_populations=pool, n_random=n_random)
+                                              random_populations=pool, n_random=n_random, device=device)
             rows.append({"region": region, "split": s, **res.as_dict()})
     return pd.DataFrame(rows)
 

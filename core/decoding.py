@@ -6,9 +6,10 @@ model units (unit i standing in for neuron i) decodes stimulus category from the
 The matched population of a region is one model unit per neuron, column i of the unit responses
 being the unit matched to neuron i (chosen on the train images, e.g. by :mod:`core.engine`). Here:
 
-1. A multinomial logistic regression (scikit-learn ``LogisticRegression``, lbfgs) is fit on the
-   units' responses to the TRAIN images, labels = image category. Each unit is z-scored with its
-   own train mean and standard deviation.
+1. A multinomial logistic regression (scikit-learn's ``LogisticRegression(C=C)`` objective: L2
+   penalty on the weights, none on the intercept) is fit on the units' responses to the TRAIN
+   images, labels = image category. Each unit is z-scored with its own train mean and standard
+   deviation.
 2. The fitted classifier is applied, unchanged, to the neurons' responses to the TEST images, each
    neuron z-scored with its own TRAIN-image mean and standard deviation (feature i of the
    classifier reads neuron i). Its accuracy is the *transfer accuracy*, reported against chance
@@ -21,6 +22,13 @@ All response arrays here are images x columns (``(n_images, M)``), i.e. the tran
 neurons x images layout of :class:`core.neural.NeuralAssembly`. ``train`` and ``test`` are integer
 image indices (as produced by :func:`core.splits.brainscore_splits`) or boolean masks over images.
 Only the train and test images are used; other rows may hold anything, NaN included.
+
+Solvers: every fit goes through one of two solvers of the same objective. ``"batched"`` (the
+default) fits many problems of one shape at once in torch (:mod:`core._logreg`: the units' and the
+neurons' classifiers as one batch, the random populations of the null in a few chunks), on CPU or
+a GPU; ``"sklearn"`` fits them one by one with scikit-learn's lbfgs, the reference the batched
+solver is tested against (accuracies within 0.01; coefficients within 1e-4 of the largest at a
+tight tolerance, observed 4e-6).
 """
 
 from __future__ import annotations
@@ -31,11 +39,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import numpy as np
+import torch
+
+from ._logreg import fit_many
 
 log = logging.getLogger(__name__)
 
+#: solvers of every fit here: the batched torch L-BFGS, and scikit-learn as the reference
+SOLVERS = ("batched", "sklearn")
 #: iterations of lbfgs; z-scored features converge well within this
 MAX_ITER = 1000
+#: stopping tolerance on the largest gradient entry (scikit-learn's default ``tol``)
+TOL = 1e-4
+#: the null's populations are fitted together in chunks of at most this many bytes of float64
+#: train features (100 MajajHong-sized populations, 2304 x 256, take 472 MB: two chunks)
+NULL_CHUNK_BYTES = 256 * 2**20
 #: a column whose train standard deviation is at most this fraction of its largest train magnitude
 #: is treated as constant (z-scoring impossible)
 _CONSTANT_RTOL = 1e-12
@@ -167,6 +185,13 @@ class _Problem:
     classes: np.ndarray
     n_images: int
     n_columns: int
+    #: train / test labels as indices into ``classes`` (sorted, like scikit-learn's ``classes_``)
+    y_train: np.ndarray = field(init=False)
+    y_test: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.y_train = np.searchsorted(self.classes, self.labels[self.train])
+        self.y_test = np.searchsorted(self.classes, self.labels[self.test])
 
 
 def _validate(labels, train, test, n_images: int, n_columns: int) -> _Problem:
@@ -227,30 +252,19 @@ def _zscored(x: np.ndarray, p: _Problem, name: str) -> tuple[np.ndarray, np.ndar
 
 # --------------------------------------------------------------------------------------- classifier
 def _single_threaded():
-    """Context in which BLAS/OpenMP run one thread.
+    """Context in which BLAS/OpenMP run one thread (the ``"sklearn"`` solver only).
 
-    The fits here are small (M features, a few thousand images at most) and many (the null). With
-    the default thread pools they were measured 10-25x slower on a loaded 2-core machine (pool
-    threads spin-waiting for busy cores: 55 ms instead of 2-4 ms per fit); one thread is never
-    slower at this size. Parallelise across regions or splits instead.
+    The scikit-learn fits are small (M features, a few thousand images at most) and many (the
+    null). With the default thread pools they were measured 10-25x slower on a loaded 2-core
+    machine (pool threads spin-waiting for busy cores: 55 ms instead of 2-4 ms per fit); one
+    thread is never slower at this size. The batched solver organises its own threads
+    (:func:`core._logreg.fit_many`).
     """
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         return contextlib.nullcontext()
     return threadpool_limits(limits=1)
-
-
-def _fit(z_train: np.ndarray, y_train: np.ndarray, C: float):
-    from sklearn.linear_model import LogisticRegression
-
-    clf = LogisticRegression(C=C, solver="lbfgs", max_iter=MAX_ITER)
-    clf.fit(z_train, y_train)
-    return clf
-
-
-def _accuracy(clf, z: np.ndarray, y: np.ndarray) -> float:
-    return float(np.mean(clf.predict(z) == y))
 
 
 def _check_C(C: float) -> float:
@@ -261,9 +275,53 @@ def _check_C(C: float) -> float:
     return C
 
 
+def _check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}; got {solver!r}")
+    return solver
+
+
+class _Classifiers:
+    """B multinomial logistic regressions fit on (B, n_train, M) z-scored train features.
+
+    All problems share the train labels; ``y_train`` holds class indices into ``p.classes``
+    (sorted, as scikit-learn's ``classes_``), so predictions compare with the test labels' indices.
+    """
+
+    def __init__(self, z_train: np.ndarray, y_train: np.ndarray, n_classes: int, C: float,
+                 solver: str, device):
+        self.solver = solver
+        if solver == "sklearn":
+            from sklearn.linear_model import LogisticRegression
+
+            with _single_threaded():
+                self.models = [LogisticRegression(C=C, solver="lbfgs", max_iter=MAX_ITER, tol=TOL)
+                               .fit(z, y_train) for z in z_train]
+        else:
+            self.fit = fit_many(z_train, y_train, n_classes, C, device=device, tol=TOL,
+                                max_iter=MAX_ITER)
+
+    def accuracy(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(B,) accuracy of each classifier on features z (n, M), shared by all, labels y (n,)."""
+        if self.solver == "sklearn":
+            with _single_threaded():
+                return np.array([np.mean(m.predict(z) == y) for m in self.models], dtype=np.float64)
+        pred = self.fit.predict(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float64)))
+        return (pred.cpu().numpy() == y).mean(axis=1).astype(np.float64)
+
+    def accuracy_each(self, zs: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(B,) accuracy of classifier b on its own features zs[b] (B, n, M), labels y (n,)."""
+        if self.solver == "sklearn":
+            with _single_threaded():
+                return np.array([np.mean(m.predict(z) == y) for m, z in zip(self.models, zs)],
+                                dtype=np.float64)
+        pred = self.fit.predict(torch.from_numpy(np.ascontiguousarray(zs, dtype=np.float64)))
+        return (pred.cpu().numpy() == y).mean(axis=1).astype(np.float64)
+
+
 # --------------------------------------------------------------------------------------- public API
 def transfer_accuracy(unit_responses, neuron_responses, labels, train, test, *,
-                      C: float = 1.0) -> tuple[float, float]:
+                      C: float = 1.0, solver: str = "batched", device=None) -> tuple[float, float]:
     """Accuracy of a unit-trained classifier applied unchanged to the matched neurons.
 
     Args:
@@ -275,6 +333,9 @@ def transfer_accuracy(unit_responses, neuron_responses, labels, train, test, *,
             statistics come from these images only.
         test: test image indices (or a boolean mask), disjoint from ``train``.
         C: inverse L2 regularisation strength of the logistic regression.
+        solver: ``"batched"`` (torch L-BFGS, :mod:`core._logreg`) or ``"sklearn"``
+            (scikit-learn's ``LogisticRegression``); both minimise the same objective.
+        device: torch device of the batched solver (default cpu).
 
     Returns:
         (transfer accuracy on the neurons' test responses, accuracy on the units' own test
@@ -282,20 +343,19 @@ def transfer_accuracy(unit_responses, neuron_responses, labels, train, test, *,
 
     Raises:
         ValueError: disagreeing shapes, bad labels or split, fewer neurons than categories,
-            non-finite responses, or a column constant on the train images.
+            non-finite responses, a column constant on the train images, a bad C or solver.
     """
-    C = _check_C(C)
+    C, solver = _check_C(C), _check_solver(solver)
     units, neurons = _check_pair(unit_responses, neuron_responses)
     p = _validate(labels, train, test, *units.shape)
     _, zn_test = _zscored(neurons, p, "neuron_responses")
     zu_train, zu_test = _zscored(units, p, "unit_responses")
-    y_test = p.labels[p.test]
-    with _single_threaded():
-        clf = _fit(zu_train, p.labels[p.train], C)
-        return _accuracy(clf, zn_test, y_test), _accuracy(clf, zu_test, y_test)
+    clf = _Classifiers(zu_train[None], p.y_train, p.classes.size, C, solver, device)
+    return float(clf.accuracy(zn_test, p.y_test)[0]), float(clf.accuracy(zu_test, p.y_test)[0])
 
 
-def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0) -> float:
+def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0,
+                    solver: str = "batched", device=None) -> float:
     """Accuracy of the same classifier fit and tested on the neurons (the upper bound).
 
     Args:
@@ -304,6 +364,8 @@ def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0) ->
         train: train image indices (or a boolean mask).
         test: test image indices (or a boolean mask), disjoint from ``train``.
         C: inverse L2 regularisation strength of the logistic regression.
+        solver: ``"batched"`` or ``"sklearn"``, as :func:`transfer_accuracy`.
+        device: torch device of the batched solver (default cpu).
 
     Returns:
         Accuracy on the neurons' test responses.
@@ -311,13 +373,12 @@ def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0) ->
     Raises:
         ValueError: as :func:`transfer_accuracy`.
     """
-    C = _check_C(C)
+    C, solver = _check_C(C), _check_solver(solver)
     neurons = _as_responses(neuron_responses, "neuron_responses")
     p = _validate(labels, train, test, *neurons.shape)
     zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
-    with _single_threaded():
-        clf = _fit(zn_train, p.labels[p.train], C)
-        return _accuracy(clf, zn_test, p.labels[p.test])
+    clf = _Classifiers(zn_train[None], p.y_train, p.classes.size, C, solver, device)
+    return float(clf.accuracy(zn_test, p.y_test)[0])
 
 
 def null_percentile(value: float, null) -> float:
@@ -349,7 +410,8 @@ def null_percentile(value: float, null) -> float:
 
 def matched_population_decoding(unit_responses, neuron_responses, labels, train, test, *,
                                 random_populations: RandomPopulations = None,
-                                n_random: int = 100, C: float = 1.0) -> DecodingResult:
+                                n_random: int = 100, C: float = 1.0, solver: str = "batched",
+                                device=None) -> DecodingResult:
     """Transfer decoding of one region's matched population, with both baselines.
 
     Args:
@@ -362,11 +424,15 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
         random_populations: the null. An array (n_draws, n_images, M) of random units' responses
             (all n_draws are used; ``n_random`` is ignored), or a callable ``rng_draw(i)``
             returning the i-th random population as an (n_images, M) array (called for
-            i = 0 .. n_random - 1), or None (no null: ``null`` is empty and ``percentile`` NaN).
-            Column i of a random population is read as neuron i's stand-in, like the matched
-            units; each population is z-scored with its own train statistics.
+            i = 0 .. n_random - 1, in order), or None (no null: ``null`` is empty and
+            ``percentile`` NaN). Column i of a random population is read as neuron i's stand-in,
+            like the matched units; each population is z-scored with its own train statistics.
         n_random: number of draws from a callable ``random_populations``.
         C: inverse L2 regularisation strength of every logistic regression fit here.
+        solver: ``"batched"`` (default: the null's populations fitted together, in chunks of at
+            most ``NULL_CHUNK_BYTES`` of features, by :mod:`core._logreg`) or ``"sklearn"`` (one
+            scikit-learn fit after another); both minimise the same objective.
+        device: torch device of the batched solver (default cpu).
 
     Returns:
         A :class:`DecodingResult`.
@@ -377,19 +443,17 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
             a non-positive ``n_random`` with a callable, or a ``random_populations`` that is
             neither an array nor a callable.
     """
-    C = _check_C(C)
+    C, solver = _check_C(C), _check_solver(solver)
     units, neurons = _check_pair(unit_responses, neuron_responses)
     p = _validate(labels, train, test, *units.shape)
-    y_train, y_test = p.labels[p.train], p.labels[p.test]
 
     zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
     zu_train, zu_test = _zscored(units, p, "unit_responses")
-    with _single_threaded():
-        clf = _fit(zu_train, y_train, C)
-        transfer = _accuracy(clf, zn_test, y_test)
-        unit_acc = _accuracy(clf, zu_test, y_test)
-        neuron_acc = _accuracy(_fit(zn_train, y_train, C), zn_test, y_test)
-        null = _null_distribution(random_populations, n_random, p, zn_test, y_train, y_test, C)
+    # classifier 0 on the units, 1 on the neurons: one batch
+    clf = _Classifiers(np.stack([zu_train, zn_train]), p.y_train, p.classes.size, C, solver, device)
+    transfer, neuron_acc = clf.accuracy(zn_test, p.y_test).tolist()
+    unit_acc = float(clf.accuracy(zu_test, p.y_test)[0])
+    null = _null_distribution(random_populations, n_random, p, zn_test, C, solver, device)
     percentile = null_percentile(transfer, null)
     chance = 1.0 / p.classes.size
     result = DecodingResult(
@@ -404,9 +468,12 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
 
 
 def _null_distribution(random_populations: RandomPopulations, n_random: int, p: _Problem,
-                       zn_test: np.ndarray, y_train: np.ndarray, y_test: np.ndarray,
-                       C: float) -> np.ndarray:
-    """Transfer accuracies of random unit populations applied to the (z-scored) neurons."""
+                       zn_test: np.ndarray, C: float, solver: str, device) -> np.ndarray:
+    """Transfer accuracies of random unit populations applied to the (z-scored) neurons.
+
+    Populations are drawn, z-scored and fitted in chunks whose float64 train features stay
+    within ``NULL_CHUNK_BYTES`` (all of a MajajHong-sized null in two chunks).
+    """
     if random_populations is None:
         return np.empty(0, dtype=np.float64)
     expected = (p.n_images, p.n_columns)
@@ -438,13 +505,18 @@ def _null_distribution(random_populations: RandomPopulations, n_random: int, p: 
         log.warning("null of %d random populations (at least %d recommended): percentile "
                     "resolution is coarse", n_draws, _MIN_RECOMMENDED_DRAWS)
 
+    per_draw = p.train.size * p.n_columns * 8
+    n_chunks = -(-n_draws // max(1, NULL_CHUNK_BYTES // per_draw))
     null = np.empty(n_draws, dtype=np.float64)
-    for i in range(n_draws):
-        name = f"random population {i}"
-        pop = np.asarray(draw(i), dtype=np.float64)
-        if pop.shape != expected:
-            raise ValueError(f"{name} has shape {pop.shape}; it must be (n_images, M) = "
-                             f"{expected}, like the matched units")
-        zr_train, _ = _zscored(pop, p, name)
-        null[i] = _accuracy(_fit(zr_train, y_train, C), zn_test, y_test)
+    for chunk in np.array_split(np.arange(n_draws), n_chunks):
+        z_train = np.empty((chunk.size, p.train.size, p.n_columns), dtype=np.float64)
+        for j, i in enumerate(chunk):
+            name = f"random population {i}"
+            pop = np.asarray(draw(int(i)), dtype=np.float64)
+            if pop.shape != expected:
+                raise ValueError(f"{name} has shape {pop.shape}; it must be (n_images, M) = "
+                                 f"{expected}, like the matched units")
+            z_train[j], _ = _zscored(pop, p, name)
+        clf = _Classifiers(z_train, p.y_train, p.classes.size, C, solver, device)
+        null[chunk] = clf.accuracy(zn_test, p.y_test)
     return null
