@@ -42,14 +42,20 @@ def _responses(x, seed=1, n_planted=20, n_noise=10, snr=2.0):
     return brain.responses, brain.truth
 
 
+#: the same claims on the GPU (tests/test_gpu.py has the other GPU-only tests)
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("n_splits", [1, 10])
-def test_agrees_with_float64_reference(dtype, n_splits):
+def test_agrees_with_float64_reference(dtype, n_splits, device):
     layers = {k: v.astype(dtype) for k, v in _activations().items()}
     x = _flat(layers)
     y, _ = _responses(x.astype(np.float32))
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
-    result = run_matching(layers, y, splits, top_k=4, block_units=64)
+    result = run_matching(layers, y, splits, top_k=4, block_units=64, device=device)
     ref = match_reference(x.astype(np.float64), y, splits)
     m = result.matches
     for s, r in enumerate(ref):

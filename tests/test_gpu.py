@@ -1,7 +1,8 @@
 """On a CUDA machine: the engine, extraction, Ray actors and the Dask-on-Ray reduction on the GPU.
 
 Every test is marked ``gpu`` and skipped (with the reason) where torch sees no CUDA. Run them with
-``pytest -m gpu`` (the default run includes them too on a CUDA machine). Their CPU analogues run
+``pytest -m gpu`` (the default run includes them too on a CUDA machine), which also selects the
+cuda case of tests/test_engine.py's agreement with the float64 reference. Their CPU analogues run
 everywhere: tests/test_engine.py (engine vs the float64 reference), tests/test_store.py (stores vs
 direct extraction), tests/test_cluster.py (Ray tasks granted a logical GPU).
 
@@ -38,29 +39,6 @@ def _layers(seed=0, n_images=300):
     tokens[:, 3, :] += np.float16(300.0)  # a mean far above the spread
     head = rng.standard_normal((n_images, 400)).astype(np.float16)
     return {"conv": conv, "tokens": tokens, "head": head}
-
-
-def test_engine_on_cuda_agrees_with_the_float64_reference():
-    from unitmatch.core.engine import run_matching
-    from unitmatch.core.reference import match_reference
-    from unitmatch.core.splits import brainscore_splits
-    from unitmatch.core.synthetic import plant_neurons
-
-    layers = _layers()
-    x = np.concatenate([a.reshape(a.shape[0], -1) for a in layers.values()], axis=1)
-    y = plant_neurons(x.astype(np.float32), n_planted=20, n_noise=10, snr=2.0, seed=1).responses
-    splits = brainscore_splits(n_images=300, n_splits=10, stratify=None)
-    result = run_matching(layers, y, splits, top_k=4, block_units=64, device="cuda")
-    ref = match_reference(x.astype(np.float64), y, splits)
-    m = result.matches
-    for s, r in enumerate(ref):
-        got = m[m.split == s].sort_values("neuron")
-        np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"])
-        np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10)
-        np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10)
-        best = np.sort(np.where(np.isfinite(r["r"]), r["r"], -np.inf), axis=1)[:, ::-1][:, :4]
-        np.testing.assert_allclose(np.stack(got.topk_r.to_numpy()), best, atol=1e-5)
-    assert m["float64"].all()
 
 
 def test_extraction_on_cuda_equals_the_cpu_store_to_float32_rounding(tmp_path):
