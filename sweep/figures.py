@@ -86,7 +86,8 @@ def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
                           textcoords="offset points")
         left.set_xlim(-0.6, 1.4)
         top1 = ", ".join(sorted({f"{v:g}%" for v in x0}))
-        left.set_xticks([0], [f"untrained controls\n(random weights; top-1 {top1})"])
+        left.set_xticks([0], ["untrained\ncontrols"])
+        left.set_xlabel(f"random weights\n(top-1 {top1})", fontsize=7)
         left.set_ylabel("median test r (held-out images)")
     else:
         ax = fig.subplots()
@@ -102,14 +103,15 @@ def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
         ax.plot(xs, s["slope"] * xs + s["intercept"], color="C1", lw=1.2,
                 label=f"least squares: {s['slope']:.4f} r per % top-1")
         ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel("ImageNet top-1 (%) of the trained weights: ILLUSTRATIVE (models have random weights)"
-                  if illustrative else "ImageNet top-1 (%) of these weights")
+    ax.set_xlabel("ImageNet top-1 (%) of the trained weights: illustrative only" if illustrative
+                  else "ImageNet top-1 (%) of these weights")
     title = (f"{region}: unit-neuron correspondence vs ImageNet accuracy (n = {s['n_models']} models)\n"
              f"Spearman ρ = {s['spearman_r']:.3f} (p = {s['spearman_p']:.2g}), "
              f"Pearson r = {s['pearson_r']:.3f} (p = {s['pearson_p']:.2g}; {s['p_method'] or 'no test'})")
     if illustrative:
         title = "\n".join(textwrap.wrap(ILLUSTRATIVE, 110)) + "\n" + title
     fig.suptitle(title, fontsize=8 if illustrative else 9, color="C3" if illustrative else "black")
+    fig.subplots_adjust(top=0.80 if illustrative else 0.86)  # room for the title's lines
     return fig
 
 

@@ -281,8 +281,8 @@ def print_summary(cfg: DictConfig, done: dict) -> None:
     for key, failure in done["failed"].items():
         print(f"  FAILED {key} ({failure['stage']}): {failure['error']}")
     if not summary.empty:
-        cols = ["model", "region", "imagenet_top1", "median_test_r", "median_test_r_sem", "frac_significant",
-                "transfer_accuracy"]
+        cols = ["model", "weights", "region", "imagenet_top1", "median_test_r", "median_test_r_sem",
+                "frac_significant", "transfer_accuracy"]
         table = summary[[c for c in cols if c in summary]].sort_values(["region", "median_test_r"],
                                                                        ascending=[True, False])
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
