@@ -220,11 +220,9 @@ class MultirunReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         config = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])  # the sweep's own keys
         validate(config)
-        cfg = plain(config)
-        if results.collect(Path(cfg.results_dir))[0].empty:
-            return
-        report = stage_report(cfg)
-        log.info("multirun report (all jobs): %s", report)
+        report = stage_report(plain(config))  # reads every job's results once (None, with a warning, if none)
+        if report is not None:
+            log.info("multirun report (all jobs): %s", report)
 
 
 # ---------------------------------------------------------------------------------------- helpers
