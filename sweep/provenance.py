@@ -50,10 +50,7 @@ def git_commit() -> dict | None:
 
 def store_record(store) -> dict:
     """A store's identity and how it was extracted (its Zarr group's attributes)."""
-    import zarr
-
-    attrs = dict(zarr.open_group(str(store.path / "store.zarr"), mode="r").attrs)
-    extraction = {k: v for k, v in attrs.items() if k not in ("layers",)}
+    extraction = {k: v for k, v in store.attrs.items() if k != "layers"}  # the root group's, read on open
     return {"path": str(store.path), "digest": store.path.name, "key": store.key, "extraction": extraction,
             "batches": store.extraction_records()}
 
