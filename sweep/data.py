@@ -1,7 +1,7 @@
 """The sweep's data: the stimulus set and the neural assembly, from the ``stimuli`` and ``neural`` groups.
 
 Paths are checked by :func:`check_data` before any work; :func:`load_stimuli` and
-:func:`load_assembly` read them. The synthetic brain of the demo is planted from random units of one
+:func:`load_recorded` read them (also before any work: the responses must fit the stimuli). The synthetic brain of the demo is planted from random units of one
 zoo model's activation store, deterministically in its seed, so every job of a multirun builds the
 same neurons.
 """
@@ -33,11 +33,16 @@ def _existing(value, key: str) -> Path:
 
 
 def check_data(cfg: DictConfig) -> None:
-    """Every data path the configured stimuli and neurons need exists.
+    """Every file the configured models, stimuli and neurons need exists (and is a file where one is read).
 
     Raises:
         ConfigError: a path not set or missing, naming its config key.
     """
+    for key, model in cfg.models.items():
+        if model.checkpoint is not None:
+            path = _existing(model.checkpoint, f"models.{key}.checkpoint")
+            if not path.is_file():
+                raise ConfigError(f"models.{key}.checkpoint={str(path)!r} is not a file (a saved state dict)")
     if cfg.stimuli.kind == "files":
         _existing(cfg.stimuli.path, "stimuli.path")
         if cfg.stimuli.metadata is not None:
@@ -48,12 +53,23 @@ def check_data(cfg: DictConfig) -> None:
         _existing(cfg.neural.path, "neural.path")
 
 
+def n_neurons(cfg: DictConfig, assembly: core.NeuralAssembly | None) -> int:
+    """How many neurons the job matches: the recorded ones, or the synthetic brain's (known from its config)."""
+    if assembly is not None:
+        return assembly.n_neurons
+    return int(cfg.neural.n_planted + cfg.neural.n_noise)
+
+
 def load_stimuli(cfg: DictConfig) -> core.StimulusSet:
     s = cfg.stimuli
     if s.kind == "generated":
         return generate_stimuli(s.n_categories, s.objects_per_category, s.variations, s.size, s.seed)
     metadata = None if s.metadata is None else _existing(s.metadata, "stimuli.metadata")
-    return core.StimulusSet.from_files(_existing(s.path, "stimuli.path"), metadata)
+    try:
+        return core.StimulusSet.from_files(_existing(s.path, "stimuli.path"), metadata)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"stimuli.path={str(s.path)!r} (stimuli.metadata={s.metadata!r}) cannot be read as a "
+                          f"stimulus set: {err}") from None
 
 
 def make_splits(cfg: DictConfig, stimuli: core.StimulusSet) -> list:
@@ -74,21 +90,55 @@ def make_splits(cfg: DictConfig, stimuli: core.StimulusSet) -> list:
                           f"falls back to a coarser column, analysis.stratify=none does not stratify") from None
 
 
-def load_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict) -> core.NeuralAssembly:
-    """The neurons, images in the stimulus set's order.
+def load_recorded(cfg: DictConfig, stimuli: core.StimulusSet) -> core.NeuralAssembly:
+    """The recorded neurons (``neural=plain`` or ``brainio``), images in the stimulus set's order.
 
-    Args:
-        stores: complete activation stores by model key (the synthetic brain is planted from
-            ``neural.planted_model``'s store).
+    Read before any extraction, so a file that is not an array, or responses whose images are not the
+    stimulus set's, fail before any work.
+
+    Raises:
+        ConfigError: the file cannot be read as responses, or its images do not match the stimuli;
+            the message names the config key, the path and what was expected.
     """
     n = cfg.neural
     if n.kind == "plain":
-        data = np.load(_existing(n.responses, "neural.responses"))
-        return core.NeuralAssembly(data, [f"n{i:03d}" for i in range(len(data))],
-                                   np.full(len(data), n.region or "unknown"), stimuli.image_ids, stimuli.metadata)
-    if n.kind == "brainio":
-        assembly = core.load_brainio(_existing(n.path, "neural.path"), region=n.region, time_bin=n.time_bin)
+        path = _existing(n.responses, "neural.responses")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise ConfigError(f"neural.responses={str(path)!r} is not a numpy .npy array of responses (neurons x "
+                              f"images [x repeats]): {err}") from None
+        if not isinstance(data, np.ndarray) or data.ndim not in (2, 3) or not np.issubdtype(data.dtype, np.number):
+            what = f"an array of shape {data.shape} and dtype {data.dtype}" if isinstance(data, np.ndarray) else \
+                "an .npz archive"
+            raise ConfigError(f"neural.responses={str(path)!r} holds {what}; expected numbers of shape neurons x "
+                              f"images [x repeats]")
+        if data.shape[1] != len(stimuli):
+            raise ConfigError(f"neural.responses={str(path)!r} has {data.shape[1]} images on axis 1 but the stimuli "
+                              f"(stimuli.kind={cfg.stimuli.kind}, stimuli.path={cfg.stimuli.path!r}) hold "
+                              f"{len(stimuli)}: the responses' image axis must follow the stimulus set's order")
+        try:
+            return core.NeuralAssembly(data, [f"n{i:03d}" for i in range(len(data))],
+                                       np.full(len(data), n.region or "unknown"), stimuli.image_ids, stimuli.metadata)
+        except ValueError as err:
+            raise ConfigError(f"neural.responses={str(path)!r}: {err}") from None
+    path = _existing(n.path, "neural.path")
+    try:
+        assembly = core.load_brainio(path, region=n.region, time_bin=n.time_bin)
         return assembly.align(stimuli)
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"neural.path={str(path)!r} (neural.region={n.region!r}, neural.time_bin={n.time_bin!r}) "
+                          f"does not fit the stimuli (stimuli.path={cfg.stimuli.path!r}): {err}") from None
+
+
+def plant_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict):
+    """The synthetic brain (``neural=synthetic``), planted from ``neural.planted_model``'s complete store.
+
+    Returns:
+        (assembly, truth): the neurons, images in the stimulus set's order, and which neuron copies
+        which unit (the caller writes it as ``planted_truth.csv`` once the sweep folder accepts the run).
+    """
+    n = cfg.neural
     if n.planted_model not in stores:
         raise ConfigError(f"neural.planted_model={n.planted_model!r} has no complete store in this run "
                           f"(stores: {sorted(stores)})")
@@ -102,6 +152,5 @@ def load_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict) -> c
     brain = plant_neurons(gather_columns(layers, cat, units), n_planted=n.n_planted, n_noise=n.n_noise, snr=n.snr,
                           units=np.arange(n.n_planted), repeats=n.repeats, seed=n.seed)
     truth = brain.truth.assign(unit=np.concatenate([units, np.full(n.n_noise, -1)]), model=n.planted_model)
-    truth.to_csv(Path(cfg.results_dir) / "planted_truth.csv", index=False)
     regions = np.where(truth.planted, "V4", "noise")
-    return core.NeuralAssembly(brain.responses, truth.neuron, regions, stimuli.image_ids, stimuli.metadata)
+    return core.NeuralAssembly(brain.responses, truth.neuron, regions, stimuli.image_ids, stimuli.metadata), truth

@@ -5,7 +5,10 @@ Layout::
     <results_dir>/
         models/<key>/       one folder per model: matches, neurons, summary, layer_matches,
                             assignment (and decoding) as Parquet, null.npz, and DONE.json last
+        sweep.json          what the folder's results were made from: stimuli, neural data, splits
+                            and science settings (written on the first analysis; later runs must match)
         failures.json       models that failed, with the stage and the error
+        REPORT.json         the inputs of the last report (an unchanged sweep is not re-reported)
         planted_truth.csv   (synthetic neurons only) which neurons copy which unit
         summary.csv ...     the report's aggregated tables (see :mod:`unitmatch.sweep.stages`)
 
@@ -14,6 +17,10 @@ carries the fingerprint of what produced it) written inside before the rename: a
 the previous complete result or the new complete one, never a mix. The fingerprint covers the store
 identity, the neural data, the splits and the science settings only, so a change of compute
 settings (scheduler, block size, device) reuses a finished result.
+
+A sweep folder holds one analysis: ``sweep.json`` records its inputs, a run whose inputs differ is
+refused (:func:`check_record`), and :func:`collect` reads only results whose ``DONE.json`` names
+that record, so results of other data or settings are never aggregated with it.
 """
 
 from __future__ import annotations
@@ -23,12 +30,20 @@ import json
 import os
 import shutil
 import warnings
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from unitmatch.core.store import _atomic_touch
+
+from .config import ConfigError
+
+log = logging.getLogger(__name__)
+
 DONE = "DONE.json"
+RECORD = "sweep.json"
 
 
 def fingerprint(*parts) -> str:
@@ -41,9 +56,12 @@ def model_dir(results_dir: Path, key: str) -> Path:
 
 
 def is_done(results_dir: Path, key: str, fp: str) -> bool:
-    """Whether the model's results are complete and were produced by exactly ``fp``."""
+    """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record."""
     marker = model_dir(results_dir, key) / DONE
-    return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
+    if not marker.exists():
+        return False
+    done = json.loads(marker.read_text())
+    return done.get("fingerprint") == fp and done.get("sweep_record") == record_fingerprint(results_dir)
 
 
 def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFrame], null: dict | None,
@@ -53,9 +71,15 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
     Args:
         tables: file stem -> table (empty tables are left out).
         null: arrays for ``null.npz``, or None.
-        done: what ``DONE.json`` records (must include ``fingerprint``).
+        done: what ``DONE.json`` records (must include ``fingerprint``; ``sweep_record`` is added: the
+            fingerprint of the folder's ``sweep.json``, which must exist).
         records: file name -> JSON-serialisable content (e.g. ``provenance.json``).
     """
+    record = record_fingerprint(results_dir)
+    if record is None:
+        raise FileNotFoundError(f"{Path(results_dir) / RECORD} is missing: a sweep folder records its inputs "
+                                f"(check_record(..., write=True)) before any model's results are written")
+    done = {**done, "sweep_record": record}
     final = model_dir(results_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{key}.staging-{os.getpid()}"
@@ -73,22 +97,106 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
         old = final.parent / f".{key}.old-{os.getpid()}"
         if final.exists():
             final.rename(old)
-        staging.rename(final)
+        try:
+            staging.rename(final)
+        except BaseException:
+            if old.exists() and not final.exists():  # put the previous complete results back
+                old.rename(final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
-def collect(results_dir: Path, with_matches: bool = False):
-    """Every complete model's summary and neuron tables in a sweep folder, and each model's pooled null.
+def sweep_record(stimuli: str, splits, analysis: dict, neural_data: str | None = None) -> dict:
+    """What a sweep folder's results are made from (``sweep.json``).
 
-    With ``with_matches`` also the per-(model, neuron, split) table joined with the neuron statistics.
+    Args:
+        stimuli: the stimulus set's content hash.
+        splits: the analysis splits (train indices enter the record as a fingerprint).
+        analysis: the science settings.
+        neural_data: the neural data's fingerprint (None where it is not known yet: a synthetic brain
+            is planted from a store, after extraction).
+    """
+    return {"stimuli": stimuli, "neural_data": neural_data,
+            "splits": fingerprint([np.asarray(s[0]).tolist() for s in splits]), "analysis": analysis}
+
+
+def read_record(results_dir: Path) -> dict | None:
+    path = Path(results_dir) / RECORD
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_record(results_dir: Path, record: dict, sweep_name: str, write: bool = False) -> None:
+    """Refuse a run whose inputs differ from the sweep folder's record; with ``write``, record them if none is.
+
+    Entries that are None (not known yet) are not compared. Compute settings are not part of the
+    record, so changing only them is fine.
+
+    Raises:
+        ConfigError: naming each input that differs, with the folder's and this run's values.
+    """
+    old = read_record(results_dir)
+    if old is None:
+        if write:
+            _atomic_touch(Path(results_dir) / RECORD, json.dumps(record, indent=2, sort_keys=True).encode())
+        return
+    diffs = []
+    for name in ("stimuli", "neural_data", "splits"):
+        if record.get(name) is not None and old.get(name) is not None and record[name] != old[name]:
+            diffs.append(f"the {name.replace('_', ' ')} (fingerprint {old[name]} there, {record[name]} now)")
+    if record.get("analysis") is not None:
+        theirs, ours = old.get("analysis") or {}, record["analysis"]
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key, "<unset>") != ours.get(key, "<unset>"):
+                diffs.append(f"analysis.{key} ({theirs.get(key, '<unset>')!r} there, {ours.get(key, '<unset>')!r} now)")
+    if diffs:
+        raise ConfigError(f"sweep_name={sweep_name!r}: the sweep folder {str(results_dir)!r} holds results of other "
+                          f"inputs; this run differs in {'; '.join(diffs)}. Its results would mix with the folder's: "
+                          f"give this run a new sweep_name (e.g. sweep_name={sweep_name}_2), or the folder's settings "
+                          f"(recorded in {RECORD}). Compute settings (compute.*, cluster.*) may differ freely.")
+
+
+def trusted(results_dir: Path) -> dict[str, dict]:
+    """The complete model results a report may use: model key -> its ``DONE.json``.
+
+    With a sweep record, only results whose ``DONE.json`` names that record (``sweep_record``) are
+    used; the others are named in a warning and left out.
+    """
+    record = read_record(results_dir)
+    want = None if record is None else fingerprint(record)
+    out, skipped = {}, []
+    for folder in sorted((Path(results_dir) / "models").glob("[!.]*")):
+        marker = folder / DONE
+        if not marker.exists():
+            continue
+        done = json.loads(marker.read_text())
+        if want is not None and done.get("sweep_record") != want:
+            skipped.append(folder.name)
+            continue
+        out[folder.name] = done
+    if skipped:
+        log.warning("%s: results of %s were made from other inputs than the sweep record (%s) and are left out",
+                    results_dir, skipped, RECORD)
+    return out
+
+
+def record_fingerprint(results_dir: Path) -> str | None:
+    """The fingerprint a model's ``DONE.json`` carries as ``sweep_record`` (None without a record)."""
+    record = read_record(results_dir)
+    return None if record is None else fingerprint(record)
+
+
+def collect(results_dir: Path, with_matches: bool = False):
+    """Every trusted model's summary and neuron tables in a sweep folder, and each model's pooled null.
+
+    Trusted: complete and made from the sweep record's inputs (:func:`trusted`). With ``with_matches``
+    also the per-(model, neuron, split) table joined with the neuron statistics.
     """
     summaries, neurons, nulls, matches = [], [], {}, []
-    for folder in sorted((Path(results_dir) / "models").glob("[!.]*")):
-        if not (folder / DONE).exists():
-            continue
+    for key in trusted(results_dir):
+        folder = model_dir(results_dir, key)
         summaries.append(pd.read_parquet(folder / "summary.parquet"))
         neurons.append(pd.read_parquet(folder / "neurons.parquet"))
         if with_matches:
@@ -108,11 +216,16 @@ def collect(results_dir: Path, with_matches: bool = False):
 
 
 def update_failures(results_dir: Path, failed: dict, succeeded: list[str]) -> dict:
-    """Merge this run's failures into ``failures.json``; models that succeeded now are removed."""
+    """Merge this run's failures into ``failures.json``; models that succeeded now are removed.
+
+    Nothing is written when nothing changed (a rerun of a finished sweep writes nothing).
+    """
     path = Path(results_dir) / "failures.json"
-    failures = json.loads(path.read_text()) if path.exists() else {}
+    old = json.loads(path.read_text()) if path.exists() else None
+    failures = dict(old or {})
     failures.update(failed)
     for key in succeeded:
         failures.pop(key, None)
-    path.write_text(json.dumps(failures, indent=2))
+    if failures != old and (failures or old is not None):
+        _atomic_touch(path, json.dumps(failures, indent=2).encode())
     return failures

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -22,48 +24,159 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from unitmatch import core
+from unitmatch.core.store import _atomic_touch
 
 from hydra.experimental.callback import Callback
 
 from . import provenance, results
-from .config import plain, validate
-from .data import check_data, load_assembly, load_stimuli, make_splits
+from .config import ConfigError, plain, validate
+from .data import check_data, load_recorded, load_stimuli, make_splits, n_neurons, plant_assembly
 from .zoo import ModelEntry, load_model, plan_models
 
 log = logging.getLogger("unitmatch")
 
+#: the inputs of the sweep folder's last report (a report of unchanged results rewrites nothing)
+REPORT = "REPORT.json"
+
 
 def run(cfg: DictConfig) -> dict:
-    """Run the configured stages; returns what was done (for tests and the final summary)."""
+    """Run the configured stages; returns what was done (for tests and the final summary).
+
+    Raises:
+        ConfigError: anything that can be checked without extraction, before any work: the config
+            (schema, ranges), the models, the data files and their agreement with the stimuli, the
+            splits, the sweep folder's record, the cluster address, the matching's top-k memory; and,
+            once the stores are probed (before any batch is extracted), top_k against each model's units.
+    """
     t0 = time.perf_counter()
     validate(cfg)
     cfg = plain(cfg)
     entries = plan_models(cfg)
     check_data(cfg)
-    extra = []
+    results_dir = Path(cfg.results_dir)
+    if cfg.stage == "report":
+        _check_has_results(cfg)
+    extra, assembly = [], None
     if cfg.neural.kind == "synthetic" and cfg.stage != "report" and cfg.neural.planted_model not in {e.key for e in entries}:
         # every job of a multirun builds the same brain from the planted model's store
         extra = [load_model(cfg.neural.planted_model, "neural.planted_model")]
     if cfg.stage in ("all", "extract", "analyze"):
         stimuli = load_stimuli(cfg)
         splits = make_splits(cfg, stimuli)
-    results_dir = Path(cfg.results_dir)
+        if cfg.neural.kind != "synthetic":
+            assembly = load_recorded(cfg, stimuli)  # its images checked against the stimuli
+        _check_cluster(cfg)
+    if cfg.stage in ("all", "analyze"):
+        _check_topk_memory(cfg, n_neurons(cfg, assembly))
+        # a run whose inputs differ from the sweep folder's is refused before any work
+        results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
     if cfg.stage in ("all", "extract", "analyze"):
         stores = stage_extract(cfg, entries + extra, stimuli, done)
     if cfg.stage in ("all", "analyze"):
-        assembly = load_assembly(cfg, stimuli, stores)
+        truth = None
+        if assembly is None:
+            assembly, truth = plant_assembly(cfg, stimuli, stores)
+        # the synthetic brain's data is known only now: the record is checked again with it, and
+        # written (on the sweep folder's first analysis) before anything of this analysis
+        results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name, write=True)
+        if truth is not None:
+            _atomic_touch(results_dir / "planted_truth.csv", truth.to_csv(index=False).encode())
         stage_analyze(cfg, entries, stores, assembly, splits, done)
     if cfg.stage in ("all", "report"):
         # in a multirun the jobs' reports are partial: the W&B summary is logged once, after the last
         # job, by the MultirunReport callback
         done["report"] = stage_report(cfg, wandb_summary=not _in_multirun())
-    results.update_failures(results_dir, done["failed"], done["analyzed"])
+    if cfg.stage != "report":  # the report reads the results folder, it never writes its records
+        results.update_failures(results_dir, done["failed"], done["analyzed"])
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
              time.perf_counter() - t0)
     return done
+
+
+def _record(cfg: DictConfig, stimuli, splits, assembly) -> dict:
+    """The sweep record of this run (:func:`results.sweep_record`); neural data only once known."""
+    return results.sweep_record(stimuli.content_hash(), splits, OmegaConf.to_container(cfg.analysis, resolve=True),
+                                None if assembly is None else _neural_fingerprint(assembly))
+
+
+def _neural_fingerprint(assembly) -> str:
+    return hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
+
+
+def _check_has_results(cfg: DictConfig) -> None:
+    """``stage=report`` needs finished results; a sweep that does not exist is an error, not an empty report."""
+    results_dir = Path(cfg.results_dir)
+    if results.trusted(results_dir) if (results_dir / "models").is_dir() else False:
+        return
+    parent = results_dir.parent
+    names = sorted(p.name for p in parent.iterdir() if (p / "models").is_dir()) if parent.is_dir() else []
+    raise ConfigError(f"stage=report: sweep_name={cfg.sweep_name!r} has no finished model results in "
+                      f"results_dir={str(results_dir)!r}; sweeps with results in {str(parent)!r}: "
+                      f"{names or 'none'}. Run its analysis first (stage=all), or name one of those.")
+
+
+def _check_cluster(cfg: DictConfig) -> None:
+    """A remote ``cluster.address`` answers (within ``cluster.connect_timeout_s``) before any work."""
+    from .cluster import check_reachable
+
+    c = cfg.cluster
+    try:
+        check_reachable(c.address, c.connect_timeout_s)
+    except ValueError as err:
+        raise ConfigError(f"cluster.address={c.address!r}: {err}") from None
+    except ConnectionError as err:
+        raise ConfigError(f"cluster.address={c.address!r}: {err} (cluster.connect_timeout_s="
+                          f"{c.connect_timeout_s:g})") from None
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations on this machine (Linux MemAvailable, else total)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def topk_memory_bytes(n_neurons: int, n_permutations: int, n_splits: int, top_k: int) -> int:
+    """Peak memory of the matching's top-k arrays, as :class:`core.engine.MatchEngine` holds them.
+
+    One partial result is a float32 r and an int64 unit per (split, neuron row, k), with a row per
+    neuron and per permuted copy (``MatchEngine.empty``). A merge task holds its fan-in's partials,
+    their concatenation (2k), the sort order (int64, 2k) and its output; the estimate is that, once.
+    """
+    from .reduce import DEFAULT_FAN_IN
+
+    partial = n_splits * n_neurons * (1 + n_permutations) * top_k * (4 + 8)
+    # fan-in inputs + concatenation (2 partials) + int64 sort order (16 of 12 bytes) + output
+    return int(partial * (DEFAULT_FAN_IN + 2 + 16 / 12 + 1))
+
+
+def _check_topk_memory(cfg: DictConfig, n: int) -> None:
+    a = cfg.analysis
+    need = topk_memory_bytes(n, a.n_permutations, a.splits, a.top_k)
+    have = available_memory()
+    if need > have:
+        raise ConfigError(
+            f"analysis.top_k={a.top_k} needs about {need / 2**30:.1f} GiB for the matching's top-k arrays ({n} "
+            f"neurons x (1 + analysis.n_permutations={a.n_permutations}) rows x analysis.splits={a.splits} x top_k, "
+            f"float32 + int64, several partials at once) but this machine has {have / 2**30:.1f} GiB available: "
+            f"lower analysis.top_k (5 is Brain-Score-like), analysis.n_permutations or analysis.splits")
+
+
+def _check_topk_units(cfg: DictConfig, key: str, store) -> None:
+    """top_k against a model's unit count, known once its store is probed (before any batch)."""
+    n_units = store.catalogue().n_units
+    if cfg.analysis.top_k > n_units:
+        raise ConfigError(f"analysis.top_k={cfg.analysis.top_k} is more than the {n_units} units of model {key!r} "
+                          f"(layers {[layer.name for layer in store.layer_units]}): "
+                          f"valid is 2 <= top_k <= {n_units} for this zoo, or select more layers")
 
 
 def _ray(cfg: DictConfig):
@@ -91,6 +204,8 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
         except Exception as err:  # noqa: BLE001 - one model failing must not stop the sweep
             _failed(done, entry.key, "extract", err)
             continue
+        if cfg.stage != "extract":
+            _check_topk_units(cfg, entry.key, store)
         if store.complete:
             stores[entry.key] = ActivationStore.open(store.path)
         else:
@@ -120,7 +235,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
     from .reduce import match_store
 
     a, compute = cfg.analysis, cfg.compute
-    neural_fp = hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
+    neural_fp = _neural_fingerprint(assembly)
     science = OmegaConf.to_container(a, resolve=True)
     # the science settings of matching, and how to compute it, as the engine takes them
     settings = core.MatchSettings(top_k=a.top_k, n_permutations=a.n_permutations, seed=a.random_state,
@@ -177,27 +292,46 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
 
 
 def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
-    """Aggregate all models of the sweep: tables, plots, report.md, and (``wandb_summary``) the W&B summary run."""
+    """Aggregate all models of the sweep: tables, plots, report.md, and (``wandb_summary``) the W&B summary run.
+
+    Reads the per-model results, never writes them. The aggregated files at the sweep folder's top
+    level are rewritten only when their inputs changed (``REPORT.json``, written last, records the
+    trusted results, title and version they were made from), so reporting an unchanged sweep writes
+    nothing and works on a read-only results folder.
+    """
+    import unitmatch
+
     from .figures import make_plots
     from .report import write_markdown
     from .wandb_sink import log_to_wandb
 
     results_dir = Path(cfg.results_dir)
+    inputs = results.fingerprint(results.trusted(results_dir), cfg.sweep_name, unitmatch.__version__)
+    marker = results_dir / REPORT
+    last = json.loads(marker.read_text()) if marker.exists() else {}
     summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True)
     if summary.empty:
         log.warning("no finished model results in %s: nothing to report", results_dir)
         return None
-    # per (model, neuron, split): layer, unit coordinates, train_r, test_r, p-value, ceiling ...
-    matches.to_parquet(results_dir / "matches.parquet", index=False)
-    matches.to_csv(results_dir / "matches.csv", index=False)
-    summary.to_csv(results_dir / "summary.csv", index=False)
-    summary.to_parquet(results_dir / "summary.parquet", index=False)
-    neurons.to_parquet(results_dir / "neurons.parquet", index=False)
-    neurons.drop(columns=[c for c in neurons.columns if neurons[c].dtype == object and c not in
-                          ("model", "neuron", "region", "layer", "arch")]).to_csv(results_dir / "neurons.csv",
-                                                                                 index=False)
-    plots = make_plots(summary, neurons, results_dir, nulls=nulls)
-    report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
+    report = results_dir / "report.md"
+    if last.get("inputs") == inputs and report.exists():
+        log.info("the report in %s is up to date (its results are unchanged): nothing rewritten", results_dir)
+        plots = {name: results_dir / file for name, file in last.get("plots", {}).items()}
+    else:
+        marker.unlink(missing_ok=True)  # a report that fails half-way is redone next time
+        # per (model, neuron, split): layer, unit coordinates, train_r, test_r, p-value, ceiling ...
+        matches.to_parquet(results_dir / "matches.parquet", index=False)
+        matches.to_csv(results_dir / "matches.csv", index=False)
+        summary.to_csv(results_dir / "summary.csv", index=False)
+        summary.to_parquet(results_dir / "summary.parquet", index=False)
+        neurons.to_parquet(results_dir / "neurons.parquet", index=False)
+        neurons.drop(columns=[c for c in neurons.columns if neurons[c].dtype == object and c not in
+                              ("model", "neuron", "region", "layer", "arch")]).to_csv(results_dir / "neurons.csv",
+                                                                                     index=False)
+        plots = make_plots(summary, neurons, results_dir, nulls=nulls)
+        report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
+        _atomic_touch(marker, json.dumps({"inputs": inputs, "plots": {k: Path(v).name for k, v in plots.items()}},
+                                         indent=2).encode())
     if cfg.logger.enabled and wandb_summary:
         folders = {m: results.model_dir(results_dir, m) for m in pd.unique(summary.model)}
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
