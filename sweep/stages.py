@@ -70,10 +70,10 @@ def run(cfg: DictConfig) -> dict:
         _check_topk_memory(cfg, n_neurons(cfg, assembly))
         # a run whose inputs differ from the sweep folder's is refused before any work
         results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name)
-    results_dir.mkdir(parents=True, exist_ok=True)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
     if cfg.stage in ("all", "extract", "analyze"):
-        stores = stage_extract(cfg, entries + extra, stimuli, done)
+        stores = stage_extract(cfg, entries + extra, stimuli, done)  # checks top_k once the stores are probed
+    results_dir.mkdir(parents=True, exist_ok=True)
     if cfg.stage in ("all", "analyze"):
         truth = None
         if assembly is None:
@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _record(cfg: DictConfig, stimuli, splits, assembly) -> dict:
     """The sweep record of this run (:func:`results.sweep_record`); neural data only once known."""
-    return results.sweep_record(stimuli.content_hash(), splits, OmegaConf.to_container(cfg.analysis, resolve=True),
+    return results.sweep_record(stimuli.content_hash, splits, OmegaConf.to_container(cfg.analysis, resolve=True),
                                 None if assembly is None else _neural_fingerprint(assembly))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
+from unitmatch.sweep.config import ConfigError
 from unitmatch.sweep.stages import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +89,35 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     # compute settings are not science: another scheduler, block size and batch size reuse the results
     other = run(_compose(TINY + ["compute.scheduler=sync", "compute.block_units=4096"]))
     assert other["analyzed"] == [] and sorted(other["skipped"]) == ["demo_test_convnext", "demo_test_resnet"]
-    # a science setting is: a new alpha recomputes both models
-    assert sorted(run(_compose(TINY + ["analysis.alpha=0.01"]))["analyzed"]) == ["demo_test_convnext",
-                                                                                "demo_test_resnet"]
     summary = pd.read_csv(results / "summary.csv")
     v4 = summary[summary.region == "V4"].set_index("model").median_test_r
     assert v4["demo_test_convnext"] > v4["demo_test_resnet"] + 0.1  # the planted model wins
+    # a science setting is not: in the same sweep folder it is refused before any work, naming it ...
+    with pytest.raises(ConfigError, match=r"analysis\.alpha \(0\.05 there, 0\.01 now\).*new sweep_name"):
+        run(_compose(TINY + ["analysis.alpha=0.01"]))
+    assert json.loads((results / "sweep.json").read_text())["analysis"]["alpha"] == 0.05
+    # ... and in a new sweep it recomputes both models from the same stores
+    other_alpha = run(_compose(TINY + ["analysis.alpha=0.01", "sweep_name=alpha01"]))
+    assert sorted(other_alpha["analyzed"]) == ["demo_test_convnext", "demo_test_resnet"]
+    assert other_alpha["extracted"] == []
+
+    # the report reads, never rewrites: on a read-only sweep folder an unchanged report writes nothing
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
+    for path in [results, *results.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        reported = run(_compose(TINY + ["stage=report"]))
+    finally:
+        for path in [results, *results.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert reported["report"] == results / "report.md"
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()} == before
+    # changed results (a model's results removed) are re-reported: the aggregated tables follow
+    shutil.rmtree(results / "models" / "demo_test_resnet")
+    run(_compose(TINY + ["stage=report"]))
+    assert set(pd.read_csv(results / "summary.csv").model) == {"demo_test_convnext"}
+    assert (results / "models" / "demo_test_convnext" / "DONE.json").stat().st_mtime_ns == before[
+        results / "models" / "demo_test_convnext" / "DONE.json"]
 
 
 def _offline_runs(folder: Path) -> dict[str, dict]:
