@@ -1,9 +1,9 @@
 """The sweep's data: the stimulus set and the neural assembly, from the ``stimuli`` and ``neural`` groups.
 
 Paths are checked by :func:`check_data` before any work; :func:`load_stimuli` and
-:func:`load_recorded` read them (also before any work: the responses must fit the stimuli). The synthetic brain of the demo is planted from random units of one
-zoo model's activation store, deterministically in its seed, so every job of a multirun builds the
-same neurons.
+:func:`load_recorded` read them, also before any work (recorded responses must fit the stimuli). The
+synthetic brain of the demo is planted (:func:`plant_assembly`) from random units of one zoo model's
+activation store, deterministically in its seed, so every job of a multirun builds the same neurons.
 """
 
 from __future__ import annotations

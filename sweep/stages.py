@@ -52,14 +52,16 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg)
     cfg = plain(cfg)
     entries = plan_models(cfg)
-    check_data(cfg)
     results_dir = Path(cfg.results_dir)
-    if cfg.stage == "report":
+    if cfg.stage == "report":  # reads only the results folder, not the data
         _check_has_results(cfg)
+    else:
+        check_data(cfg)
     extra, assembly = [], None
-    if cfg.neural.kind == "synthetic" and cfg.stage != "report" and cfg.neural.planted_model not in {e.key for e in entries}:
+    planted = cfg.neural.planted_model
+    if cfg.neural.kind == "synthetic" and cfg.stage != "report" and planted not in {e.key for e in entries}:
         # every job of a multirun builds the same brain from the planted model's store
-        extra = [load_model(cfg.neural.planted_model, "neural.planted_model")]
+        extra = [load_model(planted, "neural.planted_model")]
     if cfg.stage in ("all", "extract", "analyze"):
         stimuli = load_stimuli(cfg)
         splits = make_splits(cfg, stimuli)
@@ -109,7 +111,7 @@ def _neural_fingerprint(assembly) -> str:
 def _check_has_results(cfg: DictConfig) -> None:
     """``stage=report`` needs finished results; a sweep that does not exist is an error, not an empty report."""
     results_dir = Path(cfg.results_dir)
-    if results.trusted(results_dir) if (results_dir / "models").is_dir() else False:
+    if results.trusted(results_dir):
         return
     parent = results_dir.parent
     names = sorted(p.name for p in parent.iterdir() if (p / "models").is_dir()) if parent.is_dir() else []
@@ -148,14 +150,15 @@ def topk_memory_bytes(n_neurons: int, n_permutations: int, n_splits: int, top_k:
     """Peak memory of the matching's top-k arrays, as :class:`core.engine.MatchEngine` holds them.
 
     One partial result is a float32 r and an int64 unit per (split, neuron row, k), with a row per
-    neuron and per permuted copy (``MatchEngine.empty``). A merge task holds its fan-in's partials,
-    their concatenation (2k), the sort order (int64, 2k) and its output; the estimate is that, once.
+    neuron and per permuted copy (``MatchEngine.empty``). A merge (``core.engine.merge``) holds its
+    task's fan-in partials, their concatenation (2k slots), its sort keys (int64 units, float32 -r) and
+    order (int64), each over 2k slots, and its output; the estimate is that, once.
     """
     from .reduce import DEFAULT_FAN_IN
 
     partial = n_splits * n_neurons * (1 + n_permutations) * top_k * (4 + 8)
-    # fan-in inputs + concatenation (2 partials) + int64 sort order (16 of 12 bytes) + output
-    return int(partial * (DEFAULT_FAN_IN + 2 + 16 / 12 + 1))
+    # fan-in inputs + concatenation (2 partials) + sort keys and order (16 + 8 + 16 bytes per k) + output
+    return int(partial * (DEFAULT_FAN_IN + 2 + (16 + 8 + 16) / 12 + 1))
 
 
 def _check_topk_memory(cfg: DictConfig, n: int) -> None:
@@ -167,7 +170,7 @@ def _check_topk_memory(cfg: DictConfig, n: int) -> None:
             f"analysis.top_k={a.top_k} needs about {need / 2**30:.1f} GiB for the matching's top-k arrays ({n} "
             f"neurons x (1 + analysis.n_permutations={a.n_permutations}) rows x analysis.splits={a.splits} x top_k, "
             f"float32 + int64, several partials at once) but this machine has {have / 2**30:.1f} GiB available: "
-            f"lower analysis.top_k (5 is Brain-Score-like), analysis.n_permutations or analysis.splits")
+            f"lower analysis.top_k (default 5), analysis.n_permutations or analysis.splits")
 
 
 def _check_topk_units(cfg: DictConfig, key: str, store) -> None:

@@ -56,7 +56,8 @@ def _brainio_other_ids(folder: Path) -> Path:
 
     path = folder / "other_ids.nc"
     ids = [f"other{i}" for i in range(N_IMAGES) for _ in range(2)]
-    da = xr.DataArray(np.random.default_rng(0).normal(size=(len(ids), 3, 1)), dims=("presentation", "neuroid", "time_bin"),
+    values = np.random.default_rng(0).normal(size=(len(ids), 3, 1))
+    da = xr.DataArray(values, dims=("presentation", "neuroid", "time_bin"),
                       coords={"stimulus_id": ("presentation", ids), "repetition": ("presentation", [0, 1] * N_IMAGES),
                               "neuroid_id": ("neuroid", ["a", "b", "c"]), "region": ("neuroid", ["IT"] * 3),
                               "time_bin_start": ("time_bin", [70]), "time_bin_end": ("time_bin", [170])})
@@ -125,7 +126,7 @@ def test_the_command_exits_2_in_a_read_only_working_directory_without_writing_th
             proc = subprocess.run([sys.executable, "-m", "unitmatch.sweep", *SMALL, *overrides], cwd=cwd,
                                   capture_output=True, text=True, timeout=300, env=env)
             assert proc.returncode == 2, proc.stderr[-3000:]
-            assert f"unitmatch: configuration error: " in proc.stderr and message in proc.stderr
+            assert "unitmatch: configuration error: " in proc.stderr and message in proc.stderr
     finally:
         cwd.chmod(0o755)
     assert list(cwd.iterdir()) == []
