@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 from unitmatch.sweep import results, stages
 from unitmatch.sweep.config import ConfigError
@@ -183,6 +184,33 @@ def test_a_sweep_folder_refuses_a_run_of_other_inputs_naming_what_differs(tmp_pa
                                               rf"{message}.*sweep_name=demo_2"):
             results.check_record(tmp_path, record, "demo", write=True)
     assert json.loads((tmp_path / results.RECORD).read_text())["analysis"] == {"top_k": 5, "alpha": 0.05}
+
+
+def test_a_run_with_other_science_settings_in_a_sweep_folder_is_refused_before_any_extraction(outputs,
+                                                                                             monkeypatch):
+    cfg = _compose(SMALL)
+    folder = Path(cfg.results_dir)
+    folder.mkdir(parents=True)
+    # the folder's record: this run's stimuli and splits, another top_k
+    from unitmatch.sweep.config import plain
+    from unitmatch.sweep.data import load_stimuli, make_splits
+
+    resolved = plain(cfg)
+    stimuli = load_stimuli(resolved)
+    science = {**OmegaConf.to_container(resolved.analysis), "top_k": 7}
+    results.check_record(folder, results.sweep_record(stimuli.content_hash, make_splits(resolved, stimuli), science),
+                         "demo", write=True)
+    with pytest.raises(ConfigError, match=r"this run differs in analysis\.top_k \(7 there, 5 now\)"):
+        run(cfg)
+    assert not (outputs / "stores").exists() and list(folder.iterdir()) == [folder / results.RECORD]
+    # compute settings are not part of the record: with the folder's top_k, other ones reach the extraction
+    def extraction(*args, **kwargs):
+        raise RuntimeError("every check passed: extraction starts")
+
+    monkeypatch.setattr(stages, "stage_extract", extraction)
+    with pytest.raises(RuntimeError, match="every check passed"):
+        run(_compose(SMALL + ["analysis.top_k=7", "compute.scheduler=sync", "compute.block_units=512",
+                              "compute.batch_size=8", "cluster.n_actors=1"]))
 
 
 def _tables(value: float) -> dict[str, pd.DataFrame]:
