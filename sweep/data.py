@@ -32,17 +32,17 @@ def _existing(value, key: str) -> Path:
     return path
 
 
-def check_data(cfg: DictConfig) -> None:
-    """Every file the configured models, stimuli and neurons need exists (and is a file where one is read).
+def check_data(cfg: DictConfig, entries=()) -> None:
+    """Every file the models (``entries``: the planned ones), stimuli and neurons need exists.
 
     Raises:
         ConfigError: a path not set or missing, naming its config key.
     """
-    for key, model in cfg.models.items():
-        if model.checkpoint is not None:
-            path = _existing(model.checkpoint, f"models.{key}.checkpoint")
+    for entry in entries:
+        if entry.spec.checkpoint is not None:
+            path = _existing(entry.spec.checkpoint, f"models.{entry.key}.checkpoint")
             if not path.is_file():
-                raise ConfigError(f"models.{key}.checkpoint={str(path)!r} is not a file (a saved state dict)")
+                raise ConfigError(f"models.{entry.key}.checkpoint={str(path)!r} is not a file (a saved state dict)")
     if cfg.stimuli.kind == "files":
         _existing(cfg.stimuli.path, "stimuli.path")
         if cfg.stimuli.metadata is not None:

@@ -53,15 +53,15 @@ def run(cfg: DictConfig) -> dict:
     cfg = plain(cfg)
     entries = plan_models(cfg)
     results_dir = Path(cfg.results_dir)
-    if cfg.stage == "report":  # reads only the results folder, not the data
-        _check_has_results(cfg)
-    else:
-        check_data(cfg)
     extra, assembly = [], None
     planted = cfg.neural.planted_model
     if cfg.neural.kind == "synthetic" and cfg.stage != "report" and planted not in {e.key for e in entries}:
         # every job of a multirun builds the same brain from the planted model's store
         extra = [load_model(planted, "neural.planted_model")]
+    if cfg.stage == "report":  # reads only the results folder, not the data
+        _check_has_results(cfg)
+    else:
+        check_data(cfg, entries + extra)
     if cfg.stage in ("all", "extract", "analyze"):
         stimuli = load_stimuli(cfg)
         splits = make_splits(cfg, stimuli)
