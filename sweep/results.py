@@ -5,8 +5,9 @@ Layout::
     <results_dir>/
         models/<key>/       one folder per model: matches, neurons, summary, layer_matches,
                             assignment (and decoding) as Parquet, null.npz, and DONE.json last
-        sweep.json          what the folder's results were made from: stimuli, neural data, splits
-                            and science settings (written on the first analysis; later runs must match)
+        sweep.json          what the folder's results were made from: stimuli, neural data, splits,
+                            science settings, a synthetic brain's settings (written on the first
+                            analysis; later runs must match)
         failures.json       models that failed, with the stage and the error
         REPORT.json         the inputs of the last report (an unchanged sweep is not re-reported)
         planted_truth.csv   (synthetic neurons only) which neurons copy which unit
@@ -109,7 +110,8 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
     return final
 
 
-def sweep_record(stimuli: str, splits, analysis: dict, neural_data: str | None = None) -> dict:
+def sweep_record(stimuli: str, splits, analysis: dict, neural_data: str | None = None,
+                 neural: dict | None = None) -> dict:
     """What a sweep folder's results are made from (``sweep.json``).
 
     Args:
@@ -118,9 +120,11 @@ def sweep_record(stimuli: str, splits, analysis: dict, neural_data: str | None =
         analysis: the science settings.
         neural_data: the neural data's fingerprint (None where it is not known yet: a synthetic brain
             is planted from a store, after extraction).
+        neural: the settings a synthetic brain is planted with (known before extraction), or None.
     """
     return {"stimuli": stimuli, "neural_data": neural_data,
-            "splits": fingerprint([np.asarray(s[0]).tolist() for s in splits]), "analysis": analysis}
+            "splits": fingerprint([np.asarray(s[0]).tolist() for s in splits]), "analysis": analysis,
+            "neural": neural}
 
 
 def read_record(results_dir: Path) -> dict | None:
@@ -146,11 +150,13 @@ def check_record(results_dir: Path, record: dict, sweep_name: str, write: bool =
     for name in ("stimuli", "neural_data", "splits"):
         if record.get(name) is not None and old.get(name) is not None and record[name] != old[name]:
             diffs.append(f"the {name.replace('_', ' ')} (fingerprint {old[name]} there, {record[name]} now)")
-    if record.get("analysis") is not None:
-        theirs, ours = old.get("analysis") or {}, record["analysis"]
+    for group in ("analysis", "neural"):
+        if record.get(group) is None and old.get(group) is None:
+            continue
+        theirs, ours = old.get(group) or {}, record.get(group) or {}
         for key in sorted(set(theirs) | set(ours)):
             if theirs.get(key, "<unset>") != ours.get(key, "<unset>"):
-                diffs.append(f"analysis.{key} ({theirs.get(key, '<unset>')!r} there, {ours.get(key, '<unset>')!r} now)")
+                diffs.append(f"{group}.{key} ({theirs.get(key, '<unset>')!r} there, {ours.get(key, '<unset>')!r} now)")
     if diffs:
         raise ConfigError(f"sweep_name={sweep_name!r}: the sweep folder {str(results_dir)!r} holds results of other "
                           f"inputs; this run differs in {'; '.join(diffs)}. Its results would mix with the folder's: "

@@ -100,8 +100,11 @@ def run(cfg: DictConfig) -> dict:
 
 def _record(cfg: DictConfig, stimuli, splits, assembly) -> dict:
     """The sweep record of this run (:func:`results.sweep_record`); neural data only once known."""
+    n = cfg.neural
+    planted = None if n.kind != "synthetic" else {k: n[k] for k in ("kind", "planted_model", "n_planted", "n_noise",
+                                                                    "snr", "repeats", "seed")}
     return results.sweep_record(stimuli.content_hash, splits, OmegaConf.to_container(cfg.analysis, resolve=True),
-                                None if assembly is None else _neural_fingerprint(assembly))
+                                None if assembly is None else _neural_fingerprint(assembly), planted)
 
 
 def _neural_fingerprint(assembly) -> str:

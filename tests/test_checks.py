@@ -178,6 +178,7 @@ def test_a_sweep_folder_refuses_a_run_of_other_inputs_naming_what_differs(tmp_pa
         "stimuli": (_record(stimuli="t" * 16), r"the stimuli \(fingerprint s+ there, t+ now\)"),
         "neural": (_record(neural_data="m" * 16), r"the neural data \(fingerprint n+ there, m+ now\)"),
         "splits": (_record(splits=[(np.arange(1, 9), np.array([0, 9]))]), r"the splits \(fingerprint"),
+        "synthetic brain": (_record(neural={"n_planted": 10}), r"neural\.n_planted \('<unset>' there, 10 now\)"),
     }
     for name, (record, message) in cases.items():
         with pytest.raises(ConfigError, match=rf"sweep_name='demo': the sweep folder .* this run differs in "
@@ -197,11 +198,14 @@ def test_a_run_with_other_science_settings_in_a_sweep_folder_is_refused_before_a
 
     resolved = plain(cfg)
     stimuli = load_stimuli(resolved)
-    science = {**OmegaConf.to_container(resolved.analysis), "top_k": 7}
-    results.check_record(folder, results.sweep_record(stimuli.content_hash, make_splits(resolved, stimuli), science),
-                         "demo", write=True)
-    with pytest.raises(ConfigError, match=r"this run differs in analysis\.top_k \(7 there, 5 now\)"):
+    record = stages._record(resolved, stimuli, make_splits(resolved, stimuli), None)
+    assert record["analysis"] == OmegaConf.to_container(resolved.analysis) and record["neural"]["n_planted"] == 48
+    results.check_record(folder, {**record, "analysis": {**record["analysis"], "top_k": 7}}, "demo", write=True)
+    with pytest.raises(ConfigError, match=r"this run differs in analysis\.top_k \(7 there, 5 now\)\. "):
         run(cfg)
+    with pytest.raises(ConfigError, match=r"differs in analysis\.top_k \(7 there, 5 now\); neural\.n_planted "
+                                          r"\(48 there, 12 now\)\. "):
+        run(_compose(SMALL + ["neural.n_planted=12"]))
     assert not (outputs / "stores").exists() and list(folder.iterdir()) == [folder / results.RECORD]
     # compute settings are not part of the record: with the folder's top_k, other ones reach the extraction
     def extraction(*args, **kwargs):
