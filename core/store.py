@@ -19,7 +19,9 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
                         ``prefix_tokens``: class / register tokens leading the token axis); the root
                         group's hold the layer order, batch size, writing version and whatever
                         provenance the creator adds (extraction records ``"tf32": false``)
-        done/           one empty file per finished image batch (written after all its layers)
+        done/           one JSON record per finished image batch (written after all its layers): how it
+                        was made (device, host, tf32) and ``chunks``, the CRC-32 of every chunk of the
+                        batch, per layer
         COMPLETE        written last, once every batch is done
 
 Each writer owns whole chunks (a chunk's rows are exactly one extraction batch), so writers on
@@ -27,6 +29,29 @@ several processes or nodes never share a chunk and need no locks; nothing is sha
 writes into one shard lose data). A crash leaves a batch without its ``done`` file: a rerun redoes
 that batch and skips the finished ones. Readers (:meth:`ActivationStore.open`) refuse a store
 without ``COMPLETE``, so a half-written store is never trusted.
+
+Integrity (format 4). Two checks guard every chunk that is read:
+
+- zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes fail to decode.
+- A digest table: when a batch is written, the CRC-32 of each of its chunks' values (the decoded
+  array in the store's dtype, C order) is recorded in the batch's ``done`` record, keyed by layer and
+  unit-chunk index. A byte checksum cannot catch a chunk file replaced by another valid chunk of the
+  same array (its own checksum is valid); the table does, because it says which values belong at
+  which chunk position. Every read through :meth:`ActivationStore.layers` (the engine's blocks, the
+  Dask block tasks, the float64 re-scoring's column gathers, decoding) goes through
+  :class:`CheckedArray`, which reads whole chunks, compares each with its recorded digest and
+  raises :class:`StoreDamagedError` naming the store folder, the layer, the chunk (row, column), its
+  file and what to do. Two chunks with identical values are interchangeable, so a swap the table
+  cannot see changes no value. The CRC is 32 bits: a damaged chunk passes with probability 2^-32.
+- Every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing), so a
+  missing chunk file is damage that is named as such, never read as the fill value (NaN).
+- :meth:`ActivationStore.verify` (and :func:`verify_store`, which also reports stores that cannot
+  be opened) checks a store end to end: key, metadata files, done records, every chunk.
+
+Cost: reading a 256-image, 2 x 65,536-unit float16 store (64 MB, zstd level 1) in blocks of 16,384
+units took 1.10x and 1.21x the time of the same reads from the bare Zarr arrays (medians of 15
+interleaved reads, two runs, on 2 shared CPU cores: 0.24 s against 0.20-0.22 s); the CRC-32 itself
+runs at about 1.3 GB/s on one core, and :meth:`ActivationStore.verify` read the store in 0.2-0.3 s.
 """
 
 from __future__ import annotations
@@ -37,7 +62,8 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -50,8 +76,9 @@ log = logging.getLogger(__name__)
 
 #: 3: layer groups record ``prefix_tokens`` and stores are extracted with TF32 off on CUDA (format 2
 #: stores had neither: a ViT's class token was not flagged, and GPU values differed from CPU ones
-#: by up to 1e-3 of the largest value)
-STORE_FORMAT = 3
+#: by up to 1e-3 of the largest value). 4: zstd checksums, every chunk written, a digest per chunk
+#: in the done records (older stores cannot be checked and are refused)
+STORE_FORMAT = 4
 DEFAULT_UNIT_CHUNK = 16384
 
 
@@ -95,6 +122,231 @@ class IncompleteStoreError(RuntimeError):
     """A store whose extraction has not finished (no COMPLETE marker)."""
 
 
+class StoreFormatError(RuntimeError):
+    """A store written in a format this version does not read."""
+
+
+class StoreDamagedError(RuntimeError):
+    """A store whose files do not hold what was written; the message names the store, layer and chunk.
+
+    Attributes:
+        path: the store folder.
+        problems: the :class:`ChunkProblem` found (the first one for a read, all of them for verify).
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, problems: Sequence["ChunkProblem"] = ()):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.problems = list(problems)
+
+    def __reduce__(self):  # picklable with its attributes (Ray sends it back from block tasks)
+        return type(self), (str(self), self.path, self.problems)
+
+    @classmethod
+    def of(cls, path: Path, problem: "ChunkProblem") -> "StoreDamagedError":
+        return cls(f"activation store {path} is damaged: {problem.describe()}. {_remedy(path)}", path, [problem])
+
+
+def _remedy(path: Path) -> str:
+    return (f"Delete {path} to re-extract it (`unitmatch stage=verify` or ActivationStore.verify() lists every "
+            f"damaged chunk of a store)")
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One damaged part of a store: a chunk (``layer`` and ``chunk`` = (row, column) chunk index) or a file."""
+
+    file: str  # relative to the store folder
+    problem: str
+    layer: str | None = None
+    chunk: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None  # image rows [start, stop) of the chunk
+    units: tuple[int, int] | None = None  # units [start, stop) of the chunk, within its layer
+
+    def describe(self) -> str:
+        if self.layer is None:
+            return f"{self.file}: {self.problem}"
+        where = f"layer {self.layer!r}, chunk {self.chunk}"
+        if self.rows is not None:
+            where += f" (images {self.rows[0]}-{self.rows[1] - 1}, units {self.units[0]}-{self.units[1] - 1})"
+        return f"{where}, file {self.file}: {self.problem}"
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`ActivationStore.verify` found: ``ok`` when nothing is damaged."""
+
+    path: Path
+    n_chunks: int = 0
+    problems: list[ChunkProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"OK {self.path} ({self.n_chunks} chunks checked)"
+        lines = [f"DAMAGED {self.path}: {len(self.problems)} problem(s) in {self.n_chunks} chunks checked"]
+        lines += [f"  {p.describe()}" for p in self.problems]
+        lines.append(f"  {_remedy(self.path)}")
+        return "\n".join(lines)
+
+
+def chunk_digest(values: np.ndarray) -> str:
+    """CRC-32 (8 hex digits) of a chunk's values in C order: what the done records hold per chunk."""
+    return f"{zlib.crc32(np.ascontiguousarray(values).data) & 0xFFFFFFFF:08x}"
+
+
+def _read_json(path: Path, store: Path, what: str):
+    """A JSON file of a store, or :class:`StoreDamagedError` naming it."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreDamagedError.of(store, ChunkProblem(str(path.relative_to(store)),
+                                                       f"{what} is not valid JSON ({err})")) from err
+
+
+class CheckedArray:
+    """One layer's activations (images x units) on disk, whose every read is checked chunk by chunk.
+
+    Reads whole chunks, compares each with the digest recorded when it was written and raises
+    :class:`StoreDamagedError` (store folder, layer, chunk, file, remedy) on a chunk that cannot be
+    decoded, is missing or holds other values. Supports what the engine uses: basic indexing with
+    integers and slices of step >= 1 (``a[:, start:stop]``, ``a[rows]``, ``a[:]``) and
+    ``a.oindex[rows, columns]`` with a slice of rows and integer columns. Picklable (Dask-on-Ray).
+    """
+
+    def __init__(self, store_path: Path, layer: str, array, digests: np.ndarray):
+        self.store_path, self.layer, self.array = Path(store_path), layer, array
+        self.digests = digests  # (row chunks, column chunks) of 8-hex-digit strings
+        self.shape = tuple(array.shape)
+        self.chunks = tuple(array.chunks)
+        self.dtype = array.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<CheckedArray {self.layer!r} {self.shape} {self.dtype} chunks {self.chunks} of {self.store_path}>"
+
+    def chunk_file(self, i: int, j: int) -> Path:
+        return self.store_path / "store.zarr" / self.array.path / self.array.metadata.encode_chunk_key((i, j))
+
+    def _problem(self, i: int, j: int, text: str) -> ChunkProblem:
+        (r, c) = self.chunks
+        return ChunkProblem(str(self.chunk_file(i, j).relative_to(self.store_path)), text, self.layer, (i, j),
+                            (i * r, min((i + 1) * r, self.shape[0])), (j * c, min((j + 1) * c, self.shape[1])))
+
+    def check_chunks(self, rows: range, cols: range) -> tuple[np.ndarray | None, list[ChunkProblem]]:
+        """The values of row chunks ``rows`` x column chunks ``cols``, and the problems of those chunks.
+
+        The values are None when a chunk could not be decoded.
+        """
+        (r, c), (n, m) = self.chunks, self.shape
+        region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
+        try:
+            data = np.asarray(self.array[region])
+        except Exception as err:  # noqa: BLE001 - find the chunk(s) that fail, or re-raise
+            problems = []
+            for i in rows:
+                for j in cols:
+                    try:
+                        self.array[i * r:(i + 1) * r, j * c:(j + 1) * c]
+                    except Exception as chunk_err:  # noqa: BLE001
+                        missing = not self.chunk_file(i, j).exists()
+                        problems.append(self._problem(i, j, "its chunk file is missing" if missing else
+                                                      f"it cannot be decoded ({type(chunk_err).__name__}: "
+                                                      f"{chunk_err})"))
+            if not problems:
+                raise
+            return None, problems
+        problems = []
+        for i in rows:
+            for j in cols:
+                tile = data[(i - rows.start) * r:(i - rows.start + 1) * r, (j - cols.start) * c:(j - cols.start + 1) * c]
+                got, want = chunk_digest(tile), self.digests[i, j]
+                if got != want:
+                    if not self.chunk_file(i, j).exists():
+                        problems.append(self._problem(i, j, "its chunk file is missing"))
+                    else:
+                        problems.append(self._problem(
+                            i, j, f"it holds other values than were written there (CRC-32 {got}, recorded {want}): "
+                                  f"a chunk file swapped, overwritten or corrupted"))
+        return data, problems
+
+    def _read(self, rows: range, cols: range) -> np.ndarray:
+        data, problems = self.check_chunks(rows, cols)
+        if problems:
+            raise StoreDamagedError.of(self.store_path, problems[0])
+        return data
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 2:
+            raise IndexError(f"too many indices for the 2-D activations of layer {self.layer!r}: {key!r}")
+        key = key + (slice(None),) * (2 - len(key))
+        bounds, local = [], []
+        for axis, (k, n, c) in enumerate(zip(key, self.shape, self.chunks)):
+            if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                i = int(k) + n if k < 0 else int(k)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} is out of bounds for axis {axis} of size {n} (layer {self.layer!r})")
+                r, loc = range(i, i + 1), None
+            elif isinstance(k, slice) and (k.step is None or k.step >= 1):
+                r = range(*k.indices(n))
+                loc = slice(0, (len(r) - 1) * r.step + 1, r.step) if len(r) else None
+            else:
+                raise TypeError(f"activations of layer {self.layer!r} are read with integers and slices of step >= 1 "
+                                f"(and .oindex[rows, columns]); got {k!r}")
+            if len(r) == 0:
+                return np.empty(tuple(len(range(*kk.indices(nn))) for kk, nn in zip(key, self.shape)
+                                      if isinstance(kk, slice)), dtype=self.dtype)
+            first = r.start // c
+            chunk_range = range(first, (r[-1]) // c + 1)
+            offset = r.start - first * c
+            bounds.append(chunk_range)
+            local.append(offset if loc is None else slice(offset + loc.start, offset + loc.stop, loc.step))
+        data = self._read(*bounds)
+        out = data[tuple(local)]
+        return out if out.shape == data.shape else np.array(out)
+
+    @property
+    def oindex(self) -> "_CheckedOIndex":
+        return _CheckedOIndex(self)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+
+class _CheckedOIndex:
+    """``a.oindex[rows, columns]``: a slice of rows, integer columns; reads one column chunk at a time."""
+
+    def __init__(self, array: CheckedArray):
+        self.a = array
+
+    def __getitem__(self, key) -> np.ndarray:
+        a = self.a
+        rows, cols = key if isinstance(key, tuple) and len(key) == 2 else (key, slice(None))
+        if not isinstance(rows, slice):
+            raise TypeError(f"oindex of layer {a.layer!r} takes a slice of rows; got {rows!r}")
+        if isinstance(cols, slice):
+            return a[rows, cols]
+        cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+        if cols.size and (cols.min() < -a.shape[1] or cols.max() >= a.shape[1]):
+            raise IndexError(f"columns out of bounds for layer {a.layer!r} with {a.shape[1]} units")
+        cols = np.where(cols < 0, cols + a.shape[1], cols)
+        c = a.chunks[1]
+        first = a[rows, 0:0]  # the row selection's length and checks, without reading
+        out = np.empty((first.shape[0], cols.size), dtype=a.dtype)
+        for j in np.unique(cols // c):
+            sel = cols // c == j
+            out[:, sel] = a[rows, int(j) * c:(int(j) + 1) * c][:, cols[sel] - int(j) * c]
+        return out
+
+
 class ActivationStore:
     """One store on disk; see the module docstring for the layout.
 
@@ -110,6 +362,7 @@ class ActivationStore:
         self.batch_size = int(batch_size)
         #: the root group's attributes (layers, batch_size, unitmatch_version, creator's provenance)
         self.attrs = dict(attrs or {})
+        self._digest_table: dict[str, np.ndarray] | None = None  # read from the done records on first use
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -165,7 +418,8 @@ class ActivationStore:
             g.attrs.update(layer.as_attrs())
             g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, min(unit_chunk, layer.size)),
                            dtype=key.dtype,
-                           compressors=None if compression_level is None else [ZstdCodec(level=compression_level)],
+                           compressors=None if compression_level is None else [
+                               ZstdCodec(level=compression_level, checksum=True)],
                            dimension_names=("image_id", "unit"), fill_value=np.nan,
                            # xarray (CF conventions) reads these as the unit's coordinates
                            attributes={"coordinates": " ".join(layer.dims)})
@@ -215,15 +469,26 @@ class ActivationStore:
 
         if not (path / "key.json").exists():
             raise FileNotFoundError(f"no activation store at {path} (no key.json)")
-        key = json.loads((path / "key.json").read_text())
-        group = zarr.open_group(str(path / "store.zarr"), mode="r")
-        layers = [LayerUnits.from_attrs({"layer": name, **group[name.replace("/", "_")].attrs})
-                  for name in group.attrs["layers"]]
-        if key.get("format", 0) < 3:
-            log.warning("store %s has format %s: its layers do not record prefix tokens (none are flagged)",
-                        path, key.get("format"))
-        first = group[layers[0].name.replace("/", "_")]
-        return cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"], dict(group.attrs))
+        key = _read_json(path / "key.json", path, "the store's key")
+        fmt = key.get("format", 0) if isinstance(key, dict) else None
+        if fmt != STORE_FORMAT:
+            raise StoreFormatError(
+                f"store {path} has format {fmt}; this unitmatch ({__version__}) reads format {STORE_FORMAT} only "
+                f"(format 4 added a checksum to every chunk, which older stores lack, so their damage could not be "
+                f"detected). Delete {path}: the next extraction writes a format-{STORE_FORMAT} store (in a new "
+                f"folder: the format is part of a store's identity)")
+        try:
+            group = zarr.open_group(str(path / "store.zarr"), mode="r")
+            layers = [LayerUnits.from_attrs({"layer": name, **group[name.replace("/", "_")].attrs})
+                      for name in group.attrs["layers"]]
+            first = group[layers[0].name.replace("/", "_")]
+            store = cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"], dict(group.attrs))
+        except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage; name the file
+            broken = _broken_metadata(path)
+            problem = broken[0] if broken else ChunkProblem(
+                "store.zarr", f"its Zarr metadata cannot be read ({type(err).__name__}: {err})")
+            raise StoreDamagedError.of(path, problem) from err
+        return store
 
     # ------------------------------------------------------------------ progress
     @property
@@ -240,12 +505,25 @@ class ActivationStore:
     def done_batches(self) -> set[int]:
         return {int(p.name[1:]) for p in (self.path / "done").glob("b*")}
 
+    def done_records(self) -> dict[int, dict]:
+        """``{batch: its done record}``: how it was made, and its chunk digests (``"chunks"``).
+
+        Raises:
+            StoreDamagedError: a record that is not valid JSON (naming its file).
+        """
+        records = {}
+        for path in sorted((self.path / "done").glob("b*")):
+            record = _read_json(path, self.path, f"the done record of batch {int(path.name[1:])}")
+            if not isinstance(record, dict):
+                raise StoreDamagedError.of(self.path, ChunkProblem(
+                    str(path.relative_to(self.path)), f"the done record is {type(record).__name__}, not a JSON object"))
+            records[int(path.name[1:])] = record
+        return records
+
     def extraction_records(self) -> dict[str, int]:
         """How the batches were extracted: ``"<device> on <host>, tf32 <policy>"`` -> number of batches."""
         counts: dict[str, int] = {}
-        for path in sorted((self.path / "done").glob("b*")):
-            text = path.read_text()
-            info = json.loads(text) if text.strip() else {}
+        for info in self.done_records().values():
             label = (f"{info.get('device', 'unrecorded device')} on {info.get('host', 'unrecorded host')}, "
                      f"tf32 {info.get('tf32', self.attrs.get('tf32', 'unrecorded'))}")
             counts[label] = counts.get(label, 0) + 1
@@ -281,9 +559,38 @@ class ActivationStore:
         _atomic_touch(self.path / "COMPLETE")
 
     # ------------------------------------------------------------------ reading
-    def layers(self) -> dict[str, object]:
-        """``{layer: zarr array (images, units)}`` for the matching engine."""
-        return self._arrays("r")
+    def layers(self) -> dict[str, CheckedArray]:
+        """``{layer: array (images, units)}`` for the matching engine; every read is checked (:class:`CheckedArray`).
+
+        Raises:
+            StoreDamagedError: a done record that is not valid JSON or lacks a layer's chunk digests.
+        """
+        digests = self._digests()
+        return {name: CheckedArray(self.path, name, array, digests[name]) for name, array in self._arrays("r").items()}
+
+    def _digests(self) -> dict[str, np.ndarray]:
+        """Per layer, the recorded digest of every chunk: (row chunks, column chunks) strings."""
+        if self._digest_table is None:
+            records = self.done_records()
+            table = {}
+            for name, array in self._arrays("r").items():
+                n_cols = -(-array.shape[1] // array.chunks[1])
+                grid = np.full((self.n_batches, n_cols), "", dtype="<U8")
+                for batch in range(self.n_batches):
+                    record = records.get(batch)
+                    file = f"done/b{batch:06d}"
+                    if record is None:
+                        raise StoreDamagedError.of(self.path, ChunkProblem(
+                            file, f"the done record of batch {batch} is missing (the store is marked COMPLETE)"))
+                    row = record.get("chunks", {}).get(name) if isinstance(record.get("chunks"), dict) else None
+                    if not isinstance(row, list) or len(row) != n_cols:
+                        raise StoreDamagedError.of(self.path, ChunkProblem(
+                            file, f"the done record of batch {batch} does not hold the {n_cols} chunk digests of "
+                                  f"layer {name!r} (got {row!r:.80})"))
+                    grid[batch] = row
+                table[name] = grid
+            self._digest_table = table
+        return self._digest_table
 
     def catalogue(self) -> UnitCatalogue:
         return UnitCatalogue(self.layer_units)
@@ -295,31 +602,113 @@ class ActivationStore:
         A layer smaller than the configured chunk is stored as one chunk of its own size and any
         block covers it whole, so the alignment that matters is the largest chunk of any layer.
         """
-        return int(max(a.chunks[1] for a in self.layers().values()))
+        return int(max(a.chunks[1] for a in self._arrays("r").values()))
+
+    # ------------------------------------------------------------------ checking
+    def verify(self, progress: bool = False) -> VerifyReport:
+        """Check the whole store: key, metadata files, done records, then every chunk of every layer.
+
+        Every chunk file must exist, decode (zstd checksum) and hold the values whose digest its
+        batch's done record holds. Reads the store once, one batch of one layer at a time.
+
+        Returns:
+            the report: ``ok``, or every problem found (nothing is raised for damage).
+        """
+        from tqdm.auto import tqdm
+
+        report = VerifyReport(self.path)
+        problems = report.problems
+        expected = StoreKey(**{**self.key, "layers": tuple(self.key.get("layers", ()))}).digest() \
+            if set(self.key) == set(StoreKey.__dataclass_fields__) else None
+        if expected != self.path.name:
+            problems.append(ChunkProblem("key.json", f"the key's digest is {expected}, not the folder's name "
+                                                     f"{self.path.name}: the key was edited or the folder renamed"))
+        problems += _broken_metadata(self.path)
+        if not self.complete:
+            problems.append(ChunkProblem("COMPLETE", f"missing: {len(self.pending_batches())} of {self.n_batches} "
+                                                     f"image batches are not written"))
+        try:
+            arrays = self.layers()
+        except StoreDamagedError as err:
+            problems += err.problems
+            return report
+        for name, a in arrays.items():
+            n_cols = a.digests.shape[1]
+            for i in tqdm(range(self.n_batches), desc=f"verify {name}", unit="batch", disable=not progress):
+                _, found = a.check_chunks(range(i, i + 1), range(n_cols))
+                missing = {p.chunk for p in found}
+                # every chunk is written, so a missing file is damage even where the fill value matches
+                found += [a._problem(i, j, "its chunk file is missing") for j in range(n_cols)
+                          if (i, j) not in missing and not a.chunk_file(i, j).exists()]
+                problems += found
+                report.n_chunks += n_cols
+        return report
+
+
+def verify_store(path: str | Path, progress: bool = False) -> VerifyReport:
+    """:meth:`ActivationStore.verify` of the store at ``path``, also for a store that cannot be opened.
+
+    A store with unreadable metadata or a wrong format is reported as damaged, not raised.
+
+    Raises:
+        FileNotFoundError: no store at ``path``.
+    """
+    path = Path(path)
+    try:
+        store = ActivationStore._load(path)
+    except StoreDamagedError as err:
+        return VerifyReport(path, 0, err.problems)
+    except StoreFormatError as err:
+        return VerifyReport(path, 0, [ChunkProblem("key.json", str(err))])
+    return store.verify(progress=progress)
+
+
+def _broken_metadata(path: Path) -> list[ChunkProblem]:
+    """The metadata files (``zarr.json``) of a store that are not valid JSON, or are missing."""
+    zarr_root = path / "store.zarr"
+    problems = []
+    files = sorted(zarr_root.rglob("zarr.json")) if zarr_root.is_dir() else []
+    if zarr_root / "zarr.json" not in files:
+        problems.append(ChunkProblem("store.zarr/zarr.json", "the store's root metadata file is missing"))
+    for file in files:
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as err:
+            problems.append(ChunkProblem(str(file.relative_to(path)), f"the Zarr metadata is not valid JSON ({err})"))
+    return problems
 
 
 class BatchWriter:
-    """Writes whole image batches (all layers), then marks each done."""
+    """Writes whole image batches (all layers), then marks each done with the digests of its chunks."""
 
     def __init__(self, store: ActivationStore):
         self.store = store
-        self.arrays = store._arrays("r+")
+        # every chunk of a batch is written, even one equal to the fill value: a missing file is then damage
+        self.arrays = {name: a.with_config({"write_empty_chunks": True}) for name, a in store._arrays("r+").items()}
 
     def write(self, batch: int, activations: Mapping[str, np.ndarray], info: Mapping | None = None) -> None:
-        """Write one image batch of every layer, then its ``done`` record (``info`` as JSON: how it was made)."""
-        import zarr
+        """Write one image batch of every layer, then its ``done`` record.
 
+        The record holds ``info`` (how the batch was made) and ``chunks``: per layer, the digest
+        (:func:`chunk_digest`) of each unit chunk of the batch, of the values as stored (in the
+        store's dtype).
+        """
+        info = dict(info or {})
+        if "chunks" in info:
+            raise ValueError("info must not hold the key 'chunks': the done record keeps the chunk digests there")
         rows = self.store.batch_rows(batch)
-        # every chunk of a batch is fully written: skip zarr's comparison against the fill value
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            for layer in self.store.layer_units:
-                values = activations[layer.name]
-                expected = (rows.stop - rows.start, layer.size)
-                if values.shape != expected:
-                    raise ValueError(
-                        f"batch {batch} of layer {layer.name!r} has shape {values.shape}; expected {expected}")
-                self.arrays[layer.name][rows] = values
-        _atomic_touch(self.store.path / "done" / f"b{batch:06d}", json.dumps(dict(info or {})).encode())
+        digests = {}
+        for layer in self.store.layer_units:
+            array = self.arrays[layer.name]
+            values = np.asarray(activations[layer.name], dtype=array.dtype)  # exactly what is stored
+            expected = (rows.stop - rows.start, layer.size)
+            if values.shape != expected:
+                raise ValueError(
+                    f"batch {batch} of layer {layer.name!r} has shape {values.shape}; expected {expected}")
+            array[rows] = values
+            c = array.chunks[1]
+            digests[layer.name] = [chunk_digest(values[:, j:j + c]) for j in range(0, layer.size, c)]
+        _atomic_touch(self.store.path / "done" / f"b{batch:06d}", json.dumps({**info, "chunks": digests}).encode())
 
 
 def _atomic_touch(path: Path, content: bytes = b"") -> None:
