@@ -50,6 +50,10 @@ def run(cfg: DictConfig) -> dict:
     results_dir = Path(cfg.results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
+    if cfg.stage == "verify":
+        from .verify import stage_verify
+
+        done["verified"] = stage_verify(cfg.store_root, entries + extra, done)
     if cfg.stage in ("all", "extract", "analyze"):
         stores = stage_extract(cfg, entries + extra, stimuli, done)
     if cfg.stage in ("all", "analyze"):
