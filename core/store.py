@@ -468,6 +468,8 @@ class ActivationStore:
         import zarr
 
         if not (path / "key.json").exists():
+            if (path / "store.zarr").exists():
+                raise StoreDamagedError.of(path, ChunkProblem("key.json", "missing: the store's identity is unknown"))
             raise FileNotFoundError(f"no activation store at {path} (no key.json)")
         key = _read_json(path / "key.json", path, "the store's key")
         fmt = key.get("format", 0) if isinstance(key, dict) else None

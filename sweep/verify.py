@@ -26,7 +26,9 @@ def stage_verify(store_root: str | Path, entries, done: dict) -> list[VerifyRepo
     store whose key cannot be read), with every problem in the error text.
     """
     root = Path(store_root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    # a store folder holds key.json and store.zarr (staging folders start with a dot)
+    folders = sorted(p for p in root.iterdir() if not p.name.startswith(".") and
+                     ((p / "key.json").exists() or (p / "store.zarr").exists())) if root.is_dir() else []
     owners: dict[Path, str | None] = {}
     for folder in folders:
         try:

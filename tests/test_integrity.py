@@ -187,6 +187,14 @@ def test_broken_metadata_and_done_records_are_named(tmp_path, values):
     with pytest.raises(StoreDamagedError, match=r"batch 0 does not hold the 1 chunk digests of layer 'fc'"):
         ActivationStore.open(store.path).layers()
 
+    store = _write_store(tmp_path / "e", values)
+    (store.path / "key.json").unlink()
+    with pytest.raises(StoreDamagedError, match=r"key\.json: missing: the store's identity is unknown"):
+        ActivationStore.open(store.path)
+    assert [p.file for p in verify_store(store.path).problems] == ["key.json"]
+    with pytest.raises(FileNotFoundError, match="no activation store at"):
+        verify_store(tmp_path / "nothing here")
+
 
 def test_an_older_format_is_refused_with_what_to_do(store):
     key = json.loads((store.path / "key.json").read_text())
