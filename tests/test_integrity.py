@@ -250,3 +250,17 @@ def test_the_sweeps_verify_stage_exits_1_and_names_the_damaged_chunk(tmp_path, v
     assert "FAILED demo_test_resnet (verify)" in proc.stdout
     assert f"DAMAGED {store.path}: 2 problem(s)" in out
     assert "layer 'fc', chunk (0, 0)" in out and "layer 'fc', chunk (2, 0)" in out
+
+
+def test_a_swapped_chunk_is_named_from_a_dask_on_ray_block_task(store, ray_local):
+    """The block task runs in a Ray worker: the error that comes back still names store, layer and chunk."""
+    a, b = _chunk(store, "conv", 2, 0), _chunk(store, "conv", 0, 0)
+    first = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(first)
+    y = np.random.default_rng(1).standard_normal((3, N_IMAGES))
+    with pytest.raises(StoreDamagedError) as err:  # Ray's task error derives from the task's own exception
+        match_store(store, y, [(np.arange(14), np.arange(14, 20))], block_units=UNIT_CHUNK, scheduler="ray",
+                    gpus_per_task=0)
+    text = str(err.value)
+    assert str(store.path) in text and "layer 'conv', chunk (0, 0)" in text and "holds other values" in text, text
