@@ -104,10 +104,15 @@ class StoreKey:
     format: int = STORE_FORMAT
 
     def as_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=list)
+        return json.dumps(asdict(self), sort_keys=True, default=list)  # what key_digest hashes
 
     def digest(self) -> str:
-        return hashlib.sha256(self.as_json().encode()).hexdigest()[:24]
+        return key_digest(asdict(self))
+
+
+def key_digest(key: Mapping) -> str:
+    """The folder name of a store whose ``key.json`` holds ``key`` (:meth:`StoreKey.digest`)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:24]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -166,6 +171,8 @@ class ChunkProblem:
     def describe(self) -> str:
         if self.layer is None:
             return f"{self.file}: {self.problem}"
+        if self.chunk is None:
+            return f"layer {self.layer!r}, file {self.file}: {self.problem}"
         where = f"layer {self.layer!r}, chunk {self.chunk}"
         if self.rows is not None:
             where += f" (images {self.rows[0]}-{self.rows[1] - 1}, units {self.units[0]}-{self.units[1] - 1})"
@@ -473,6 +480,9 @@ class ActivationStore:
             raise FileNotFoundError(f"no activation store at {path} (no key.json)")
         key = _read_json(path / "key.json", path, "the store's key")
         fmt = key.get("format", 0) if isinstance(key, dict) else None
+        if isinstance(fmt, int) and fmt > STORE_FORMAT:
+            raise StoreFormatError(f"store {path} has format {fmt}, written by a newer unitmatch than this one "
+                                   f"({__version__}, format {STORE_FORMAT}): read it with that version")
         if fmt != STORE_FORMAT:
             raise StoreFormatError(
                 f"store {path} has format {fmt}; this unitmatch ({__version__}) reads format {STORE_FORMAT} only "
@@ -488,7 +498,7 @@ class ActivationStore:
         except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage; name the file
             broken = _broken_metadata(path)
             problem = broken[0] if broken else ChunkProblem(
-                "store.zarr", f"its Zarr metadata cannot be read ({type(err).__name__}: {err})")
+                "store.zarr", f"its Zarr metadata or image ids cannot be read ({type(err).__name__}: {err})")
             raise StoreDamagedError.of(path, problem) from err
         return store
 
@@ -620,12 +630,12 @@ class ActivationStore:
 
         report = VerifyReport(self.path)
         problems = report.problems
-        expected = StoreKey(**{**self.key, "layers": tuple(self.key.get("layers", ()))}).digest() \
-            if set(self.key) == set(StoreKey.__dataclass_fields__) else None
+        expected = key_digest(self.key)
         if expected != self.path.name:
             problems.append(ChunkProblem("key.json", f"the key's digest is {expected}, not the folder's name "
                                                      f"{self.path.name}: the key was edited or the folder renamed"))
         problems += _broken_metadata(self.path)
+        problems += self._check_coordinates()
         if not self.complete:
             problems.append(ChunkProblem("COMPLETE", f"missing: {len(self.pending_batches())} of {self.n_batches} "
                                                      f"image batches are not written"))
@@ -645,6 +655,30 @@ class ActivationStore:
                 problems += found
                 report.n_chunks += n_cols
         return report
+
+
+    def _check_coordinates(self) -> list[ChunkProblem]:
+        """The coordinate arrays of every layer hold what they are defined to (image ids, unit indices, dims)."""
+        import zarr
+
+        problems = []
+        group = zarr.open_group(str(self.path / "store.zarr"), mode="r")
+        for layer in self.layer_units:
+            name = layer.name.replace("/", "_")
+            local = np.unravel_index(np.arange(layer.size), layer.shape)
+            expected = {"image_id": self.image_ids, "unit": np.arange(layer.size), **dict(zip(layer.dims, local))}
+            for coord, want in expected.items():
+                file = f"store.zarr/{name}/{coord}"
+                try:
+                    got = group[name][coord][:]
+                except Exception as err:  # noqa: BLE001 - reported, like every other damage
+                    problems.append(ChunkProblem(file, f"cannot be read ({type(err).__name__}: {err})", layer.name))
+                    continue
+                if got.shape != want.shape or not np.array_equal(got, want):
+                    what = ("the image ids of the first layer" if coord == "image_id" else
+                            f"the {coord} of each unit of shape {layer.shape}")
+                    problems.append(ChunkProblem(file, f"the coordinate does not hold {what}", layer.name))
+        return problems
 
 
 def verify_store(path: str | Path, progress: bool = False) -> VerifyReport:

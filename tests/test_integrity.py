@@ -264,3 +264,13 @@ def test_a_swapped_chunk_is_named_from_a_dask_on_ray_block_task(store, ray_local
                     gpus_per_task=0)
     text = str(err.value)
     assert str(store.path) in text and "layer 'conv', chunk (0, 0)" in text and "holds other values" in text, text
+
+
+def test_verify_checks_the_coordinates_too(store):
+    """A coordinate chunk swapped for another valid one (conv's x values in its y array) is reported."""
+    coords = store.path / "store.zarr" / "conv"
+    (coords / "y" / "c" / "0").write_bytes((coords / "x" / "c" / "0").read_bytes())
+    (problem,) = store.verify().problems
+    assert problem.layer == "conv" and problem.file == "store.zarr/conv/y" and problem.chunk is None
+    assert problem.describe() == ("layer 'conv', file store.zarr/conv/y: the coordinate does not hold the y of each "
+                                  "unit of shape (4, 5, 5)")
