@@ -202,7 +202,11 @@ class VerifyReport:
 
 def chunk_digest(values: np.ndarray) -> str:
     """CRC-32 (8 hex digits) of a chunk's values in C order: what the done records hold per chunk."""
-    return f"{zlib.crc32(np.ascontiguousarray(values).data) & 0xFFFFFFFF:08x}"
+    return f"{_crc(values):08x}"
+
+
+def _crc(values: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(values).data) & 0xFFFFFFFF
 
 
 def _read_json(path: Path, store: Path, what: str):
@@ -226,7 +230,7 @@ class CheckedArray:
 
     def __init__(self, store_path: Path, layer: str, array, digests: np.ndarray):
         self.store_path, self.layer, self.array = Path(store_path), layer, array
-        self.digests = digests  # (row chunks, column chunks) of 8-hex-digit strings
+        self.digests = digests  # (row chunks, column chunks) uint32: the recorded CRC-32 of each chunk
         self.shape = tuple(array.shape)
         self.chunks = tuple(array.chunks)
         self.dtype = array.dtype
@@ -273,13 +277,13 @@ class CheckedArray:
         for i in rows:
             for j in cols:
                 tile = data[(i - rows.start) * r:(i - rows.start + 1) * r, (j - cols.start) * c:(j - cols.start + 1) * c]
-                got, want = chunk_digest(tile), self.digests[i, j]
+                got, want = _crc(tile), int(self.digests[i, j])
                 if got != want:
                     if not self.chunk_file(i, j).exists():
                         problems.append(self._problem(i, j, "its chunk file is missing"))
                     else:
                         problems.append(self._problem(
-                            i, j, f"it holds other values than were written there (CRC-32 {got}, recorded {want}): "
+                            i, j, f"it holds other values than were written there (CRC-32 {got:08x}, recorded {want:08x}): "
                                   f"a chunk file swapped, overwritten or corrupted"))
         return data, problems
 
@@ -581,25 +585,29 @@ class ActivationStore:
         return {name: CheckedArray(self.path, name, array, digests[name]) for name, array in self._arrays("r").items()}
 
     def _digests(self) -> dict[str, np.ndarray]:
-        """Per layer, the recorded digest of every chunk: (row chunks, column chunks) strings."""
+        """Per layer, the recorded CRC-32 of every chunk: (row chunks, column chunks) uint32."""
         if self._digest_table is None:
             records = self.done_records()
             table = {}
             for name, array in self._arrays("r").items():
                 n_cols = -(-array.shape[1] // array.chunks[1])
-                grid = np.full((self.n_batches, n_cols), "", dtype="<U8")
+                grid = np.zeros((self.n_batches, n_cols), dtype=np.uint32)
                 for batch in range(self.n_batches):
                     record = records.get(batch)
                     file = f"done/b{batch:06d}"
                     if record is None:
                         raise StoreDamagedError.of(self.path, ChunkProblem(
-                            file, f"the done record of batch {batch} is missing (the store is marked COMPLETE)"))
+                            file, f"the done record of batch {batch} is missing"))
                     row = record.get("chunks", {}).get(name) if isinstance(record.get("chunks"), dict) else None
-                    if not isinstance(row, list) or len(row) != n_cols:
+                    try:
+                        parsed = [int(h, 16) for h in row if isinstance(h, str) and len(h) == 8]
+                    except (TypeError, ValueError):
+                        parsed = []
+                    if not isinstance(row, list) or len(parsed) != len(row) or len(row) != n_cols:
                         raise StoreDamagedError.of(self.path, ChunkProblem(
                             file, f"the done record of batch {batch} does not hold the {n_cols} chunk digests of "
-                                  f"layer {name!r} (got {row!r:.80})"))
-                    grid[batch] = row
+                                  f"layer {name!r} as 8 hex digits each (got {row!r:.80})"))
+                    grid[batch] = parsed
                 table[name] = grid
             self._digest_table = table
         return self._digest_table

@@ -182,9 +182,15 @@ def test_broken_metadata_and_done_records_are_named(tmp_path, values):
 
     store = _write_store(tmp_path / "d", values)
     record = json.loads((store.path / "done" / "b000000").read_text())
+    conv = record["chunks"]["conv"]
+    record["chunks"]["conv"] = conv[:2] + ["not hex!"]
+    (store.path / "done" / "b000000").write_text(json.dumps(record))
+    with pytest.raises(StoreDamagedError, match=r"batch 0 does not hold the 3 chunk digests of layer 'conv' as 8 hex"):
+        ActivationStore.open(store.path).layers()
+    record["chunks"]["conv"] = conv
     del record["chunks"]["fc"]
     (store.path / "done" / "b000000").write_text(json.dumps(record))
-    with pytest.raises(StoreDamagedError, match=r"batch 0 does not hold the 1 chunk digests of layer 'fc'"):
+    with pytest.raises(StoreDamagedError, match=r"batch 0 does not hold the 1 chunk digests of layer 'fc' as 8 hex"):
         ActivationStore.open(store.path).layers()
 
     store = _write_store(tmp_path / "e", values)
