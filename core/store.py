@@ -48,10 +48,9 @@ Integrity (format 4). Two checks guard every chunk that is read:
 - :meth:`ActivationStore.verify` (and :func:`verify_store`, which also reports stores that cannot
   be opened) checks a store end to end: key, metadata files, done records, every chunk.
 
-Cost: reading a 256-image, 2 x 65,536-unit float16 store (64 MB, zstd level 1) in blocks of 16,384
-units took 1.10x and 1.21x the time of the same reads from the bare Zarr arrays (medians of 15
-interleaved reads, two runs, on 2 shared CPU cores: 0.24 s against 0.20-0.22 s); the CRC-32 itself
-runs at about 1.3 GB/s on one core, and :meth:`ActivationStore.verify` read the store in 0.2-0.3 s.
+Cost (``benchmarks/bench_store_read.py``, RESULTS.md): reading a 256-image, 2 x 65,536-unit float16
+store (67 MB, zstd level 1) in 16,384-unit blocks took 1.13-1.21x the CPU time of the same reads from
+the bare Zarr arrays (zlib's CRC-32 runs at about 1.3 GB/s on one core).
 """
 
 from __future__ import annotations
