@@ -258,7 +258,7 @@ class CheckedArray:
         region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
         try:
             data = np.asarray(self.array[region])
-        except Exception as err:  # noqa: BLE001 - find the chunk(s) that fail, or re-raise
+        except Exception:  # noqa: BLE001 - find the chunk(s) that fail, or re-raise
             problems = []
             for i in rows:
                 for j in cols:
