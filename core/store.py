@@ -556,8 +556,19 @@ class ActivationStore:
     def _arrays(self, mode: str):
         import zarr
 
-        group = zarr.open_group(str(self.path / "store.zarr"), mode=mode)
-        return {layer.name: group[layer.name.replace("/", "_")]["activations"] for layer in self.layer_units}
+        arrays = {}
+        try:
+            group = zarr.open_group(str(self.path / "store.zarr"), mode=mode)
+            for layer in self.layer_units:
+                arrays[layer.name] = group[layer.name.replace("/", "_")]["activations"]
+        except Exception as err:  # noqa: BLE001 - metadata that cannot be read is damage; name the file
+            broken = _broken_metadata(self.path)
+            name = layer.name.replace("/", "_")
+            problem = broken[0] if broken else ChunkProblem(
+                f"store.zarr/{name}/activations", f"the array's metadata cannot be read ({type(err).__name__}: {err})",
+                layer.name)
+            raise StoreDamagedError.of(self.path, problem) from err
+        return arrays
 
     def writer(self) -> "BatchWriter":
         return BatchWriter(self)

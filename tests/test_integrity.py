@@ -280,3 +280,18 @@ def test_verify_checks_the_coordinates_too(store):
     assert problem.layer == "conv" and problem.file == "store.zarr/conv/y" and problem.chunk is None
     assert problem.describe() == ("layer 'conv', file store.zarr/conv/y: the coordinate does not hold the y of each "
                                   "unit of shape (4, 5, 5)")
+
+
+def test_an_activations_array_without_its_metadata_is_named(store):
+    """Without consolidated metadata Zarr reads each array's own zarr.json: its loss names the layer's array."""
+    root = store.path / "store.zarr" / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta.pop("consolidated_metadata")
+    root.write_text(json.dumps(meta))
+    (store.path / "store.zarr" / "fc" / "activations" / "zarr.json").unlink()
+    with pytest.raises(StoreDamagedError) as err:
+        ActivationStore.open(store.path).layers()
+    text = str(err.value)
+    assert f"activation store {store.path} is damaged: layer 'fc', file store.zarr/fc/activations:" in text, text
+    assert f"Delete {store.path}" in text
+    assert [p.file for p in verify_store(store.path).problems] == ["store.zarr/fc/activations"]
