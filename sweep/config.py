@@ -40,6 +40,7 @@ class Stage(str, Enum):
     extract = "extract"
     analyze = "analyze"
     report = "report"
+    verify = "verify"
 
 
 class StimuliKind(str, Enum):

@@ -1,8 +1,10 @@
 """The matching reduction over an activation store, as a Dask graph.
 
-One task per block of units reads its slice ``arr[:, start:stop]`` of one layer's Zarr array
-(images x units) and returns ``engine.process(block)``, a :class:`core.engine.MatchPartial`; a tree
-of merge tasks (fan-in 2..8) folds the partials with :func:`core.engine.merge`; the driver then runs
+One task per block of units reads its slice ``arr[:, start:stop]`` of one layer's Zarr array (images
+x units; a :class:`core.integrity.CheckedArray`, so each chunk it reads is checked against the
+digest recorded when it was written, and damage raises an error naming store, layer and chunk) and
+returns ``engine.process(block)``, a :class:`core.engine.MatchPartial`; a tree of merge tasks
+(fan-in 2..8) folds the partials with :func:`core.engine.merge`; the driver then runs
 :meth:`core.engine.MatchEngine.finalize` with the float64 re-scoring, reading only the candidate
 columns from the store again. Partials merge associatively and commutatively (ties go to the lower
 unit id), so the answer does not depend on the scheduler, the block size or the shape of the tree,

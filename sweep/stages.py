@@ -73,6 +73,10 @@ def run(cfg: DictConfig) -> dict:
         # a run whose inputs differ from the sweep folder's is refused before any work
         results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
+    if cfg.stage == "verify":
+        from .verify import stage_verify
+
+        done["verified"] = stage_verify(cfg.store_root, entries + extra, done)
     if cfg.stage in ("all", "extract", "analyze"):
         stores = stage_extract(cfg, entries + extra, stimuli, done)  # checks top_k once the stores are probed
     results_dir.mkdir(parents=True, exist_ok=True)

@@ -142,7 +142,7 @@ def test_bad_values_fail_before_any_work_naming_key_and_value(override, message,
 
 @pytest.mark.parametrize("override, message", [
     ("analysis.top_k=abc", r"Value 'abc' of type 'str' could not be converted to Integer\s+full_key: analysis\.top_k"),
-    ("stage=everything", r"Invalid value 'everything', expected one of \[all, extract, analyze, report\]"),
+    ("stage=everything", r"Invalid value 'everything', expected one of \[all, extract, analyze, report, verify\]"),
     ("compute.dtype=float64", r"Invalid value 'float64', expected one of \[float16, float32\]"),
     ("model=resnet50", r"Key 'model' not in 'SweepConfig'"),
     ("models=[resnet5O]", r"Could not load 'models/resnet5O'"),

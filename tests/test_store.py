@@ -41,6 +41,9 @@ def test_float32_store_equals_the_forward_hook_reference_exactly(tmp_path, stimu
     report = extract_to_store(ModelSpec("test_resnet", seed=0), stimuli, LAYERS, tmp_path, batch_size=8,
                               dtype="float32")
     assert report.written == [0, 1, 2] and report.skipped == 0 and report.store.complete
+    # every chunk is on disk (write_empty_chunks is effective), so a missing chunk file is damage
+    assert all(a.nchunks_initialized == a.nchunks for a in report.store._arrays("r").values())
+    assert ActivationStore.open(report.store.path).verify().ok
     stored = _stored(ActivationStore.open(report.store.path))
     for name in LAYERS:
         np.testing.assert_array_equal(stored[name], reference[name].reshape(len(stimuli), -1))

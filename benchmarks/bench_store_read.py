@@ -1,0 +1,73 @@
+"""Store read benchmark: checked reads (every chunk against its recorded CRC-32) vs bare Zarr reads.
+
+A float16 store of ``--images`` images x ``--layers`` layers of ``--units`` units (half-rectified
+normal values, zstd level 1, batches of 32 images, 16,384-unit chunks) is written to a temporary
+folder; then every layer is read in blocks of one unit chunk, as the matching reduction reads it,
+alternately through :meth:`ActivationStore.layers` (checked) and through the bare Zarr arrays, and
+the medians of ``--repeats`` interleaved rounds are reported, in wall and in CPU time (CPU time is
+the steadier figure on a shared machine), with :meth:`ActivationStore.verify`'s time.
+
+Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--units", type=int, default=65536)
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+
+    from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
+    from unitmatch.core.units import LayerUnits
+
+    layers = [LayerUnits(f"layer{i}", (args.units,), ("channel",)) for i in range(args.layers)]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        key = StoreKey("bench@random:0", {}, "bench", tuple(layer.name for layer in layers))
+        store = ActivationStore.create(root, key, layers, [f"im{i}" for i in range(args.images)], batch_size=32)
+        writer = store.writer()
+        for b in range(store.n_batches):
+            n = len(range(*store.batch_rows(b).indices(args.images)))
+            writer.write(b, {layer.name: np.maximum(rng.standard_normal((n, args.units)), 0).astype(np.float16)
+                             for layer in layers})
+        store.finalize()
+        store = ActivationStore.open(store.path)
+        checked, bare = store.layers(), store._arrays("r")
+
+        def read(arrays):
+            wall, cpu = time.perf_counter(), time.process_time()
+            for a in arrays.values():
+                for start in range(0, args.units, DEFAULT_UNIT_CHUNK):
+                    np.asarray(a[:, start:start + DEFAULT_UNIT_CHUNK])
+            return time.perf_counter() - wall, time.process_time() - cpu
+
+        read(bare), read(checked)  # warm the page cache and zarr
+        rounds = [(read(bare), read(checked)) for _ in range(args.repeats)]
+        mb = args.images * args.units * args.layers * 2 / 1e6
+        print(f"{args.images} images x {args.layers} x {args.units} units float16 ({mb:.0f} MB), "
+              f"medians of {args.repeats} interleaved rounds")
+        for k, label in ((0, "wall"), (1, "cpu")):
+            b = float(np.median([r[0][k] for r in rounds]))
+            c = float(np.median([r[1][k] for r in rounds]))
+            print(f"  {label:4s}: bare zarr {b:.3f} s, checked {c:.3f} s, ratio {c / b:.2f}")
+        t = time.perf_counter()
+        report = store.verify()
+        print(f"  verify: {time.perf_counter() - t:.3f} s, {report.n_chunks} chunks, ok={report.ok}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Integrity of activation stores: chunk digests, checked reads, and what damage is reported as.
+
+:mod:`core.store` states the design (store format 4); this module holds its parts: the digest of a
+chunk (:func:`chunk_digest`, a CRC-32 of its values), :class:`CheckedArray` (a layer's Zarr array
+whose every read is checked chunk by chunk against the digests recorded when it was written),
+:class:`StoreDamagedError` and the :class:`ChunkProblem` / :class:`VerifyReport` that name what is
+damaged: the store folder, the layer, the chunk, its file, and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+class StoreDamagedError(RuntimeError):
+    """A store whose files do not hold what was written; the message names the store, layer and chunk.
+
+    Attributes:
+        path: the store folder.
+        problems: the :class:`ChunkProblem` found (the first one for a read, all of them for verify).
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, problems: Sequence["ChunkProblem"] = ()):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.problems = list(problems)
+
+    def __reduce__(self):  # picklable with its attributes (Ray sends it back from block tasks)
+        return type(self), (str(self), self.path, self.problems)
+
+    @classmethod
+    def of(cls, path: Path, problem: "ChunkProblem") -> "StoreDamagedError":
+        return cls(f"activation store {path} is damaged: {problem.describe()}. {_remedy(path)}", path, [problem])
+
+
+def _remedy(path: Path) -> str:
+    return (f"Delete {path} to re-extract it (`unitmatch stage=verify` or ActivationStore.verify() lists every "
+            f"damaged chunk of a store)")
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One damaged part of a store: a chunk (``layer`` and ``chunk`` = (row, column) chunk index) or a file."""
+
+    file: str  # relative to the store folder
+    problem: str
+    layer: str | None = None
+    chunk: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None  # image rows [start, stop) of the chunk
+    units: tuple[int, int] | None = None  # units [start, stop) of the chunk, within its layer
+
+    def describe(self) -> str:
+        if self.layer is None:
+            return f"{self.file}: {self.problem}"
+        if self.chunk is None:
+            return f"layer {self.layer!r}, file {self.file}: {self.problem}"
+        where = f"layer {self.layer!r}, chunk {self.chunk}"
+        if self.rows is not None:
+            where += f" (images {self.rows[0]}-{self.rows[1] - 1}, units {self.units[0]}-{self.units[1] - 1})"
+        return f"{where}, file {self.file}: {self.problem}"
+
+
+@dataclass
+class VerifyReport:
+    """What :meth:`ActivationStore.verify` found: ``ok`` when nothing is damaged."""
+
+    path: Path
+    n_chunks: int = 0
+    problems: list[ChunkProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def describe(self) -> str:
+        if self.ok:
+            return f"OK {self.path} ({self.n_chunks} chunks checked)"
+        lines = [f"DAMAGED {self.path}: {len(self.problems)} problem(s) in {self.n_chunks} chunks checked"]
+        lines += [f"  {p.describe()}" for p in self.problems]
+        lines.append(f"  {_remedy(self.path)}")
+        return "\n".join(lines)
+
+
+def chunk_digest(values: np.ndarray) -> str:
+    """CRC-32 (8 hex digits) of a chunk's values in C order: what the done records hold per chunk."""
+    return f"{_crc(values):08x}"
+
+
+def _crc(values: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(values).data) & 0xFFFFFFFF
+
+
+def read_json(path: Path, store: Path, what: str):
+    """A JSON file of a store, or :class:`StoreDamagedError` naming it."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StoreDamagedError.of(store, ChunkProblem(str(path.relative_to(store)),
+                                                       f"{what} is not valid JSON ({err})")) from err
+
+
+class CheckedArray:
+    """One layer's activations (images x units) on disk, whose every read is checked chunk by chunk.
+
+    Reads whole chunks, compares each with the digest recorded when it was written and raises
+    :class:`StoreDamagedError` (store folder, layer, chunk, file, remedy) on a chunk that cannot be
+    decoded, is missing or holds other values. Supports what the engine uses: basic indexing with
+    integers and slices of step >= 1 (``a[:, start:stop]``, ``a[rows]``, ``a[:]``) and
+    ``a.oindex[rows, columns]`` with a slice of rows and integer columns. Picklable (Dask-on-Ray).
+    """
+
+    def __init__(self, store_path: Path, layer: str, array, digests: np.ndarray):
+        self.store_path, self.layer, self.array = Path(store_path), layer, array
+        self.digests = digests  # (row chunks, column chunks) uint32: the recorded CRC-32 of each chunk
+        self.shape = tuple(array.shape)
+        self.chunks = tuple(array.chunks)
+        self.dtype = array.dtype
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<CheckedArray {self.layer!r} {self.shape} {self.dtype} chunks {self.chunks} of {self.store_path}>"
+
+    def chunk_file(self, i: int, j: int) -> Path:
+        return self.store_path / "store.zarr" / self.array.path / self.array.metadata.encode_chunk_key((i, j))
+
+    def _problem(self, i: int, j: int, text: str) -> ChunkProblem:
+        (r, c) = self.chunks
+        return ChunkProblem(str(self.chunk_file(i, j).relative_to(self.store_path)), text, self.layer, (i, j),
+                            (i * r, min((i + 1) * r, self.shape[0])), (j * c, min((j + 1) * c, self.shape[1])))
+
+    def check_chunks(self, rows: range, cols: range) -> tuple[np.ndarray | None, list[ChunkProblem]]:
+        """The values of row chunks ``rows`` x column chunks ``cols``, and the problems of those chunks.
+
+        The values are None when a chunk could not be decoded.
+        """
+        (r, c), (n, m) = self.chunks, self.shape
+        region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
+        try:
+            data = np.asarray(self.array[region])
+        except Exception:  # noqa: BLE001 - find the chunk(s) that fail, or re-raise
+            problems = []
+            for i in rows:
+                for j in cols:
+                    try:
+                        self.array[i * r:(i + 1) * r, j * c:(j + 1) * c]
+                    except Exception as chunk_err:  # noqa: BLE001
+                        missing = not self.chunk_file(i, j).exists()
+                        problems.append(self._problem(i, j, "its chunk file is missing" if missing else
+                                                      f"it cannot be decoded ({type(chunk_err).__name__}: "
+                                                      f"{chunk_err})"))
+            if not problems:
+                raise
+            return None, problems
+        problems = []
+        for i in rows:
+            for j in cols:
+                y, x = (i - rows.start) * r, (j - cols.start) * c
+                got, want = _crc(data[y:y + r, x:x + c]), int(self.digests[i, j])
+                if got != want:
+                    if not self.chunk_file(i, j).exists():
+                        problems.append(self._problem(i, j, "its chunk file is missing"))
+                    else:
+                        problems.append(self._problem(
+                            i, j, f"it holds other values than were written there (CRC-32 {got:08x}, recorded "
+                                  f"{want:08x}): a chunk file swapped, overwritten or corrupted"))
+        return data, problems
+
+    def _read(self, rows: range, cols: range) -> np.ndarray:
+        data, problems = self.check_chunks(rows, cols)
+        if problems:
+            raise StoreDamagedError.of(self.store_path, problems[0])
+        return data
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 2:
+            raise IndexError(f"too many indices for the 2-D activations of layer {self.layer!r}: {key!r}")
+        key = key + (slice(None),) * (2 - len(key))
+        bounds, local = [], []
+        for axis, (k, n, c) in enumerate(zip(key, self.shape, self.chunks)):
+            if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                i = int(k) + n if k < 0 else int(k)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} is out of bounds for axis {axis} of size {n} (layer {self.layer!r})")
+                r, loc = range(i, i + 1), None
+            elif isinstance(k, slice) and (k.step is None or k.step >= 1):
+                r = range(*k.indices(n))
+                loc = slice(0, (len(r) - 1) * r.step + 1, r.step) if len(r) else None
+            else:
+                raise TypeError(f"activations of layer {self.layer!r} are read with integers and slices of step >= 1 "
+                                f"(and .oindex[rows, columns]); got {k!r}")
+            if len(r) == 0:
+                return np.empty(tuple(len(range(*kk.indices(nn))) for kk, nn in zip(key, self.shape)
+                                      if isinstance(kk, slice)), dtype=self.dtype)
+            first = r.start // c
+            chunk_range = range(first, (r[-1]) // c + 1)
+            offset = r.start - first * c
+            bounds.append(chunk_range)
+            local.append(offset if loc is None else slice(offset + loc.start, offset + loc.stop, loc.step))
+        data = self._read(*bounds)
+        out = data[tuple(local)]
+        return out if out.shape == data.shape else np.array(out)
+
+    @property
+    def oindex(self) -> "_CheckedOIndex":
+        return _CheckedOIndex(self)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self[:]
+        return values if dtype is None else values.astype(dtype)
+
+
+class _CheckedOIndex:
+    """``a.oindex[rows, columns]``: a slice of rows, integer columns; reads one column chunk at a time."""
+
+    def __init__(self, array: CheckedArray):
+        self.a = array
+
+    def __getitem__(self, key) -> np.ndarray:
+        a = self.a
+        rows, cols = key if isinstance(key, tuple) and len(key) == 2 else (key, slice(None))
+        if not isinstance(rows, slice):
+            raise TypeError(f"oindex of layer {a.layer!r} takes a slice of rows; got {rows!r}")
+        if isinstance(cols, slice):
+            return a[rows, cols]
+        cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+        if cols.size and (cols.min() < -a.shape[1] or cols.max() >= a.shape[1]):
+            raise IndexError(f"columns out of bounds for layer {a.layer!r} with {a.shape[1]} units")
+        cols = np.where(cols < 0, cols + a.shape[1], cols)
+        c = a.chunks[1]
+        first = a[rows, 0:0]  # the row selection's length and checks, without reading
+        out = np.empty((first.shape[0], cols.size), dtype=a.dtype)
+        for j in np.unique(cols // c):
+            sel = cols // c == j
+            out[:, sel] = a[rows, int(j) * c:(int(j) + 1) * c][:, cols[sel] - int(j) * c]
+        return out
+
+
+def broken_metadata(path: Path) -> list[ChunkProblem]:
+    """The metadata files (``zarr.json``) of a store that are not valid JSON, or are missing."""
+    zarr_root = path / "store.zarr"
+    problems = []
+    files = sorted(zarr_root.rglob("zarr.json")) if zarr_root.is_dir() else []
+    if zarr_root / "zarr.json" not in files:
+        problems.append(ChunkProblem("store.zarr/zarr.json", "the store's root metadata file is missing"))
+    for file in files:
+        try:
+            json.loads(file.read_bytes())
+        except (ValueError, UnicodeDecodeError) as err:
+            problems.append(ChunkProblem(str(file.relative_to(path)), f"the Zarr metadata is not valid JSON ({err})"))
+    return problems
