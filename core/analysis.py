@@ -335,7 +335,7 @@ def _flag_text(row) -> str:
 def _with_flagged(neurons: pd.DataFrame, summary: pd.DataFrame, flags: pd.DataFrame, ceiling_all):
     """Every neuron of the assembly in the neuron table (flagged ones with NaN scores), counts in the summary."""
     flags = flags.assign(flags=[_flag_text(r) for r in flags.itertuples()])
-    flags["flagged"] = flags.flags != ""
+    flags["flagged"] = flags["flags"] != ""
     table = flags.drop(columns="region").merge(neurons.drop(columns="region"), on="neuron", how="left")
     table.insert(1, "region", flags.region.to_numpy())
     excluded = ~table.analyzed
@@ -345,6 +345,8 @@ def _with_flagged(neurons: pd.DataFrame, summary: pd.DataFrame, flags: pd.DataFr
     if "significant" in table:
         table["significant"] = table.significant.fillna(False).astype(bool)
     table["n_splits"] = table.n_splits.fillna(neurons.n_splits.iloc[0]).astype(int)
+    for column in ("unit", "strict_unit"):  # a unit id, or none (<NA>) for a neuron left out
+        table[column] = table[column].astype("Int64")
     counts = flags.groupby("region").agg(
         n_neurons=("neuron", "size"), n_analyzed=("analyzed", "sum"), n_neurons_flagged=("flagged", "sum"),
         n_missing_images=("missing_images", "sum"), n_constant_train=("constant_train", "sum"),
