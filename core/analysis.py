@@ -310,12 +310,12 @@ def _check_result(result: MatchResult, analysed: NeuralAssembly, committed) -> N
                          f"match analysable(assembly, screen_neurons(assembly, splits)), which leaves out the "
                          f"flagged neurons")
     if committed is not None:
-        region = result.matches.neuron.map(dict(zip(analysed.neuron_ids, analysed.regions)))
-        allowed = pd.Series([layer in committed[r] for r, layer in zip(region, result.matches.layer)])
-        if not allowed.all():
-            row = result.matches[~allowed.to_numpy()].iloc[0]
-            raise ValueError(f"result is not this region-committed search: neuron {row.neuron} is matched in layer "
-                             f"{row.layer!r}, outside its region's layers {committed[region.iloc[int(np.flatnonzero(~allowed)[0])]]}")
+        region_of = dict(zip(analysed.neuron_ids, analysed.regions))
+        for row in result.matches.itertuples():
+            layers = committed[region_of[row.neuron]]
+            if row.layer not in layers:
+                raise ValueError(f"result is not this region-committed search: neuron {row.neuron} is matched in "
+                                 f"layer {row.layer!r}, outside its region's layers {layers}")
 
 
 def _ceilings(assembly: NeuralAssembly):

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from . import provenance, results
 from .config import plain, validate
 from .data import check_data, load_assembly, load_stimuli, make_splits
-from .report import flagged_lines, results_key, searches
+from .report import flagged_lines, one_search, results_key, searches
 from .zoo import ModelEntry, load_model, plan_models
 
 log = logging.getLogger("unitmatch")
@@ -206,7 +206,8 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
     plots = make_plots(summary, neurons, results_dir, nulls=nulls)
     report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
     if cfg.logger.enabled and wandb_summary:
-        folders = {m: results.model_dir(results_dir, m) for m in pd.unique(summary.model)}
+        keys = [results_key(str(m), s) for s in searches(summary) for m in pd.unique(one_search(summary, s).model)]
+        folders = {k: results.model_dir(results_dir, k) for k in keys}
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
                      mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
                      config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir,
@@ -261,7 +262,7 @@ def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict, us
         if kind == "store":
             return store_artifact(wandb, value.path, value.key)
         if kind == "results":
-            return results_artifact(wandb, entry.key, value)
+            return results_artifact(wandb, value.name, value)  # the folder's name: the model's key in its search
         n = cfg.neural
         return data_artifact(wandb, cfg.sweep_name, value, {"responses": n.responses or n.path,
                                                             "stimuli": cfg.stimuli.path})
