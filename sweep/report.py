@@ -290,7 +290,8 @@ def _side_by_side(summary: pd.DataFrame) -> list[str]:
         by = part.set_index("_search")
         get = lambda search, col: by.loc[search, col] if search in by.index and col in by else np.nan  # noqa: E731
         rows.append({"model": model, "region": region,
-                     "median r, all units": _pm(get("all_units", "median_test_r"), get("all_units", "median_test_r_sem")),
+                     "median r, all units": _pm(get("all_units", "median_test_r"),
+                                                get("all_units", "median_test_r_sem")),
                      "median r, region-committed": _pm(get("region_committed", "median_test_r"),
                                                        get("region_committed", "median_test_r_sem")),
                      "committed layers": _text(get("region_committed", "searched_layers"))})

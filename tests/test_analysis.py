@@ -217,7 +217,8 @@ def test_every_neuron_flagged_is_an_error_naming_them():
     layers, assembly, _ = _world(seed=9)
     r = np.ones((2, assembly.n_images))
     dead = core.NeuralAssembly(r, ["d0", "d1"], ["V4", "V4"], assembly.image_ids, assembly.image_metadata)
-    with pytest.raises(ValueError, match=r"no neuron can be matched: all 2 are flagged, e.g. \['d0 \(constant_train\)'"):
+    with pytest.raises(ValueError,
+                       match=r"no neuron can be matched: all 2 are flagged, e.g. \['d0 \(constant_train\)'"):
         analyze(layers, dead, core.brainscore_splits(assembly.image_metadata, n_splits=2), decode=False)
 
 

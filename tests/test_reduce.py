@@ -328,7 +328,8 @@ def test_match_assembly_leaves_out_flagged_neurons_and_commits_regions_like_core
     result = match_assembly(store, assembly, splits, n_permutations=4, block_units=BLOCK, region_layers=mapping)
     assert "flat" not in set(result.matches.neuron)
     region = result.matches.neuron.map(dict(zip(ids, regions)))
-    assert set(result.matches.layer[region == "V4"]) <= {"conv", "blocks.1"} and set(result.matches.layer[region == "IT"]) == {"fc"}
+    assert set(result.matches.layer[region == "V4"]) <= {"conv", "blocks.1"}
+    assert set(result.matches.layer[region == "IT"]) == {"fc"}
     kept = analysable(assembly, splits=splits)
     committed = resolve_region_layers(mapping, store.catalogue(), kept.regions)
     expected = match_by_region(
