@@ -1,7 +1,31 @@
 """The whole per-model analysis in one call, as tidy tables.
 
-matching (with the permutation null in the same pass) -> noise ceilings -> per-neuron statistics ->
-strict one-to-one assignment -> matched-population decoding -> per-region summary.
+screening (bad neurons flagged) -> matching (with the permutation null in the same pass; all units,
+or region-committed) -> noise ceilings -> per-neuron statistics -> strict one-to-one assignment ->
+matched-population decoding -> per-region summary.
+
+Bad neurons are flagged, not fatal (:func:`screen_neurons`). What each flag leaves undefined:
+
+- ``missing_images``: no recorded response (every repeat NaN) for some images. The neuron is left
+  out of the matching, the strict assignment and the decoding, and all its scores are NaN. Scoring
+  it on its own subset of images is not done: a held-out r is compared across neurons split by
+  split (Brain-Score's median over neurons per split) on the same test images, the permutation
+  null permutes all images, and decoding reads every neuron on every test image. Images with some
+  repeats missing are fine: the mean over the recorded repeats is used.
+- ``constant_train``: the same (mean) response to every train image of some split: its r with any
+  unit is undefined there. It is left out like ``missing_images`` (from every split, so that its
+  split-averaged statistic and its null stay over the same splits as every other neuron's).
+- ``no_ceiling``: the split-half reliability is undefined (NaN): fewer than 2 recorded repeats
+  (a single repeat), or too few images with a response in both halves. The neuron is analysed;
+  its ceiled score is NaN and it leaves the ceiled medians and Brain-Score's ceiling (both say how
+  many neurons they use); its p-value is defined.
+
+The analysed neurons' results are exactly those of an analysis of the assembly without the flagged
+ones; the flagged neurons are listed (``flags``) and counted per region (``n_neurons_flagged``).
+
+Region-committed search (``region_layers``, Brain-Score's convention, beside the memo's all-units
+search): each region's neurons are matched only against the units of the layers mapped to it
+(:func:`match_by_region`); unit ids stay those of all layers.
 """
 
 from __future__ import annotations
@@ -9,23 +33,29 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
 from .decoding import matched_population_decoding
-from .engine import MatchResult, MatchSettings, pearson_pairs, run_matching
+from .engine import MatchResult, MatchSettings, combine_results, pearson_pairs, run_matching
+from .layers import PRESETS, _resolve
 from .neural import NeuralAssembly
 from .reliability import split_half_reliability
+from .splits import validate_splits
 from .stats import neuron_table, summarize
-from .units import as_layers, catalogue_of, gather_columns
+from .units import UnitCatalogue, as_layers, catalogue_of, gather_columns
 
 log = logging.getLogger(__name__)
 
 #: image metadata columns tried, in order, for the decoding labels
 LABEL_COLUMNS = ("category_name", "category")
+#: per-neuron flags, in the order ``flags`` lists them (see the module docstring)
+FLAGS = ("missing_images", "constant_train", "no_ceiling")
+#: the two searches: every unit of every layer (the memo's), or each region's mapped layers only
+SEARCHES = ("all_units", "region_committed")
 
 
 @dataclass
@@ -57,13 +87,14 @@ class Analysis:
 def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettings | None = None, *,
             labels: Sequence | None = None, decode: bool = True, n_random_populations: int = 100,
             alpha: float = 0.05, dims=None, catalogue=None, max_top_k: int = 64, result: MatchResult | None = None,
-            **overrides) -> Analysis:
+            region_layers: Mapping[str, Sequence[str]] | None = None, **overrides) -> Analysis:
     """Run the full analysis of one model against one assembly.
 
     Args:
         activations: ``{layer: (images, *unit_shape)}`` (numpy, torch or 2-D Zarr), images in the
             assembly's order.
-        assembly: the neurons (mean over repeats is matched; repeats give the ceiling).
+        assembly: the neurons (mean over repeats is matched; repeats give the ceiling). Bad neurons
+            are flagged and left out where undefined (module docstring, :func:`screen_neurons`).
         splits: (train_idx, test_idx) pairs.
         settings: :class:`core.engine.MatchSettings`; keyword overrides of its fields
             (``n_permutations=100``) are applied on top. ``n_permutations`` > 0 gives p-values;
@@ -77,47 +108,66 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
         max_top_k: the strict assignment re-runs matching with a doubled top_k while infeasible, up
             to this.
         result: the matching already done elsewhere (e.g. a Dask reduction over a store, with its
-            permutation null). Its own settings are used; settings given here must agree with them.
+            permutation null), of the analysed neurons (those :func:`screen_neurons` does not
+            exclude) and with the same search. Its own settings are used; settings given here must
+            agree with them.
+        region_layers: region-committed search: ``{region: [layer entries]}``, entries as in layer
+            selection (names, globs, ``"re:"`` regexes) over the activations' layers; each region's
+            neurons are matched (and their strict assignment and random decoding populations drawn)
+            among those layers' units only. None: every unit of every layer.
 
     Raises:
-        ValueError: settings that disagree with ``result``'s, decoding without category labels
-            (naming the metadata columns available), or any input error of the parts (each names the
-            bad value).
+        ValueError: settings that disagree with ``result``'s, a ``result`` of other neurons or of
+            another search, decoding without category labels (naming the metadata columns
+            available), every neuron flagged, a bad ``region_layers`` (naming the region or layer
+            and the valid ones), or any input error of the parts (each names the bad value).
     """
     layers = as_layers(activations)
     catalogue = catalogue or catalogue_of(layers, dims)
     columns = lambda units: gather_columns(layers, catalogue, units)  # noqa: E731
-    y = assembly.mean_responses()
+    flags = screen_neurons(assembly, splits)
+    analysed = analysable(assembly, flags)
+    committed = resolve_region_layers(region_layers, catalogue, analysed.regions)
+    search = "all_units" if committed is None else "region_committed"
+    y = analysed.mean_responses()
     if decode:
         labels = _labels(assembly, labels)
+
+    def match(y_, splits_, settings_):
+        def one(responses, ids, names):
+            return run_matching(layers, responses, splits_, settings_, catalogue=catalogue, neuron_ids=ids,
+                                layers=names)
+        return match_by_region(one, y_, analysed.neuron_ids, analysed.regions, committed)
+
     if result is None:
         settings = MatchSettings.resolve(settings, **overrides)
-        result = run_matching(layers, y, splits, settings, catalogue=catalogue, neuron_ids=assembly.neuron_ids)
+        result = match(y, splits, settings)
     else:
         settings = _settings_of(result, settings, overrides)
+        _check_result(result, analysed, committed)
     if settings.n_permutations == 0:
         log.info("no permutation null (n_permutations=0): no p-values or q-values")
-    ceiling_splits = split_half_reliability(assembly.responses, per_split=True) if assembly.has_repeats else None
-    with warnings.catch_warnings():  # a neuron without a defined ceiling in any repeat split: NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ceiling = None if ceiling_splits is None else np.nanmean(ceiling_splits, axis=0)
-    neurons = neuron_table(result, regions=assembly.regions, ceiling=ceiling, alpha=alpha)
-    region_of = dict(zip(assembly.neuron_ids, assembly.regions))
+    ceiling_all = _ceilings(assembly)
+    flags["no_ceiling"] = False if ceiling_all is None else ~np.isfinite(ceiling_all[1])
+    keep = flags.analyzed.to_numpy()
+    ceiling_splits, ceiling = (None, None) if ceiling_all is None else (ceiling_all[0][:, keep], ceiling_all[1][keep])
+    neurons = neuron_table(result, regions=analysed.regions, ceiling=ceiling, alpha=alpha)
+    region_of = dict(zip(analysed.neuron_ids, analysed.regions))
     matches = result.matches.assign(region=result.matches.neuron.map(region_of))
     n_nan = int(matches.test_r.isna().sum())
     if n_nan:
         log.info("%d of %d (neuron, split) matches have an undefined held-out r (the selected unit is constant "
                  "on the test images); counted in n_nan_test_r", n_nan, len(matches))
 
-    assignment = _strict(layers, y, splits, result, columns, settings, assembly.neuron_ids, catalogue, max_top_k)
+    assignment = _strict(y, splits, result, columns, settings, analysed.neuron_ids, max_top_k, match)
     assignment["region"] = assignment.neuron.map(region_of)
     strict_mean = assignment.groupby("neuron", sort=False)[["strict_test_r"]].mean()
     neurons = neurons.merge(strict_mean, left_on="neuron", right_index=True, how="left")
     neurons["strict_unit"] = neurons.neuron.map(
         assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
 
-    decoding = _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random_populations,
-                       settings.seed, settings.device) if decode else pd.DataFrame()
+    decoding = _decode(y, labels, splits, matches, analysed, catalogue, columns, n_random_populations,
+                       settings.seed, settings.device, committed) if decode else pd.DataFrame()
     summary = summarize(result, neurons, ceiling_splits)
     extra = []
     for region, part in assignment.groupby("region"):
@@ -132,7 +182,177 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
         means = decoding.groupby("region")[["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "chance",
                                             "null_mean", "percentile"]].mean()
         summary = summary.merge(means, left_on="region", right_index=True, how="left")
-    return Analysis(matches, result.layer_matches, neurons, assignment, decoding, summary, result)
+    neurons, summary = _with_flagged(neurons, summary, flags, ceiling_all)
+    searched = {r: ",".join(names) for r, names in (committed or {}).items()}
+    summary = summary.assign(search=search, searched_layers=[searched.get(r, "all") for r in summary.region])
+    tables = [t.assign(search=search) for t in (matches, result.layer_matches, neurons, assignment, decoding)]
+    return Analysis(*tables, summary, result)
+
+
+def screen_neurons(assembly: NeuralAssembly, splits) -> pd.DataFrame:
+    """The neurons that cannot be matched, flagged (module docstring): one row per neuron, in order.
+
+    Columns: neuron, region, n_missing_images (images without any recorded response),
+    missing_images (> 0 of them), n_constant_train_splits (splits on whose train images the mean
+    response is constant), constant_train (> 0 of them), analyzed (neither: the neuron is matched).
+    :func:`analyze` adds no_ceiling and flags.
+    """
+    y = assembly.mean_responses()
+    splits = validate_splits(splits, assembly.n_images)
+    missing = np.isnan(y).sum(axis=1)
+    constant = np.zeros(assembly.n_neurons, np.int64)
+    with warnings.catch_warnings():  # all-NaN train rows (a neuron missing them all) are flagged anyway
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for train, _ in splits:
+            constant += (np.nanmax(y[:, train], axis=1) - np.nanmin(y[:, train], axis=1)) == 0
+    return pd.DataFrame({
+        "neuron": assembly.neuron_ids, "region": assembly.regions,
+        "n_missing_images": missing, "missing_images": missing > 0,
+        "n_constant_train_splits": constant, "constant_train": constant > 0,
+        "analyzed": (missing == 0) & (constant == 0),
+    })
+
+
+def analysable(assembly: NeuralAssembly, flags: pd.DataFrame | None = None, splits=None) -> NeuralAssembly:
+    """The assembly without the neurons :func:`screen_neurons` excludes from matching (logged by id).
+
+    Raises:
+        ValueError: every neuron is excluded (the message says why for the first ones).
+    """
+    if flags is None:
+        flags = screen_neurons(assembly, splits)
+    if flags.analyzed.all():
+        return assembly
+    bad = flags[~flags.analyzed]
+    why = [f"{row.neuron} ({_flag_text(row)})" for row in bad.itertuples()]
+    if not flags.analyzed.any():
+        raise ValueError(f"no neuron can be matched: all {len(flags)} are flagged, e.g. {why[:5]} (missing_images: "
+                         f"no recorded response to some images; constant_train: the same response to every train "
+                         f"image of a split)")
+    log.warning("%d of %d neurons are flagged and left out of the matching: %s%s", len(bad), len(flags),
+                ", ".join(why[:20]), " ..." if len(why) > 20 else "")
+    return assembly.select(neurons=flags.neuron[flags.analyzed].tolist())
+
+
+def resolve_region_layers(region_layers: Mapping[str, Sequence[str]] | None, catalogue: UnitCatalogue | Sequence[str],
+                          regions, key: str = "region_layers") -> dict[str, list[str]] | None:
+    """``{region: [layer entries]}`` -> ``{region: [layer names]}`` in layer order; None stays None.
+
+    Entries are layer names, globs or ``"re:"`` regexes, as in layer selection (:mod:`core.layers`),
+    matched against the layers of the activations (presets need a model and are refused).
+
+    Raises:
+        ValueError: not a mapping, a region the neurons do not have or a region of the neurons
+            without an entry, an empty entry list, or an entry that matches no layer (each naming
+            the region or entry, and the valid regions or layers).
+    """
+    if region_layers is None:
+        return None
+    names = [layer.name for layer in catalogue.layers] if isinstance(catalogue, UnitCatalogue) else list(catalogue)
+    have = sorted(set(np.asarray(regions).astype(str).tolist()))
+    if not isinstance(region_layers, Mapping):
+        raise ValueError(f"{key} must map each region to a list of layers, e.g. {{'V4': ['layer3.*']}}; got "
+                         f"{region_layers!r}")
+    unknown = sorted(set(map(str, region_layers)) - set(have))
+    if unknown:
+        raise ValueError(f"{key}: unknown region(s) {unknown}; the neurons' regions are {have}")
+    unmapped = sorted(set(have) - set(map(str, region_layers)))
+    if unmapped:
+        raise ValueError(f"{key} has no layers for region(s) {unmapped}: a region-committed search needs an entry "
+                         f"for every region of the neurons ({have}); the layers are {names}")
+    as_modules = dict.fromkeys(names)
+    kind = type("the activations", (), {})()  # how _resolve's messages name the set of layers
+    out = {}
+    for region, entries in region_layers.items():
+        if isinstance(entries, str) or not isinstance(entries, Sequence) or not len(entries):
+            raise ValueError(f"{key}[{region!r}] must be a non-empty list of layer names, globs or 're:' regexes; "
+                             f"got {entries!r}; the layers are {names}")
+        chosen = set()
+        for entry in entries:
+            if not isinstance(entry, str) or entry in PRESETS:
+                raise ValueError(f"{key}[{region!r}]: {entry!r} is not a layer name, glob or 're:' regex (presets "
+                                 f"need a model); the layers are {names}")
+            try:
+                chosen.update(_resolve(kind, as_modules, entry))
+            except ValueError as err:
+                raise ValueError(f"{key}[{region!r}]: {err}; the layers are {names}") from None
+        out[str(region)] = [n for n in names if n in chosen]
+    return out
+
+
+def match_by_region(match: Callable, responses: np.ndarray, neuron_ids, regions,
+                    region_layers: dict[str, list[str]] | None) -> MatchResult:
+    """The region-committed search: ``match(responses, neuron_ids, layers)`` per region, combined.
+
+    Each region's neurons are matched, as a group of their own (their own permutation null), among
+    the units of that region's layers; the result is exactly the all-units search run on that
+    region's neurons with the activations restricted to those layers, with unit ids of all layers.
+    ``region_layers`` None: one all-units search, ``match(responses, neuron_ids, None)``.
+    """
+    neuron_ids, regions = np.asarray(neuron_ids), np.asarray(regions).astype(str)
+    if region_layers is None:
+        return match(responses, neuron_ids, None)
+    parts = []
+    for region, names in region_layers.items():
+        idx = np.flatnonzero(regions == region)
+        if idx.size:
+            parts.append(match(responses[idx], neuron_ids[idx], names))
+    return combine_results(parts, neuron_ids)
+
+
+def _check_result(result: MatchResult, analysed: NeuralAssembly, committed) -> None:
+    """A result from elsewhere must hold exactly the analysed neurons, each matched within its search."""
+    have = set(pd.unique(result.matches.neuron).astype(str).tolist())
+    want = set(analysed.neuron_ids.tolist())
+    if have != want:
+        raise ValueError(f"result holds other neurons than the analysed ones: {len(have - want)} extra (e.g. "
+                         f"{sorted(have - want)[:5]}), {len(want - have)} missing (e.g. {sorted(want - have)[:5]}); "
+                         f"match analysable(assembly, screen_neurons(assembly, splits)), which leaves out the "
+                         f"flagged neurons")
+    if committed is not None:
+        region_of = dict(zip(analysed.neuron_ids, analysed.regions))
+        for row in result.matches.itertuples():
+            layers = committed[region_of[row.neuron]]
+            if row.layer not in layers:
+                raise ValueError(f"result is not this region-committed search: neuron {row.neuron} is matched in "
+                                 f"layer {row.layer!r}, outside its region's layers {layers}")
+
+
+def _ceilings(assembly: NeuralAssembly):
+    """(per-split, per-neuron) split-half reliabilities of every neuron; None without a repeat axis."""
+    if not assembly.has_repeats:
+        return None
+    per_split = split_half_reliability(assembly.responses, per_split=True)
+    with warnings.catch_warnings():  # a neuron without a defined ceiling in any repeat split: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return per_split, np.nanmean(per_split, axis=0)
+
+
+def _flag_text(row) -> str:
+    return ",".join(f for f in FLAGS if bool(getattr(row, f, False)))
+
+
+def _with_flagged(neurons: pd.DataFrame, summary: pd.DataFrame, flags: pd.DataFrame, ceiling_all):
+    """Every neuron of the assembly in the neuron table (flagged ones with NaN scores), counts in the summary."""
+    flags = flags.assign(flags=[_flag_text(r) for r in flags.itertuples()])
+    flags["flagged"] = flags["flags"] != ""
+    table = flags.drop(columns="region").merge(neurons.drop(columns="region"), on="neuron", how="left")
+    table.insert(1, "region", flags.region.to_numpy())
+    excluded = ~table.analyzed
+    if ceiling_all is not None and excluded.any():  # a ceiling needs no matching: reported for every neuron
+        table.loc[excluded, "ceiling"] = ceiling_all[1][excluded.to_numpy()]
+        table["ceiling_ok"] = np.isfinite(table.ceiling) & (table.ceiling > 0)
+    if "significant" in table:
+        table["significant"] = table.significant.fillna(False).astype(bool)
+    table["n_splits"] = table.n_splits.fillna(neurons.n_splits.iloc[0]).astype(int)
+    for column in ("unit", "strict_unit"):  # a unit id, or none (<NA>) for a neuron left out
+        table[column] = table[column].astype("Int64")
+    counts = flags.groupby("region").agg(
+        n_neurons=("neuron", "size"), n_analyzed=("analyzed", "sum"), n_neurons_flagged=("flagged", "sum"),
+        n_missing_images=("missing_images", "sum"), n_constant_train=("constant_train", "sum"),
+        n_no_ceiling=("no_ceiling", "sum")).reset_index()
+    summary = counts.merge(summary.drop(columns="n_neurons"), on="region", how="left")
+    return table, summary
 
 
 def _labels(assembly: NeuralAssembly, labels):
@@ -179,9 +399,9 @@ def _settings_of(result: MatchResult, settings: MatchSettings | None, overrides:
     return own
 
 
-def _strict(layers, y, splits, result: MatchResult, columns, settings: MatchSettings, neuron_ids, catalogue,
-            max_top_k: int) -> pd.DataFrame:
-    """Bijective assignment per split from the top-k candidates; k grows (re-running) until feasible."""
+def _strict(y, splits, result: MatchResult, columns, settings: MatchSettings, neuron_ids, max_top_k: int,
+            match: Callable) -> pd.DataFrame:
+    """Bijective assignment per split from the top-k candidates; k grows (re-running ``match``) until feasible."""
     order = {n: i for i, n in enumerate(neuron_ids)}
 
     def in_neuron_order(df: pd.DataFrame) -> pd.DataFrame:
@@ -203,8 +423,7 @@ def _strict(layers, y, splits, result: MatchResult, columns, settings: MatchSett
                 log.info("split %d: strict assignment infeasible with top_k=%d candidates; re-running with %d",
                          s, previous, k)
                 wider = replace(settings, top_k=k, n_permutations=0)
-                candidates = in_neuron_order(run_matching(layers, y, [splits[s]], wider, catalogue=catalogue,
-                                                          neuron_ids=neuron_ids).matches)
+                candidates = in_neuron_order(match(y, [splits[s]], wider).matches)
         units, inverse = np.unique(a.units, return_inverse=True)
         strict_r = pearson_pairs(columns(units)[splits[s][1]], y[:, splits[s][1]], inverse, np.arange(len(y)))
         rows.append(pd.DataFrame({
@@ -216,11 +435,12 @@ def _strict(layers, y, splits, result: MatchResult, columns, settings: MatchSett
 
 
 def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: int, seed: int,
-            device=None) -> pd.DataFrame:
+            device=None, committed: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Matched-population decoding per (region, split), with random-population nulls.
 
     The random populations of a region are drawn once and their activations read in a few batched
     gathers (from a store, one read per chunk instead of one per population), then reused by every split.
+    In a region-committed search they are drawn from the units of the region's layers only.
     """
     rng = np.random.default_rng(seed)
     rows = []
@@ -228,7 +448,8 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
         idx = np.flatnonzero(assembly.regions == region)
         ids = assembly.neuron_ids[idx]
         neurons_x = y[idx].T  # (images, neurons of the region)
-        pool = _random_populations(columns, catalogue.n_units, n_random, len(idx), splits, rng)
+        units = _unit_ranges(catalogue, None if committed is None else committed[region])
+        pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), splits, rng)
         for s, (train, test) in enumerate(splits):
             part = matches[(matches.split == s)].set_index("neuron").loc[ids]
             units_x = columns(part.unit.to_numpy())
@@ -236,6 +457,22 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
                                               random_populations=pool, n_random=n_random, device=device)
             rows.append({"region": region, "split": s, **res.as_dict()})
     return pd.DataFrame(rows)
+
+
+def _unit_ranges(catalogue: UnitCatalogue, names: Sequence[str] | None):
+    """Index -> global unit id over the units of some layers (all: the identity); ``.n`` units in all."""
+    layers = [layer for layer in catalogue.layers if names is None or layer.name in names]
+    starts = np.array([catalogue.offset(layer.name) for layer in layers], np.int64)
+    sizes = np.array([layer.size for layer in layers], np.int64)
+    ends = np.cumsum(sizes)
+
+    def units(i):
+        i = np.asarray(i, np.int64)
+        k = np.searchsorted(ends, i, side="right")
+        return starts[k] + i - (ends[k] - sizes[k])
+
+    units.n = int(ends[-1])
+    return units
 
 
 def _random_populations(columns, n_units: int, n_random: int, size: int, splits, rng, batch: int = 25,

@@ -653,6 +653,41 @@ class MatchEngine:
         return b_unit, b_train, b_test
 
 
+def combine_results(parts: Sequence[MatchResult], neuron_ids: Sequence[str]) -> MatchResult:
+    """One result from results over disjoint groups of neurons (e.g. one per region), in ``neuron_ids`` order.
+
+    Each part is used as it is (its own permutation null, its own searched layers); the parts must
+    share splits, settings and unit numbering, and together hold every neuron of ``neuron_ids`` once.
+
+    Raises:
+        ValueError: parts with different settings or splits, or neurons missing or repeated.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    ids = np.asarray(neuron_ids).astype(str)
+    order = {n: i for i, n in enumerate(ids)}
+    settings = {p.settings for p in parts}
+    if len(settings) > 1:
+        raise ValueError(f"cannot combine results of different settings: {settings}")
+    got = np.concatenate([pd.unique(p.matches.neuron).astype(str) for p in parts])
+    if len(got) != len(ids) or set(got.tolist()) != set(ids.tolist()):
+        raise ValueError(f"the parts hold neurons {sorted(got.tolist())[:10]}...; expected each of {len(ids)} "
+                         f"neurons once")
+
+    def in_order(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+        df = df.assign(_pos=df.neuron.astype(str).map(order))
+        return df.sort_values(keys, kind="stable").drop(columns="_pos").reset_index(drop=True)
+
+    matches = in_order(pd.concat([p.matches for p in parts], ignore_index=True), ["split", "_pos"])
+    layer_matches = in_order(pd.concat([p.layer_matches for p in parts], ignore_index=True), ["split", "_pos"])
+    null = None
+    if parts[0].null is not None:
+        perm = np.argsort([order[n] for n in got])
+        null = NullDistribution(*(np.concatenate([getattr(p.null, f) for p in parts], axis=2)[:, :, perm]
+                                  for f in ("unit", "train_r", "test_r")))
+    return MatchResult(matches, layer_matches, null, parts[0].settings)
+
+
 def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0) -> np.ndarray:
     """The neurons, then ``n_permutations`` copies of them, each row's images independently permuted.
 
@@ -725,7 +760,7 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
 
 def run_matching(activations, responses, splits, settings: MatchSettings | None = None, *,
                  neuron_ids: Sequence[str] | None = None, dims=None, catalogue: UnitCatalogue | None = None,
-                 progress: bool = False, **overrides) -> MatchResult:
+                 layers: Sequence[str] | None = None, progress: bool = False, **overrides) -> MatchResult:
     """Match every neuron to its best unit, with per-layer bests.
 
     Args:
@@ -741,10 +776,14 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
             channel / channel, y, x).
         catalogue: the layers' unit shapes when the arrays are stored flat (e.g. 2-D Zarr arrays of
             images x units); its layer names must be the keys of ``activations``, in order.
+        layers: search only the units of these layers (names of ``activations``); unit ids stay
+            those of all the layers, so results of different searches share one numbering (the
+            region-committed search, :func:`core.analysis.match_by_region`). None: every layer.
         progress: show a progress bar.
     """
     from .units import as_layers, catalogue_of, gather_columns, iter_blocks
 
+    searched = layers
     layers = as_layers(activations)
     if catalogue is None:
         catalogue = catalogue_of(layers, dims)
@@ -761,7 +800,15 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
     size = engine.settings.block_units or default_block_units(n_images, engine.n_rows)
-    return stream_match(engine, iter_blocks(layers, catalogue, size), catalogue, neuron_ids,
+    if searched is not None:
+        unknown = [name for name in searched if name not in layers]
+        if unknown or not len(searched):
+            raise ValueError(f"layers={list(searched)!r}: {'unknown layers ' + repr(unknown) if unknown else 'empty'}; "
+                             f"the activations have {list(layers)}")
+        blocks = iter_blocks({name: layers[name] for name in layers if name in set(searched)}, catalogue, size)
+    else:
+        blocks = iter_blocks(layers, catalogue, size)
+    return stream_match(engine, blocks, catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units), progress=progress)
 
 

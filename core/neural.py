@@ -51,7 +51,7 @@ class NeuralAssembly:
             raise ValueError(f"an assembly needs at least one neuron and one image; got responses of shape {r.shape}")
         for name, n_expected, what in (("neuron_ids", m, "neurons"), ("regions", m, "neurons"),
                                        ("image_ids", n, "images")):
-            values = np.asarray(getattr(self, name)).astype(str)
+            values = np.asarray(getattr(self, name), dtype=object).astype(str)  # also from numpy StringDType
             object.__setattr__(self, name, values)
             if values.shape != (n_expected,):
                 raise ValueError(

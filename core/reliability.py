@@ -51,11 +51,12 @@ def split_half_reliability(
         min_images: fewer images with data in both halves gives NaN for that neuron.
 
     Returns:
-        (neurons,) ceilings (NaN where undefined: constant halves, too few images). Values can be
-        negative for unreliable neurons; they are reported as they are.
+        (neurons,) ceilings (NaN where undefined: constant halves, too few images, or a single
+        repeat, which cannot be halved: every value NaN). Values can be negative for unreliable
+        neurons; they are reported as they are.
 
     Raises:
-        ValueError: responses without a repeat axis, or fewer than 2 repeats.
+        ValueError: responses without a repeat axis.
     """
     from sklearn.model_selection import ShuffleSplit
 
@@ -63,8 +64,9 @@ def split_half_reliability(
     if responses.ndim != 3:
         raise ValueError(f"reliability needs neurons x images x repeats; got shape {responses.shape}")
     n_rep = responses.shape[2]
-    if n_rep < 2:
-        raise ValueError(f"reliability needs at least 2 repeats per image; got {n_rep}")
+    if n_rep < 2:  # a ceiling is undefined, not an error: the neurons are still analysed (flagged no_ceiling)
+        nan = np.full((n_splits, responses.shape[0]), np.nan)
+        return nan if per_split else nan[0]
     splitter = ShuffleSplit(n_splits=n_splits, train_size=0.5, random_state=random_state)
     values = []
     # all-NaN slices (an image with no recorded repeat in a half) are expected: they become NaN

@@ -24,7 +24,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -141,6 +141,9 @@ class AnalysisConfig:
     alpha: float = field(default=0.05, metadata=_range(0, 1, lo_open=True, hi_open=True))
     decode: bool = True
     n_random_populations: int = field(default=100, metadata=_range(0, 100_000))
+    # region-committed search: {region: [layer names, globs, re: regexes]}; null: every unit of every layer.
+    # (Any: OmegaConf cannot override an Optional[Dict] that is null; its shape is checked by validate.)
+    region_layers: Any = field(default=None, metadata={"check": lambda key, v: _check_region_layers(key, v)})
 
 
 @dataclass
@@ -235,6 +238,18 @@ def _check_node(node: DictConfig, schema: type, path: str) -> None:
                 _check_node(model, ModelConfig, f"{key}.{model_key}.")
         elif "range" in f.metadata and value is not None:
             _check_range(key, value, *f.metadata["range"])
+        elif "check" in f.metadata and value is not None:
+            f.metadata["check"](key, value)
+
+
+def _check_region_layers(key: str, value) -> None:
+    value = OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+    ok = isinstance(value, dict) and value and all(
+        isinstance(v, list) and v and all(isinstance(e, str) for e in v) for v in value.values())
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid: give null (all units) or a mapping of each region to a "
+                          f"non-empty list of layer names, globs or 're:' regexes, e.g. {key}='{{V4:[layer3.*],"
+                          f"IT:[layer4.*]}}'")
 
 
 def _check_range(key: str, value, lo, hi, lo_open: bool, hi_open: bool) -> None:

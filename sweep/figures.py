@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from .report import CHANCE_TOP1, ILLUSTRATIVE, _regions, _safe, correspondence_stats, fitted_rows, weights_by_model
+from .report import (CHANCE_TOP1, ILLUSTRATIVE, _regions, _safe, correspondence_stats, fitted_rows, one_search,
+                     results_key, searches, weights_by_model)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ def make_plots(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | Path
       random-weight controls in a separate left panel (hollow markers, at chance top-1).
     - ``layer_profile_<region>``: per model, the distribution of its neurons' best-layer depth.
     - ``null_<model>``: the model's neuron test r against its null distribution (models in ``nulls``).
+
+    A sweep with both searches gets these per search: the region-committed ones end in
+    ``_region_committed`` (the null's results key: ``null_<model>.region_committed``).
 
     Returns:
         name -> path of each written PNG; empty (with a warning) when matplotlib is not installed.
@@ -51,13 +55,19 @@ def make_plots(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | Path
         plots[stem] = path
 
     weights = weights_by_model(summary)
-    for region in _regions(summary):
-        save(_correspondence_figure(Figure, summary, region), f"correspondence_{_safe(region)}")
-        part = neurons[neurons.region == region]
-        if len(part):
-            save(_layer_profile_figure(Figure, part, region, weights), f"layer_profile_{_safe(region)}")
+    observed_of = {}
+    for search in searches(summary):
+        tail = "" if search == "all_units" else f"_{search}"
+        rows, cells = one_search(summary, search), one_search(neurons, search)
+        for region in _regions(rows):
+            save(_correspondence_figure(Figure, rows, region, search), f"correspondence_{_safe(region)}{tail}")
+            part = cells[(cells.region == region) & cells.layer.notna()]
+            if len(part):
+                save(_layer_profile_figure(Figure, part, region, weights), f"layer_profile_{_safe(region)}{tail}")
+        for model, part in cells.groupby("model"):
+            observed_of[results_key(str(model), search)] = part.test_r.dropna().to_numpy(float)
     for model, null in (nulls or {}).items():
-        observed = neurons.loc[neurons.model == model, "test_r"].to_numpy(float)
+        observed = observed_of.get(model, np.array([]))
         null = np.asarray(null, float).ravel()
         if not len(observed) or not np.isfinite(null).any():
             log.warning("null plot for %r skipped: %d neuron rows, %d finite null values", model,
@@ -67,7 +77,7 @@ def make_plots(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | Path
     return plots
 
 
-def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
+def _correspondence_figure(Figure, summary: pd.DataFrame, region: str, search: str = "all_units"):
     rows = summary[summary.region == region]
     fitted, illustrative = fitted_rows(summary, region)
     controls = rows[rows.control.astype(bool)] if "control" in rows else rows[~rows.trained.astype(bool)]
@@ -105,7 +115,8 @@ def _correspondence_figure(Figure, summary: pd.DataFrame, region: str):
         ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("ImageNet top-1 (%) of the trained weights: illustrative only" if illustrative
                   else "ImageNet top-1 (%) of these weights")
-    title = (f"{region}: unit-neuron correspondence vs ImageNet accuracy (n = {s['n_models']} models)\n"
+    where = "" if search == "all_units" else f" ({search.replace('_', '-')} search)"
+    title = (f"{region}{where}: unit-neuron correspondence vs ImageNet accuracy (n = {s['n_models']} models)\n"
              f"Spearman ρ = {s['spearman_r']:.3f} (p = {s['spearman_p']:.2g}), "
              f"Pearson r = {s['pearson_r']:.3f} (p = {s['pearson_p']:.2g}; {s['p_method'] or 'no test'})")
     if illustrative:

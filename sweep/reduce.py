@@ -64,16 +64,27 @@ def aligned_block_units(store, block_units: int) -> int:
     return aligned
 
 
-def block_plan(store, block_units: int) -> list[tuple[str, int, int]]:
+def block_plan(store, block_units: int, layers: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
     """The blocks one reduction reads: ``(layer, start, stop)`` in that layer's (flat) units.
 
-    Layers in catalogue order, each cut from unit 0 into runs of ``block_units`` (rounded as in
-    :func:`aligned_block_units`); a block never spans two layers. Its length is the number of
-    block tasks.
+    Layers in catalogue order (only ``layers`` when given), each cut from unit 0 into runs of
+    ``block_units`` (rounded as in :func:`aligned_block_units`); a block never spans two layers.
+    Its length is the number of block tasks.
+
+    Raises:
+        ValueError: a name in ``layers`` that is not a layer of the store (the layers are listed).
     """
     size = aligned_block_units(store, block_units)
+    names = [layer.name for layer in store.catalogue().layers]
+    if layers is not None:
+        unknown = [name for name in layers if name not in names]
+        if unknown or not len(layers):
+            raise ValueError(f"layers={list(layers)!r}: {'unknown layers ' + repr(unknown) if unknown else 'empty'}; "
+                             f"the store {store.path} has {names}")
     plan = []
     for layer in store.catalogue().layers:
+        if layers is not None and layer.name not in layers:
+            continue
         for start in range(0, layer.size, size):
             plan.append((layer.name, start, min(start + size, layer.size)))
     return plan
@@ -197,8 +208,35 @@ def build_graph(handle: _EngineHandle, store, plan: Sequence[tuple[str, int, int
 
 
 # ----------------------------------------------------------------------------------- public API
+def match_assembly(store, assembly, splits, settings: MatchSettings | None = None, *,
+                   region_layers: dict | None = None, **kwargs) -> MatchResult:
+    """:func:`match_store` of the neurons :func:`core.analysis.analyze` analyses, in its search.
+
+    The flagged neurons that cannot be matched are left out (:func:`core.analysis.analysable`);
+    with ``region_layers`` each region's neurons are reduced over the blocks of their layers only
+    (:func:`core.analysis.match_by_region`: one reduction per region). Pass the result to
+    ``core.analyze(..., result=result, region_layers=region_layers)``.
+
+    Args:
+        region_layers: ``{region: [layer names, globs, "re:" regexes]}`` (``analysis.region_layers``);
+            None: every unit.
+        kwargs: as for :func:`match_store`.
+    """
+    from unitmatch.core.analysis import analysable, match_by_region, resolve_region_layers
+
+    analysed = analysable(assembly, splits=splits)
+    committed = resolve_region_layers(region_layers, store.catalogue(), analysed.regions,
+                                      key="analysis.region_layers")
+
+    def one(responses, ids, layers):
+        return match_store(store, responses, splits, settings, neuron_ids=ids, layers=layers, **kwargs)
+
+    return match_by_region(one, analysed.mean_responses(), analysed.neuron_ids, analysed.regions, committed)
+
+
 def match_store(store, responses, splits, settings: MatchSettings | None = None, *,
-                neuron_ids: Sequence[str] | None = None, scheduler: str = "threads", progress: bool = False,
+                neuron_ids: Sequence[str] | None = None, layers: Sequence[str] | None = None,
+                scheduler: str = "threads", progress: bool = False,
                 fan_in: int = DEFAULT_FAN_IN, num_workers: int | None = None, gpus_per_task: float | None = None,
                 ray_remote_args: dict | None = None, wait_log_s: float = 30.0, **overrides) -> MatchResult:
     """Match every neuron to its best unit over a complete activation store, as a Dask graph.
@@ -218,6 +256,8 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
             top); ``result.null`` holds the permutation null when ``n_permutations`` > 0. Its
             ``device`` and ``block_units`` act here as follows.
         neuron_ids: names for the neuron column.
+        layers: reduce only the blocks of these layers of the store (unit ids stay the store's);
+            None: every layer.
         scheduler: ``"threads"`` (Dask's threaded scheduler), ``"sync"`` (single-threaded, for
             debugging) or ``"ray"`` (Dask-on-Ray on the cluster ``ray.init`` joined; the tasks run
             as Ray tasks, the finalize in the driver).
@@ -275,7 +315,7 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         chunk = store.unit_chunk
         block_units = max(chunk, default_block_units(engine.n_images, engine.n_rows) // chunk * chunk)
-    plan = block_plan(store, block_units)
+    plan = block_plan(store, block_units, layers)
     handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options)
     graph, root = build_graph(handle, store, plan, fan_in, block_args)
     log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks%s, fan-in %d, %s",

@@ -29,6 +29,10 @@ from scipy import stats
 
 log = logging.getLogger(__name__)
 
+#: the searches (core.analysis.SEARCHES), the memo's first; tables from before the column are all_units
+SEARCHES = ("all_units", "region_committed")
+#: a model's region-committed results sit beside its all-units ones: results/models/<key>.region_committed/
+REGION_COMMITTED_SUFFIX = ".region_committed"
 #: ImageNet top-1 (%) of guessing among 1000 classes: where a random-weight control sits on the x axis.
 CHANCE_TOP1 = 0.1
 STAT_KEYS = ("n_models", "spearman_r", "spearman_p", "pearson_r", "pearson_p", "slope", "intercept")
@@ -41,7 +45,54 @@ ILLUSTRATIVE = ("ILLUSTRATIVE: these models have random weights; x is the publis
 # statistics
 # --------------------------------------------------------------------------------------------------
 
-def correspondence_stats(summary: pd.DataFrame, region: str, value: str = "median_test_r") -> dict:
+def searches(table: pd.DataFrame) -> list[str]:
+    """The searches a table holds, all-units first (a table without a ``search`` column: all_units)."""
+    have = set(_search_column(table))
+    return [s for s in SEARCHES if s in have] + sorted(have - set(SEARCHES))
+
+
+def one_search(table: pd.DataFrame, search: str | None = None) -> pd.DataFrame:
+    """The rows of one search (default: the first of :func:`searches`), so that a model has one row per region."""
+    if search is None:
+        found = searches(table)
+        search = found[0] if found else "all_units"
+    return table[(_search_column(table) == search).to_numpy()]
+
+
+def _search_column(table: pd.DataFrame) -> pd.Series:
+    if "search" not in table:
+        return pd.Series("all_units", index=table.index)
+    return table.search.fillna("all_units").astype(str)
+
+
+def results_key(model: str, search: str) -> str:
+    """The results folder name (``results/models/<it>``) of a model's results under a search."""
+    return model if search == "all_units" else f"{model}{REGION_COMMITTED_SUFFIX}"
+
+
+def flagged_neurons(neurons: pd.DataFrame) -> pd.DataFrame:
+    """The flagged neurons (core.analysis: missing_images, constant_train, no_ceiling), once each:
+    neuron, region, flags, analyzed (False: left out of the matching). Empty for tables without flags."""
+    if "flagged" not in neurons:
+        return pd.DataFrame(columns=["neuron", "region", "flags", "analyzed"])
+    bad = neurons[neurons.flagged.astype(bool)]
+    return bad[["neuron", "region", "flags", "analyzed"]].drop_duplicates("neuron").reset_index(drop=True)
+
+
+def flagged_lines(neurons: pd.DataFrame, limit: int = 50) -> list[str]:
+    """The flagged neurons as text lines (the printed summary and report.md)."""
+    bad = flagged_neurons(neurons)
+    if bad.empty:
+        return []
+    left_out = int((~bad.analyzed.astype(bool)).sum())
+    items = [f"{r.neuron} ({r.region}: {r.flags})" for r in bad.itertuples()]
+    return [f"flagged neurons: {len(bad)} ({left_out} left out of the matching; the others lack only a ceiling): "
+            + ", ".join(items[:limit]) + (f" ... and {len(items) - limit} more (neurons.parquet: flags)"
+                                           if len(items) > limit else "")]
+
+
+def correspondence_stats(summary: pd.DataFrame, region: str, value: str = "median_test_r",
+                         search: str | None = None) -> dict:
     """Rank and linear correlation of a model score with ImageNet top-1 across models of one region.
 
     Uses the rows of :func:`fitted_rows`: models whose weights have that top-1 (trained or checkpoint),
@@ -58,7 +109,7 @@ def correspondence_stats(summary: pd.DataFrame, region: str, value: str = "media
     """
     if value not in summary:
         raise ValueError(f"summary has no column {value!r}; columns: {list(summary.columns)}")
-    rows, illustrative = fitted_rows(summary, region, value)
+    rows, illustrative = fitted_rows(summary, region, value, search)
     x, y = rows.imagenet_top1.to_numpy(float), rows[value].to_numpy(float)
     out = dict.fromkeys(STAT_KEYS, math.nan)
     out.update(n_models=len(x), illustrative=illustrative, p_method="")
@@ -103,14 +154,17 @@ def permutation_p(x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
     return float(res.pvalue), method
 
 
-def fitted_rows(summary: pd.DataFrame, region: str, value: str = "median_test_r") -> tuple[pd.DataFrame, bool]:
+def fitted_rows(summary: pd.DataFrame, region: str, value: str = "median_test_r",
+                search: str | None = None) -> tuple[pd.DataFrame, bool]:
     """The rows the statistics use in ``region``, and whether their top-1 is only illustrative.
 
     Models whose weights have the top-1 they carry (``trained``: a published tag or a checkpoint)
     with finite top-1 and ``value``; untrained controls never. When no such model exists, the
     random-weight models that carry an illustrative top-1 (``top1_illustrative``: the demo's test
-    models at their trained weights' published value) stand in, and the result says so.
+    models at their trained weights' published value) stand in, and the result says so. Rows of one
+    search only (``search``; default: all_units when present, see :func:`one_search`).
     """
+    summary = one_search(summary, search)
     rows = summary[summary.region == region]
     top1 = pd.to_numeric(rows.imagenet_top1, errors="coerce")
     score = pd.to_numeric(rows[value], errors="coerce")
@@ -154,11 +208,17 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
               "Across models whose weights have the top-1 they carry (trained tags, checkpoints; untrained "
               "controls excluded); score: median held-out r of each neuron's best-matching unit. p-values: "
               "permutation tests over the pairings of top-1 and score (exact up to 8 models).", ""]
+    found = searches(summary)
+    several = len(found) > 1
+    if several:
+        lines += ["Two searches side by side: `all_units` (each neuron's best unit among every unit of every "
+                  "layer, the memo's) and `region_committed` (among the units of the layers mapped to its region "
+                  "only, Brain-Score's convention).", ""]
     stat_rows, illustrative = [], False
-    for region in _regions(summary):
-        s = correspondence_stats(summary, region)
+    for search, region in [(f, r) for r in _regions(summary) for f in found]:
+        s = correspondence_stats(summary, region, search=search)
         illustrative |= bool(s["illustrative"])
-        stat_rows.append({"region": region, "models": s["n_models"],
+        stat_rows.append({"region": region, **({"search": search} if several else {}), "models": s["n_models"],
                           "x axis": "illustrative" if s["illustrative"] else "top-1 of these weights",
                           "Spearman ρ": _num(s["spearman_r"]), "p (Spearman)": _p(s["spearman_p"]),
                           "Pearson r": _num(s["pearson_r"]), "p (Pearson)": _p(s["pearson_p"]),
@@ -169,16 +229,18 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
 
     lines += ["## Models", ""]
     order = summary.assign(_region=summary.region.map({r: i for i, r in enumerate(pd.unique(summary.region))}),
-                           _untrained=~summary.trained.astype(bool)).sort_values(
-        ["_region", "_untrained", "imagenet_top1"], ascending=[True, True, False], na_position="last")
+                           _untrained=~summary.trained.astype(bool), _search=_search_column(summary)).sort_values(
+        ["_region", "_untrained", "imagenet_top1", "model", "_search"], ascending=[True, True, False, True, True],
+        na_position="last")
     model_rows = []
     for _, row in order.iterrows():
         model_rows.append({
-            "model": row.model, "arch": row.get("arch", ""),
+            "model": row.model, **({"search": row._search} if several else {}), "arch": row.get("arch", ""),
             "weights": str(row.weights) + (" (control)" if bool(row.get("control", False)) else ""),
             "top-1 %": _num(row.get("imagenet_top1"), ".1f") + (" (illustrative)" if bool(
                 row.get("top1_illustrative", False)) else ""), "region": row.region,
             "neurons": _num(row.get("n_neurons"), "d"),
+            "flagged": _num(row.get("n_neurons_flagged"), "d"),
             "median r": _pm(row.get("median_test_r"), row.get("median_test_r_sem")),
             "mean r": _pm(row.get("mean_test_r"), row.get("mean_test_r_sem")),
             "significant": _num(row.get("frac_significant"), ".0%"),
@@ -186,14 +248,24 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
             "transfer acc (chance)": f"{_num(row.get('transfer_accuracy'))} ({_num(row.get('chance'))})",
         })
     lines += [_markdown_table(pd.DataFrame(model_rows)), ""]
+    if several:
+        lines += _side_by_side(summary)
+    bad = flagged_lines(neurons)
+    if bad:
+        lines += ["## Flagged neurons", "", "Left out where undefined, counted in `n_neurons_flagged` "
+                  "(missing_images: no response to some images; constant_train: the same response to every train "
+                  "image of a split; both left out of the matching. no_ceiling: no split-half ceiling, so no "
+                  "ceiled score; matched and tested as usual).", "", *bad, ""]
 
     if len(neurons) and {"layer", "layer_depth"} <= set(neurons.columns):
         lines += ["## Best layers", "", "Where each neuron's best-matching unit sits (depth 0 = first selected "
                   "layer, 1 = last).", ""]
         layer_rows = []
-        for (model, region), part in neurons.groupby(["model", "region"], sort=False):
+        matched = neurons[neurons.layer.notna()].assign(_search=_search_column(neurons))
+        for (model, search, region), part in matched.groupby(["model", "_search", "region"], sort=False):
             counts = part.layer.value_counts()
-            layer_rows.append({"model": model, "region": region, "neurons": len(part),
+            layer_rows.append({"model": model, **({"search": search} if several else {}), "region": region,
+                               "neurons": len(part),
                                "median depth": _num(part.layer_depth.median(), ".2f"),
                                "most frequent layer": (f"{counts.index[0]} ({counts.iloc[0] / len(part):.0%})"
                                                        if len(counts) else "–")})
@@ -208,6 +280,27 @@ def write_markdown(summary: pd.DataFrame, neurons: pd.DataFrame, out_dir: str | 
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _side_by_side(summary: pd.DataFrame) -> list[str]:
+    """Per (model, region) the median held-out r of both searches, and the layers the committed one searched."""
+    table = summary.assign(_search=_search_column(summary))
+    rows = []
+    for (model, region), part in table.groupby(["model", "region"], sort=False):
+        by = part.set_index("_search")
+        get = lambda search, col: by.loc[search, col] if search in by.index and col in by else np.nan  # noqa: E731
+        rows.append({"model": model, "region": region,
+                     "median r, all units": _pm(get("all_units", "median_test_r"),
+                                                get("all_units", "median_test_r_sem")),
+                     "median r, region-committed": _pm(get("region_committed", "median_test_r"),
+                                                       get("region_committed", "median_test_r_sem")),
+                     "committed layers": _text(get("region_committed", "searched_layers"))})
+    return ["## All units vs region-committed", "", "Per model and region, the median held-out r of each search "
+            "(– where that search was not run).", "", _markdown_table(pd.DataFrame(rows)), ""]
+
+
+def _text(x) -> str:
+    return x if isinstance(x, str) and x else "–"
 
 
 def _num(x, spec: str = ".3f") -> str:

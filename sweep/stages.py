@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from . import provenance, results
 from .config import ConfigError, plain, validate
 from .data import check_data, load_recorded, load_stimuli, make_splits, n_neurons, plant_assembly
+from .report import flagged_lines, one_search, results_key, searches
 from .zoo import ModelEntry, load_model, plan_models
 
 log = logging.getLogger("unitmatch")
@@ -107,7 +108,11 @@ def _record(cfg: DictConfig, stimuli, splits, assembly) -> dict:
     n = cfg.neural
     planted = None if n.kind != "synthetic" else {k: n[k] for k in ("kind", "planted_model", "n_planted", "n_noise",
                                                                     "snr", "repeats", "seed")}
-    return results.sweep_record(stimuli.content_hash, splits, OmegaConf.to_container(cfg.analysis, resolve=True),
+    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
+    # the two searches' results live side by side under their own keys (models/<key>.region_committed),
+    # so a sweep folder holds both: the search is in each result's fingerprint, not in the folder's record
+    analysis.pop("region_layers", None)
+    return results.sweep_record(stimuli.content_hash, splits, analysis,
                                 None if assembly is None else _neural_fingerprint(assembly), planted)
 
 
@@ -242,11 +247,14 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
 
 
 def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, assembly, splits, done: dict) -> None:
-    from .reduce import match_store
+    from .reduce import match_assembly
 
     a, compute = cfg.analysis, cfg.compute
     neural_fp = _neural_fingerprint(assembly)
     science = OmegaConf.to_container(a, resolve=True)
+    region_layers = science.pop("region_layers", None)
+    if region_layers is not None:  # all-units fingerprints stay as they were; the search's results have their own key
+        science["region_layers"] = region_layers
     # the science settings of matching, and how to compute it, as the engine takes them
     settings = core.MatchSettings(top_k=a.top_k, n_permutations=a.n_permutations, seed=a.random_state,
                                   min_varying_images=a.min_varying_images, block_units=compute.block_units,
@@ -256,8 +264,9 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
         if entry.key not in stores:
             continue
         store = stores[entry.key]
+        key = results_key(entry.key, "all_units" if region_layers is None else "region_committed")  # side by side
         fp = results.fingerprint(store.path.name, neural_fp, [s[0].tolist() for s in splits], science)
-        if results.is_done(cfg.results_dir, entry.key, fp):
+        if results.is_done(cfg.results_dir, key, fp):
             done["skipped"].append(entry.key)
             continue
         try:
@@ -266,12 +275,14 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
             with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
-                result = match_store(store, assembly.mean_responses(), splits, settings,
-                                     neuron_ids=assembly.neuron_ids, scheduler=scheduler, progress=True,
-                                     gpus_per_task=cfg.cluster.gpus_per_reduce_task, wait_log_s=cfg.cluster.wait_log_s)
+                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
+                                        scheduler=scheduler, progress=True,
+                                        gpus_per_task=cfg.cluster.gpus_per_reduce_task,
+                                        wait_log_s=cfg.cluster.wait_log_s)
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
-                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha)
-            folder = _write_results(cfg, entry, store, analysis, result,
+                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
+                                    region_layers=region_layers)
+            folder = _write_results(cfg, entry, store, analysis, result, key,
                                     {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
                                      "neural_data": neural_fp})
             done["analyzed"].append(entry.key)
@@ -281,7 +292,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             _failed(done, entry.key, "analyze", err)
 
 
-def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, done: dict) -> Path:
+def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, key: str, done: dict) -> Path:
     depth = {layer.name: i / max(len(store.layer_units) - 1, 1) for i, layer in enumerate(store.layer_units)}
     tag = dict(model=entry.key, arch=entry.arch, weights=entry.weights, trained=entry.trained,
                control=entry.control is not None, top1_illustrative=entry.top1_illustrative,
@@ -297,7 +308,7 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
         "decoding": analysis.decoding.assign(model=entry.key),
     }
     null = None if result.null is None else {"test_r": result.null.test_r, "train_r": result.null.train_r}
-    return results.write_model_results(Path(cfg.results_dir), entry.key, tables, null, done,
+    return results.write_model_results(Path(cfg.results_dir), key, tables, null, done,
                                        {"provenance.json": provenance.model_record(entry, store)})
 
 
@@ -335,15 +346,16 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
         summary.to_csv(results_dir / "summary.csv", index=False)
         summary.to_parquet(results_dir / "summary.parquet", index=False)
         neurons.to_parquet(results_dir / "neurons.parquet", index=False)
-        neurons.drop(columns=[c for c in neurons.columns if neurons[c].dtype == object and c not in
-                              ("model", "neuron", "region", "layer", "arch")]).to_csv(results_dir / "neurons.csv",
-                                                                                     index=False)
+        keep = ("model", "neuron", "region", "layer", "arch", "flags", "search")
+        neurons.drop(columns=[c for c in neurons.columns if neurons[c].dtype == object and c not in keep]).to_csv(
+            results_dir / "neurons.csv", index=False)
         plots = make_plots(summary, neurons, results_dir, nulls=nulls)
         report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
         _atomic_touch(marker, json.dumps({"inputs": inputs, "plots": {k: Path(v).name for k, v in plots.items()}},
                                          indent=2).encode())
     if cfg.logger.enabled and wandb_summary:
-        folders = {m: results.model_dir(results_dir, m) for m in pd.unique(summary.model)}
+        keys = [results_key(str(m), s) for s in searches(summary) for m in pd.unique(one_search(summary, s).model)]
+        folders = {k: results.model_dir(results_dir, k) for k in keys}
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
                      mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
                      config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir,
@@ -398,7 +410,7 @@ def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict, us
         if kind == "store":
             return store_artifact(wandb, value.path, value.key)
         if kind == "results":
-            return results_artifact(wandb, entry.key, value)
+            return results_artifact(wandb, value.name, value)  # the folder's name: the model's key in its search
         n = cfg.neural
         return data_artifact(wandb, cfg.sweep_name, value, {"responses": n.responses or n.path,
                                                             "stimuli": cfg.stimuli.path})
@@ -417,16 +429,19 @@ def _log_stage(cfg: DictConfig, entry: ModelEntry, stage: str, metrics: dict, us
 
 def print_summary(cfg: DictConfig, done: dict) -> None:
     """The end-of-run summary on stdout (the command's output)."""
-    summary, _, _ = results.collect(Path(cfg.results_dir))
+    summary, neurons, _ = results.collect(Path(cfg.results_dir))
     print(f"sweep {cfg.sweep_name}: extracted {len(done['extracted'])}, analyzed {len(done['analyzed'])}, "
           f"already done {len(done['skipped'])}, failed {len(done['failed'])}")
     for key, failure in done["failed"].items():
         print(f"  FAILED {key} ({failure['stage']}): {failure['error']}")
     if not summary.empty:
-        cols = ["model", "weights", "region", "imagenet_top1", "median_test_r", "median_test_r_sem",
-                "frac_significant", "transfer_accuracy"]
+        cols = ["model", *(["search"] if len(searches(summary)) > 1 else []), "weights", "region", "imagenet_top1",
+                "n_neurons", "n_neurons_flagged", "median_test_r", "median_test_r_sem", "frac_significant",
+                "transfer_accuracy"]
         table = summary[[c for c in cols if c in summary]].sort_values(["region", "median_test_r"],
                                                                        ascending=[True, False])
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        for line in flagged_lines(neurons):
+            print(line)
     if done["report"]:
         print(f"report: {done['report']}  (plots and tables beside it; all results in {cfg.results_dir})")

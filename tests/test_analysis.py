@@ -131,3 +131,162 @@ def test_a_result_from_elsewhere_keeps_its_settings_and_disagreeing_ones_are_an_
     fresh = analyze(layers, assembly, splits, settings, decode=False)
     pd.testing.assert_frame_equal(same.neurons, fresh.neurons)
     assert (same.assignment.k_used >= 1).all() and same.result.settings == settings
+
+
+# ------------------------------------------------------------------ bad neurons: flagged, not fatal
+def _with_bad_neurons(assembly):
+    """The assembly plus a constant neuron (V4), one with every repeat missing for 3 images (IT), and
+    one with a single recorded repeat (V4), which only loses its ceiling."""
+    r = assembly.responses
+    rng = np.random.default_rng(11)
+    constant = np.full((1, *r.shape[1:]), 2.5)
+    missing = r[12:13] + 0.3 * rng.standard_normal(r[12:13].shape)
+    missing[0, [5, 50, 100]] = np.nan
+    single = r[0:1].copy()
+    single[0, :, 1:] = np.nan
+    responses = np.concatenate([r, constant, missing, single])
+    ids = list(assembly.neuron_ids) + ["bad_constant", "bad_missing", "one_repeat"]
+    regions = list(assembly.regions) + ["V4", "IT", "V4"]
+    return core.NeuralAssembly(responses, ids, regions, assembly.image_ids, assembly.image_metadata)
+
+
+def test_bad_neurons_are_flagged_listed_and_the_rest_analysed_as_without_them():
+    layers, assembly, _ = _world(seed=7)
+    bad = _with_bad_neurons(assembly)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=3)
+    # each of them used to fail the whole model (the engine refused NaN and constant responses)
+    with pytest.raises(ValueError, match="contain NaN/inf|same response to every train image"):
+        core.run_matching(layers, bad.mean_responses(), splits, n_permutations=0)
+    kw = dict(n_permutations=20, n_random_populations=20, top_k=4)
+    a = analyze(layers, bad, splits, **kw)
+    without = analyze(layers, bad.select(neurons=[n for n in bad.neuron_ids if not n.startswith("bad_")]), splits, **kw)
+
+    n = a.neurons.set_index("neuron")
+    assert list(a.neurons.neuron) == list(bad.neuron_ids)  # every neuron listed, in order
+    assert n.loc["bad_constant", "flags"] == "constant_train,no_ceiling" and n.loc["bad_constant", "constant_train"]
+    assert n.loc["bad_constant", "n_constant_train_splits"] == 3
+    assert n.loc["bad_missing", "flags"] == "missing_images" and n.loc["bad_missing", "n_missing_images"] == 3
+    assert n.loc["one_repeat", "flags"] == "no_ceiling" and n.loc["one_repeat", "analyzed"]
+    assert n.flagged.sum() == 3 and (n.drop(index=["bad_constant", "bad_missing", "one_repeat"])["flags"] == "").all()
+    for neuron in ("bad_constant", "bad_missing"):  # left out: undefined everywhere, never significant
+        assert not n.loc[neuron, "analyzed"] and not n.loc[neuron, "significant"]
+        assert n.loc[neuron, ["test_r", "p_value", "q_value", "strict_test_r", "unit"]].isna().all()
+        assert neuron not in set(a.matches.neuron) | set(a.assignment.neuron)
+    assert np.isfinite(n.loc["bad_missing", "ceiling"])  # a ceiling needs no matching: still reported
+    # the single-repeat neuron: ceiling undefined, ceiled score excluded, p-value defined
+    assert np.isnan(n.loc["one_repeat", ["ceiling", "test_r_ceiled"]].astype(float)).all()
+    assert not n.loc["one_repeat", "ceiling_ok"] and np.isfinite(n.loc["one_repeat", "p_value"])
+
+    # the others: identical to an analysis without the excluded neurons
+    cols = ["neuron", "region", "test_r", "train_r", "unit", "layer", "ceiling", "test_r_ceiled", "p_value",
+            "q_value", "null_test_r", "strict_unit", "strict_test_r"]
+    pd.testing.assert_frame_equal(a.neurons[a.neurons.analyzed][cols].reset_index(drop=True),
+                                  without.neurons[cols].reset_index(drop=True))
+    pd.testing.assert_frame_equal(a.matches.drop(columns="search"), without.matches.drop(columns="search"))
+    pd.testing.assert_frame_equal(a.decoding, without.decoding)
+    s, w = a.summary.set_index("region"), without.summary.set_index("region")
+    same = [c for c in w.columns if c not in ("n_neurons", "n_neurons_flagged", "n_constant_train",
+                                              "n_missing_images", "n_no_ceiling")]
+    pd.testing.assert_frame_equal(s[same], w.loc[s.index, same])
+    assert s.loc["V4", ["n_neurons", "n_analyzed", "n_neurons_flagged", "n_constant_train", "n_no_ceiling"]].tolist() \
+        == [14, 13, 2, 1, 2]
+    assert s.loc["IT", ["n_neurons", "n_analyzed", "n_neurons_flagged", "n_missing_images"]].tolist() == [13, 12, 1, 1]
+    # medians over the defined values, with their counts: the ceiled median uses the positive ceilings only
+    v4 = a.neurons[(a.neurons.region == "V4") & a.neurons.analyzed]
+    assert s.loc["V4", "n_ceiling_ok"] == v4.ceiling_ok.sum() == 12
+    assert s.loc["V4", "median_test_r_ceiled"] == pytest.approx(np.median(v4.test_r_ceiled[v4.ceiling_ok]))
+    assert s.loc["V4", "n_tested"] == 13
+
+
+def test_a_single_repeat_assembly_has_no_ceilings_but_everything_else():
+    layers, assembly, _ = _world(seed=8)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=2)
+    one = core.NeuralAssembly(assembly.responses[:, :, :1], assembly.neuron_ids, assembly.regions,
+                              assembly.image_ids, assembly.image_metadata)
+    flat = core.NeuralAssembly(assembly.responses[:, :, 0], assembly.neuron_ids, assembly.regions,
+                               assembly.image_ids, assembly.image_metadata)
+    a = analyze(layers, one, splits, n_permutations=10, decode=False)
+    b = analyze(layers, flat, splits, n_permutations=10, decode=False)
+    assert a.neurons.no_ceiling.all() and a.neurons.ceiling.isna().all() and a.neurons.test_r_ceiled.isna().all()
+    assert (a.summary.n_no_ceiling == a.summary.n_neurons).all() and a.summary.brainscore_ceiled.isna().all()
+    pd.testing.assert_series_equal(a.neurons.p_value, b.neurons.p_value)
+    assert a.neurons.p_value.notna().all()
+
+
+def test_every_neuron_flagged_is_an_error_naming_them():
+    layers, assembly, _ = _world(seed=9)
+    r = np.ones((2, assembly.n_images))
+    dead = core.NeuralAssembly(r, ["d0", "d1"], ["V4", "V4"], assembly.image_ids, assembly.image_metadata)
+    with pytest.raises(ValueError,
+                       match=r"no neuron can be matched: all 2 are flagged, e.g. \['d0 \(constant_train\)'"):
+        analyze(layers, dead, core.brainscore_splits(assembly.image_metadata, n_splits=2), decode=False)
+
+
+# ------------------------------------------------------------------ region-committed search
+def _reference_matches(x: np.ndarray, y: np.ndarray, splits) -> tuple[np.ndarray, np.ndarray]:
+    """float64 numpy: per (split, neuron) the argmax train-r unit of x (images, units) and its test r."""
+    def corr(a, b):  # (images, units) x (neurons, images) -> (neurons, units)
+        a = a - a.mean(0)
+        b = b - b.mean(1, keepdims=True)
+        return (b @ a) / np.sqrt((b * b).sum(1))[:, None] / np.sqrt((a * a).sum(0))[None, :]
+    units, test_r = [], []
+    for train, test in splits:
+        best = corr(x[train], y[:, train]).argmax(axis=1)
+        units.append(best)
+        test_r.append(np.diag(corr(x[test][:, best], y[:, test])))
+    return np.array(units), np.array(test_r)
+
+
+def test_region_committed_search_equals_all_units_restricted_by_hand():
+    layers, assembly, _ = _world(seed=10)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=3)
+    mapping = {"V4": ["conv"], "IT": ["f*"], "noise": ["re:.*"]}
+    a = analyze(layers, assembly, splits, n_permutations=10, n_random_populations=20, top_k=4, region_layers=mapping)
+    assert (a.summary.search == "region_committed").all() and (a.neurons.search == "region_committed").all()
+    assert a.summary.set_index("region").searched_layers.to_dict() == {"V4": "conv", "IT": "fc", "noise": "conv,fc"}
+    m = a.matches
+    assert set(m[m.region == "V4"].layer) == {"conv"} and set(m[m.region == "IT"].layer) == {"fc"}
+    assert set(a.layer_matches[a.layer_matches.neuron.isin(m[m.region == "V4"].neuron)].layer) == {"conv"}
+    n_conv = 16 * 4 * 4
+    y = assembly.mean_responses()
+    flat = {"conv": layers["conv"].reshape(len(y[0]), -1), "fc": layers["fc"]}
+    for region, names, offset in (("V4", ["conv"], 0), ("IT", ["fc"], n_conv)):
+        idx = np.flatnonzero(assembly.regions == region)
+        ids = assembly.neuron_ids[idx]
+        # the all-units search on the region's neurons with the activations restricted by hand
+        by_hand = core.run_matching({k: layers[k] for k in names}, y[idx], splits, a.result.settings, neuron_ids=ids)
+        got = m[m.region == region].reset_index(drop=True)
+        assert (got.unit.to_numpy() == by_hand.matches.unit.to_numpy() + offset).all()
+        np.testing.assert_allclose(got.test_r, by_hand.matches.test_r, rtol=0, atol=1e-12)
+        # and the float64 numpy reference
+        x = np.concatenate([flat[k] for k in names], axis=1).astype(np.float64)
+        ref_unit, ref_test = _reference_matches(x, y[idx], splits)
+        assert (got.unit.to_numpy().reshape(3, -1) == ref_unit + offset).all()
+        np.testing.assert_allclose(got.test_r.to_numpy().reshape(3, -1), ref_test, rtol=0, atol=1e-10)
+        # the null too: the region's neurons permuted as a group of their own
+        sel = np.isin(np.asarray(pd.unique(m.neuron)), ids)
+        np.testing.assert_array_equal(a.result.null.unit[:, :, sel] - offset, by_hand.null.unit)
+    # the strict assignment stays within the mapped layers
+    strict_layer = a.assignment.strict_unit.map(lambda u: "conv" if u < n_conv else "fc")
+    assert (strict_layer[a.assignment.region == "V4"] == "conv").all()
+    assert (strict_layer[a.assignment.region == "IT"] == "fc").all()
+    everything = analyze(layers, assembly, splits, n_permutations=0, decode=False)
+    assert (everything.summary.search == "all_units").all() and (everything.summary.searched_layers == "all").all()
+
+
+@pytest.mark.parametrize("mapping, message", [
+    ({"V4": ["conv"], "IT": ["fc"], "noise": ["fc"], "V1": ["conv"]},
+     r"region_layers: unknown region\(s\) \['V1'\]; the neurons' regions are \['IT', 'V4', 'noise'\]"),
+    ({"V4": ["conv"], "IT": ["fc"]}, r"region_layers has no layers for region\(s\) \['noise'\].*the layers are "
+                                     r"\['conv', 'fc'\]"),
+    ({"V4": ["conv2"], "IT": ["fc"], "noise": ["fc"]},
+     r"region_layers\['V4'\]: unknown layer 'conv2'.*close module names: \['conv'\].*the layers are \['conv', 'fc'\]"),
+    ({"V4": ["layer*"], "IT": ["fc"], "noise": ["fc"]}, r"region_layers\['V4'\]: layer glob 'layer\*' matches no"),
+    ({"V4": [], "IT": ["fc"], "noise": ["fc"]}, r"region_layers\['V4'\] must be a non-empty list"),
+    ({"V4": ["blocks"], "IT": ["fc"], "noise": ["fc"]}, r"'blocks' is not a layer name, glob or 're:' regex"),
+])
+def test_region_layers_errors_name_the_region_or_layer_and_the_valid_ones(mapping, message):
+    layers, assembly, _ = _world(seed=12)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=1)
+    with pytest.raises(ValueError, match=message):
+        analyze(layers, assembly, splits, n_permutations=0, decode=False, region_layers=mapping)

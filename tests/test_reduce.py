@@ -11,7 +11,7 @@ from unitmatch.core.splits import brainscore_splits
 from unitmatch.core.store import ActivationStore, StoreKey
 from unitmatch.core.synthetic import plant_neurons
 from unitmatch.core.units import LayerUnits
-from unitmatch.sweep.reduce import block_plan, build_graph, match_store
+from unitmatch.sweep.reduce import block_plan, build_graph, match_assembly, match_store
 
 N_IMAGES = 96
 CHUNK = 64
@@ -311,3 +311,41 @@ def test_ray_remote_args_reach_block_tasks_only(setup):
     assert len(blocks) == 14 and all(v == {"num_gpus": 0.5} for v in blocks.values())
     assert all(v == {} for k, v in scoped.items() if k not in blocks)  # engine, arrays, merges: no GPU asked
     assert "merge" in str(root)
+
+
+def test_match_assembly_leaves_out_flagged_neurons_and_commits_regions_like_core(setup):
+    """The store's region-committed reduction of the analysable neurons equals core's in-memory one,
+    and analyze accepts it as its result."""
+    from unitmatch import core
+    from unitmatch.core.analysis import analysable, match_by_region, resolve_region_layers
+
+    store, acts, brain, splits = setup
+    responses = np.concatenate([brain.responses, np.ones((1, N_IMAGES))])  # a constant neuron: flagged
+    ids = [*brain.truth.neuron, "flat"]
+    regions = ["V4"] * 4 + ["IT"] * 5
+    assembly = core.NeuralAssembly(responses, ids, regions, store.image_ids)
+    mapping = {"V4": ["conv", "blocks.*"], "IT": ["re:^fc$"]}
+    result = match_assembly(store, assembly, splits, n_permutations=4, block_units=BLOCK, region_layers=mapping)
+    assert "flat" not in set(result.matches.neuron)
+    region = result.matches.neuron.map(dict(zip(ids, regions)))
+    assert set(result.matches.layer[region == "V4"]) <= {"conv", "blocks.1"}
+    assert set(result.matches.layer[region == "IT"]) == {"fc"}
+    kept = analysable(assembly, splits=splits)
+    committed = resolve_region_layers(mapping, store.catalogue(), kept.regions)
+    expected = match_by_region(
+        lambda y, n, layers: run_matching(acts, y, splits, catalogue=store.catalogue(), neuron_ids=n, layers=layers,
+                                          n_permutations=4, block_units=BLOCK),
+        kept.mean_responses(), kept.neuron_ids, kept.regions, committed)
+    _assert_same(result, expected)
+    np.testing.assert_array_equal(result.null.unit, expected.null.unit)
+    a = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result, decode=False,
+                     region_layers=mapping)
+    assert a.neurons.set_index("neuron").loc["flat", "flags"] == "constant_train"
+    with pytest.raises(ValueError, match=r"result is not this region-committed search: neuron .* is matched in layer"):
+        core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result, decode=False,
+                     region_layers={"V4": ["fc"], "IT": ["fc"]})
+    with pytest.raises(ValueError, match=r"analysis.region_layers\['IT'\]: unknown layer 'fc2'.*the layers are "
+                                         r"\['conv', 'blocks.1', 'fc'\]"):
+        match_assembly(store, assembly, splits, region_layers={"V4": ["conv"], "IT": ["fc2"]})
+    with pytest.raises(ValueError, match=r"layers=\['nope'\]: unknown layers \['nope'\]"):
+        match_store(store, brain.responses, splits, layers=["nope"])

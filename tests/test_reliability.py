@@ -180,5 +180,9 @@ def test_undefined_neurons_are_nan_without_warnings():
 def test_errors():
     with pytest.raises(ValueError, match=r"needs neurons x images x repeats; got shape \(3, 10\)"):
         split_half_reliability(np.zeros((3, 10)))
-    with pytest.raises(ValueError, match="at least 2 repeats per image; got 1"):
-        split_half_reliability(np.zeros((3, 10, 1)))
+
+
+def test_a_single_repeat_gives_an_undefined_ceiling_not_an_error():
+    x = np.random.default_rng(0).normal(size=(3, 10, 1))
+    assert np.isnan(split_half_reliability(x)).all() and split_half_reliability(x).shape == (3,)
+    assert split_half_reliability(x, per_split=True, n_splits=4).shape == (4, 3)

@@ -252,6 +252,47 @@ def test_write_markdown_lists_models_regions_stats_and_plots(tmp_path):
     assert "](correspondence_V4.png)" in text and "](figs/null_x.png)" in text
 
 
+def test_both_searches_are_reported_side_by_side_each_with_its_own_statistics_and_flagged_neurons_listed(tmp_path):
+    """A sweep with an all-units and a region-committed analysis of the same models: one row per
+    (model, region) per search; each search's across-model statistics are those of its rows alone."""
+    base = _summary(("V4",))
+    committed = base.assign(search="region_committed", searched_layers="layer3.0,layer3.1",
+                            median_test_r=base.median_test_r[::-1].to_numpy())  # another ranking of the models
+    summary = pd.concat([base.assign(search="all_units", searched_layers="all"), committed], ignore_index=True)
+    summary["n_neurons_flagged"] = 2
+    neurons = _neurons(summary).assign(search=np.repeat(summary.search.to_numpy(), 12), flags="", flagged=False,
+                                       analyzed=True)
+    bad = (neurons.neuron == "V4_03") | (neurons.neuron == "V4_07")
+    neurons.loc[bad, ["flags", "flagged"]] = ["missing_images", True]
+    neurons.loc[bad, ["analyzed", "layer", "test_r", "layer_depth"]] = [False, None, np.nan, np.nan]
+    assert report.searches(summary) == ["all_units", "region_committed"] and report.searches(base) == ["all_units"]
+    for search, part in (("all_units", base), ("region_committed", committed)):
+        got = report.correspondence_stats(summary, "V4", search=search)
+        trained = part[part.trained]
+        assert got["n_models"] == 5
+        assert got["pearson_r"] == pytest.approx(stats.pearsonr(trained.imagenet_top1, trained.median_test_r).statistic)
+    # without a search named, the all-units rows (the memo's search), as before the column existed
+    assert report.correspondence_stats(summary, "V4") == report.correspondence_stats(base, "V4")
+
+    plots = figures.make_plots(summary, neurons, tmp_path, nulls={
+        "resnet18.a1_in1k": np.zeros(10) + 0.1, "resnet18.a1_in1k.region_committed": np.zeros(10) - 0.1})
+    assert {"correspondence_V4", "correspondence_V4_region_committed", "layer_profile_V4_region_committed",
+            "null_resnet18.a1_in1k", "null_resnet18.a1_in1k.region_committed"} <= set(plots)
+    text = report.write_markdown(summary, neurons, tmp_path, plots, title="both").read_text()
+    side = text.split("## All units vs region-committed")[1].split("##")[0]
+    r18 = next(line for line in side.splitlines() if line.startswith("| resnet18.a1_in1k "))
+    cells = [c.strip() for c in r18.strip("|").split("|")]
+    expect = summary[summary.model == "resnet18.a1_in1k"].set_index("search").median_test_r
+    assert cells[2] == f"{expect['all_units']:.3f} ± 0.010"
+    assert cells[3] == f"{expect['region_committed']:.3f} ± 0.010"
+    assert cells[4] == "layer3.0,layer3.1"
+    stats_table = text.split("## Models")[0]
+    assert stats_table.count("| V4 ") == 2 and "region_committed" in stats_table
+    assert "flagged neurons: 2 (2 left out of the matching" in text and "V4_03 (V4: missing_images)" in text
+    assert report.flagged_neurons(neurons).neuron.tolist() == ["V4_03", "V4_07"]
+    assert report.flagged_neurons(neurons.drop(columns=["flags", "flagged", "analyzed"])).empty
+
+
 def test_markdown_table_escapes_pipes_and_dashes_missing_values():
     table = report._markdown_table(pd.DataFrame({"model": ["a|b"], "r": [report._num(np.nan)]}))
     (parsed,) = _markdown_tables(table)

@@ -227,3 +227,57 @@ def test_sweep_through_the_address_of_a_multi_process_ray_cluster(outputs):
     assert "sweep raycluster: extracted 2, analyzed 2" in proc.stdout
     summary = pd.read_csv(outputs / "sweeps" / "raycluster" / "summary.csv")
     assert set(summary.model) == {"demo_test_convnext", "demo_test_resnet"}
+
+
+def test_bad_neurons_are_listed_the_rest_analysed_and_a_region_committed_search_sits_beside(outputs, tmp_path,
+                                                                                             capsys):
+    """neural=plain with a constant neuron, one with every repeat missing for two images and one with a
+    single repeat: each used to fail the model. Now they are flagged and listed, the others analysed
+    exactly as without them; a second run with analysis.region_layers adds its results beside."""
+    import numpy as np
+
+    from unitmatch.sweep.stages import print_summary
+
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((12, 240, 3))
+    r[0] = 1.0
+    r[1, [3, 70], :] = np.nan
+    r[2, :, 1:] = np.nan
+    np.save(tmp_path / "bad.npy", r)
+    np.save(tmp_path / "clean.npy", r[[i for i in range(12) if i not in (0, 1)]])
+    base = ["logger=none", "stimuli.variations=6", "analysis.n_permutations=9", "analysis.n_random_populations=10",
+            "analysis.splits=3", "analysis.stratify=auto", "models=[demo_test_convnext]", "untrained_controls=[]",
+            "neural=plain", "neural.region=V4"]
+    cfg = _compose(base + [f"neural.responses={tmp_path / 'bad.npy'}", "sweep_name=bad"])
+    done = run(cfg)
+    assert done["analyzed"] == ["demo_test_convnext"] and not done["failed"]
+    print_summary(cfg, done)
+    printed = capsys.readouterr().out
+    assert ("flagged neurons: 3 (2 left out of the matching; the others lack only a ceiling): n000 (V4: "
+            "constant_train,no_ceiling), n001 (V4: missing_images), n002 (V4: no_ceiling)") in printed
+    results = Path(cfg.results_dir)
+    neurons = pd.read_parquet(results / "models" / "demo_test_convnext" / "neurons.parquet")
+    assert neurons.set_index("neuron").loc[["n000", "n001", "n002"], "flags"].tolist() == [
+        "constant_train,no_ceiling", "missing_images", "no_ceiling"]
+    summary = pd.read_csv(results / "summary.csv")
+    assert summary[["n_neurons", "n_analyzed", "n_neurons_flagged", "n_no_ceiling"]].iloc[0].tolist() == [12, 10, 3, 2]
+    assert "## Flagged neurons" in (results / "report.md").read_text()
+    # the analysed neurons: the same numbers as a sweep of the assembly without the two left out
+    clean = run(_compose(base + [f"neural.responses={tmp_path / 'clean.npy'}", "sweep_name=clean"]))
+    assert clean["analyzed"] == ["demo_test_convnext"]
+    without = pd.read_parquet(Path(_compose(base + ["sweep_name=clean", f"neural.responses={tmp_path / 'clean.npy'}"])
+                                   .results_dir) / "models" / "demo_test_convnext" / "neurons.parquet")
+    kept = neurons[neurons.analyzed]
+    for column in ("test_r", "p_value", "ceiling", "strict_test_r"):
+        np.testing.assert_array_equal(kept[column].to_numpy(float), without[column].to_numpy(float))
+
+    committed = _compose(base + [f"neural.responses={tmp_path / 'bad.npy'}", "sweep_name=bad",
+                                 "analysis.region_layers={V4:[stages.3]}"])
+    done = run(committed)
+    assert done["analyzed"] == ["demo_test_convnext"] and done["extracted"] == []
+    matches = pd.read_parquet(results / "models" / "demo_test_convnext.region_committed" / "matches.parquet")
+    assert set(matches.layer) == {"stages.3"} and set(matches.search) == {"region_committed"}
+    summary = pd.read_csv(results / "summary.csv")
+    assert sorted(summary.search) == ["all_units", "region_committed"]
+    assert "## All units vs region-committed" in (results / "report.md").read_text()
+    assert run(committed)["skipped"] == ["demo_test_convnext"] and run(cfg)["skipped"] == ["demo_test_convnext"]
