@@ -57,18 +57,27 @@ def absolute_factory(factory: str) -> str:
 
 
 def _file_module(path: Path):
-    """The module of a Python file, loaded once under a name derived from its absolute path."""
+    """The module of a Python file, under a name derived from its absolute path; loaded again when the
+    file's content changed (so that the code that runs is the code whose sha256 the identity holds)."""
+    from .store import file_sha256
+
     name = "unitmatch_factory_" + hashlib.sha256(str(path).encode()).hexdigest()[:12] + "_" + (
         "".join(c if c.isalnum() else "_" for c in path.stem))
-    if name in sys.modules:
-        return sys.modules[name]
+    sha = file_sha256(path)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__unitmatch_sha256__", None) == sha:
+        return loaded
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    module.__unitmatch_sha256__ = sha
     sys.modules[name] = module  # before executing: dataclasses and pickling look the module up
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[name]
+        if loaded is not None:
+            sys.modules[name] = loaded
+        else:
+            del sys.modules[name]
         raise
     return module
 

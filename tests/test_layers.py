@@ -176,7 +176,7 @@ def test_selection_errors_name_the_bad_value_and_the_valid_options(models):
     with pytest.raises(ValueError, match="Sequential has no feature_info"):
         layer_names(plain, "blocks")
     assert layer_names(plain, "leaves") == ["0", "1"]
-    assert set(PRESETS) == {"blocks", "stages", "leaves"}
+    assert set(PRESETS) == {"blocks", "stages", "leaves", "children"}
 
 
 # ------------------------------------------------------------------------------------------------
