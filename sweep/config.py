@@ -173,7 +173,7 @@ class ClusterConfig:
     gpus_per_reduce_task: Optional[float] = field(default=None, metadata=_range(0, 1))  # null: 0.25 with GPUs
     wait_log_s: float = field(default=30.0, metadata=_range(0, lo_open=True))   # how often waits are logged
     connect_timeout_s: float = field(default=10.0, metadata=_range(0, lo_open=True))  # a remote address answers
-    runtime_env: Dict[str, Any] = field(default_factory=dict)  # Ray runtime_env (py_modules, working_dir, ...)
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the job (py_modules, working_dir)
 
 
 @dataclass
