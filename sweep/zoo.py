@@ -3,9 +3,11 @@
 Models are the Hydra group ``models`` (``conf/models/<key>.yaml``, or a user's own config folder
 through ``--config-dir``): a zoo file or ``models=[a,b]`` selects them, and each lands at
 ``cfg.models.<key>``, so ``models.resnet50.imagenet_top1=79.9`` overrides one value with Hydra's own
-syntax. Untrained controls are derived, not written: every key in ``untrained_controls`` adds
-``<key>_untrained``, the same architecture and layers with random weights (seed ``control_seed``)
-and no ImageNet accuracy.
+syntax. A model file names a timm model (``name``) or a model of your own (``factory``, see
+:mod:`core.custom`). Untrained controls are derived, not written: every key in
+``untrained_controls`` adds ``<key>_untrained``, the same architecture and layers with random weights
+(seed ``control_seed``; for a factory model: the factory without its weights file) and no ImageNet
+accuracy.
 """
 
 from __future__ import annotations
