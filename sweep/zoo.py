@@ -120,8 +120,7 @@ def untrained_control(entry: ModelEntry, seed: int) -> ModelEntry:
     (a factory model: the factory with the same arguments, without its weights file).
 
     Raises:
-        ConfigError: ``entry`` itself has random weights with that seed (the control would be it), or
-            is a ready module (nothing to re-initialise).
+        ConfigError: ``entry`` itself has random weights with that seed (the control would be it).
     """
     spec = dataclasses.replace(entry.spec, name=entry.arch if entry.spec.factory is None else entry.spec.name,
                                pretrained=False, checkpoint=None, seed=seed)
