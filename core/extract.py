@@ -84,9 +84,20 @@ def data_config(model, overrides: dict | None = None) -> dict:
     """A model's eval preprocessing (input size, interpolation, crop, mean, std), JSON-able and sorted.
 
     The model's pretrained config, with ``overrides`` applied (see :class:`ModelSpec`).
+
+    Raises:
+        ValueError: a model without a pretrained config (not a timm model) and no declared
+            ``input_size``, ``mean`` and ``std`` (timm's ImageNet defaults would be a silent guess).
     """
     timm = import_timm()
-    cfg = timm.data.resolve_data_config(dict(overrides or {}), model=model)
+    overrides = dict(overrides or {})
+    if not (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        missing = [k for k in ("input_size", "mean", "std") if overrides.get(k) is None]
+        if missing:
+            raise ValueError(f"{type(model).__name__} has no pretrained config, so its preprocessing must be declared "
+                             f"({missing} missing): describe it with ModelSpec.from_module(model, input_size=..., "
+                             f"mean=..., std=...) or ModelSpec.from_factory and pass spec=")
+    cfg = timm.data.resolve_data_config(overrides, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
 
 
@@ -518,8 +529,9 @@ class ModelSpec:
         kwargs = {k: json.loads(v) for k, v in self.kwargs}
         try:
             model = fn(**kwargs)
-        except TypeError as err:
-            raise ValueError(f"factory={self.factory!r} called with kwargs {kwargs}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any failure of the user's code, named with its call
+            raise ValueError(f"factory={self.factory!r} called with kwargs {kwargs} raised {type(err).__name__}: "
+                             f"{err}") from err
         model = custom.check_module(model, self.factory)
         if self.checkpoint:
             custom.load_weights(model, self.checkpoint)

@@ -253,7 +253,8 @@ def test_every_bad_input_is_a_clear_error_before_any_store_exists(tmp_path, net_
     fails(r"expected 'package.module:callable' or 'path/to/file.py:callable'", factory="my_net.make_net")
     fails(r"NOT_CALLABLE' is a int, not callable", factory=f"{net_file}:NOT_CALLABLE")
     fails(r"returned a builtins.str, not a torch.nn.Module", factory=f"{net_file}:not_a_module")
-    fails(r"called with kwargs \{'depth': 3\}.*unexpected keyword argument 'depth'", kwargs={"depth": 3})
+    fails(r"called with kwargs \{'depth': 3\} raised TypeError: .*unexpected keyword argument 'depth'",
+          kwargs={"depth": 3})
     fails(r"kwargs.width=.*must be JSON values", kwargs={"width": object()})
     fails(r"checkpoint=.*nope\.pt': no such weights file", checkpoint=str(tmp_path / "nope.pt"))
     state = _load(net_file, "make_net")().state_dict()
@@ -274,6 +275,16 @@ def test_every_bad_input_is_a_clear_error_before_any_store_exists(tmp_path, net_
     fails(r"std=\[0.2, 0.0, 0.3\]: every std must be > 0", std=(0.2, 0.0, 0.3))
     fails(r"crop_pct=1.5: expected 0 < crop_pct <= 1", crop_pct=1.5)
     fails(r"interpolation='cubic': expected one of \['nearest', 'bilinear', 'bicubic'", interpolation="cubic")
+
+
+def test_a_module_without_pretrained_config_needs_its_preprocessing_declared(net_file, stimuli):
+    model = _load(net_file, "make_net")()
+    with pytest.raises(ValueError, match=r"Net has no pretrained config.*\['input_size', 'mean', 'std'\] missing"):
+        extract_activations(model, stimuli, ["conv1"], device="cpu")
+    acts = extract_activations(model, stimuli, ["conv1"], dtype=np.float32, device="cpu",
+                               spec=ModelSpec.from_module(model, **PRE))
+    ref = _reference(model, stimuli, ["conv1"])["conv1"]
+    assert np.abs(acts["conv1"].reshape(len(stimuli), -1) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_bad_model_configs_name_their_key(net_file):
