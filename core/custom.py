@@ -43,11 +43,6 @@ def _split(factory: str) -> tuple[str, str]:
     return where, attr
 
 
-def is_file_factory(factory: str) -> bool:
-    """Whether ``factory`` names a Python file (``path/to/file.py:callable``) rather than a module."""
-    return _split(factory)[0].endswith(".py")
-
-
 def absolute_factory(factory: str) -> str:
     """``factory`` with a file path made absolute (a relative one is relative to the current folder)."""
     where, attr = _split(factory)

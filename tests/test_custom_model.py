@@ -30,8 +30,6 @@ from unitmatch.core.synthetic import generate_stimuli
 from unitmatch.sweep.config import ConfigError, ModelConfig
 from unitmatch.sweep.zoo import entry_from_config, untrained_control
 
-ROOT = Path(__file__).resolve().parents[1]
-
 NET_SOURCE = textwrap.dedent('''
     import torch
     from torch import nn
@@ -386,8 +384,7 @@ def test_a_ray_actor_imports_the_factory_through_runtime_env_py_modules(tmp_path
         m.syspath_prepend(str(package.parent))
         store = prepare_store(spec, stimuli, LAYERS, tmp_path / "stores", batch_size=4, dtype="float32")
         model = spec.create()
-    assert str(package.parent) not in sys.path and "PYTHONPATH" not in os.environ or \
-        str(package.parent) not in os.environ["PYTHONPATH"]
+    assert str(package.parent) not in sys.path and str(package.parent) not in os.environ.get("PYTHONPATH", "")
 
     @ray.remote
     def origin(module_name):
