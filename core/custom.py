@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import sys
 from pathlib import Path
 from typing import Callable, Mapping
@@ -244,7 +245,7 @@ def check_overrides(input_size, crop_pct, interpolation, mean, std) -> None:
     """Whatever of the preprocessing is given is consistent (see :func:`check_preprocessing`)."""
     if input_size is not None:
         size = tuple(input_size)
-        if (len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
+        if (len(size) != 3 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size)
                 or min(size) <= 0 or size[0] != 3):
             raise ValueError(f"input_size={list(size)!r}: expected [3, height, width] with positive heights and "
                              f"widths (images are RGB, 3 channels)")
@@ -252,7 +253,8 @@ def check_overrides(input_size, crop_pct, interpolation, mean, std) -> None:
         if value is None:
             continue
         values = tuple(value)
-        if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if len(values) != 3 or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                                       for v in values):
             raise ValueError(f"{key}={list(values)!r}: expected 3 finite numbers, one per channel (R, G, B), on the "
                              f"0-1 pixel scale")
         if key == "std" and min(values) <= 0:
