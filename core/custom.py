@@ -30,6 +30,8 @@ from torch import nn
 
 #: weights file suffixes :func:`load_weights` reads
 WEIGHTS_SUFFIXES = (".pt", ".pth", ".safetensors")
+#: channel orders of a model's input (images are decoded as RGB; BGR reverses the channels)
+CHANNEL_ORDERS = ("RGB", "BGR")
 #: interpolations timm's eval transform understands
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
@@ -225,7 +227,7 @@ def module_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def check_preprocessing(input_size, crop_pct, interpolation, mean, std) -> None:
+def check_preprocessing(input_size, crop_pct, interpolation, mean, std, channel_order=None) -> None:
     """Declared preprocessing of a model without a pretrained config.
 
     Raises:
@@ -238,10 +240,10 @@ def check_preprocessing(input_size, crop_pct, interpolation, mean, std) -> None:
         raise ValueError(f"{missing} not set: a factory model has no pretrained config, so declare input_size "
                          f"[3, H, W], mean and std (per channel, on the 0-1 pixel scale; e.g. ImageNet's "
                          f"mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225])")
-    check_overrides(input_size, crop_pct, interpolation, mean, std)
+    check_overrides(input_size, crop_pct, interpolation, mean, std, channel_order)
 
 
-def check_overrides(input_size, crop_pct, interpolation, mean, std) -> None:
+def check_overrides(input_size, crop_pct, interpolation, mean, std, channel_order=None) -> None:
     """Whatever of the preprocessing is given is consistent (see :func:`check_preprocessing`)."""
     if input_size is not None:
         size = tuple(input_size)
@@ -263,5 +265,8 @@ def check_overrides(input_size, crop_pct, interpolation, mean, std) -> None:
     if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
         raise ValueError(f"crop_pct={crop_pct!r}: expected 0 < crop_pct <= 1 (1: resize to the input size, "
                          f"0.875: resize to input/0.875 and center-crop)")
+    if channel_order is not None and channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order={channel_order!r}: expected one of {list(CHANNEL_ORDERS)} (mean and std are "
+                         f"given in that order)")
     if interpolation is not None and interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation={interpolation!r}: expected one of {list(INTERPOLATIONS)}")

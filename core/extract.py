@@ -91,6 +91,7 @@ def data_config(model, overrides: dict | None = None) -> dict:
     """
     timm = import_timm()
     overrides = dict(overrides or {})
+    order = overrides.pop("channel_order", None)
     if not (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
         missing = [k for k in ("input_size", "mean", "std") if overrides.get(k) is None]
         if missing:
@@ -98,14 +99,32 @@ def data_config(model, overrides: dict | None = None) -> dict:
                              f"({missing} missing): describe it with ModelSpec.from_module(model, input_size=..., "
                              f"mean=..., std=...) or ModelSpec.from_factory and pass spec=")
     cfg = timm.data.resolve_data_config(overrides, model=model)
+    if order not in (None, "RGB"):
+        cfg["channel_order"] = order  # only when not RGB: RGB stores keep their keys
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
 
 
 def eval_transform(cfg: dict):
-    """timm's eval transform (resize, center crop, to tensor, normalize) for a data config."""
+    """timm's eval transform (resize, center crop, to tensor, normalize) for a data config.
+
+    ``channel_order: BGR`` reverses the channels after normalizing; its mean and std are in BGR order.
+    """
     timm = import_timm()
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    if args.pop("channel_order", "RGB") == "BGR":
+        args["mean"], args["std"] = args["mean"][::-1], args["std"][::-1]  # normalize RGB, then reverse
+        return _ReverseChannels(timm.data.create_transform(**args, is_training=False))
     return timm.data.create_transform(**args, is_training=False)
+
+
+class _ReverseChannels:
+    """A transform followed by reversing the channel axis of its (C, H, W) tensor (RGB -> BGR)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image).flip(0)
 
 
 def preprocess(model, images: np.ndarray) -> torch.Tensor:
@@ -408,6 +427,8 @@ class ModelSpec:
         seed: random initialisation seed (untrained controls; a factory model without weights).
         input_size, crop_pct, interpolation, mean, std: overrides of a timm model's pretrained
             config, or a factory model's declared preprocessing (mean and std on the 0-1 pixel scale).
+        channel_order: ``"RGB"`` (default) or ``"BGR"`` (channels reversed after normalizing; mean and
+            std then in BGR order).
         factory: ``"package.module:callable"`` or ``"path/to/file.py:callable"`` (made absolute).
         kwargs: the factory's keyword arguments, as sorted ``(name, JSON value)`` pairs; a mapping
             given here is converted.
@@ -423,6 +444,7 @@ class ModelSpec:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    channel_order: str | None = None
     factory: str | None = None
     kwargs: tuple = ()
     module_digest: str | None = None
@@ -451,11 +473,13 @@ class ModelSpec:
                                  f"weights as checkpoint (a state dict file)")
             if self.factory is not None:
                 put("factory", custom.absolute_factory(self.factory))
-            custom.check_preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std)
+            custom.check_preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std,
+                                       self.channel_order)
         else:
             if self.kwargs:
                 raise ValueError(f"kwargs are factory arguments; {self.name!r} is a timm model (no factory)")
-            custom.check_overrides(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std)
+            custom.check_overrides(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std,
+                                   self.channel_order)
 
     @classmethod
     def from_factory(cls, factory: str, kwargs: dict | None = None, *, name: str | None = None,
@@ -548,7 +572,7 @@ class ModelSpec:
         (factory models and ready modules: the declared preprocessing, crop_pct 1 and bilinear unless set)."""
         overrides = {k: v for k, v in (("input_size", self.input_size), ("crop_pct", self.crop_pct),
                                        ("interpolation", self.interpolation), ("mean", self.mean),
-                                       ("std", self.std)) if v is not None}
+                                       ("std", self.std), ("channel_order", self.channel_order)) if v is not None}
         if self.factory is not None or self.module_digest is not None:
             overrides = {"crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center", **overrides}
         return data_config(model, overrides)

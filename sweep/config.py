@@ -97,6 +97,7 @@ class ModelConfig:
     interpolation: Optional[str] = None       # bilinear, bicubic, ... (factory default bilinear)
     mean: Optional[List[float]] = None        # per channel, 0-1 pixel scale (factory: required)
     std: Optional[List[float]] = None         # per channel, 0-1 pixel scale (factory: required)
+    channel_order: Optional[str] = None       # RGB (null) or BGR; mean and std in that order
     imagenet_top1: Optional[float] = field(default=None, metadata=_range(0, 100))
     imagenet_top1_source: str = ""
 

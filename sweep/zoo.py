@@ -96,7 +96,7 @@ def entry_from_config(key: str, model: DictConfig) -> ModelEntry:
             raise ConfigError(f"{where}.kwargs={dict(model.kwargs)!r}: kwargs are a factory's arguments; "
                               f"{where} is the timm model {model.name!r}")
     pre = {k: (tuple(model[k]) if k in ("input_size", "mean", "std") else model[k]) for k in
-           ("input_size", "crop_pct", "interpolation", "mean", "std") if model[k] is not None}
+           ("input_size", "crop_pct", "interpolation", "mean", "std", "channel_order") if model[k] is not None}
     try:
         if model.factory is not None:
             kwargs = OmegaConf.to_container(model.kwargs, resolve=True)

@@ -96,12 +96,14 @@ def _weights(path: Path, net_file: Path, seed: int, **kwargs) -> Path:
     return path
 
 
-def _reference(model, stimuli, layers=LAYERS) -> dict[str, np.ndarray]:
-    """Forward-hook outputs (images, units) in float32 on the CPU, from Pillow + float64 numpy preprocessing."""
+def _reference(model, stimuli, layers=LAYERS, mean=MEAN, std=STD, bgr=False) -> dict[str, np.ndarray]:
+    """Forward-hook outputs (images, units) in float32 on the CPU, from Pillow + float64 numpy preprocessing
+    (``bgr``: channels reversed, mean and std in that order)."""
     images = []
     for i in range(len(stimuli)):
         im = stimuli.load_image(i).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)  # crop_pct 1: resize only
-        x = (np.asarray(im, dtype=np.float64) / 255.0 - np.array(MEAN)) / np.array(STD)
+        x = np.asarray(im, dtype=np.float64)[..., ::-1] if bgr else np.asarray(im, dtype=np.float64)
+        x = (x / 255.0 - np.array(mean)) / np.array(std)
         images.append(x.transpose(2, 0, 1))
     batch = torch.from_numpy(np.stack(images).astype(np.float32))
     modules = {**dict(model.named_modules()), OUTPUT: model}
@@ -176,6 +178,21 @@ def test_a_ready_module_fills_its_store_and_must_not_change(tmp_path, net_file, 
     assert ModelSpec.from_module(model, **PRE).identity() != spec.identity()
     with pytest.raises(ValueError, match="not the module it was made from"):
         prepare_store(spec, stimuli, LAYERS, tmp_path / "stores", model=model)
+
+
+def test_bgr_input_with_caffe_style_means_on_the_0_255_scale(tmp_path, net_file, stimuli):
+    """channel_order BGR; "0-255 minus per-channel means, no scaling" is mean = means / 255, std = 1 / 255."""
+    spec = ModelSpec.from_factory(f"{net_file}:make_net", seed=2, input_size=(3, SIZE, SIZE), channel_order="BGR",
+                                  mean=tuple(m / 255 for m in (103.9, 116.8, 123.7)), std=(1 / 255,) * 3)
+    report = extract_to_store(spec, stimuli, LAYERS, tmp_path / "stores", batch_size=6, dtype="float32", device="cpu")
+    assert report.store.key["preprocessing"]["channel_order"] == "BGR"
+    torch.manual_seed(2)
+    model = _load(net_file, "make_net")()
+    _assert_store_matches(report.store, _reference(model, stimuli, mean=spec.mean, std=spec.std, bgr=True))
+    rgb = ModelSpec.from_factory(f"{net_file}:make_net", seed=2, input_size=(3, SIZE, SIZE), mean=spec.mean, std=spec.std)
+    assert "channel_order" not in rgb.data_config(model)  # RGB keys (and stores) stay as they were
+    with pytest.raises(ValueError, match=r"channel_order='GBR': expected one of \['RGB', 'BGR'\]"):
+        ModelSpec.from_factory(f"{net_file}:make_net", channel_order="GBR", **PRE)
 
 
 def test_weights_as_safetensors_and_inside_a_training_checkpoint(tmp_path, net_file):
