@@ -28,20 +28,23 @@ Guarantees of the loop:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from queue import Queue
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
+from . import custom
 from ._compat import import_timm
-from .layers import eval_mode, layer_names, probe_layers
+from .layers import OUTPUT, eval_mode, layer_names, probe_layers
 from .stimuli import StimulusSet
 from .units import Activations, LayerUnits
 
@@ -81,17 +84,47 @@ def data_config(model, overrides: dict | None = None) -> dict:
     """A model's eval preprocessing (input size, interpolation, crop, mean, std), JSON-able and sorted.
 
     The model's pretrained config, with ``overrides`` applied (see :class:`ModelSpec`).
+
+    Raises:
+        ValueError: a model without a pretrained config (not a timm model) and no declared
+            ``input_size``, ``mean`` and ``std`` (timm's ImageNet defaults would be a silent guess).
     """
     timm = import_timm()
-    cfg = timm.data.resolve_data_config(dict(overrides or {}), model=model)
+    overrides = dict(overrides or {})
+    order = overrides.pop("channel_order", None)
+    if not (getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)):
+        missing = [k for k in ("input_size", "mean", "std") if overrides.get(k) is None]
+        if missing:
+            raise ValueError(f"{type(model).__name__} has no pretrained config, so its preprocessing must be declared "
+                             f"({missing} missing): describe it with ModelSpec.from_module(model, input_size=..., "
+                             f"mean=..., std=...) or ModelSpec.from_factory and pass spec=")
+    cfg = timm.data.resolve_data_config(overrides, model=model)
+    if order not in (None, "RGB"):
+        cfg["channel_order"] = order  # only when not RGB: RGB stores keep their keys
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(cfg.items())}
 
 
 def eval_transform(cfg: dict):
-    """timm's eval transform (resize, center crop, to tensor, normalize) for a data config."""
+    """timm's eval transform (resize, center crop, to tensor, normalize) for a data config.
+
+    ``channel_order: BGR`` reverses the channels after normalizing; its mean and std are in BGR order.
+    """
     timm = import_timm()
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    if args.pop("channel_order", "RGB") == "BGR":
+        args["mean"], args["std"] = args["mean"][::-1], args["std"][::-1]  # normalize RGB, then reverse
+        return _ReverseChannels(timm.data.create_transform(**args, is_training=False))
     return timm.data.create_transform(**args, is_training=False)
+
+
+class _ReverseChannels:
+    """A transform followed by reversing the channel axis of its (C, H, W) tensor (RGB -> BGR)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        return self.transform(image).flip(0)
 
 
 def preprocess(model, images: np.ndarray) -> torch.Tensor:
@@ -235,7 +268,7 @@ def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits
     """
     from tqdm.auto import tqdm
 
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), OUTPUT: model}
     captured: dict[str, torch.Tensor] = {}
     hooks = [modules[layer.name].register_forward_hook(_capture(captured, layer.name, dtype)) for layer in layers]
     loader = torch.utils.data.DataLoader(
@@ -326,12 +359,12 @@ def _check_batch_size(batch_size) -> int:
 # In memory
 # ---------------------------------------------------------------------------------------------------
 def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int = 32, dtype=np.float16, device=None,
-                        num_workers: int = 0, progress: bool = False) -> Activations:
+                        num_workers: int = 0, progress: bool = False, spec: ModelSpec | None = None) -> Activations:
     """Every unit of every chosen layer for every image, in memory.
 
     Args:
         model: a torch model (e.g. :func:`create_model`); preprocessing comes from its pretrained
-            config (:func:`data_config`). It is left as it was: same devices, same modes, no hooks.
+            config (:func:`data_config`), or from ``spec``. It is left as it was: same devices, same modes, no hooks.
         stimuli: the images.
         layers: module names (in the order wanted), or a preset / selection as
             :func:`core.layers.layer_names` takes it (``"stages"``, ``"blocks"``, ``"leaves"``).
@@ -341,6 +374,8 @@ def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int 
             and back afterwards.
         num_workers: DataLoader workers decoding images in parallel (0: in this process).
         progress: show a progress bar.
+        spec: the model's :class:`ModelSpec`, whose preprocessing is used (needed for factory models
+            and ready modules, which have no pretrained config).
 
     Returns:
         :class:`~core.units.Activations`: ``{layer: (images, *unit_shape)}`` arrays of ``dtype`` in
@@ -355,8 +390,8 @@ def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int 
     if out_dtype.name not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32; got {dtype!r}")
     batch_size = _check_batch_size(batch_size)
-    names = layer_names(model, layers) if isinstance(layers, str) else list(layers)
-    cfg = data_config(model)
+    cfg = spec.data_config(model) if spec is not None else data_config(model)
+    names = layer_names(model, layers, input_size=tuple(cfg["input_size"])) if isinstance(layers, str) else list(layers)
     units = probe_layers(model, names, tuple(cfg["input_size"]))
     sink = _MemorySink(units, len(stimuli), batch_size, out_dtype)
     _extract(model, stimuli, cfg, units, sink, batches=range(-(-len(stimuli) // batch_size)), batch_size=batch_size,
@@ -371,12 +406,33 @@ def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int 
 class ModelSpec:
     """A model and its preprocessing, as an identity.
 
+    Three kinds of model:
+
+    - a timm model: ``name`` is a timm name (with a pretrained tag when ``pretrained``);
+    - a factory model (:meth:`from_factory`): ``factory`` names any importable callable
+      (``"package.module:callable"`` or ``"path/to/file.py:callable"``) called with ``kwargs`` that
+      returns a ``torch.nn.Module``; ``name`` is only a label. Preprocessing must be declared
+      (``input_size``, ``mean``, ``std``; ``crop_pct`` defaults to 1, ``interpolation`` to
+      bilinear). The identity holds the factory, its arguments, the sha256 of the callable's source
+      file and of the weights file, so editing the code or the weights makes a new store;
+    - a ready module (:meth:`from_module`): identified by its class and a hash of its state dict;
+      the module travels with the spec (Ray workers get a pickled copy).
+
     Attributes:
-        name: timm model name, with a pretrained tag when ``pretrained`` (``resnet50.a1_in1k``).
-        pretrained: load the tag's published weights.
-        checkpoint: a local weights file instead (its sha256 enters the identity).
-        seed: random initialisation seed (untrained controls).
-        input_size, crop_pct, interpolation, mean, std: overrides of the model's pretrained config.
+        name: timm model name, with a pretrained tag when ``pretrained`` (``resnet50.a1_in1k``); a
+            label for factory models and ready modules.
+        pretrained: load the tag's published weights (timm only).
+        checkpoint: a local weights file instead (its sha256 enters the identity); for factory models
+            a state dict (``.pt``, ``.pth``, ``.safetensors``) loaded strictly.
+        seed: random initialisation seed (untrained controls; a factory model without weights).
+        input_size, crop_pct, interpolation, mean, std: overrides of a timm model's pretrained
+            config, or a factory model's declared preprocessing (mean and std on the 0-1 pixel scale).
+        channel_order: ``"RGB"`` (default) or ``"BGR"`` (channels reversed after normalizing; mean and
+            std then in BGR order).
+        factory: ``"package.module:callable"`` or ``"path/to/file.py:callable"`` (made absolute).
+        kwargs: the factory's keyword arguments, as sorted ``(name, JSON value)`` pairs; a mapping
+            given here is converted.
+        module_digest: :func:`core.custom.module_digest` of a ready module.
     """
 
     name: str
@@ -388,24 +444,137 @@ class ModelSpec:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    channel_order: str | None = None
+    factory: str | None = None
+    kwargs: tuple = ()
+    module_digest: str | None = None
+    module: torch.nn.Module | None = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        def put(key, value):
+            object.__setattr__(self, key, value)
+
+        for key in ("input_size", "mean", "std"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, tuple):
+                try:
+                    put(key, tuple(value))
+                except TypeError:
+                    raise ValueError(f"{key}={value!r}: expected a list of 3 numbers") from None
+        if not isinstance(self.kwargs, tuple):
+            put("kwargs", custom.kwargs_items(self.kwargs))
+        elif not all(isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in self.kwargs):
+            raise ValueError(f"kwargs={self.kwargs!r}: give a mapping of argument names to values")
+        if self.factory is not None or self.module_digest is not None:
+            if self.factory is not None and self.module_digest is not None:
+                raise ValueError("a ModelSpec has a factory or a ready module (module_digest), not both")
+            if self.pretrained:
+                raise ValueError(f"pretrained=True is for timm tags; {self.name!r} is not a timm model: give its "
+                                 f"weights as checkpoint (a state dict file)")
+            if self.factory is not None:
+                put("factory", custom.absolute_factory(self.factory))
+            custom.check_preprocessing(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std,
+                                       self.channel_order)
+        else:
+            if self.kwargs:
+                raise ValueError(f"kwargs are factory arguments; {self.name!r} is a timm model (no factory)")
+            custom.check_overrides(self.input_size, self.crop_pct, self.interpolation, self.mean, self.std,
+                                   self.channel_order)
+
+    @classmethod
+    def from_factory(cls, factory: str, kwargs: dict | None = None, *, name: str | None = None,
+                     checkpoint: str | None = None, seed: int = 0, **preprocessing) -> "ModelSpec":
+        """A factory model: ``factory(**kwargs)``, weights from ``checkpoint`` (else random, ``seed``).
+
+        ``preprocessing``: ``input_size`` (3, H, W), ``mean``, ``std`` (required), ``crop_pct``,
+        ``interpolation``. Nothing is imported here; :meth:`check` or :meth:`create` import.
+        """
+        label = name or custom._split(factory)[1].rsplit(".", 1)[-1]
+        return cls(label, checkpoint=checkpoint, seed=seed, factory=factory, kwargs=custom.kwargs_items(kwargs),
+                   **preprocessing)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, *, name: str | None = None, **preprocessing) -> "ModelSpec":
+        """A ready module, identified by its class and state dict (:func:`core.custom.module_digest`).
+
+        ``preprocessing`` as for :meth:`from_factory`. The module must not change afterwards: a store
+        is checked against the digest when it is prepared.
+        """
+        custom.check_module(module, "from_module(module)")
+        return cls(name or type(module).__qualname__, module_digest=custom.module_digest(module), module=module,
+                   **preprocessing)
+
+    @property
+    def arch(self) -> str:
+        """The architecture: timm's name without tag, the factory's callable, or the module's class."""
+        if self.factory is not None:
+            return custom._split(self.factory)[1].rsplit(".", 1)[-1]
+        if self.module_digest is not None:
+            return self.name
+        return self.name.split(".")[0]
+
+    def check(self) -> None:
+        """What can be checked without building the model: the factory imports and is callable, the
+        weights file exists. Raises ValueError."""
+        if self.factory is not None:
+            custom.resolve_factory(self.factory)
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise ValueError(f"checkpoint={self.checkpoint!r}: no such weights file")
 
     def identity(self) -> str:
-        if self.checkpoint:
-            from .store import file_sha256
+        from .store import file_sha256
 
+        if self.module_digest is not None:
+            return f"module:{self.name}@sha256:{self.module_digest}"
+        if self.factory is not None:
+            where, attr = custom._split(self.factory)
+            where = os.path.basename(where) if where.endswith(".py") else where  # the content is hashed
+            args = ",".join(f"{k}={v}" for k, v in self.kwargs)
+            source = custom.source_sha256(custom.resolve_factory(self.factory))
+            weights = f"sha256:{file_sha256(self.checkpoint)}" if self.checkpoint else f"random:{self.seed}"
+            return f"factory:{where}:{attr}({args})@source:{source}@{weights}"
+        if self.checkpoint:
             return f"{self.name}@sha256:{file_sha256(self.checkpoint)}"
         if self.pretrained:
             return self.name
         return f"{self.name}@random:{self.seed}"
 
     def create(self):
-        return create_model(self.name, pretrained=self.pretrained, checkpoint=self.checkpoint, seed=self.seed)
+        """The model in eval mode (a ready module: that module)."""
+        if self.module_digest is not None:
+            if self.module is None:
+                raise ValueError(f"ModelSpec {self.name!r} stands for a ready module that did not come with it; "
+                                 f"pass the module (model=...)")
+            return self.module
+        if self.factory is None:
+            return create_model(self.name, pretrained=self.pretrained, checkpoint=self.checkpoint, seed=self.seed)
+        fn = custom.resolve_factory(self.factory)
+        torch.manual_seed(self.seed)
+        kwargs = {k: json.loads(v) for k, v in self.kwargs}
+        try:
+            model = fn(**kwargs)
+        except Exception as err:  # noqa: BLE001 - any failure of the user's code, named with its call
+            raise ValueError(f"factory={self.factory!r} called with kwargs {kwargs} raised {type(err).__name__}: "
+                             f"{err}") from err
+        model = custom.check_module(model, self.factory)
+        if self.checkpoint:
+            custom.load_weights(model, self.checkpoint)
+        return model.eval()
+
+    def check_model(self, model) -> None:
+        """A model passed for a ready-module spec is that module, unchanged (else ValueError)."""
+        if self.module_digest is not None and custom.module_digest(model) != self.module_digest:
+            raise ValueError(f"the model passed for ModelSpec {self.name!r} is not the module it was made from (its "
+                             f"class or state dict differs); make a new spec with ModelSpec.from_module")
 
     def data_config(self, model) -> dict:
-        """The preprocessing actually used: the model's pretrained config with the overrides applied."""
+        """The preprocessing actually used: the model's pretrained config with the overrides applied
+        (factory models and ready modules: the declared preprocessing, crop_pct 1 and bilinear unless set)."""
         overrides = {k: v for k, v in (("input_size", self.input_size), ("crop_pct", self.crop_pct),
                                        ("interpolation", self.interpolation), ("mean", self.mean),
-                                       ("std", self.std)) if v is not None}
+                                       ("std", self.std), ("channel_order", self.channel_order)) if v is not None}
+        if self.factory is not None or self.module_digest is not None:
+            overrides = {"crop_pct": 1.0, "interpolation": "bilinear", "crop_mode": "center", **overrides}
         return data_config(model, overrides)
 
 
@@ -447,9 +616,12 @@ def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, bat
     if len(stimuli) == 0:
         raise ValueError("the stimulus set is empty")
     batch_size = _check_batch_size(batch_size)
-    model = model if model is not None else spec.create()
+    if model is None:
+        model = spec.create()
+    else:
+        spec.check_model(model)
     cfg = spec.data_config(model)
-    names = layer_names(model, selection)
+    names = layer_names(model, selection, input_size=tuple(cfg["input_size"]))
     key = StoreKey(spec.identity(), cfg, stimuli.content_hash, tuple(names), dtype)
     store = ActivationStore.find(root, key)
     if store is not None:

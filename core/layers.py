@@ -7,7 +7,10 @@ into module names:
 - a preset: ``"stages"`` (timm's ``feature_info`` modules), ``"blocks"`` (the residual or
   transformer blocks of every stage) or ``"leaves"`` (every module without children that the
   forward pass calls, except Identity / Dropout / DropPath, whose output repeats their input; one
-  forward pass on a zero image finds the uncalled ones);
+  forward pass on a zero image finds the uncalled ones) or ``"children"`` (the model's top-level
+  children, found the same way: CORnet's V1, V2, V4, IT, decoder); ``leaves`` and ``children`` work
+  for any module, ``stages`` and ``blocks`` need timm's ``feature_info``;
+- ``"@output"``: the model's own output (the root module's);
 - or a list of entries, each an exact module name (``"layer1.0"``), a glob (``"layer*.0"``, fnmatch
   on the full dotted name, so ``*`` also crosses dots), a regex prefixed ``"re:"``
   (``"re:blocks\\.\\d+$"``, searched anywhere in the name; anchor with ``^`` and ``$``) or a preset
@@ -38,7 +41,9 @@ from .units import LayerUnits
 log = logging.getLogger(__name__)
 
 #: the named selections :func:`layer_names` understands
-PRESETS = ("blocks", "stages", "leaves")
+PRESETS = ("blocks", "stages", "leaves", "children")
+#: the selection entry (and layer name) of the model's own output (the root module)
+OUTPUT = "@output"
 
 _GLOB_CHARS = "*?["
 _REGEX_PREFIX = "re:"
@@ -56,17 +61,20 @@ _NCHW_MODULES = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn
 # ----------------------------------------------------------------------------------------------
 
 
-def layer_names(model: nn.Module, selection) -> list[str]:
+def layer_names(model: nn.Module, selection, *, input_size: tuple[int, int, int] | None = None) -> list[str]:
     """Module names to hook, in forward (registration) order, no duplicates.
 
     Args:
         model: a torch module, usually a timm model.
         selection: a preset name (see :data:`PRESETS`), or a list of entries; each entry is an exact
             module name, a glob (``"layer*.0"``, fnmatch on module names), a regex prefixed ``"re:"``
-            (``"re:blocks\\.\\d+$"``, ``re.search`` on module names) or a preset name.
+            (``"re:blocks\\.\\d+$"``, ``re.search`` on module names), a preset name, or
+            :data:`OUTPUT` (``"@output"``: the model's own output; globs and regexes never match it).
+        input_size: (C, H, W) of the forward pass that the ``leaves`` and ``children`` presets run to
+            leave out modules that are never called; default the model's pretrained config's.
 
     Returns:
-        The selected module names, ordered as ``model.named_modules()`` lists them.
+        The selected module names, ordered as ``model.named_modules()`` lists them (``"@output"`` last).
 
     Raises:
         ValueError: an unknown preset; an exact name that is not a module (close valid names are
@@ -75,7 +83,7 @@ def layer_names(model: nn.Module, selection) -> list[str]:
         TypeError: a selection that is neither a string nor a list of strings.
     """
     modules = _named_modules(model)
-    order = {name: i for i, name in enumerate(modules)}
+    order = {name: i for i, name in enumerate([*modules, OUTPUT])}
     if isinstance(selection, str):
         if selection not in PRESETS:
             raise ValueError(
@@ -101,17 +109,19 @@ def layer_names(model: nn.Module, selection) -> list[str]:
     for entry in entries:
         if not isinstance(entry, str):
             raise TypeError(f"layer selection entries must be strings; got {type(entry).__name__} {entry!r}")
-        chosen.update(_resolve(model, modules, entry))
+        chosen.update(_resolve(model, modules, entry, input_size))
     if not chosen:
         raise ValueError(f"layer selection {entries!r} selects no module of {type(model).__name__}")
     return sorted(chosen, key=order.__getitem__)
 
 
-def _resolve(model: nn.Module, modules: dict[str, nn.Module], entry: str) -> list[str]:
+def _resolve(model: nn.Module, modules: dict[str, nn.Module], entry: str, input_size=None) -> list[str]:
     """The module names one selection entry stands for (unordered, possibly with duplicates)."""
     kind = type(model).__name__
+    if entry == OUTPUT:
+        return [OUTPUT]
     if entry in PRESETS:
-        names = _PRESET_FUNCTIONS[entry](model, modules)
+        names = _PRESET_FUNCTIONS[entry](model, modules, input_size)
         if not names:
             hint = f" (its feature_info modules are {_stages(model, modules)})" if entry == "blocks" else ""
             raise ValueError(
@@ -148,7 +158,8 @@ def _close_hint(text: str, modules: dict[str, nn.Module]) -> str:
         top = [name for name in modules if name and "." not in name]
         names = f"; top-level modules: {top[:20]}" + (" ..." if len(top) > 20 else "")
     return (
-        names + f". Or use a preset {list(PRESETS)}, a glob ('layer*.0') or a regex ('re:blocks\\.\\d+$')"
+        names + f". Or use a preset {list(PRESETS)}, a glob ('layer*.0'), a regex ('re:blocks\\.\\d+$') or "
+        f"{OUTPUT!r} (the model's output)"
     )
 
 
@@ -162,7 +173,7 @@ def _named_modules(model: nn.Module) -> dict[str, nn.Module]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _stages(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _stages(model: nn.Module, modules: dict[str, nn.Module], input_size=None) -> list[str]:
     """timm's ``feature_info`` modules that exist in the model (the root '' left out)."""
     info = getattr(model, "feature_info", None)
     if not info:
@@ -180,7 +191,7 @@ def _stages(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
     return list(dict.fromkeys(n for n in names if n in modules))
 
 
-def _blocks(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _blocks(model: nn.Module, modules: dict[str, nn.Module], input_size=None) -> list[str]:
     """Residual / transformer blocks, found from timm's ``feature_info`` modules.
 
     A feature_info module that is a *stage* (see :func:`_stage_blocks`) gives its blocks: a
@@ -276,31 +287,44 @@ def _all_containers(module: nn.Module) -> bool:
     return bool(children) and all(_has_children(c) for c in children)
 
 
-def _leaves(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+def _leaves(model: nn.Module, modules: dict[str, nn.Module], input_size=None) -> list[str]:
     """Every module without children that a forward pass calls, except pass-through ones.
 
     Pass-through modules (Identity, Dropout, DropPath) are left out because their output repeats
     their input. Leaves that hold parameters for a parent but are never called themselves (MaxViT's
     ``attn.rel_pos`` with fused attention), or whose output is not a tensor with a per-image axis,
-    are found with one forward pass on a zero image at the model's input size and left out too.
+    are found with one forward pass on a zero image at ``input_size`` (default the model's
+    pretrained config's, else 224 px) and left out too.
     """
     leaves = [name for name, module in modules.items() if not _has_children(module) and not _passes_through(module)]
+    return _called(model, modules, leaves, input_size, "leaves")
+
+
+def _top_children(model: nn.Module, modules: dict[str, nn.Module], input_size=None) -> list[str]:
+    """The model's top-level children (CORnet's V1, V2, V4, IT, decoder) that a forward pass calls
+    with a per-image tensor output, except pass-through ones; found as for ``leaves``."""
+    children = [name for name, module in model.named_children() if not _passes_through(module)]
+    return _called(model, modules, children, input_size, "children")
+
+
+def _called(model: nn.Module, modules: dict[str, nn.Module], names: list[str], input_size, preset: str) -> list[str]:
+    """``names`` without the modules that give no per-image tensor in a forward pass on a zero image."""
     try:
-        size = _input_size(model, None)
+        size = _input_size(model, input_size)
     except ValueError:
         size = (3, 224, 224)
     try:
-        outputs, _, _ = _forward_with_hooks(model, {n: modules[n] for n in leaves}, size)
+        outputs, _, _ = _forward_with_hooks(model, {n: modules[n] for n in names}, size)
     except Exception as err:  # noqa: BLE001 - the static list is still a fair answer
-        log.warning("%s: forward pass at %s failed (%s); 'leaves' not checked for unused modules",
-                    type(model).__name__, size, err)
-        return leaves
-    dropped = [n for n in leaves if _first_tensor(outputs.get(n)) is None or _first_tensor(outputs[n]).dim() < 2]
+        log.warning("%s: forward pass at %s failed (%s); %r not checked for unused modules",
+                    type(model).__name__, size, err, preset)
+        return names
+    dropped = [n for n in names if _first_tensor(outputs.get(n)) is None or _first_tensor(outputs[n]).dim() < 2]
     if dropped:
-        log.info("%s: leaves without a per-image tensor output in a forward pass left out: %s",
-                 type(model).__name__, dropped)
+        log.info("%s: %s without a per-image tensor output in a forward pass left out: %s",
+                 type(model).__name__, preset, dropped)
     dropped_set = set(dropped)
-    return [n for n in leaves if n not in dropped_set]
+    return [n for n in names if n not in dropped_set]
 
 
 def _passes_through(module: nn.Module) -> bool:
@@ -310,7 +334,7 @@ def _passes_through(module: nn.Module) -> bool:
     return kind in _PASS_THROUGH_NAMES or kind.endswith("Dropout")
 
 
-_PRESET_FUNCTIONS = {"blocks": _blocks, "stages": _stages, "leaves": _leaves}
+_PRESET_FUNCTIONS = {"blocks": _blocks, "stages": _stages, "leaves": _leaves, "children": _top_children}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +374,7 @@ def probe_layers(model: nn.Module, names: Sequence[str], input_size: tuple[int, 
             during the pass or a non-tensor output, or an output of rank < 2 (no per-image axis).
     """
     names = list(names)
-    modules = _named_modules(model)
+    modules = {**_named_modules(model), OUTPUT: model}
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"unknown layers {unknown} in {type(model).__name__}" + _close_hint(unknown[0], modules))

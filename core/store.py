@@ -92,7 +92,8 @@ class StoreKey:
 
     Attributes:
         model: model identity: ``name.tag`` for published weights, ``name@random:<seed>`` for random
-            weights, ``name@sha256:<digest>`` for a local weights file.
+            weights, ``name@sha256:<digest>`` for a local weights file; ``factory:...`` and ``module:...``
+            for models of your own (:meth:`core.extract.ModelSpec.identity`).
         preprocessing: input size, interpolation, crop, mean, std actually used.
         stimuli: the stimulus set's content hash.
         layers: layer names in order.

@@ -228,7 +228,8 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str = "local", *, num_cpus: int | None = None, num_gpus: int | None = None,
-                connect_timeout_s: float = 10.0, log_to_driver: bool = True) -> Iterator[list[NodeResources]]:
+                connect_timeout_s: float = 10.0, log_to_driver: bool = True,
+                runtime_env: dict | None = None) -> Iterator[list[NodeResources]]:
     """Ray for the body of a ``with``: joined or started, and stopped afterwards if started here.
 
     If this process is already connected to Ray (``ray.is_initialized()``), that connection is
@@ -241,6 +242,8 @@ def ray_session(address: str = "local", *, num_cpus: int | None = None, num_gpus
         num_cpus, num_gpus: resources of a local Ray (None: detected). Only for ``"local"``.
         connect_timeout_s: how long a remote address may take to answer a TCP connection.
         log_to_driver: stream actors' and tasks' stdout/stderr to this process.
+        runtime_env: Ray's runtime_env for the job's workers, e.g. ``{"py_modules": ["my_models"]}``
+            or ``{"working_dir": "."}`` so that a model factory imports on every worker.
 
     Yields:
         The cluster's alive nodes with their total resources.
@@ -257,8 +260,12 @@ def ray_session(address: str = "local", *, num_cpus: int | None = None, num_gpus
     started = False
     if ray.is_initialized():
         log.debug("Ray is already initialized in this process: using that connection")
+        if runtime_env:
+            log.warning("Ray is already initialized in this process: runtime_env %s is not applied", runtime_env)
     else:
         kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": log_to_driver}
+        if runtime_env:
+            kwargs["runtime_env"] = dict(runtime_env)
         if address == "local":
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
         else:

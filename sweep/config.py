@@ -86,12 +86,19 @@ class WandbMode(str, Enum):
 class ModelConfig:
     """One zoo member: ``conf/models/<key>.yaml`` (the file's name is the model's key)."""
 
-    name: str = MISSING                       # timm name, with a pretrained tag when pretrained
+    name: Optional[str] = None                # timm name, with a pretrained tag when pretrained (or factory)
+    factory: Optional[str] = None             # instead of name: "package.module:callable" or "file.py:callable"
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # the factory's keyword arguments
     pretrained: bool = False                  # load the tag's published weights
     checkpoint: Optional[str] = None          # a local weights file instead (its sha256 is its identity)
     seed: int = 0                             # random initialisation (random-weight models)
-    layers: Any = "blocks"                    # a preset (blocks, stages, leaves) or a list of names/globs/re:
-    input_size: Optional[List[int]] = None    # (C, H, W); null: the model's pretrained config
+    layers: Any = "blocks"                    # a preset (blocks, stages, leaves, children), names/globs/re:, @output
+    input_size: Optional[List[int]] = None    # (C, H, W); null: the model's pretrained config (factory: required)
+    crop_pct: Optional[float] = None          # resize to input/crop_pct, center-crop (factory default 1)
+    interpolation: Optional[str] = None       # bilinear, bicubic, ... (factory default bilinear)
+    mean: Optional[List[float]] = None        # per channel, 0-1 pixel scale (factory: required)
+    std: Optional[List[float]] = None         # per channel, 0-1 pixel scale (factory: required)
+    channel_order: Optional[str] = None       # RGB (null) or BGR; mean and std in that order
     imagenet_top1: Optional[float] = field(default=None, metadata=_range(0, 100))
     imagenet_top1_source: str = ""
 
@@ -171,6 +178,7 @@ class ClusterConfig:
     gpus_per_reduce_task: Optional[float] = field(default=None, metadata=_range(0, 1))  # null: 0.25 with GPUs
     wait_log_s: float = field(default=30.0, metadata=_range(0, lo_open=True))   # how often waits are logged
     connect_timeout_s: float = field(default=10.0, metadata=_range(0, lo_open=True))  # a remote address answers
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # Ray runtime_env of the job (py_modules, working_dir)
 
 
 @dataclass

@@ -3,7 +3,8 @@
 The driver first prepares every store (:func:`core.extract.prepare_store`: model and layers
 validated, store created or found, nothing extracted). Work items are (model, shard of image
 batches). Each actor holds the models it has loaded (one load per model per actor, placed on its
-device once), runs :func:`core.extract.extract_to_store` on its shard (decode, forward, float16 on
+device once; a factory model is imported and built on the worker from its spec, so its code must
+import there: a shared filesystem, or Ray's ``runtime_env``), runs :func:`core.extract.extract_to_store` on its shard (decode, forward, float16 on
 the device, background writes of whole chunks), and reports the batches it wrote. The driver keeps
 at most ``in_flight`` items per actor (backpressure), replaces an actor that dies and re-submits
 its item (batches it had finished are skipped: their completion records exist), and marks each

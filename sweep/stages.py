@@ -200,7 +200,8 @@ def _ray(cfg: DictConfig):
 
     c = cfg.cluster
     local = c.address == "local"
-    return ray_session(c.address, num_cpus=c.num_cpus if local else None, connect_timeout_s=c.connect_timeout_s)
+    return ray_session(c.address, num_cpus=c.num_cpus if local else None, connect_timeout_s=c.connect_timeout_s,
+                       runtime_env=OmegaConf.to_container(c.runtime_env) if c.runtime_env else None)
 
 
 def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:

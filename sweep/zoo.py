@@ -3,13 +3,16 @@
 Models are the Hydra group ``models`` (``conf/models/<key>.yaml``, or a user's own config folder
 through ``--config-dir``): a zoo file or ``models=[a,b]`` selects them, and each lands at
 ``cfg.models.<key>``, so ``models.resnet50.imagenet_top1=79.9`` overrides one value with Hydra's own
-syntax. Untrained controls are derived, not written: every key in ``untrained_controls`` adds
-``<key>_untrained``, the same architecture and layers with random weights (seed ``control_seed``)
-and no ImageNet accuracy.
+syntax. A model file names a timm model (``name``) or a model of your own (``factory``, see
+:mod:`core.custom`). Untrained controls are derived, not written: every key in
+``untrained_controls`` adds ``<key>_untrained``, the same architecture and layers with random weights
+(seed ``control_seed``; for a factory model: the factory without its weights file) and no ImageNet
+accuracy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from dataclasses import dataclass
@@ -64,35 +67,63 @@ class ModelEntry:
 
     @property
     def arch(self) -> str:
-        return self.spec.name.split(".")[0]
+        return self.spec.arch
 
 
 def entry_from_config(key: str, model: DictConfig) -> ModelEntry:
-    """A :class:`ModelEntry` from one ``models.<key>`` node.
+    """A :class:`ModelEntry` from one ``models.<key>`` node: a timm ``name`` or a ``factory``.
+
+    A factory is imported here (and its weights file looked for), so that a model that cannot be
+    built fails before any work.
 
     Raises:
-        ConfigError: the architecture is not a timm model (close names listed).
+        ConfigError: neither or both of name and factory; the architecture is not a timm model (close
+            names listed); a factory that does not import or is not callable, a missing weights file,
+            missing or inconsistent preprocessing (each naming its ``models.<key>.`` key).
     """
-    arch = str(model.name).split(".")[0]
-    timm = import_timm()
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5)
-        raise ConfigError(f"models.{key}.name={model.name!r}: timm has no architecture {arch!r}; close names: {close}")
-    input_size = tuple(int(s) for s in model.input_size) if model.input_size else None
+    where = f"models.{key}"
+    if (model.name is None) == (model.factory is None):
+        raise ConfigError(f"{where}: set exactly one of name (a timm model) and factory ('package.module:callable' "
+                          f"or 'path/to/file.py:callable'); got name={model.name!r}, factory={model.factory!r}")
+    if model.factory is None:
+        arch = str(model.name).split(".")[0]
+        timm = import_timm()
+        if not timm.is_model(arch):
+            close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+            raise ConfigError(f"{where}.name={model.name!r}: timm has no architecture {arch!r}; close names: {close}; "
+                              f"for a model of your own, set {where}.factory instead")
+        if model.kwargs:
+            raise ConfigError(f"{where}.kwargs={dict(model.kwargs)!r}: kwargs are a factory's arguments; "
+                              f"{where} is the timm model {model.name!r}")
+    pre = {k: (tuple(model[k]) if k in ("input_size", "mean", "std") else model[k]) for k in
+           ("input_size", "crop_pct", "interpolation", "mean", "std", "channel_order") if model[k] is not None}
+    try:
+        if model.factory is not None:
+            kwargs = OmegaConf.to_container(model.kwargs, resolve=True)
+            spec = ModelSpec.from_factory(str(model.factory), kwargs, name=key, checkpoint=model.checkpoint,
+                                          seed=int(model.seed), **pre)
+            if model.pretrained:
+                raise ValueError("pretrained=true is for timm tags: give a factory model's weights as checkpoint")
+            spec.check()
+        else:
+            spec = ModelSpec(str(model.name), pretrained=bool(model.pretrained), checkpoint=model.checkpoint,
+                             seed=int(model.seed), **pre)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     layers = OmegaConf.to_container(model.layers) if OmegaConf.is_config(model.layers) else model.layers
-    return ModelEntry(key, ModelSpec(str(model.name), pretrained=bool(model.pretrained), checkpoint=model.checkpoint,
-                                     seed=int(model.seed), input_size=input_size),
-                      layers, None if model.imagenet_top1 is None else float(model.imagenet_top1),
+    return ModelEntry(key, spec, layers, None if model.imagenet_top1 is None else float(model.imagenet_top1),
                       str(model.imagenet_top1_source))
 
 
 def untrained_control(entry: ModelEntry, seed: int) -> ModelEntry:
-    """The random-weight control of ``entry``: same architecture and layers, seed ``seed``.
+    """The random-weight control of ``entry``: same architecture, preprocessing and layers, seed ``seed``
+    (a factory model: the factory with the same arguments, without its weights file).
 
     Raises:
         ConfigError: ``entry`` itself has random weights with that seed (the control would be it).
     """
-    spec = ModelSpec(entry.arch, seed=seed, input_size=entry.spec.input_size)
+    spec = dataclasses.replace(entry.spec, name=entry.arch if entry.spec.factory is None else entry.spec.name,
+                               pretrained=False, checkpoint=None, seed=seed)
     if spec.identity() == entry.spec.identity():
         raise ConfigError(f"untrained_controls: {entry.key!r} already has random weights with seed {seed}; "
                           f"set control_seed to another value")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unitmatch.core.extract import create_model
-from unitmatch.core.layers import PRESETS, eval_mode, layer_names, probe_layers
+from unitmatch.core.layers import OUTPUT, PRESETS, eval_mode, layer_names, probe_layers
 from unitmatch.core.units import LayerUnits, UnitCatalogue, infer_dims
 
 PASS_THROUGH = ("Identity", "Dropout", "DropPath", "DropBlock2d", "PatchDropout")
@@ -176,7 +176,49 @@ def test_selection_errors_name_the_bad_value_and_the_valid_options(models):
     with pytest.raises(ValueError, match="Sequential has no feature_info"):
         layer_names(plain, "blocks")
     assert layer_names(plain, "leaves") == ["0", "1"]
-    assert set(PRESETS) == {"blocks", "stages", "leaves"}
+    assert set(PRESETS) == {"blocks", "stages", "leaves", "children"}
+
+
+class _Areas(nn.Module):
+    """A module of one's own (no feature_info): named areas, an unused child, an Identity, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.V1 = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU())
+        self.skip = nn.Identity()
+        self.unused = nn.Linear(3, 3)
+        self.IT = nn.Sequential(nn.Conv2d(4, 6, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+    def forward(self, x):
+        return self.head(self.IT(self.skip(self.V1(x))))
+
+
+def test_children_preset_and_output_work_for_any_module():
+    model = _Areas()
+    # top-level children, without pass-throughs and modules the forward pass never calls
+    assert layer_names(model, "children", input_size=(3, 24, 24)) == ["V1", "IT", "head"]
+    assert [n for n, _ in model.named_children()] == ["V1", "skip", "unused", "IT", "head"]
+    # @output is the model's own output: last in order, never matched by globs or regexes
+    assert layer_names(model, [OUTPUT, "V1"]) == ["V1", OUTPUT]
+    assert OUTPUT not in layer_names(model, ["*"]) and OUTPUT not in layer_names(model, ["re:.*"])
+    x = torch.rand(2, 3, 24, 24)
+    with torch.no_grad():
+        v1, out = model.V1(x), model(x)
+    infos = probe_layers(model, ["V1", OUTPUT], (3, 24, 24))
+    assert [(i.name, i.shape) for i in infos] == [("V1", tuple(v1.shape[1:])), (OUTPUT, tuple(out.shape[1:]))]
+    # leaves: childless, called, not pass-through (skip and unused are left out), at the given input size
+    assert layer_names(model, "leaves", input_size=(3, 24, 24)) == ["V1.0", "V1.1", "IT.0", "IT.1", "head.0",
+                                                                   "head.1", "head.2"]
+    with pytest.raises(ValueError, match=r"unknown layer 'V2'.*'@output' \(the model's output\)"):
+        layer_names(model, ["V2"])
+
+
+def test_output_of_a_timm_model_is_its_logits(models):
+    model = models("test_resnet")
+    assert layer_names(model, ["layer4", OUTPUT]) == ["layer4", OUTPUT]
+    (info,) = probe_layers(model, [OUTPUT], (3, 64, 64))
+    assert info.shape == (model.num_classes,) and info.dims == ("channel",)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def test_wheel_installs_in_a_fresh_venv_and_runs_the_demo_from_another_directory
     (wheel,) = (tmp_path / "dist").glob("unitmatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("unitmatch/__init__.py", "unitmatch/core/engine.py", "unitmatch/sweep/__main__.py",
-                 "unitmatch/conf/config.yaml", "unitmatch/conf/models/resnet50.yaml", "unitmatch/conf/zoo/demo.yaml"):
+                 "unitmatch/conf/config.yaml", "unitmatch/conf/models/resnet50.yaml", "unitmatch/conf/zoo/demo.yaml",
+                 "unitmatch/examples/cornet_z.py", "unitmatch/conf/models/cornet_z.yaml"):  # a config refers to it
         assert path in names, path
     assert not [n for n in names if n.startswith(("unitmatch/tests/", "unitmatch/benchmarks/", "tests/"))]
 
