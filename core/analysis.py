@@ -41,7 +41,7 @@ import pandas as pd
 from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
 from .decoding import matched_population_decoding
 from .engine import MatchResult, MatchSettings, combine_results, pearson_pairs, run_matching
-from .layers import PRESETS, _resolve
+from .layers import PRESETS, select_names
 from .neural import NeuralAssembly
 from .reliability import split_half_reliability
 from .splits import validate_splits
@@ -260,8 +260,6 @@ def resolve_region_layers(region_layers: Mapping[str, Sequence[str]] | None, cat
     if unmapped:
         raise ValueError(f"{key} has no layers for region(s) {unmapped}: a region-committed search needs an entry "
                          f"for every region of the neurons ({have}); the layers are {names}")
-    as_modules = dict.fromkeys(names)
-    kind = type("the activations", (), {})()  # how _resolve's messages name the set of layers
     out = {}
     for region, entries in region_layers.items():
         if isinstance(entries, str) or not isinstance(entries, Sequence) or not len(entries):
@@ -273,7 +271,7 @@ def resolve_region_layers(region_layers: Mapping[str, Sequence[str]] | None, cat
                 raise ValueError(f"{key}[{region!r}]: {entry!r} is not a layer name, glob or 're:' regex (presets "
                                  f"need a model); the layers are {names}")
             try:
-                chosen.update(_resolve(kind, as_modules, entry))
+                chosen.update(select_names(names, entry, "the activations", what="layer"))
             except ValueError as err:
                 raise ValueError(f"{key}[{region!r}]: {err}; the layers are {names}") from None
         out[str(region)] = [n for n in names if n in chosen]

@@ -129,34 +129,57 @@ def _resolve(model: nn.Module, modules: dict[str, nn.Module], entry: str, input_
                 f"{[p for p in PRESETS if p != entry]} or name the layers (names, globs, 're:' regexes)"
             )
         return names
+    return select_names(modules, entry, kind)
+
+
+def select_names(names, entry: str, owner: str, what: str = "module") -> list[str]:
+    """The names one entry stands for: an exact name, a glob (``*?[``) or an ``"re:"`` regex.
+
+    The part of layer selection that needs no model: also used to pick among a store's layers.
+
+    Args:
+        names: the names to choose from (module names, or a store's layer names), in order.
+        entry: the selection entry.
+        owner: what the names belong to, for messages (``"ResNet"``, ``"the store"``).
+        what: what a name is, for messages: ``"module"`` (the hint then offers the presets) or
+            another word (``"layer"``: a plain list of names).
+
+    Raises:
+        ValueError: a regex that does not compile, or an entry that matches no name (close names listed).
+    """
+    names = list(names)
     if entry.startswith(_REGEX_PREFIX):
         pattern = entry[len(_REGEX_PREFIX):]
         try:
             regex = re.compile(pattern)
         except re.error as err:
             raise ValueError(f"layer regex {entry!r} does not compile: {err}") from None
-        names = [name for name in modules if regex.search(name)]
-        if not names:
-            raise ValueError(f"layer regex {entry!r} matches no module of {kind}" + _close_hint(pattern, modules))
-        return names
+        found = [name for name in names if regex.search(name)]
+        if not found:
+            raise ValueError(f"layer regex {entry!r} matches no {what} of {owner}"
+                             + _close_hint(pattern, names, what))
+        return found
     if any(c in entry for c in _GLOB_CHARS):
-        names = [name for name in modules if fnmatch.fnmatchcase(name, entry)]
-        if not names:
-            raise ValueError(f"layer glob {entry!r} matches no module of {kind}" + _close_hint(entry, modules))
-        return names
-    if entry not in modules:
-        raise ValueError(f"unknown layer {entry!r}: no module of {kind} has that name" + _close_hint(entry, modules))
+        found = [name for name in names if fnmatch.fnmatchcase(name, entry)]
+        if not found:
+            raise ValueError(f"layer glob {entry!r} matches no {what} of {owner}" + _close_hint(entry, names, what))
+        return found
+    if entry not in names:
+        raise ValueError(f"unknown layer {entry!r}: no {what} of {owner} has that name"
+                         + _close_hint(entry, names, what))
     return [entry]
 
 
-def _close_hint(text: str, modules: dict[str, nn.Module]) -> str:
-    """Error-message tail: up to 8 close module names (or the top-level ones) and the other syntaxes."""
+def _close_hint(text: str, modules, what: str = "module") -> str:
+    """Error-message tail: up to 8 close names (or the top-level ones) and the other syntaxes."""
     close = difflib.get_close_matches(text, list(modules), n=8, cutoff=0.6)
     if close:
-        names = f"; close module names: {close}"
+        names = f"; close {what} names: {close}"
     else:
         top = [name for name in modules if name and "." not in name]
-        names = f"; top-level modules: {top[:20]}" + (" ..." if len(top) > 20 else "")
+        names = f"; top-level {what}s: {top[:20]}" + (" ..." if len(top) > 20 else "")
+    if what != "module":
+        return names + ". Or use a glob ('layer*.0') or a regex ('re:blocks\\.\\d+$')"
     return (
         names + f". Or use a preset {list(PRESETS)}, a glob ('layer*.0'), a regex ('re:blocks\\.\\d+$') or "
         f"{OUTPUT!r} (the model's output)"

@@ -250,7 +250,8 @@ def ray_session(address: str = "local", *, num_cpus: int | None = None, num_gpus
 
     Raises:
         ConnectionError: the address does not answer (named in the message).
-        ValueError: a malformed address, or num_cpus/num_gpus with a non-local address.
+        ValueError: a malformed address, num_cpus/num_gpus with a non-local address, or a
+            runtime_env while this process is already connected to Ray.
     """
     import ray
 
@@ -259,9 +260,10 @@ def ray_session(address: str = "local", *, num_cpus: int | None = None, num_gpus
                          f"own (got num_cpus={num_cpus!r}, num_gpus={num_gpus!r})")
     started = False
     if ray.is_initialized():
+        if runtime_env:  # Ray applies a job's runtime_env (local folders included) only in ray.init
+            raise ValueError(f"runtime_env={runtime_env!r} cannot be applied: this process is already connected "
+                             f"to Ray; pass it to ray.init(runtime_env=...) yourself, or run in a new process")
         log.debug("Ray is already initialized in this process: using that connection")
-        if runtime_env:
-            log.warning("Ray is already initialized in this process: runtime_env %s is not applied", runtime_env)
     else:
         kwargs = {"include_dashboard": False, "configure_logging": False, "log_to_driver": log_to_driver}
         if runtime_env:

@@ -23,6 +23,9 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 
+#: the synthetic brain's regions: neurons planted from units, and pure-noise neurons
+PLANTED_REGION, NOISE_REGION = "V4", "noise"
+
 def _existing(value, key: str) -> Path:
     if value is None:
         raise ConfigError(f"{key} is not set; give it on the command line ({key}=/path/to/file)")
@@ -58,6 +61,13 @@ def n_neurons(cfg: DictConfig, assembly: core.NeuralAssembly | None) -> int:
     if assembly is not None:
         return assembly.n_neurons
     return int(cfg.neural.n_planted + cfg.neural.n_noise)
+
+
+def neuron_regions(cfg: DictConfig, assembly: core.NeuralAssembly | None) -> list[str]:
+    """The regions of the job's neurons: the recorded ones', or the synthetic brain's (from its config)."""
+    if assembly is not None:
+        return sorted(set(np.asarray(assembly.regions).astype(str).tolist()))
+    return sorted({PLANTED_REGION} | ({NOISE_REGION} if cfg.neural.n_noise else set()))
 
 
 def load_stimuli(cfg: DictConfig) -> core.StimulusSet:
@@ -152,5 +162,5 @@ def plant_assembly(cfg: DictConfig, stimuli: core.StimulusSet, stores: dict):
     brain = plant_neurons(gather_columns(layers, cat, units), n_planted=n.n_planted, n_noise=n.n_noise, snr=n.snr,
                           units=np.arange(n.n_planted), repeats=n.repeats, seed=n.seed)
     truth = brain.truth.assign(unit=np.concatenate([units, np.full(n.n_noise, -1)]), model=n.planted_model)
-    regions = np.where(truth.planted, "V4", "noise")
+    regions = np.where(truth.planted, PLANTED_REGION, NOISE_REGION)
     return core.NeuralAssembly(brain.responses, truth.neuron, regions, stimuli.image_ids, stimuli.metadata), truth

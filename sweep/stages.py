@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 
 from . import provenance, results
 from .config import ConfigError, plain, validate
-from .data import check_data, load_recorded, load_stimuli, make_splits, n_neurons, plant_assembly
+from .data import check_data, load_recorded, load_stimuli, make_splits, n_neurons, neuron_regions, plant_assembly
 from .report import flagged_lines, one_search, results_key, searches
 from .zoo import ModelEntry, load_model, plan_models
 
@@ -71,6 +71,7 @@ def run(cfg: DictConfig) -> dict:
         _check_cluster(cfg)
     if cfg.stage in ("all", "analyze"):
         _check_topk_memory(cfg, n_neurons(cfg, assembly))
+        _check_region_layers(cfg, neuron_regions(cfg, assembly))
         # a run whose inputs differ from the sweep folder's is refused before any work
         results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name)
     done = {"extracted": [], "analyzed": [], "skipped": [], "failed": {}, "report": None}
@@ -194,6 +195,28 @@ def _check_topk_units(cfg: DictConfig, key: str, store) -> None:
                           f"valid is 2 <= top_k <= {n_units} for this zoo, or select more layers")
 
 
+def _check_region_layers(cfg: DictConfig, regions: list[str] | None, key: str | None = None, store=None) -> None:
+    """``analysis.region_layers`` against the neurons' regions (before any work) and, once a model's
+    store is probed (before any batch), against its layers."""
+    mapping = cfg.analysis.region_layers
+    if mapping is None:
+        return
+    mapping = OmegaConf.to_container(mapping) if OmegaConf.is_config(mapping) else mapping
+    what = "analysis.region_layers" if key is None else f"analysis.region_layers (model {key!r})"
+    try:
+        if store is None:
+            have = sorted(set(map(str, mapping)))
+            if have != regions:
+                raise ValueError(f"maps regions {have}, but the neurons' regions are {regions}: a region-committed "
+                                 f"search needs exactly one entry per region")
+        else:
+            core.analysis.resolve_region_layers(mapping, [layer.name for layer in store.layer_units],
+                                                sorted(mapping), key=what)
+    except ValueError as err:
+        message = str(err) if str(err).startswith(what) else f"{what}={mapping!r}: {err}"
+        raise ConfigError(message) from None
+
+
 def _ray(cfg: DictConfig):
     """Ray for this job: a private local instance (stopped after) or the cluster at ``cluster.address``."""
     from .cluster import ray_session
@@ -222,6 +245,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
             continue
         if cfg.stage != "extract":
             _check_topk_units(cfg, entry.key, store)
+            _check_region_layers(cfg, None, entry.key, store)
         if store.complete:
             stores[entry.key] = ActivationStore.open(store.path)
         else:

@@ -280,7 +280,8 @@ def test_region_committed_search_equals_all_units_restricted_by_hand():
     ({"V4": ["conv"], "IT": ["fc"]}, r"region_layers has no layers for region\(s\) \['noise'\].*the layers are "
                                      r"\['conv', 'fc'\]"),
     ({"V4": ["conv2"], "IT": ["fc"], "noise": ["fc"]},
-     r"region_layers\['V4'\]: unknown layer 'conv2'.*close module names: \['conv'\].*the layers are \['conv', 'fc'\]"),
+     r"region_layers\['V4'\]: unknown layer 'conv2': no layer of the activations has that name; "
+     r"close layer names: \['conv'\].*the layers are \['conv', 'fc'\]"),
     ({"V4": ["layer*"], "IT": ["fc"], "noise": ["fc"]}, r"region_layers\['V4'\]: layer glob 'layer\*' matches no"),
     ({"V4": [], "IT": ["fc"], "noise": ["fc"]}, r"region_layers\['V4'\] must be a non-empty list"),
     ({"V4": ["blocks"], "IT": ["fc"], "noise": ["fc"]}, r"'blocks' is not a layer name, glob or 're:' regex"),

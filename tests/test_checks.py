@@ -95,6 +95,9 @@ BAD = {
     "cluster unreachable": (["cluster.address=ray://127.0.0.1:1", "cluster.connect_timeout_s=2"], {},
                             r"cluster\.address='ray://127\.0\.0\.1:1': cannot reach the Ray cluster at "
                             r"'ray://127\.0\.0\.1:1'.*cluster\.connect_timeout_s=2"),
+    "region_layers regions": (["analysis.region_layers={{V4:[layer4],IT:[layer4]}}"], {},
+                              r"analysis\.region_layers=.*: maps regions \['IT', 'V4'\], but the neurons' regions "
+                              r"are \['V4', 'noise'\]"),
     "report of a missing sweep": (["stage=report", "sweep_name=nosuch"], {},
                                   r"stage=report: sweep_name='nosuch' has no finished model results in "
                                   r"results_dir='.*sweeps/nosuch'; sweeps with results in '.*sweeps': \['other'\]"),
@@ -159,6 +162,18 @@ def test_top_k_above_a_models_units_fails_once_probed_before_any_batch(outputs):
     assert not (outputs / "sweeps").exists()
 
 
+def test_region_layers_naming_no_layer_of_a_model_fails_once_probed_before_any_batch(outputs):
+    cfg = _compose(SMALL + ["analysis.region_layers={V4:[layer4],noise:[layer9*]}"])
+    with pytest.raises(ConfigError, match=r"analysis\.region_layers \(model 'demo_test_resnet'\)\['noise'\]: layer "
+                                          r"glob 'layer9\*' matches no layer of the activations; "
+                                          r"close layer names: .*; "
+                                          r"the layers are \["):
+        run(cfg)
+    stores = outputs / "stores"
+    assert not list(stores.rglob("COMPLETE")) and not [p for p in stores.rglob("b0*") if p.parent.name == "done"]
+    assert not (outputs / "sweeps").exists()
+
+
 # ------------------------------------------------------------------------------- the sweep record
 def _record(**change):
     splits = [(np.arange(8), np.arange(8, 10)), (np.arange(2, 10), np.arange(2))]
@@ -199,7 +214,9 @@ def test_a_run_with_other_science_settings_in_a_sweep_folder_is_refused_before_a
     resolved = plain(cfg)
     stimuli = load_stimuli(resolved)
     record = stages._record(resolved, stimuli, make_splits(resolved, stimuli), None)
-    assert record["analysis"] == OmegaConf.to_container(resolved.analysis) and record["neural"]["n_planted"] == 48
+    # the search (region_layers) is left out: its results have their own key, so both share a folder
+    science = {k: v for k, v in OmegaConf.to_container(resolved.analysis).items() if k != "region_layers"}
+    assert record["analysis"] == science and record["neural"]["n_planted"] == 48
     results.check_record(folder, {**record, "analysis": {**record["analysis"], "top_k": 7}}, "demo", write=True)
     with pytest.raises(ConfigError, match=r"this run differs in analysis\.top_k \(7 there, 5 now\)\. "):
         run(cfg)

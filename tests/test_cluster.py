@@ -134,6 +134,7 @@ def test_a_two_cpu_session_fails_fast_on_requests_it_cannot_grant_and_streams_ac
     unreachable address is named within seconds; the session stops the Ray it started."""
     summary, output = _run_scenario("two_cpu_session", tmp_path)
     assert summary["cpus"] == 2.0 and summary["stopped"] and summary["kept_outer_session"]
+    assert "cannot be applied: this process is already connected to Ray" in summary["runtime_env_joined"]
     for case in ("num_cpus=4", "num_gpus=1"):
         seconds, message = summary[case]
         assert seconds < 30, (case, seconds)
@@ -251,6 +252,11 @@ def _scenario_two_cpu_session(workdir: Path) -> dict:
         with ray_session("local") as inner:  # joins the running session and leaves it running
             assert inner == nodes
         out["kept_outer_session"] = ray.is_initialized()
+        try:  # a runtime_env cannot be applied to a running session: said, not ignored
+            with ray_session("local", runtime_env={"py_modules": [str(workdir)]}):
+                out["runtime_env_joined"] = "no error"
+        except ValueError as err:
+            out["runtime_env_joined"] = str(err)
     out["stopped"] = not ray.is_initialized()
     t0 = time.perf_counter()
     try:

@@ -385,12 +385,12 @@ def _sha(path: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ Ray
 def test_a_ray_actor_imports_the_factory_through_runtime_env_py_modules(tmp_path, net_file, stimuli, monkeypatch):
-    """The package is importable on the driver only through a sys.path entry that is gone before Ray
-    starts, so the actors can only get it from ``py_modules``; a task checks where it comes from."""
-    import ray
-
-    from unitmatch.sweep.cluster import ray_session
-    from unitmatch.sweep.extract import ZooExtraction
+    """A fresh process (Ray's job-level runtime_env applies only to a Ray started with it, and this
+    test process may hold the suite's Ray) starts a local 2-CPU Ray with ``py_modules`` = the package
+    folder, which is on the driver's ``sys.path`` only (not on ``PYTHONPATH``): a task shows the
+    workers import Ray's copy, and an extractor actor fills the store, which equals the forward-hook
+    reference."""
+    import pickle
 
     name = f"um_custom_{uuid.uuid4().hex[:8]}"
     package = tmp_path / "code" / name
@@ -401,30 +401,46 @@ def test_a_ray_actor_imports_the_factory_through_runtime_env_py_modules(tmp_path
         m.syspath_prepend(str(package.parent))
         store = prepare_store(spec, stimuli, LAYERS, tmp_path / "stores", batch_size=4, dtype="float32")
         model = spec.create()
-    assert str(package.parent) not in sys.path and str(package.parent) not in os.environ.get("PYTHONPATH", "")
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((spec, stimuli, LAYERS, store)))
+    script = textwrap.dedent(f'''
+        import importlib.util, json, pickle, sys
+        import ray
+        from unitmatch.sweep.cluster import ray_session
+        from unitmatch.sweep.extract import ZooExtraction
 
-    @ray.remote
-    def origin(module_name):
-        import importlib.util
+        spec, stimuli, layers, store = pickle.loads(open({str(tmp_path / "job.pkl")!r}, "rb").read())
+        assert importlib.util.find_spec({name!r}) is None
+        sys.path.insert(0, {str(package.parent)!r})  # the driver imports it (the spec's identity hashes its
+        # source); workers do not inherit this process's sys.path, so they get it only from py_modules
 
-        found = importlib.util.find_spec(module_name)
-        return None if found is None else found.origin
+        @ray.remote
+        def origin(module_name):
+            found = importlib.util.find_spec(module_name)
+            return None if found is None else found.origin
 
-    with ray_session("local", num_cpus=2, runtime_env={"py_modules": [str(package)]}):
-        where = ray.get(origin.remote(name))
-        assert where is not None and not where.startswith(str(tmp_path)), where  # Ray's copy, not the folder
-        zoo = ZooExtraction(tmp_path / "stores", n_actors=1, batch_size=4, dtype="float32", shard_batches=1)
-        try:
-            zoo.start()
-            (threads,) = {ray.get(a.threads.remote()) for a in zoo.actors}
-            out = zoo.run([spec], stimuli, LAYERS, stores={spec: store})[spec]
-        finally:
-            zoo.shutdown()
-    assert {item[0] for item in zoo.log} == {spec.identity()} and len(zoo.log) == 3
+        with ray_session("local", num_cpus=2, runtime_env={{"py_modules": [{str(package)!r}]}}):
+            where = ray.get(origin.remote({name!r}))
+            zoo = ZooExtraction({str(tmp_path / "stores")!r}, n_actors=1, batch_size=4, dtype="float32",
+                                shard_batches=1)
+            try:
+                zoo.start()
+                (threads,) = {{ray.get(a.threads.remote()) for a in zoo.actors}}
+                zoo.run([spec], stimuli, layers, stores={{spec: store}})
+            finally:
+                zoo.shutdown()
+        print(json.dumps({{"where": where, "threads": threads, "log": [i for i, _, _ in zoo.log]}}))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["where"] is not None and not out["where"].startswith(str(tmp_path)), out  # Ray's copy
+    assert set(out["log"]) == {spec.identity()} and len(out["log"]) == 3
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the actor's thread count: float32 sums in the same order
+    torch.set_num_threads(out["threads"])  # the actor's thread count: float32 sums in the same order
     try:
-        _assert_store_matches(out, _reference(model, stimuli))
+        _assert_store_matches(ActivationStore.open(store.path), _reference(model, stimuli))
     finally:
         torch.set_num_threads(before)
 
