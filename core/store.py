@@ -361,7 +361,7 @@ class ActivationStore:
         missing = self.pending_batches()
         if missing:
             raise IncompleteStoreError(f"store {self.path}: {len(missing)} batches not written, e.g. {missing[:5]}")
-        _atomic_touch(self.path / "COMPLETE")
+        atomic_write(self.path / "COMPLETE")
 
     # ------------------------------------------------------------------ reading
     def layers(self) -> dict[str, CheckedArray]:
@@ -526,10 +526,12 @@ class BatchWriter:
             array[rows] = values
             c = array.chunks[1]
             digests[layer.name] = [chunk_digest(values[:, j:j + c]) for j in range(0, layer.size, c)]
-        _atomic_touch(self.store.path / "done" / f"b{batch:06d}", json.dumps({**info, "chunks": digests}).encode())
+        atomic_write(self.store.path / "done" / f"b{batch:06d}", json.dumps({**info, "chunks": digests}).encode())
 
 
-def _atomic_touch(path: Path, content: bytes = b"") -> None:
+def atomic_write(path: Path, content: bytes = b"") -> None:
+    """Write ``content`` to ``path`` so that a reader sees the previous file or the whole new one, never
+    a part: written beside it under a hidden name, then renamed over it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_bytes(content)
     os.replace(tmp, path)

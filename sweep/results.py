@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from unitmatch.core.store import _atomic_touch
+from unitmatch.core.store import atomic_write
 
 from .config import ConfigError
 
@@ -144,7 +144,7 @@ def check_record(results_dir: Path, record: dict, sweep_name: str, write: bool =
     old = read_record(results_dir)
     if old is None:
         if write:
-            _atomic_touch(Path(results_dir) / RECORD, json.dumps(record, indent=2, sort_keys=True).encode())
+            atomic_write(Path(results_dir) / RECORD, json.dumps(record, indent=2, sort_keys=True).encode())
         return
     diffs = []
     for name in ("stimuli", "neural_data", "splits"):
@@ -233,5 +233,5 @@ def update_failures(results_dir: Path, failed: dict, succeeded: list[str]) -> di
     for key in succeeded:
         failures.pop(key, None)
     if failures != old and (failures or old is not None):
-        _atomic_touch(path, json.dumps(failures, indent=2).encode())
+        atomic_write(path, json.dumps(failures, indent=2).encode())
     return failures

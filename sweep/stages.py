@@ -24,7 +24,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from unitmatch import core
-from unitmatch.core.store import _atomic_touch
+from unitmatch.core.store import atomic_write
 
 from hydra.experimental.callback import Callback
 
@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
         # written (on the sweep folder's first analysis) before anything of this analysis
         results.check_record(results_dir, _record(cfg, stimuli, splits, assembly), cfg.sweep_name, write=True)
         if truth is not None:
-            _atomic_touch(results_dir / "planted_truth.csv", truth.to_csv(index=False).encode())
+            atomic_write(results_dir / "planted_truth.csv", truth.to_csv(index=False).encode())
         stage_analyze(cfg, entries, stores, assembly, splits, done)
     if cfg.stage in ("all", "report"):
         # in a multirun the jobs' reports are partial: the W&B summary is logged once, after the last
@@ -376,7 +376,7 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
             results_dir / "neurons.csv", index=False)
         plots = make_plots(summary, neurons, results_dir, nulls=nulls)
         report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
-        _atomic_touch(marker, json.dumps({"inputs": inputs, "plots": {k: Path(v).name for k, v in plots.items()}},
+        atomic_write(marker, json.dumps({"inputs": inputs, "plots": {k: Path(v).name for k, v in plots.items()}},
                                          indent=2).encode())
     if cfg.logger.enabled and wandb_summary:
         keys = [results_key(str(m), s) for s in searches(summary) for m in pd.unique(one_search(summary, s).model)]
