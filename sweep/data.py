@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 #: the synthetic brain's regions: neurons planted from units, and pure-noise neurons
 PLANTED_REGION, NOISE_REGION = "V4", "noise"
 
+
 def _existing(value, key: str) -> Path:
     if value is None:
         raise ConfigError(f"{key} is not set; give it on the command line ({key}=/path/to/file)")

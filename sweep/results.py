@@ -170,8 +170,7 @@ def trusted(results_dir: Path) -> dict[str, dict]:
     With a sweep record, only results whose ``DONE.json`` names that record (``sweep_record``) are
     used; the others are named in a warning and left out.
     """
-    record = read_record(results_dir)
-    want = None if record is None else fingerprint(record)
+    want = record_fingerprint(results_dir)
     out, skipped = {}, []
     for folder in sorted((Path(results_dir) / "models").glob("[!.]*")):
         marker = folder / DONE
@@ -194,14 +193,15 @@ def record_fingerprint(results_dir: Path) -> str | None:
     return None if record is None else fingerprint(record)
 
 
-def collect(results_dir: Path, with_matches: bool = False):
+def collect(results_dir: Path, with_matches: bool = False, keys=None):
     """Every trusted model's summary and neuron tables in a sweep folder, and each model's pooled null.
 
-    Trusted: complete and made from the sweep record's inputs (:func:`trusted`). With ``with_matches``
-    also the per-(model, neuron, split) table joined with the neuron statistics.
+    Trusted: complete and made from the sweep record's inputs (:func:`trusted`; ``keys``: those
+    already found by a call of it). With ``with_matches`` also the per-(model, neuron, split) table
+    joined with the neuron statistics.
     """
     summaries, neurons, nulls, matches = [], [], {}, []
-    for key in trusted(results_dir):
+    for key in trusted(results_dir) if keys is None else keys:
         folder = model_dir(results_dir, key)
         summaries.append(pd.read_parquet(folder / "summary.parquet"))
         neurons.append(pd.read_parquet(folder / "neurons.parquet"))

@@ -352,10 +352,11 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
     from .wandb_sink import log_to_wandb
 
     results_dir = Path(cfg.results_dir)
-    inputs = results.fingerprint(results.trusted(results_dir), cfg.sweep_name, unitmatch.__version__)
+    trusted = results.trusted(results_dir)
+    inputs = results.fingerprint(trusted, cfg.sweep_name, unitmatch.__version__)
     marker = results_dir / REPORT
     last = json.loads(marker.read_text()) if marker.exists() else {}
-    summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True)
+    summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True, keys=trusted)
     if summary.empty:
         log.warning("no finished model results in %s: nothing to report", results_dir)
         return None
