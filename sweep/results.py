@@ -26,6 +26,7 @@ that record, so results of other data or settings are never aggregated with it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -56,8 +57,39 @@ def model_dir(results_dir: Path, key: str) -> Path:
     return Path(results_dir) / "models" / key
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def recover(results_dir: Path, key: str) -> None:
+    """Clean up after a writer of ``key`` that was killed (its process is gone) in mid-write.
+
+    Its staging folder is deleted. A kill between moving the previous results aside and renaming the
+    new ones into place leaves no model folder and the previous (complete) results in
+    ``.<key>.old-<pid>``: they are put back, so the model is not lost (it is then judged by its
+    ``DONE.json`` as any other). Folders of live writers are left alone.
+    """
+    final = model_dir(results_dir, key)
+    for stale in sorted(final.parent.glob(f".{glob.escape(key)}.*-*")):
+        kind, _, pid = stale.name[len(key) + 2:].rpartition("-")
+        if kind not in ("staging", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not final.exists() and (stale / DONE).exists():
+            stale.rename(final)
+            log.warning("%s: put back the results a killed writer (pid %s) had moved aside", final, pid)
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def is_done(results_dir: Path, key: str, fp: str) -> bool:
     """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record."""
+    recover(results_dir, key)
     marker = model_dir(results_dir, key) / DONE
     if not marker.exists():
         return False
@@ -83,6 +115,7 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
     done = {**done, "sweep_record": record}
     final = model_dir(results_dir, key)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover(results_dir, key)
     staging = final.parent / f".{key}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

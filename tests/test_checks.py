@@ -332,3 +332,32 @@ def test_a_write_killed_at_any_step_leaves_the_previous_complete_results_or_noth
         assert json.loads((folder / results.DONE).read_text())["fingerprint"] == f"fp{expected}"
     # nothing half-written is left where a later run would look
     assert [p.name for p in (tmp_path / "models").iterdir()] == ([] if expected is None else ["m"])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_results_a_killed_writer_moved_aside_are_put_back_and_its_staging_removed(tmp_path):
+    """A SIGKILL between the two renames leaves ``.m.old-<pid>`` (complete) and no ``m``: the next look puts it back."""
+    results.check_record(tmp_path, _record(), "demo", write=True)
+    _write(tmp_path, 0.25)
+    folder = results.model_dir(tmp_path, "m")
+    pid = _dead_pid()
+    folder.rename(folder.parent / f".m.old-{pid}")
+    (folder.parent / f".m.staging-{pid}").mkdir()
+    (folder.parent / f".m.staging-{os.getppid()}").mkdir()  # a live writer's: left alone
+    assert results.collect(tmp_path)[0].empty  # the report reads only: nothing trusted meanwhile
+    assert results.is_done(tmp_path, "m", "fp0.25")
+    assert sorted(p.name for p in folder.parent.iterdir()) == [f".m.staging-{os.getppid()}", "m"]
+    assert results.collect(tmp_path)[0].median_test_r.tolist() == [0.25]
+    # with the model folder in place, a dead writer's leftovers are only deleted, on the next write
+    (folder.parent / f".m.old-{pid}").mkdir()
+    _write(tmp_path, 0.75)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [f".m.staging-{os.getppid()}", "m"]
+    assert results.collect(tmp_path)[0].median_test_r.tolist() == [0.75]
