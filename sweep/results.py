@@ -254,8 +254,11 @@ def collect(results_dir: Path, with_matches: bool = False, keys=None):
     return (*out, pd.concat(matches, ignore_index=True)) if with_matches else out
 
 
-def update_failures(results_dir: Path, failed: dict, succeeded: list[str]) -> dict:
+def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verified: list[str] = ()) -> dict:
     """Merge this run's failures into ``failures.json``; models that succeeded now are removed.
+
+    ``verified``: models whose stores the ``verify`` stage found intact now; only their ``verify``
+    failures are removed (a failed analysis stays until the model is analysed).
 
     Nothing is written when nothing changed (a rerun of a finished sweep writes nothing).
     """
@@ -265,6 +268,9 @@ def update_failures(results_dir: Path, failed: dict, succeeded: list[str]) -> di
     failures.update(failed)
     for key in succeeded:
         failures.pop(key, None)
+    for key in verified:
+        if key not in failed and failures.get(key, {}).get("stage") == "verify":
+            del failures[key]
     if failures != old and (failures or old is not None):
         atomic_write(path, json.dumps(failures, indent=2).encode())
     return failures

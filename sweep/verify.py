@@ -23,7 +23,8 @@ def stage_verify(store_root: str | Path, entries, done: dict) -> list[VerifyRepo
     """Verify the stores of ``entries`` (sweep :class:`~sweep.zoo.ModelEntry`) under ``store_root``.
 
     Damaged stores go into ``done["failed"]`` under their model's key (or ``store <folder>`` for a
-    store whose key cannot be read), with every problem in the error text.
+    store whose key cannot be read), with every problem in the error text; models whose stores are
+    all OK go into ``done["verified_ok"]`` (an earlier ``verify`` failure of theirs is then cleared).
     """
     root = Path(store_root)
     # a store folder holds key.json and store.zarr (staging folders start with a dot)
@@ -41,8 +42,10 @@ def stage_verify(store_root: str | Path, entries, done: dict) -> list[VerifyRepo
         mine = [f for f, model in owners.items() if model == identity]
         if not mine:
             log.info("verify %s: no store of %s under %s (nothing to check)", entry.key, identity, root)
-        for folder in mine:
-            reports.append(_check(folder, entry.key, done))
+        checked = [_check(folder, entry.key, done) for folder in mine]
+        reports += checked
+        if checked and all(r.ok for r in checked):
+            done.setdefault("verified_ok", []).append(entry.key)
     for folder in (f for f, model in owners.items() if model is None):
         reports.append(_check(folder, f"store {folder.name}", done))
     log.info("verify: %d store(s) checked under %s, %d damaged", len(reports), root,

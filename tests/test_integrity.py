@@ -256,6 +256,15 @@ def test_the_sweeps_verify_stage_exits_1_and_names_the_damaged_chunk(tmp_path, v
     assert "FAILED demo_test_resnet (verify)" in proc.stdout
     assert f"DAMAGED {store.path}: 2 problem(s)" in out
     assert "layer 'fc', chunk (0, 0)" in out and "layer 'fc', chunk (2, 0)" in out
+    [failures] = tmp_path.rglob("failures.json")
+    assert json.loads(failures.read_text())["demo_test_resnet"]["stage"] == "verify"
+    # repaired (the chunks swapped back): the next verify passes and clears the model's verify failure
+    second = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(second)
+    proc = _sweep(tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "demo_test_resnet" not in json.loads(failures.read_text())
 
 
 def test_a_swapped_chunk_is_named_from_a_dask_on_ray_block_task(store, ray_local):
