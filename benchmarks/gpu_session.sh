@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Every GPU check and measurement of issue 8 in ONE run on a lent GPU machine (a session has 15
+# minutes of device time, the machine's start included: this script is sized to finish in about 8).
+#
+# Prepare, on the development machine, in the project root:
+#   ../shared/tools/device-kit build          # .device/site.tar.xz: ray, zarr, dask, hydra... (not wandb)
+# Then one device run: carry [".device"], timeout_s 600, command
+#   PYTHONUNBUFFERED=1 bash benchmarks/gpu_session.sh
+# Logs and JSON rows land in $OUT (they come back with the run); each step has its own time limit, so a
+# hang costs that step only. Steps, most important first:
+#   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors
+#   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
+#   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
+#   4. bench_decode --device cuda: the MajajHong-sized decoding
+#   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device)
+set -uo pipefail
+OUT=${OUT:-/tmp/unitmatch-gpu-out}
+mkdir -p "$OUT" /tmp/site /tmp/pkg
+tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run ../shared/tools/device-kit build"; exit 2; }
+ln -sfn "$PWD" /tmp/pkg/unitmatch            # the repository root is the package unitmatch
+export PYTHONPATH=/tmp/site:/tmp/pkg
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, record the status
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  tail -n 40 "$OUT/$name.log"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"; } \
+  | tee "$OUT/machine.txt"
+
+step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"
+step bench_match 120 $PY benchmarks/bench_match.py --device cuda --json "$OUT/bench_match.json"
+step bench_extract_resnet50 120 $PY benchmarks/bench_extract.py --device cuda --model resnet50 --images 512 --batch 64 \
+  --json "$OUT/bench_extract_resnet50.json"
+step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
+  --images 512 --batch 64 --json "$OUT/bench_extract_resnet18.json"
+step bench_decode 90 $PY benchmarks/bench_decode.py --device cuda --cases majaj --json "$OUT/bench_decode.json"
+step suite 150 $PY -m pytest -q -p no:cacheprovider -n 8 -m "not slow" -k "not wandb"
+cat "$OUT/steps.txt"
