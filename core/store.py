@@ -86,7 +86,7 @@ log = logging.getLogger(__name__)
 STORE_FORMAT = 5
 DEFAULT_UNIT_CHUNK = 16384
 #: the codec of new stores (benchmarks/RESULTS.md, bench_extract.py: the variants measured)
-DEFAULT_CODEC = "zstd:1"
+DEFAULT_CODEC = "blosc:lz4:shuffle:5"
 _BLOSC_NAMES = ("lz4", "lz4hc", "blosclz", "zstd", "zlib")
 _BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 CODEC_FORMS = ("none", "zstd:<level -7..22>", f"blosc:<{'|'.join(_BLOSC_NAMES)}>:<{'|'.join(_BLOSC_SHUFFLES)}>:<level 0..9>")
