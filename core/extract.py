@@ -390,9 +390,7 @@ def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits
     cuda = device.type == "cuda"
     device_copies = cuda if device_copies is None else bool(device_copies)
     pinned = cuda if pinned is None else bool(pinned)
-    if pinned and not torch.cuda.is_available():
-        raise ValueError(f"pinned=True needs CUDA (page-locked host memory for asynchronous copies from the GPU); "
-                         f"this torch sees no GPU (device {device}): use pinned=None or False")
+    _check_pinned(pinned, device)
     staging = _Staging(layers, batch_size, dtype, device, slots=1 + int(device_copies) + sink.slots,
                        device_copies=device_copies, pinned=pinned)
     modules = {**dict(model.named_modules()), OUTPUT: model}
@@ -498,6 +496,12 @@ class _StoreSink:
         self.pool.shutdown(wait=True)
         if self.failure and exc is None:
             raise self.failure[0]
+
+
+def _check_pinned(pinned, device) -> None:
+    if pinned and not torch.cuda.is_available():
+        raise ValueError(f"pinned=True needs CUDA (page-locked host memory for asynchronous copies from the GPU); "
+                         f"this torch sees no GPU (device {device}): use pinned=None or False")
 
 
 def _check_count(value, name: str, low: int) -> int:
@@ -837,6 +841,7 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     _check_count(num_workers, "num_workers", 0)
     if pinned not in (None, True, False):
         raise ValueError(f"pinned must be None (on CUDA), True or False; got {pinned!r}")
+    _check_pinned(pinned, device)
     store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype, codec=codec,
                           sharded=sharded, unit_chunk=unit_chunk, model=model)
     if batches is not None:
