@@ -19,7 +19,8 @@ input size, generated images, one process. Measured, in this order:
 
 The pipeline's throughput is reported as a fraction of the slowest component's (the goal on a GPU
 node: >= 70%), and its time against (a) + (b) + (d) (on a machine whose cores the components share,
-the goal: within 10% of that sum). ``--workers`` and ``--writer-threads`` take several values: (b),
+the goal: within 10% of that sum; the same ratio of CPU times is printed too, which other processes
+sharing the cores disturb less than wall times). ``--workers`` and ``--writer-threads`` take several values: (b),
 (d) and the pipeline are measured for each combination.
 
 Run: .venv/bin/python benchmarks/bench_extract.py [--images 256] [--batch 32] [--device cuda]
@@ -44,6 +45,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that have ended (DataLoader workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main():
@@ -109,26 +116,26 @@ def main():
     loader = image_batches(stimuli, cfg, batch_ids, args.batch, num_workers=0, device=device)
     tensors = [x for _, x in loader]
 
-    def bare_pass() -> float:
+    def bare_pass() -> tuple[float, float]:
         with torch.inference_mode():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             for x in tensors:
                 model(x.to(device, non_blocking=True))
             sync()
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, cpu_seconds() - c0
 
-    bare = float("nan")
+    bare = bare_cpu = float("nan")
     if not args.only_writes:
         bare_pass()  # warm-up: allocations, kernel selection
-        bare = min(bare_pass() for _ in range(2))
+        bare, bare_cpu = min(bare_pass() for _ in range(2))
 
     # (b) decoding + preprocessing alone, with the pipeline's decode workers
-    def decode(workers: int) -> float:
-        t0 = time.perf_counter()
+    def decode(workers: int) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), cpu_seconds()
         for _, x in image_batches(stimuli, cfg, batch_ids, args.batch, num_workers=workers, device=device):
             pass
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, cpu_seconds() - c0  # workers are joined: their CPU time is counted
 
     # (c) device-to-host: the pipeline's staging, on outputs captured by an untimed forward
     staging = _Staging(units, args.batch, DTYPES["float16"], device, slots=1, device_copies=cuda, pinned=pinned)
@@ -167,11 +174,11 @@ def main():
         root = fresh_root()
         store = prepare_store(spec, stimuli, args.layers, root, batch_size=args.batch, codec=codec, sharded=sharded,
                               unit_chunk=unit_chunk, model=model)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         with _StoreSink(store, {"bench": True}, threads=threads) as sink:
             for b, out in zip(batch_ids, outputs16):
                 sink.put(b, out, lambda: None)
-        seconds = time.perf_counter() - t0
+        seconds, write_cpu[0] = time.perf_counter() - t0, cpu_seconds() - c0
         assert sorted(sink.written) == batch_ids
         files = [p for c in (store.path / "store.zarr").glob("*/activations/c") for p in c.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
@@ -179,21 +186,22 @@ def main():
         return seconds, size, len(files)
 
     sharded = not args.unsharded
-    results = []
+    results, write_cpu = [], [0.0]
     for workers, threads in itertools.product(args.workers, args.writer_threads) if not args.only_writes else ():
-        dec = decode(workers)
+        dec, dec_cpu = decode(workers)
         wr, size, files = write(args.codec, sharded, threads, args.unit_chunk)
+        wr_cpu = write_cpu[0]
         root = fresh_root()
         kwargs = dict(batch_size=args.batch, codec=args.codec, sharded=sharded, unit_chunk=args.unit_chunk)
         prepare_store(spec, stimuli, args.layers, root, model=model, **kwargs)
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         report = extract_to_store(spec, stimuli, args.layers, root, device=device, num_workers=workers,
                                   writer_threads=threads, pinned=None if not cuda else pinned, model=model, **kwargs)
-        pipe = time.perf_counter() - t0
+        pipe, pipe_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         assert report.store.complete and report.written == batch_ids
         shutil.rmtree(root, ignore_errors=True)
-        results.append((workers, threads, dec, wr, size, files, pipe))
+        results.append((workers, threads, dec, wr, size, files, pipe, dec_cpu, wr_cpu, pipe_cpu))
 
     variants = []
     for codec, layout, threads, chunk in itertools.product(args.d_codecs or [args.codec],
@@ -224,20 +232,21 @@ def main():
           f"{' (pinned, async)' if pinned else ''} | {d2h:.2f} | {n / d2h:.1f} | {raw / mib / d2h:.0f} |")
     print(f"| (c') float32 to the host, cast there (not used) | {d2h_host_cast:.2f} | {n / d2h_host_cast:.1f} | "
           f"{raw / mib / d2h_host_cast:.0f} |")
-    for workers, threads, dec, wr, size, files, pipe in results:
+    for workers, threads, dec, wr, size, files, pipe, *_ in results:
         print(f"| (b) decode + preprocess, {workers} workers | {dec:.2f} | {n / dec:.1f} | |")
         print(f"| (d) compress + write, {threads} threads ({size / mib:.0f} MiB, {raw / size:.2f}x, {files} files) | "
               f"{wr:.2f} | {n / wr:.1f} | {raw / mib / wr:.0f} |")
     print()
     print("| pipeline (extract_to_store) | seconds | images/s | slowest component | fraction of slowest | "
-          "vs (a)+(b)+(d) |")
-    print("|---|---|---|---|---|---|")
-    for workers, threads, dec, wr, size, files, pipe in results:
+          "vs (a)+(b)+(d) | CPU seconds | CPU vs (a)+(b)+(d) CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for workers, threads, dec, wr, size, files, pipe, dec_cpu, wr_cpu, pipe_cpu in results:
         comps = {"a": bare, "b": dec, "c": d2h, "d": wr}
         slow = max(comps, key=comps.get)
         print(f"| {workers} workers, {threads} writer threads | {pipe:.2f} | {n / pipe:.1f} | ({slow}) "
               f"{n / comps[slow]:.1f} images/s | {comps[slow] / pipe:.0%} | {pipe / (bare + dec + wr):.3f} "
-              f"(sum {bare + dec + wr:.2f} s) |")
+              f"(sum {bare + dec + wr:.2f} s) | {pipe_cpu:.2f} | {pipe_cpu / (bare_cpu + dec_cpu + wr_cpu):.3f} "
+              f"(sum {bare_cpu:.2f} + {dec_cpu:.2f} + {wr_cpu:.2f} s) |")
     if variants:
         print()
         print("| (d) alone: codec | layout | threads | unit chunk | seconds | MiB/s | stored MiB | ratio | files |")

@@ -6,13 +6,15 @@ What this module owns:
   and its preprocessing as an identity; :func:`data_config` / :func:`eval_transform`, timm's eval
   preprocessing of each model (images decoded with Pillow);
 - the extraction loop (:func:`_extract`), one for every output: images are decoded and transformed
-  by a DataLoader, the model runs under ``torch.inference_mode`` with forward hooks that copy each
-  chosen layer's output in the output dtype (float16 or float32) on the device as soon as it is
-  produced (later in-place operations cannot change it), and each batch goes to a *sink*: in
-  memory (:func:`extract_activations` returns :class:`~core.units.Activations`, arrays that carry
-  their layers' :class:`~core.units.LayerUnits`) or into an activation store
-  (:func:`extract_to_store`: whole batches written by a background thread, see
-  :mod:`core.store`);
+  by a DataLoader (:func:`image_batches`, ``num_workers`` processes), the model runs under
+  ``torch.inference_mode`` with forward hooks that copy each chosen layer's output in the output
+  dtype (float16 or float32) as soon as it is produced (later in-place operations cannot change
+  it): on the CPU straight into a host buffer, on CUDA on the device, then to pinned host buffers
+  asynchronously while the next batch's forward runs (:class:`_Staging`). Each batch goes to a
+  *sink*: in memory (:func:`extract_activations` returns :class:`~core.units.Activations`, arrays
+  that carry their layers' :class:`~core.units.LayerUnits`) or into an activation store
+  (:func:`extract_to_store`: a pool of ``writer_threads`` compresses and writes the layers
+  concurrently, see :mod:`core.store`);
 - store creation (:func:`prepare_store`): the store of an identity, created or resumed, its layers
   probed, no batch written.
 
@@ -21,8 +23,8 @@ Guarantees of the loop:
 - the caller's model comes back as it went in: every parameter and buffer on its device, every
   module in its train/eval mode, no hook left (extraction itself runs in eval mode, on ``device``);
 - full float32: CUDA matmuls and cuDNN convolutions run without TF32 (:func:`full_float32`), so
-  stores written on a GPU agree with CPU stores to float32 rounding; the policy is recorded in each
-  store's attributes (``"tf32": false``);
+  stores written on a GPU agree with CPU stores to float32 rounding (tests/test_gpu.py checks it on
+  a GPU); the policy is recorded in each store's attributes and each batch's record (``"tf32": false``);
 - both sinks see the same values: a float16 store equals float16 in-memory activations exactly.
 """
 

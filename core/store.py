@@ -4,13 +4,15 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
 
     <root>/<digest>/
         key.json        what the store holds: model identity, preprocessing, stimuli hash, layers,
-                        dtype, store format (the digest is a hash of exactly this; the unitmatch
+                        dtype, codec, sharding, store format (the digest is a hash of exactly this; the unitmatch
                         version that wrote it is recorded in the Zarr group's attributes, and is not
                         part of the identity: a release that does not change what is stored reuses
                         every store, one that does bumps ``STORE_FORMAT``)
         store.zarr/     Zarr v3 with consolidated metadata; one group per layer: ``activations``
-                        (image_id, unit) float16 by default, zstd, chunked (extraction batch x
-                        unit_chunk); dimension coordinates ``image_id`` and ``unit`` (the unit's index
+                        (image_id, unit) float16 by default, Blosc lz4 + byte shuffle by default,
+                        chunked (extraction batch x unit_chunk), and sharded: all chunks of one
+                        image batch of a layer in one file (``c/<batch>/0``; unsharded: one file per
+                        chunk, ``c/<batch>/<column>``); dimension coordinates ``image_id`` and ``unit`` (the unit's index
                         within its layer), and one array per unit dimension (channel, y, x / y, x,
                         channel / token, channel) on ``unit``, named in the ``coordinates`` attribute of
                         ``activations``, so ``xarray.open_zarr(path, group=layer)`` gives a Dataset
@@ -24,15 +26,19 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
                         batch, per layer
         COMPLETE        written last, once every batch is done
 
-Each writer owns whole chunks (a chunk's rows are exactly one extraction batch), so writers on
-several processes or nodes never share a chunk and need no locks; nothing is sharded (concurrent
-writes into one shard lose data). A crash leaves a batch without its ``done`` file: a rerun redoes
+Each writer owns whole chunks and whole shards (a chunk's and a shard's rows are exactly one
+extraction batch), so writers on several processes or nodes never share a file and need no locks
+(a shard spanning several batches would be rewritten by each of their writers, losing data). Within
+one process, a pool of writer threads writes the layers of a batch concurrently
+(:meth:`BatchWriter.write_layer`); the batch's ``done`` record follows its last layer. A crash leaves a batch without its ``done`` file: a rerun redoes
 that batch and skips the finished ones. Readers (:meth:`ActivationStore.open`) refuse a store
 without ``COMPLETE``, so a half-written store is never trusted.
 
-Integrity (format 4; the parts live in :mod:`core.integrity`). Two checks guard every chunk read:
+Integrity (formats 4 and 5; the parts live in :mod:`core.integrity`). Two checks guard every chunk read:
 
-- zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes fail to decode.
+- with a zstd codec, zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes
+  fail to decode (Blosc and ``none`` have no byte checksum: there the digest table below catches
+  damaged bytes, on checked reads only).
 - A digest table: when a batch is written, the CRC-32 of each of its chunks' values (the decoded
   array in the store's dtype, C order) is recorded in the batch's ``done`` record, keyed by layer
   and unit-chunk index. A byte checksum cannot catch a chunk file replaced by another valid chunk
@@ -45,8 +51,8 @@ Integrity (format 4; the parts live in :mod:`core.integrity`). Two checks guard 
   interchangeable, so a swap the table cannot see changes no value. The CRC is 32 bits: a damaged
   chunk passes with probability 2^-32.
 
-Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing),
-so a missing chunk file is damage named as such, never read as the fill value (NaN); a store of
+Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing;
+inside shards too), so a missing chunk or shard file is damage named as such, never read as the fill value (NaN); a store of
 another format is refused (:class:`StoreFormatError`); :meth:`ActivationStore.verify` (and
 :func:`verify_store`, which also reports stores that cannot be opened) checks a store end to end:
 key, metadata files, coordinates, done records, every chunk.
