@@ -14,7 +14,8 @@ input size, generated images, one process. Measured, in this order:
   cast-and-copy;
 - (d) compression + writes alone: the same float16 bytes written into a fresh store by the
   pipeline's writer pool (``--writer-threads``), codec and layout; ``--d-codecs`` /
-  ``--d-threads`` / ``--d-layouts`` add (d) variants (written bytes, ratio, files);
+  ``--d-threads`` / ``--d-layouts`` / ``--d-unit-chunks`` add (d) variants (written bytes, ratio,
+  files); ``--codec-table`` measures each codec alone on one thread instead;
 - the pipeline: :func:`core.extract.extract_to_store` end to end into a fresh (prepared) store.
 
 The pipeline's throughput is reported as a fraction of the slowest component's (the goal on a GPU
@@ -77,6 +78,9 @@ def main():
     ap.add_argument("--d-unit-chunks", type=int, nargs="*", default=[], help="more unit chunks for (d) alone")
     ap.add_argument("--only-writes", action="store_true",
                     help="only (c) and (d) with its variants: no bare forward, decoding or pipeline runs")
+    ap.add_argument("--codec-table", action="store_true",
+                    help="only: each --d-codecs codec alone on one thread (numcodecs, no Zarr), per layer, on the "
+                         "first batch's outputs: ratio, encode and decode MiB/s")
     ap.add_argument("--root", default=None, help="folder for the stores (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -126,7 +130,7 @@ def main():
             return time.perf_counter() - t0, cpu_seconds() - c0
 
     bare = bare_cpu = float("nan")
-    if not args.only_writes:
+    if not (args.only_writes or args.codec_table):
         bare_pass()  # warm-up: allocations, kernel selection
         bare, bare_cpu = min(bare_pass() for _ in range(2))
 
@@ -168,6 +172,10 @@ def main():
         for h in hooks:
             h.remove()
     del captured, staging
+
+    if args.codec_table:
+        codec_table(outputs16[0], args.d_codecs or [args.codec], args.unit_chunk)
+        return
 
     # (d) compression + writes alone, with the pipeline's writer pool
     def write(codec: str, sharded: bool, threads: int, unit_chunk: int) -> tuple[float, int, int]:
@@ -254,6 +262,36 @@ def main():
         for codec, layout, threads, chunk, seconds, size, files in variants:
             print(f"| {codec} | {layout} | {threads} | {chunk} | {seconds:.2f} | {raw / mib / seconds:.0f} | "
                   f"{size / mib:.0f} | {raw / size:.2f}x | {files} |")
+
+
+def codec_table(outputs: dict, codecs: list, unit_chunk: int) -> None:
+    """Each codec alone on one thread, per layer: compression ratio, encode and decode MiB/s."""
+    from numcodecs import Blosc, Zstd
+
+    from unitmatch.core.store import parse_codec
+
+    Blosc.use_threads = False
+    print("| codec | layer | ratio | encode MiB/s | decode MiB/s |")
+    print("|---|---|---|---|---|")
+    for codec in codecs:
+        parts = parse_codec(codec).split(":")
+        if parts[0] == "none":
+            continue
+        coder = Zstd(int(parts[1]), checksum=True) if parts[0] == "zstd" else Blosc(
+            parts[1], int(parts[3]), {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+                                      "bitshuffle": Blosc.BITSHUFFLE}[parts[2]])
+        for name, values in outputs.items():
+            chunks = [np.ascontiguousarray(values[:, j:j + unit_chunk]) for j in range(0, values.shape[1], unit_chunk)]
+            t0 = time.perf_counter()
+            encoded = [coder.encode(c) for c in chunks]
+            enc = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for e in encoded:
+                coder.decode(e)
+            dec = time.perf_counter() - t0
+            mib = values.nbytes / 2 ** 20
+            print(f"| {codec} | {name} | {values.nbytes / sum(len(e) for e in encoded):.2f}x | {mib / enc:.0f} | "
+                  f"{mib / dec:.0f} |")
 
 
 if __name__ == "__main__":
