@@ -256,7 +256,7 @@ def image_batches(stimuli: StimulusSet, cfg: dict, batches: Sequence[int], batch
     (0: in this process), in pinned memory for a CUDA ``device``."""
     return torch.utils.data.DataLoader(
         _Batches(stimuli, list(batches), batch_size, eval_transform(cfg)), batch_size=None, shuffle=False,
-        num_workers=_check_count(num_workers, "num_workers", 0),
+        num_workers=check_count(num_workers, "num_workers", 0),
         pin_memory=device is not None and device.type == "cuda")
 
 
@@ -449,7 +449,7 @@ class _StoreSink:
         self.writer = store.writer()
         self.info = dict(info or {})  # recorded with every batch: how it was made
         self.slots = queue
-        self.pool = ThreadPoolExecutor(_check_count(threads, "writer_threads", 1), thread_name_prefix="store-writer")
+        self.pool = ThreadPoolExecutor(check_count(threads, "writer_threads", 1), thread_name_prefix="store-writer")
         self.lock = threading.Lock()
         self.failure: list[BaseException] = []
         self.written: list[int] = []
@@ -506,7 +506,7 @@ def _check_pinned(pinned, device) -> None:
                          f"this torch sees no GPU (device {device}): use pinned=None or False")
 
 
-def _check_count(value, name: str, low: int) -> int:
+def check_count(value, name: str, low: int) -> int:
     """An integer option >= ``low``, or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         what = "a positive integer" if low == 1 else f"an integer >= {low}"
@@ -783,7 +783,7 @@ def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, bat
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}")
-    unit_chunk = _check_count(unit_chunk, "unit_chunk", 1)
+    unit_chunk = check_count(unit_chunk, "unit_chunk", 1)
     if len(stimuli) == 0:
         raise ValueError("the stimulus set is empty")
     batch_size = _check_batch_size(batch_size)
@@ -839,8 +839,8 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     t0 = time.perf_counter()
     own = model is None
     model = spec.create() if own else model
-    writer_threads = _check_count(writer_threads, "writer_threads", 1)
-    _check_count(num_workers, "num_workers", 0)
+    writer_threads = check_count(writer_threads, "writer_threads", 1)
+    check_count(num_workers, "num_workers", 0)
     if pinned not in (None, True, False):
         raise ValueError(f"pinned must be None (on CUDA), True or False; got {pinned!r}")
     _check_pinned(pinned, device)

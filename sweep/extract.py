@@ -27,9 +27,9 @@ from typing import Sequence
 import ray
 from tqdm.auto import tqdm
 
-from unitmatch.core.extract import DEFAULT_WRITER_THREADS, ModelSpec, extract_to_store, prepare_store
+from unitmatch.core.extract import DEFAULT_WRITER_THREADS, ModelSpec, check_count, extract_to_store, prepare_store
 from unitmatch.core.stimuli import StimulusSet
-from unitmatch.core.store import DEFAULT_CODEC, ActivationStore
+from unitmatch.core.store import DEFAULT_CODEC, ActivationStore, parse_codec
 
 from .cluster import ResourceRequest, check_requests, describe_wait
 
@@ -122,6 +122,12 @@ class ZooExtraction:
     log: list = field(default_factory=list)
     #: per actor, the reference that resolves once it is running
     _ready: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        # checked here, not first in an actor: a bad value is named before any actor starts
+        check_count(self.num_workers, "num_workers", 0)
+        check_count(self.writer_threads, "writer_threads", 1)
+        self.codec = parse_codec(self.codec)
 
     def _remote_args(self) -> dict:
         args = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}

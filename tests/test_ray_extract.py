@@ -129,3 +129,13 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_local, tmp_path, stim
     reported = [b for _, _, batches in zoo.log for b in batches]
     assert len(reported) == len(set(reported))  # no finished batch was written twice by the survivors
     assert set(reported) <= set(range(20)) and store.done_batches() == set(range(20))
+
+
+def test_bad_actor_options_are_named_before_any_actor_starts(tmp_path):
+    from unitmatch.sweep.extract import ZooExtraction
+
+    for kwargs, message in [({"writer_threads": 0}, "writer_threads must be a positive integer; got 0"),
+                            ({"num_workers": -2}, "num_workers must be an integer >= 0; got -2"),
+                            ({"codec": "gzip"}, r"codec='gzip' is not a store codec; valid: none, zstd")]:
+        with pytest.raises(ValueError, match=message):
+            ZooExtraction(tmp_path, **kwargs)
