@@ -15,7 +15,7 @@ input size, generated images, one process. Measured, in this order:
 - (d) compression + writes alone: the same float16 bytes written into a fresh store by the
   pipeline's writer pool (``--writer-threads``), codec and layout; ``--d-codecs`` /
   ``--d-threads`` / ``--d-layouts`` / ``--d-unit-chunks`` add (d) variants (written bytes, ratio,
-  files); ``--codec-table`` measures each codec alone on one thread instead;
+  files; ``--read-back``: checked reads of each store afterwards); ``--codec-table`` measures each codec alone on one thread instead;
 - the pipeline: :func:`core.extract.extract_to_store` end to end into a fresh (prepared) store.
 
 The pipeline's throughput is reported as a fraction of the slowest component's (the goal on a GPU
@@ -78,6 +78,9 @@ def main():
     ap.add_argument("--d-unit-chunks", type=int, nargs="*", default=[], help="more unit chunks for (d) alone")
     ap.add_argument("--only-writes", action="store_true",
                     help="only (c) and (d) with its variants: no bare forward, decoding or pipeline runs")
+    ap.add_argument("--read-back", action="store_true",
+                    help="(d) variants: also read each store back through store.layers() (checked reads, blocks "
+                         "of 4 unit chunks), single-threaded")
     ap.add_argument("--codec-table", action="store_true",
                     help="only: each --d-codecs codec alone on one thread (numcodecs, no Zarr), per layer, on the "
                          "first batch's outputs: ratio, encode and decode MiB/s")
@@ -88,6 +91,7 @@ def main():
         DTYPES, ModelSpec, _Staging, _StoreSink, extract_to_store, image_batches, prepare_store,
     )
     from unitmatch.core.layers import layer_names, probe_layers
+    from unitmatch.core.store import ActivationStore
     from unitmatch.core.synthetic import generate_stimuli
 
     n = args.images
@@ -190,11 +194,19 @@ def main():
         assert sorted(sink.written) == batch_ids
         files = [p for c in (store.path / "store.zarr").glob("*/activations/c") for p in c.rglob("*") if p.is_file()]
         size = sum(p.stat().st_size for p in files)
+        if args.read_back:  # checked reads of every layer in blocks of 4 unit chunks, as matching reads them
+            store.finalize()
+            arrays = ActivationStore.open(store.path).layers()
+            t0 = time.perf_counter()
+            for a in arrays.values():
+                for j in range(0, a.shape[1], 4 * a.chunks[1]):
+                    a[:, j:j + 4 * a.chunks[1]]
+            read_seconds[0] = time.perf_counter() - t0
         shutil.rmtree(root, ignore_errors=True)
         return seconds, size, len(files)
 
     sharded = not args.unsharded
-    results, write_cpu = [], [0.0]
+    results, write_cpu, read_seconds = [], [0.0], [float("nan")]
     for workers, threads in itertools.product(args.workers, args.writer_threads) if not args.only_writes else ():
         dec, dec_cpu = decode(workers)
         wr, size, files = write(args.codec, sharded, threads, args.unit_chunk)
@@ -218,7 +230,8 @@ def main():
                                                            args.d_unit_chunks or [args.unit_chunk]):
         if (codec, layout == "sharded", threads, chunk) != (args.codec, sharded, args.writer_threads[0],
                                                            args.unit_chunk) or len(results) == 0:
-            variants.append((codec, layout, threads, chunk, *write(codec, layout == "sharded", threads, chunk)))
+            variants.append((codec, layout, threads, chunk, *write(codec, layout == "sharded", threads, chunk),
+                             read_seconds[0]))
     if not args.root:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -257,11 +270,12 @@ def main():
               f"(sum {bare_cpu:.2f} + {dec_cpu:.2f} + {wr_cpu:.2f} s) |")
     if variants:
         print()
-        print("| (d) alone: codec | layout | threads | unit chunk | seconds | MiB/s | stored MiB | ratio | files |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for codec, layout, threads, chunk, seconds, size, files in variants:
+        print("| (d) alone: codec | layout | threads | unit chunk | seconds | MiB/s | stored MiB | ratio | files | "
+              "checked read MiB/s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for codec, layout, threads, chunk, seconds, size, files, read in variants:
             print(f"| {codec} | {layout} | {threads} | {chunk} | {seconds:.2f} | {raw / mib / seconds:.0f} | "
-                  f"{size / mib:.0f} | {raw / size:.2f}x | {files} |")
+                  f"{size / mib:.0f} | {raw / size:.2f}x | {files} | {raw / mib / read:.0f} |")
 
 
 def codec_table(outputs: dict, codecs: list, unit_chunk: int) -> None:
