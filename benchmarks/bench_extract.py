@@ -15,7 +15,8 @@ input size, generated images, one process. Measured, in this order:
 - (d) compression + writes alone: the same float16 bytes written into a fresh store by the
   pipeline's writer pool (``--writer-threads``), codec and layout; ``--d-codecs`` /
   ``--d-threads`` / ``--d-layouts`` / ``--d-unit-chunks`` add (d) variants (written bytes, ratio,
-  files; ``--read-back``: checked reads of each store afterwards); ``--codec-table`` measures each codec alone on one thread instead;
+  files; ``--read-back``: checked reads of each store afterwards); ``--codec-table`` measures each
+  codec alone on one thread instead;
 - the pipeline: :func:`core.extract.extract_to_store` end to end into a fresh (prepared) store.
 
 The pipeline's throughput is reported as a fraction of the slowest component's (the goal on a GPU
@@ -68,7 +69,8 @@ def main():
     ap.add_argument("--writer-threads", type=int, nargs="+", default=[DEFAULT_WRITER_THREADS],
                     help="store writer threads (several: each)")
     ap.add_argument("--codec", default=DEFAULT_CODEC, help="store codec of (d) and the pipeline")
-    ap.add_argument("--unsharded", action="store_true", help="one file per chunk instead of one shard per batch x layer")
+    ap.add_argument("--unsharded", action="store_true",
+                    help="one file per chunk instead of one shard per batch x layer")
     ap.add_argument("--unit-chunk", type=int, default=DEFAULT_UNIT_CHUNK)
     ap.add_argument("--no-pinned", action="store_true", help="CUDA: pageable host buffers (synchronous copies)")
     ap.add_argument("--d-codecs", nargs="*", default=[], help="more codecs for (d) alone")
@@ -108,7 +110,6 @@ def main():
     n_units = sum(u.size for u in units)
     raw = n * n_units * 2  # float16 bytes
     batch_ids = list(range(-(-n // args.batch)))
-    rows = [range(b * args.batch, min((b + 1) * args.batch, n)) for b in batch_ids]
     pinned = cuda and not args.no_pinned
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = Path(args.root or tempfile.mkdtemp(prefix="bench-extract-"))
@@ -175,7 +176,8 @@ def main():
     finally:
         for h in hooks:
             h.remove()
-    del captured, staging
+    captured.clear()
+    del staging
 
     if args.codec_table:
         codec_table(outputs16[0], args.d_codecs or [args.codec], args.unit_chunk)

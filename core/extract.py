@@ -373,8 +373,9 @@ class _Staging:
 
 
 def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits], sink, *, batches: Sequence[int],
-             batch_size: int, dtype: torch.dtype, device: torch.device, num_workers: int = 0, pinned: bool | None = None,
-             device_copies: bool | None = None, desc: str = "extract", progress: bool = False) -> None:
+             batch_size: int, dtype: torch.dtype, device: torch.device, num_workers: int = 0,
+             pinned: bool | None = None, device_copies: bool | None = None, desc: str = "extract",
+             progress: bool = False) -> None:
     """The extraction loop: ``sink.put(batch, {layer: (images, *shape) numpy array}, release)`` per image batch.
 
     Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size`` (fewer for the last).

@@ -4,17 +4,19 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
 
     <root>/<digest>/
         key.json        what the store holds: model identity, preprocessing, stimuli hash, layers,
-                        dtype, codec, sharding, store format (the digest is a hash of exactly this; the unitmatch
-                        version that wrote it is recorded in the Zarr group's attributes, and is not
-                        part of the identity: a release that does not change what is stored reuses
-                        every store, one that does bumps ``STORE_FORMAT``)
+                        dtype, codec, sharding, store format (the digest is a hash of exactly this;
+                        the unitmatch version that wrote it is recorded in the Zarr group's
+                        attributes, and is not part of the identity: a release that does not
+                        change what is stored reuses every store, one that does bumps
+                        ``STORE_FORMAT``)
         store.zarr/     Zarr v3 with consolidated metadata; one group per layer: ``activations``
                         (image_id, unit) float16 by default, Blosc lz4 + byte shuffle by default,
                         chunked (extraction batch x unit_chunk), and sharded: all chunks of one
                         image batch of a layer in one file (``c/<batch>/0``; unsharded: one file per
-                        chunk, ``c/<batch>/<column>``); dimension coordinates ``image_id`` and ``unit`` (the unit's index
-                        within its layer), and one array per unit dimension (channel, y, x / y, x,
-                        channel / token, channel) on ``unit``, named in the ``coordinates`` attribute of
+                        chunk, ``c/<batch>/<column>``); dimension coordinates ``image_id`` and
+                        ``unit`` (the unit's index within its layer), and one array per unit
+                        dimension (channel, y, x / y, x, channel / token, channel) on ``unit``,
+                        named in the ``coordinates`` attribute of
                         ``activations``, so ``xarray.open_zarr(path, group=layer)`` gives a Dataset
                         whose every dimension has coordinates. The layer group's attributes
                         hold its :class:`~core.units.LayerUnits` (``layer``, ``shape``, ``dims``,
@@ -30,11 +32,13 @@ Each writer owns whole chunks and whole shards (a chunk's and a shard's rows are
 extraction batch), so writers on several processes or nodes never share a file and need no locks
 (a shard spanning several batches would be rewritten by each of their writers, losing data). Within
 one process, a pool of writer threads writes the layers of a batch concurrently
-(:meth:`BatchWriter.write_layer`); the batch's ``done`` record follows its last layer. A crash leaves a batch without its ``done`` file: a rerun redoes
-that batch and skips the finished ones. Readers (:meth:`ActivationStore.open`) refuse a store
-without ``COMPLETE``, so a half-written store is never trusted.
+(:meth:`BatchWriter.write_layer`); the batch's ``done`` record follows its last layer. A crash
+leaves a batch without its ``done`` file: a rerun redoes that batch and skips the finished ones.
+Readers (:meth:`ActivationStore.open`) refuse a store without ``COMPLETE``, so a half-written store
+is never trusted.
 
-Integrity (formats 4 and 5; the parts live in :mod:`core.integrity`). Two checks guard every chunk read:
+Integrity (formats 4 and 5; the parts live in :mod:`core.integrity`). Two checks guard every chunk
+read:
 
 - with a zstd codec, zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes
   fail to decode (Blosc and ``none`` have no byte checksum: there the digest table below catches
@@ -52,13 +56,13 @@ Integrity (formats 4 and 5; the parts live in :mod:`core.integrity`). Two checks
   chunk passes with probability 2^-32.
 
 Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing;
-inside shards too), so a missing chunk or shard file is damage named as such, never read as the fill value (NaN); a store of
-another format is refused (:class:`StoreFormatError`); :meth:`ActivationStore.verify` (and
+inside shards too), so a missing chunk or shard file is damage named as such, never read as the
+fill value (NaN); a store of another format is refused (:class:`StoreFormatError`); :meth:`ActivationStore.verify` (and
 :func:`verify_store`, which also reports stores that cannot be opened) checks a store end to end:
 key, metadata files, coordinates, done records, every chunk.
 
 Cost (``benchmarks/bench_store_read.py``, RESULTS.md): reading a 256-image, 2 x 65,536-unit float16
-store (67 MB, zstd level 1) in 16,384-unit blocks took 1.13-1.21x the CPU time of the same reads from
+store (67 MB, zstd level 1, one file per chunk: format 4) in 16,384-unit blocks took 1.13-1.21x the CPU time of the same reads from
 the bare Zarr arrays (zlib's CRC-32 runs at about 1.3 GB/s on one core).
 """
 
@@ -95,7 +99,8 @@ DEFAULT_UNIT_CHUNK = 16384
 DEFAULT_CODEC = "blosc:lz4:shuffle:5"
 _BLOSC_NAMES = ("lz4", "lz4hc", "blosclz", "zstd", "zlib")
 _BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
-CODEC_FORMS = ("none", "zstd:<level -7..22>", f"blosc:<{'|'.join(_BLOSC_NAMES)}>:<{'|'.join(_BLOSC_SHUFFLES)}>:<level 0..9>")
+CODEC_FORMS = ("none", "zstd:<level -7..22>",
+               f"blosc:<{'|'.join(_BLOSC_NAMES)}>:<{'|'.join(_BLOSC_SHUFFLES)}>:<level 0..9>")
 
 
 def parse_codec(codec, name: str = "codec") -> str:
