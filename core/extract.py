@@ -6,13 +6,15 @@ What this module owns:
   and its preprocessing as an identity; :func:`data_config` / :func:`eval_transform`, timm's eval
   preprocessing of each model (images decoded with Pillow);
 - the extraction loop (:func:`_extract`), one for every output: images are decoded and transformed
-  by a DataLoader, the model runs under ``torch.inference_mode`` with forward hooks that copy each
-  chosen layer's output in the output dtype (float16 or float32) on the device as soon as it is
-  produced (later in-place operations cannot change it), and each batch goes to a *sink*: in
-  memory (:func:`extract_activations` returns :class:`~core.units.Activations`, arrays that carry
-  their layers' :class:`~core.units.LayerUnits`) or into an activation store
-  (:func:`extract_to_store`: whole batches written by a background thread, see
-  :mod:`core.store`);
+  by a DataLoader (:func:`image_batches`, ``num_workers`` processes), the model runs under
+  ``torch.inference_mode`` with forward hooks that copy each chosen layer's output in the output
+  dtype (float16 or float32) as soon as it is produced (later in-place operations cannot change
+  it): on the CPU straight into a host buffer, on CUDA on the device, then to pinned host buffers
+  asynchronously while the next batch's forward runs (:class:`_Staging`). Each batch goes to a
+  *sink*: in memory (:func:`extract_activations` returns :class:`~core.units.Activations`, arrays
+  that carry their layers' :class:`~core.units.LayerUnits`) or into an activation store
+  (:func:`extract_to_store`: a pool of ``writer_threads`` compresses and writes the layers
+  concurrently, see :mod:`core.store`);
 - store creation (:func:`prepare_store`): the store of an identity, created or resumed, its layers
   probed, no batch written.
 
@@ -21,8 +23,8 @@ Guarantees of the loop:
 - the caller's model comes back as it went in: every parameter and buffer on its device, every
   module in its train/eval mode, no hook left (extraction itself runs in eval mode, on ``device``);
 - full float32: CUDA matmuls and cuDNN convolutions run without TF32 (:func:`full_float32`), so
-  stores written on a GPU agree with CPU stores to float32 rounding; the policy is recorded in each
-  store's attributes (``"tf32": false``);
+  stores written on a GPU agree with CPU stores to float32 rounding (tests/test_gpu.py checks it on
+  a GPU); the policy is recorded in each store's attributes and each batch's record (``"tf32": false``);
 - both sinks see the same values: a float16 store equals float16 in-memory activations exactly.
 """
 
@@ -34,8 +36,10 @@ import os
 import platform
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from queue import Queue
 from typing import TYPE_CHECKING, Sequence
 
@@ -48,6 +52,8 @@ from .layers import OUTPUT, eval_mode, layer_names, probe_layers
 from .stimuli import StimulusSet
 from .units import Activations, LayerUnits
 
+from .store import DEFAULT_CODEC, DEFAULT_UNIT_CHUNK
+
 if TYPE_CHECKING:
     from .store import ActivationStore
 
@@ -55,6 +61,8 @@ log = logging.getLogger(__name__)
 
 #: output dtypes of extraction, by name
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: store writer threads (benchmarks/RESULTS.md, bench_extract.py)
+DEFAULT_WRITER_THREADS = 2
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None = None, seed: int = 0):
@@ -227,19 +235,6 @@ def _on_device(model, device: torch.device):
         model.to(home)
 
 
-def _capture(captured: dict, name: str, dtype: torch.dtype):
-    """A forward hook storing a copy of the module's output in ``dtype`` (on its device).
-
-    The copy is taken inside the hook: later in-place operations (timm's ``ReLU(inplace=True)``
-    after a BatchNorm) would otherwise change what was recorded.
-    """
-    def hook(_module, _inputs, out):
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        captured[name] = out.detach().to(dtype, copy=True)
-    return hook
-
-
 class _Batches(torch.utils.data.Dataset):
     """Decodes (Pillow) and transforms one image batch per item, so DataLoader workers can do it."""
 
@@ -255,42 +250,167 @@ class _Batches(torch.utils.data.Dataset):
         return b, torch.stack([self.transform(self.stimuli.load_image(k)) for k in idx])
 
 
+def image_batches(stimuli: StimulusSet, cfg: dict, batches: Sequence[int], batch_size: int, *, num_workers: int = 0,
+                  device: torch.device | None = None) -> torch.utils.data.DataLoader:
+    """``(batch, images)`` per image batch: decoded and preprocessed in ``num_workers`` DataLoader workers
+    (0: in this process), in pinned memory for a CUDA ``device``."""
+    return torch.utils.data.DataLoader(
+        _Batches(stimuli, list(batches), batch_size, eval_transform(cfg)), batch_size=None, shuffle=False,
+        num_workers=check_count(num_workers, "num_workers", 0),
+        pin_memory=device is not None and device.type == "cuda")
+
+
+class _Staging:
+    """Each batch's layer outputs, from the forward hooks to host buffers that a sink reads.
+
+    A ring of ``slots`` host buffer sets (per layer a (batch_size, *shape) tensor of the output
+    dtype) bounds the batches in flight: one being computed, one being copied, the others held by
+    the sink, which gives a slot back (:meth:`release`) once it no longer reads it. Allocated on
+    first use.
+
+    - ``device_copies`` (on CUDA): the hooks keep a copy of each output in the output dtype on the
+      device (cast before the copy: float16 halves the bytes to move; a copy because later in-place
+      operations would change the output); after the forward they go to the slot on a second
+      stream (asynchronous into ``pinned`` host memory), so batch b's copy overlaps the forward of
+      b + 1, and :meth:`ready` waits for a batch's copy only when it hands the batch on. On the CPU
+      the same logic runs with plain buffers and synchronous copies (tests exercise it there).
+    - otherwise (the CPU default): the hooks cast each output straight into the slot, one copy.
+    """
+
+    def __init__(self, layers: Sequence[LayerUnits], batch_size: int, dtype: torch.dtype, device: torch.device, *,
+                 slots: int, device_copies: bool, pinned: bool):
+        self.layers = {layer.name: layer for layer in layers}
+        self.batch_size, self.dtype, self.device = batch_size, dtype, device
+        self.device_copies, self.pinned = device_copies, pinned
+        self.stream = torch.cuda.Stream(device) if device_copies and device.type == "cuda" else None
+        self.buffers: list[dict | None] = [None] * slots
+        self.free: Queue = Queue()
+        for slot in range(slots):
+            self.free.put(slot)
+        self.current: tuple[int, int] | None = None  # (slot, images) of the batch being computed
+        self.captured: dict = {}
+        self.pending: deque = deque()  # (batch, slot, images, copy event) copied or being copied
+        #: batches handed on before the newest one's copy is waited for (1 when copies are asynchronous)
+        self.lag = 1 if device_copies else 0
+
+    def _host(self, slot: int) -> dict[str, torch.Tensor]:
+        if self.buffers[slot] is None:
+            self.buffers[slot] = {name: torch.empty((self.batch_size, *layer.shape), dtype=self.dtype,
+                                                    pin_memory=self.pinned) for name, layer in self.layers.items()}
+        return self.buffers[slot]
+
+    def begin(self, n: int) -> None:
+        """A slot for the next batch of ``n`` images (waits while the sink holds every slot)."""
+        self.current = (self.free.get(), n)
+        self.captured = {}
+
+    def hook(self, name: str):
+        """The forward hook of layer ``name``: copies its output before in-place operations can change it."""
+        expected = self.layers[name].shape
+
+        def hook(_module, _inputs, out):
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            slot, n = self.current
+            if tuple(out.shape) != (n, *expected):
+                self.captured[name] = tuple(out.shape)  # end() names it
+            elif self.device_copies:
+                self.captured[name] = out.detach().to(self.dtype, copy=True)
+            else:
+                self.captured[name] = self._host(slot)[name][:n].copy_(out.detach())
+        return hook
+
+    def end(self, batch: int) -> None:
+        """After the forward: every layer's output is checked and its copy to the host queued.
+
+        Raises:
+            ValueError: a layer gave no output or one of another shape than probed.
+        """
+        slot, n = self.current
+        self.current = None
+        for name, layer in self.layers.items():
+            out = self.captured.get(name)
+            if not isinstance(out, torch.Tensor):
+                self.free.put(slot)
+                got = "no output" if out is None else f"output {out}"
+                raise ValueError(f"layer {name!r} gave {got} for a batch of {n} images; probing found "
+                                 f"{layer.shape} per image")
+        event = None
+        if self.device_copies:
+            host = self._host(slot)
+            if self.stream is not None:
+                self.stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.stream):
+                    for name, out in self.captured.items():
+                        host[name][:n].copy_(out, non_blocking=True)
+                        out.record_stream(self.stream)  # not reused by the allocator before the copy is done
+                    event = torch.cuda.Event()
+                    event.record(self.stream)
+            else:
+                for name, out in self.captured.items():
+                    host[name][:n].copy_(out)
+        self.captured = {}
+        self.pending.append((batch, slot, n, event))
+
+    def ready(self, final: bool = False):
+        """``(batch, slot, {layer: (images, *shape) numpy view})`` of the batches to hand on now: all
+        but the newest ``lag`` ones, or all when ``final``. Waits for each one's copy."""
+        while len(self.pending) > (0 if final else self.lag):
+            batch, slot, n, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            host = self._host(slot)
+            yield batch, slot, {name: host[name][:n].numpy() for name in self.layers}
+
+    def release(self, slot: int) -> None:
+        """The sink no longer reads ``slot``: the next batch may be copied into it."""
+        self.free.put(slot)
+
+    def close(self) -> None:
+        """No copy into host memory is left running (also after an error)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
 def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits], sink, *, batches: Sequence[int],
-             batch_size: int, dtype: torch.dtype, device: torch.device, num_workers: int = 0, desc: str = "extract",
+             batch_size: int, dtype: torch.dtype, device: torch.device, num_workers: int = 0,
+             pinned: bool | None = None, device_copies: bool | None = None, desc: str = "extract",
              progress: bool = False) -> None:
-    """The extraction loop: ``sink.put(batch, {layer: (images, *shape) numpy array})`` per image batch.
+    """The extraction loop: ``sink.put(batch, {layer: (images, *shape) numpy array}, release)`` per image batch.
 
     Batch ``b`` holds images ``b * batch_size`` to ``(b + 1) * batch_size`` (fewer for the last).
-    See the module docstring for what the loop guarantees.
+    The arrays are views of host buffers that the loop reuses once the sink calls ``release()``;
+    ``sink.slots`` says how many batches the sink may hold (its queue). ``pinned`` (default: on
+    CUDA) and ``device_copies`` (default: on CUDA): see :class:`_Staging`. See the module
+    docstring for what the loop guarantees.
 
     Raises:
-        ValueError: a layer's output per image is not its probed shape; an undecodable image.
+        ValueError: a layer's output per image is not its probed shape; an undecodable image;
+            ``pinned=True`` without CUDA.
     """
     from tqdm.auto import tqdm
 
+    cuda = device.type == "cuda"
+    device_copies = cuda if device_copies is None else bool(device_copies)
+    pinned = cuda if pinned is None else bool(pinned)
+    _check_pinned(pinned, device)
+    staging = _Staging(layers, batch_size, dtype, device, slots=1 + int(device_copies) + sink.slots,
+                       device_copies=device_copies, pinned=pinned)
     modules = {**dict(model.named_modules()), OUTPUT: model}
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [modules[layer.name].register_forward_hook(_capture(captured, layer.name, dtype)) for layer in layers]
-    loader = torch.utils.data.DataLoader(
-        _Batches(stimuli, list(batches), batch_size, eval_transform(cfg)), batch_size=None, shuffle=False,
-        num_workers=num_workers, pin_memory=device.type == "cuda")
+    hooks = [modules[layer.name].register_forward_hook(staging.hook(layer.name)) for layer in layers]
+    loader = image_batches(stimuli, cfg, batches, batch_size, num_workers=num_workers, device=device)
     try:
         with _on_device(model, device), eval_mode(model), full_float32(), torch.inference_mode():
             for b, images in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-                captured.clear()
+                staging.begin(len(images))
                 model(images.to(device, non_blocking=True))
-                host = {}
-                for layer in layers:
-                    out = captured.get(layer.name)
-                    if out is None or tuple(out.shape) != (len(images), *layer.shape):
-                        got = "no output" if out is None else f"output {tuple(out.shape)}"
-                        raise ValueError(f"layer {layer.name!r} gave {got} for a batch of {len(images)} images; "
-                                         f"probing found {layer.shape} per image")
-                    host[layer.name] = out.to("cpu", non_blocking=True)
-                if device.type == "cuda":
-                    torch.cuda.current_stream(device).synchronize()
-                sink.put(b, {name: t.numpy() for name, t in host.items()})
+                staging.end(b)
+                for batch, slot, outputs in staging.ready():
+                    sink.put(batch, outputs, partial(staging.release, slot))
+            for batch, slot, outputs in staging.ready(final=True):
+                sink.put(batch, outputs, partial(staging.release, slot))
     finally:
+        staging.close()
         for h in hooks:
             h.remove()
 
@@ -298,55 +418,101 @@ def _extract(model, stimuli: StimulusSet, cfg: dict, layers: Sequence[LayerUnits
 class _MemorySink:
     """Fills one (images, *shape) array per layer."""
 
+    slots = 1
+
     def __init__(self, layers: Sequence[LayerUnits], n_images: int, batch_size: int, dtype):
         self.batch_size, self.n_images = batch_size, n_images
         self.arrays = {layer.name: np.empty((n_images, *layer.shape), dtype=dtype) for layer in layers}
 
-    def put(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+    def put(self, batch: int, outputs: dict[str, np.ndarray], release) -> None:
         rows = slice(batch * self.batch_size, min((batch + 1) * self.batch_size, self.n_images))
-        for name, values in outputs.items():
-            self.arrays[name][rows] = values
+        try:
+            for name, values in outputs.items():
+                self.arrays[name][rows] = values
+        finally:
+            release()
 
 
 class _StoreSink:
-    """Writes whole batches into a store from a background thread (a context manager).
+    """Writes batches into a store with a pool of ``threads`` writer threads (a context manager).
 
-    At most two batches wait for the disk (backpressure). A write error is raised in the caller's
-    thread, by the next :meth:`put` or on leaving the block.
+    Each layer of a batch is one task (:meth:`core.store.BatchWriter.write_layer`): the layers of a
+    batch, and of consecutive batches, are written concurrently; the last task of a batch writes
+    its ``done`` record (:meth:`~core.store.BatchWriter.mark_done`), so a batch is trusted only once
+    all its layers are on disk. ``queue`` batches may wait for the disk (backpressure: the loop's
+    host buffers). A write error stops all further writes and is raised in the caller's thread,
+    by the next :meth:`put` or on leaving the block; batches already marked done stay valid.
     """
 
-    def __init__(self, store: "ActivationStore", info: dict | None = None):
+    def __init__(self, store: "ActivationStore", info: dict | None = None, *, threads: int = 2, queue: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.writer = store.writer()
         self.info = dict(info or {})  # recorded with every batch: how it was made
-        self.queue: Queue = Queue(maxsize=2)
+        self.slots = queue
+        self.pool = ThreadPoolExecutor(check_count(threads, "writer_threads", 1), thread_name_prefix="store-writer")
+        self.lock = threading.Lock()
         self.failure: list[BaseException] = []
         self.written: list[int] = []
-        self.thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
-
-    def _drain(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.failure:
-                continue  # keep consuming, so that put() never blocks on a dead writer
-            try:
-                self.writer.write(*item, info=self.info)
-                self.written.append(item[0])
-            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
-                self.failure.append(err)
 
     def __enter__(self) -> "_StoreSink":
-        self.thread.start()
         return self
 
-    def put(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+    def put(self, batch: int, outputs: dict[str, np.ndarray], release) -> None:
         if self.failure:
+            release()
             raise self.failure[0]
-        self.queue.put((batch, {name: a.reshape(len(a), -1) for name, a in outputs.items()}))
+        left, digests = [len(outputs)], {}
+
+        def write(name: str, values: np.ndarray) -> None:
+            try:
+                if not self.failure:  # after a failure nothing more is written
+                    found = self.writer.write_layer(batch, name, values.reshape(len(values), -1))
+                    with self.lock:
+                        digests[name] = found
+            except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+                with self.lock:
+                    self.failure.append(err)
+            finally:
+                with self.lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    self._finish(batch, digests, len(outputs), release)
+
+        for name, values in outputs.items():
+            self.pool.submit(write, name, values)
+
+    def _finish(self, batch: int, digests: dict, n_layers: int, release) -> None:
+        try:
+            if len(digests) == n_layers:  # every layer of the batch is on disk
+                self.writer.mark_done(batch, digests, self.info)
+                with self.lock:
+                    self.written.append(batch)
+        except BaseException as err:  # noqa: BLE001
+            with self.lock:
+                self.failure.append(err)
+        finally:
+            release()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.queue.put(None)
-        self.thread.join()
+        self.pool.shutdown(wait=True)
         if self.failure and exc is None:
             raise self.failure[0]
+
+
+def _check_pinned(pinned, device) -> None:
+    if pinned and not torch.cuda.is_available():
+        raise ValueError(f"pinned=True needs CUDA (page-locked host memory for asynchronous copies from the GPU); "
+                         f"this torch sees no GPU (device {device}): use pinned=None or False")
+
+
+def check_count(value, name: str, low: int) -> int:
+    """An integer option >= ``low``, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        what = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {what}; got {value!r}")
+    return int(value)
 
 
 def _check_batch_size(batch_size) -> int:
@@ -589,7 +755,8 @@ class ExtractionReport:
 
 
 def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, batch_size: int = 32,
-                  dtype: str = "float16", compression_level: int | None = 1, model=None) -> "ActivationStore":
+                  dtype: str = "float16", codec: str = DEFAULT_CODEC, sharded: bool = True,
+                  unit_chunk: int = DEFAULT_UNIT_CHUNK, model=None) -> "ActivationStore":
     """The store for this identity, created (or found, to resume), with no batch written.
 
     Validates model, layers and arguments before any work: this is what a driver calls before
@@ -603,16 +770,21 @@ def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, bat
         root: folder of stores.
         batch_size: images per extraction batch and per store chunk row (a resumed store keeps its own).
         dtype: "float16" (default) or "float32".
-        compression_level: zstd level of a new store (None: uncompressed; -1 is faster, 1 smaller).
+        codec: how chunks are compressed (:func:`core.store.parse_codec`: ``"zstd:<level>"``,
+            ``"blosc:<cname>:<shuffle>:<level>"``, ``"none"``); part of the store's identity.
+        sharded: each layer's chunks of one image batch in one shard file; part of the identity.
+        unit_chunk: units per chunk of a new store (a resumed store keeps its own).
         model: an already created model for ``spec`` (default: ``spec.create()`` on the CPU).
 
     Raises:
-        ValueError: empty stimulus set, unknown model or layer, bad dtype or batch size.
+        ValueError: empty stimulus set, unknown model or layer, bad dtype, codec, batch size or
+            unit chunk.
     """
     from .store import ActivationStore, StoreKey
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}")
+    unit_chunk = check_count(unit_chunk, "unit_chunk", 1)
     if len(stimuli) == 0:
         raise ValueError("the stimulus set is empty")
     batch_size = _check_batch_size(batch_size)
@@ -622,19 +794,20 @@ def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, bat
         spec.check_model(model)
     cfg = spec.data_config(model)
     names = layer_names(model, selection, input_size=tuple(cfg["input_size"]))
-    key = StoreKey(spec.identity(), cfg, stimuli.content_hash, tuple(names), dtype)
+    key = StoreKey(spec.identity(), cfg, stimuli.content_hash, tuple(names), dtype, codec=codec, sharded=sharded)
     store = ActivationStore.find(root, key)
     if store is not None:
         return store
     units = probe_layers(model, names, tuple(cfg["input_size"]))
     return ActivationStore.create(root, key, units, list(stimuli.image_ids), batch_size=batch_size,
-                                  compression_level=compression_level, attrs={"tf32": False})
+                                  unit_chunk=unit_chunk, attrs={"tf32": False})
 
 
 def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, batch_size: int = 32,
                      dtype: str = "float16", device=None, batches: Sequence[int] | None = None,
-                     num_workers: int = 0, model=None, compression_level: int | None = 1,
-                     progress: bool = False) -> ExtractionReport:
+                     num_workers: int = 0, writer_threads: int = DEFAULT_WRITER_THREADS, pinned: bool | None = None,
+                     model=None, codec: str = DEFAULT_CODEC, sharded: bool = True,
+                     unit_chunk: int = DEFAULT_UNIT_CHUNK, progress: bool = False) -> ExtractionReport:
     """Extract every unit of the selected layers into the store for this identity; resume if present.
 
     Args:
@@ -648,8 +821,12 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
             the call and back afterwards.
         batches: only these image batches (a shard, e.g. one Ray work item); default all pending.
         num_workers: DataLoader workers decoding images in parallel (0: in this process).
+        writer_threads: threads compressing and writing layers concurrently (each layer of a batch
+            is one task; a batch's ``done`` record follows its last layer).
+        pinned: copy from a CUDA device into page-locked host buffers, asynchronously, overlapping
+            the next batch's forward (default: on CUDA; True without CUDA is an error).
         model: an already created model for ``spec`` (Ray actors load a model once).
-        compression_level: zstd level of a new store (None: uncompressed; -1 is faster, 1 smaller).
+        codec, sharded, unit_chunk: the layout of a new store (:func:`prepare_store`).
         progress: show a progress bar.
 
     Returns:
@@ -663,8 +840,13 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     t0 = time.perf_counter()
     own = model is None
     model = spec.create() if own else model
-    store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype,
-                          compression_level=compression_level, model=model)
+    writer_threads = check_count(writer_threads, "writer_threads", 1)
+    check_count(num_workers, "num_workers", 0)
+    if pinned not in (None, True, False):
+        raise ValueError(f"pinned must be None (on CUDA), True or False; got {pinned!r}")
+    _check_pinned(pinned, device)
+    store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype, codec=codec,
+                          sharded=sharded, unit_chunk=unit_chunk, model=model)
     if batches is not None:
         outside = sorted({int(b) for b in batches} - set(range(store.n_batches)))
         if outside:
@@ -679,10 +861,10 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
         if own:
             model.to(device)  # ours: no need to move it back
         info = {"device": str(device), "host": platform.node(), "torch": torch.__version__, "tf32": False}
-        with _StoreSink(store, info) as sink:
+        with _StoreSink(store, info, threads=writer_threads) as sink:
             _extract(model, stimuli, spec.data_config(model), store.layer_units, sink, batches=wanted,
                      batch_size=store.batch_size, dtype=DTYPES[store.key["dtype"]], device=device,
-                     num_workers=num_workers, desc=f"extract {spec.name}", progress=progress)
+                     num_workers=num_workers, pinned=pinned, desc=f"extract {spec.name}", progress=progress)
         written = sink.written
     if not store.pending_batches():
         store.finalize()

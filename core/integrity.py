@@ -129,7 +129,16 @@ class CheckedArray:
         return f"<CheckedArray {self.layer!r} {self.shape} {self.dtype} chunks {self.chunks} of {self.store_path}>"
 
     def chunk_file(self, i: int, j: int) -> Path:
+        """The file that holds chunk (i, j): its own, or its shard's in a sharded array."""
+        shards = self.array.shards
+        if shards is not None:
+            (r, c), (sr, sc) = self.chunks, shards
+            i, j = i * r // sr, j * c // sc
         return self.store_path / "store.zarr" / self.array.path / self.array.metadata.encode_chunk_key((i, j))
+
+    @property
+    def _missing(self) -> str:
+        return "its shard file is missing" if self.array.shards is not None else "its chunk file is missing"
 
     def _problem(self, i: int, j: int, text: str) -> ChunkProblem:
         (r, c) = self.chunks
@@ -153,7 +162,7 @@ class CheckedArray:
                         self.array[i * r:(i + 1) * r, j * c:(j + 1) * c]
                     except Exception as chunk_err:  # noqa: BLE001
                         missing = not self.chunk_file(i, j).exists()
-                        problems.append(self._problem(i, j, "its chunk file is missing" if missing else
+                        problems.append(self._problem(i, j, self._missing if missing else
                                                       f"it cannot be decoded ({type(chunk_err).__name__}: "
                                                       f"{chunk_err})"))
             if not problems:
@@ -166,7 +175,7 @@ class CheckedArray:
                 got, want = _crc(data[y:y + r, x:x + c]), int(self.digests[i, j])
                 if got != want:
                     if not self.chunk_file(i, j).exists():
-                        problems.append(self._problem(i, j, "its chunk file is missing"))
+                        problems.append(self._problem(i, j, self._missing))
                     else:
                         problems.append(self._problem(
                             i, j, f"it holds other values than were written there (CRC-32 {got:08x}, recorded "

@@ -4,15 +4,19 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
 
     <root>/<digest>/
         key.json        what the store holds: model identity, preprocessing, stimuli hash, layers,
-                        dtype, store format (the digest is a hash of exactly this; the unitmatch
-                        version that wrote it is recorded in the Zarr group's attributes, and is not
-                        part of the identity: a release that does not change what is stored reuses
-                        every store, one that does bumps ``STORE_FORMAT``)
+                        dtype, codec, sharding, store format (the digest is a hash of exactly this;
+                        the unitmatch version that wrote it is recorded in the Zarr group's
+                        attributes, and is not part of the identity: a release that does not
+                        change what is stored reuses every store, one that does bumps
+                        ``STORE_FORMAT``)
         store.zarr/     Zarr v3 with consolidated metadata; one group per layer: ``activations``
-                        (image_id, unit) float16 by default, zstd, chunked (extraction batch x
-                        unit_chunk); dimension coordinates ``image_id`` and ``unit`` (the unit's index
-                        within its layer), and one array per unit dimension (channel, y, x / y, x,
-                        channel / token, channel) on ``unit``, named in the ``coordinates`` attribute of
+                        (image_id, unit) float16 by default, Blosc lz4 + byte shuffle by default,
+                        chunked (extraction batch x unit_chunk), and sharded: all chunks of one
+                        image batch of a layer in one file (``c/<batch>/0``; unsharded: one file per
+                        chunk, ``c/<batch>/<column>``); dimension coordinates ``image_id`` and
+                        ``unit`` (the unit's index within its layer), and one array per unit
+                        dimension (channel, y, x / y, x, channel / token, channel) on ``unit``,
+                        named in the ``coordinates`` attribute of
                         ``activations``, so ``xarray.open_zarr(path, group=layer)`` gives a Dataset
                         whose every dimension has coordinates. The layer group's attributes
                         hold its :class:`~core.units.LayerUnits` (``layer``, ``shape``, ``dims``,
@@ -24,15 +28,21 @@ Layout of one store, a directory named by its identity (:meth:`StoreKey.digest`)
                         batch, per layer
         COMPLETE        written last, once every batch is done
 
-Each writer owns whole chunks (a chunk's rows are exactly one extraction batch), so writers on
-several processes or nodes never share a chunk and need no locks; nothing is sharded (concurrent
-writes into one shard lose data). A crash leaves a batch without its ``done`` file: a rerun redoes
-that batch and skips the finished ones. Readers (:meth:`ActivationStore.open`) refuse a store
-without ``COMPLETE``, so a half-written store is never trusted.
+Each writer owns whole chunks and whole shards (a chunk's and a shard's rows are exactly one
+extraction batch), so writers on several processes or nodes never share a file and need no locks
+(a shard spanning several batches would be rewritten by each of their writers, losing data). Within
+one process, a pool of writer threads writes the layers of a batch concurrently
+(:meth:`BatchWriter.write_layer`); the batch's ``done`` record follows its last layer. A crash
+leaves a batch without its ``done`` file: a rerun redoes that batch and skips the finished ones.
+Readers (:meth:`ActivationStore.open`) refuse a store without ``COMPLETE``, so a half-written store
+is never trusted.
 
-Integrity (format 4; the parts live in :mod:`core.integrity`). Two checks guard every chunk read:
+Integrity (formats 4 and 5; the parts live in :mod:`core.integrity`). Two checks guard every chunk
+read:
 
-- zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes fail to decode.
+- with a zstd codec, zstd's frame checksum (``ZstdCodec(checksum=True)``): flipped or truncated bytes
+  fail to decode (Blosc and ``none`` have no byte checksum: there the digest table below catches
+  damaged bytes, on checked reads only).
 - A digest table: when a batch is written, the CRC-32 of each of its chunks' values (the decoded
   array in the store's dtype, C order) is recorded in the batch's ``done`` record, keyed by layer
   and unit-chunk index. A byte checksum cannot catch a chunk file replaced by another valid chunk
@@ -45,15 +55,17 @@ Integrity (format 4; the parts live in :mod:`core.integrity`). Two checks guard 
   interchangeable, so a swap the table cannot see changes no value. The CRC is 32 bits: a damaged
   chunk passes with probability 2^-32.
 
-Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing),
-so a missing chunk file is damage named as such, never read as the fill value (NaN); a store of
-another format is refused (:class:`StoreFormatError`); :meth:`ActivationStore.verify` (and
+Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing;
+inside shards too), so a missing chunk or shard file is damage named as such, never read as the
+fill value (NaN); a store of another format is refused (:class:`StoreFormatError`); :meth:`ActivationStore.verify` (and
 :func:`verify_store`, which also reports stores that cannot be opened) checks a store end to end:
 key, metadata files, coordinates, done records, every chunk.
 
 Cost (``benchmarks/bench_store_read.py``, RESULTS.md): reading a 256-image, 2 x 65,536-unit float16
-store (67 MB, zstd level 1) in 16,384-unit blocks took 1.13-1.21x the CPU time of the same reads from
-the bare Zarr arrays (zlib's CRC-32 runs at about 1.3 GB/s on one core).
+store (67 MB, zstd level 1, one file per chunk: format 4) in 16,384-unit blocks took 1.13-1.21x the
+CPU time of the same reads from the bare Zarr arrays (zlib's CRC-32 runs at about 1.3 GB/s on one
+core). Sharded stores read 1.16-1.26x slower than unsharded ones on a local disk
+(``bench_extract.py --read-back``).
 """
 
 from __future__ import annotations
@@ -81,9 +93,67 @@ log = logging.getLogger(__name__)
 #: 3: layer groups record ``prefix_tokens`` and stores are extracted with TF32 off on CUDA (format 2
 #: stores had neither: a ViT's class token was not flagged, and GPU values differed from CPU ones
 #: by up to 1e-3 of the largest value). 4: zstd checksums, every chunk written, a digest per chunk
-#: in the done records (older stores cannot be checked and are refused)
-STORE_FORMAT = 4
+#: in the done records (older stores cannot be checked and are refused). 5: the codec is part of the
+#: key, and each layer's chunks of one image batch are stored as one shard file (``sharded``)
+STORE_FORMAT = 5
 DEFAULT_UNIT_CHUNK = 16384
+#: the codec of new stores (benchmarks/RESULTS.md, bench_extract.py: the variants measured)
+DEFAULT_CODEC = "blosc:lz4:shuffle:5"
+_BLOSC_NAMES = ("lz4", "lz4hc", "blosclz", "zstd", "zlib")
+_BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
+CODEC_FORMS = ("none", "zstd:<level -7..22>",
+               f"blosc:<{'|'.join(_BLOSC_NAMES)}>:<{'|'.join(_BLOSC_SHUFFLES)}>:<level 0..9>")
+
+
+def parse_codec(codec, name: str = "codec") -> str:
+    """The canonical form of a store codec: ``"none"``, ``"zstd:<level>"`` or ``"blosc:<cname>:<shuffle>:<level>"``.
+
+    zstd levels run from -7 (fastest) to 22; Blosc compresses with ``cname`` after a byte
+    (``shuffle``) or bit (``bitshuffle``) transposition of the elements, level 0 to 9.
+
+    Raises:
+        ValueError: naming ``name``, the value and the valid forms.
+    """
+    def bad(why: str = ""):
+        return ValueError(f"{name}={codec!r} is not a store codec{why}; valid: {', '.join(CODEC_FORMS)} "
+                          f"(e.g. 'zstd:1', 'blosc:lz4:bitshuffle:5')")
+
+    if not isinstance(codec, str):
+        raise bad()
+    parts = codec.strip().lower().split(":")
+
+    def level(text: str, low: int, high: int) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise bad(f" (level {text!r} is not an integer)") from None
+        if not low <= value <= high:
+            raise bad(f" (level {value} is outside {low}..{high})")
+        return value
+
+    if parts == ["none"]:
+        return "none"
+    if parts[0] == "zstd" and len(parts) == 2:
+        return f"zstd:{level(parts[1], -7, 22)}"
+    if parts[0] == "blosc" and len(parts) == 4:
+        if parts[1] not in _BLOSC_NAMES:
+            raise bad(f" (Blosc compressor {parts[1]!r} is not one of {list(_BLOSC_NAMES)})")
+        if parts[2] not in _BLOSC_SHUFFLES:
+            raise bad(f" (Blosc shuffle {parts[2]!r} is not one of {list(_BLOSC_SHUFFLES)})")
+        return f"blosc:{parts[1]}:{parts[2]}:{level(parts[3], 0, 9)}"
+    raise bad()
+
+
+def codec_pipeline(codec: str) -> list:
+    """The Zarr bytes-to-bytes codecs of a canonical codec (zstd with its frame checksum)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    parts = parse_codec(codec).split(":")
+    if parts[0] == "zstd":
+        return [ZstdCodec(level=int(parts[1]), checksum=True)]
+    if parts[0] == "blosc":
+        return [BloscCodec(cname=parts[1], shuffle=parts[2], clevel=int(parts[3]))]
+    return []
 
 
 @dataclass(frozen=True)
@@ -98,7 +168,13 @@ class StoreKey:
         stimuli: the stimulus set's content hash.
         layers: layer names in order.
         dtype: stored dtype.
+        codec: how chunks are compressed (:func:`parse_codec`; given in any case, kept canonical).
+        sharded: each layer's chunks of one image batch in one shard file (one file per batch and
+            layer; else one file per chunk).
         format: the store layout version (:data:`STORE_FORMAT`).
+
+    Raises:
+        ValueError: a bad codec (named).
     """
 
     model: str
@@ -106,7 +182,15 @@ class StoreKey:
     stimuli: str
     layers: tuple[str, ...]
     dtype: str = "float16"
+    codec: str = DEFAULT_CODEC
+    sharded: bool = True
     format: int = STORE_FORMAT
+
+    def __post_init__(self):
+        object.__setattr__(self, "codec", parse_codec(self.codec))
+        if not isinstance(self.sharded, bool):
+            raise ValueError(f"sharded={self.sharded!r}: expected True (one shard file per image batch and layer) "
+                             f"or False (one file per chunk)")
 
     def as_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, default=list)  # what key_digest hashes
@@ -171,19 +255,21 @@ class ActivationStore:
 
     @classmethod
     def create(cls, root: str | Path, key: StoreKey, layers: Sequence[LayerUnits], image_ids: Sequence[str], *,
-               batch_size: int = 32, unit_chunk: int = DEFAULT_UNIT_CHUNK, compression_level: int | None = 1,
+               batch_size: int = 32, unit_chunk: int = DEFAULT_UNIT_CHUNK,
                attrs: Mapping | None = None) -> "ActivationStore":
         """Create the store for ``key``, or resume the one already there.
 
         Creation is staged in a temporary directory and moved into place in one rename, so a crash
         during creation leaves nothing that looks like a store.
 
+        The codec and the sharding are the key's (:class:`StoreKey`); chunks are (``batch_size``
+        images x ``unit_chunk`` units), a layer smaller than ``unit_chunk`` one chunk wide.
+
         Args:
             attrs: JSON-able provenance for the root group's attributes (e.g. the extraction's
                 float32 policy); ignored when resuming.
         """
         import zarr
-        from zarr.codecs import ZstdCodec
 
         if not image_ids:
             raise ValueError("cannot create a store for an empty stimulus set")
@@ -205,10 +291,11 @@ class ActivationStore:
         for layer in layers:
             g = group.create_group(layer.name.replace("/", "_"))
             g.attrs.update(layer.as_attrs())
-            g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, min(unit_chunk, layer.size)),
-                           dtype=key.dtype,
-                           compressors=None if compression_level is None else [
-                               ZstdCodec(level=compression_level, checksum=True)],
+            c = min(unit_chunk, layer.size)
+            g.create_array("activations", shape=(n, layer.size), chunks=(batch_size, c), dtype=key.dtype,
+                           # one shard: a batch's rows x the whole layer (a multiple of the chunk width)
+                           shards=(batch_size, -(-layer.size // c) * c) if key.sharded else None,
+                           compressors=codec_pipeline(key.codec) or None,
                            dimension_names=("image_id", "unit"), fill_value=np.nan,
                            # xarray (CF conventions) reads these as the unit's coordinates
                            attributes={"coordinates": " ".join(layer.dims)})
@@ -268,9 +355,10 @@ class ActivationStore:
         if fmt != STORE_FORMAT:
             raise StoreFormatError(
                 f"store {path} has format {fmt}; this unitmatch ({__version__}) reads format {STORE_FORMAT} only "
-                f"(format 4 added a checksum to every chunk, which older stores lack, so their damage could not be "
-                f"detected). Delete {path}: the next extraction writes a format-{STORE_FORMAT} store (in a new "
-                f"folder: the format is part of a store's identity)")
+                f"(format 4 added a checksum to every chunk, without which damage cannot be detected; format 5 "
+                f"records the codec in the key and stores each image batch of a layer as one shard file). Delete "
+                f"{path}: the next extraction writes a format-{STORE_FORMAT} store (in a new folder: the format is "
+                f"part of a store's identity)")
         try:
             group = zarr.open_group(str(path / "store.zarr"), mode="r")
             layers = [LayerUnits.from_attrs({"layer": name, **group[name.replace("/", "_")].attrs})
@@ -447,7 +535,7 @@ class ActivationStore:
                 _, found = a.check_chunks(range(i, i + 1), range(n_cols))
                 missing = {p.chunk for p in found}
                 # every chunk is written, so a missing file is damage even where the fill value matches
-                found += [a._problem(i, j, "its chunk file is missing") for j in range(n_cols)
+                found += [a._problem(i, j, a._missing) for j in range(n_cols)
                           if (i, j) not in missing and not a.chunk_file(i, j).exists()]
                 problems += found
                 report.n_chunks += n_cols
@@ -497,7 +585,13 @@ def verify_store(path: str | Path, progress: bool = False) -> VerifyReport:
 
 
 class BatchWriter:
-    """Writes whole image batches (all layers), then marks each done with the digests of its chunks."""
+    """Writes whole image batches (all layers), then marks each done with the digests of its chunks.
+
+    :meth:`write` writes one batch, layer after layer; a writer pool calls :meth:`write_layer` for
+    the layers of a batch concurrently (any threads: each call writes its own chunks) and
+    :meth:`mark_done` once all have returned. Either way a batch is trusted only once its ``done``
+    record exists, written after all its layers.
+    """
 
     def __init__(self, store: ActivationStore):
         self.store = store
@@ -511,22 +605,46 @@ class BatchWriter:
         (:func:`chunk_digest`) of each unit chunk of the batch, of the values as stored (in the
         store's dtype).
         """
+        info = self._check_info(info)
+        digests = {layer.name: self.write_layer(batch, layer.name, activations[layer.name])
+                   for layer in self.store.layer_units}
+        self.mark_done(batch, digests, info)
+
+    def write_layer(self, batch: int, layer: str, values: np.ndarray) -> list[str]:
+        """Write one layer's rows of one image batch; returns the digests of its unit chunks, in order.
+
+        Raises:
+            ValueError: ``values`` is not (the batch's images, the layer's units).
+        """
+        array = self.arrays[layer]
+        rows = self.store.batch_rows(batch)
+        values = np.asarray(values, dtype=array.dtype)  # exactly what is stored
+        expected = (rows.stop - rows.start, array.shape[1])
+        if values.shape != expected:
+            raise ValueError(f"batch {batch} of layer {layer!r} has shape {values.shape}; expected {expected}")
+        array[rows] = values
+        c = array.chunks[1]
+        return [chunk_digest(values[:, j:j + c]) for j in range(0, array.shape[1], c)]
+
+    def mark_done(self, batch: int, digests: Mapping[str, list[str]], info: Mapping | None = None) -> None:
+        """The batch's ``done`` record: ``info`` and the chunk digests of every layer (all must be written).
+
+        Raises:
+            ValueError: a layer's digests are missing (the batch is not complete).
+        """
+        info = self._check_info(info)
+        missing = [layer.name for layer in self.store.layer_units if layer.name not in digests]
+        if missing:
+            raise ValueError(f"batch {batch} cannot be marked done: layers {missing} were not written")
+        chunks = {layer.name: list(digests[layer.name]) for layer in self.store.layer_units}
+        atomic_write(self.store.path / "done" / f"b{batch:06d}", json.dumps({**info, "chunks": chunks}).encode())
+
+    @staticmethod
+    def _check_info(info: Mapping | None) -> dict:
         info = dict(info or {})
         if "chunks" in info:
             raise ValueError("info must not hold the key 'chunks': the done record keeps the chunk digests there")
-        rows = self.store.batch_rows(batch)
-        digests = {}
-        for layer in self.store.layer_units:
-            array = self.arrays[layer.name]
-            values = np.asarray(activations[layer.name], dtype=array.dtype)  # exactly what is stored
-            expected = (rows.stop - rows.start, layer.size)
-            if values.shape != expected:
-                raise ValueError(
-                    f"batch {batch} of layer {layer.name!r} has shape {values.shape}; expected {expected}")
-            array[rows] = values
-            c = array.chunks[1]
-            digests[layer.name] = [chunk_digest(values[:, j:j + c]) for j in range(0, layer.size, c)]
-        atomic_write(self.store.path / "done" / f"b{batch:06d}", json.dumps({**info, "chunks": digests}).encode())
+        return info
 
 
 def atomic_write(path: Path, content: bytes = b"") -> None:

@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from unitmatch.core.store import DEFAULT_CODEC
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and what is valid."""
@@ -158,6 +160,7 @@ class ComputeConfig:
     """How the numbers are computed; changing these reuses finished results."""
 
     dtype: StoreDtype = StoreDtype.float16    # activation store dtype (part of the store's identity)
+    codec: str = field(default=DEFAULT_CODEC, metadata={"check": lambda key, v: _check_codec(key, v)})
     batch_size: int = field(default=32, metadata=_range(1, 65_536))
     block_units: Optional[int] = field(default=None, metadata=_range(1))
     scheduler: Scheduler = Scheduler.auto
@@ -172,6 +175,8 @@ class ClusterConfig:
     num_gpus_per_actor: float = field(default=0.0, metadata=_range(0))
     num_cpus_per_actor: float = field(default=1.0, metadata=_range(0))
     shard_batches: int = field(default=4, metadata=_range(1))
+    decode_workers: int = field(default=0, metadata=_range(0))    # DataLoader image decoding workers per actor
+    writer_threads: int = field(default=2, metadata=_range(1))    # store writer threads per actor
     in_flight: int = field(default=2, metadata=_range(1))
     memory_per_actor: int = field(default=0, metadata=_range(0))          # bytes Ray reserves per actor
     resources_per_actor: Dict[str, float] = field(default_factory=dict)   # custom Ray resources per actor
@@ -248,6 +253,15 @@ def _check_node(node: DictConfig, schema: type, path: str) -> None:
             _check_range(key, value, *f.metadata["range"])
         elif "check" in f.metadata and value is not None:
             f.metadata["check"](key, value)
+
+
+def _check_codec(key: str, value) -> None:
+    from unitmatch.core.store import parse_codec
+
+    try:
+        parse_codec(value, name=key)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _check_region_layers(key: str, value) -> None:

@@ -27,9 +27,9 @@ from typing import Sequence
 import ray
 from tqdm.auto import tqdm
 
-from unitmatch.core.extract import ModelSpec, extract_to_store, prepare_store
+from unitmatch.core.extract import DEFAULT_WRITER_THREADS, ModelSpec, check_count, extract_to_store, prepare_store
 from unitmatch.core.stimuli import StimulusSet
-from unitmatch.core.store import ActivationStore
+from unitmatch.core.store import DEFAULT_CODEC, ActivationStore, parse_codec
 
 from .cluster import ResourceRequest, check_requests, describe_wait
 
@@ -50,11 +50,12 @@ def _log_to_stderr() -> None:
 class Extractor:
     """Loads each model once and extracts shards of image batches into stores."""
 
-    def __init__(self, root: str, batch_size: int, dtype: str, num_workers: int):
+    def __init__(self, root: str, batch_size: int, dtype: str, num_workers: int, writer_threads: int, codec: str):
         import torch
 
         _log_to_stderr()
         self.root, self.batch_size, self.dtype, self.num_workers = root, batch_size, dtype, num_workers
+        self.writer_threads, self.codec = writer_threads, codec
         # an actor that asked for no GPU stays on cpu: Ray (>= 2.4x) no longer hides the node's GPUs from it
         self.device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.models: dict[ModelSpec, object] = {}
@@ -64,7 +65,7 @@ class Extractor:
             self.models[spec] = spec.create().to(self.device)  # moved once, not per work item
         report = extract_to_store(spec, stimuli, selection, self.root, batch_size=self.batch_size, dtype=self.dtype,
                                   device=self.device, batches=batches, num_workers=self.num_workers,
-                                  model=self.models[spec])
+                                  writer_threads=self.writer_threads, codec=self.codec, model=self.models[spec])
         return report.written
 
     def threads(self) -> int:
@@ -92,7 +93,9 @@ class ZooExtraction:
             cluster's nodes before any actor starts: a request no node can satisfy raises
             :class:`sweep.cluster.ClusterResourceError` at once; actors that fit but wait for a busy
             cluster are reported every ``wait_log_s``.
-        batch_size, dtype, num_workers: passed to :func:`core.extract.extract_to_store`.
+        batch_size, dtype, codec: the stores' (:func:`core.extract.prepare_store`).
+        num_workers, writer_threads: each actor's image decoding workers and store writer threads
+            (:func:`core.extract.extract_to_store`).
         shard_batches: image batches per work item.
         in_flight: work items queued per actor.
         max_retries: re-submissions of one work item after actor deaths.
@@ -105,7 +108,9 @@ class ZooExtraction:
     num_cpus: float = 1
     batch_size: int = 32
     dtype: str = "float16"
+    codec: str = DEFAULT_CODEC
     num_workers: int = 0
+    writer_threads: int = DEFAULT_WRITER_THREADS
     shard_batches: int = 4
     in_flight: int = 2
     max_retries: int = 3
@@ -117,6 +122,12 @@ class ZooExtraction:
     log: list = field(default_factory=list)
     #: per actor, the reference that resolves once it is running
     _ready: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        # checked here, not first in an actor: a bad value is named before any actor starts
+        check_count(self.num_workers, "num_workers", 0)
+        check_count(self.writer_threads, "writer_threads", 1)
+        self.codec = parse_codec(self.codec)
 
     def _remote_args(self) -> dict:
         args = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
@@ -133,7 +144,7 @@ class ZooExtraction:
     def _start_actor(self):
         """A new actor and the reference that resolves once it is placed and built."""
         actor = Extractor.options(**self._remote_args()).remote(str(self.root), self.batch_size, self.dtype,
-                                                                 self.num_workers)
+                                                                 self.num_workers, self.writer_threads, self.codec)
         return actor, actor.__ray_ready__.remote()
 
     def start(self) -> None:
@@ -166,7 +177,7 @@ class ZooExtraction:
         for spec in specs:
             # creates (or finds) the store and validates model and layers on the driver, before any work
             store = prepared.get(spec) or prepare_store(spec, stimuli, selection, self.root,
-                                                        batch_size=self.batch_size, dtype=self.dtype)
+                                                        batch_size=self.batch_size, dtype=self.dtype, codec=self.codec)
             stores[spec] = store
             pending = store.pending_batches()
             items += [(spec, pending[i:i + self.shard_batches]) for i in range(0, len(pending), self.shard_batches)]

@@ -239,7 +239,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
     for entry in entries:
         try:
             store = prepare_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
-                                  dtype=compute.dtype)
+                                  dtype=compute.dtype, codec=compute.codec)
         except Exception as err:  # noqa: BLE001 - one model failing must not stop the sweep
             _failed(done, entry.key, "extract", err)
             continue
@@ -254,6 +254,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
         with _ray(cfg):
             zoo = ZooExtraction(cfg.store_root, n_actors=c.n_actors, num_gpus=c.num_gpus_per_actor,
                                 num_cpus=c.num_cpus_per_actor, batch_size=compute.batch_size, dtype=compute.dtype,
+                                codec=compute.codec, num_workers=c.decode_workers, writer_threads=c.writer_threads,
                                 shard_batches=c.shard_batches, in_flight=c.in_flight, memory=c.memory_per_actor,
                                 resources=dict(c.resources_per_actor), wait_log_s=c.wait_log_s)
             try:

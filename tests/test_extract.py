@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -170,3 +171,121 @@ def test_clear_errors(stimuli):
         extract_activations(model, stimuli, ["layer1"], dtype="int8")
     with pytest.raises(ValueError, match="batch_size must be a positive integer; got 0"):
         extract_activations(model, stimuli, ["layer1"], batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Staging: host buffers, device copies handed on one batch late (overlapping the next forward)
+# ---------------------------------------------------------------------------------------------------
+STAGED_LAYERS = ["layer1", "layer4"]
+
+
+class _HoldingSink:
+    """A slow sink: holds each batch as views of the loop's buffers and releases it ``delay`` seconds later
+    from another thread (as the store's writer pool does), checking then that its views were not
+    overwritten meanwhile; logs each hand-over."""
+
+    slots = 2
+
+    def __init__(self, log, delay=0.4):
+        self.log, self.delay, self.arrays, self.overwritten, self.timers = log, delay, {}, [], []
+        self.lock = threading.Lock()
+
+    def put(self, batch, outputs, release):
+        self.log.append(("put", batch))
+        self.arrays[batch] = {name: values.copy() for name, values in outputs.items()}
+        timer = threading.Timer(self.delay, self._release, (batch, outputs, release))
+        self.timers.append(timer)
+        timer.start()
+
+    def _release(self, batch, views, release):
+        with self.lock:
+            self.overwritten += [(batch, n) for n, v in views.items() if not np.array_equal(v, self.arrays[batch][n])]
+        release()
+
+    def close(self):
+        for timer in self.timers:
+            timer.join()
+
+
+def _staged(model, stimuli, device, device_copies, pinned, batch_size=2):
+    """_extract into a holding sink: (arrays by layer, hand-over log, overwritten views)."""
+    from unitmatch.core.extract import DTYPES, _extract, data_config
+
+    cfg = data_config(model)
+    units = probe_layers(model, STAGED_LAYERS, tuple(cfg["input_size"]))
+    log = []
+    model.register_forward_pre_hook(lambda _m, _i: log.append(("forward", sum(e[0] == "forward" for e in log))))
+    sink = _HoldingSink(log)
+    n_batches = -(-len(stimuli) // batch_size)
+    try:
+        _extract(model, stimuli, cfg, units, sink, batches=range(n_batches), batch_size=batch_size,
+                 dtype=DTYPES["float16"], device=torch.device(device), device_copies=device_copies, pinned=pinned)
+    finally:
+        model._forward_pre_hooks.clear()
+    sink.close()
+    arrays = {name: np.concatenate([sink.arrays[b][name] for b in range(n_batches)]) for name in STAGED_LAYERS}
+    return arrays, log, sink.overwritten
+
+
+def test_staged_copies_equal_direct_ones_and_are_handed_on_after_the_next_forward(stimuli):
+    model = create_model("test_resnet", seed=0)
+    direct, direct_log, direct_over = _staged(model, stimuli, "cpu", device_copies=False, pinned=False)
+    staged, staged_log, staged_over = _staged(model, stimuli, "cpu", device_copies=True, pinned=False)
+    n = -(-len(stimuli) // 2)
+    # direct: each batch goes to the sink right after its forward; staged: one forward later (the copy of
+    # batch b overlaps the forward of b + 1), the last one after the loop
+    assert direct_log == [e for b in range(n) for e in (("forward", b), ("put", b))]
+    assert staged_log == [("forward", 0)] + [e for b in range(1, n) for e in (("forward", b), ("put", b - 1))] + \
+        [("put", n - 1)]
+    assert direct_over == [] and staged_over == []  # no buffer was reused while the sink held it
+    reference = extract_activations(model, stimuli, STAGED_LAYERS, batch_size=2, dtype=np.float32, device="cpu")
+    for name in STAGED_LAYERS:
+        expected = reference[name].astype(np.float16)  # numpy's rounding, not the loop's cast
+        np.testing.assert_array_equal(direct[name].view(np.uint16), expected.view(np.uint16))
+        np.testing.assert_array_equal(staged[name].view(np.uint16), expected.view(np.uint16))
+
+
+def test_a_failing_sink_leaves_no_copy_running_and_no_hook(stimuli):
+    from unitmatch.core.extract import DTYPES, _extract, data_config
+
+    model = create_model("test_resnet", seed=0)
+    cfg = data_config(model)
+    units = probe_layers(model, STAGED_LAYERS, tuple(cfg["input_size"]))
+
+    class Failing:
+        slots = 1
+
+        def put(self, batch, outputs, release):
+            release()
+            raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="disk full"):
+        _extract(model, stimuli, cfg, units, Failing(), batches=range(3), batch_size=8, dtype=DTYPES["float16"],
+                 device=torch.device("cpu"), device_copies=True, pinned=False)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
+def test_pinned_asynchronous_copies_on_cuda_equal_synchronous_ones(stimuli, tmp_path):
+    """The pinned, asynchronous path (copies on a second stream, handed on after the next forward) gives the
+    arrays that synchronous copies into pageable memory give, and the store holds them."""
+    from unitmatch.core.extract import ModelSpec, extract_to_store
+
+    model = create_model("test_resnet", seed=0)
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # the same convolution algorithms in both runs
+    try:
+        plain, _, plain_over = _staged(model, stimuli, "cuda", device_copies=False, pinned=False)
+        pinned, log, pinned_over = _staged(model, stimuli, "cuda", device_copies=True, pinned=True)
+        spec = ModelSpec("test_resnet", seed=0)
+        store = extract_to_store(spec, stimuli, STAGED_LAYERS, tmp_path, batch_size=2, device="cuda",
+                                 model=model).store
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    assert plain_over == [] and pinned_over == [] and log[:3] == [("forward", 0), ("forward", 1), ("put", 0)]
+    assert store.verify().ok and store.key["sharded"] is True
+    for name in STAGED_LAYERS:
+        np.testing.assert_array_equal(pinned[name].view(np.uint16), plain[name].view(np.uint16))
+        np.testing.assert_array_equal(np.asarray(store.layers()[name][:]).view(np.uint16),
+                                      plain[name].reshape(len(stimuli), -1).view(np.uint16))

@@ -29,7 +29,8 @@ LAYERS = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc",
 
 def _write_store(root, values, model="test_resnet@random:0", nan_batch=None):
     """A complete store of ``values`` ({layer: (images, units)}), written batch by batch."""
-    key = StoreKey(model, {}, "stimuli-hash", tuple(layer.name for layer in LAYERS))
+    # zstd (its frame checksum) and one file per chunk: test_store.py checks the sharded Blosc default
+    key = StoreKey(model, {}, "stimuli-hash", tuple(layer.name for layer in LAYERS), codec="zstd:1", sharded=False)
     store = ActivationStore.create(root, key, LAYERS, [f"im{i}" for i in range(N_IMAGES)], batch_size=BATCH,
                                    unit_chunk=UNIT_CHUNK)
     writer = store.writer()
@@ -205,7 +206,7 @@ def test_broken_metadata_and_done_records_are_named(tmp_path, values):
 def test_an_older_format_is_refused_with_what_to_do(store):
     key = json.loads((store.path / "key.json").read_text())
     (store.path / "key.json").write_text(json.dumps({**key, "format": 3}))
-    with pytest.raises(StoreFormatError, match=r"has format 3; this unitmatch .* reads format 4 only") as err:
+    with pytest.raises(StoreFormatError, match=r"has format 3; this unitmatch .* reads format 5 only") as err:
         ActivationStore.open(store.path)
     assert f"Delete {store.path}" in str(err.value)
     report = verify_store(store.path)

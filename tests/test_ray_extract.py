@@ -62,7 +62,9 @@ def test_zoo_on_two_actors_equals_direct_reference(ray_local, tmp_path, stimuli)
     from unitmatch.sweep.extract import ZooExtraction
 
     specs = [ModelSpec("test_resnet", seed=0), ModelSpec("test_resnet", seed=1)]
-    zoo = ZooExtraction(tmp_path, n_actors=2, num_cpus=1, batch_size=8, dtype="float32", shard_batches=1)
+    # a decode worker in each actor, three writer threads, a codec of the caller's
+    zoo = ZooExtraction(tmp_path, n_actors=2, num_cpus=1, batch_size=8, dtype="float32", shard_batches=1,
+                        num_workers=1, writer_threads=3, codec="zstd:3")
     try:
         stores = zoo.run(specs, stimuli, LAYERS)
         hosts = {ray_local.get(a.where.remote()) for a in zoo.actors}
@@ -74,12 +76,13 @@ def test_zoo_on_two_actors_equals_direct_reference(ray_local, tmp_path, stimuli)
     assert sorted(written) == sorted(list(range(5)) * 2)  # every batch of both models exactly once
     for spec in specs:
         store = stores[spec]
-        assert store.complete and store.key["model"] == spec.identity()
+        assert store.complete and store.key["model"] == spec.identity() and store.key["codec"] == "zstd:3"
+        assert store.verify().ok
         ref = _reference(spec, stimuli, 8, threads)
         for name, arr in store.layers().items():
             np.testing.assert_array_equal(np.asarray(arr[:]), ref[name])
     # a second run finds both stores complete and does no work
-    again = ZooExtraction(tmp_path, n_actors=1, num_cpus=1, batch_size=8, dtype="float32")
+    again = ZooExtraction(tmp_path, n_actors=1, num_cpus=1, batch_size=8, dtype="float32", codec="zstd:3")
     try:
         again.run(specs, stimuli, LAYERS)
     finally:
@@ -126,3 +129,13 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_local, tmp_path, stim
     reported = [b for _, _, batches in zoo.log for b in batches]
     assert len(reported) == len(set(reported))  # no finished batch was written twice by the survivors
     assert set(reported) <= set(range(20)) and store.done_batches() == set(range(20))
+
+
+def test_bad_actor_options_are_named_before_any_actor_starts(tmp_path):
+    from unitmatch.sweep.extract import ZooExtraction
+
+    for kwargs, message in [({"writer_threads": 0}, "writer_threads must be a positive integer; got 0"),
+                            ({"num_workers": -2}, "num_workers must be an integer >= 0; got -2"),
+                            ({"codec": "gzip"}, r"codec='gzip' is not a store codec; valid: none, zstd")]:
+        with pytest.raises(ValueError, match=message):
+            ZooExtraction(tmp_path, **kwargs)

@@ -86,19 +86,17 @@ def test_float16_store_is_labelled_for_xarray_and_matchable(tmp_path, stimuli, r
 
 def test_resume_after_a_writer_failure_recomputes_only_the_missing_batches(tmp_path, stimuli, monkeypatch):
     spec = ModelSpec("test_resnet", seed=0)
-    real_write = BatchWriter.write
-    calls = []
+    real_write = BatchWriter.write_layer
 
-    def failing_write(self, batch, activations, info=None):
-        calls.append(batch)
-        if len(calls) == 2:
+    def failing_write(self, batch, layer, values):
+        if (batch, layer) == (1, LAYERS[1]):  # batch 1's first layer may be on disk, its second is not
             raise OSError("disk full (simulated)")
-        real_write(self, batch, activations, info)
+        return real_write(self, batch, layer, values)
 
-    monkeypatch.setattr(BatchWriter, "write", failing_write)
+    monkeypatch.setattr(BatchWriter, "write_layer", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8)
-    monkeypatch.setattr(BatchWriter, "write", real_write)
+        extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, writer_threads=2)
+    monkeypatch.setattr(BatchWriter, "write_layer", real_write)
     path = next(p for p in tmp_path.iterdir() if not p.name.startswith("."))
     half = ActivationStore._load(path)
     assert half.done_batches() == {0} and not half.complete
@@ -270,3 +268,156 @@ def test_swin_stages_are_y_x_channel_the_same_in_memory_and_in_the_store(tmp_pat
     assert not matches.prefix_token.any()
     # a plain dict of the same arrays knows no layout: its names come from the rank (channels first)
     assert catalogue_of(dict(acts)).layer("layers.0").dims == ("channel", "y", "x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The write path: a writer pool, one shard per image batch x layer, the codec in the key
+# ---------------------------------------------------------------------------------------------------
+def _block_by_block(root, stimuli, reference, **key):
+    """A store of the float16 reference written by BatchWriter.write: one batch at a time, one layer after another."""
+    from unitmatch.core.store import StoreKey
+
+    acts = {name: np.asarray(reference[name]).reshape(len(stimuli), -1).astype(np.float16) for name in LAYERS}
+    units = list(reference.layer_units)
+    store = ActivationStore.create(root, StoreKey("reference", {}, stimuli.content_hash, tuple(LAYERS), **key), units,
+                                   list(stimuli.image_ids), batch_size=8, unit_chunk=1000)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        writer.write(b, {name: values[store.batch_rows(b)] for name, values in acts.items()})
+    store.finalize()
+    return ActivationStore.open(store.path)
+
+
+def _bits(store):
+    return {name: values.view(np.uint16) for name, values in _stored(store).items()}
+
+
+@pytest.mark.parametrize("codec, sharded", [("blosc:lz4:shuffle:5", True), ("zstd:-1", False), ("none", True)])
+def test_a_store_written_by_the_writer_pool_equals_one_written_block_by_block(tmp_path, stimuli, reference, codec,
+                                                                              sharded):
+    spec = ModelSpec("test_resnet", seed=0)
+    pooled = extract_to_store(spec, stimuli, LAYERS, tmp_path / "pool", batch_size=8, writer_threads=4, codec=codec,
+                              sharded=sharded, unit_chunk=1000).store
+    assert pooled.key["codec"] == codec and pooled.key["sharded"] is sharded and pooled.complete
+    plain = _block_by_block(tmp_path / "plain", stimuli, reference, codec="zstd:1", sharded=False)
+    assert pooled.verify().ok and plain.verify().ok
+    pooled_bits, plain_bits = _bits(pooled), _bits(plain)
+    for name in LAYERS:  # the same float16 values, bit for bit, and the same chunk digests
+        np.testing.assert_array_equal(pooled_bits[name], plain_bits[name])
+        np.testing.assert_array_equal(pooled._digests()[name], plain._digests()[name])
+    files = {name: sorted(p.relative_to(pooled.path / "store.zarr" / name / "activations" / "c").parts
+                          for p in (pooled.path / "store.zarr" / name / "activations" / "c").rglob("*") if p.is_file())
+             for name in LAYERS}
+    chunks = {name: -(-a.shape[1] // 1000) for name, a in pooled._arrays("r").items()}
+    for name in LAYERS:  # sharded: one file per image batch and layer; else one per chunk
+        per_batch = 1 if sharded else chunks[name]
+        assert len(files[name]) == pooled.n_batches * per_batch, (name, files[name][:5])
+
+
+def test_the_codec_and_sharding_are_part_of_the_identity(tmp_path, stimuli):
+    spec = ModelSpec("test_resnet", seed=0)
+    paths = {(codec, sharded): prepare_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, codec=codec,
+                                             sharded=sharded).path
+             for codec in ("blosc:lz4:shuffle:5", "zstd:1") for sharded in (True, False)}
+    assert len(set(paths.values())) == 4
+    # the codec is kept canonical, so spellings of one codec are one store
+    assert prepare_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, codec=" ZSTD:01").path == \
+        paths[("zstd:1", True)]
+    import zarr
+
+    array = zarr.open_group(str(paths[("zstd:1", False)] / "store.zarr"), mode="r")["layer1"]["activations"]
+    assert [type(c).__name__ for c in array.compressors] == ["ZstdCodec"] and array.shards is None
+    array = zarr.open_group(str(paths[("blosc:lz4:shuffle:5", True)] / "store.zarr"), mode="r")["layer1"]["activations"]
+    c = min(16384, array.shape[1])  # the default unit chunk; a shard is one batch x the whole layer, in whole chunks
+    assert array.chunks == (8, c) and array.shards == (8, -(-array.shape[1] // c) * c)
+
+
+@pytest.mark.parametrize("codec, why", [
+    ("zstd", None), ("zstd:23", "outside -7..22"), ("zstd:x", "not an integer"), ("lz4", None),
+    ("blosc:lz5:shuffle:5", "'lz5' is not one of"), ("blosc:lz4:byteshuffle:5", "'byteshuffle' is not one of"),
+    ("blosc:lz4:shuffle:10", "outside 0..9"), (1, None)])
+def test_a_bad_codec_is_named_with_the_valid_forms(tmp_path, stimuli, codec, why):
+    with pytest.raises(ValueError, match=r"codec=.* is not a store codec") as err:
+        prepare_store(ModelSpec("test_resnet", seed=0), stimuli, LAYERS, tmp_path, codec=codec)
+    text = str(err.value)
+    assert repr(codec) in text and "valid: none, zstd:<level -7..22>, blosc:<lz4|" in text, text
+    if why:
+        assert why in text, text
+    assert not any(tmp_path.iterdir())  # refused before anything was created
+
+
+def test_bad_write_options_are_named(tmp_path, stimuli):
+    spec = ModelSpec("test_resnet", seed=0)
+    for kwargs, message in [({"writer_threads": 0}, "writer_threads must be a positive integer; got 0"),
+                            ({"writer_threads": 1.5}, "writer_threads must be a positive integer; got 1.5"),
+                            ({"num_workers": -1}, "num_workers must be an integer >= 0; got -1"),
+                            ({"unit_chunk": 0}, "unit_chunk must be a positive integer; got 0"),
+                            ({"sharded": "yes"}, r"sharded='yes': expected True .* or False"),
+                            ({"pinned": "yes"}, r"pinned must be None \(on CUDA\), True or False; got 'yes'")]:
+        with pytest.raises(ValueError, match=message):
+            extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, **kwargs)
+    assert not any(tmp_path.iterdir())
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"pinned=True needs CUDA .* use pinned=None or False"):
+            extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, pinned=True, device="cpu")
+        assert not any(tmp_path.iterdir())
+
+
+def test_a_bad_codec_in_the_sweep_config_is_named(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from unitmatch.sweep.config import ConfigError, validate
+
+    with initialize_config_module(version_base="1.3", config_module="unitmatch.conf"):
+        cfg = compose(config_name="config", overrides=["compute.codec=zstd:99", "logger=none"])
+    with pytest.raises(ConfigError, match=r"compute\.codec='zstd:99' is not a store codec \(level 99 is outside"):
+        validate(cfg)
+    with initialize_config_module(version_base="1.3", config_module="unitmatch.conf"):
+        cfg = compose(config_name="config", overrides=["cluster.writer_threads=0", "logger=none"])
+    with pytest.raises(ConfigError, match=r"cluster\.writer_threads=0 is out of range"):
+        validate(cfg)
+
+
+def test_a_sharded_store_names_flipped_swapped_and_missing_shards(tmp_path, stimuli):
+    from unitmatch.core.store import StoreDamagedError
+
+    spec = ModelSpec("test_resnet", seed=0)
+    store = extract_to_store(spec, stimuli, LAYERS, tmp_path, batch_size=8, unit_chunk=1000).store
+    shard = store.path / "store.zarr" / "layer1" / "activations" / "c"
+    assert sorted(p.name for p in shard.iterdir()) == ["0", "1", "2"]  # c/<batch>/0: one shard per batch
+    files = [shard / str(b) / "0" for b in range(3)]
+    original = [f.read_bytes() for f in files]
+    n_cols = -(-store.layer_units[0].size // 1000)
+
+    files[0].write_bytes(original[1])  # another valid shard of the same layer, in batch 0's place
+    with pytest.raises(StoreDamagedError, match=r"layer 'layer1', chunk \(0, 0\) .*c/0/0: it holds other values"):
+        store.layers()["layer1"][:8]
+    files[0].write_bytes(original[0])
+
+    data = bytearray(original[2])
+    data[len(data) // 3] ^= 0xFF  # one flipped byte inside a compressed inner chunk
+    files[2].write_bytes(bytes(data))
+    problems = store.verify().problems
+    assert problems and all(p.layer == "layer1" and p.chunk[0] == 2 and p.file == "store.zarr/layer1/activations/c/2/0"
+                            for p in problems), problems
+    files[2].write_bytes(original[2])
+
+    files[1].unlink()
+    problems = ActivationStore.open(store.path).verify().problems
+    assert [(p.chunk, p.problem) for p in problems] == [((1, j), "its shard file is missing") for j in range(n_cols)]
+    with pytest.raises(StoreDamagedError, match=r"chunk \(1, 0\).*its shard file is missing"):
+        ActivationStore.open(store.path).layers()["layer1"][8:16]
+    files[1].write_bytes(original[1])
+    assert ActivationStore.open(store.path).verify().ok
+
+
+def test_a_format_4_store_is_refused_with_what_to_do(tmp_path, stimuli):
+    from unitmatch.core.store import StoreFormatError
+
+    store = extract_to_store(ModelSpec("test_resnet", seed=0), stimuli, LAYERS, tmp_path, batch_size=8).store
+    key = json.loads((store.path / "key.json").read_text())
+    (store.path / "key.json").write_text(json.dumps({**key, "format": 4}))
+    with pytest.raises(StoreFormatError, match=r"has format 4; this unitmatch .* reads format 5 only .*Delete"):
+        ActivationStore.open(store.path)
