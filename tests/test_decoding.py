@@ -427,9 +427,12 @@ def test_solvers_agree_on_matched_population_decoding():
     assert neuron_accuracy(neurons, labels, train, test, solver="sklearn") == a.neuron_accuracy
 
 
-def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch():
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkeypatch):
     """Batching couples nothing: each problem's fit does not depend on its batch, its chunk or
-    the worker thread that ran it (CPU chunks on threads vs one batch vs one at a time)."""
+    the worker thread that ran it (CPU chunks on threads vs one batch vs one at a time). In
+    float64 the fits are identical; with float32 products (``mixed``) a GEMM's rounding depends on
+    the batch layout (observed 5e-7), so they agree to the solver's tolerance."""
     import torch
 
     from unitmatch.core import _logreg
@@ -437,18 +440,21 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch():
     rng = np.random.default_rng(8)
     y = np.arange(200) % 5
     x = rng.normal(size=(7, 200, 12)) + rng.normal(size=(7, 5, 12))[:, y]
-    alone = [_logreg.fit_multinomial(torch.from_numpy(x[b:b + 1]), torch.from_numpy(y), 5, 1.0)
-             for b in range(7)]
-    together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0)
+    alone = [_logreg.fit_multinomial(torch.from_numpy(x[b:b + 1]), torch.from_numpy(y), 5, 1.0,
+                                     precision=precision) for b in range(7)]
+    together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0, precision=precision)
     threads = torch.get_num_threads()
-    chunked = _logreg.fit_many(x, y, 5, 1.0)  # at least one chunk per torch thread
+    monkeypatch.setattr(_logreg, "CPU_CHUNK_BYTES", 3 * x[0].nbytes)  # 3 chunks, 2-3 problems each
+    chunked = _logreg.fit_many(x, y, 5, 1.0, precision=precision)
     assert torch.get_num_threads() == threads  # restored after the threaded fit
+    atol = 1e-12 if precision == "float64" else 1e-5
     for b in range(7):
         for fit in (together, chunked):
-            np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=atol)
             np.testing.assert_allclose(fit.intercept[b].numpy(), alone[b].intercept[0].numpy(), rtol=0,
-                                       atol=1e-12)
-            assert fit.n_iter[b] == alone[b].n_iter[0]
+                                       atol=atol)
+            if precision == "float64":
+                assert fit.n_iter[b] == alone[b].n_iter[0]
 
 
 def test_unconverged_fits_are_flagged_and_logged(caplog):
