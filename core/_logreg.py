@@ -43,8 +43,7 @@ _MAX_LINE_SEARCH = 50
 _FTOL = 64 * torch.finfo(torch.float64).eps
 #: compact the batch (copy the running problems' features) once this fraction has stopped
 _COMPACT_FRACTION = 0.25
-#: on CPU, problems are fitted in one chunk per thread, of at most this many bytes of float64
-#: features. Large chunks: the per-iteration torch calls are per chunk, and with float32 products
+#: on CPU, problems are fitted in one chunk per thread, of at most this many bytes of features. Large chunks: the per-iteration torch calls are per chunk, and with float32 products
 #: 48 MajajHong-sized problems (2304 x 256) cost 0.097-0.099 CPU s per fit in two chunks against
 #: 0.129-0.166 in 8 MiB chunks (same run, 2 threads; the features stream from memory either way)
 CPU_CHUNK_BYTES = 256 * 2**20
@@ -320,7 +319,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     therefore those of the all-float64 fit; only the path differs.
 
     Args:
-        x: (B, n, F) float64 features of the B problems, on the device to compute on.
+        x: (B, n, F) float64 or float32 features of the B problems, on the device to compute
+            on (float32 features are the data: the float64 phase upcasts them exactly).
         y: (n,) class index (0 .. n_classes - 1) of each sample, shared by all problems.
         n_classes: K, at least 2.
         C: inverse regularisation strength, as scikit-learn's ``C``.
@@ -341,7 +341,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     n_batch, n, n_feat = x.shape
     k = int(n_classes)
     dev = x.device
-    x = x.to(torch.float64)
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x must be float32 or float64; got {x.dtype}")
     # two classes: the multinomial pair with C / 2 has scikit-learn's binomial minimiser (docstring)
     l2 = 1.0 / ((C / 2 if k == 2 else C) * n)
     y = y.to(device=dev, dtype=torch.long)
@@ -359,8 +360,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
         theta, n_iter, _ = _lbfgs(_Objective(x.to(torch.float32), y, k, l2), theta, budget,
                                   tol=max(tol, _F32_TOL), history=history,
                                   max_line_search=_F32_MAX_LINE_SEARCH)
-    theta, more, converged = _lbfgs(_Objective(x, y, k, l2), theta, budget - n_iter, tol=tol,
-                                    history=history, max_line_search=_MAX_LINE_SEARCH)
+    theta, more, converged = _lbfgs(_Objective(x.to(torch.float64), y, k, l2), theta, budget - n_iter,
+                                    tol=tol, history=history, max_line_search=_MAX_LINE_SEARCH)
     n_iter = n_iter + more
     n_not = int((~converged).sum())
     if n_not:
@@ -386,7 +387,8 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     barrier to wait at.
 
     Args:
-        x: (B, n, F) features (converted to float64).
+        x: (B, n, F) features: float32 kept as is (the data, as :func:`fit_multinomial`),
+            anything else converted to float64.
         y: (n,) class indices shared by all problems.
         n_classes, C, tol, max_iter, precision: as :func:`fit_multinomial`.
         device: torch device (default cpu).
@@ -397,7 +399,8 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
         One :class:`BatchedFit` for the B problems, in order.
     """
     dev = torch.device(device if device is not None else "cpu")
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
+    x = np.asarray(x)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float32 else np.float64))
     yt = torch.from_numpy(np.asarray(y))
     kw = dict(tol=tol, max_iter=max_iter, precision=precision)
     if dev.type != "cpu":
