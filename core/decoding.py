@@ -269,17 +269,17 @@ def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]
     column mean, a constant column (in float32) as a zero range, and the member at fault is then
     checked and named by :func:`_check_finite` / :func:`_train_stats`.
     """
-    x = np.asarray(x, dtype=np.float32)
-    x = torch.from_numpy(x if all(st >= 0 for st in x.strides) else np.ascontiguousarray(x))
-    xt = x.index_select(1, torch.from_numpy(p.train))
+    x32 = np.asarray(x, dtype=np.float32)
+    xt = torch.from_numpy(x32 if all(st >= 0 for st in x32.strides) else np.ascontiguousarray(x32))
+    xt = xt.index_select(1, torch.from_numpy(p.train))
     mean = xt.mean(dim=1, keepdim=True)
     for j in (~torch.isfinite(mean).all(dim=2)[:, 0]).nonzero()[:, 0].tolist():
-        _check_finite(x[j].numpy(), p.train, names(j))
+        _check_finite(np.asarray(x[j]), p.train, names(j))
         raise ValueError(f"{names(j)} has values too large for float32 on the train images "
                          f"(magnitude above {np.finfo(np.float32).max:.3g}); rescale the responses")
     flat = xt.amax(dim=1) == xt.amin(dim=1)
     for j in flat.any(dim=1).nonzero()[:, 0].tolist():
-        _train_stats(x[j].numpy().astype(np.float64), p.train, names(j))  # raises, naming the column
+        _train_stats(np.asarray(x[j], dtype=np.float64), p.train, names(j))  # raises, naming the column
         c = int(flat[j].nonzero()[0, 0])
         raise ValueError(f"{names(j)} column {c} varies over the train images by less than float32 "
                          f"resolution (value {float(xt[j, 0, c]):.6g}); the null's populations are "
