@@ -28,7 +28,12 @@ default) fits many problems of one shape at once in torch (:mod:`core._logreg`: 
 neurons' classifiers as one batch, the random populations of the null in a few chunks), on CPU or
 a GPU; ``"sklearn"`` fits them one by one with scikit-learn's lbfgs, the reference the batched
 solver is tested against (accuracies within 0.01; coefficients within 1e-4 of the largest at a
-tight tolerance, observed 4e-6).
+tight tolerance, observed 4e-6). The batched solver's products are float32 with a float64 finish
+(same minimiser and stopping rule, :mod:`core._logreg`); the null's populations are z-scored in
+float32 (their classifiers' products are float32 anyway); and ``warm_start`` starts a split's fits
+from another split's solutions (``core.analyze`` chains a region's splits: the random populations
+of a region are drawn once and shared by its splits, so population i of split s + 1 starts from
+population i of split s).
 """
 
 from __future__ import annotations
