@@ -438,10 +438,13 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
 
     The random populations of a region are drawn once and their activations read in a few batched
     gathers (from a store, one read per chunk instead of one per population), then reused by every split.
-    Each split's fits start from the previous split's solutions (``warm_start``: same objective and
-    stopping rule, fewer iterations).
-    In a region-committed search they are drawn from the units of the region's layers only.
+    In a region-committed search they are drawn from the units of the region's layers only. Each split's
+    fits start from the previous split's solutions (``warm_start``: same objective and stopping rule,
+    fewer iterations), on the matching's device (None: cuda when available, as the engine resolves it).
     """
+    import torch
+
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(seed)
     rows = []
     for region in sorted(set(assembly.regions)):
