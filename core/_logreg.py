@@ -58,6 +58,10 @@ _COMPACT_FRACTION = 0.25
 #: 48 MajajHong-sized problems (2304 x 256) cost 0.097-0.099 CPU s per fit in two chunks against
 #: 0.129-0.166 in 8 MiB chunks (same run, 2 threads; the features stream from memory either way)
 CPU_CHUNK_BYTES = 256 * 2**20
+#: ... and of at least this many bytes per extra thread: with small problems the loop's Python and
+#: dispatch work (one GIL) dominates, and two threads were measured slower than one (100 problems
+#: of 360 x 48 float32, 8 classes: 0.32-0.35 s wall on 2 threads, 0.28 s on 1)
+CPU_THREAD_MIN_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -419,22 +423,23 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     n_batch = xt.shape[0]
     workers = max(1, torch.get_num_threads())
     per_problem = xt[0].numel() * xt.element_size()
-    n_chunks = min(n_batch, max(workers, -(-n_batch * per_problem // CPU_CHUNK_BYTES)))
+    n_threads = max(1, min(workers, n_batch * per_problem // CPU_THREAD_MIN_BYTES))
+    n_chunks = min(n_batch, max(n_threads, -(-n_batch * per_problem // CPU_CHUNK_BYTES)))
     chunks = [c for c in torch.tensor_split(torch.arange(n_batch), n_chunks) if c.numel()]
 
     def fit(c: torch.Tensor) -> BatchedFit:
         part = slice(int(c[0]), int(c[-1]) + 1)
         return fit_multinomial(xt[part], yt, n_classes, C, init=None if init is None else init[part], **kw)
 
-    if workers == 1 or len(chunks) == 1:
-        fits = [fit(c) for c in chunks]
-    else:
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+    torch.set_num_threads(1)
+    try:
+        if n_threads == 1:
+            fits = [fit(c) for c in chunks]
+        else:
+            with ThreadPoolExecutor(max_workers=n_threads) as pool:
                 fits = list(pool.map(fit, chunks))
-        finally:
-            torch.set_num_threads(workers)
+    finally:
+        torch.set_num_threads(workers)
     return BatchedFit(coef=torch.cat([f.coef for f in fits]),
                       intercept=torch.cat([f.intercept for f in fits]),
                       n_iter=torch.cat([f.n_iter for f in fits]),

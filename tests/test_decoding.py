@@ -445,6 +445,7 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkey
     together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0, precision=precision)
     threads = torch.get_num_threads()
     monkeypatch.setattr(_logreg, "CPU_CHUNK_BYTES", 3 * x[0].nbytes)  # 3 chunks, 2-3 problems each
+    monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)  # on all threads
     chunked = _logreg.fit_many(x, y, 5, 1.0, precision=precision)
     assert torch.get_num_threads() == threads  # restored after the threaded fit
     atol = 1e-12 if precision == "float64" else 1e-5
