@@ -233,7 +233,10 @@ def main():
     import torch
 
     if args.device is not None:
-        torch.empty(0, device=args.device)  # an unavailable device fails here, before any work
+        try:  # an unavailable device fails here, before any work
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            ap.error(f"--device {args.device!r} is not usable here ({e}); give cpu, cuda or cuda:N")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if "majaj" in args.cases:
