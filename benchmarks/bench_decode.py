@@ -1,30 +1,36 @@
-"""Matched-population decoding benchmark (issue 8): batched torch solver vs scikit-learn, same run.
+"""Matched-population decoding benchmark (issue 8): the batched solver, with scikit-learn as the
+same-run reference.
 
 Two cases:
 
 1. MajajHong-sized (``majaj``): 2560 images, 8 categories (320 each), 256 neurons, one region, the
-   10 Brain-Score splits (2304 train / 256 test), 100 random populations per split. Units come
-   from a synthetic pool of 4096 correlated, rectified "units" (64 latent factors carrying
-   category and object identity plus noise); the matched units are 256 of them and the neurons
-   noisy copies. Each split is decoded by ``matched_population_decoding`` with
-   ``solver="sklearn"`` and ``solver="batched"``, alternating which goes first, so both see the
-   same machine load. Printed: wall and CPU (process) seconds per split and in total, the ratios,
-   the iterations, and the largest accuracy difference over every fit (transfer, units, neurons
-   and the 100 null fits). CPU seconds are less sensitive to other processes on the machine.
+   10 Brain-Score splits (2304 train / 256 test), 100 random populations. Units come from a
+   synthetic pool of 4096 correlated, rectified "units" (64 latent factors carrying category and
+   object identity plus noise); the matched units are 256 of them and the neurons noisy copies.
+   The batched solver decodes all splits the way ``core.analyze`` does (one split after the
+   other, each warm-started from the previous one: ``warm_start``), timed whole (wall and
+   process CPU seconds) and in its parts (z-scoring and validation vs the fits, iterations of
+   cold and warm fits). Then scikit-learn (one thread, as ``solver="sklearn"`` runs) decodes the
+   first ``--sklearn-splits`` splits: its time, extrapolated to all splits, and the largest
+   accuracy difference over every fit of those splits (transfer, units, neurons, each null fit).
 2. Demo-sized (``demo``): the demo's planted model (``test_convnext``, random weights, seed 0,
    ``stages`` layers) on the demo's 400 generated images (8 categories), 48 planted neurons
    (SNR 1, 8 repeats) in region V4 plus 16 noise neurons, the 10 splits, 100 permutations and
    100 random populations: ``core.analyze`` timed whole and in its decoding step
-   (``core.analysis._decode``: random-population gathering plus every fit), once with each
-   solver, alternating, ``--repeats`` times.
+   (``core.analysis._decode``: random-population gathering plus every fit), ``--repeats`` times
+   with the batched solver (and once with scikit-learn with ``--demo-sklearn``).
 
-Run: python benchmarks/bench_decode.py [--cases majaj demo] [--splits 10] [--repeats 2]
+Run: python benchmarks/bench_decode.py [--cases majaj demo] [--splits 10] [--sklearn-splits 2]
+     [--repeats 2] [--device cpu] [--quick]
+``--quick`` (development): 3 splits, 20 random populations, 1 scikit-learn split, 1 demo run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import time
 
 import numpy as np
@@ -46,65 +52,83 @@ def majaj_data(seed: int = 0, n_images: int = 2560, n_categories: int = 8, n_neu
     unit_x = units[:, matched].astype(np.float64)
     neurons = unit_x + unit_x.std(axis=0) * rng.normal(size=unit_x.shape)
     draws = np.stack([rng.choice(pool, n_neurons, replace=False) for _ in range(n_random)])
-    populations = units[:, draws].transpose(1, 0, 2)  # (n_random, images, neurons), float32
+    # (n_random, images, neurons), float32, contiguous like core.analysis's gathered populations
+    populations = np.ascontiguousarray(units[:, draws].transpose(1, 0, 2))
     return labels, unit_x, neurons, populations
 
 
-def bench_majaj(n_splits: int) -> None:
+@contextlib.contextmanager
+def _fit_timer():
+    """Record wall / CPU seconds and iterations of every batched fit (``decoding.fit_many``)."""
     import unitmatch.core.decoding as decoding
+
+    fit = decoding.fit_many
+    rec = {"wall": 0.0, "cpu": 0.0, "cold": [], "warm": []}
+
+    def timed(*a, **k):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fit(*a, **k)
+        rec["wall"] += time.perf_counter() - t0
+        rec["cpu"] += time.process_time() - c0
+        rec["cold" if k.get("init") is None else "warm"].extend(out.n_iter.tolist())
+        return out
+
+    decoding.fit_many = timed
+    try:
+        yield rec
+    finally:
+        decoding.fit_many = fit
+
+
+def _clock():
+    return time.perf_counter(), time.process_time()
+
+
+def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device) -> None:
     from unitmatch.core.decoding import matched_population_decoding
     from unitmatch.core.splits import brainscore_splits
 
-    labels, units, neurons, pops = majaj_data()
-    splits = brainscore_splits(n_images=labels.size)[:n_splits]
-    iters = []
-    fit = decoding.fit_many
-
-    def counting(*a, **k):  # records the batched solver's iterations per fit
-        out = fit(*a, **k)
-        iters.extend(out.n_iter.tolist())
-        return out
-
-    decoding.fit_many = counting
+    labels, units, neurons, pops = majaj_data(n_random=n_random)
+    splits = brainscore_splits(n_images=labels.size, stratify=None)[:n_splits]
+    n_fits = 2 + pops.shape[0]
     print(f"\n## MajajHong-sized: {labels.size} images, {np.unique(labels).size} categories, "
-          f"{units.shape[1]} neurons, {pops.shape[0]} random populations, {len(splits)} splits")
-    print("| split | sklearn s | batched s | ratio | sklearn CPU s | batched CPU s | CPU ratio | "
-          "max abs accuracy diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    t_sk, t_b, c_sk, c_b, diffs = [], [], [], [], []
-    try:
-        _majaj_splits(splits, labels, units, neurons, pops, matched_population_decoding,
-                      (t_sk, t_b, c_sk, c_b), diffs)
-    finally:
-        decoding.fit_many = fit
-    print(f"| total | {sum(t_sk):.1f} | {sum(t_b):.1f} | {sum(t_sk) / sum(t_b):.2f}x | {sum(c_sk):.1f} | "
-          f"{sum(c_b):.1f} | {sum(c_sk) / sum(c_b):.2f}x | {max(diffs):.4f} |")
-    it = np.array(iters)
-    print(f"batched L-BFGS iterations per fit: median {np.median(it):.0f}, max {it.max()}; {it.size} fits")
-
-
-def _majaj_splits(splits, labels, units, neurons, pops, decode, times, diffs) -> None:
-    t_sk, t_b, c_sk, c_b = times
-    for s, (train, test) in enumerate(splits):
-        out = {}
-        for solver in (("sklearn", "batched") if s % 2 == 0 else ("batched", "sklearn")):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out[solver] = decode(units, neurons, labels, train, test, random_populations=pops,
-                                 solver=solver)
-            out[solver + "_s"] = time.perf_counter() - t0
-            out[solver + "_cpu"] = time.process_time() - c0
-        a, b = out["sklearn"], out["batched"]
-        d = max(abs(a.transfer_accuracy - b.transfer_accuracy), abs(a.unit_accuracy - b.unit_accuracy),
-                abs(a.neuron_accuracy - b.neuron_accuracy), float(np.abs(a.null - b.null).max()))
-        t_sk.append(out["sklearn_s"])
-        t_b.append(out["batched_s"])
-        c_sk.append(out["sklearn_cpu"])
-        c_b.append(out["batched_cpu"])
-        diffs.append(d)
-        print(f"| {s} | {t_sk[-1]:.1f} | {t_b[-1]:.1f} | {t_sk[-1] / t_b[-1]:.2f}x | {c_sk[-1]:.1f} | "
-              f"{c_b[-1]:.1f} | {c_sk[-1] / c_b[-1]:.2f}x | {d:.4f} |"
-              f" transfer {b.transfer_accuracy:.3f}, neurons {b.neuron_accuracy:.3f}, null mean "
-              f"{b.null.mean():.3f}", flush=True)
+          f"{units.shape[1]} neurons, {pops.shape[0]} random populations, {len(splits)} splits "
+          f"({n_fits} fits of {splits[0][0].size} x {units.shape[1]} per split), device {device or 'cpu'}")
+    decode = functools.partial(matched_population_decoding, random_populations=pops, device=device)
+    batched = []
+    with _fit_timer() as rec:
+        t0, c0 = _clock()
+        for train, test in splits:
+            batched.append(decode(units, neurons, labels, train, test,
+                                  warm_start=batched[-1] if batched else None))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cold, warm = np.array(rec["cold"]), np.array(rec["warm"])
+    print("| solver | splits | wall s | CPU s | wall s per split | CPU s per fit | iterations per fit |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| batched (warm starts) | {len(splits)} | {wall:.1f} | {cpu:.1f} | {wall / len(splits):.2f} | "
+          f"{cpu / (n_fits * len(splits)):.3f} | cold (split 0) median {np.median(cold):.0f}, "
+          f"warm median {np.median(warm) if warm.size else float('nan'):.0f} |", flush=True)
+    print(f"  of which fits (fit_many): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
+          f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
+          f"{cpu - rec['cpu']:.1f} CPU s")
+    if n_sklearn:
+        t0, c0 = _clock()
+        ref = [decode(units, neurons, labels, train, test, solver="sklearn") for train, test in splits[:n_sklearn]]
+        sk_wall, sk_cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"| scikit-learn | {n_sklearn} | {sk_wall:.1f} | {sk_cpu:.1f} | {sk_wall / n_sklearn:.2f} | "
+              f"{sk_cpu / (n_fits * n_sklearn):.3f} | |")
+        print(f"scikit-learn extrapolated to {len(splits)} splits: {sk_wall / n_sklearn * len(splits):.0f} s "
+              f"wall, {sk_cpu / n_sklearn * len(splits):.0f} CPU s; batched/scikit-learn CPU per split "
+              f"{cpu / len(splits) / (sk_cpu / n_sklearn):.2f}")
+        diff = max(max(abs(a.transfer_accuracy - b.transfer_accuracy), abs(a.unit_accuracy - b.unit_accuracy),
+                       abs(a.neuron_accuracy - b.neuron_accuracy), float(np.abs(a.null - b.null).max()))
+                   for a, b in zip(ref, batched))
+        print(f"largest accuracy difference, batched vs scikit-learn, over all {n_fits * n_sklearn} fits of "
+              f"{n_sklearn} split(s): {diff:.4f} ({splits[0][1].size} test images: one image "
+              f"{1 / splits[0][1].size:.4f})")
+    for s, r in enumerate(batched):
+        print(f"  split {s}: transfer {r.transfer_accuracy:.3f}, units {r.unit_accuracy:.3f}, neurons "
+              f"{r.neuron_accuracy:.3f}, null mean {r.null.mean():.3f}")
 
 
 def demo_case():
@@ -132,16 +156,16 @@ def demo_case():
     return acts, assembly, splits, cat.n_units
 
 
-def bench_demo(repeats: int) -> None:
+def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
     import unitmatch.core.analysis as analysis
     from unitmatch.core.decoding import matched_population_decoding
 
     acts, assembly, splits, n_units = demo_case()
     print(f"\n## Demo-sized core.analyze: {assembly.n_images} images, {assembly.n_neurons} neurons "
           f"(48 V4 + 16 noise), {n_units:,} units (test_convnext stages), {len(splits)} splits, "
-          f"100 permutations, 100 random populations")
-    print("| solver | run | analyze s | decoding s | decoding share |")
-    print("|---|---|---|---|---|")
+          f"100 permutations, 100 random populations, device {device or 'cpu'}")
+    print("| solver | run | analyze s | decoding s | decoding share | decoding fits s (CPU s) |")
+    print("|---|---|---|---|---|---|")
     decode = analysis._decode
     spent = []
 
@@ -153,47 +177,73 @@ def bench_demo(repeats: int) -> None:
             spent.append(time.perf_counter() - t0)
 
     analysis._decode = timed_decode
-    rows = {"sklearn": [], "batched": []}
+    runs = ["batched"] * repeats + (["sklearn"] if with_sklearn else [])
+    rows = {}
     results = {}
+    extra = {} if device is None else {"device": device}
     try:
-        for r in range(repeats):
-            for solver in (("sklearn", "batched") if r % 2 == 0 else ("batched", "sklearn")):
-                analysis.matched_population_decoding = functools.partial(matched_population_decoding,
-                                                                         solver=solver)
+        for r, solver in enumerate(runs):
+            analysis.matched_population_decoding = functools.partial(matched_population_decoding,
+                                                                     solver=solver)
+            with _fit_timer() as rec:
                 t0 = time.perf_counter()
                 results[solver] = analysis.analyze(acts, assembly, splits, n_permutations=100,
-                                                   n_random_populations=100, seed=0)
+                                                   n_random_populations=100, seed=0, **extra)
                 total = time.perf_counter() - t0
-                rows[solver].append((total, spent[-1]))
-                print(f"| {solver} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} |",
-                      flush=True)
+            rows.setdefault(solver, []).append((total, spent[-1]))
+            fits = f"{rec['wall']:.1f} ({rec['cpu']:.1f})" if solver == "batched" else ""
+            print(f"| {solver} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} | {fits} |",
+                  flush=True)
     finally:
         analysis._decode = decode
         analysis.matched_population_decoding = matched_population_decoding
-    cols = ["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "null_mean"]
-    diff = np.abs(results["sklearn"].decoding[cols].to_numpy()
-                  - results["batched"].decoding[cols].to_numpy()).max()
     for solver, vals in rows.items():
         t = np.median([v[0] for v in vals])
         d = np.median([v[1] for v in vals])
         print(f"{solver}: median analyze {t:.1f} s, decoding {d:.1f} s ({d / t:.0%})")
-    print(f"largest difference in the decoding table (transfer, units, neurons, null mean) "
-          f"between solvers: {diff:.4f}")
+    if "sklearn" in results:
+        cols = ["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "null_mean"]
+        diff = np.abs(results["sklearn"].decoding[cols].to_numpy()
+                      - results["batched"].decoding[cols].to_numpy()).max()
+        print(f"largest difference in the decoding table (transfer, units, neurons, null mean) "
+              f"between solvers: {diff:.4f} (40 test images per split: one image 0.025)")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["majaj", "demo"], choices=["majaj", "demo"])
-    ap.add_argument("--splits", type=int, default=10, help="MajajHong-sized case: splits to run")
-    ap.add_argument("--repeats", type=int, default=2, help="demo case: analyze runs per solver")
+    ap.add_argument("--splits", type=int, default=10, help="MajajHong-sized case: splits (1-10)")
+    ap.add_argument("--sklearn-splits", type=int, default=2,
+                    help="MajajHong-sized case: splits also decoded by scikit-learn (0: none)")
+    ap.add_argument("--random", type=int, default=100, help="MajajHong-sized case: random populations")
+    ap.add_argument("--repeats", type=int, default=2, help="demo case: analyze runs, batched solver")
+    ap.add_argument("--demo-sklearn", action="store_true", help="demo case: one more run with scikit-learn")
+    ap.add_argument("--device", default=None, help="torch device of the batched solver (default cpu)")
+    ap.add_argument("--quick", action="store_true",
+                    help="development: 3 splits, 20 random populations, 1 scikit-learn split, 1 demo run")
     args = ap.parse_args()
+    if args.quick:
+        args.splits, args.random, args.sklearn_splits, args.repeats = 3, 20, 1, 1
+    if not 1 <= args.splits <= 10:
+        ap.error(f"--splits must be 1..10 (the Brain-Score splits); got {args.splits}")
+    if not 0 <= args.sklearn_splits <= args.splits:
+        ap.error(f"--sklearn-splits must be 0..--splits ({args.splits}); got {args.sklearn_splits}")
+    if args.random < 1 or args.repeats < 0:
+        ap.error(f"--random must be >= 1 and --repeats >= 0; got {args.random}, {args.repeats}")
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.device is not None:
+        try:  # an unavailable device fails here, before any work
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:
+            ap.error(f"--device {args.device!r} is not usable here ({e}); give cpu, cuda or cuda:N")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if "majaj" in args.cases:
-        bench_majaj(args.splits)
+        bench_majaj(args.splits, args.sklearn_splits, args.random, args.device)
     if "demo" in args.cases:
-        bench_demo(args.repeats)
+        bench_demo(args.repeats, args.demo_sklearn, args.device)
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

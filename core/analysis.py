@@ -438,8 +438,13 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
 
     The random populations of a region are drawn once and their activations read in a few batched
     gathers (from a store, one read per chunk instead of one per population), then reused by every split.
-    In a region-committed search they are drawn from the units of the region's layers only.
+    In a region-committed search they are drawn from the units of the region's layers only. Each split's
+    fits start from the previous split's solutions (``warm_start``: same objective and stopping rule,
+    fewer iterations), on the matching's device (None: cuda when available, as the engine resolves it).
     """
+    import torch
+
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     rng = np.random.default_rng(seed)
     rows = []
     for region in sorted(set(assembly.regions)):
@@ -448,11 +453,13 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
         neurons_x = y[idx].T  # (images, neurons of the region)
         units = _unit_ranges(catalogue, None if committed is None else committed[region])
         pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), splits, rng)
+        res = None
         for s, (train, test) in enumerate(splits):
             part = matches[(matches.split == s)].set_index("neuron").loc[ids]
             units_x = columns(part.unit.to_numpy())
             res = matched_population_decoding(units_x, neurons_x, labels, train, test,
-                                              random_populations=pool, n_random=n_random, device=device)
+                                              random_populations=pool, n_random=n_random, device=device,
+                                              warm_start=res)
             rows.append({"region": region, "split": s, **res.as_dict()})
     return pd.DataFrame(rows)
 

@@ -28,7 +28,12 @@ default) fits many problems of one shape at once in torch (:mod:`core._logreg`: 
 neurons' classifiers as one batch, the random populations of the null in a few chunks), on CPU or
 a GPU; ``"sklearn"`` fits them one by one with scikit-learn's lbfgs, the reference the batched
 solver is tested against (accuracies within 0.01; coefficients within 1e-4 of the largest at a
-tight tolerance, observed 4e-6).
+tight tolerance, observed 4e-6). The batched solver's products are float32 with a float64 finish
+(same minimiser and stopping rule, :mod:`core._logreg`); the null's populations are z-scored in
+float32 (their classifiers' products are float32 anyway); and ``warm_start`` starts a split's fits
+from another split's solutions (``core.analyze`` chains a region's splits: the random populations
+of a region are drawn once and shared by its splits, so population i of split s + 1 starts from
+population i of split s).
 """
 
 from __future__ import annotations
@@ -51,9 +56,9 @@ SOLVERS = ("batched", "sklearn")
 MAX_ITER = 1000
 #: stopping tolerance on the largest gradient entry (scikit-learn's default ``tol``)
 TOL = 1e-4
-#: the null's populations are fitted together in chunks of at most this many bytes of float64
-#: train features (100 MajajHong-sized populations, 2304 x 256, take 472 MB: two chunks)
-NULL_CHUNK_BYTES = 256 * 2**20
+#: the null's populations are fitted together in chunks of at most this many bytes of float32
+#: train features (100 MajajHong-sized populations, 2304 x 256, take 236 MB: two chunks)
+NULL_CHUNK_BYTES = 128 * 2**20
 #: a column whose train standard deviation is at most this fraction of its largest train magnitude
 #: is treated as constant (z-scoring impossible)
 _CONSTANT_RTOL = 1e-12
@@ -79,6 +84,8 @@ class DecodingResult:
             (mid-rank); NaN when ``null`` is empty.
         n_neurons: size of the population (M).
         n_categories: categories among the train images (the classifier's classes).
+        fits: the batched solver's fitted parameters, for ``warm_start`` of another split
+            (None with scikit-learn); not part of the results table.
     """
 
     transfer_accuracy: float
@@ -89,6 +96,9 @@ class DecodingResult:
     percentile: float
     n_neurons: int
     n_categories: int
+    #: the batched solver's fitted parameters (``warm_start`` of another split); None with
+    #: scikit-learn
+    fits: dict | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
         """Flat dict of the scalars for a results table.
@@ -250,6 +260,40 @@ def _zscored(x: np.ndarray, p: _Problem, name: str) -> tuple[np.ndarray, np.ndar
     return (x[p.train] - mean) / std, (x[p.test] - mean) / std
 
 
+def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]) -> np.ndarray:
+    """Train rows of a stack (b, n_images, M), each column of each member z-scored with its own
+    train statistics: :func:`_zscored` for the null's populations, train rows only (a
+    population's classifier is applied to the neurons, never to its own test images).
+
+    In float32, the precision of stored activations (the batched solver's products are float32
+    and its float64 finish upcasts these features exactly), in a few multi-threaded torch passes
+    over the whole stack instead of a dozen numpy calls and float64 copies per population
+    (measured 5x faster). Statistics use torch's blocked float32 sums (relative error about 1e-7;
+    a mean's error shifts a feature uniformly, which the classifier's intercept absorbs). The
+    checks are :func:`_zscored`'s, on the train images: a non-finite value shows as a non-finite
+    column mean, a constant column (in float32) as a zero range, and the member at fault is then
+    checked and named by :func:`_check_finite` / :func:`_train_stats`.
+    """
+    x32 = np.asarray(x, dtype=np.float32)
+    xt = torch.from_numpy(x32 if all(st >= 0 for st in x32.strides) else np.ascontiguousarray(x32))
+    xt = xt.index_select(1, torch.from_numpy(p.train))
+    mean = xt.mean(dim=1, keepdim=True)
+    for j in (~torch.isfinite(mean).all(dim=2)[:, 0]).nonzero()[:, 0].tolist():
+        _check_finite(np.asarray(x[j]), p.train, names(j))
+        raise ValueError(f"{names(j)} has values too large for float32 on the train images "
+                         f"(magnitude above {np.finfo(np.float32).max:.3g}); rescale the responses")
+    flat = xt.amax(dim=1) == xt.amin(dim=1)
+    for j in flat.any(dim=1).nonzero()[:, 0].tolist():
+        _train_stats(np.asarray(x[j], dtype=np.float64), p.train, names(j))  # raises, naming the column
+        c = int(flat[j].nonzero()[0, 0])
+        raise ValueError(f"{names(j)} column {c} varies over the train images by less than float32 "
+                         f"resolution (value {float(xt[j, 0, c]):.6g}); the null's populations are "
+                         f"z-scored in float32: subtract the offset or rescale the responses")
+    xt.sub_(mean)
+    std = torch.linalg.vector_norm(xt, dim=1, keepdim=True).div_(p.train.size ** 0.5)
+    return xt.div_(std).numpy()
+
+
 # --------------------------------------------------------------------------------------- classifier
 def _single_threaded():
     """Context in which BLAS/OpenMP run one thread (the ``"sklearn"`` solver only).
@@ -289,7 +333,7 @@ class _Classifiers:
     """
 
     def __init__(self, z_train: np.ndarray, y_train: np.ndarray, n_classes: int, C: float,
-                 solver: str, device):
+                 solver: str, device, init: torch.Tensor | None = None):
         self.solver = solver
         if solver == "sklearn":
             from sklearn.linear_model import LogisticRegression
@@ -299,7 +343,12 @@ class _Classifiers:
                                .fit(z, y_train) for z in z_train]
         else:
             self.fit = fit_many(z_train, y_train, n_classes, C, device=device, tol=TOL,
-                                max_iter=MAX_ITER)
+                                max_iter=MAX_ITER, init=init)
+
+    @property
+    def theta(self) -> torch.Tensor | None:
+        """(B, K, F + 1) fitted parameters of the batched solver (a warm start), else None."""
+        return None if self.solver == "sklearn" else self.fit.theta
 
     def accuracy(self, z: np.ndarray, y: np.ndarray) -> np.ndarray:
         """(B,) accuracy of each classifier on features z (n, M), shared by all, labels y (n,)."""
@@ -411,7 +460,7 @@ def null_percentile(value: float, null) -> float:
 def matched_population_decoding(unit_responses, neuron_responses, labels, train, test, *,
                                 random_populations: RandomPopulations = None,
                                 n_random: int = 100, C: float = 1.0, solver: str = "batched",
-                                device=None) -> DecodingResult:
+                                device=None, warm_start: DecodingResult | None = None) -> DecodingResult:
     """Transfer decoding of one region's matched population, with both baselines.
 
     Args:
@@ -426,13 +475,21 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
             returning the i-th random population as an (n_images, M) array (called for
             i = 0 .. n_random - 1, in order), or None (no null: ``null`` is empty and
             ``percentile`` NaN). Column i of a random population is read as neuron i's stand-in,
-            like the matched units; each population is z-scored with its own train statistics.
+            like the matched units; each population is z-scored with its own train statistics
+            (and checked on the train images, the only ones its classifier reads).
         n_random: number of draws from a callable ``random_populations``.
         C: inverse L2 regularisation strength of every logistic regression fit here.
         solver: ``"batched"`` (default: the null's populations fitted together, in chunks of at
             most ``NULL_CHUNK_BYTES`` of features, by :mod:`core._logreg`) or ``"sklearn"`` (one
             scikit-learn fit after another); both minimise the same objective.
         device: torch device of the batched solver (default cpu).
+        warm_start: the result of another split of the same region, with the same random
+            populations (e.g. the previous split): the batched solver starts each fit (units,
+            neurons, null population i) from that split's solution instead of zero. The
+            objective and stopping rule are unchanged, so the fits reach the same minimisers to
+            the same tolerance in fewer iterations (the splits share most train images). Used
+            only where it fits: a batched-solver result with the same categories, neurons and
+            number of draws; otherwise (and with ``solver="sklearn"``) the fits start from zero.
 
     Returns:
         A :class:`DecodingResult`.
@@ -440,26 +497,36 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
     Raises:
         ValueError: as :func:`transfer_accuracy`; also a random population of the wrong shape,
             with non-finite values or a column constant on the train images (named by its draw),
-            a non-positive ``n_random`` with a callable, or a ``random_populations`` that is
-            neither an array nor a callable.
+            a non-positive ``n_random`` with a callable, a ``random_populations`` that is
+            neither an array nor a callable, or a ``warm_start`` that is not a DecodingResult.
     """
     C, solver = _check_C(C), _check_solver(solver)
     units, neurons = _check_pair(unit_responses, neuron_responses)
     p = _validate(labels, train, test, *units.shape)
+    if warm_start is not None and not isinstance(warm_start, DecodingResult):
+        raise ValueError(f"warm_start must be the DecodingResult of another split (or None); got "
+                         f"{type(warm_start).__name__}")
+    warm = warm_start.fits if warm_start is not None and solver == "batched" else None
+    if warm is not None and not np.array_equal(warm["classes"], p.classes):
+        warm = None
 
     zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
     zu_train, zu_test = _zscored(units, p, "unit_responses")
     # classifier 0 on the units, 1 on the neurons: one batch
-    clf = _Classifiers(np.stack([zu_train, zn_train]), p.y_train, p.classes.size, C, solver, device)
+    init = None if warm is None or warm["pair"].shape[2] != p.n_columns + 1 else warm["pair"]
+    clf = _Classifiers(np.stack([zu_train, zn_train]), p.y_train, p.classes.size, C, solver, device,
+                       init=init)
     transfer, neuron_acc = clf.accuracy(zn_test, p.y_test).tolist()
     unit_acc = float(clf.accuracy(zu_test, p.y_test)[0])
-    null = _null_distribution(random_populations, n_random, p, zn_test, C, solver, device)
+    null, null_theta = _null_distribution(random_populations, n_random, p, zn_test, C, solver, device,
+                                          None if warm is None else warm["null"])
     percentile = null_percentile(transfer, null)
     chance = 1.0 / p.classes.size
     result = DecodingResult(
         transfer_accuracy=transfer, unit_accuracy=unit_acc, neuron_accuracy=neuron_acc,
         chance=chance, null=null, percentile=percentile, n_neurons=p.n_columns,
         n_categories=int(p.classes.size),
+        fits=None if solver == "sklearn" else {"classes": p.classes, "pair": clf.theta, "null": null_theta},
     )
     log.info("matched-population decoding: %d neurons, %d categories: transfer %.3f, units %.3f, "
              "neurons %.3f, chance %.3f, null n=%d, percentile %.1f", p.n_columns,
@@ -468,14 +535,18 @@ def matched_population_decoding(unit_responses, neuron_responses, labels, train,
 
 
 def _null_distribution(random_populations: RandomPopulations, n_random: int, p: _Problem,
-                       zn_test: np.ndarray, C: float, solver: str, device) -> np.ndarray:
+                       zn_test: np.ndarray, C: float, solver: str, device,
+                       init: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
     """Transfer accuracies of random unit populations applied to the (z-scored) neurons.
 
     Populations are drawn, z-scored and fitted in chunks whose float64 train features stay
-    within ``NULL_CHUNK_BYTES`` (all of a MajajHong-sized null in two chunks).
+    within ``NULL_CHUNK_BYTES`` (all of a MajajHong-sized null in two chunks). ``init``: the
+    (n_draws, K, M + 1) starting parameters of the batched fits (a warm start; ignored if its
+    shape does not fit). Returns the accuracies and the fitted parameters (batched solver; None
+    with scikit-learn or no null).
     """
     if random_populations is None:
-        return np.empty(0, dtype=np.float64)
+        return np.empty(0, dtype=np.float64), None
     expected = (p.n_images, p.n_columns)
     if callable(random_populations):
         if isinstance(n_random, bool) or not isinstance(n_random, (int, np.integer)) or n_random < 1:
@@ -483,8 +554,15 @@ def _null_distribution(random_populations: RandomPopulations, n_random: int, p: 
                              f"to draw); got {n_random!r}")
         n_draws = int(n_random)
 
-        def draw(i: int) -> np.ndarray:
-            return random_populations(i)
+        def draws(chunk: np.ndarray) -> np.ndarray:
+            out = []
+            for i in chunk:
+                pop = np.asarray(random_populations(int(i)))
+                if pop.shape != expected:
+                    raise ValueError(f"random population {i} has shape {pop.shape}; it must be "
+                                     f"(n_images, M) = {expected}, like the matched units")
+                out.append(pop)
+            return np.stack(out)
     elif isinstance(random_populations, np.ndarray) or hasattr(random_populations, "__array__"):
         pops = np.asarray(random_populations)
         if pops.ndim != 3 or pops.shape[1:] != expected:
@@ -495,8 +573,8 @@ def _null_distribution(random_populations: RandomPopulations, n_random: int, p: 
                              "for no null")
         n_draws = pops.shape[0]
 
-        def draw(i: int) -> np.ndarray:
-            return pops[i]
+        def draws(chunk: np.ndarray) -> np.ndarray:
+            return pops[chunk[0]:chunk[-1] + 1]
     else:
         raise ValueError(f"random_populations must be an (n_draws, n_images, M) array, a "
                          f"callable rng_draw(i) -> (n_images, M) array, or None; got "
@@ -504,19 +582,17 @@ def _null_distribution(random_populations: RandomPopulations, n_random: int, p: 
     if n_draws < _MIN_RECOMMENDED_DRAWS:
         log.warning("null of %d random populations (at least %d recommended): percentile "
                     "resolution is coarse", n_draws, _MIN_RECOMMENDED_DRAWS)
+    if init is not None and tuple(init.shape) != (n_draws, p.classes.size, p.n_columns + 1):
+        init = None
 
-    per_draw = p.train.size * p.n_columns * 8
+    per_draw = p.train.size * p.n_columns * 4
     n_chunks = -(-n_draws // max(1, NULL_CHUNK_BYTES // per_draw))
     null = np.empty(n_draws, dtype=np.float64)
+    thetas = []
     for chunk in np.array_split(np.arange(n_draws), n_chunks):
-        z_train = np.empty((chunk.size, p.train.size, p.n_columns), dtype=np.float64)
-        for j, i in enumerate(chunk):
-            name = f"random population {i}"
-            pop = np.asarray(draw(int(i)), dtype=np.float64)
-            if pop.shape != expected:
-                raise ValueError(f"{name} has shape {pop.shape}; it must be (n_images, M) = "
-                                 f"{expected}, like the matched units")
-            z_train[j], _ = _zscored(pop, p, name)
-        clf = _Classifiers(z_train, p.y_train, p.classes.size, C, solver, device)
+        z_train = _zscored_train_stack(draws(chunk), p, lambda j: f"random population {chunk[j]}")
+        clf = _Classifiers(z_train, p.y_train, p.classes.size, C, solver, device,
+                           init=None if init is None else init[chunk[0]:chunk[-1] + 1])
         null[chunk] = clf.accuracy(zn_test, p.y_test)
-    return null
+        thetas.append(clf.theta)
+    return null, (None if solver == "sklearn" else torch.cat(thetas))

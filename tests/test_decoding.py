@@ -427,9 +427,12 @@ def test_solvers_agree_on_matched_population_decoding():
     assert neuron_accuracy(neurons, labels, train, test, solver="sklearn") == a.neuron_accuracy
 
 
-def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch():
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkeypatch):
     """Batching couples nothing: each problem's fit does not depend on its batch, its chunk or
-    the worker thread that ran it (CPU chunks on threads vs one batch vs one at a time)."""
+    the worker thread that ran it (CPU chunks on threads vs one batch vs one at a time). In
+    float64 the fits are identical; with float32 products (``mixed``) a GEMM's rounding depends on
+    the batch layout (observed 5e-7), so they agree to the solver's tolerance."""
     import torch
 
     from unitmatch.core import _logreg
@@ -437,18 +440,22 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch():
     rng = np.random.default_rng(8)
     y = np.arange(200) % 5
     x = rng.normal(size=(7, 200, 12)) + rng.normal(size=(7, 5, 12))[:, y]
-    alone = [_logreg.fit_multinomial(torch.from_numpy(x[b:b + 1]), torch.from_numpy(y), 5, 1.0)
-             for b in range(7)]
-    together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0)
+    alone = [_logreg.fit_multinomial(torch.from_numpy(x[b:b + 1]), torch.from_numpy(y), 5, 1.0,
+                                     precision=precision) for b in range(7)]
+    together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0, precision=precision)
     threads = torch.get_num_threads()
-    chunked = _logreg.fit_many(x, y, 5, 1.0)  # at least one chunk per torch thread
+    monkeypatch.setattr(_logreg, "CPU_CHUNK_BYTES", 3 * x[0].nbytes)  # 3 chunks, 2-3 problems each
+    monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)  # on all threads
+    chunked = _logreg.fit_many(x, y, 5, 1.0, precision=precision)
     assert torch.get_num_threads() == threads  # restored after the threaded fit
+    atol = 1e-12 if precision == "float64" else 1e-5
     for b in range(7):
         for fit in (together, chunked):
-            np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=atol)
             np.testing.assert_allclose(fit.intercept[b].numpy(), alone[b].intercept[0].numpy(), rtol=0,
-                                       atol=1e-12)
-            assert fit.n_iter[b] == alone[b].n_iter[0]
+                                       atol=atol)
+            if precision == "float64":
+                assert fit.n_iter[b] == alone[b].n_iter[0]
 
 
 def test_unconverged_fits_are_flagged_and_logged(caplog):
@@ -480,3 +487,153 @@ def test_error_unknown_solver(small):
     units, neurons, labels, train, test = small
     with pytest.raises(ValueError, match=r"solver must be one of \['batched', 'sklearn'\]; got 'newton'"):
         matched_population_decoding(units, neurons, labels, train, test, solver="newton")
+
+
+# --------------------------------------------------------------------------------- speed paths
+def test_mixed_precision_has_the_float64_minimiser_and_float32_features_are_the_data():
+    """The float32 phase changes the path, not the answer: at a tight tolerance mixed and all-float64
+    fits reach the same coefficients (both finish in float64; observed 3.4e-7 of the largest, the
+    play the stopping rule leaves), at the default tolerance the same predictions; float32 features are taken as the data (the same fit as their exact float64 upcast)."""
+    from unitmatch.core._logreg import fit_many
+
+    x_train, y_train, x_test, y_test, k = _logreg_case("wide")
+    z = (x_train - x_train.mean(0)) / x_train.std(0)
+    batch = np.stack([z, z[:, ::-1]])
+    f64 = fit_many(batch, y_train, k, 1.0, tol=1e-10, max_iter=5000, precision="float64")
+    mixed = fit_many(batch, y_train, k, 1.0, tol=1e-10, max_iter=5000)
+    assert f64.converged.all() and mixed.converged.all()
+    scale = np.abs(f64.coef.numpy()).max()
+    np.testing.assert_allclose(mixed.coef.numpy(), f64.coef.numpy(), rtol=0, atol=1e-5 * scale)
+    z_test = (x_test - x_train.mean(0)) / x_train.std(0)
+    default64 = fit_many(batch, y_train, k, 1.0, precision="float64")
+    default = fit_many(batch, y_train, k, 1.0)
+    agree = (default.predict(torch_tensor(z_test)) == default64.predict(torch_tensor(z_test))).float().mean()
+    assert agree >= 0.99
+    z32 = batch.astype(np.float32)
+    a = fit_many(z32, y_train, k, 1.0, tol=1e-10, max_iter=5000)
+    b = fit_many(z32.astype(np.float64), y_train, k, 1.0, tol=1e-10, max_iter=5000)
+    np.testing.assert_allclose(a.coef.numpy(), b.coef.numpy(), rtol=0, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match=r"precision must be one of \['mixed', 'float64'\]; got 'half'"):
+        fit_many(batch, y_train, k, 1.0, precision="half")
+
+
+def test_warm_start_reaches_the_same_fit_in_fewer_iterations():
+    """A fit started from a neighbouring problem's solution (another split's) stops on the same
+    criteria: at a tight tolerance the same coefficients as from zero, in fewer iterations."""
+    from unitmatch.core._logreg import fit_many
+
+    x_train, y_train, _, _, k = _logreg_case("noisy")
+    z = (x_train - x_train.mean(0)) / x_train.std(0)
+    other = fit_many(z[None, 30:], y_train[30:], k, 1.0, tol=1e-10, max_iter=5000)  # 95% of the rows
+    cold = fit_many(z[None], y_train, k, 1.0, tol=1e-10, max_iter=5000)
+    warm = fit_many(z[None], y_train, k, 1.0, tol=1e-10, max_iter=5000, init=other.theta)
+    assert warm.converged.all() and warm.n_iter[0] < cold.n_iter[0]
+    np.testing.assert_allclose(warm.coef.numpy(), cold.coef.numpy(), rtol=0,
+                               atol=1e-6 * np.abs(cold.coef.numpy()).max())
+    with pytest.raises(ValueError, match=r"init must have shape \(B, K, F \+ 1\) = \(1, 6, 31\); got \(1, 6, 30\)"):
+        fit_many(z[None], y_train, k, 1.0, init=other.coef)
+
+
+def test_decoding_warm_started_from_another_split_agrees_with_a_cold_start():
+    """warm_start (what core.analyze does from split to split) changes the starting point only:
+    every accuracy within 0.01 of the cold-started decoding of the same split (120 test images:
+    one image is 0.0083), fewer iterations; a result of another shape is not used; a bad type is
+    an error."""
+    from unitmatch.core import decoding
+
+    rng, labels, units, neurons, train, test = _planted(9, noise=1.0)
+    pool = _population(rng, labels, 300).astype(np.float32)
+    pops = np.stack([pool[:, rng.choice(300, M, replace=False)] for _ in range(100)])
+    train2, test2 = _split(labels, rng)
+    first = matched_population_decoding(units, neurons, labels, train, test, random_populations=pops)
+    assert first.fits["null"].shape == (100, N_CAT, M + 1)
+    iters = []
+    fit_many = decoding.fit_many
+
+    def counting(*a, **k):
+        out = fit_many(*a, **k)
+        iters.append(int(out.n_iter.sum()))
+        return out
+
+    decoding.fit_many = counting
+    try:
+        cold = matched_population_decoding(units, neurons, labels, train2, test2, random_populations=pops)
+        n_cold, iters[:] = sum(iters), []
+        warm = matched_population_decoding(units, neurons, labels, train2, test2, random_populations=pops,
+                                           warm_start=first)
+        n_warm, iters[:] = sum(iters), []
+        # another shape (fewer draws): not used, the fits start from zero
+        fewer = matched_population_decoding(units, neurons, labels, train2, test2,
+                                            random_populations=pops[:50], warm_start=first)
+    finally:
+        decoding.fit_many = fit_many
+    assert n_warm < n_cold
+    for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
+        assert abs(getattr(cold, field) - getattr(warm, field)) <= 0.01, field
+    assert np.abs(cold.null - warm.null).max() <= 0.01
+    np.testing.assert_array_equal(fewer.null, cold.null[:50])
+    assert matched_population_decoding(units, neurons, labels, train2, test2, solver="sklearn",
+                                       warm_start=first).fits is None
+    with pytest.raises(ValueError, match=r"warm_start must be the DecodingResult of another split \(or None\); "
+                                         r"got dict"):
+        matched_population_decoding(units, neurons, labels, train2, test2, warm_start={"pair": None})
+
+
+def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
+    """The null's populations are z-scored in float32 torch passes: equal to the float64 numpy
+    z-scoring of each population to float32 precision; bad values are reported as before, naming
+    the draw and column."""
+    from unitmatch.core.decoding import _validate, _zscored, _zscored_train_stack
+
+    rng, labels, units, neurons, train, test = _planted(4)
+    pops = (rng.normal(size=(5, labels.size, M)) * rng.uniform(0.1, 10, size=M) + 50).astype(np.float32)
+    p = _validate(labels, train, test, *units.shape)
+    got = _zscored_train_stack(pops, p, lambda j: f"random population {j}")
+    assert got.dtype == np.float32 and got.shape == (5, train.size, M)
+    for j in range(5):
+        ref, _ = _zscored(pops[j].astype(np.float64), p, "x")
+        np.testing.assert_allclose(got[j], ref, rtol=0, atol=2e-5)
+    # a strided (transposed) stack gives the same
+    np.testing.assert_array_equal(_zscored_train_stack(pops.transpose(1, 0, 2).copy().transpose(1, 0, 2), p,
+                                                       str), got)
+    bad = pops.copy()
+    bad[3, train[5], 7] = np.inf
+    with pytest.raises(ValueError, match=rf"random population 3 has 1 non-finite value.*image {train[5]}, column 7"):
+        matched_population_decoding(units, neurons, labels, train, test, random_populations=bad)
+    bad = pops.copy()
+    bad[2, test[0], 7] = np.nan  # a test image of a population: its classifier never reads it
+    matched_population_decoding(units, neurons, labels, train, test, random_populations=bad)
+    flat = pops.astype(np.float64)
+    flat[4, :, 2] = 1e6 + 1e-3 * rng.normal(size=labels.size)  # varies in float64 only
+    with pytest.raises(ValueError, match=r"random population 4 column 2 varies over the train images by less "
+                                         r"than float32 resolution"):
+        matched_population_decoding(units, neurons, labels, train, test, random_populations=flat)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
+def test_batched_fit_on_cuda_matches_the_cpu_fit():
+    """device="cuda" runs the same solver: the same minimiser at a tight tolerance (both finish in
+    float64), the same decoding accuracies within 0.01 at the default one."""
+    from unitmatch.core._logreg import fit_many
+
+    for case in LOGREG_CASES:
+        x_train, y_train, _, _, k = _logreg_case(case)
+        z = (x_train - x_train.mean(0)) / x_train.std(0)
+        batch = np.stack([z, z[:, ::-1]])
+        cpu = fit_many(batch, y_train, k, 1.0, tol=1e-10, max_iter=5000)
+        gpu = fit_many(batch, y_train, k, 1.0, tol=1e-10, max_iter=5000, device="cuda")
+        assert gpu.coef.device.type == "cuda" and gpu.converged.all()
+        np.testing.assert_allclose(gpu.coef.cpu().numpy(), cpu.coef.numpy(), rtol=0,
+                                   atol=1e-6 * max(1.0, np.abs(cpu.coef.numpy()).max()))
+    rng, labels, units, neurons, train, test = _planted(6, noise=1.0)
+    pool = _population(rng, labels, 300)
+    pops = np.stack([pool[:, rng.choice(300, M, replace=False)] for _ in range(100)])
+    a = matched_population_decoding(units, neurons, labels, train, test, random_populations=pops)
+    b = matched_population_decoding(units, neurons, labels, train, test, random_populations=pops, device="cuda")
+    c = matched_population_decoding(units, neurons, labels, *_split(labels, rng), random_populations=pops,
+                                    device="cuda", warm_start=b)  # warm start on the device
+    assert c.fits["null"].device.type == "cuda"
+    for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
+        assert abs(getattr(a, field) - getattr(b, field)) <= 0.01, field
+    assert np.abs(a.null - b.null).max() <= 0.01
