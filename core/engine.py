@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 #: rows of the shift estimate and of each preparation chunk (chunks stay in L2 with 16k units)
 _SHIFT_ROWS = 64
 _CHUNK_ROWS = 32
+#: one split on CPU (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast chunk
+_TILE_UNITS = 1024
+_TILE_ROWS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
@@ -269,6 +272,7 @@ class _SplitPlan:
         self.n_train = len(train)
         outside = np.setdiff1d(np.arange(n_images), train)
         self.outside = torch.as_tensor(outside, device=device)
+        self.train_t = torch.as_tensor(train, device=device)
         self.test_t = torch.as_tensor(test, device=device)
         mz = yz[:, train].mean(axis=1)  # train mean of the z-scored responses
         #: divides the screening score into r
@@ -282,11 +286,14 @@ class _SplitPlan:
             a[-1, :-1] = mz
             self.a_t = torch.as_tensor(np.ascontiguousarray(a.T), dtype=torch.float32, device=device)
         else:
-            # all images, zero outside T: one GEMM over the block as it is (no row gather, no copy)
-            d = np.zeros((yz.shape[0] + 1, n_images))
-            d[:-1, train] = yz[:, train] - mz[:, None]
-            d[-1, train] = 1.0
-            self.d_t = torch.as_tensor(d, dtype=torch.float32, device=device)
+            # the train rows: centred neurons, then a row of ones for the unit sums
+            d = np.ones((yz.shape[0] + 1, len(train)))
+            d[:-1] = yz[:, train] - mz[:, None]
+            #: over the train rows alone (the tiled CPU path gathers them while casting)
+            self.d_train = torch.as_tensor(d, dtype=torch.float32, device=device)
+            #: over all images, zero outside T: one GEMM over the block as it is (no row gather)
+            self.d_t = torch.zeros((d.shape[0], n_images), dtype=torch.float32, device=device)
+            self.d_t[:, self.train_t] = self.d_train
         yt = yz[:, test] - yz[:, test].mean(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             yt = yt / np.sqrt((yt * yt).sum(axis=1, keepdims=True))  # NaN where constant on test
@@ -360,6 +367,9 @@ class MatchEngine:
         for s, (train, _) in enumerate(self.splits):
             masks[1 + s, train] = 1.0
         self._row_masks = torch.as_tensor(masks, device=self.device)
+        #: one split on CPU: products over the train rows, tile by tile (else over the whole block)
+        self._tiled = self.device.type == "cpu" and not self.shared
+        self._ones = torch.ones((1, _TILE_ROWS), device=self.device)
         if self.shared:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
             self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
@@ -408,16 +418,23 @@ class MatchEngine:
         partial.n_units = n_units
         if n_units == 0:
             return partial
-        x, sxx = self._prepare(xb)  # sxx: row 0 all images, row 1 + s the train images of split s
-        _check_finite(sxx[0], block)
+        shift = self._shift(xb)
+        x = None
+        if self._tiled:
+            products, sxx, sx, low, high = self._tiled_products(xb, shift, self._plans[0])
+        else:
+            x, sxx, sx, low, high = self._prepare(xb, shift)
+            products = self._buffer("products", (self.n_rows + 1, n_units))
+            if self.shared:
+                torch.mm(self._full_t, x, out=products)
+                sx_all = products[-1].clone()
+            else:
+                torch.mm(self._plans[0].d_t, x, out=products)
+        _check_finite(low, high, block)
         # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
         sparse = None
         if self.min_varying_images > 1:
-            sparse = self._varying_train_images(xb)[1:] < self.min_varying_images
-        products = self._buffer("products", (self.n_rows + 1, n_units))
-        if self.shared:
-            torch.mm(self._full_t, x, out=products)
-            sx_all = products[-1].clone()
+            sparse = self._sparse_units(xb, sx, low, high)
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
@@ -429,9 +446,9 @@ class MatchEngine:
                 scores = self._buffer("scores", products.shape)
                 torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
             else:
-                scores = torch.mm(plan.d_t, x, out=products)
+                scores = products
             excluded = None if sparse is None else sparse[s]
-            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[1 + s], excluded), plan)
+            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[s], excluded), plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -439,37 +456,49 @@ class MatchEngine:
             has = found[:, 0]
             leader.unit[s, has] = top_local[has, 0] + block.first_unit
             leader.train_r[s, has] = top_r[has, 0]
-            leader.test_r[s] = self._leader_test_r(x, plan, top_local[:, 0], has)
+            leader.test_r[s] = self._leader_test_r(xb, plan, top_local[:, 0], has)
         partial.layers[block.layer] = leader
         return partial
 
-    def _prepare(self, xb: torch.Tensor):
-        """The block as float32 (shifted per unit where needed) and its per-unit sums of squares.
+    @staticmethod
+    def _shift(xb: torch.Tensor) -> torch.Tensor | None:
+        """Per-unit shift (float32) when some unit's mean dwarfs its spread, else None.
 
-        float32 blocks whose units have moderate means are used as they are (no copy).
-
-        Returns:
-            x (images, units) and sums of squares (1 + splits, units): over all images, then over
-            each split's train images (one small GEMM with the train masks per row chunk).
+        float32 products lose digits when a unit's mean dwarfs its spread; r is shift-invariant, so
+        such blocks are matched as ``x - shift``, with the shift estimated from the first rows.
         """
-        n_rows, n_units = xb.shape
         head = xb[:_SHIFT_ROWS].to(torch.float32)
         mean = head.mean(dim=0)
         var = (head * head).mean(dim=0) - mean * mean
-        # float32 products lose digits when a unit's mean dwarfs its spread: shift such blocks
-        shift = mean if bool((mean * mean > 16 * var).any()) else None
-        zero_copy = shift is None and xb.dtype == torch.float32 and xb.stride(1) == 1
+        return mean if bool((mean * mean > 16 * var).any()) else None
+
+    def _prepare(self, xb: torch.Tensor, shift: torch.Tensor | None):
+        """The whole block as float32 (shifted where needed), with its per-unit statistics.
+
+        Used with several splits (the shared products need every image) and on GPUs. float32
+        blocks that need no shift are used as they are (no copy). On CPU one sweep of row chunks
+        casts, shifts, squares and takes extremes while the chunk is in cache.
+
+        Returns:
+            x (images, units); train sums of squares and train sums (splits, units); the minimum
+            and maximum over all images (units,).
+        """
+        n_rows, n_units = xb.shape
+        zero_copy = shift is None and xb.dtype == torch.float32 and xb.is_contiguous()
         x = xb if zero_copy else self._buffer("x", (n_rows, n_units))
+        masks = self._row_masks[1:]
         if self.device.type != "cpu":
             if not zero_copy:
                 x.copy_(xb)
                 if shift is not None:
                     x.sub_(shift)
-            return x, self._row_masks @ (x * x)
-        # one sweep of row chunks: cast, shift and square while the chunk is in cache
-        sums = self._buffer("sxx", (self._row_masks.shape[0], n_units))
-        sums.zero_()
-        sq = self._buffer("sq", (_CHUNK_ROWS, n_units))
+            low, high = torch.aminmax(x, dim=0)
+            return x, masks @ (x * x), masks @ x, low, high
+        sxx = self._buffer("sxx", (self.n_splits, n_units))
+        sx = self._buffer("sx", (self.n_splits, n_units))
+        low, high = self._extremes(n_units)
+        sxx.zero_()
+        sx.zero_()
         for r0 in range(0, n_rows, _CHUNK_ROWS):
             r1 = min(r0 + _CHUNK_ROWS, n_rows)
             chunk = x[r0:r1]
@@ -477,8 +506,102 @@ class MatchEngine:
                 chunk.copy_(xb[r0:r1])
                 if shift is not None:
                     chunk.sub_(shift)
-            sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=sq[: r1 - r0]))
-        return x, sums
+            sq = torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units)))
+            sxx.addmm_(masks[:, r0:r1], sq)
+            sx.addmm_(masks[:, r0:r1], chunk)
+            self._fold_extremes(chunk, low, high)
+        return x, sxx, sx, low, high
+
+    def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan"):
+        """One split on CPU: the train products of the block, tile by tile, with its statistics.
+
+        The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
+        rows are gathered and cast to float32 ``_CHUNK_ROWS`` at a time into a reused buffer that
+        stays in cache, where their squares and extremes are taken; then one GEMM over the train
+        rows alone (``_SplitPlan.d_train``) gives the tile's products. The other rows are read only
+        for the extremes (which are over all images).
+
+        Returns:
+            products (neuron rows + 1, units): train cross-products and, in the last row, train
+            sums; train sums of squares and train sums (1, units); minimum and maximum (units,).
+        """
+        n_units = xb.shape[1]
+        products = self._buffer("products", (self.n_rows + 1, n_units))
+        sxx = self._buffer("sxx", (1, n_units))
+        low, high = self._extremes(n_units)
+        ones = self._ones
+        n_train = plan.n_train
+        sxx.zero_()
+        for c0 in range(0, n_units, _TILE_UNITS):
+            c1 = min(c0 + _TILE_UNITS, n_units)
+            width = c1 - c0
+            src = xb[:, c0:c1]
+            step = shift[c0:c1] if shift is not None else None
+            lo, hi, ss = low[c0:c1], high[c0:c1], sxx[0, c0:c1]
+            tile = self._buffer("tile", (n_train, width))
+            for r0 in range(0, n_train, _TILE_ROWS):
+                r1 = min(r0 + _TILE_ROWS, n_train)
+                chunk = tile[r0:r1]
+                self._gather_rows(src, plan.train_t[r0:r1], chunk, step)
+                sq = torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width)))
+                ss.unsqueeze(0).addmm_(ones[:, : r1 - r0], sq)
+                self._fold_extremes(chunk, lo, hi)
+            for r0 in range(0, len(plan.outside), _TILE_ROWS):
+                r1 = min(r0 + _TILE_ROWS, len(plan.outside))
+                rest = self._buffer("sq", (r1 - r0, width))
+                self._gather_rows(src, plan.outside[r0:r1], rest, step)
+                self._fold_extremes(rest, lo, hi)
+            torch.mm(plan.d_train, tile, out=products[:, c0:c1])
+        return products, sxx, products[-1:], low, high
+
+    def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
+        """``out = float32(src[rows]) - shift``: the rows of a tile, cast into a cache-resident buffer."""
+        if src.dtype == torch.float32:
+            torch.index_select(src, 0, rows, out=out)
+        else:
+            raw = self._buffer("raw", tuple(out.shape), src.dtype)
+            torch.index_select(src, 0, rows, out=raw)
+            out.copy_(raw)
+        if shift is not None:
+            out.sub_(shift)
+
+    def _extremes(self, n_units: int):
+        low = self._buffer("low", (n_units,))
+        high = self._buffer("high", (n_units,))
+        low.fill_(math.inf)
+        high.fill_(-math.inf)
+        return low, high
+
+    @staticmethod
+    def _fold_extremes(chunk: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Fold a row chunk's per-unit minimum and maximum into ``low`` / ``high`` (NaN propagates)."""
+        torch.minimum(low, torch.amin(chunk, dim=0), out=low)
+        torch.maximum(high, torch.amax(chunk, dim=0), out=high)
+
+    def _sparse_units(self, xb: torch.Tensor, sx: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+        """(splits, units) bool: units that vary on fewer than ``min_varying_images`` train images.
+
+        Counting equality with the extremes for every unit costs more than the products, so the
+        sums screen first. A unit that is off its minimum L on v train images has train sum
+        ``sum(x - L) <= v (H - L)`` (H its maximum), so ``v >= (sum(x) - n L) / (H - L)``, and
+        likewise off H. Units whose two bounds both reach the threshold (less a float32 rounding
+        allowance on the sums) vary on enough images; only the others are counted exactly
+        (:meth:`_varying_train_images`, on their columns in the block's own dtype).
+        """
+        n = torch.as_tensor([p.n_train for p in self._plans], dtype=torch.float64, device=self.device)[:, None]
+        lo, hi = low.double(), high.double()
+        span = hi - lo
+        s = sx.double()
+        # float32 sums of n terms of size <= max(|L|, |H|): worst-case rounding n * n * eps32 * that
+        slack = n * n * 2.0 ** -24 * torch.maximum(lo.abs(), hi.abs())
+        enough = self.min_varying_images * span
+        sure = ((s - n * lo - slack) >= enough) & ((n * hi - s - slack) >= enough) & (span > 0)
+        sparse = torch.zeros(sx.shape, dtype=torch.bool, device=self.device)
+        check = torch.nonzero(~sure.all(dim=0)).flatten()
+        if check.numel():
+            counts = self._varying_train_images(xb.index_select(1, check))[1:]
+            sparse[:, check] = counts < self.min_varying_images
+        return sparse
 
     def _varying_train_images(self, xb: torch.Tensor) -> torch.Tensor:
         """Per unit, over all images and then each split's train images: images off its most populated extreme.
@@ -531,10 +654,10 @@ class MatchEngine:
         top_r = (values.double().cpu().numpy() / plan.y_scale[:, None]).astype(np.float32)
         return top_r, local.cpu().numpy()
 
-    def _leader_test_r(self, x: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
-        """float64 test r of each neuron's block leader, from the block's test rows (a few values)."""
+    def _leader_test_r(self, xb: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """float64 test r of each neuron's block leader, from the block's test rows (a few values, as stored)."""
         cols = torch.as_tensor(leaders, device=self.device)
-        xt = x[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
+        xt = xb[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
         xt = xt - xt.mean(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             r = (xt * plan.yn_test.T).sum(axis=0) / np.sqrt((xt * xt).sum(axis=0))
@@ -714,9 +837,9 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
     return out
 
 
-def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
-    """Raise if any unit has a NaN/inf activation: its sum of squares over all images is then not finite."""
-    bad = ~torch.isfinite(sxx)
+def _check_finite(low: torch.Tensor, high: torch.Tensor, block: UnitBlock) -> None:
+    """Raise if any unit has a NaN/inf activation: its minimum or maximum over all images is then not finite."""
+    bad = ~(torch.isfinite(low) & torch.isfinite(high))
     if bool(bad.any()):
         units = (torch.nonzero(bad).flatten()[:5].cpu().numpy() + block.first_unit).tolist()
         raise ValueError(
@@ -726,35 +849,197 @@ def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
 
 
 def _as_tensor(data, device: torch.device) -> torch.Tensor:
+    return _host_tensor(data).to(device)
+
+
+# ------------------------------------------------------------------------------------- staging
+#: staging slots: one block in compute, the next ones in flight or waiting
+STAGING_BUFFERS = 3
+
+
+class _Slot:
+    """One staging slot: a host buffer (pinned on CUDA) and, on CUDA, a device buffer and two events."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(0, dtype=torch.uint8)
+        self.dev = torch.empty(0, dtype=torch.uint8, device=device)
+        #: the host-to-device copy out of this slot finished (the host buffer may be refilled)
+        self.copied = torch.cuda.Event() if self.cuda else None
+        #: the compute that read this slot's device buffer finished (it may be overwritten)
+        self.computed = torch.cuda.Event() if self.cuda else None
+        self.keep = None  # a pinned source copied from directly, held until its copy is done
+
+    def view(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """This slot's host or device buffer as a contiguous (shape, dtype) tensor, grown if needed."""
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        buf = getattr(self, name)
+        if buf.numel() < nbytes:
+            if name == "host":
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            setattr(self, name, buf)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+class _End:
+    """The producer's last item."""
+
+
+def _host_tensor(data) -> torch.Tensor:
+    """A block's data as a CPU tensor without copying (numpy arrays are wrapped)."""
     if isinstance(data, torch.Tensor):
-        return data.to(device)
+        return data
     a = np.asarray(data)
     if a.dtype.kind != "f":
         raise ValueError(f"activations must be float16 or float32; got {a.dtype}")
     if a.strides and any(st < 0 for st in a.strides):
         a = np.ascontiguousarray(a)
-    return torch.from_numpy(a).to(device)
+    return torch.from_numpy(a)
+
+
+def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: int = STAGING_BUFFERS):
+    """Yield the blocks with their data on ``device``, copied ahead of use through a ring of buffers.
+
+    A producer thread reads the blocks (so a store's reads and decompression overlap the compute
+    too), copies each into a free slot's host buffer and, on CUDA, from there to the slot's device
+    buffer with an asynchronous copy on a separate copy stream. The consumer's current (compute)
+    stream waits for that copy's event before the block is used. A slot is refilled only after the
+    block it held is given back (the consumer asks for the next one) and, on CUDA, its copy has
+    finished (host side) and the compute that read it has finished (device side, ordered by an
+    event on the copy stream). The host buffers are pinned on CUDA, so the copies are true DMA
+    transfers; a block that is already pinned is copied from directly, one already on the device
+    passes through. On CPU the same ring runs with ordinary buffers and no streams (the "device"
+    buffer is the host buffer).
+
+    The data of a yielded block is valid until the next block is asked for.
+
+    Raises:
+        ValueError: ``n_buffers`` below 2; any error of the block source, re-raised in the consumer.
+    """
+    if isinstance(n_buffers, bool) or not isinstance(n_buffers, numbers.Integral) or n_buffers < 2:
+        raise ValueError(f"n_buffers must be an integer >= 2 (one block in compute, one in flight); got {n_buffers!r}")
+    import queue
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"staging to {device} needs CUDA, which torch does not see here")
+    slots = [_Slot(device) for _ in range(n_buffers)]
+    free: "queue.Queue[_Slot]" = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    ready: "queue.Queue" = queue.Queue()
+    stop = threading.Event()
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def take_slot():
+        while not stop.is_set():
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def produce():
+        try:
+            if cuda:
+                torch.cuda.set_device(device)
+            for block in blocks:
+                data = block.data
+                if isinstance(data, torch.Tensor) and data.device == device and device.type != "cpu":
+                    ready.put((None, block))
+                    continue
+                slot = take_slot()
+                if slot is None:
+                    return
+                src = _host_tensor(data)
+                if src.device.type != "cpu":
+                    src = src.cpu()  # on another device: through host memory
+                if not cuda:
+                    host = slot.view("host", tuple(src.shape), src.dtype)
+                    host.copy_(src)
+                    ready.put((slot, UnitBlock(host, block.layer, block.first_unit)))
+                    continue
+                slot.copied.synchronize()  # the last copy out of this host buffer is done
+                if src.is_pinned() and src.is_contiguous():
+                    host = src  # DMA straight from the caller's pinned memory
+                else:
+                    host = slot.view("host", tuple(src.shape), src.dtype)
+                    host.copy_(src)
+                slot.keep = host
+                with torch.cuda.stream(copy_stream):
+                    copy_stream.wait_event(slot.computed)  # the last compute on the device buffer is done
+                    dev = slot.view("dev", tuple(src.shape), src.dtype)
+                    dev.copy_(host, non_blocking=True)
+                    slot.copied.record(copy_stream)
+                ready.put((slot, UnitBlock(dev, block.layer, block.first_unit)))
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            ready.put(err)
+        finally:
+            ready.put(_End)
+
+    thread = threading.Thread(target=produce, name="unitmatch-staging", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _End:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            slot, block = item
+            if slot is not None and cuda:
+                torch.cuda.current_stream(device).wait_event(slot.copied)
+            yield block
+            if slot is not None:
+                if cuda:
+                    slot.computed.record(torch.cuda.current_stream(device))
+                free.put(slot)
+    finally:
+        stop.set()
+        thread.join()
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+            copy_stream.synchronize()
 
 
 # ------------------------------------------------------------------------------------ public API
-def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int = 256 << 20) -> int:
-    """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``."""
+def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int | None = None,
+                        device: str | torch.device | None = None) -> int:
+    """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``.
+
+    The default budget is 256 MiB, and 1 GiB on a CUDA device (fewer, larger blocks keep a GPU's
+    per-block fixed costs small next to its fast products).
+    """
+    if budget_bytes is None:
+        budget_bytes = (1 << 30) if device is not None and torch.device(device).type == "cuda" else 256 << 20
     per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
     return max(256, (budget_bytes // per_unit) // 256 * 256)
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,
-                 neuron_ids: Sequence[str] | None = None, columns=None, progress: bool = False) -> MatchResult:
+                 neuron_ids: Sequence[str] | None = None, columns=None, progress: bool = False,
+                 staging: bool | None = None) -> MatchResult:
     """Run the engine over a stream of blocks (memory, Zarr...) in one process.
 
     ``columns(units) -> (images, n)`` enables the final float64 re-scoring (see
-    :meth:`MatchEngine.finalize`).
+    :meth:`MatchEngine.finalize`). ``staging`` reads and copies blocks ahead of the compute
+    (:func:`staged_blocks`; None: on when the engine runs on CUDA); the result is the same.
     """
+    from contextlib import closing, nullcontext
+
     from tqdm.auto import tqdm
 
+    if staging is None:
+        staging = engine.device.type == "cuda"
+    source = staged_blocks(blocks, engine.device) if staging else iter(blocks)
     total = engine.empty()
-    for block in tqdm(blocks, desc="matching", unit="block", disable=not progress):
-        total = merge(total, engine.process(block))
+    with closing(source) if staging else nullcontext():
+        for block in tqdm(source, desc="matching", unit="block", disable=not progress):
+            total = merge(total, engine.process(block))
     return engine.finalize(total, catalogue, neuron_ids, columns)
 
 
@@ -799,7 +1084,7 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows)
+    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows, device=engine.device)
     if searched is not None:
         unknown = [name for name in searched if name not in layers]
         if unknown or not len(searched):
