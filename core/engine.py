@@ -369,6 +369,8 @@ class MatchEngine:
         self._row_masks = torch.as_tensor(masks, device=self.device)
         #: one split on CPU: products over the train rows, tile by tile (else over the whole block)
         self._tiled = self.device.type == "cpu" and not self.shared
+        #: CPU: statistics row chunk by row chunk while it is in cache (else over the whole block at once)
+        self._chunked = self.device.type == "cpu"
         self._ones = torch.ones((1, _TILE_ROWS), device=self.device)
         if self.shared:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
@@ -487,7 +489,7 @@ class MatchEngine:
         zero_copy = shift is None and xb.dtype == torch.float32 and xb.is_contiguous()
         x = xb if zero_copy else self._buffer("x", (n_rows, n_units))
         masks = self._row_masks[1:]
-        if self.device.type != "cpu":
+        if not self._chunked:
             if not zero_copy:
                 x.copy_(xb)
                 if shift is not None:
@@ -620,7 +622,7 @@ class MatchEngine:
         masks = self._row_masks
         at_low = torch.zeros((masks.shape[0], n_units), dtype=torch.float32, device=self.device)
         at_high = torch.zeros_like(at_low)
-        step = _CHUNK_ROWS if self.device.type == "cpu" else n_rows
+        step = _CHUNK_ROWS if self._chunked else n_rows
         for r0 in range(0, n_rows, step):
             r1 = min(r0 + step, n_rows)
             chunk = xb[r0:r1]
