@@ -64,6 +64,8 @@ _CHUNK_ROWS = 32
 #: one split on CPU (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast chunk
 _TILE_UNITS = 1024
 _TILE_ROWS = 128
+#: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
+_SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
@@ -372,6 +374,15 @@ class MatchEngine:
         #: CPU: statistics row chunk by row chunk while it is in cache (else over the whole block at once)
         self._chunked = self.device.type == "cpu"
         self._ones = torch.ones((1, _TILE_ROWS), device=self.device)
+        # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
+        # pairs are two train images and how many of them a sparse unit holds equal at least
+        n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
+        first = np.arange(0, 2 * n_pairs, 2)
+        pair_masks = np.stack([np.isin(first, tr) & np.isin(first + 1, tr) for tr, _ in self.splits])
+        self._pairs = (torch.as_tensor(first, device=self.device), torch.as_tensor(first + 1, device=self.device))
+        self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
+        needed = pair_masks.sum(axis=1) - (self.min_varying_images - 1)
+        self._pairs_needed = torch.as_tensor(needed[:, None], dtype=torch.float32, device=self.device)
         if self.shared:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
             self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
@@ -421,22 +432,24 @@ class MatchEngine:
         if n_units == 0:
             return partial
         shift = self._shift(xb)
-        x = None
         if self._tiled:
-            products, sxx, sx, low, high = self._tiled_products(xb, shift, self._plans[0])
+            x = None
+            products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0])
+            _check_finite(sxx[0] + sxx_rest, block)
         else:
-            x, sxx, sx, low, high = self._prepare(xb, shift)
+            x, sxx_all = self._prepare(xb, shift)
+            _check_finite(sxx_all[0], block)
+            sxx = sxx_all[1:]
             products = self._buffer("products", (self.n_rows + 1, n_units))
             if self.shared:
                 torch.mm(self._full_t, x, out=products)
                 sx_all = products[-1].clone()
             else:
                 torch.mm(self._plans[0].d_t, x, out=products)
-        _check_finite(low, high, block)
         # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
         sparse = None
         if self.min_varying_images > 1:
-            sparse = self._sparse_units(xb, sx, low, high)
+            sparse = self._sparse_units(xb)
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
@@ -475,32 +488,27 @@ class MatchEngine:
         return mean if bool((mean * mean > 16 * var).any()) else None
 
     def _prepare(self, xb: torch.Tensor, shift: torch.Tensor | None):
-        """The whole block as float32 (shifted where needed), with its per-unit statistics.
+        """The whole block as float32 (shifted where needed) and its per-unit sums of squares.
 
         Used with several splits (the shared products need every image) and on GPUs. float32
         blocks that need no shift are used as they are (no copy). On CPU one sweep of row chunks
-        casts, shifts, squares and takes extremes while the chunk is in cache.
+        casts, shifts and squares while the chunk is in cache.
 
         Returns:
-            x (images, units); train sums of squares and train sums (splits, units); the minimum
-            and maximum over all images (units,).
+            x (images, units) and sums of squares (1 + splits, units): over all images, then over
+            each split's train images (one small GEMM with the train masks per row chunk).
         """
         n_rows, n_units = xb.shape
-        zero_copy = shift is None and xb.dtype == torch.float32 and xb.is_contiguous()
+        zero_copy = shift is None and xb.dtype == torch.float32 and xb.stride(1) == 1
         x = xb if zero_copy else self._buffer("x", (n_rows, n_units))
-        masks = self._row_masks[1:]
         if not self._chunked:
             if not zero_copy:
                 x.copy_(xb)
                 if shift is not None:
                     x.sub_(shift)
-            low, high = torch.aminmax(x, dim=0)
-            return x, masks @ (x * x), masks @ x, low, high
-        sxx = self._buffer("sxx", (self.n_splits, n_units))
-        sx = self._buffer("sx", (self.n_splits, n_units))
-        low, high = self._extremes(n_units)
-        sxx.zero_()
-        sx.zero_()
+            return x, self._row_masks @ (x * x)
+        sums = self._buffer("sxx", (self._row_masks.shape[0], n_units))
+        sums.zero_()
         for r0 in range(0, n_rows, _CHUNK_ROWS):
             r1 = min(r0 + _CHUNK_ROWS, n_rows)
             chunk = x[r0:r1]
@@ -508,56 +516,46 @@ class MatchEngine:
                 chunk.copy_(xb[r0:r1])
                 if shift is not None:
                     chunk.sub_(shift)
-            sq = torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units)))
-            sxx.addmm_(masks[:, r0:r1], sq)
-            sx.addmm_(masks[:, r0:r1], chunk)
-            self._fold_extremes(chunk, low, high)
-        return x, sxx, sx, low, high
+            sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units))))
+        return x, sums
 
     def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan"):
-        """One split on CPU: the train products of the block, tile by tile, with its statistics.
+        """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
 
         The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
-        rows are gathered and cast to float32 ``_CHUNK_ROWS`` at a time into a reused buffer that
-        stays in cache, where their squares and extremes are taken; then one GEMM over the train
-        rows alone (``_SplitPlan.d_train``) gives the tile's products. The other rows are read only
-        for the extremes (which are over all images).
+        rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into a reused buffer that
+        stays in cache, where they are squared and summed; then one GEMM over the train rows alone
+        (``_SplitPlan.d_train``) gives the tile's products. The other rows are squared and summed
+        only to check that they are finite.
 
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
-            sums; train sums of squares and train sums (1, units); minimum and maximum (units,).
+            sums; sums of squares over the train rows (1, units) and over the other rows (units,).
         """
         n_units = xb.shape[1]
         products = self._buffer("products", (self.n_rows + 1, n_units))
-        sxx = self._buffer("sxx", (1, n_units))
-        low, high = self._extremes(n_units)
-        ones = self._ones
-        n_train = plan.n_train
+        sxx = self._buffer("sxx", (2, n_units))
         sxx.zero_()
+        ones = self._ones
+        n_train, n_rest = plan.n_train, len(plan.outside)
         for c0 in range(0, n_units, _TILE_UNITS):
             c1 = min(c0 + _TILE_UNITS, n_units)
             width = c1 - c0
             src = xb[:, c0:c1]
             step = shift[c0:c1] if shift is not None else None
-            lo, hi, ss = low[c0:c1], high[c0:c1], sxx[0, c0:c1]
             tile = self._buffer("tile", (n_train, width))
-            for r0 in range(0, n_train, _TILE_ROWS):
-                r1 = min(r0 + _TILE_ROWS, n_train)
-                chunk = tile[r0:r1]
-                self._gather_rows(src, plan.train_t[r0:r1], chunk, step)
-                sq = torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width)))
-                ss.unsqueeze(0).addmm_(ones[:, : r1 - r0], sq)
-                self._fold_extremes(chunk, lo, hi)
-            for r0 in range(0, len(plan.outside), _TILE_ROWS):
-                r1 = min(r0 + _TILE_ROWS, len(plan.outside))
-                rest = self._buffer("sq", (r1 - r0, width))
-                self._gather_rows(src, plan.outside[r0:r1], rest, step)
-                self._fold_extremes(rest, lo, hi)
+            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0:1, c0:c1]),
+                                      (plan.outside, n_rest, False, sxx[1:2, c0:c1])):
+                for r0 in range(0, n, _TILE_ROWS):
+                    r1 = min(r0 + _TILE_ROWS, n)
+                    chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
+                    self._gather_rows(src, rows[r0:r1], chunk, step)
+                    sums.addmm_(ones[:, : r1 - r0], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width))))
             torch.mm(plan.d_train, tile, out=products[:, c0:c1])
-        return products, sxx, products[-1:], low, high
+        return products, sxx[:1], sxx[1]
 
     def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
-        """``out = float32(src[rows]) - shift``: the rows of a tile, cast into a cache-resident buffer."""
+        """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer."""
         if src.dtype == torch.float32:
             torch.index_select(src, 0, rows, out=out)
         else:
@@ -567,39 +565,23 @@ class MatchEngine:
         if shift is not None:
             out.sub_(shift)
 
-    def _extremes(self, n_units: int):
-        low = self._buffer("low", (n_units,))
-        high = self._buffer("high", (n_units,))
-        low.fill_(math.inf)
-        high.fill_(-math.inf)
-        return low, high
-
-    @staticmethod
-    def _fold_extremes(chunk: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
-        """Fold a row chunk's per-unit minimum and maximum into ``low`` / ``high`` (NaN propagates)."""
-        torch.minimum(low, torch.amin(chunk, dim=0), out=low)
-        torch.maximum(high, torch.amax(chunk, dim=0), out=high)
-
-    def _sparse_units(self, xb: torch.Tensor, sx: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+    def _sparse_units(self, xb: torch.Tensor) -> torch.Tensor:
         """(splits, units) bool: units that vary on fewer than ``min_varying_images`` train images.
 
-        Counting equality with the extremes for every unit costs more than the products, so the
-        sums screen first. A unit that is off its minimum L on v train images has train sum
-        ``sum(x - L) <= v (H - L)`` (H its maximum), so ``v >= (sum(x) - n L) / (H - L)``, and
-        likewise off H. Units whose two bounds both reach the threshold (less a float32 rounding
-        allowance on the sums) vary on enough images; only the others are counted exactly
-        (:meth:`_varying_train_images`, on their columns in the block's own dtype).
+        Counting equality with the extremes for every unit costs as much as the products, so a
+        screen that reads a few rows comes first. The first images are paired, (0, 1), (2, 3)...;
+        a unit that varies on v train images of a split (differs from its most populated extreme
+        E on v of them) breaks at most v of that split's pairs of train images (each image is in
+        one pair), so at least ``pairs - v`` of them hold two equal values. A unit with fewer equal
+        pairs than ``pairs - (min_varying_images - 1)`` in every split therefore varies on enough
+        images; only the others are counted exactly (:meth:`_varying_train_images`, on their
+        columns in the block's own dtype).
         """
-        n = torch.as_tensor([p.n_train for p in self._plans], dtype=torch.float64, device=self.device)[:, None]
-        lo, hi = low.double(), high.double()
-        span = hi - lo
-        s = sx.double()
-        # float32 sums of n terms of size <= max(|L|, |H|): worst-case rounding n * n * eps32 * that
-        slack = n * n * 2.0 ** -24 * torch.maximum(lo.abs(), hi.abs())
-        enough = self.min_varying_images * span
-        sure = ((s - n * lo - slack) >= enough) & ((n * hi - s - slack) >= enough) & (span > 0)
-        sparse = torch.zeros(sx.shape, dtype=torch.bool, device=self.device)
-        check = torch.nonzero(~sure.all(dim=0)).flatten()
+        first, second = self._pairs
+        equal = (xb.index_select(0, first) == xb.index_select(0, second)).to(torch.float32)
+        maybe = ((self._pair_masks @ equal) >= self._pairs_needed).any(dim=0)
+        sparse = torch.zeros((self.n_splits, xb.shape[1]), dtype=torch.bool, device=self.device)
+        check = torch.nonzero(maybe).flatten()
         if check.numel():
             counts = self._varying_train_images(xb.index_select(1, check))[1:]
             sparse[:, check] = counts < self.min_varying_images
@@ -839,9 +821,9 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
     return out
 
 
-def _check_finite(low: torch.Tensor, high: torch.Tensor, block: UnitBlock) -> None:
-    """Raise if any unit has a NaN/inf activation: its minimum or maximum over all images is then not finite."""
-    bad = ~(torch.isfinite(low) & torch.isfinite(high))
+def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
+    """Raise if any unit has a NaN/inf activation: its sum of squares over all images is then not finite."""
+    bad = ~torch.isfinite(sxx)
     if bool(bad.any()):
         units = (torch.nonzero(bad).flatten()[:5].cpu().numpy() + block.first_unit).tolist()
         raise ValueError(
