@@ -55,12 +55,12 @@ def _pool(dtype: str, block: int, seed: int = 0) -> list[np.ndarray]:
     return [np.maximum(rng.standard_normal((N_IMAGES, block), dtype=np.float32), 0).astype(dtype) for _ in range(POOL)]
 
 
-def _setup(units: int, dtype: str, device: str = "cpu"):
+def _setup(units: int, dtype: str, device: str = "cpu", block_units: int | None = None):
     from unitmatch import core
     from unitmatch.core.engine import default_block_units
     from unitmatch.core.synthetic import plant_neurons
 
-    block = min(default_block_units(N_IMAGES, device=device), units)
+    block = min(block_units or default_block_units(N_IMAGES, device=device), units)
     pool = _pool(dtype, block)
     brain = plant_neurons(pool[0].astype(np.float32), n_planted=192, n_noise=64, snr=0.5, seed=1)
     widths = [min(block, units - s) for s in range(0, units, block)]
@@ -193,7 +193,7 @@ def run_size(units: int, dtype: str, splits: list[int]) -> dict:
     }
 
 
-def worker_cuda(units: int, dtype: str, splits: list[int]) -> dict:
+def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> dict:
     """The --device cuda measurements, in this process (see the module docstring)."""
     import torch
 
@@ -204,7 +204,7 @@ def worker_cuda(units: int, dtype: str, splits: list[int]) -> dict:
     from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
     dev = torch.device("cuda")
-    core, pool, y, widths, block = _setup(units, dtype, device="cuda")
+    core, pool, y, widths, block = _setup(units, dtype, device="cuda", block_units=block_units or None)
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
     train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
     nbytes = [N_IMAGES * w * pool[0].itemsize for w in widths]
@@ -269,15 +269,15 @@ def worker_cuda(units: int, dtype: str, splits: list[int]) -> dict:
             out[f"{name}_peak_gib_{n_splits}"] = (torch.cuda.max_memory_allocated(dev) - before) / 2**30
             chosen[f"{name}_{n_splits}"] = result["r"].matches.unit.tolist()
     out["same_units"] = all(chosen[k] == chosen["device_1"] for k in chosen if k.endswith("_1"))
-    if units <= 200_000:  # and the CPU engine's choice
+    if units <= 500_000:  # and the CPU engine's choice
         engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), device="cpu")
         res = stream_match(engine, blocks(pool), catalogue, columns=_columns(pool, block, N_IMAGES))
         out["same_units_as_cpu"] = res.matches.unit.tolist() == chosen["device_1"]
     return out
 
 
-def run_size_cuda(units: int, dtype: str, splits: list[int]) -> dict:
-    py = [sys.executable, __file__, "--worker", "cuda", str(units), dtype, *map(str, splits)]
+def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[int]) -> dict:
+    py = [sys.executable, __file__, "--worker", "cuda", str(units), dtype, str(block_units or 0), *map(str, splits)]
     proc = subprocess.run(py, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
@@ -294,8 +294,9 @@ def run_size_cuda(units: int, dtype: str, splits: list[int]) -> dict:
 
 
 def main_cuda(args):
-    print(f"# bench_match --device cuda: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons; "
-          f"best of 2 engine runs (copies and GEMM: best of 3-5), each after a warm-up")
+    print(f"# bench_match --device cuda: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons, "
+          f"blocks of {args.block_units or 'default_block_units'} units; best of 2 engine runs (copies and "
+          f"GEMM: best of 3-5), each after a warm-up")
     header = ("units", "dtype", "GPU", "GiB", "pinned copy s", "pageable copy s", "engine host staged s",
               "engine host plain s", "pinned copy/staged", "pageable copy/staged", "engine on-device s",
               "device GEMM s", "GEMM/on-device", "10 splits on-device s", "10/1", "10 splits host s",
@@ -305,7 +306,7 @@ def main_cuda(args):
     rows = []
     for dtype in args.dtype:
         for units in args.sizes:
-            r = run_size_cuda(units, dtype, args.splits)
+            r = run_size_cuda(units, dtype, args.block_units, args.splits)
             rows.append(r)
 
             def f(key, fmt="{:.3f}"):
@@ -330,25 +331,32 @@ def main():
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 10], choices=[1, 10],
                     help="split counts to time (1 is always timed: the ratios are per split)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--block-units", type=int,
+                    help="units per block on cuda (default: the engine's default_block_units for the GPU)")
     ap.add_argument("--quick", action="store_true",
-                    help="development run: 100,000 units (200,000 on cuda), float16, unless --sizes/--dtype say otherwise")
+                    help="development run: 100,000 units, float16 (cuda: 400,000 units in blocks of 100,000), "
+                         "unless --sizes/--dtype/--block-units say otherwise")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         what, units, dtype, *rest = args.worker
         if what == "cuda":
-            print(json.dumps(worker_cuda(int(units), dtype, [int(n) for n in rest])))
+            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[1:]])))
             return
         fn = worker_engine if what == "engine" else worker_reference
         print(json.dumps(fn(int(units), dtype, *map(int, rest))))
         return
     if any(n <= 0 for n in args.sizes or []):
         ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
+    if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):
+        ap.error(f"--block-units must be a positive unit count, with --device cuda; got {args.block_units}")
     args.splits = sorted(set(args.splits) | {1})
     cuda = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = [200_000 if cuda else 100_000] if args.quick else [1_000_000] if cuda else [10_000, 100_000, 1_000_000]
+        args.sizes = [400_000 if cuda else 100_000] if args.quick else [1_000_000] if cuda else [10_000, 100_000, 1_000_000]
+    if cuda and args.quick and args.block_units is None:
+        args.block_units = 100_000
     if args.dtype is None:
         args.dtype = ["float16"] if args.quick or cuda else ["float16", "float32"]
     if cuda:

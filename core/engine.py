@@ -995,11 +995,15 @@ def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int |
                         device: str | torch.device | None = None) -> int:
     """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``.
 
-    The default budget is 256 MiB, and 1 GiB on a CUDA device (fewer, larger blocks keep a GPU's
-    per-block fixed costs small next to its fast products).
+    The default budget is 256 MiB on CPU; on a CUDA device a sixteenth of its memory, between
+    256 MiB and 4 GiB (fewer, larger blocks keep a GPU's per-block fixed costs, its synchronisations
+    and the host's work on the top-k, small next to its fast products).
     """
     if budget_bytes is None:
-        budget_bytes = (1 << 30) if device is not None and torch.device(device).type == "cuda" else 256 << 20
+        budget_bytes = 256 << 20
+        if device is not None and torch.device(device).type == "cuda":
+            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            budget_bytes = min(4 << 30, max(256 << 20, total // 16))
     per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
     return max(256, (budget_bytes // per_unit) // 256 * 256)
 

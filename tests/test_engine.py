@@ -617,12 +617,17 @@ def test_staged_blocks_reraise_source_errors_and_stop_their_thread():
         list(staged_blocks([UnitBlock(np.ones((10, 3), np.int64), "a", 0)], torch.device("cpu")))
 
 
-def test_default_block_units_are_larger_on_cuda():
+@pytest.mark.parametrize("gpu_bytes, budget", [(None, 256 << 20), (80 << 30, 4 << 30), (8 << 30, 512 << 20),
+                                                (2 << 30, 256 << 20)])
+def test_default_block_units_follow_the_device_memory(gpu_bytes, budget, monkeypatch):
+    from types import SimpleNamespace
+
     from unitmatch.core.engine import default_block_units
 
-    cpu, cuda = default_block_units(3200), default_block_units(3200, device="cuda")
-    assert cpu == 17920 and cuda == 4 * cpu + 256 * (cuda - 4 * cpu) // 256
-    assert 4 * (3200 + 2 * 257) * cuda <= 1 << 30 < 4 * (3200 + 2 * 257) * (cuda + 256)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gpu_bytes))
+    units = default_block_units(3200, device="cpu" if gpu_bytes is None else "cuda")
+    per_unit = 4 * (3200 + 2 * 257)  # float32: the block's copy, products and scores
+    assert units % 256 == 0 and units * per_unit <= budget < (units + 256) * per_unit
 
 
 @pytest.mark.gpu
