@@ -911,6 +911,8 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"staging to {device} needs CUDA, which torch does not see here")
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # blocks on it pass through
     slots = [_Slot(device) for _ in range(n_buffers)]
     free: "queue.Queue[_Slot]" = queue.Queue()
     for slot in slots:
@@ -932,6 +934,8 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
             if cuda:
                 torch.cuda.set_device(device)
             for block in blocks:
+                if stop.is_set():
+                    return
                 data = block.data
                 if isinstance(data, torch.Tensor) and data.device == device and device.type != "cpu":
                     ready.put((None, block))
