@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 _SHIFT_ROWS = 64
 _CHUNK_ROWS = 32
 #: one split on CPU (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast chunk
-_TILE_UNITS = 1024
-_TILE_ROWS = 128
+_TILE_UNITS = 2048
+_TILE_ROWS = 256
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
 _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
