@@ -10,7 +10,10 @@ How, per block of units (images x units, one layer):
    squares over all images and over each split's train images (a small GEMM with the train masks).
    float32 blocks that need no shift are used as they are, without a copy.
 2. Products as one matrix multiply. With one split, the z-scored neurons (zero outside T) times the
-   block. With several splits the work is shared: products over all images minus products over the
+   block; on CPU steps 1 and 2 are fused tile by tile (:meth:`MatchEngine._tiled_products`: the train
+   rows of 2048 units are cast 256 rows at a time into a cache-resident buffer, squared there, and
+   multiplied over the train rows only), so the block is read once in its own dtype. With several
+   splits the work is shared: products over all images minus products over the
    images outside T give every split's train products (docs/SCIENCE.md), so 10 splits cost about 2-3x
    one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
    sum, and the train-mean correction is folded into the subtraction: no separate pass.
@@ -29,7 +32,13 @@ images" counts the train images whose activation differs from the unit's most po
 (its minimum over all images, e.g. a ReLU's zero, or its maximum, e.g. a saturated unit): a unit
 non-zero on one train image varies on one. The rule acts on units, before any neuron is looked at,
 so observed and permuted neurons face the same candidates. ``min_varying_images=1`` excludes only
-constant units, which is Brain-Score's ``SingleRegression`` (``nanargmax``) selection.
+constant units, which is Brain-Score's ``SingleRegression`` (``nanargmax``) selection. The counts are
+exact; a screen on 128 image pairs (:meth:`MatchEngine._sparse_units`) only spares the units that
+certainly vary on enough images from being counted.
+
+Streams of blocks (:func:`stream_match`) can be staged (:func:`staged_blocks`): read and copied
+ahead of the compute through a ring of buffers, pinned and copied on a separate CUDA stream on GPUs.
+The result is the same.
 
 All matching settings travel as one frozen :class:`MatchSettings`, the one source of their defaults.
 
