@@ -12,8 +12,24 @@ Per size it prints:
 - numpy float32 GEMM of the same shapes, (256 x 2880) @ (2880 x units), and its GFLOP/s,
 - the engine's achieved GFLOP/s (2 * 2880 * 256 * units / seconds, one split) and its ratio to GEMM,
 - the 10-split / 1-split time ratio, and the peak RSS of the engine process.
+- torch's float32 GEMM of the same shapes (the engine's own BLAS), timed in the engine's process,
+  and the engine's ratio to it.
+
+``--device cuda`` (issue 8) instead measures, in one process on the GPU, per size:
+- the engine from host float16 blocks (pageable numpy arrays, staged through pinned buffers with
+  copies overlapping compute: the default on CUDA), and without staging;
+- a host-to-device copy of the same bytes from pinned memory and from pageable memory, and the
+  engine's ratio to each (goal: >= 80% of the pinned copy's rate);
+- the engine with the blocks already on the GPU, against the device's float32 GEMM of the same
+  shapes, (256 x 2880) @ (2880 x units) (goal: >= 50%);
+- 10 splits (from the device blocks and from host), and the peak device memory of the engine
+  (``torch.cuda.max_memory_allocated`` during the runs, less what was allocated before them: the
+  device copy of the input pool and the engine's constants);
+- whether every variant chose the same units.
+Engine times include the final float64 re-scoring, as on CPU.
 
 Run: .venv/bin/python benchmarks/bench_match.py [--sizes 10000 100000 1000000] [--dtype float16 float32]
+     [--splits 1 10] [--quick] [--device cuda]
 """
 
 from __future__ import annotations
@@ -39,12 +55,12 @@ def _pool(dtype: str, block: int, seed: int = 0) -> list[np.ndarray]:
     return [np.maximum(rng.standard_normal((N_IMAGES, block), dtype=np.float32), 0).astype(dtype) for _ in range(POOL)]
 
 
-def _setup(units: int, dtype: str):
+def _setup(units: int, dtype: str, device: str = "cpu", block_units: int | None = None):
     from unitmatch import core
     from unitmatch.core.engine import default_block_units
     from unitmatch.core.synthetic import plant_neurons
 
-    block = min(default_block_units(N_IMAGES), units)
+    block = min(block_units or default_block_units(N_IMAGES, device=device), units)
     pool = _pool(dtype, block)
     brain = plant_neurons(pool[0].astype(np.float32), n_planted=192, n_noise=64, snr=0.5, seed=1)
     widths = [min(block, units - s) for s in range(0, units, block)]
@@ -67,14 +83,38 @@ def _columns(pool, block, n_images):
     return fetch
 
 
-def worker_engine(units: int, dtype: str) -> dict:
+def _torch_gemm_s(y, pool, widths, train, device="cpu") -> float:
+    """float32 GEMM of (neurons x train) @ (train x width) with torch on ``device``, summed over the stream."""
+    import torch
+
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    yt = torch.as_tensor(y[:, train], dtype=torch.float32, device=device)
+    per_width = {}
+    for w in sorted(set(widths)):
+        xt = torch.as_tensor(pool[0][train, :w], dtype=torch.float32, device=device).contiguous()
+        out = torch.empty((yt.shape[0], w), device=device)
+        torch.mm(yt, xt, out=out)
+        times = []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            torch.mm(yt, xt, out=out)
+            sync()
+            times.append(time.perf_counter() - t0)
+        per_width[w] = min(times)
+        del xt, out
+    return sum(per_width[w] for w in widths)
+
+
+def worker_engine(units: int, dtype: str, splits_mask: int = 3) -> dict:
     core, pool, y, widths, block = _setup(units, dtype)
     from unitmatch.core.engine import MatchEngine, stream_match
     from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
-    out = {"block_units": block}
-    for n_splits in (1, 10):
+    train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
+    out = {"block_units": block, "torch_gemm_s": _torch_gemm_s(y, pool, widths, train)}
+    for n_splits in [n for n, bit in ((1, 1), (10, 2)) if splits_mask & bit]:
         splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
         engine = MatchEngine(y, splits, top_k=5)
         engine.process(UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
@@ -128,55 +168,224 @@ def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
     return {"gemm_s": gemm, "loop_s_per_neuron": loop / n_ref, "loop_best": best}
 
 
-def run_size(units: int, dtype: str) -> dict:
+def run_size(units: int, dtype: str, splits: list[int]) -> dict:
     n_ref = 16 if units <= 10_000 else 4 if units <= 100_000 else 1
     py = [sys.executable, __file__, "--worker"]
-    eng = json.loads(subprocess.run(py + ["engine", str(units), dtype], check=True, capture_output=True,
+    mask = (1 if 1 in splits else 0) | (2 if 10 in splits else 0)
+    eng = json.loads(subprocess.run(py + ["engine", str(units), dtype, str(mask)], check=True, capture_output=True,
                                     text=True).stdout.splitlines()[-1])
     ref = json.loads(subprocess.run(py + ["reference", str(units), dtype, str(n_ref)], check=True,
                                     capture_output=True, text=True).stdout.splitlines()[-1])
     agree = all(eng["units_split0"][int(j)] == u for j, u in ref["loop_best"].items())
     flops = 2 * 2880 * N_NEURONS * units
+    nan = float("nan")
     return {
         "units": units, "dtype": dtype, "block_units": eng["block_units"],
-        "engine_s_1split": eng["engine_s_1"], "engine_s_10splits": eng["engine_s_10"],
+        "engine_s_1split": eng["engine_s_1"], "engine_s_10splits": eng.get("engine_s_10", nan),
         "loop_s_extrapolated": ref["loop_s_per_neuron"] * N_NEURONS, "loop_neurons_timed": n_ref,
         "speedup_vs_loop": ref["loop_s_per_neuron"] * N_NEURONS / eng["engine_s_1"],
         "gemm_s": ref["gemm_s"], "gemm_gflops": flops / ref["gemm_s"] / 1e9,
         "engine_gflops": flops / eng["engine_s_1"] / 1e9, "ratio_to_gemm": ref["gemm_s"] / eng["engine_s_1"],
-        "splits10_over_1": eng["engine_s_10"] / eng["engine_s_1"],
+        "torch_gemm_s": eng["torch_gemm_s"], "ratio_to_torch_gemm": eng["torch_gemm_s"] / eng["engine_s_1"],
+        "splits10_over_1": eng.get("engine_s_10", nan) / eng["engine_s_1"],
         "peak_rss_mib": eng["peak_rss_mib"], "input_pool_mib": eng["pool_mib"],
         "argmax_agrees_with_loop": agree,
     }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--dtype", nargs="+", default=["float16", "float32"], choices=["float16", "float32"])
-    ap.add_argument("--json", type=Path, help="also write the rows here")
-    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        what, units, dtype, *rest = args.worker
-        fn = worker_engine if what == "engine" else worker_reference
-        print(json.dumps(fn(int(units), dtype, *map(int, rest))))
-        return
-    print(f"# bench_match: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons, "
-          f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}")
-    header = ("units", "dtype", "engine 1 split s", "engine 10 splits s", "10/1", "loop s (extrap.)",
-              "speedup", "GEMM s", "GEMM GF/s", "engine GF/s", "engine/GEMM", "peak RSS MiB", "argmax=loop")
+def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> dict:
+    """The --device cuda measurements, in this process (see the module docstring)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_match.py --device cuda needs a CUDA GPU, but torch.cuda.is_available() is False "
+                         f"(torch {torch.__version__}); run without --device for the CPU benchmark")
+    from unitmatch.core.engine import MatchEngine, stream_match
+    from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
+
+    dev = torch.device("cuda")
+    core, pool, y, widths, block = _setup(units, dtype, device="cuda", block_units=block_units or None)
+    catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
+    train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
+    nbytes = [N_IMAGES * w * pool[0].itemsize for w in widths]
+    out = {"device_name": torch.cuda.get_device_name(dev), "block_units": block, "gib": sum(nbytes) / 2**30}
+
+    def timed(fn, repeat=3):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeat):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    # host-to-device copies of the same bytes, block by block, from pinned and from pageable memory
+    buf = {"device": torch.empty(max(nbytes), dtype=torch.uint8, device=dev),
+           "pinned": torch.empty(max(nbytes), dtype=torch.uint8, pin_memory=True)}
+    buf["pinned"].copy_(torch.from_numpy(pool[0].view(np.uint8).reshape(-1)))
+    pageable = [torch.from_numpy(a.view(np.uint8).reshape(-1)) for a in pool]
+
+    def copy_pinned():
+        for n in nbytes:
+            buf["device"][:n].copy_(buf["pinned"][:n], non_blocking=True)
+
+    def copy_pageable():
+        for i, n in enumerate(nbytes):
+            buf["device"][:n].copy_(pageable[i % POOL][:n])
+
+    out["copy_pinned_s"] = timed(copy_pinned)
+    out["copy_pageable_s"] = timed(copy_pageable)
+    buf.clear()
+    out["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    out["gemm_s"] = _torch_gemm_s(y, pool, widths, train, device="cuda")
+    torch.cuda.empty_cache()
+
+    dpool = [torch.from_numpy(a).to(dev) for a in pool]
+
+    def blocks(source):
+        return [UnitBlock(source[i % POOL][:, :w], "units", i * block) for i, w in enumerate(widths)]
+
+    chosen = {}
+    for n_splits in splits:
+        split_set = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
+        engine = MatchEngine(y, split_set, top_k=5, device="cuda")
+        engine.process(UnitBlock(dpool[0][:, :256], "units", 0))  # warm-up (allocations, kernels)
+        variants = {"device": (dpool, False), "host_staged": (pool, True)}
+        if n_splits == 1:
+            variants["host_plain"] = (pool, False)
+        for name, (source, staging) in variants.items():
+            result = {}
+
+            def run():
+                result["r"] = stream_match(engine, blocks(source), catalogue, staging=staging,
+                                           columns=_columns(pool, block, N_IMAGES))
+
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            before = torch.cuda.memory_allocated(dev)  # the blocks on the device, the engine's constants
+            out[f"{name}_s_{n_splits}"] = timed(run, repeat=2)
+            out[f"{name}_peak_gib_{n_splits}"] = (torch.cuda.max_memory_allocated(dev) - before) / 2**30
+            chosen[f"{name}_{n_splits}"] = result["r"].matches.unit.tolist()
+    out["same_units"] = all(chosen[k] == chosen["device_1"] for k in chosen if k.endswith("_1"))
+    if units <= 500_000:  # and the CPU engine's choice
+        engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), device="cpu")
+        res = stream_match(engine, blocks(pool), catalogue, columns=_columns(pool, block, N_IMAGES))
+        out["same_units_as_cpu"] = res.matches.unit.tolist() == chosen["device_1"]
+    return out
+
+
+def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[int]) -> dict:
+    py = [sys.executable, __file__, "--worker", "cuda", str(units), dtype, str(block_units or 0), *map(str, splits)]
+    proc = subprocess.run(py, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"the cuda worker for {units:,} {dtype} units failed (exit {proc.returncode})")
+    r = json.loads(proc.stdout.splitlines()[-1])
+    r.update(units=units, dtype=dtype)
+    r["ratio_host_to_pinned_copy"] = r["copy_pinned_s"] / r["host_staged_s_1"]
+    r["ratio_host_to_pageable_copy"] = r["copy_pageable_s"] / r["host_staged_s_1"]
+    r["ratio_device_to_gemm"] = r["gemm_s"] / r["device_s_1"]
+    if 10 in splits:
+        r["device_splits10_over_1"] = r["device_s_10"] / r["device_s_1"]
+        r["host_splits10_over_1"] = r["host_staged_s_10"] / r["host_staged_s_1"]
+    return r
+
+
+def main_cuda(args):
+    print(f"# bench_match --device cuda: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons, "
+          f"blocks of {args.block_units or 'default_block_units'} units; best of 2 engine runs (copies and "
+          f"GEMM: best of 3-5), each after a warm-up")
+    header = ("units", "dtype", "GPU", "GiB", "pinned copy s", "pageable copy s", "engine host staged s",
+              "engine host plain s", "pinned copy/staged", "pageable copy/staged", "engine on-device s",
+              "device GEMM s", "GEMM/on-device", "10 splits on-device s", "10/1", "10 splits host s",
+              "peak GiB 1 / 10 splits", "same units")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
     for dtype in args.dtype:
         for units in args.sizes:
-            r = run_size(units, dtype)
+            r = run_size_cuda(units, dtype, args.block_units, args.splits)
             rows.append(r)
-            print(f"| {units:,} | {dtype} | {r['engine_s_1split']:.2f} | {r['engine_s_10splits']:.2f} | "
-                  f"{r['splits10_over_1']:.2f}x | {r['loop_s_extrapolated']:.0f} | {r['speedup_vs_loop']:.0f}x | "
+
+            def f(key, fmt="{:.3f}"):
+                return fmt.format(r[key]) if key in r else "-"
+
+            same = str(r["same_units"]) + ("" if "same_units_as_cpu" not in r else f", cpu {r['same_units_as_cpu']}")
+            print(f"| {units:,} | {dtype} | {r['device_name']} | {r['gib']:.2f} | {r['copy_pinned_s']:.3f} | "
+                  f"{r['copy_pageable_s']:.3f} | {r['host_staged_s_1']:.3f} | {r['host_plain_s_1']:.3f} | "
+                  f"{r['ratio_host_to_pinned_copy']:.0%} | {r['ratio_host_to_pageable_copy']:.0%} | "
+                  f"{r['device_s_1']:.3f} | {r['gemm_s']:.4f} | {r['ratio_device_to_gemm']:.0%} | "
+                  f"{f('device_s_10')} | {f('device_splits10_over_1', '{:.2f}x')} | {f('host_staged_s_10')} | "
+                  f"{r['device_peak_gib_1']:.2f} / {f('device_peak_gib_10', '{:.2f}')} | {same} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", help="units per run (default 10k 100k 1M on cpu, 1M on cuda)")
+    ap.add_argument("--dtype", nargs="+", choices=["float16", "float32"],
+                    help="activation dtypes (default float16 float32 on cpu, float16 on cuda)")
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 10], choices=[1, 10],
+                    help="split counts to time (1 is always timed: the ratios are per split)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--block-units", type=int,
+                    help="units per block on cuda (default: the engine's default_block_units for the GPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="development run: 100,000 units, float16 (cuda: 400,000 units in blocks of 100,000), "
+                         "unless --sizes/--dtype/--block-units say otherwise")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        what, units, dtype, *rest = args.worker
+        if what == "cuda":
+            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[1:]])))
+            return
+        fn = worker_engine if what == "engine" else worker_reference
+        print(json.dumps(fn(int(units), dtype, *map(int, rest))))
+        return
+    if any(n <= 0 for n in args.sizes or []):
+        ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
+    if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):
+        ap.error(f"--block-units must be a positive unit count, with --device cuda; got {args.block_units}")
+    args.splits = sorted(set(args.splits) | {1})
+    cuda = args.device == "cuda"
+    if args.sizes is None:
+        args.sizes = [400_000 if cuda else 100_000] if args.quick else [1_000_000] if cuda else [10_000, 100_000, 1_000_000]
+    if cuda and args.quick and args.block_units is None:
+        args.block_units = 100_000
+    if args.dtype is None:
+        args.dtype = ["float16"] if args.quick or cuda else ["float16", "float32"]
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False (torch "
+                     f"{torch.__version__}); run without --device for the CPU benchmark")
+        main_cuda(args)
+        return
+    print(f"# bench_match: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons, "
+          f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}")
+    header = ("units", "dtype", "engine 1 split s", "engine 10 splits s", "10/1", "loop s (extrap.)",
+              "speedup", "GEMM s", "GEMM GF/s", "engine GF/s", "engine/GEMM", "torch GEMM s",
+              "engine/torch GEMM", "peak RSS MiB", "argmax=loop")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    rows = []
+    for dtype in args.dtype:
+        for units in args.sizes:
+            r = run_size(units, dtype, args.splits)
+            rows.append(r)
+            ten = (f"{r['engine_s_10splits']:.2f} | {r['splits10_over_1']:.2f}x" if 10 in args.splits
+                   else "- (not timed) | -")
+            print(f"| {units:,} | {dtype} | {r['engine_s_1split']:.2f} | {ten} | "
+                  f"{r['loop_s_extrapolated']:.0f} | {r['speedup_vs_loop']:.0f}x | "
                   f"{r['gemm_s']:.2f} | {r['gemm_gflops']:.0f} | {r['engine_gflops']:.0f} | "
-                  f"{r['ratio_to_gemm']:.0%} | {r['peak_rss_mib']:.0f} | {r['argmax_agrees_with_loop']} |",
+                  f"{r['ratio_to_gemm']:.0%} | {r['torch_gemm_s']:.2f} | {r['ratio_to_torch_gemm']:.0%} | "
+                  f"{r['peak_rss_mib']:.0f} | {r['argmax_agrees_with_loop']} |",
                   flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

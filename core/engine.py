@@ -10,7 +10,10 @@ How, per block of units (images x units, one layer):
    squares over all images and over each split's train images (a small GEMM with the train masks).
    float32 blocks that need no shift are used as they are, without a copy.
 2. Products as one matrix multiply. With one split, the z-scored neurons (zero outside T) times the
-   block. With several splits the work is shared: products over all images minus products over the
+   block; on CPU steps 1 and 2 are fused tile by tile (:meth:`MatchEngine._tiled_products`: the train
+   rows of 2048 units are cast 256 rows at a time into a cache-resident buffer, squared there, and
+   multiplied over the train rows only), so the block is read once in its own dtype. With several
+   splits the work is shared: products over all images minus products over the
    images outside T give every split's train products (docs/SCIENCE.md), so 10 splits cost about 2-3x
    one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
    sum, and the train-mean correction is folded into the subtraction: no separate pass.
@@ -29,7 +32,13 @@ images" counts the train images whose activation differs from the unit's most po
 (its minimum over all images, e.g. a ReLU's zero, or its maximum, e.g. a saturated unit): a unit
 non-zero on one train image varies on one. The rule acts on units, before any neuron is looked at,
 so observed and permuted neurons face the same candidates. ``min_varying_images=1`` excludes only
-constant units, which is Brain-Score's ``SingleRegression`` (``nanargmax``) selection.
+constant units, which is Brain-Score's ``SingleRegression`` (``nanargmax``) selection. The counts are
+exact; a screen on 128 image pairs (:meth:`MatchEngine._sparse_units`) only spares the units that
+certainly vary on enough images from being counted.
+
+Streams of blocks (:func:`stream_match`) can be staged (:func:`staged_blocks`): read and copied
+ahead of the compute through a ring of buffers, pinned and copied on a separate CUDA stream on GPUs.
+The result is the same.
 
 All matching settings travel as one frozen :class:`MatchSettings`, the one source of their defaults.
 
@@ -61,6 +70,11 @@ log = logging.getLogger(__name__)
 #: rows of the shift estimate and of each preparation chunk (chunks stay in L2 with 16k units)
 _SHIFT_ROWS = 64
 _CHUNK_ROWS = 32
+#: one split on CPU (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast chunk
+_TILE_UNITS = 2048
+_TILE_ROWS = 256
+#: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
+_SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
@@ -269,6 +283,7 @@ class _SplitPlan:
         self.n_train = len(train)
         outside = np.setdiff1d(np.arange(n_images), train)
         self.outside = torch.as_tensor(outside, device=device)
+        self.train_t = torch.as_tensor(train, device=device)
         self.test_t = torch.as_tensor(test, device=device)
         mz = yz[:, train].mean(axis=1)  # train mean of the z-scored responses
         #: divides the screening score into r
@@ -282,11 +297,14 @@ class _SplitPlan:
             a[-1, :-1] = mz
             self.a_t = torch.as_tensor(np.ascontiguousarray(a.T), dtype=torch.float32, device=device)
         else:
-            # all images, zero outside T: one GEMM over the block as it is (no row gather, no copy)
-            d = np.zeros((yz.shape[0] + 1, n_images))
-            d[:-1, train] = yz[:, train] - mz[:, None]
-            d[-1, train] = 1.0
-            self.d_t = torch.as_tensor(d, dtype=torch.float32, device=device)
+            # the train rows: centred neurons, then a row of ones for the unit sums
+            d = np.ones((yz.shape[0] + 1, len(train)))
+            d[:-1] = yz[:, train] - mz[:, None]
+            #: over the train rows alone (the tiled CPU path gathers them while casting)
+            self.d_train = torch.as_tensor(d, dtype=torch.float32, device=device)
+            #: over all images, zero outside T: one GEMM over the block as it is (no row gather)
+            self.d_t = torch.zeros((d.shape[0], n_images), dtype=torch.float32, device=device)
+            self.d_t[:, self.train_t] = self.d_train
         yt = yz[:, test] - yz[:, test].mean(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             yt = yt / np.sqrt((yt * yt).sum(axis=1, keepdims=True))  # NaN where constant on test
@@ -360,6 +378,20 @@ class MatchEngine:
         for s, (train, _) in enumerate(self.splits):
             masks[1 + s, train] = 1.0
         self._row_masks = torch.as_tensor(masks, device=self.device)
+        #: one split on CPU: products over the train rows, tile by tile (else over the whole block)
+        self._tiled = self.device.type == "cpu" and not self.shared
+        #: CPU: statistics row chunk by row chunk while it is in cache (else over the whole block at once)
+        self._chunked = self.device.type == "cpu"
+        self._ones = torch.ones((1, _TILE_ROWS), device=self.device)
+        # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
+        # pairs are two train images and how many of them a sparse unit holds equal at least
+        n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
+        first = np.arange(0, 2 * n_pairs, 2)
+        pair_masks = np.stack([np.isin(first, tr) & np.isin(first + 1, tr) for tr, _ in self.splits])
+        self._pairs = (torch.as_tensor(first, device=self.device), torch.as_tensor(first + 1, device=self.device))
+        self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
+        needed = pair_masks.sum(axis=1) - (self.min_varying_images - 1)
+        self._pairs_needed = torch.as_tensor(needed[:, None], dtype=torch.float32, device=self.device)
         if self.shared:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
             self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
@@ -408,16 +440,25 @@ class MatchEngine:
         partial.n_units = n_units
         if n_units == 0:
             return partial
-        x, sxx = self._prepare(xb)  # sxx: row 0 all images, row 1 + s the train images of split s
-        _check_finite(sxx[0], block)
+        shift = self._shift(xb)
+        if self._tiled:
+            x = None
+            products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0])
+            _check_finite(sxx[0] + sxx_rest, block)
+        else:
+            x, sxx_all = self._prepare(xb, shift)
+            _check_finite(sxx_all[0], block)
+            sxx = sxx_all[1:]
+            products = self._buffer("products", (self.n_rows + 1, n_units))
+            if self.shared:
+                torch.mm(self._full_t, x, out=products)
+                sx_all = products[-1].clone()
+            else:
+                torch.mm(self._plans[0].d_t, x, out=products)
         # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
         sparse = None
         if self.min_varying_images > 1:
-            sparse = self._varying_train_images(xb)[1:] < self.min_varying_images
-        products = self._buffer("products", (self.n_rows + 1, n_units))
-        if self.shared:
-            torch.mm(self._full_t, x, out=products)
-            sx_all = products[-1].clone()
+            sparse = self._sparse_units(xb)
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
@@ -429,9 +470,9 @@ class MatchEngine:
                 scores = self._buffer("scores", products.shape)
                 torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
             else:
-                scores = torch.mm(plan.d_t, x, out=products)
+                scores = products
             excluded = None if sparse is None else sparse[s]
-            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[1 + s], excluded), plan)
+            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[s], excluded), plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -439,37 +480,44 @@ class MatchEngine:
             has = found[:, 0]
             leader.unit[s, has] = top_local[has, 0] + block.first_unit
             leader.train_r[s, has] = top_r[has, 0]
-            leader.test_r[s] = self._leader_test_r(x, plan, top_local[:, 0], has)
+            leader.test_r[s] = self._leader_test_r(xb, plan, top_local[:, 0], has)
         partial.layers[block.layer] = leader
         return partial
 
-    def _prepare(self, xb: torch.Tensor):
-        """The block as float32 (shifted per unit where needed) and its per-unit sums of squares.
+    @staticmethod
+    def _shift(xb: torch.Tensor) -> torch.Tensor | None:
+        """Per-unit shift (float32) when some unit's mean dwarfs its spread, else None.
 
-        float32 blocks whose units have moderate means are used as they are (no copy).
+        float32 products lose digits when a unit's mean dwarfs its spread; r is shift-invariant, so
+        such blocks are matched as ``x - shift``, with the shift estimated from the first rows.
+        """
+        head = xb[:_SHIFT_ROWS].to(torch.float32)
+        mean = head.mean(dim=0)
+        var = (head * head).mean(dim=0) - mean * mean
+        return mean if bool((mean * mean > 16 * var).any()) else None
+
+    def _prepare(self, xb: torch.Tensor, shift: torch.Tensor | None):
+        """The whole block as float32 (shifted where needed) and its per-unit sums of squares.
+
+        Used with several splits (the shared products need every image) and on GPUs. float32
+        blocks that need no shift are used as they are (no copy). On CPU one sweep of row chunks
+        casts, shifts and squares while the chunk is in cache.
 
         Returns:
             x (images, units) and sums of squares (1 + splits, units): over all images, then over
             each split's train images (one small GEMM with the train masks per row chunk).
         """
         n_rows, n_units = xb.shape
-        head = xb[:_SHIFT_ROWS].to(torch.float32)
-        mean = head.mean(dim=0)
-        var = (head * head).mean(dim=0) - mean * mean
-        # float32 products lose digits when a unit's mean dwarfs its spread: shift such blocks
-        shift = mean if bool((mean * mean > 16 * var).any()) else None
         zero_copy = shift is None and xb.dtype == torch.float32 and xb.stride(1) == 1
         x = xb if zero_copy else self._buffer("x", (n_rows, n_units))
-        if self.device.type != "cpu":
+        if not self._chunked:
             if not zero_copy:
                 x.copy_(xb)
                 if shift is not None:
                     x.sub_(shift)
             return x, self._row_masks @ (x * x)
-        # one sweep of row chunks: cast, shift and square while the chunk is in cache
         sums = self._buffer("sxx", (self._row_masks.shape[0], n_units))
         sums.zero_()
-        sq = self._buffer("sq", (_CHUNK_ROWS, n_units))
         for r0 in range(0, n_rows, _CHUNK_ROWS):
             r1 = min(r0 + _CHUNK_ROWS, n_rows)
             chunk = x[r0:r1]
@@ -477,8 +525,76 @@ class MatchEngine:
                 chunk.copy_(xb[r0:r1])
                 if shift is not None:
                     chunk.sub_(shift)
-            sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=sq[: r1 - r0]))
+            sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units))))
         return x, sums
+
+    def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan"):
+        """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
+
+        The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
+        rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into a reused buffer that
+        stays in cache, where they are squared and summed; then one GEMM over the train rows alone
+        (``_SplitPlan.d_train``) gives the tile's products. The other rows are squared and summed
+        only to check that they are finite.
+
+        Returns:
+            products (neuron rows + 1, units): train cross-products and, in the last row, train
+            sums; sums of squares over the train rows (1, units) and over the other rows (units,).
+        """
+        n_units = xb.shape[1]
+        products = self._buffer("products", (self.n_rows + 1, n_units))
+        sxx = self._buffer("sxx", (2, n_units))
+        sxx.zero_()
+        ones = self._ones
+        n_train, n_rest = plan.n_train, len(plan.outside)
+        for c0 in range(0, n_units, _TILE_UNITS):
+            c1 = min(c0 + _TILE_UNITS, n_units)
+            width = c1 - c0
+            src = xb[:, c0:c1]
+            step = shift[c0:c1] if shift is not None else None
+            tile = self._buffer("tile", (n_train, width))
+            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0:1, c0:c1]),
+                                      (plan.outside, n_rest, False, sxx[1:2, c0:c1])):
+                for r0 in range(0, n, _TILE_ROWS):
+                    r1 = min(r0 + _TILE_ROWS, n)
+                    chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
+                    self._gather_rows(src, rows[r0:r1], chunk, step)
+                    sums.addmm_(ones[:, : r1 - r0], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width))))
+            torch.mm(plan.d_train, tile, out=products[:, c0:c1])
+        return products, sxx[:1], sxx[1]
+
+    def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
+        """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer."""
+        if src.dtype == torch.float32:
+            torch.index_select(src, 0, rows, out=out)
+        else:
+            raw = self._buffer("raw", tuple(out.shape), src.dtype)
+            torch.index_select(src, 0, rows, out=raw)
+            out.copy_(raw)
+        if shift is not None:
+            out.sub_(shift)
+
+    def _sparse_units(self, xb: torch.Tensor) -> torch.Tensor:
+        """(splits, units) bool: units that vary on fewer than ``min_varying_images`` train images.
+
+        Counting equality with the extremes for every unit costs as much as the products, so a
+        screen that reads a few rows comes first. The first images are paired, (0, 1), (2, 3)...;
+        a unit that varies on v train images of a split (differs from its most populated extreme
+        E on v of them) breaks at most v of that split's pairs of train images (each image is in
+        one pair), so at least ``pairs - v`` of them hold two equal values. A unit with fewer equal
+        pairs than ``pairs - (min_varying_images - 1)`` in every split therefore varies on enough
+        images; only the others are counted exactly (:meth:`_varying_train_images`, on their
+        columns in the block's own dtype).
+        """
+        first, second = self._pairs
+        equal = (xb.index_select(0, first) == xb.index_select(0, second)).to(torch.float32)
+        maybe = ((self._pair_masks @ equal) >= self._pairs_needed).any(dim=0)
+        sparse = torch.zeros((self.n_splits, xb.shape[1]), dtype=torch.bool, device=self.device)
+        check = torch.nonzero(maybe).flatten()
+        if check.numel():
+            counts = self._varying_train_images(xb.index_select(1, check))[1:]
+            sparse[:, check] = counts < self.min_varying_images
+        return sparse
 
     def _varying_train_images(self, xb: torch.Tensor) -> torch.Tensor:
         """Per unit, over all images and then each split's train images: images off its most populated extreme.
@@ -497,7 +613,7 @@ class MatchEngine:
         masks = self._row_masks
         at_low = torch.zeros((masks.shape[0], n_units), dtype=torch.float32, device=self.device)
         at_high = torch.zeros_like(at_low)
-        step = _CHUNK_ROWS if self.device.type == "cpu" else n_rows
+        step = _CHUNK_ROWS if self._chunked else n_rows
         for r0 in range(0, n_rows, step):
             r1 = min(r0 + step, n_rows)
             chunk = xb[r0:r1]
@@ -531,10 +647,10 @@ class MatchEngine:
         top_r = (values.double().cpu().numpy() / plan.y_scale[:, None]).astype(np.float32)
         return top_r, local.cpu().numpy()
 
-    def _leader_test_r(self, x: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
-        """float64 test r of each neuron's block leader, from the block's test rows (a few values)."""
+    def _leader_test_r(self, xb: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """float64 test r of each neuron's block leader, from the block's test rows (a few values, as stored)."""
         cols = torch.as_tensor(leaders, device=self.device)
-        xt = x[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
+        xt = xb[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
         xt = xt - xt.mean(axis=0)
         with np.errstate(invalid="ignore", divide="ignore"):
             r = (xt * plan.yn_test.T).sum(axis=0) / np.sqrt((xt * xt).sum(axis=0))
@@ -726,35 +842,205 @@ def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
 
 
 def _as_tensor(data, device: torch.device) -> torch.Tensor:
+    return _host_tensor(data).to(device)
+
+
+# ------------------------------------------------------------------------------------- staging
+#: staging slots: one block in compute, the next ones in flight or waiting
+STAGING_BUFFERS = 3
+
+
+class _Slot:
+    """One staging slot: a host buffer (pinned on CUDA) and, on CUDA, a device buffer and two events."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(0, dtype=torch.uint8)
+        self.dev = torch.empty(0, dtype=torch.uint8, device=device)
+        #: the host-to-device copy out of this slot finished (the host buffer may be refilled)
+        self.copied = torch.cuda.Event() if self.cuda else None
+        #: the compute that read this slot's device buffer finished (it may be overwritten)
+        self.computed = torch.cuda.Event() if self.cuda else None
+        self.keep = None  # a pinned source copied from directly, held until its copy is done
+
+    def view(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """This slot's host or device buffer as a contiguous (shape, dtype) tensor, grown if needed."""
+        nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+        buf = getattr(self, name)
+        if buf.numel() < nbytes:
+            if name == "host":
+                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            setattr(self, name, buf)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+class _End:
+    """The producer's last item."""
+
+
+def _host_tensor(data) -> torch.Tensor:
+    """A block's data as a CPU tensor without copying (numpy arrays are wrapped)."""
     if isinstance(data, torch.Tensor):
-        return data.to(device)
+        return data
     a = np.asarray(data)
     if a.dtype.kind != "f":
         raise ValueError(f"activations must be float16 or float32; got {a.dtype}")
     if a.strides and any(st < 0 for st in a.strides):
         a = np.ascontiguousarray(a)
-    return torch.from_numpy(a).to(device)
+    return torch.from_numpy(a)
+
+
+def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: int = STAGING_BUFFERS):
+    """Yield the blocks with their data on ``device``, copied ahead of use through a ring of buffers.
+
+    A producer thread reads the blocks (so a store's reads and decompression overlap the compute
+    too), copies each into a free slot's host buffer and, on CUDA, from there to the slot's device
+    buffer with an asynchronous copy on a separate copy stream. The consumer's current (compute)
+    stream waits for that copy's event before the block is used. A slot is refilled only after the
+    block it held is given back (the consumer asks for the next one) and, on CUDA, its copy has
+    finished (host side) and the compute that read it has finished (device side, ordered by an
+    event on the copy stream). The host buffers are pinned on CUDA, so the copies are true DMA
+    transfers; a block that is already pinned is copied from directly, one already on the device
+    passes through. On CPU the same ring runs with ordinary buffers and no streams (the "device"
+    buffer is the host buffer).
+
+    The data of a yielded block is valid until the next block is asked for.
+
+    Raises:
+        ValueError: ``n_buffers`` below 2; any error of the block source, re-raised in the consumer.
+    """
+    if isinstance(n_buffers, bool) or not isinstance(n_buffers, numbers.Integral) or n_buffers < 2:
+        raise ValueError(f"n_buffers must be an integer >= 2 (one block in compute, one in flight); got {n_buffers!r}")
+    import queue
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"staging to {device} needs CUDA, which torch does not see here")
+    if cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # blocks on it pass through
+    slots = [_Slot(device) for _ in range(n_buffers)]
+    free: "queue.Queue[_Slot]" = queue.Queue()
+    for slot in slots:
+        free.put(slot)
+    ready: "queue.Queue" = queue.Queue()
+    stop = threading.Event()
+    copy_stream = torch.cuda.Stream(device) if cuda else None
+
+    def take_slot():
+        while not stop.is_set():
+            try:
+                return free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def produce():
+        try:
+            if cuda:
+                torch.cuda.set_device(device)
+            for block in blocks:
+                if stop.is_set():
+                    return
+                data = block.data
+                if isinstance(data, torch.Tensor) and data.device == device and device.type != "cpu":
+                    ready.put((None, block))
+                    continue
+                slot = take_slot()
+                if slot is None:
+                    return
+                src = _host_tensor(data)
+                if src.device.type != "cpu":
+                    src = src.cpu()  # on another device: through host memory
+                if not cuda:
+                    host = slot.view("host", tuple(src.shape), src.dtype)
+                    host.copy_(src)
+                    ready.put((slot, UnitBlock(host, block.layer, block.first_unit)))
+                    continue
+                slot.copied.synchronize()  # the last copy out of this host buffer is done
+                if src.is_pinned() and src.is_contiguous():
+                    host = src  # DMA straight from the caller's pinned memory
+                else:
+                    host = slot.view("host", tuple(src.shape), src.dtype)
+                    host.copy_(src)
+                slot.keep = host
+                with torch.cuda.stream(copy_stream):
+                    copy_stream.wait_event(slot.computed)  # the last compute on the device buffer is done
+                    dev = slot.view("dev", tuple(src.shape), src.dtype)
+                    dev.copy_(host, non_blocking=True)
+                    slot.copied.record(copy_stream)
+                ready.put((slot, UnitBlock(dev, block.layer, block.first_unit)))
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            ready.put(err)
+        finally:
+            ready.put(_End)
+
+    thread = threading.Thread(target=produce, name="unitmatch-staging", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _End:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            slot, block = item
+            if slot is not None and cuda:
+                torch.cuda.current_stream(device).wait_event(slot.copied)
+            yield block
+            if slot is not None:
+                if cuda:
+                    slot.computed.record(torch.cuda.current_stream(device))
+                free.put(slot)
+    finally:
+        stop.set()
+        thread.join()
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()
+            copy_stream.synchronize()
 
 
 # ------------------------------------------------------------------------------------ public API
-def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int = 256 << 20) -> int:
-    """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``."""
+def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int | None = None,
+                        device: str | torch.device | None = None) -> int:
+    """Units per block so a block's float32 working set (its copy, products, scores) is about ``budget_bytes``.
+
+    The default budget is 256 MiB on CPU; on a CUDA device a sixteenth of its memory, between
+    256 MiB and 4 GiB (fewer, larger blocks keep a GPU's per-block fixed costs, its synchronisations
+    and the host's work on the top-k, small next to its fast products).
+    """
+    if budget_bytes is None:
+        budget_bytes = 256 << 20
+        if device is not None and torch.device(device).type == "cuda":
+            total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+            budget_bytes = min(4 << 30, max(256 << 20, total // 16))
     per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
     return max(256, (budget_bytes // per_unit) // 256 * 256)
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,
-                 neuron_ids: Sequence[str] | None = None, columns=None, progress: bool = False) -> MatchResult:
+                 neuron_ids: Sequence[str] | None = None, columns=None, progress: bool = False,
+                 staging: bool | None = None) -> MatchResult:
     """Run the engine over a stream of blocks (memory, Zarr...) in one process.
 
     ``columns(units) -> (images, n)`` enables the final float64 re-scoring (see
-    :meth:`MatchEngine.finalize`).
+    :meth:`MatchEngine.finalize`). ``staging`` reads and copies blocks ahead of the compute
+    (:func:`staged_blocks`; None: on when the engine runs on CUDA); the result is the same.
     """
+    from contextlib import closing, nullcontext
+
     from tqdm.auto import tqdm
 
+    if staging is None:
+        staging = engine.device.type == "cuda"
+    source = staged_blocks(blocks, engine.device) if staging else iter(blocks)
     total = engine.empty()
-    for block in tqdm(blocks, desc="matching", unit="block", disable=not progress):
-        total = merge(total, engine.process(block))
+    with closing(source) if staging else nullcontext():
+        for block in tqdm(source, desc="matching", unit="block", disable=not progress):
+            total = merge(total, engine.process(block))
     return engine.finalize(total, catalogue, neuron_ids, columns)
 
 
@@ -799,7 +1085,7 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows)
+    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows, device=engine.device)
     if searched is not None:
         unknown = [name for name in searched if name not in layers]
         if unknown or not len(searched):

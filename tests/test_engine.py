@@ -472,3 +472,197 @@ def test_min_varying_images_above_the_train_set_is_named():
     y = np.random.default_rng(0).standard_normal((2, 50))
     with pytest.raises(ValueError, match=r"split 0 has 5 train images, fewer than min_varying_images=6"):
         MatchEngine(y, [(np.arange(5), np.arange(40, 50))], min_varying_images=6)
+
+
+# ------------------------------------------------------------- block paths, screen and staging (issue 8)
+def _engine_paths(y, splits, **settings):
+    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block (GPU's)."""
+    out = {}
+    for name, tiled, chunked in (("tiled", True, True), ("chunked", False, True), ("whole", False, False)):
+        engine = MatchEngine(y, splits, **settings)
+        if tiled and engine.shared:
+            continue  # tiling serves one split only
+        engine._tiled, engine._chunked = tiled, chunked
+        out[name] = engine
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("n_splits", [1, 4])
+@pytest.mark.parametrize("min_varying_images", [1, 3])
+def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_varying_images, monkeypatch):
+    """Tiles narrower than a block and row chunks that do not divide the train set, on awkward units."""
+    import unitmatch.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
+    monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
+    layers = {**{k: v.astype(dtype) for k, v in _activations(seed=11).items()},
+              **{k: v.astype(dtype) for k, v in _sparse_activations(seed=12).items()}}
+    x = _flat(layers)
+    y = np.concatenate([_responses(x.astype(np.float32), seed=13)[0], _spiky_neurons(x.astype(np.float32), n=10)])
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
+    ref = match_reference(x.astype(np.float64), y, splits, min_varying_images=min_varying_images)
+    cat = catalogue_of(layers)
+    paths = _engine_paths(y, splits, top_k=4, min_varying_images=min_varying_images)
+    assert ("tiled" in paths) == (n_splits == 1)
+    for name, engine in paths.items():
+        partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 150))
+        m = engine.finalize(partial, cat, columns=lambda u: gather_columns(layers, cat, u)).matches
+        for s, r in enumerate(ref):
+            got = m[m.split == s].sort_values("neuron")
+            np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"], err_msg=name)
+            np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10, err_msg=name)
+            np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10, equal_nan=True, err_msg=name)
+            # the float32 screen's best r is the chosen unit's float64 r, to float32 error
+            np.testing.assert_allclose(np.stack(got.topk_r.to_numpy())[:, 0], r["train_r"], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("min_varying_images", [2, 5, 10, 140])
+def test_sparse_screen_marks_exactly_the_units_the_float64_reference_counts_as_sparse(dtype, min_varying_images):
+    """The pair screen only decides which units are counted; the answer is the exact count's."""
+    rng = np.random.default_rng(21)
+    n = N_IMAGES
+    x = np.maximum(rng.standard_normal((n, 300)), 0)  # dense ReLU units: never counted
+    x[:, :60] = 0.0
+    for u in range(60):  # 1..30 active images, half of them placed among the screen's paired images
+        k = 1 + u % 30
+        rows = np.concatenate([rng.choice(40, k // 2, replace=False), 40 + rng.choice(n - 40, k - k // 2, replace=False)])
+        x[rows, u] = rng.uniform(0.5, 4.0, k).round(2)
+    x[:, 60:70] = 3.0  # constant
+    x[: n // 2, 70:80] = -1.0  # two values, half and half
+    x = x.astype(dtype)
+    splits = core.brainscore_splits(n_images=n, n_splits=3, stratify=None)
+    engine = MatchEngine(rng.standard_normal((2, n)), splits, min_varying_images=min_varying_images)
+    got = engine._sparse_units(torch.from_numpy(x)).numpy()
+    for s, (train, _) in enumerate(splits):
+        np.testing.assert_array_equal(got[s], varying_images(x, train) < min_varying_images)
+    assert got[:, :70].any()
+    if min_varying_images <= 10:  # (140 exceeds the pairs: every unit is counted, dense ones too)
+        assert not got[:, 80:].any()
+
+
+def _stream_blocks(layers, cat, size):
+    """Blocks with non-contiguous numpy views and torch tensors mixed, widths that change (buffers regrow)."""
+    for i, b in enumerate(iter_blocks(layers, cat, size)):
+        data = np.asarray(b.data)
+        if i % 3 == 1:
+            wide = np.zeros((data.shape[0], data.shape[1] + 3), data.dtype)
+            wide[:, 1:-2] = data
+            data = wide[:, 1:-2]  # a strided view
+        elif i % 3 == 2:
+            data = torch.from_numpy(np.ascontiguousarray(data))
+        yield UnitBlock(data, b.layer, b.first_unit)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("n_splits", [1, 4])
+def test_staged_stream_equals_the_plain_stream(dtype, n_splits):
+    from unitmatch.core.engine import stream_match
+
+    layers = {k: v.astype(dtype) for k, v in _activations(seed=14).items()}
+    x = _flat(layers).astype(np.float32)
+    y, _ = _responses(x, seed=15)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
+    cat = catalogue_of(layers)
+    engine = MatchEngine(y, splits, top_k=3, n_permutations=2)
+    columns = lambda u: gather_columns(layers, cat, u)  # noqa: E731
+    plain = stream_match(engine, _stream_blocks(layers, cat, 70), cat, columns=columns, staging=False)
+    staged = stream_match(engine, _stream_blocks(layers, cat, 70), cat, columns=columns, staging=True)
+    pd.testing.assert_frame_equal(staged.matches, plain.matches, check_exact=False, rtol=0, atol=1e-12)
+    pd.testing.assert_frame_equal(staged.layer_matches, plain.layer_matches, check_exact=False, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(staged.null.unit, plain.null.unit)
+    ref = match_reference(x.astype(np.float64), y, splits)
+    for s, r in enumerate(ref):
+        np.testing.assert_array_equal(staged.matches[staged.matches.split == s].unit.to_numpy(), r["unit"])
+
+
+def test_staged_blocks_keep_order_and_values_and_reuse_a_small_ring():
+    from unitmatch.core.engine import staged_blocks
+
+    rng = np.random.default_rng(16)
+    arrays = [rng.standard_normal((30, w)).astype(np.float16 if w % 2 else np.float32) for w in (5, 9, 4, 12, 7, 7)]
+    blocks = [UnitBlock(a, f"layer{i}", 100 * i) for i, a in enumerate(arrays)]
+    seen = []
+    for got, want in zip(staged_blocks(iter(blocks), torch.device("cpu"), n_buffers=2), blocks, strict=True):
+        assert (got.layer, got.first_unit) == (want.layer, want.first_unit)
+        assert got.data.dtype == torch.from_numpy(want.data).dtype
+        np.testing.assert_array_equal(got.data.numpy(), want.data)
+        assert not np.shares_memory(got.data.numpy(), want.data)  # a staging buffer, not the source
+        seen.append(got.data.untyped_storage().data_ptr())
+    assert len(set(seen)) <= 2 + 2  # two slots (a slot's buffer is reallocated only to grow)
+
+
+def test_staged_blocks_reraise_source_errors_and_stop_their_thread():
+    import threading
+
+    from unitmatch.core.engine import staged_blocks
+
+    def source():
+        yield UnitBlock(np.ones((10, 3), np.float32), "a", 0)
+        raise OSError("store chunk missing")
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="store chunk missing"):
+        for _ in staged_blocks(source(), torch.device("cpu")):
+            pass
+    many = (UnitBlock(np.ones((10, 3), np.float32), "a", 3 * i) for i in range(100))
+    stream = staged_blocks(many, torch.device("cpu"))
+    next(stream)
+    stream.close()  # the consumer stops early: the producer thread ends too
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match=r"n_buffers must be an integer >= 2 .*; got 1"):
+        next(staged_blocks([], torch.device("cpu"), n_buffers=1))
+    with pytest.raises(ValueError, match=r"activations must be float16 or float32; got int64"):
+        list(staged_blocks([UnitBlock(np.ones((10, 3), np.int64), "a", 0)], torch.device("cpu")))
+
+
+@pytest.mark.parametrize("gpu_bytes, budget", [(None, 256 << 20), (80 << 30, 4 << 30), (8 << 30, 512 << 20),
+                                                (2 << 30, 256 << 20)])
+def test_default_block_units_follow_the_device_memory(gpu_bytes, budget, monkeypatch):
+    from types import SimpleNamespace
+
+    from unitmatch.core.engine import default_block_units
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=gpu_bytes))
+    units = default_block_units(3200, device="cpu" if gpu_bytes is None else "cuda")
+    per_unit = 4 * (3200 + 2 * 257)  # float32: the block's copy, products and scores
+    assert units % 256 == 0 and units * per_unit <= budget < (units + 256) * per_unit
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("n_splits", [1, 4])
+def test_pinned_staging_on_cuda_equals_the_cpu_engine(dtype, n_splits):
+    """Host blocks staged through pinned buffers (and pinned / device blocks passed through) on the GPU."""
+    from unitmatch.core.engine import staged_blocks, stream_match
+
+    layers = {**{k: v.astype(dtype) for k, v in _activations(seed=17).items()},
+              **{k: v.astype(dtype) for k, v in _sparse_activations(seed=18).items()}}
+    x = _flat(layers).astype(np.float32)
+    y = np.concatenate([_responses(x, seed=19)[0], _spiky_neurons(x, n=10)])
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
+    cat = catalogue_of(layers)
+    columns = lambda u: gather_columns(layers, cat, u)  # noqa: E731
+    cpu = stream_match(MatchEngine(y, splits, top_k=3, device="cpu"), iter_blocks(layers, cat, 64), cat,
+                       columns=columns)
+
+    def mixed():
+        for i, b in enumerate(_stream_blocks(layers, cat, 64)):
+            if i % 4 == 3:  # an already-pinned host block and a block already on the GPU
+                b = UnitBlock(torch.as_tensor(np.ascontiguousarray(b.data)).pin_memory(), b.layer, b.first_unit)
+            elif i % 4 == 0:
+                b = UnitBlock(torch.as_tensor(np.ascontiguousarray(b.data)).cuda(), b.layer, b.first_unit)
+            yield b
+
+    engine = MatchEngine(y, splits, top_k=3, device="cuda")
+    staged = stream_match(engine, mixed(), cat, columns=columns)  # staging is the default on cuda
+    plain = stream_match(engine, mixed(), cat, columns=columns, staging=False)
+    for got in (staged, plain):
+        np.testing.assert_array_equal(got.matches.unit.to_numpy(), cpu.matches.unit.to_numpy())
+        np.testing.assert_allclose(got.matches.train_r.to_numpy(), cpu.matches.train_r.to_numpy(), atol=1e-10)
+        np.testing.assert_allclose(got.matches.test_r.to_numpy(), cpu.matches.test_r.to_numpy(), atol=1e-10,
+                                   equal_nan=True)
+    for block in staged_blocks(iter_blocks(layers, cat, 64), torch.device("cuda")):
+        assert block.data.is_cuda
