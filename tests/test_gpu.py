@@ -53,6 +53,11 @@ def test_extraction_on_cuda_equals_the_cpu_store_to_float32_rounding(tmp_path):
         report = extract_to_store(spec, stimuli, "stages", tmp_path / device, batch_size=8, dtype="float32",
                                   device=device)
         stores[device] = ActivationStore.open(report.store.path)
+    # the policy is recorded: in the store's attributes and in each batch's record, with the device
+    assert stores["cuda"].attrs.get("tf32") is False
+    records = stores["cuda"].done_records()
+    assert records and all(r.get("tf32") is False and str(r.get("device", "")).startswith("cuda")
+                           for r in records.values()), records
     cpu, cuda = stores["cpu"].layers(), stores["cuda"].layers()
     assert list(cpu) == list(cuda) and len(cpu) >= 3
     for name in cpu:
