@@ -88,6 +88,10 @@ def main():
                          "first batch's outputs: ratio, encode and decode MiB/s")
     ap.add_argument("--root", default=None, help="folder for the stores (default: a temporary folder)")
     args = ap.parse_args()
+    try:
+        torch.empty(1, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        ap.error(f"--device {args.device!r} is not usable here ({e}); give cpu, cuda or cuda:N")
 
     from unitmatch.core.extract import (
         DTYPES, ModelSpec, _Staging, _StoreSink, extract_to_store, image_batches, prepare_store,

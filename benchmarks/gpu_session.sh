@@ -16,9 +16,13 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/unitmatch-gpu-out}
 mkdir -p "$OUT" /tmp/site /tmp/pkg
-tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run ../shared/tools/device-kit build"; exit 2; }
 ln -sfn "$PWD" /tmp/pkg/unitmatch            # the repository root is the package unitmatch
-export PYTHONPATH=/tmp/site:/tmp/pkg
+if [ "${KIT:-1}" = 1 ]; then                 # KIT=0: a dry run where every package is installed already
+  tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run ../shared/tools/device-kit build"; exit 2; }
+  export PYTHONPATH=/tmp/site:/tmp/pkg
+else
+  export PYTHONPATH=/tmp/pkg
+fi
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 
