@@ -165,8 +165,12 @@ class _Objective:
         t = theta.view(-1, self.k, self.f + 1)
         return t[:, :, : self.f], t[:, :, self.f]
 
-    def __call__(self, theta: torch.Tensor, rows: torch.Tensor | None = None):
-        """(loss (b,), gradient (b, P)) at theta, for all running problems or only ``rows``."""
+    def __call__(self, theta: torch.Tensor, rows: torch.Tensor | None = None, curvature: bool = False):
+        """(loss (b,), gradient (b, P)) at theta, for all running problems or only ``rows``.
+
+        With ``curvature`` (all problems only) also sets ``self.curvature`` (b,): the softmax
+        curvature mean_i (1 - sum_k p_ik^2), which scales L-BFGS's first inverse Hessian.
+        """
         x = self.x if rows is None else self.x[rows]
         w, b = self.split(theta)
         xd = x.dtype
@@ -175,12 +179,12 @@ class _Objective:
         picked = (z * self.onehot).sum(dim=1, keepdim=True)
         loss = (lse - picked).mean(dim=(1, 2)) + 0.5 * self.l2 * w.square().sum(dim=(1, 2))
         prob = torch.exp(z - lse)
-        if rows is None:
+        if curvature:
             self.curvature = 1.0 - prob.square().sum(dim=1).mean(dim=1)
         r = prob.sub_(self.onehot).div_(self.n)  # d mean-loss / dz
         grad = torch.empty(x.shape[0], self.k, self.f + 1, dtype=torch.float64, device=x.device)
         grad[:, :, : self.f] = torch.bmm(r.to(xd), x)
-        grad[:, :, : self.f] += self.l2 * w
+        grad[:, :, : self.f].add_(w, alpha=self.l2)
         torch.sum(r, dim=2, out=grad[:, :, self.f])
         return loss, grad.view(x.shape[0], -1)
 
@@ -226,7 +230,7 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
     converged = torch.zeros(n_batch, dtype=torch.bool, device=dev)
     ids = torch.arange(n_batch, device=dev)  # original index of each running problem
     theta = theta.clone()
-    loss, grad = obj(theta)
+    loss, grad = obj(theta, curvature=True)
     stopped = (grad.abs().amax(dim=1) <= tol)
     converged |= stopped
     stopped |= budget <= 0
@@ -394,7 +398,7 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     """:func:`fit_multinomial` on B problems, organised for the device.
 
     On a GPU all B problems are one batch. On CPU they are cut into one chunk per thread (more if
-    a chunk would exceed ``CPU_CHUNK_BYTES`` of float64 features), fitted on a pool of
+    a chunk would exceed ``CPU_CHUNK_BYTES`` of features, in their own dtype), fitted on a pool of
     ``torch.get_num_threads()`` threads with torch's intra-op threads set to 1 meanwhile (and
     restored after): the narrow GEMMs here scale poorly inside one op, and OpenMP teams
     spin-waiting for busy cores were measured to make 2-thread fits several times slower than

@@ -274,9 +274,9 @@ def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]
     column mean, a constant column (in float32) as a zero range, and the member at fault is then
     checked and named by :func:`_check_finite` / :func:`_train_stats`.
     """
-    x32 = np.asarray(x, dtype=np.float32)
-    xt = torch.from_numpy(x32 if all(st >= 0 for st in x32.strides) else np.ascontiguousarray(x32))
-    xt = xt.index_select(1, torch.from_numpy(p.train))
+    x = np.asarray(x)
+    xt = torch.from_numpy(x if all(st >= 0 for st in x.strides) else np.ascontiguousarray(x))
+    xt = xt.index_select(1, torch.from_numpy(p.train)).to(torch.float32)  # the train rows, then the cast
     mean = xt.mean(dim=1, keepdim=True)
     for j in (~torch.isfinite(mean).all(dim=2)[:, 0]).nonzero()[:, 0].tolist():
         _check_finite(np.asarray(x[j]), p.train, names(j))
@@ -539,7 +539,7 @@ def _null_distribution(random_populations: RandomPopulations, n_random: int, p: 
                        init: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor | None]:
     """Transfer accuracies of random unit populations applied to the (z-scored) neurons.
 
-    Populations are drawn, z-scored and fitted in chunks whose float64 train features stay
+    Populations are drawn, z-scored and fitted in chunks whose float32 train features stay
     within ``NULL_CHUNK_BYTES`` (all of a MajajHong-sized null in two chunks). ``init``: the
     (n_draws, K, M + 1) starting parameters of the batched fits (a warm start; ignored if its
     shape does not fit). Returns the accuracies and the fitted parameters (batched solver; None

@@ -51,6 +51,7 @@ e.g. a Dask tree reduction, gives the identical answer.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -302,13 +303,21 @@ class _SplitPlan:
             d[:-1] = yz[:, train] - mz[:, None]
             #: over the train rows alone (the tiled CPU path gathers them while casting)
             self.d_train = torch.as_tensor(d, dtype=torch.float32, device=device)
-            #: over all images, zero outside T: one GEMM over the block as it is (no row gather)
-            self.d_t = torch.zeros((d.shape[0], n_images), dtype=torch.float32, device=device)
-            self.d_t[:, self.train_t] = self.d_train
+            self._n_images = n_images
         yt = yz[:, test] - yz[:, test].mean(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             yt = yt / np.sqrt((yt * yt).sum(axis=1, keepdims=True))  # NaN where constant on test
         self.yn_test = yt  # (M, |H|) float64
+
+    @functools.cached_property
+    def d_t(self) -> torch.Tensor:
+        """``d_train`` over all images, zero outside T: one GEMM over the block as it is (no row gather).
+
+        Built on first use (the untiled path: GPUs), so the tiled CPU path never holds both.
+        """
+        d_t = torch.zeros((self.d_train.shape[0], self._n_images), dtype=torch.float32, device=self.d_train.device)
+        d_t[:, self.train_t] = self.d_train
+        return d_t
 
 
 class MatchEngine:
@@ -442,7 +451,6 @@ class MatchEngine:
             return partial
         shift = self._shift(xb)
         if self._tiled:
-            x = None
             products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0])
             _check_finite(sxx[0] + sxx_rest, block)
         else:
