@@ -266,3 +266,11 @@ def broken_metadata(path: Path) -> list[ChunkProblem]:
         except (ValueError, UnicodeDecodeError) as err:
             problems.append(ChunkProblem(str(file.relative_to(path)), f"the Zarr metadata is not valid JSON ({err})"))
     return problems
+
+
+def metadata_error(path: Path, err: BaseException, file: str, what: str, layer: str | None = None) -> "StoreDamagedError":
+    """The error for a store whose metadata could not be read: its broken ``zarr.json`` if one is
+    found (:func:`broken_metadata`), else ``file`` (relative to the store) with ``what`` and ``err``."""
+    broken = broken_metadata(path)
+    problem = broken[0] if broken else ChunkProblem(file, f"{what} ({type(err).__name__}: {err})", layer)
+    return StoreDamagedError.of(path, problem)

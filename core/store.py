@@ -84,7 +84,8 @@ import numpy as np
 
 from .. import __version__
 from .integrity import (  # noqa: F401 - the store's errors and checks, importable from here too
-    CheckedArray, ChunkProblem, StoreDamagedError, VerifyReport, broken_metadata, chunk_digest, read_json,
+    CheckedArray, ChunkProblem, StoreDamagedError, VerifyReport, broken_metadata, chunk_digest, metadata_error,
+    read_json,
 )
 from .units import LayerUnits, UnitCatalogue
 
@@ -366,10 +367,7 @@ class ActivationStore:
             first = group[layers[0].name.replace("/", "_")]
             store = cls(path, key, layers, first["image_id"][:], group.attrs["batch_size"], dict(group.attrs))
         except Exception as err:  # noqa: BLE001 - any failure to read the metadata is damage; name the file
-            broken = broken_metadata(path)
-            problem = broken[0] if broken else ChunkProblem(
-                "store.zarr", f"its Zarr metadata or image ids cannot be read ({type(err).__name__}: {err})")
-            raise StoreDamagedError.of(path, problem) from err
+            raise metadata_error(path, err, "store.zarr", "its Zarr metadata or image ids cannot be read") from err
         return store
 
     # ------------------------------------------------------------------ progress
@@ -423,18 +421,16 @@ class ActivationStore:
     def _arrays(self, mode: str):
         import zarr
 
-        arrays = {}
+        arrays, layer = {}, None
         try:
             group = zarr.open_group(str(self.path / "store.zarr"), mode=mode)
             for layer in self.layer_units:
                 arrays[layer.name] = group[layer.name.replace("/", "_")]["activations"]
         except Exception as err:  # noqa: BLE001 - metadata that cannot be read is damage; name the file
-            broken = broken_metadata(self.path)
-            name = layer.name.replace("/", "_")
-            problem = broken[0] if broken else ChunkProblem(
-                f"store.zarr/{name}/activations", f"the array's metadata cannot be read ({type(err).__name__}: {err})",
-                layer.name)
-            raise StoreDamagedError.of(self.path, problem) from err
+            if layer is None:  # the group itself
+                raise metadata_error(self.path, err, "store.zarr", "its Zarr metadata cannot be read") from err
+            raise metadata_error(self.path, err, f"store.zarr/{layer.name.replace('/', '_')}/activations",
+                                 "the array's metadata cannot be read", layer.name) from err
         return arrays
 
     def writer(self) -> "BatchWriter":

@@ -305,3 +305,14 @@ def test_an_activations_array_without_its_metadata_is_named(store):
     assert f"activation store {store.path} is damaged: layer 'fc', file store.zarr/fc/activations:" in text, text
     assert f"Delete {store.path}" in text
     assert [p.file for p in verify_store(store.path).problems] == ["store.zarr/fc/activations"]
+
+
+def test_a_store_whose_zarr_group_is_gone_after_opening_is_named_not_a_crash(store):
+    """The group itself fails to open in ``layers()`` (no layer read yet): the error names the store's group."""
+    opened = ActivationStore.open(store.path)
+    shutil.rmtree(store.path / "store.zarr")
+    with pytest.raises(StoreDamagedError) as err:
+        opened.layers()
+    text = str(err.value)
+    assert f"activation store {store.path} is damaged: store.zarr/zarr.json:" in text, text
+    assert f"Delete {store.path}" in text
