@@ -515,12 +515,6 @@ def check_count(value, name: str, low: int) -> int:
     return int(value)
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
-    return int(batch_size)
-
-
 # ---------------------------------------------------------------------------------------------------
 # In memory
 # ---------------------------------------------------------------------------------------------------
@@ -555,7 +549,7 @@ def extract_activations(model, stimuli: StimulusSet, layers, *, batch_size: int 
     out_dtype = np.dtype(dtype)
     if out_dtype.name not in DTYPES:
         raise ValueError(f"dtype must be float16 or float32; got {dtype!r}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_count(batch_size, "batch_size", 1)
     cfg = spec.data_config(model) if spec is not None else data_config(model)
     names = layer_names(model, layers, input_size=tuple(cfg["input_size"])) if isinstance(layers, str) else list(layers)
     units = probe_layers(model, names, tuple(cfg["input_size"]))
@@ -787,7 +781,7 @@ def prepare_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, bat
     unit_chunk = check_count(unit_chunk, "unit_chunk", 1)
     if len(stimuli) == 0:
         raise ValueError("the stimulus set is empty")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_count(batch_size, "batch_size", 1)
     if model is None:
         model = spec.create()
     else:

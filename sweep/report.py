@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from unitmatch.core.analysis import SEARCHES  # the memo's all_units first; tables without the column are all_units
+
 log = logging.getLogger(__name__)
 
-#: the searches (core.analysis.SEARCHES), the memo's first; tables from before the column are all_units
-SEARCHES = ("all_units", "region_committed")
 #: a model's region-committed results sit beside its all-units ones: results/models/<key>.region_committed/
 REGION_COMMITTED_SUFFIX = ".region_committed"
 #: ImageNet top-1 (%) of guessing among 1000 classes: where a random-weight control sits on the x axis.
