@@ -80,7 +80,8 @@ def run(cfg: DictConfig) -> dict:
 
         done["verified"] = stage_verify(cfg.store_root, entries + extra, done)
     if cfg.stage in ("all", "extract", "analyze"):
-        stores = stage_extract(cfg, entries + extra, stimuli, done)  # checks top_k once the stores are probed
+        # top_k and region_layers are checked once the stores are probed, for the analysed models only
+        stores = stage_extract(cfg, entries + extra, stimuli, done, analysed={e.key for e in entries})
     results_dir.mkdir(parents=True, exist_ok=True)
     if cfg.stage in ("all", "analyze"):
         truth = None
@@ -227,8 +228,13 @@ def _ray(cfg: DictConfig):
                        runtime_env=OmegaConf.to_container(c.runtime_env) if c.runtime_env else None)
 
 
-def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict) -> dict:
-    """Complete stores for every model (extracting what is missing on the Ray actor pool)."""
+def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dict, analysed=None) -> dict:
+    """Complete stores for every model (extracting what is missing on the Ray actor pool).
+
+    ``analysed``: keys of the models whose stores the analysis will match (default: all); only
+    those are checked against ``analysis.top_k`` and ``analysis.region_layers`` (the synthetic
+    brain's planted model, extracted only to plant the neurons, is not).
+    """
     from unitmatch.core.extract import prepare_store
     from unitmatch.core.store import ActivationStore
 
@@ -243,7 +249,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
         except Exception as err:  # noqa: BLE001 - one model failing must not stop the sweep
             _failed(done, entry.key, "extract", err)
             continue
-        if cfg.stage != "extract":
+        if cfg.stage != "extract" and (analysed is None or entry.key in analysed):
             _check_topk_units(cfg, entry.key, store)
             _check_region_layers(cfg, None, entry.key, store)
         if store.complete:

@@ -361,3 +361,27 @@ def test_results_a_killed_writer_moved_aside_are_put_back_and_its_staging_remove
     _write(tmp_path, 0.75)
     assert sorted(p.name for p in folder.parent.iterdir()) == [f".m.staging-{os.getppid()}", "m"]
     assert results.collect(tmp_path)[0].median_test_r.tolist() == [0.75]
+
+
+def test_region_layers_are_checked_on_the_analysed_models_not_on_the_planted_model(outputs, monkeypatch):
+    """The planted model (not in the zoo) is extracted only to plant the neurons: globs of the zoo's layers
+    that name none of its layers are no error. The run gets past every check to the extraction."""
+    import unitmatch.sweep.stages as stages
+
+    class Reached(Exception):
+        pass
+
+    def reached(cfg):
+        raise Reached
+
+    monkeypatch.setattr(stages, "_ray", reached)
+    overrides = [o for o in SMALL if not o.startswith("models=")] + [
+        "models=[demo_test_vit]", "analysis.region_layers={V4:[blocks.1],noise:[blocks.0]}"]
+    # inside a Hydra context, as in the app: the unselected planted model is loaded from its file
+    with initialize_config_module(version_base="1.3", config_module="unitmatch.conf"):
+        with pytest.raises(Reached):
+            run(compose(config_name="config", overrides=overrides))
+    # the same globs on the analysed model itself are still checked
+    cfg = _compose(SMALL + ["analysis.region_layers={V4:[blocks.1],noise:[blocks.0]}"])
+    with pytest.raises(ConfigError, match=r"analysis\.region_layers \(model 'demo_test_resnet'\)"):
+        run(cfg)
