@@ -64,7 +64,7 @@ import pandas as pd
 import torch
 
 from .splits import Split, validate_splits
-from .units import UnitBlock, UnitCatalogue
+from .units import UnitBlock, UnitCatalogue, check_layer_subset
 
 log = logging.getLogger(__name__)
 
@@ -1095,11 +1095,8 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
     size = engine.settings.block_units or default_block_units(n_images, engine.n_rows, device=engine.device)
     if searched is not None:
-        unknown = [name for name in searched if name not in layers]
-        if unknown or not len(searched):
-            raise ValueError(f"layers={list(searched)!r}: {'unknown layers ' + repr(unknown) if unknown else 'empty'}; "
-                             f"the activations have {list(layers)}")
-        blocks = iter_blocks({name: layers[name] for name in layers if name in set(searched)}, catalogue, size)
+        wanted = check_layer_subset(searched, list(layers), "the activations have")
+        blocks = iter_blocks({name: layers[name] for name in layers if name in wanted}, catalogue, size)
     else:
         blocks = iter_blocks(layers, catalogue, size)
     return stream_match(engine, blocks, catalogue, neuron_ids,

@@ -97,6 +97,16 @@ class LayerUnits:
         return cls(attrs["layer"], tuple(attrs["shape"]), tuple(attrs["dims"]), int(attrs.get("prefix_tokens", 0)))
 
 
+def check_layer_subset(wanted, names, owner: str) -> set[str]:
+    """The layer names ``wanted`` (a non-empty subset of ``names``) as a set, or a ValueError naming
+    the unknown ones and ``owner``'s layers (``owner``: e.g. "the activations have")."""
+    unknown = [name for name in wanted if name not in names]
+    if unknown or not len(wanted):
+        raise ValueError(f"layers={list(wanted)!r}: {'unknown layers ' + repr(unknown) if unknown else 'empty'}; "
+                         f"{owner} {list(names)}")
+    return set(wanted)
+
+
 class UnitCatalogue:
     """Ordered layers with global unit ids.
 

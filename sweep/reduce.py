@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 
 from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units, merge_all
-from unitmatch.core.units import UnitBlock, gather_columns
+from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,9 @@ def block_plan(store, block_units: int, layers: Sequence[str] | None = None) -> 
         ValueError: a name in ``layers`` that is not a layer of the store (the layers are listed).
     """
     size = aligned_block_units(store, block_units)
-    names = [layer.name for layer in store.catalogue().layers]
     if layers is not None:
-        unknown = [name for name in layers if name not in names]
-        if unknown or not len(layers):
-            raise ValueError(f"layers={list(layers)!r}: {'unknown layers ' + repr(unknown) if unknown else 'empty'}; "
-                             f"the store {store.path} has {names}")
+        layers = check_layer_subset(layers, [layer.name for layer in store.catalogue().layers],
+                                    f"the store {store.path} has")
     plan = []
     for layer in store.catalogue().layers:
         if layers is not None and layer.name not in layers:

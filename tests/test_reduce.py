@@ -347,5 +347,11 @@ def test_match_assembly_leaves_out_flagged_neurons_and_commits_regions_like_core
     with pytest.raises(ValueError, match=r"analysis.region_layers\['IT'\]: unknown layer 'fc2'.*the layers are "
                                          r"\['conv', 'blocks.1', 'fc'\]"):
         match_assembly(store, assembly, splits, region_layers={"V4": ["conv"], "IT": ["fc2"]})
-    with pytest.raises(ValueError, match=r"layers=\['nope'\]: unknown layers \['nope'\]"):
+    with pytest.raises(ValueError, match=r"layers=\['nope'\]: unknown layers \['nope'\]; the store .* has "
+                                         r"\['conv', 'blocks.1', 'fc'\]"):
         match_store(store, brain.responses, splits, layers=["nope"])
+    with pytest.raises(ValueError, match=r"layers=\['nope'\]: unknown layers \['nope'\]; the activations have "
+                                         r"\['conv', 'blocks.1', 'fc'\]"):
+        run_matching(acts, brain.responses, splits, catalogue=store.catalogue(), layers=["nope"])
+    with pytest.raises(ValueError, match=r"layers=\[\]: empty; the activations have"):
+        run_matching(acts, brain.responses, splits, catalogue=store.catalogue(), layers=[])
