@@ -40,7 +40,7 @@ import pandas as pd
 
 from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
 from .decoding import matched_population_decoding
-from .engine import MatchResult, MatchSettings, combine_results, pearson_pairs, run_matching
+from .engine import MatchResult, MatchSettings, combine_results, default_device, pearson_pairs, run_matching
 from .layers import PRESETS, select_names
 from .neural import NeuralAssembly
 from .reliability import split_half_reliability
@@ -442,9 +442,7 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
     fits start from the previous split's solutions (``warm_start``: same objective and stopping rule,
     fewer iterations), on the matching's device (None: cuda when available, as the engine resolves it).
     """
-    import torch
-
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     rng = np.random.default_rng(seed)
     rows = []
     for region in sorted(set(assembly.regions)):

@@ -320,6 +320,12 @@ class _SplitPlan:
         return d_t
 
 
+def default_device(device=None) -> torch.device:
+    """``device`` as a torch device; None: cuda when torch sees a GPU, else cpu (matching, decoding and
+    extraction all resolve an unset device by this rule)."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 class MatchEngine:
     """Streams blocks of units against a fixed set of neurons and splits.
 
@@ -376,7 +382,7 @@ class MatchEngine:
         self.top_k = settings.top_k
         self.tie_margin = settings.tie_margin
         device = settings.device
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = default_device(device)
         self.shared = len(self.splits) > 1
         yc = y - y.mean(axis=1, keepdims=True)
         yz = yc / yc.std(axis=1, keepdims=True)

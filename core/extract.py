@@ -48,6 +48,7 @@ import torch
 
 from . import custom
 from ._compat import import_timm
+from .engine import default_device
 from .layers import OUTPUT, eval_mode, layer_names, probe_layers
 from .stimuli import StimulusSet
 from .units import Activations, LayerUnits
@@ -203,7 +204,7 @@ def _legacy_setting(read):
 
 def _device(device) -> torch.device:
     """The extraction device: as given (``"cuda"`` as the current CUDA device), default cuda when available."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device or None)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return device
