@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from . import provenance, results
 from .config import ConfigError, plain, validate
 from .data import check_data, load_recorded, load_stimuli, make_splits, n_neurons, neuron_regions, plant_assembly
-from .report import flagged_lines, one_search, results_key, searches
+from .report import flagged_lines, results_key, searches
 from .zoo import ModelEntry, load_model, plan_models
 
 log = logging.getLogger("unitmatch")
@@ -54,13 +54,13 @@ def run(cfg: DictConfig) -> dict:
     cfg = plain(cfg)
     entries = plan_models(cfg)
     results_dir = Path(cfg.results_dir)
-    extra, assembly = [], None
+    extra, assembly, trusted = [], None, None
     planted = cfg.neural.planted_model
     if cfg.neural.kind == "synthetic" and cfg.stage != "report" and planted not in {e.key for e in entries}:
         # every job of a multirun builds the same brain from the planted model's store
         extra = [load_model(planted, "neural.planted_model")]
     if cfg.stage == "report":  # reads only the results folder, not the data
-        _check_has_results(cfg)
+        trusted = _check_has_results(cfg)  # the report uses them as found here
     else:
         check_data(cfg, entries + extra)
     if cfg.stage in ("all", "extract", "analyze"):
@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.stage in ("all", "report"):
         # in a multirun the jobs' reports are partial: the W&B summary is logged once, after the last
         # job, by the MultirunReport callback
-        done["report"] = stage_report(cfg, wandb_summary=not _in_multirun())
+        done["report"] = stage_report(cfg, wandb_summary=not _in_multirun(), trusted=trusted)
     if cfg.stage != "report":  # the report reads the results folder, it never writes its records
         results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []))
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
@@ -122,11 +122,15 @@ def _neural_fingerprint(assembly) -> str:
     return hashlib.sha256(np.ascontiguousarray(assembly.responses).tobytes()).hexdigest()[:16]
 
 
-def _check_has_results(cfg: DictConfig) -> None:
-    """``stage=report`` needs finished results; a sweep that does not exist is an error, not an empty report."""
+def _check_has_results(cfg: DictConfig) -> dict:
+    """``stage=report`` needs finished results; a sweep that does not exist is an error, not an empty report.
+
+    Returns the trusted results (:func:`results.trusted`), for the report.
+    """
     results_dir = Path(cfg.results_dir)
-    if results.trusted(results_dir):
-        return
+    trusted = results.trusted(results_dir)
+    if trusted:
+        return trusted
     parent = results_dir.parent
     names = sorted(p.name for p in parent.iterdir() if (p / "models").is_dir()) if parent.is_dir() else []
     raise ConfigError(f"stage=report: sweep_name={cfg.sweep_name!r} has no finished model results in "
@@ -344,8 +348,10 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
                                        {"provenance.json": provenance.model_record(entry, store)})
 
 
-def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
+def stage_report(cfg: DictConfig, wandb_summary: bool = True, trusted: dict | None = None) -> Path | None:
     """Aggregate all models of the sweep: tables, plots, report.md, and (``wandb_summary``) the W&B summary run.
+
+    ``trusted``: the results found by :func:`results.trusted` (found here when not given).
 
     Reads the per-model results, never writes them. The aggregated files at the sweep folder's top
     level are rewritten only when their inputs changed (``REPORT.json``, written last, records the
@@ -359,17 +365,23 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
     from .wandb_sink import log_to_wandb
 
     results_dir = Path(cfg.results_dir)
-    trusted = results.trusted(results_dir)
+    if trusted is None:
+        trusted = results.trusted(results_dir)
+    if not trusted:
+        log.warning("no finished model results in %s: nothing to report", results_dir)
+        return None
     inputs = results.fingerprint(trusted, cfg.sweep_name, unitmatch.__version__)
     marker = results_dir / REPORT
     last = json.loads(marker.read_text()) if marker.exists() else {}
-    summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True, keys=trusted)
-    if summary.empty:
-        log.warning("no finished model results in %s: nothing to report", results_dir)
-        return None
     report = results_dir / "report.md"
-    if last.get("inputs") == inputs and report.exists():
+    up_to_date = last.get("inputs") == inputs and report.exists()
+    to_wandb = cfg.logger.enabled and wandb_summary
+    if up_to_date:
         log.info("the report in %s is up to date (its results are unchanged): nothing rewritten", results_dir)
+        if not to_wandb:  # nothing to read either
+            return report
+    summary, neurons, nulls, matches = results.collect(results_dir, with_matches=True, keys=trusted)
+    if up_to_date:
         plots = {name: results_dir / file for name, file in last.get("plots", {}).items()}
     else:
         marker.unlink(missing_ok=True)  # a report that fails half-way is redone next time
@@ -386,9 +398,8 @@ def stage_report(cfg: DictConfig, wandb_summary: bool = True) -> Path | None:
         report = write_markdown(summary, neurons, results_dir, plots, title=f"unitmatch sweep {cfg.sweep_name}")
         atomic_write(marker, json.dumps({"inputs": inputs, "plots": {k: Path(v).name for k, v in plots.items()}},
                                          indent=2).encode())
-    if cfg.logger.enabled and wandb_summary:
-        keys = [results_key(str(m), s) for s in searches(summary) for m in pd.unique(one_search(summary, s).model)]
-        folders = {k: results.model_dir(results_dir, k) for k in keys}
+    if to_wandb:
+        folders = {k: results.model_dir(results_dir, k) for k in trusted}  # every (model, search) reported
         log_to_wandb(summary, neurons, plots, project=cfg.logger.project, entity=cfg.logger.entity,
                      mode=cfg.logger.mode, group=cfg.sweep_name, name=f"{cfg.sweep_name}/summary",
                      config=OmegaConf.to_container(cfg, resolve=True), wandb_dir=cfg.logger.dir,
