@@ -1,7 +1,8 @@
 """Batched multinomial logistic regression: many small problems of one shape fitted at once.
 
 This private module owns the solver behind :mod:`core.decoding`. It minimises, for each of B
-independent problems (same n samples, F features, K classes and labels; different features),
+independent problems (same n samples, F features and K classes; different features, and the
+same labels or each its own),
 exactly scikit-learn's objective for ``LogisticRegression(C=C, fit_intercept=True)`` with the
 lbfgs solver (scikit-learn 1.9, ``_logistic_regression_path``)::
 
@@ -54,10 +55,15 @@ _MAX_LINE_SEARCH = 50
 _FTOL = 64 * torch.finfo(torch.float64).eps
 #: compact the batch (copy the running problems' features) once this fraction has stopped
 _COMPACT_FRACTION = 0.25
-#: on CPU, problems are fitted in one chunk per thread, of at most this many bytes of features. Large chunks: the per-iteration torch calls are per chunk, and with float32 products
-#: 48 MajajHong-sized problems (2304 x 256) cost 0.097-0.099 CPU s per fit in two chunks against
-#: 0.129-0.166 in 8 MiB chunks (same run, 2 threads; the features stream from memory either way)
-CPU_CHUNK_BYTES = 256 * 2**20
+#: on CPU, problems are fitted in chunks of about this many bytes of features, spread over the
+#: threads: 1020 demo-sized problems (360 x 48 float32, 70 MB) took 3.4-3.7 CPU s in 4-24 MiB chunks
+#: against 3.9-4.6 in two 35 MB chunks (the chunk's features stay in the cache between the two
+#: products of an evaluation)
+CPU_CHUNK_BYTES = 16 * 2**20
+#: ... but of at least this many problems: the loop's ~150 torch calls per iteration are paid per
+#: chunk, and 48 MajajHong-sized problems (2304 x 256, 2.4 MB each) cost 0.097-0.099 CPU s per fit in
+#: two chunks against 0.129-0.166 in 8 MiB chunks of 3 problems (same run, 2 threads)
+CPU_CHUNK_MIN_PROBLEMS = 64
 #: ... and of at least this many bytes per extra thread: with small problems the loop's Python and
 #: dispatch work (one GIL) dominates, and two threads were measured slower than one (100 problems
 #: of 360 x 48 float32, 8 classes: 0.32-0.35 s wall on 2 threads, 0.28 s on 1)
@@ -114,7 +120,8 @@ class _Objective:
         self.x = x
         self.n, self.f = x.shape[1], x.shape[2]
         self.k = n_classes
-        self.onehot = torch.nn.functional.one_hot(y, n_classes).to(torch.float64).T.contiguous()  # (K, n)
+        # (K, n) labels shared by all problems, or (b, K, n) per problem
+        self.onehot = torch.nn.functional.one_hot(y, n_classes).to(torch.float64).transpose(-1, -2).contiguous()
         self.l2 = l2
         self.g_inv = None
 
@@ -157,6 +164,8 @@ class _Objective:
 
     def compact(self, keep: torch.Tensor) -> None:
         self.x = self.x[keep]
+        if self.onehot.dim() == 3:
+            self.onehot = self.onehot[keep]
         if self.g_inv is not None:
             self.g_inv = self.g_inv[keep]
 
@@ -172,16 +181,21 @@ class _Objective:
         curvature mean_i (1 - sum_k p_ik^2), which scales L-BFGS's first inverse Hessian.
         """
         x = self.x if rows is None else self.x[rows]
+        onehot = self.onehot if rows is None or self.onehot.dim() == 2 else self.onehot[rows]
         w, b = self.split(theta)
         xd = x.dtype
         z = torch.baddbmm(b[:, :, None].to(xd), w.to(xd), x.transpose(1, 2)).to(torch.float64)  # (b, K, n)
-        lse = torch.logsumexp(z, dim=1, keepdim=True)
-        picked = (z * self.onehot).sum(dim=1, keepdim=True)
+        # softmax and its log-normaliser from one exp pass (torch.logsumexp and exp(z - lse) take two)
+        top = z.amax(dim=1, keepdim=True)
+        prob = torch.sub(z, top).exp_()
+        total = prob.sum(dim=1, keepdim=True)
+        lse = total.log().add_(top)
+        prob.div_(total)
+        picked = (z * onehot).sum(dim=1, keepdim=True)
         loss = (lse - picked).mean(dim=(1, 2)) + 0.5 * self.l2 * w.square().sum(dim=(1, 2))
-        prob = torch.exp(z - lse)
         if curvature:
             self.curvature = 1.0 - prob.square().sum(dim=1).mean(dim=1)
-        r = prob.sub_(self.onehot).div_(self.n)  # d mean-loss / dz
+        r = prob.sub_(onehot).div_(self.n)  # d mean-loss / dz
         grad = torch.empty(x.shape[0], self.k, self.f + 1, dtype=torch.float64, device=x.device)
         grad[:, :, : self.f] = torch.bmm(r.to(xd), x)
         grad[:, :, : self.f].add_(w, alpha=self.l2)
@@ -340,7 +354,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     Args:
         x: (B, n, F) float64 or float32 features of the B problems, on the device to compute
             on (float32 features are the data: the float64 phase upcasts them exactly).
-        y: (n,) class index (0 .. n_classes - 1) of each sample, shared by all problems.
+        y: (n,) class index (0 .. n_classes - 1) of each sample, shared by all problems, or
+            (B, n): each problem's own labels (e.g. problems from different splits).
         n_classes: K, at least 2.
         C: inverse regularisation strength, as scikit-learn's ``C``.
         tol: a problem stops when its largest absolute gradient entry is at most this
@@ -364,6 +379,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
         raise ValueError(f"x must be float32 or float64; got {x.dtype}")
     # two classes: the multinomial pair with C / 2 has scikit-learn's binomial minimiser (docstring)
     l2 = 1.0 / ((C / 2 if k == 2 else C) * n)
+    if tuple(y.shape) not in ((n,), (n_batch, n)):
+        raise ValueError(f"y must have shape (n,) = ({n},) or (B, n) = {(n_batch, n)}; got {tuple(y.shape)}")
     y = y.to(device=dev, dtype=torch.long)
     n_par = (n_feat + 1) * k
     if init is None:
@@ -397,8 +414,9 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
              precision: str = "mixed") -> BatchedFit:
     """:func:`fit_multinomial` on B problems, organised for the device.
 
-    On a GPU all B problems are one batch. On CPU they are cut into one chunk per thread (more if
-    a chunk would exceed ``CPU_CHUNK_BYTES`` of features, in their own dtype), fitted on a pool of
+    On a GPU all B problems are one batch. On CPU they are cut into at least one chunk per thread
+    (more where chunks of ``CPU_CHUNK_MIN_PROBLEMS`` problems would exceed ``CPU_CHUNK_BYTES`` of
+    features, in their own dtype), fitted on a pool of
     ``torch.get_num_threads()`` threads with torch's intra-op threads set to 1 meanwhile (and
     restored after): the narrow GEMMs here scale poorly inside one op, and OpenMP teams
     spin-waiting for busy cores were measured to make 2-thread fits several times slower than
@@ -408,7 +426,7 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     Args:
         x: (B, n, F) features: float32 kept as is (the data, as :func:`fit_multinomial`),
             anything else converted to float64.
-        y: (n,) class indices shared by all problems.
+        y: (n,) class indices shared by all problems, or (B, n): each problem's own.
         n_classes, C, tol, max_iter, precision: as :func:`fit_multinomial`.
         device: torch device (default cpu).
         init: optional (B, K, F + 1) starting parameters (a warm start), as
@@ -428,12 +446,14 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     workers = max(1, torch.get_num_threads())
     per_problem = xt[0].numel() * xt.element_size()
     n_threads = max(1, min(workers, n_batch * per_problem // CPU_THREAD_MIN_BYTES))
-    n_chunks = min(n_batch, max(n_threads, -(-n_batch * per_problem // CPU_CHUNK_BYTES)))
+    per_chunk = max(CPU_CHUNK_MIN_PROBLEMS, CPU_CHUNK_BYTES // per_problem)
+    n_chunks = min(n_batch, max(n_threads, -(-n_batch // per_chunk)))
     chunks = [c for c in torch.tensor_split(torch.arange(n_batch), n_chunks) if c.numel()]
 
     def fit(c: torch.Tensor) -> BatchedFit:
         part = slice(int(c[0]), int(c[-1]) + 1)
-        return fit_multinomial(xt[part], yt, n_classes, C, init=None if init is None else init[part], **kw)
+        return fit_multinomial(xt[part], yt if yt.dim() == 1 else yt[part], n_classes, C,
+                               init=None if init is None else init[part], **kw)
 
     torch.set_num_threads(1)
     try:

@@ -445,6 +445,7 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkey
     together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(y), 5, 1.0, precision=precision)
     threads = torch.get_num_threads()
     monkeypatch.setattr(_logreg, "CPU_CHUNK_BYTES", 3 * x[0].nbytes)  # 3 chunks, 2-3 problems each
+    monkeypatch.setattr(_logreg, "CPU_CHUNK_MIN_PROBLEMS", 1)
     monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)  # on all threads
     chunked = _logreg.fit_many(x, y, 5, 1.0, precision=precision)
     assert torch.get_num_threads() == threads  # restored after the threaded fit
@@ -456,6 +457,42 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkey
                                        atol=atol)
             if precision == "float64":
                 assert fit.n_iter[b] == alone[b].n_iter[0]
+
+
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_problems_with_their_own_labels_fit_as_each_alone(precision, monkeypatch):
+    """Per-problem labels (y of shape (B, n), e.g. the problems of several splits in one batch):
+    each problem's fit is the fit of its features with its own labels alone, in one batch and in
+    threaded chunks; and one of them is scikit-learn's fit of the same data."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from unitmatch.core import _logreg
+
+    rng = np.random.default_rng(9)
+    ys = np.stack([rng.permutation(np.arange(150) % 4) for _ in range(6)])
+    means = rng.normal(size=(6, 4, 10))
+    x = rng.normal(size=(6, 150, 10)) + np.take_along_axis(means, ys[:, :, None], axis=1)
+    alone = [_logreg.fit_multinomial(torch.from_numpy(x[b:b + 1]), torch.from_numpy(ys[b]), 4, 1.0,
+                                     precision=precision) for b in range(6)]
+    together = _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(ys), 4, 1.0, precision=precision)
+    monkeypatch.setattr(_logreg, "CPU_CHUNK_BYTES", 2 * x[0].nbytes)
+    monkeypatch.setattr(_logreg, "CPU_CHUNK_MIN_PROBLEMS", 1)
+    monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)
+    chunked = _logreg.fit_many(x, ys, 4, 1.0, precision=precision)  # 3 chunks of 2
+    atol = 1e-12 if precision == "float64" else 1e-5
+    for b in range(6):
+        for fit in (together, chunked):
+            np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=atol)
+            np.testing.assert_allclose(fit.intercept[b].numpy(), alone[b].intercept[0].numpy(), rtol=0,
+                                       atol=atol)
+    tight = _logreg.fit_many(x, ys, 4, 1.0, tol=1e-10, max_iter=5000, precision=precision)
+    ref = LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(x[3], ys[3])
+    coef = tight.coef[3].numpy()
+    np.testing.assert_allclose(coef - coef.mean(axis=0), ref.coef_ - ref.coef_.mean(axis=0), rtol=0,
+                               atol=1e-4 * np.abs(ref.coef_).max())
+    with pytest.raises(ValueError, match=r"y must have shape \(n,\) = \(150,\) or \(B, n\) = \(6, 150\); got \(5, 150\)"):
+        _logreg.fit_multinomial(torch.from_numpy(x), torch.from_numpy(ys[:5]), 4, 1.0)
 
 
 def test_unconverged_fits_are_flagged_and_logged(caplog):
