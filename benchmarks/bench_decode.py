@@ -7,10 +7,11 @@ Two cases:
    10 Brain-Score splits (2304 train / 256 test), 100 random populations. Units come from a
    synthetic pool of 4096 correlated, rectified "units" (64 latent factors carrying category and
    object identity plus noise); the matched units are 256 of them and the neurons noisy copies.
-   The batched solver decodes all splits the way ``core.analyze`` does (one split after the
-   other, each warm-started from the previous one: ``warm_start``), timed whole (wall and
-   process CPU seconds) and in its parts (z-scoring and validation vs the fits, iterations of
-   cold and warm fits). Then scikit-learn (one thread, as ``solver="sklearn"`` runs) decodes the
+   The batched solver decodes all splits the way ``core.analyze`` does
+   (``matched_population_decoding_splits``: here the units' and neurons' classifiers of all splits
+   in one batch, and each split's null, two chunks, warm-started from the previous split's), timed
+   whole (wall and process CPU seconds) and in its parts (z-scoring and validation vs the fits,
+   iterations of cold and warm-started fits). Then scikit-learn (one thread, as ``solver="sklearn"`` runs) decodes the
    first ``--sklearn-splits`` splits: its time, extrapolated to all splits, and the largest
    accuracy difference over every fit of those splits (transfer, units, neurons, each null fit).
 2. Demo-sized (``demo``): the demo's planted model (``test_convnext``, random weights, seed 0,
@@ -60,6 +61,8 @@ def majaj_data(seed: int = 0, n_images: int = 2560, n_categories: int = 8, n_neu
 @contextlib.contextmanager
 def _fit_timer():
     """Record wall / CPU seconds and iterations of every batched fit (``decoding.fit_many``)."""
+    import torch
+
     import unitmatch.core.decoding as decoding
 
     fit = decoding.fit_many
@@ -70,7 +73,11 @@ def _fit_timer():
         out = fit(*a, **k)
         rec["wall"] += time.perf_counter() - t0
         rec["cpu"] += time.process_time() - c0
-        rec["cold" if k.get("init") is None else "warm"].extend(out.n_iter.tolist())
+        init = k.get("init")  # a problem starting from zeros is a cold start
+        cold = (np.ones(len(out.n_iter), bool) if init is None
+                else (init.abs().amax(dim=(1, 2)) == 0).cpu().numpy())
+        rec["cold"].extend(out.n_iter[torch.from_numpy(cold)].tolist())
+        rec["warm"].extend(out.n_iter[torch.from_numpy(~cold)].tolist())
         return out
 
     decoding.fit_many = timed
@@ -85,7 +92,7 @@ def _clock():
 
 
 def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device) -> None:
-    from unitmatch.core.decoding import matched_population_decoding
+    from unitmatch.core.decoding import matched_population_decoding, matched_population_decoding_splits
     from unitmatch.core.splits import brainscore_splits
 
     labels, units, neurons, pops = majaj_data(n_random=n_random)
@@ -95,18 +102,16 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device) -> None:
           f"{units.shape[1]} neurons, {pops.shape[0]} random populations, {len(splits)} splits "
           f"({n_fits} fits of {splits[0][0].size} x {units.shape[1]} per split), device {device or 'cpu'}")
     decode = functools.partial(matched_population_decoding, random_populations=pops, device=device)
-    batched = []
     with _fit_timer() as rec:
         t0, c0 = _clock()
-        for train, test in splits:
-            batched.append(decode(units, neurons, labels, train, test,
-                                  warm_start=batched[-1] if batched else None))
+        batched = matched_population_decoding_splits([units] * len(splits), neurons, labels, splits,
+                                                     random_populations=pops, device=device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     cold, warm = np.array(rec["cold"]), np.array(rec["warm"])
     print("| solver | splits | wall s | CPU s | wall s per split | CPU s per fit | iterations per fit |")
     print("|---|---|---|---|---|---|---|")
     print(f"| batched (warm starts) | {len(splits)} | {wall:.1f} | {cpu:.1f} | {wall / len(splits):.2f} | "
-          f"{cpu / (n_fits * len(splits)):.3f} | cold (split 0) median {np.median(cold):.0f}, "
+          f"{cpu / (n_fits * len(splits)):.3f} | cold median {np.median(cold):.0f}, "
           f"warm median {np.median(warm) if warm.size else float('nan'):.0f} |", flush=True)
     print(f"  of which fits (fit_many): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
           f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
@@ -158,7 +163,7 @@ def demo_case():
 
 def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
     import unitmatch.core.analysis as analysis
-    from unitmatch.core.decoding import matched_population_decoding
+    from unitmatch.core.decoding import matched_population_decoding_splits
 
     acts, assembly, splits, n_units = demo_case()
     print(f"\n## Demo-sized core.analyze: {assembly.n_images} images, {assembly.n_neurons} neurons "
@@ -183,8 +188,8 @@ def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
     extra = {} if device is None else {"device": device}
     try:
         for r, solver in enumerate(runs):
-            analysis.matched_population_decoding = functools.partial(matched_population_decoding,
-                                                                     solver=solver)
+            analysis.matched_population_decoding_splits = functools.partial(
+                matched_population_decoding_splits, solver=solver)
             with _fit_timer() as rec:
                 t0 = time.perf_counter()
                 results[solver] = analysis.analyze(acts, assembly, splits, n_permutations=100,
@@ -196,7 +201,7 @@ def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
                   flush=True)
     finally:
         analysis._decode = decode
-        analysis.matched_population_decoding = matched_population_decoding
+        analysis.matched_population_decoding_splits = matched_population_decoding_splits
     for solver, vals in rows.items():
         t = np.median([v[0] for v in vals])
         d = np.median([v[1] for v in vals])

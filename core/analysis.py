@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from .assignment import InfeasibleAssignment, assignment_drop, strict_assignment
-from .decoding import matched_population_decoding
+from .decoding import matched_population_decoding_splits
 from .engine import MatchResult, MatchSettings, combine_results, default_device, pearson_pairs, run_matching
 from .layers import PRESETS, select_names
 from .neural import NeuralAssembly
@@ -438,9 +438,11 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
 
     The random populations of a region are drawn once and their activations read in a few batched
     gathers (from a store, one read per chunk instead of one per population), then reused by every split.
-    In a region-committed search they are drawn from the units of the region's layers only. Each split's
-    fits start from the previous split's solutions (``warm_start``: same objective and stopping rule,
-    fewer iterations), on the matching's device (None: cuda when available, as the engine resolves it).
+    In a region-committed search they are drawn from the units of the region's layers only. A region's
+    splits are decoded together (:func:`core.decoding.matched_population_decoding_splits`: the fits
+    of several splits in one batch where they are small, each split's null warm-started from the
+    previous split's where they are large), on the matching's device (None: cuda when available, as
+    the engine resolves it).
     """
     device = default_device(device)
     rng = np.random.default_rng(seed)
@@ -451,14 +453,12 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
         neurons_x = y[idx].T  # (images, neurons of the region)
         units = _unit_ranges(catalogue, None if committed is None else committed[region])
         pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), splits, rng)
-        res = None
-        for s, (train, test) in enumerate(splits):
-            part = matches[(matches.split == s)].set_index("neuron").loc[ids]
-            units_x = columns(part.unit.to_numpy())
-            res = matched_population_decoding(units_x, neurons_x, labels, train, test,
-                                              random_populations=pool, n_random=n_random, device=device,
-                                              warm_start=res)
-            rows.append({"region": region, "split": s, **res.as_dict()})
+        units_x = [columns(matches[matches.split == s].set_index("neuron").loc[ids].unit.to_numpy())
+                   for s in range(len(splits))]
+        results = matched_population_decoding_splits(units_x, neurons_x, labels, splits,
+                                                     random_populations=pool, n_random=n_random,
+                                                     device=device)
+        rows += [{"region": region, "split": s, **res.as_dict()} for s, res in enumerate(results)]
     return pd.DataFrame(rows)
 
 

@@ -90,28 +90,28 @@ def test_decoding_transfers_from_matched_units_to_neurons(analysis):
     assert d.null_mean.max() < 0.5  # random populations: near chance, not near the matched ones
 
 
-def test_decoding_chains_warm_starts_and_agrees_with_scikit_learn(monkeypatch):
-    """core.analyze warm-starts each split's decoding from the previous split of the region (same
-    random populations); its decoding table agrees with scikit-learn's cold fits of the same data
-    within one test image per split (24 test images here: 0.042), and on average within 0.01."""
+def test_decoding_batches_a_regions_splits_and_agrees_with_scikit_learn(monkeypatch):
+    """core.analyze decodes each region's splits in one call (their fits batched together, same
+    random populations); its decoding table agrees with scikit-learn's fits of the same data within
+    one test image per split (24 test images here: 0.042), and on average within 0.01."""
     import functools
 
     from unitmatch.core import analysis as analysis_module
-    from unitmatch.core.decoding import matched_population_decoding
+    from unitmatch.core.decoding import matched_population_decoding_splits
 
     layers, assembly, _ = _world(seed=5)
     splits = core.brainscore_splits(assembly.image_metadata, n_splits=3)
     seen = []
 
-    def recording(*a, warm_start=None, **k):
-        seen.append(warm_start is not None)
-        return matched_population_decoding(*a, warm_start=warm_start, **k)
+    def recording(units, *a, **k):
+        seen.append(len(units))
+        return matched_population_decoding_splits(units, *a, **k)
 
-    monkeypatch.setattr(analysis_module, "matched_population_decoding", recording)
+    monkeypatch.setattr(analysis_module, "matched_population_decoding_splits", recording)
     batched = analyze(layers, assembly, splits, n_permutations=0, n_random_populations=100, top_k=4).decoding
-    assert seen == [False, True, True] * 3  # 3 regions x 3 splits: every split after the first is warm
-    monkeypatch.setattr(analysis_module, "matched_population_decoding",
-                        functools.partial(matched_population_decoding, solver="sklearn"))
+    assert seen == [3, 3, 3]  # 3 regions, each with its 3 splits in one call
+    monkeypatch.setattr(analysis_module, "matched_population_decoding_splits",
+                        functools.partial(matched_population_decoding_splits, solver="sklearn"))
     reference = analyze(layers, assembly, splits, n_permutations=0, n_random_populations=100, top_k=4).decoding
     n_test = len(splits[0][1])
     cols = ["transfer_accuracy", "unit_accuracy", "neuron_accuracy"]

@@ -432,7 +432,9 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkey
     """Batching couples nothing: each problem's fit does not depend on its batch, its chunk or
     the worker thread that ran it (CPU chunks on threads vs one batch vs one at a time). In
     float64 the fits are identical; with float32 products (``mixed``) a GEMM's rounding depends on
-    the batch layout (observed 5e-7), so they agree to the solver's tolerance."""
+    the batch layout, which can move a line search's decision and so where within the tolerance a
+    fit stops: observed 2e-5 between layouts, against 3.6e-2 between any of these fits and the
+    exact minimiser (tol=1e-4 stops there); 1e-4 here."""
     import torch
 
     from unitmatch.core import _logreg
@@ -449,7 +451,7 @@ def test_a_problem_fits_the_same_alone_and_in_a_threaded_batch(precision, monkey
     monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)  # on all threads
     chunked = _logreg.fit_many(x, y, 5, 1.0, precision=precision)
     assert torch.get_num_threads() == threads  # restored after the threaded fit
-    atol = 1e-12 if precision == "float64" else 1e-5
+    atol = 1e-12 if precision == "float64" else 1e-4
     for b in range(7):
         for fit in (together, chunked):
             np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=atol)
@@ -480,7 +482,7 @@ def test_problems_with_their_own_labels_fit_as_each_alone(precision, monkeypatch
     monkeypatch.setattr(_logreg, "CPU_CHUNK_MIN_PROBLEMS", 1)
     monkeypatch.setattr(_logreg, "CPU_THREAD_MIN_BYTES", x[0].nbytes)
     chunked = _logreg.fit_many(x, ys, 4, 1.0, precision=precision)  # 3 chunks of 2
-    atol = 1e-12 if precision == "float64" else 1e-5
+    atol = 1e-12 if precision == "float64" else 1e-4  # as in the test above
     for b in range(6):
         for fit in (together, chunked):
             np.testing.assert_allclose(fit.coef[b].numpy(), alone[b].coef[0].numpy(), rtol=0, atol=atol)
@@ -614,6 +616,61 @@ def test_decoding_warm_started_from_another_split_agrees_with_a_cold_start():
     with pytest.raises(ValueError, match=r"warm_start must be the DecodingResult of another split \(or None\); "
                                          r"got dict"):
         matched_population_decoding(units, neurons, labels, train2, test2, warm_start={"pair": None})
+
+
+def test_decoding_splits_together_agrees_with_each_split_alone_and_with_scikit_learn(monkeypatch):
+    """matched_population_decoding_splits batches the fits of several splits (each with its own
+    train images and labels, here from unstratified splits of different label counts and one split
+    of another train size): fewer solver calls, and every split's result within one test image of
+    the split decoded alone and of scikit-learn's; a split's bad input is named by its split."""
+    from unitmatch.core import decoding
+    from unitmatch.core.decoding import matched_population_decoding_splits
+
+    rng, labels, units, neurons, train, test = _planted(11, noise=1.0)
+    pool = _population(rng, labels, 300).astype(np.float32)
+    pops = np.stack([pool[:, rng.choice(300, M, replace=False)] for _ in range(40)])
+    n = labels.size
+    splits = []
+    for size in (240, 240, 240, 250):  # unstratified: label counts differ between splits
+        order = rng.permutation(n)
+        splits.append((np.sort(order[:size]), np.sort(order[size:])))
+    assert len({tuple(np.bincount(labels[tr], minlength=N_CAT)) for tr, _ in splits}) > 1
+    unit_sets = [units + 0.1 * s * rng.normal(size=units.shape) for s in range(len(splits))]
+    calls = []
+    fit_many = decoding.fit_many
+
+    def counting(x, y, *a, **k):
+        calls.append((len(x), np.ndim(y)))
+        return fit_many(x, y, *a, **k)
+
+    monkeypatch.setattr(decoding, "fit_many", counting)
+    together = matched_population_decoding_splits(unit_sets, neurons, labels, splits, random_populations=pops)
+    # pairs: splits 0-2 (same train size) then split 3; nulls: the same two groups; per-problem labels
+    assert calls == [(6, 2), (2, 1), (120, 2), (40, 1)]
+    calls.clear()
+    alone = [decoding.matched_population_decoding(u, neurons, labels, tr, te, random_populations=pops)
+             for u, (tr, te) in zip(unit_sets, splits)]
+    assert len(calls) == 2 * len(splits)
+    reference = matched_population_decoding_splits(unit_sets, neurons, labels, splits, random_populations=pops,
+                                                   solver="sklearn")
+    for s, (a, b, c) in enumerate(zip(together, alone, reference)):
+        one = 1 / splits[s][1].size + 1e-12
+        for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
+            assert abs(getattr(a, field) - getattr(b, field)) <= one, (s, field)
+            assert abs(getattr(a, field) - getattr(c, field)) <= one, (s, field)
+        assert np.abs(a.null - b.null).max() <= one and np.abs(a.null - c.null).max() <= one
+        assert a.fits["null"].shape == (40, N_CAT, M + 1) and a.fits["pair"].shape == (2, N_CAT, M + 1)
+    with pytest.raises(ValueError, match=r"unit_responses must hold one \(n_images, M\) array per split \(4 "
+                                         r"splits\); got 3 arrays"):
+        matched_population_decoding_splits(unit_sets[:3], neurons, labels, splits)
+    with pytest.raises(ValueError, match=r"got an array of shape \(360, 30\)"):
+        matched_population_decoding_splits(units, neurons, labels, splits)
+    bad = [u.copy() for u in unit_sets]
+    bad[2][:, 5] = 1.0
+    with pytest.raises(ValueError, match=r"^split 2: unit_responses column 5 is constant on the train images"):
+        matched_population_decoding_splits(bad, neurons, labels, splits)
+    with pytest.raises(ValueError, match="splits is empty"):
+        matched_population_decoding_splits([], neurons, labels, [])
 
 
 def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
