@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._threads import single_threaded_ops
+
 log = logging.getLogger(__name__)
 
 #: L-BFGS memory (SciPy's default, which scikit-learn uses)
@@ -424,12 +426,11 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
 
     On a GPU all B problems are one batch. On CPU they are cut into at least one chunk per thread
     (more where chunks of ``CPU_CHUNK_MIN_PROBLEMS`` problems would exceed ``CPU_CHUNK_BYTES`` of
-    features, in their own dtype), fitted on a pool of
-    ``torch.get_num_threads()`` threads with torch's intra-op threads set to 1 meanwhile (and
-    restored after): the narrow GEMMs here scale poorly inside one op, and OpenMP teams
-    spin-waiting for busy cores were measured to make 2-thread fits several times slower than
-    1-thread ones on a loaded 2-core machine; independent chunks on separate threads have no
-    barrier to wait at.
+    features, in their own dtype), fitted on a pool of ``torch.get_num_threads()`` threads with
+    every op single-threaded meanwhile (:func:`core._threads.single_threaded_ops`): the narrow
+    GEMMs here scale poorly inside one op, and OpenMP teams spin-waiting for busy cores were
+    measured to make 2-thread fits several times slower than 1-thread ones on a loaded 2-core
+    machine; independent chunks on separate threads have no barrier to wait at.
 
     Args:
         x: (B, n, F) features: float32 kept as is (the data, as :func:`fit_multinomial`),
@@ -451,28 +452,24 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     if dev.type != "cpu":
         return fit_multinomial(xt.to(dev), yt, n_classes, C, init=init, **kw)
     n_batch = xt.shape[0]
-    workers = max(1, torch.get_num_threads())
     per_problem = xt[0].numel() * xt.element_size()
-    n_threads = max(1, min(workers, n_batch * per_problem // CPU_THREAD_MIN_BYTES))
     per_chunk = max(CPU_CHUNK_MIN_PROBLEMS, CPU_CHUNK_BYTES // per_problem)
-    # a multiple of the threads, so that no thread finishes a chunk alone while the others idle
-    n_chunks = min(n_batch, -(-n_batch // per_chunk // n_threads) * n_threads)
-    chunks = [c for c in torch.tensor_split(torch.arange(n_batch), n_chunks) if c.numel()]
 
     def fit(c: torch.Tensor) -> BatchedFit:
         part = slice(int(c[0]), int(c[-1]) + 1)
         return fit_multinomial(xt[part], yt if yt.dim() == 1 else yt[part], n_classes, C,
                                init=None if init is None else init[part], **kw)
 
-    torch.set_num_threads(1)
-    try:
+    with single_threaded_ops() as workers:
+        n_threads = max(1, min(workers, n_batch * per_problem // CPU_THREAD_MIN_BYTES))
+        # a multiple of the threads, so that no thread finishes a chunk alone while the others idle
+        n_chunks = min(n_batch, -(-n_batch // per_chunk // n_threads) * n_threads)
+        chunks = [c for c in torch.tensor_split(torch.arange(n_batch), n_chunks) if c.numel()]
         if n_threads == 1:
             fits = [fit(c) for c in chunks]
         else:
             with ThreadPoolExecutor(max_workers=n_threads) as pool:
                 fits = list(pool.map(fit, chunks))
-    finally:
-        torch.set_num_threads(workers)
     return BatchedFit(coef=torch.cat([f.coef for f in fits]),
                       intercept=torch.cat([f.intercept for f in fits]),
                       n_iter=torch.cat([f.n_iter for f in fits]),

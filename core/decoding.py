@@ -38,7 +38,6 @@ population i of split s).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Union
@@ -47,6 +46,7 @@ import numpy as np
 import torch
 
 from ._logreg import BatchedFit, fit_many
+from ._threads import single_threaded_ops
 
 log = logging.getLogger(__name__)
 
@@ -297,22 +297,6 @@ def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]
 
 
 # --------------------------------------------------------------------------------------- classifier
-def _single_threaded():
-    """Context in which BLAS/OpenMP run one thread (the ``"sklearn"`` solver only).
-
-    The scikit-learn fits are small (M features, a few thousand images at most) and many (the
-    null). With the default thread pools they were measured 10-25x slower on a loaded 2-core
-    machine (pool threads spin-waiting for busy cores: 55 ms instead of 2-4 ms per fit); one
-    thread is never slower at this size. The batched solver organises its own threads
-    (:func:`core._logreg.fit_many`).
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1)
-
-
 def _check_C(C: float) -> float:
     C = float(C)
     if not np.isfinite(C) or C <= 0:
@@ -342,7 +326,9 @@ class _Classifiers:
             from sklearn.linear_model import LogisticRegression
 
             ys = y_train if y_train.ndim == 2 else [y_train] * len(z_train)
-            with _single_threaded():
+            # small fits: one BLAS thread is never slower, and multi-threaded pools were measured
+            # 10-25x slower on a loaded 2-core machine (55 ms instead of 2-4 ms per fit)
+            with single_threaded_ops():
                 self.models = [LogisticRegression(C=C, solver="lbfgs", max_iter=MAX_ITER, tol=TOL)
                                .fit(z, y) for z, y in zip(z_train, ys)]
         else:
@@ -358,7 +344,7 @@ class _Classifiers:
         """Accuracy of each classifier of ``rows`` (default all) on features z (n, M), shared by
         them, labels y (n,)."""
         if self.solver == "sklearn":
-            with _single_threaded():
+            with single_threaded_ops():
                 return np.array([np.mean(m.predict(z) == y) for m in self.models[rows]], dtype=np.float64)
         f = self.fit
         part = BatchedFit(f.coef[rows], f.intercept[rows], f.n_iter[rows], f.converged[rows])

@@ -56,6 +56,7 @@ import logging
 import math
 import numbers
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterable, Sequence
 
@@ -63,6 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ._threads import single_threaded_ops
 from .splits import Split, validate_splits
 from .units import UnitBlock, UnitCatalogue, check_layer_subset
 
@@ -415,6 +417,7 @@ class MatchEngine:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_local")
+        state.pop("_pool", None)
         return state
 
     def __setstate__(self, state):
@@ -551,6 +554,14 @@ class MatchEngine:
         (``_SplitPlan.d_train``) gives the tile's products. The other rows are squared and summed
         only to check that they are finite.
 
+        With several torch threads the tiles are shared out over that many Python threads, every op
+        single-threaded (:func:`core._threads.single_threaded_ops`) and each tile's GEMM numpy's
+        (OpenBLAS, one thread): independent tiles on separate threads have no barrier to wait at.
+        Measured on the 2-core AMD EPYC VM (benchmarks/RESULTS.md): torch's (MKL's) 2-thread GEMM
+        of a whole block ran no faster than its 1-thread one, and one 2-thread op per tile step
+        left the cores waiting at each op's end; a single thread's GEMM is as fast in either
+        library.
+
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
             sums; sums of squares over the train rows (1, units) and over the other rows (units,).
@@ -559,10 +570,36 @@ class MatchEngine:
         products = self._buffer("products", (self.n_rows + 1, n_units))
         sxx = self._buffer("sxx", (2, n_units))
         sxx.zero_()
+        if n_units <= _TILE_UNITS or torch.get_num_threads() < 2:
+            self._tiles(xb, shift, plan, 0, n_units, products, sxx, torch_gemm=True)
+            return products, sxx[:1], sxx[1]
+        with single_threaded_ops() as threads:
+            n = min(threads, -(-n_units // _TILE_UNITS))
+            bounds = np.linspace(0, n_units, n + 1).round().astype(int)  # an equal share of units each
+            pool = self._tile_pool(n)
+            work = [pool.submit(self._tiles, xb, shift, plan, int(bounds[i]), int(bounds[i + 1]), products, sxx,
+                                torch_gemm=False) for i in range(n)]
+            for w in work:
+                w.result()
+        return products, sxx[:1], sxx[1]
+
+    def _tile_pool(self, n: int) -> ThreadPoolExecutor:
+        """The engine's tile threads (kept, with their scratch buffers, from block to block)."""
+        pool = self.__dict__.get("_pool")
+        if pool is None or pool._max_workers < n:
+            if pool is not None:
+                pool.shutdown(wait=False)
+            pool = self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-tiles")
+        return pool
+
+    def _tiles(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", start: int, stop: int,
+               products: torch.Tensor, sxx: torch.Tensor, torch_gemm: bool) -> None:
+        """Units ``start:stop`` in tiles: their columns of ``products`` and ``sxx`` (see
+        :meth:`_tiled_products`), with torch's GEMM or numpy's."""
         ones = self._ones
         n_train, n_rest = plan.n_train, len(plan.outside)
-        for c0 in range(0, n_units, _TILE_UNITS):
-            c1 = min(c0 + _TILE_UNITS, n_units)
+        for c0 in range(start, stop, _TILE_UNITS):
+            c1 = min(c0 + _TILE_UNITS, stop)
             width = c1 - c0
             src = xb[:, c0:c1]
             step = shift[c0:c1] if shift is not None else None
@@ -574,8 +611,10 @@ class MatchEngine:
                     chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
                     self._gather_rows(src, rows[r0:r1], chunk, step)
                     sums.addmm_(ones[:, : r1 - r0], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width))))
-            torch.mm(plan.d_train, tile, out=products[:, c0:c1])
-        return products, sxx[:1], sxx[1]
+            if torch_gemm:
+                torch.mm(plan.d_train, tile, out=products[:, c0:c1])
+            else:
+                np.matmul(plan.d_train.numpy(), tile.numpy(), out=products[:, c0:c1].numpy())
 
     def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
         """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer."""

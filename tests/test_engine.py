@@ -666,3 +666,93 @@ def test_pinned_staging_on_cuda_equals_the_cpu_engine(dtype, n_splits):
                                    equal_nan=True)
     for block in staged_blocks(iter_blocks(layers, cat, 64), torch.device("cuda")):
         assert block.data.is_cuda
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monkeypatch):
+    """One split on CPU with several torch threads: a block's tiles are shared out over Python
+    threads (numpy's single-threaded GEMM per tile). The screening r agree with the serial tiles'
+    (torch's GEMM, one thread) to float32 rounding, and the matches equal the float64 reference's,
+    including an exact duplicate in the other thread's half (the lower unit id wins)."""
+    from unitmatch.core import engine as engine_module
+
+    rng = np.random.default_rng(21)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(dtype)  # 3 tiles of <= 2048 units
+    x[:, 4321] = x[:, 7]
+    planted = np.array([7, 100, 1999, 2048, 2600, 3000, 3500, 4100, 4999, 50, 60, 70])
+    y = plant_neurons(x.astype(np.float32), n_planted=12, n_noise=4, snr=4.0, units=planted, seed=22).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    gemms = []
+    tiles = engine_module.MatchEngine._tiles
+
+    def recording(self, *a, torch_gemm, **k):
+        gemms.append(torch_gemm)
+        return tiles(self, *a, torch_gemm=torch_gemm, **k)
+
+    monkeypatch.setattr(engine_module.MatchEngine, "_tiles", recording)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            gemms.clear()
+            block = MatchEngine(y, splits, top_k=4).process(UnitBlock(x, "l", 0))
+            results[n] = (block, run_matching({"l": x}, y, splits, top_k=4, block_units=5000).matches)
+            assert torch.get_num_threads() == n  # restored after the threaded tiles
+            assert gemms == ([False, False] * 2 if n == 2 else [True] * 2)  # two halves, or serial tiles
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(results[2][0].top_r, results[1][0].top_r, rtol=0, atol=1e-5)
+    ref = match_reference(x.astype(np.float64), y, splits)[0]
+    for n, (_, m) in results.items():
+        got = m.sort_values("neuron")
+        np.testing.assert_array_equal(got.unit.to_numpy(), ref["unit"])
+        np.testing.assert_allclose(got.train_r.to_numpy(), ref["train_r"], atol=1e-10)
+    assert ref["unit"][0] == 7  # the duplicate's lower id, in both
+
+
+def test_single_threaded_sections_overlap_and_restore_the_settings():
+    """core._threads.single_threaded_ops from two threads whose sections overlap (A opens, B
+    opens, A closes, B closes): one thread inside while any section is open, and afterwards
+    torch's threads and the BLAS pools are what they were before the first (a naive save/restore
+    per section would leave them at 1)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from unitmatch.core._threads import single_threaded_ops
+
+    def blas_threads():
+        return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    before = blas_threads()
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def a():
+            with single_threaded_ops() as n:
+                seen["a"] = n
+                a_in.set()
+                b_in.wait(10)
+            a_out.set()
+
+        def b():
+            a_in.wait(10)
+            with single_threaded_ops() as n:
+                seen["b"] = n
+                b_in.set()
+                a_out.wait(10)
+                seen["inside after a closed"] = (torch.get_num_threads(), blas_threads())
+
+        workers = [threading.Thread(target=a), threading.Thread(target=b)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(20)
+        assert seen == {"a": 2, "b": 2, "inside after a closed": (1, [1] if before else [])}
+        assert torch.get_num_threads() == 2 and blas_threads() == before
+    finally:
+        torch.set_num_threads(threads)
