@@ -245,7 +245,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
     from .extract import ZooExtraction
 
     c, compute = cfg.cluster, cfg.compute
-    stores, todo = {}, []
+    stores, todo, opened = {}, [], {}  # opened: one store object per folder (models of one identity share it)
     for entry in entries:
         try:
             store = prepare_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
@@ -257,7 +257,9 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
             _check_topk_units(cfg, entry.key, store)
             _check_region_layers(cfg, None, entry.key, store)
         if store.complete:
-            stores[entry.key] = ActivationStore.open(store.path)
+            if store.path not in opened:  # its done records are then read once, however many models use it
+                opened[store.path] = ActivationStore.open(store.path)
+            stores[entry.key] = opened[store.path]
         else:
             todo.append((entry, store))
     if todo:

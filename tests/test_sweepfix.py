@@ -4,6 +4,8 @@ repaired or deleted unreadable stores, and combine_results orders and checks its
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -69,3 +71,28 @@ def test_combine_results_refuses_parts_of_other_splits_or_settings_naming_what_d
         combine_results([a, _result(3, offset=4, n_permutations=5)], ids)
     with pytest.raises(ValueError, match=r"expected each of 5 neurons once"):  # one part is checked too
         combine_results([a], ids[:5])
+
+
+# ------------------------------------------------------------------ 1. provenance
+def test_provenance_reads_a_store_again_once_its_done_records_change(tmp_path, monkeypatch):
+    from test_integrity import LAYERS, N_IMAGES, _write_store
+
+    from unitmatch.core.store import ActivationStore
+    from unitmatch.sweep import provenance
+
+    rng = np.random.default_rng(0)
+    store = _write_store(tmp_path / "stores", {layer.name: rng.standard_normal((N_IMAGES, layer.size)).astype(
+        np.float16) for layer in LAYERS})  # its done records say device "cpu", no host or tf32
+    reads = []
+    done_records = ActivationStore.done_records
+    monkeypatch.setattr(ActivationStore, "done_records", lambda self: reads.append(1) or done_records(self))
+    first = [provenance.store_record(store) for _ in range(3)]
+    assert len(reads) == 1 and first[0] == first[1] == first[2]
+    assert first[0]["batches"] == {"cpu on unrecorded host, tf32 unrecorded": store.n_batches}
+    # a batch redone elsewhere (its record rewritten): read afresh, the new device counted
+    record_file = store.path / "done" / "b000000"
+    record_file.write_text(json.dumps({**json.loads(record_file.read_text()), "device": "cuda:0", "host": "gpu1"}))
+    changed = provenance.store_record(ActivationStore.open(store.path))
+    assert len(reads) == 2
+    assert changed["batches"] == {"cpu on unrecorded host, tf32 unrecorded": store.n_batches - 1,
+                                  "cuda:0 on gpu1, tf32 unrecorded": 1}
