@@ -87,18 +87,24 @@ def recover(results_dir: Path, key: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def is_done(results_dir: Path, key: str, fp: str) -> bool:
-    """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record."""
+def is_done(results_dir: Path, key: str, fp: str, record: str | None = None) -> bool:
+    """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record.
+
+    ``record``: the sweep record's fingerprint (:func:`record_fingerprint`) where the caller has it
+    (a stage reads it once for all its models); None: read here.
+    """
     recover(results_dir, key)
     marker = model_dir(results_dir, key) / DONE
     if not marker.exists():
         return False
     done = json.loads(marker.read_text())
-    return done.get("fingerprint") == fp and done.get("sweep_record") == record_fingerprint(results_dir)
+    if done.get("fingerprint") != fp:
+        return False
+    return done.get("sweep_record") == (record_fingerprint(results_dir) if record is None else record)
 
 
 def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFrame], null: dict | None,
-                        done: dict, records: dict | None = None) -> Path:
+                        done: dict, records: dict | None = None, record: str | None = None) -> Path:
     """Write one model's tables (Parquet), its null (npz), JSON records and ``DONE.json`` in one rename.
 
     Args:
@@ -107,8 +113,10 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
         done: what ``DONE.json`` records (must include ``fingerprint``; ``sweep_record`` is added: the
             fingerprint of the folder's ``sweep.json``, which must exist).
         records: file name -> JSON-serialisable content (e.g. ``provenance.json``).
+        record: the sweep record's fingerprint, as for :func:`is_done` (None: read here).
     """
-    record = record_fingerprint(results_dir)
+    if record is None:
+        record = record_fingerprint(results_dir)
     if record is None:
         raise FileNotFoundError(f"{Path(results_dir) / RECORD} is missing: a sweep folder records its inputs "
                                 f"(check_record(..., write=True)) before any model's results are written")

@@ -298,13 +298,14 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                   min_varying_images=a.min_varying_images, block_units=compute.block_units,
                                   device=compute.device)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
+    record = results.record_fingerprint(cfg.results_dir)  # written by run() before this stage: read once for all models
     for entry in entries:
         if entry.key not in stores:
             continue
         store = stores[entry.key]
         key = results_key(entry.key, "all_units" if region_layers is None else "region_committed")  # side by side
         fp = results.fingerprint(store.path.name, neural_fp, [s[0].tolist() for s in splits], science)
-        if results.is_done(cfg.results_dir, key, fp):
+        if results.is_done(cfg.results_dir, key, fp, record):
             done["skipped"].append(entry.key)
             continue
         try:
@@ -322,7 +323,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                     region_layers=region_layers)
             folder = _write_results(cfg, entry, store, analysis, result, key,
                                     {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
-                                     "neural_data": neural_fp})
+                                     "neural_data": neural_fp}, record)
             done["analyzed"].append(entry.key)
             _log_stage(cfg, entry, "analyze", _metrics(analysis.summary),
                        uses=[("store", store), ("data", neural_fp)], produces=[("results", folder)])
@@ -330,7 +331,8 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             _failed(done, entry.key, "analyze", err)
 
 
-def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, key: str, done: dict) -> Path:
+def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, key: str, done: dict,
+                   record: str | None) -> Path:
     depth = {layer.name: i / max(len(store.layer_units) - 1, 1) for i, layer in enumerate(store.layer_units)}
     tag = dict(model=entry.key, arch=entry.arch, weights=entry.weights, trained=entry.trained,
                control=entry.control is not None, top1_illustrative=entry.top1_illustrative,
@@ -347,7 +349,7 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
     }
     null = None if result.null is None else {"test_r": result.null.test_r, "train_r": result.null.train_r}
     return results.write_model_results(Path(cfg.results_dir), key, tables, null, done,
-                                       {"provenance.json": provenance.model_record(entry, store)})
+                                       {"provenance.json": provenance.model_record(entry, store)}, record)
 
 
 def stage_report(cfg: DictConfig, wandb_summary: bool = True, trusted: dict | None = None) -> Path | None:
