@@ -299,6 +299,15 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                   device=compute.device)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
     record = results.record_fingerprint(cfg.results_dir)  # written by run() before this stage: read once for all models
+    # the neurons are the same for every model: screened once, the flagged ones named once
+    flags = core.analysis.screen_neurons(assembly, splits)
+    try:
+        core.analysis.analysable(assembly, flags)
+    except ValueError as err:  # no neuron can be matched: no model can be analysed
+        for entry in entries:
+            if entry.key in stores:
+                _failed(done, entry.key, "analyze", err)
+        return
     for entry in entries:
         if entry.key not in stores:
             continue
@@ -314,13 +323,13 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
             with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
-                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
+                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers, flags=flags,
                                         scheduler=scheduler, progress=True,
                                         gpus_per_task=cfg.cluster.gpus_per_reduce_task,
                                         wait_log_s=cfg.cluster.wait_log_s)
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
                                     decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
-                                    region_layers=region_layers)
+                                    region_layers=region_layers, flags=flags)
             folder = _write_results(cfg, entry, store, analysis, result, key,
                                     {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
                                      "neural_data": neural_fp}, record)

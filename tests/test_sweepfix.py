@@ -5,6 +5,8 @@ repaired or deleted unreadable stores, and combine_results orders and checks its
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +14,8 @@ import pytest
 
 from unitmatch import core
 from unitmatch.core.engine import combine_results, run_matching
+
+from test_sweep import _compose, outputs  # noqa: F401 - the sweep tests' config and outputs fixture
 
 N_IMAGES = 120
 
@@ -73,7 +77,85 @@ def test_combine_results_refuses_parts_of_other_splits_or_settings_naming_what_d
         combine_results([a], ids[:5])
 
 
-# ------------------------------------------------------------------ 1. provenance
+# ------------------------------------------------------- 1-3. one sweep: a store shared by two models
+def test_a_sweep_of_two_models_on_one_store_reads_its_records_once_and_names_flagged_neurons_once(
+        outputs, tmp_path, monkeypatch, caplog):
+    """Two model files of one identity (one store, two results), neural=plain with a constant neuron,
+    a region-committed search: every done record of the store is read once for the provenance (and
+    once for the chunk digests), sweep.json is hashed once for the stage, and the flagged neuron is
+    named once; the recorded provenance and DONE.json equal what a fresh read gives."""
+    from unitmatch.core.store import ActivationStore
+    from unitmatch.sweep import results
+    from unitmatch.sweep.stages import run
+
+    models = tmp_path / "conf" / "models"
+    models.mkdir(parents=True)
+    (models / "convnext_copy.yaml").write_text("# @package models.convnext_copy\nname: test_convnext\n"
+                                               "pretrained: false\nseed: 0\nlayers: stages\n")
+    r = np.random.default_rng(0).standard_normal((10, 240, 3))
+    r[0] = 1.0  # constant: flagged, left out of the matching
+    np.save(tmp_path / "bad.npy", r)
+    base = ["logger=none", "stimuli.variations=6", "analysis.n_permutations=9", "analysis.n_random_populations=10",
+            "analysis.splits=3", "analysis.stratify=auto", "untrained_controls=[]", "neural=plain",
+            "neural.region=V4", f"neural.responses={tmp_path / 'bad.npy'}", "sweep_name=shared",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
+    run(_compose(base + ["models=[demo_test_convnext]", "stage=extract"]))
+
+    reads, hashes = {}, []
+    done_records, record_fingerprint = ActivationStore.done_records, results.record_fingerprint
+
+    def counted_reads(self):
+        reads[self.path.name] = reads.get(self.path.name, 0) + 1
+        return done_records(self)
+
+    def counted_hash(results_dir):
+        hashes.append(results_dir)
+        return record_fingerprint(results_dir)
+
+    monkeypatch.setattr(ActivationStore, "done_records", counted_reads)
+    monkeypatch.setattr(results, "record_fingerprint", counted_hash)
+    caplog.set_level(logging.WARNING, logger="unitmatch")
+    cfg = _compose(base + ["models=[demo_test_convnext,convnext_copy]", "analysis.region_layers={V4:[stages.3]}",
+                           "stage=analyze"])
+    done = run(cfg)
+    assert done["analyzed"] == ["demo_test_convnext", "convnext_copy"] and not done["failed"]
+    out = Path(cfg.results_dir)
+    (store_path,) = [p for p in Path(cfg.store_root).iterdir() if not p.name.startswith(".")]
+    # 1. one read for the provenance, one for the chunk digest table: not one more per result
+    assert reads == {store_path.name: 2}
+    # 2. sweep.json hashed once for the stage (not twice per model)
+    assert len(hashes) == 1
+    # 3. the flagged neuron named once
+    flagged = [r.getMessage() for r in caplog.records if "flagged and left out of the matching" in r.getMessage()]
+    assert flagged == ["1 of 10 neurons are flagged and left out of the matching: n000 (constant_train)"]
+
+    # the provenance: every record equals the done records counted here, from the files themselves
+    counts = {}
+    for f in sorted((store_path / "done").iterdir()):
+        info = json.loads(f.read_text())
+        label = f"{info['device']} on {info['host']}, tf32 {info['tf32']}"
+        counts[label] = counts.get(label, 0) + 1
+    sweep_record = json.loads((out / "provenance.json").read_text())["stores"]
+    assert {k: v["batches"] for k, v in sweep_record.items()} == {"demo_test_convnext": counts,
+                                                                  "convnext_copy": counts}
+    record = results.fingerprint(json.loads((out / "sweep.json").read_text()))
+    for key in ("demo_test_convnext", "convnext_copy"):
+        folder = out / "models" / f"{key}.region_committed"
+        assert json.loads((folder / "provenance.json").read_text())["store"]["batches"] == counts
+        assert json.loads((folder / "DONE.json").read_text())["sweep_record"] == record
+        neurons = pd.read_parquet(folder / "neurons.parquet").set_index("neuron")
+        assert neurons.loc["n000", "flags"] == "constant_train,no_ceiling" and not neurons.loc["n000", "analyzed"]
+        assert neurons.drop(index="n000").analyzed.all()
+    # the two results of one store are the same numbers
+    a, b = (pd.read_parquet(out / "models" / f"{k}.region_committed" / "matches.parquet").drop(columns="model")
+            for k in ("demo_test_convnext", "convnext_copy"))
+    pd.testing.assert_frame_equal(a, b)
+    hashes.clear()
+    again = run(cfg)  # the record handed on to is_done finds both finished
+    assert again["skipped"] == ["demo_test_convnext", "convnext_copy"] and again["analyzed"] == []
+    assert len(hashes) == 1
+
+
 def test_provenance_reads_a_store_again_once_its_done_records_change(tmp_path, monkeypatch):
     from test_integrity import LAYERS, N_IMAGES, _write_store
 
@@ -96,3 +178,36 @@ def test_provenance_reads_a_store_again_once_its_done_records_change(tmp_path, m
     assert len(reads) == 2
     assert changed["batches"] == {"cpu on unrecorded host, tf32 unrecorded": store.n_batches - 1,
                                   "cuda:0 on gpu1, tf32 unrecorded": 1}
+
+
+def test_analyze_with_the_callers_flags_screens_nothing_again_and_gives_the_same_tables(caplog):
+    """core.analyze(flags=screen_neurons(...)) is the analysis without them, logs no second warning and
+    leaves the caller's table as it was; flags of other neurons are refused."""
+    from test_analysis import _world
+
+    from unitmatch.core.analysis import analysable, analyze, screen_neurons
+
+    layers, assembly, _ = _world(seed=3)
+    responses = assembly.responses.copy()
+    responses[0] = 1.0  # constant: flagged
+    assembly = core.NeuralAssembly(responses, assembly.neuron_ids, assembly.regions, assembly.image_ids,
+                                   assembly.image_metadata)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=2)
+    mapping = {"V4": ["conv"], "IT": ["fc"], "noise": ["re:.*"]}
+    kwargs = dict(n_permutations=5, n_random_populations=5, top_k=3, region_layers=mapping)
+    message = "neurons are flagged and left out of the matching"
+    caplog.set_level(logging.WARNING, logger="unitmatch")
+    plain = analyze(layers, assembly, splits, **kwargs)
+    assert sum(message in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    flags = screen_neurons(assembly, splits)
+    before = flags.copy()
+    given = analyze(layers, assembly, splits, flags=flags, **kwargs)
+    assert not any(message in r.getMessage() for r in caplog.records)
+    pd.testing.assert_frame_equal(flags, before)
+    for name in ("matches", "layer_matches", "neurons", "assignment", "decoding", "summary"):
+        pd.testing.assert_frame_equal(getattr(given, name), getattr(plain, name), obj=name)
+    assert given.neurons.set_index("neuron")["flags"].iloc[0].startswith("constant_train")
+    with pytest.raises(ValueError, match=r"flags screen other neurons than the assembly's: 35 rows .* for its 36 "
+                                         r"neurons .*pass screen_neurons\(assembly, splits\) of this assembly"):
+        analysable(assembly, flags.iloc[1:])
