@@ -262,11 +262,24 @@ def collect(results_dir: Path, with_matches: bool = False, keys=None):
     return (*out, pd.concat(matches, ignore_index=True)) if with_matches else out
 
 
-def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verified: list[str] = ()) -> dict:
+#: how failures.json names the verify failure of a store whose key cannot be read (no model owns it)
+STORE_FAILURE = "store "
+
+
+def store_failure(folder: Path, error: str) -> dict:
+    """The failures.json record of an unreadable store (key ``store <folder name>``): stage, error and its path."""
+    return {"stage": "verify", "error": error, "traceback": "", "store": str(Path(folder).resolve())}
+
+
+def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verified: list[str] = (),
+                    verified_stores: list[str] = ()) -> dict:
     """Merge this run's failures into ``failures.json``; models that succeeded now are removed.
 
     ``verified``: models whose stores the ``verify`` stage found intact now; only their ``verify``
-    failures are removed (a failed analysis stays until the model is analysed).
+    failures are removed (a failed analysis stays until the model is analysed). ``verified_stores``:
+    the store folders (resolved paths) it found intact now. The failure of a store whose key could
+    not be read (``store <folder>``, :func:`store_failure`) is removed once a verify finds its folder
+    intact, or (by any stage) once the folder no longer exists.
 
     Nothing is written when nothing changed (a rerun of a finished sweep writes nothing).
     """
@@ -279,6 +292,15 @@ def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verif
     for key in verified:
         if key not in failed and failures.get(key, {}).get("stage") == "verify":
             del failures[key]
+    for key, failure in list(failures.items()):
+        if key not in failed and key.startswith(STORE_FAILURE) and failure.get("stage") == "verify":
+            folder = failure.get("store")
+            if folder is None:  # recorded before the path was: known by its folder's name only
+                gone = any(Path(p).name == key[len(STORE_FAILURE):] for p in verified_stores)
+            else:
+                gone = folder in verified_stores or not Path(folder).exists()
+            if gone:
+                del failures[key]
     if failures != old and (failures or old is not None):
         atomic_write(path, json.dumps(failures, indent=2).encode())
     return failures

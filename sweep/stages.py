@@ -98,7 +98,8 @@ def run(cfg: DictConfig) -> dict:
         # job, by the MultirunReport callback
         done["report"] = stage_report(cfg, wandb_summary=not _in_multirun(), trusted=trusted)
     if cfg.stage != "report":  # the report reads the results folder, it never writes its records
-        results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []))
+        results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []),
+                                done.get("verified_stores", []))
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
              time.perf_counter() - t0)

@@ -211,3 +211,54 @@ def test_analyze_with_the_callers_flags_screens_nothing_again_and_gives_the_same
     with pytest.raises(ValueError, match=r"flags screen other neurons than the assembly's: 35 rows .* for its 36 "
                                          r"neurons .*pass screen_neurons\(assembly, splits\) of this assembly"):
         analysable(assembly, flags.iloc[1:])
+
+
+# --------------------------------------------------------------- 4. failures.json and unreadable stores
+def _verify(root):
+    from unitmatch.sweep.stages import run
+
+    return run(_compose(["logger=none", "models=[demo_test_resnet]", "untrained_controls=[]", "sweep_name=verify",
+                         "stage=verify", "neural.planted_model=demo_test_resnet", f"store_root={root}"]))
+
+
+def _failures(outputs) -> dict:
+    return json.loads((outputs / "sweeps" / "verify" / "failures.json").read_text())
+
+
+@pytest.mark.parametrize("fix", ["delete", "repair"])
+def test_an_unreadable_stores_failure_ends_when_its_folder_is_deleted_or_verifies_intact(outputs, fix):
+    """A store whose key.json cannot be read is recorded as ``store <folder>``; once the folder is gone
+    (seen by any stage) or the store verifies intact, the failure leaves failures.json."""
+    import shutil
+
+    from test_integrity import LAYERS, N_IMAGES, _write_store
+
+    from unitmatch.sweep import results
+
+    rng = np.random.default_rng(0)
+    root = outputs / "stores"
+    store = _write_store(root, {layer.name: rng.standard_normal((N_IMAGES, layer.size)).astype(np.float16)
+                                for layer in LAYERS})  # demo_test_resnet's identity
+    key_file = store.path / "key.json"
+    good = key_file.read_bytes()
+    key_file.write_text("{not json")
+    done = _verify(root)
+    name = f"store {store.path.name}"
+    assert list(done["failed"]) == [name]
+    recorded = _failures(outputs)
+    assert list(recorded) == [name] and recorded[name]["stage"] == "verify"
+    assert recorded[name]["store"] == str(store.path.resolve()) and "key.json" in recorded[name]["error"]
+    # another (legacy, path unknown) store failure and a model's analysis failure are not touched by either fix
+    others = {"store elsewhere": {"stage": "verify", "error": "x", "traceback": ""},
+              "demo_test_convnext": {"stage": "analyze", "error": "y", "traceback": ""}}
+    results.update_failures(outputs / "sweeps" / "verify", others, [])
+    if fix == "delete":
+        shutil.rmtree(store.path)
+        # any later run merging its failures drops it (here: nothing failed, nothing succeeded)
+        left = results.update_failures(outputs / "sweeps" / "verify", {}, [])
+    else:
+        key_file.write_bytes(good)
+        done = _verify(root)  # checked as demo_test_resnet's store now, intact
+        assert not done["failed"] and done["verified_stores"] == [str(store.path.resolve())]
+        left = _failures(outputs)
+    assert left == others and _failures(outputs) == others
