@@ -300,15 +300,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                   device=compute.device)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
     record = results.record_fingerprint(cfg.results_dir)  # written by run() before this stage: read once for all models
-    # the neurons are the same for every model: screened once, the flagged ones named once
-    flags = core.analysis.screen_neurons(assembly, splits)
-    try:
-        core.analysis.analysable(assembly, flags)
-    except ValueError as err:  # no neuron can be matched: no model can be analysed
-        for entry in entries:
-            if entry.key in stores:
-                _failed(done, entry.key, "analyze", err)
-        return
+    flags = None  # the neurons are the same for every model: screened once, with the first model analysed
     for entry in entries:
         if entry.key not in stores:
             continue
@@ -320,6 +312,9 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             continue
         try:
             t0 = time.perf_counter()
+            if flags is None:
+                flags = core.analysis.screen_neurons(assembly, splits)
+                core.analysis.analysable(assembly, flags)  # names the flagged neurons, once for the run
             scheduler = compute.scheduler
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"

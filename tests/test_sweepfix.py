@@ -151,9 +151,11 @@ def test_a_sweep_of_two_models_on_one_store_reads_its_records_once_and_names_fla
             for k in ("demo_test_convnext", "convnext_copy"))
     pd.testing.assert_frame_equal(a, b)
     hashes.clear()
+    caplog.clear()
     again = run(cfg)  # the record handed on to is_done finds both finished
     assert again["skipped"] == ["demo_test_convnext", "convnext_copy"] and again["analyzed"] == []
     assert len(hashes) == 1
+    assert not any("flagged" in r.getMessage() for r in caplog.records)  # nothing analysed: nothing screened
 
 
 def test_provenance_reads_a_store_again_once_its_done_records_change(tmp_path, monkeypatch):
