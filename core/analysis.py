@@ -87,7 +87,8 @@ class Analysis:
 def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettings | None = None, *,
             labels: Sequence | None = None, decode: bool = True, n_random_populations: int = 100,
             alpha: float = 0.05, dims=None, catalogue=None, max_top_k: int = 64, result: MatchResult | None = None,
-            region_layers: Mapping[str, Sequence[str]] | None = None, **overrides) -> Analysis:
+            region_layers: Mapping[str, Sequence[str]] | None = None, flags: pd.DataFrame | None = None,
+            **overrides) -> Analysis:
     """Run the full analysis of one model against one assembly.
 
     Args:
@@ -115,6 +116,9 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
             selection (names, globs, ``"re:"`` regexes) over the activations' layers; each region's
             neurons are matched (and their strict assignment and random decoding populations drawn)
             among those layers' units only. None: every unit of every layer.
+        flags: :func:`screen_neurons` of this assembly and splits, from a caller that screened them
+            once for several analyses and reported the flagged neurons then (:func:`analysable`):
+            they are not screened or logged again. None: screened here.
 
     Raises:
         ValueError: settings that disagree with ``result``'s, a ``result`` of other neurons or of
@@ -125,8 +129,12 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
     layers = as_layers(activations)
     catalogue = catalogue or catalogue_of(layers, dims)
     columns = lambda units: gather_columns(layers, catalogue, units)  # noqa: E731
-    flags = screen_neurons(assembly, splits)
-    analysed = analysable(assembly, flags)
+    if flags is None:
+        flags = screen_neurons(assembly, splits)
+        analysed = analysable(assembly, flags)
+    else:
+        flags = flags.copy()  # the caller's table is not changed (no_ceiling is added below)
+        analysed = analysable(assembly, flags, report=False)
     committed = resolve_region_layers(region_layers, catalogue, analysed.regions)
     search = "all_units" if committed is None else "region_committed"
     y = analysed.mean_responses()
@@ -213,14 +221,25 @@ def screen_neurons(assembly: NeuralAssembly, splits) -> pd.DataFrame:
     })
 
 
-def analysable(assembly: NeuralAssembly, flags: pd.DataFrame | None = None, splits=None) -> NeuralAssembly:
+def analysable(assembly: NeuralAssembly, flags: pd.DataFrame | None = None, splits=None, *,
+               report: bool = True) -> NeuralAssembly:
     """The assembly without the neurons :func:`screen_neurons` excludes from matching (logged by id).
 
+    Args:
+        flags: its :func:`screen_neurons` table (None: screened here, with ``splits``).
+        report: log the excluded neurons (False where a caller that screened once has reported them).
+
     Raises:
-        ValueError: every neuron is excluded (the message says why for the first ones).
+        ValueError: every neuron is excluded (the message says why for the first ones), or ``flags``
+            of other neurons than the assembly's.
     """
     if flags is None:
         flags = screen_neurons(assembly, splits)
+    elif flags.neuron.astype(str).tolist() != np.asarray(assembly.neuron_ids).astype(str).tolist():
+        raise ValueError(f"flags screen other neurons than the assembly's: {len(flags)} rows (first "
+                         f"{flags.neuron.astype(str).tolist()[:3]}) for its {assembly.n_neurons} neurons (first "
+                         f"{np.asarray(assembly.neuron_ids).astype(str).tolist()[:3]}); pass screen_neurons(assembly, "
+                         f"splits) of this assembly, in its order")
     if flags.analyzed.all():
         return assembly
     bad = flags[~flags.analyzed]
@@ -229,8 +248,9 @@ def analysable(assembly: NeuralAssembly, flags: pd.DataFrame | None = None, spli
         raise ValueError(f"no neuron can be matched: all {len(flags)} are flagged, e.g. {why[:5]} (missing_images: "
                          f"no recorded response to some images; constant_train: the same response to every train "
                          f"image of a split)")
-    log.warning("%d of %d neurons are flagged and left out of the matching: %s%s", len(bad), len(flags),
-                ", ".join(why[:20]), " ..." if len(why) > 20 else "")
+    if report:
+        log.warning("%d of %d neurons are flagged and left out of the matching: %s%s", len(bad), len(flags),
+                    ", ".join(why[:20]), " ..." if len(why) > 20 else "")
     return assembly.select(neurons=flags.neuron[flags.analyzed].tolist())
 
 

@@ -826,18 +826,19 @@ def combine_results(parts: Sequence[MatchResult], neuron_ids: Sequence[str]) -> 
     """One result from results over disjoint groups of neurons (e.g. one per region), in ``neuron_ids`` order.
 
     Each part is used as it is (its own permutation null, its own searched layers); the parts must
-    share splits, settings and unit numbering, and together hold every neuron of ``neuron_ids`` once.
+    share settings, splits and unit numbering, and together hold every neuron of ``neuron_ids`` once.
+    The rows are ordered by split, then by the neuron's position in ``neuron_ids`` (``layer_matches``:
+    then each part's own layer order), whatever the number of parts, one included.
 
     Raises:
-        ValueError: parts with different settings or splits, or neurons missing or repeated.
+        ValueError: parts with different settings (naming the fields), different splits (as far as a
+            result records them: the split numbers and each split's train and test sizes; naming the
+            splits that differ), or neurons missing, repeated or not in ``neuron_ids``.
     """
-    if len(parts) == 1:
-        return parts[0]
     ids = np.asarray(neuron_ids).astype(str)
     order = {n: i for i, n in enumerate(ids)}
-    settings = {p.settings for p in parts}
-    if len(settings) > 1:
-        raise ValueError(f"cannot combine results of different settings: {settings}")
+    _check_same_settings([p.settings for p in parts])
+    _check_same_splits(parts)
     got = np.concatenate([pd.unique(p.matches.neuron).astype(str) for p in parts])
     if len(got) != len(ids) or set(got.tolist()) != set(ids.tolist()):
         raise ValueError(f"the parts hold neurons {sorted(got.tolist())[:10]}...; expected each of {len(ids)} "
@@ -855,6 +856,34 @@ def combine_results(parts: Sequence[MatchResult], neuron_ids: Sequence[str]) -> 
         null = NullDistribution(*(np.concatenate([getattr(p.null, f) for p in parts], axis=2)[:, :, perm]
                                   for f in ("unit", "train_r", "test_r")))
     return MatchResult(matches, layer_matches, null, parts[0].settings)
+
+
+def _check_same_settings(settings: Sequence[MatchSettings | None]) -> None:
+    first = settings[0]
+    for i, other in enumerate(settings[1:], 1):
+        if other == first:
+            continue
+        if isinstance(first, MatchSettings) and isinstance(other, MatchSettings):
+            what = "; ".join(f"{f.name}: {getattr(first, f.name)!r} in part 0, {getattr(other, f.name)!r} in part {i}"
+                             for f in fields(MatchSettings) if getattr(first, f.name) != getattr(other, f.name))
+        else:
+            what = f"{first!r} in part 0, {other!r} in part {i}"
+        raise ValueError(f"cannot combine results of different settings: {what}")
+
+
+def _check_same_splits(parts: Sequence[MatchResult]) -> None:
+    """The splits as a result records them (split -> (n_train, n_test)) must be the same in every part."""
+    def splits(result: MatchResult) -> dict[int, tuple[int, int]]:
+        sizes = result.matches.groupby("split", sort=True)[["n_train", "n_test"]].first()
+        return {int(s): (int(a), int(b)) for s, (a, b) in zip(sizes.index, sizes.to_numpy())}
+
+    first = splits(parts[0])
+    for i, part in enumerate(parts[1:], 1):
+        other = splits(part)
+        if other != first:
+            what = "; ".join(f"split {s}: {first.get(s, 'absent')} in part 0, {other.get(s, 'absent')} in part {i}"
+                             for s in sorted(set(first) | set(other)) if first.get(s) != other.get(s))
+            raise ValueError(f"cannot combine results of different splits ((n_train, n_test) per split): {what}")
 
 
 def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -48,11 +49,34 @@ def git_commit() -> dict | None:
     return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
+#: per store folder: the state of its done records and the extraction records read from them
+_EXTRACTION: dict[Path, tuple[tuple, dict[str, int]]] = {}
+
+
+def _extraction_records(store) -> dict[str, int]:
+    """``store.extraction_records()``, read once per store folder while its done records are unchanged.
+
+    The sweep's provenance and every result of the store record the same counts: reading every done
+    record for each would grow with the number of results. The cache key is the folder, the names,
+    sizes and modification times of its done records and the store's TF32 attribute, so a store
+    deleted and extracted again, or a batch redone, is read afresh.
+    """
+    done = store.path / "done"
+    files = sorted(os.scandir(done), key=lambda e: e.name) if done.is_dir() else []
+    state = (json.dumps(store.attrs.get("tf32"), default=str),
+             tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files if e.name.startswith("b")))
+    folder = store.path.resolve()
+    cached = _EXTRACTION.get(folder)
+    if cached is None or cached[0] != state:
+        cached = _EXTRACTION[folder] = (state, store.extraction_records())
+    return dict(cached[1])
+
+
 def store_record(store) -> dict:
     """A store's identity and how it was extracted (its Zarr group's attributes)."""
     extraction = {k: v for k, v in store.attrs.items() if k != "layers"}  # the root group's, read on open
     return {"path": str(store.path), "digest": store.path.name, "key": store.key, "extraction": extraction,
-            "batches": store.extraction_records()}
+            "batches": _extraction_records(store)}
 
 
 def model_record(entry, store) -> dict:

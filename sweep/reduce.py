@@ -206,7 +206,7 @@ def build_graph(handle: _EngineHandle, store, plan: Sequence[tuple[str, int, int
 
 # ----------------------------------------------------------------------------------- public API
 def match_assembly(store, assembly, splits, settings: MatchSettings | None = None, *,
-                   region_layers: dict | None = None, **kwargs) -> MatchResult:
+                   region_layers: dict | None = None, flags=None, **kwargs) -> MatchResult:
     """:func:`match_store` of the neurons :func:`core.analysis.analyze` analyses, in its search.
 
     The flagged neurons that cannot be matched are left out (:func:`core.analysis.analysable`);
@@ -217,11 +217,13 @@ def match_assembly(store, assembly, splits, settings: MatchSettings | None = Non
     Args:
         region_layers: ``{region: [layer names, globs, "re:" regexes]}`` (``analysis.region_layers``);
             None: every unit.
+        flags: :func:`core.analysis.screen_neurons` of the assembly, screened (and reported) by the
+            caller once for several models (pass them on to ``core.analyze``); None: screened here.
         kwargs: as for :func:`match_store`.
     """
     from unitmatch.core.analysis import analysable, match_by_region, resolve_region_layers
 
-    analysed = analysable(assembly, splits=splits)
+    analysed = analysable(assembly, flags, splits=splits, report=flags is None)
     committed = resolve_region_layers(region_layers, store.catalogue(), analysed.regions,
                                       key="analysis.region_layers")
 

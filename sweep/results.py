@@ -87,18 +87,24 @@ def recover(results_dir: Path, key: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def is_done(results_dir: Path, key: str, fp: str) -> bool:
-    """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record."""
+def is_done(results_dir: Path, key: str, fp: str, record: str | None = None) -> bool:
+    """Whether the model's results are complete, were produced by exactly ``fp`` and name the sweep record.
+
+    ``record``: the sweep record's fingerprint (:func:`record_fingerprint`) where the caller has it
+    (a stage reads it once for all its models); None: read here.
+    """
     recover(results_dir, key)
     marker = model_dir(results_dir, key) / DONE
     if not marker.exists():
         return False
     done = json.loads(marker.read_text())
-    return done.get("fingerprint") == fp and done.get("sweep_record") == record_fingerprint(results_dir)
+    if done.get("fingerprint") != fp:
+        return False
+    return done.get("sweep_record") == (record_fingerprint(results_dir) if record is None else record)
 
 
 def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFrame], null: dict | None,
-                        done: dict, records: dict | None = None) -> Path:
+                        done: dict, records: dict | None = None, record: str | None = None) -> Path:
     """Write one model's tables (Parquet), its null (npz), JSON records and ``DONE.json`` in one rename.
 
     Args:
@@ -107,8 +113,10 @@ def write_model_results(results_dir: Path, key: str, tables: dict[str, pd.DataFr
         done: what ``DONE.json`` records (must include ``fingerprint``; ``sweep_record`` is added: the
             fingerprint of the folder's ``sweep.json``, which must exist).
         records: file name -> JSON-serialisable content (e.g. ``provenance.json``).
+        record: the sweep record's fingerprint, as for :func:`is_done` (None: read here).
     """
-    record = record_fingerprint(results_dir)
+    if record is None:
+        record = record_fingerprint(results_dir)
     if record is None:
         raise FileNotFoundError(f"{Path(results_dir) / RECORD} is missing: a sweep folder records its inputs "
                                 f"(check_record(..., write=True)) before any model's results are written")
@@ -254,11 +262,24 @@ def collect(results_dir: Path, with_matches: bool = False, keys=None):
     return (*out, pd.concat(matches, ignore_index=True)) if with_matches else out
 
 
-def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verified: list[str] = ()) -> dict:
+#: how failures.json names the verify failure of a store whose key cannot be read (no model owns it)
+STORE_FAILURE = "store "
+
+
+def store_failure(folder: Path, error: str) -> dict:
+    """The failures.json record of an unreadable store (key ``store <folder name>``): stage, error and its path."""
+    return {"stage": "verify", "error": error, "traceback": "", "store": str(Path(folder).resolve())}
+
+
+def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verified: list[str] = (),
+                    verified_stores: list[str] = ()) -> dict:
     """Merge this run's failures into ``failures.json``; models that succeeded now are removed.
 
     ``verified``: models whose stores the ``verify`` stage found intact now; only their ``verify``
-    failures are removed (a failed analysis stays until the model is analysed).
+    failures are removed (a failed analysis stays until the model is analysed). ``verified_stores``:
+    the store folders (resolved paths) it found intact now. The failure of a store whose key could
+    not be read (``store <folder>``, :func:`store_failure`) is removed once a verify finds its folder
+    intact, or (by any stage) once the folder no longer exists.
 
     Nothing is written when nothing changed (a rerun of a finished sweep writes nothing).
     """
@@ -271,6 +292,15 @@ def update_failures(results_dir: Path, failed: dict, succeeded: list[str], verif
     for key in verified:
         if key not in failed and failures.get(key, {}).get("stage") == "verify":
             del failures[key]
+    for key, failure in list(failures.items()):
+        if key not in failed and key.startswith(STORE_FAILURE) and failure.get("stage") == "verify":
+            folder = failure.get("store")
+            if folder is None:  # recorded before the path was: known by its folder's name only
+                gone = any(Path(p).name == key[len(STORE_FAILURE):] for p in verified_stores)
+            else:
+                gone = folder in verified_stores or not Path(folder).exists()
+            if gone:
+                del failures[key]
     if failures != old and (failures or old is not None):
         atomic_write(path, json.dumps(failures, indent=2).encode())
     return failures

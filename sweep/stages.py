@@ -98,7 +98,8 @@ def run(cfg: DictConfig) -> dict:
         # job, by the MultirunReport callback
         done["report"] = stage_report(cfg, wandb_summary=not _in_multirun(), trusted=trusted)
     if cfg.stage != "report":  # the report reads the results folder, it never writes its records
-        results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []))
+        results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []),
+                                done.get("verified_stores", []))
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
              time.perf_counter() - t0)
@@ -245,7 +246,7 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
     from .extract import ZooExtraction
 
     c, compute = cfg.cluster, cfg.compute
-    stores, todo = {}, []
+    stores, todo, opened = {}, [], {}  # opened: one store object per folder (models of one identity share it)
     for entry in entries:
         try:
             store = prepare_store(entry.spec, stimuli, entry.layers, cfg.store_root, batch_size=compute.batch_size,
@@ -257,7 +258,9 @@ def stage_extract(cfg: DictConfig, entries: list[ModelEntry], stimuli, done: dic
             _check_topk_units(cfg, entry.key, store)
             _check_region_layers(cfg, None, entry.key, store)
         if store.complete:
-            stores[entry.key] = ActivationStore.open(store.path)
+            if store.path not in opened:  # its done records are then read once, however many models use it
+                opened[store.path] = ActivationStore.open(store.path)
+            stores[entry.key] = opened[store.path]
         else:
             todo.append((entry, store))
     if todo:
@@ -296,31 +299,36 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                                   min_varying_images=a.min_varying_images, block_units=compute.block_units,
                                   device=compute.device)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
+    record = results.record_fingerprint(cfg.results_dir)  # written by run() before this stage: read once for all models
+    flags = None  # the neurons are the same for every model: screened once, with the first model analysed
     for entry in entries:
         if entry.key not in stores:
             continue
         store = stores[entry.key]
         key = results_key(entry.key, "all_units" if region_layers is None else "region_committed")  # side by side
         fp = results.fingerprint(store.path.name, neural_fp, [s[0].tolist() for s in splits], science)
-        if results.is_done(cfg.results_dir, key, fp):
+        if results.is_done(cfg.results_dir, key, fp, record):
             done["skipped"].append(entry.key)
             continue
         try:
             t0 = time.perf_counter()
+            if flags is None:
+                flags = core.analysis.screen_neurons(assembly, splits)
+                core.analysis.analysable(assembly, flags)  # names the flagged neurons, once for the run
             scheduler = compute.scheduler
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
             with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
-                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
+                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers, flags=flags,
                                         scheduler=scheduler, progress=True,
                                         gpus_per_task=cfg.cluster.gpus_per_reduce_task,
                                         wait_log_s=cfg.cluster.wait_log_s)
             analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
                                     decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
-                                    region_layers=region_layers)
+                                    region_layers=region_layers, flags=flags)
             folder = _write_results(cfg, entry, store, analysis, result, key,
                                     {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
-                                     "neural_data": neural_fp})
+                                     "neural_data": neural_fp}, record)
             done["analyzed"].append(entry.key)
             _log_stage(cfg, entry, "analyze", _metrics(analysis.summary),
                        uses=[("store", store), ("data", neural_fp)], produces=[("results", folder)])
@@ -328,7 +336,8 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             _failed(done, entry.key, "analyze", err)
 
 
-def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, key: str, done: dict) -> Path:
+def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, key: str, done: dict,
+                   record: str | None) -> Path:
     depth = {layer.name: i / max(len(store.layer_units) - 1, 1) for i, layer in enumerate(store.layer_units)}
     tag = dict(model=entry.key, arch=entry.arch, weights=entry.weights, trained=entry.trained,
                control=entry.control is not None, top1_illustrative=entry.top1_illustrative,
@@ -345,7 +354,7 @@ def _write_results(cfg: DictConfig, entry: ModelEntry, store, analysis, result, 
     }
     null = None if result.null is None else {"test_r": result.null.test_r, "train_r": result.null.train_r}
     return results.write_model_results(Path(cfg.results_dir), key, tables, null, done,
-                                       {"provenance.json": provenance.model_record(entry, store)})
+                                       {"provenance.json": provenance.model_record(entry, store)}, record)
 
 
 def stage_report(cfg: DictConfig, wandb_summary: bool = True, trusted: dict | None = None) -> Path | None:

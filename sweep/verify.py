@@ -6,6 +6,8 @@ belongs to no model and is checked too (a run whose store lands there would fail
 gets :func:`core.store.verify_store`: key, metadata files, done records, and every chunk decoded and
 compared with its recorded digest. OK stores are logged; a damaged one is logged with each damaged
 chunk and recorded as its model's failure (stage ``verify``), so the command exits with status 1.
+A store whose key cannot be read is recorded as ``store <folder>`` (with its path), a failure that
+ends once a verify finds the folder intact or the folder is deleted (:func:`results.update_failures`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 from unitmatch.core.store import VerifyReport, verify_store
 
+from .results import STORE_FAILURE, store_failure
+
 log = logging.getLogger("unitmatch")
 
 
@@ -24,7 +28,8 @@ def stage_verify(store_root: str | Path, entries, done: dict) -> list[VerifyRepo
 
     Damaged stores go into ``done["failed"]`` under their model's key (or ``store <folder>`` for a
     store whose key cannot be read), with every problem in the error text; models whose stores are
-    all OK go into ``done["verified_ok"]`` (an earlier ``verify`` failure of theirs is then cleared).
+    all OK go into ``done["verified_ok"]`` (an earlier ``verify`` failure of theirs is then cleared),
+    and every intact store folder (resolved path) into ``done["verified_stores"]``.
     """
     root = Path(store_root)
     # a store folder holds key.json and store.zarr (staging folders start with a dot)
@@ -47,20 +52,26 @@ def stage_verify(store_root: str | Path, entries, done: dict) -> list[VerifyRepo
         if checked and all(r.ok for r in checked):
             done.setdefault("verified_ok", []).append(entry.key)
     for folder in (f for f, model in owners.items() if model is None):
-        reports.append(_check(folder, f"store {folder.name}", done))
+        reports.append(_check(folder, None, done))
     log.info("verify: %d store(s) checked under %s, %d damaged", len(reports), root,
              sum(not r.ok for r in reports))
     return reports
 
 
-def _check(folder: Path, key: str, done: dict) -> VerifyReport:
+def _check(folder: Path, key: str | None, done: dict) -> VerifyReport:
+    """Verify one store folder of model ``key`` (None: a store whose key cannot be read); record the outcome."""
     report = verify_store(folder)
+    name = f"{STORE_FAILURE}{folder.name}" if key is None else key
     if report.ok:
-        log.info("verify %s: %s", key, report.describe())
+        log.info("verify %s: %s", name, report.describe())
+        done.setdefault("verified_stores", []).append(str(folder.resolve()))
+        return report
+    log.error("verify %s: %s", name, report.describe())
+    error = f"StoreDamagedError: {report.describe()}"
+    if key is None:
+        done["failed"][name] = store_failure(folder, error)
     else:
-        log.error("verify %s: %s", key, report.describe())
         previous = done["failed"].get(key, {}).get("error")
-        error = f"StoreDamagedError: {report.describe()}"
         done["failed"][key] = {"stage": "verify", "error": f"{previous}\n{error}" if previous else error,
                                "traceback": ""}
     return report
