@@ -31,8 +31,9 @@ search): each region's neurons are matched only against the units of the layers 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -56,6 +57,9 @@ LABEL_COLUMNS = ("category_name", "category")
 FLAGS = ("missing_images", "constant_train", "no_ceiling")
 #: the two searches: every unit of every layer (the memo's), or each region's mapped layers only
 SEARCHES = ("all_units", "region_committed")
+#: the decoding's random populations are read in gathers of at most this many bytes (float64 columns):
+#: all 100 of the demo's (48 units x 400 images) in one, MajajHong-sized ones (256 x 2560) in two
+GATHER_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Analysis:
             strict_drop, and the decoding means over splits (transfer_accuracy, neuron_accuracy,
             unit_accuracy, chance, null_mean, percentile).
         result: the raw :class:`core.engine.MatchResult` (including the null arrays).
+        seconds: wall seconds of the analysis' steps: ``matching`` (absent when a ``result`` was
+            given), ``strict_assignment``, ``decoding`` and ``total``.
     """
 
     matches: pd.DataFrame
@@ -82,6 +88,7 @@ class Analysis:
     decoding: pd.DataFrame
     summary: pd.DataFrame
     result: MatchResult
+    seconds: dict = field(default_factory=dict, compare=False)
 
 
 def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettings | None = None, *,
@@ -126,6 +133,8 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
             available), every neuron flagged, a bad ``region_layers`` (naming the region or layer
             and the valid ones), or any input error of the parts (each names the bad value).
     """
+    start = time.perf_counter()
+    seconds = {}
     layers = as_layers(activations)
     catalogue = catalogue or catalogue_of(layers, dims)
     columns = lambda units: gather_columns(layers, catalogue, units)  # noqa: E731
@@ -149,7 +158,9 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
 
     if result is None:
         settings = MatchSettings.resolve(settings, **overrides)
+        t0 = time.perf_counter()
         result = match(y, splits, settings)
+        seconds["matching"] = time.perf_counter() - t0
     else:
         settings = _settings_of(result, settings, overrides)
         _check_result(result, analysed, committed)
@@ -167,15 +178,19 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
         log.info("%d of %d (neuron, split) matches have an undefined held-out r (the selected unit is constant "
                  "on the test images); counted in n_nan_test_r", n_nan, len(matches))
 
+    t0 = time.perf_counter()
     assignment = _strict(y, splits, result, columns, settings, analysed.neuron_ids, max_top_k, match)
+    seconds["strict_assignment"] = time.perf_counter() - t0
     assignment["region"] = assignment.neuron.map(region_of)
     strict_mean = assignment.groupby("neuron", sort=False)[["strict_test_r"]].mean()
     neurons = neurons.merge(strict_mean, left_on="neuron", right_index=True, how="left")
     neurons["strict_unit"] = neurons.neuron.map(
         assignment.groupby("neuron").strict_unit.agg(lambda s: s.mode().iloc[0]))
 
+    t0 = time.perf_counter()
     decoding = _decode(y, labels, splits, matches, analysed, catalogue, columns, n_random_populations,
                        settings.seed, settings.device, committed) if decode else pd.DataFrame()
+    seconds["decoding"] = time.perf_counter() - t0
     summary = summarize(result, neurons, ceiling_splits)
     extra = []
     for region, part in assignment.groupby("region"):
@@ -194,7 +209,10 @@ def analyze(activations, assembly: NeuralAssembly, splits, settings: MatchSettin
     searched = {r: ",".join(names) for r, names in (committed or {}).items()}
     summary = summary.assign(search=search, searched_layers=[searched.get(r, "all") for r in summary.region])
     tables = [t.assign(search=search) for t in (matches, result.layer_matches, neurons, assignment, decoding)]
-    return Analysis(*tables, summary, result)
+    seconds["total"] = time.perf_counter() - start
+    log.info("analysis in %.1f s: %s", seconds["total"],
+             ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in seconds.items() if k != "total"))
+    return Analysis(*tables, summary, result, seconds)
 
 
 def screen_neurons(assembly: NeuralAssembly, splits) -> pd.DataFrame:
@@ -456,9 +474,12 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
             device=None, committed: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Matched-population decoding per (region, split), with random-population nulls.
 
-    The random populations of a region are drawn once and their activations read in a few batched
-    gathers (from a store, one read per chunk instead of one per population), then reused by every split.
-    In a region-committed search they are drawn from the units of the region's layers only. A region's
+    The random populations of a region are drawn once and their activations read in as few gathers
+    as fit in ``GATHER_BYTES`` (from a store, one read per chunk instead of one per population), then
+    reused by every split; the matched units of all its splits are read in one gather too (a store's
+    chunk is decompressed whole for any of its columns: one gather per split read them all ten
+    times, 4 of the 12 s of decoding per demo model). In a region-committed search the random
+    populations are drawn from the units of the region's layers only. A region's
     splits are decoded together (:func:`core.decoding.matched_population_decoding_splits`: the fits
     of several splits in one batch where they are small, each split's null warm-started from the
     previous split's where they are large), on the matching's device (None: cuda when available, as
@@ -472,9 +493,13 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
         ids = assembly.neuron_ids[idx]
         neurons_x = y[idx].T  # (images, neurons of the region)
         units = _unit_ranges(catalogue, None if committed is None else committed[region])
-        pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), splits, rng)
-        units_x = [columns(matches[matches.split == s].set_index("neuron").loc[ids].unit.to_numpy())
+        pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), y.shape[1], splits,
+                                   rng)
+        matched = [matches[matches.split == s].set_index("neuron").loc[ids].unit.to_numpy()
                    for s in range(len(splits))]
+        union, where = np.unique(np.concatenate(matched), return_inverse=True)
+        union_x = columns(union)
+        units_x = [union_x[:, w] for w in np.split(where, len(splits))]
         results = matched_population_decoding_splits(units_x, neurons_x, labels, splits,
                                                      random_populations=pool, n_random=n_random,
                                                      device=device)
@@ -498,10 +523,14 @@ def _unit_ranges(catalogue: UnitCatalogue, names: Sequence[str] | None):
     return units
 
 
-def _random_populations(columns, n_units: int, n_random: int, size: int, splits, rng, batch: int = 25,
+def _random_populations(columns, n_units: int, n_random: int, size: int, n_images: int, splits, rng,
                         tries: int = 20) -> np.ndarray:
-    """(n_random, images, size) activations of random distinct units that vary over every split's train images."""
+    """(n_random, images, size) activations of random distinct units that vary over every split's train images.
+
+    Read in gathers of at most ``GATHER_BYTES`` of float64 columns.
+    """
     draws = np.stack([rng.choice(n_units, size=size, replace=False) for _ in range(n_random)])
+    batch = max(1, GATHER_BYTES // (8 * size * n_images))
     out = None
     for start in range(0, n_random, batch):
         block = draws[start:start + batch]

@@ -321,3 +321,20 @@ def test_region_layers_errors_name_the_region_or_layer_and_the_valid_ones(mappin
     splits = core.brainscore_splits(assembly.image_metadata, n_splits=1)
     with pytest.raises(ValueError, match=message):
         analyze(layers, assembly, splits, n_permutations=0, decode=False, region_layers=mapping)
+
+
+def test_analysis_times_its_steps(caplog):
+    """Analysis.seconds holds each step's wall time (matching only when core.analyze matched), and
+    one log line says them."""
+    import logging
+
+    layers, assembly, _ = _world(seed=7)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=2)
+    with caplog.at_level(logging.INFO, logger="unitmatch.core.analysis"):
+        out = analyze(layers, assembly, splits, n_permutations=0, n_random_populations=10, top_k=4)
+    s = out.seconds
+    assert set(s) == {"matching", "strict_assignment", "decoding", "total"}
+    assert all(v > 0 for v in s.values()) and s["matching"] + s["strict_assignment"] + s["decoding"] <= s["total"]
+    assert f"analysis in {s['total']:.1f} s: matching {s['matching']:.1f} s" in caplog.text
+    again = analyze(layers, assembly, splits, n_permutations=0, n_random_populations=10, top_k=4, result=out.result)
+    assert set(again.seconds) == {"strict_assignment", "decoding", "total"}

@@ -731,3 +731,14 @@ def test_batched_fit_on_cuda_matches_the_cpu_fit():
     for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
         assert abs(getattr(a, field) - getattr(b, field)) <= 0.01, field
     assert np.abs(a.null - b.null).max() <= 0.01
+    # several splits in one batch on the device (per-problem labels there)
+    from unitmatch.core.decoding import matched_population_decoding_splits
+
+    splits = [_split(labels, rng) for _ in range(3)]
+    on_cpu = matched_population_decoding_splits([units] * 3, neurons, labels, splits, random_populations=pops)
+    on_gpu = matched_population_decoding_splits([units] * 3, neurons, labels, splits, random_populations=pops,
+                                                device="cuda")
+    for a, b in zip(on_cpu, on_gpu):
+        for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
+            assert abs(getattr(a, field) - getattr(b, field)) <= 0.01, field
+        assert np.abs(a.null - b.null).max() <= 0.01
