@@ -11,7 +11,7 @@
 #   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors
 #   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
-#   4. bench_decode --device cuda: the MajajHong-sized decoding
+#   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo
 #   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device)
 set -uo pipefail
 OUT=${OUT:-/tmp/unitmatch-gpu-out}
@@ -51,6 +51,6 @@ step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --m
   --images 512 --batch 64 --workers 4 --writer-threads 8
 step bench_extract_pageable 40 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
   --images 512 --batch 64 --workers 4 --writer-threads 8 --no-pinned
-step bench_decode 90 $PY benchmarks/bench_decode.py --device cuda --cases majaj --sklearn-splits 1
+step bench_decode 120 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1
 step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb"
 cat "$OUT/steps.txt"
