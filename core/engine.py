@@ -1092,7 +1092,10 @@ def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int |
 
     The default budget is 256 MiB on CPU; on a CUDA device a sixteenth of its memory, between
     256 MiB and 4 GiB (fewer, larger blocks keep a GPU's per-block fixed costs, its synchronisations
-    and the host's work on the top-k, small next to its fast products).
+    and the host's work on the top-k, small next to its fast products). The budget is the working
+    set only: :func:`staged_blocks` also holds ``STAGING_BUFFERS`` (3) device copies of a block as
+    stored (float16: 2 bytes per activation, half the float32 copy's), so a float16 stream peaks
+    near 2.5 budgets of device memory (a float32 stream near 4): at most a quarter of the device.
     """
     if budget_bytes is None:
         budget_bytes = 256 << 20
