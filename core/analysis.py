@@ -443,7 +443,7 @@ def _strict(y, splits, result: MatchResult, columns, settings: MatchSettings, ne
     def in_neuron_order(df: pd.DataFrame) -> pd.DataFrame:
         return df.iloc[np.argsort([order[n] for n in df.neuron])]
 
-    rows = []
+    assigned = []
     for s, part in result.matches.groupby("split"):
         part = in_neuron_order(part)
         candidates = part
@@ -460,8 +460,15 @@ def _strict(y, splits, result: MatchResult, columns, settings: MatchSettings, ne
                          s, previous, k)
                 wider = replace(settings, top_k=k, n_permutations=0)
                 candidates = in_neuron_order(match(y, [splits[s]], wider).matches)
-        units, inverse = np.unique(a.units, return_inverse=True)
-        strict_r = pearson_pairs(columns(units)[splits[s][1]], y[:, splits[s][1]], inverse, np.arange(len(y)))
+        assigned.append((s, part, a))
+    # the assigned units of every split in one gather (from a store, each chunk decompressed once)
+    union, where = np.unique(np.concatenate([a.units for _, _, a in assigned]), return_inverse=True)
+    union_x = columns(union)
+    rows, start = [], 0
+    for s, part, a in assigned:
+        test = splits[s][1]
+        cols, start = where[start:start + len(a.units)], start + len(a.units)
+        strict_r = pearson_pairs(union_x[test], y[:, test], cols, np.arange(len(y)))
         rows.append(pd.DataFrame({
             "neuron": part.neuron.to_numpy(), "split": s, "unit": part.unit.to_numpy(),
             "free_test_r": part.test_r.to_numpy(), "strict_unit": a.units, "strict_train_r": a.weights,
