@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable, NamedTuple, Union
 
 import numpy as np
 import torch
@@ -557,9 +557,9 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
         def prepare(units=units, train=train, test=test):
             units_, neurons_ = _check_pair(units, neurons)
             p = _validate(labels, train, test, *units_.shape)
-            return p, _zscored(units_, p, "unit_responses"), _zscored(neurons_, p, "neuron_responses")
+            return _SplitData(p, *_zscored(units_, p, "unit_responses"), *_zscored(neurons_, p, "neuron_responses"))
         split_data.append(per_split(s, prepare))
-    problems = [d[0] for d in split_data]
+    problems = [d.problem for d in split_data]
     n_draws, draws = _null_draws(random_populations, n_random, (problems[0].n_images, problems[0].n_columns))
     batched = solver == "batched"
     warm = warm_start.fits if warm_start is not None and batched else None
@@ -594,14 +594,14 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
             pair, pair_key = None, key(batch[0])
         k = len(pair_key[1])
         pair = start((2, k, m + 1), pair)
-        x = np.concatenate([np.stack([split_data[s][1][0], split_data[s][2][0]]) for s in batch])
+        x = np.concatenate([np.stack([split_data[s].units_train, split_data[s].neurons_train]) for s in batch])
         clf = _Classifiers(x, labels_of([(s, 2) for s in batch]), k, C, solver, device,
                            init=None if pair is None else pair.repeat(len(batch), 1, 1))
         for j, s in enumerate(batch):
-            p, (_, zu_test), (_, zn_test) = split_data[s]
-            rows = slice(2 * j, 2 * j + 2)
-            transfer, neuron_acc = clf.accuracy(zn_test, p.y_test, rows).tolist()
-            accs[s] = (transfer, float(clf.accuracy(zu_test, p.y_test, slice(2 * j, 2 * j + 1))[0]), neuron_acc)
+            d, rows = split_data[s], slice(2 * j, 2 * j + 2)
+            transfer, neuron_acc = clf.accuracy(d.neurons_test, d.problem.y_test, rows).tolist()
+            unit_acc = float(clf.accuracy(d.units_test, d.problem.y_test, slice(2 * j, 2 * j + 1))[0])
+            accs[s] = (transfer, unit_acc, neuron_acc)
             pair_theta[s] = None if clf.theta is None else clf.theta[rows]
         pair = pair_theta[batch[-1]]
     null = {s: np.empty(n_draws, dtype=np.float64) for s in range(len(splits))}
@@ -630,9 +630,8 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
             del x
             offset, updated = 0, None if current is None else current.clone()
             for s, chunk in batch:
-                rows = slice(offset, offset + chunk.size)
-                p, _, (_, zn_test) = split_data[s]
-                null[s][chunk] = clf.accuracy(zn_test, p.y_test, rows)
+                rows, d = slice(offset, offset + chunk.size), split_data[s]
+                null[s][chunk] = clf.accuracy(d.neurons_test, d.problem.y_test, rows)
                 if clf.theta is not None:
                     null_theta[s].append(clf.theta[rows])
                     updated[chunk] = clf.theta[rows].to(updated)
@@ -654,6 +653,16 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
                  p.classes.size, transfer, unit_acc, neuron_acc, result.chance, null[s].size, percentile)
         results.append(result)
     return results
+
+
+class _SplitData(NamedTuple):
+    """One split's validated problem and z-scored train / test responses."""
+
+    problem: _Problem
+    units_train: np.ndarray
+    units_test: np.ndarray
+    neurons_train: np.ndarray
+    neurons_test: np.ndarray
 
 
 def _pack(pieces, nbytes: Callable, key: Callable):
