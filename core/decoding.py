@@ -501,11 +501,13 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
     fits problems of several splits at once, in batches of at most ``BATCH_BYTES`` of train
     features: the units' and neurons' classifiers of the splits, and the null's populations of as
     many consecutive splits as fit (a split's null larger than that is fitted in chunks, alone).
-    Many small problems (the demo: 10 splits x 100 populations of 360 x 48) then cost a few batches
-    instead of two per split, on all cores. Each batch starts from the latest solutions of the
+    The first split is fitted alone, and each later batch starts from the latest solutions of the
     same classifiers in an earlier batch (population i from population i: a warm start, as
-    ``warm_start`` below; the first batch from ``warm_start``, or from zero); with large problems,
-    one split's null per batch, that is split s starting from split s - 1.
+    ``warm_start`` below; the first split from ``warm_start``, or from zero). Many small problems
+    (the demo: 10 splits x 100 populations of 360 x 48) then cost two batches per region instead of
+    two per split, the second on all cores and warm-started from the first split (12% fewer
+    iterations than cold, measured on the demo); with large problems, one split's null per batch,
+    split s starts from split s - 1.
 
     Args:
         unit_responses: one (n_images, M) array per split (a list, or an (n_splits, n_images, M)
@@ -589,7 +591,7 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
     # the units' (0) and the neurons' (1) classifiers of each split
     pair = start((2, k, m + 1), warm["pair"] if warm_ok else None)
     pair_key, accs, pair_theta = first_key, {}, {}
-    for batch in _pack(range(len(splits)), lambda s: 2 * problems[s].train.size * m * 8, key):
+    for batch in _pack(range(len(splits)), lambda s: 2 * problems[s].train.size * m * 8, lambda s: (key(s), s == 0)):
         if key(batch[0]) != pair_key:
             pair, pair_key = None, key(batch[0])
         k = len(pair_key[1])
@@ -616,7 +618,7 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
         current = start((n_draws, k, m + 1), warm["null"] if warm_ok else None)
         null_key = first_key
         for batch in _pack(pieces, lambda pc: pc[1].size * problems[pc[0]].train.size * m * 4,
-                           lambda pc: key(pc[0])):
+                           lambda pc: (key(pc[0]), pc[0] == 0)):
             if key(batch[0][0]) != null_key:
                 current, null_key = None, key(batch[0][0])
             current = start((n_draws, len(null_key[1]), m + 1), current)
@@ -667,7 +669,8 @@ class _SplitData(NamedTuple):
 
 def _pack(pieces, nbytes: Callable, key: Callable):
     """Consecutive pieces in batches of at most ``BATCH_BYTES`` (``nbytes(piece)`` each; a larger
-    piece alone), the pieces of a batch having the same ``key``."""
+    piece alone), the pieces of a batch having the same ``key`` (the caller's: problems that can
+    share a batch, and the first split apart from the others)."""
     batch, size = [], 0
     for piece in pieces:
         if batch and (key(piece) != key(batch[0]) or size + nbytes(piece) > BATCH_BYTES):

@@ -645,8 +645,9 @@ def test_decoding_splits_together_agrees_with_each_split_alone_and_with_scikit_l
 
     monkeypatch.setattr(decoding, "fit_many", counting)
     together = matched_population_decoding_splits(unit_sets, neurons, labels, splits, random_populations=pops)
-    # pairs: splits 0-2 (same train size) then split 3; nulls: the same two groups; per-problem labels
-    assert calls == [(6, 2), (2, 1), (120, 2), (40, 1)]
+    # the first split alone, then splits 1-2 (the same train size as split 0) and split 3 (another
+    # size): pairs, then nulls; two splits in a batch have per-problem labels
+    assert calls == [(2, 1), (4, 2), (2, 1), (40, 1), (80, 2), (40, 1)]
     calls.clear()
     alone = [decoding.matched_population_decoding(u, neurons, labels, tr, te, random_populations=pops)
              for u, (tr, te) in zip(unit_sets, splits)]
