@@ -115,14 +115,15 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_local, tmp_path, stim
             break
         time.sleep(0.05)
     assert done_dir is not None, "extraction did not start"
+    # killed at once: a call queued on the victim first (it runs after the victim's current work)
+    # let the other actor finish every remaining item on a loaded machine, so the death went unseen
     victim = zoo.actors[0]
-    threads = ray_local.get(victim.threads.remote())
     ray_local.kill(victim)
     thread.join(timeout=300)
     assert not errors, errors
     store = result[spec]
     assert store.complete and victim not in zoo.actors
-    assert _actor_threads(ray_local, zoo) == threads  # the replacement too
+    threads = _actor_threads(ray_local, zoo)  # the replacement and the survivor agree
     ref = _reference(spec, stimuli, 2, threads)
     for name, arr in store.layers().items():
         np.testing.assert_array_equal(np.asarray(arr[:]), ref[name])
