@@ -413,16 +413,18 @@ class MatchEngine:
             full = np.concatenate([yz, np.ones((1, self.n_images))])
             self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
         self._local = threading.local()  # per-thread scratch buffers (Dask may run blocks in threads)
+        self._pool: ThreadPoolExecutor | None = None  # tile threads (one split on CPU), started on first use
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_local")
-        state.pop("_pool", None)
+        state.pop("_pool")
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
+        self._pool = None
 
     @property
     def n_splits(self) -> int:
@@ -585,12 +587,12 @@ class MatchEngine:
 
     def _tile_pool(self, n: int) -> ThreadPoolExecutor:
         """The engine's tile threads (kept, with their scratch buffers, from block to block)."""
-        pool = self.__dict__.get("_pool")
-        if pool is None or pool._max_workers < n:
-            if pool is not None:
-                pool.shutdown(wait=False)
-            pool = self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-tiles")
-        return pool
+        if self._pool is None or self._pool_size < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-tiles")
+            self._pool_size = n
+        return self._pool
 
     def _tiles(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", start: int, stop: int,
                products: torch.Tensor, sxx: torch.Tensor, torch_gemm: bool) -> None:
