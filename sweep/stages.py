@@ -334,7 +334,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                      analysis.seconds["strict_assignment"], analysis.seconds["decoding"],
                      100 * analysis.seconds["decoding"] / seconds)
             folder = _write_results(cfg, entry, store, analysis, result, key,
-                                    {"fingerprint": fp, "seconds": time.perf_counter() - t0, "store": store.path.name,
+                                    {"fingerprint": fp, "seconds": seconds, "store": store.path.name,
                                      "neural_data": neural_fp}, record)
             done["analyzed"].append(entry.key)
             _log_stage(cfg, entry, "analyze", _metrics(analysis.summary),
