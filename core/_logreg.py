@@ -24,8 +24,8 @@ the others pay.
 
 Precision (``precision="mixed"``, the default): the GEMMs stream the features from memory, so their
 cost is the features' bytes. A first phase runs them in float32 (measured 1.5x less CPU per fit
-than float64 at the MajajHong size), with parameters, softmax, loss, gradient reductions and the
-L-BFGS state in float64, down to a largest gradient entry of ``max(tol, 1e-5)`` (float32 products
+than float64 at the MajajHong size), the softmax between them too, with the parameters, the
+loss's and gradient's means over samples and the L-BFGS state in float64, down to a largest gradient entry of ``max(tol, 1e-5)`` (float32 products
 are accurate to about 1e-7 there); a second phase evaluates every problem's float64 gradient at
 that point and continues in float64 where scikit-learn's criteria are not met in float64 (at the
 default tol most problems stop there with no further iteration). The minimiser and the stopping
@@ -353,8 +353,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     """Fit B L2-penalised multinomial logistic regressions at once (scikit-learn's objective).
 
     With ``precision="mixed"`` (the default) the fit runs in two phases: L-BFGS with the
-    features' products in float32 (half the bytes per pass over the features; parameters, loss,
-    gradient reductions and L-BFGS state stay float64) until the largest gradient entry is at
+    features' products and the softmax in float32 (half the bytes per pass over the features;
+    parameters, the loss's and gradient's means over samples and the L-BFGS state stay float64) until the largest gradient entry is at
     most ``max(tol, 1e-5)`` (float32 products are accurate to about 1e-7 there), then, from that
     point, L-BFGS in float64 on the float64 features: every problem's float64 gradient is
     evaluated, and a problem is converged only when it meets scikit-learn's criteria in float64

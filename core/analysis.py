@@ -488,8 +488,8 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
     times, 4 of the 12 s of decoding per demo model). In a region-committed search the random
     populations are drawn from the units of the region's layers only. A region's
     splits are decoded together (:func:`core.decoding.matched_population_decoding_splits`: the fits
-    of several splits in one batch where they are small, each split's null warm-started from the
-    previous split's where they are large), on the matching's device (None: cuda when available, as
+    of several splits in one batch, warm-started from the first split's, where they are small; each
+    split's null warm-started from the previous split's where they are large), on the matching's device (None: cuda when available, as
     the engine resolves it).
     """
     device = default_device(device)

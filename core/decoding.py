@@ -31,9 +31,10 @@ solver is tested against (accuracies within 0.01; coefficients within 1e-4 of th
 tight tolerance, observed 4e-6). The batched solver's products are float32 with a float64 finish
 (same minimiser and stopping rule, :mod:`core._logreg`); the null's populations are z-scored in
 float32 (their classifiers' products are float32 anyway); and ``warm_start`` starts a split's fits
-from another split's solutions (``core.analyze`` chains a region's splits: the random populations
-of a region are drawn once and shared by its splits, so population i of split s + 1 starts from
-population i of split s).
+from another split's solutions. ``core.analyze`` decodes a region's splits together
+(:func:`matched_population_decoding_splits`): its random populations are drawn once and shared by
+its splits, so population i of a later split starts from population i of an earlier one (from the
+first split where the splits' fits share batches, from the previous split where they are large).
 """
 
 from __future__ import annotations
