@@ -399,7 +399,6 @@ class MatchEngine:
         self._tiled = self.device.type == "cpu" and not self.shared
         #: CPU: statistics row chunk by row chunk while it is in cache (else over the whole block at once)
         self._chunked = self.device.type == "cpu"
-        self._ones = torch.ones((1, _TILE_ROWS), device=self.device)
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
         # pairs are two train images and how many of them a sparse unit holds equal at least
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
@@ -456,13 +455,43 @@ class MatchEngine:
         if xb.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"block of layer {block.layer!r} has dtype {xb.dtype}; expected a float type")
         n_units = xb.shape[1]
+        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2:
+            return self._process_in_shares(xb, block)
+        return self._process(xb, block, torch_gemm=True)
+
+    def _process_in_shares(self, xb: torch.Tensor, block: UnitBlock) -> MatchPartial:
+        """One split on CPU: the block's units shared out over Python threads, each share scored
+        as a block of its own (tiles, sparse screen, top-k, leader), then merged.
+
+        Every op is single-threaded (:func:`core._threads.single_threaded_ops`) and each tile's
+        GEMM numpy's (OpenBLAS, one thread): independent shares on separate threads have no
+        barrier to wait at, and the per-block work after the GEMMs runs on every core too.
+        Measured on the 2-core AMD EPYC VM (benchmarks/RESULTS.md): torch's (MKL's) 2-thread GEMM
+        of a whole block ran no faster than its 1-thread one, and one 2-thread op per tile step
+        left the cores waiting at each op's end; a single thread's GEMM is as fast in either
+        library.
+        """
+        n_units = xb.shape[1]
+        with single_threaded_ops() as threads:
+            n = min(threads, -(-n_units // _TILE_UNITS))
+            bounds = np.linspace(0, n_units, n + 1).round().astype(int)  # an equal share of units each
+            pool = self._tile_pool(n)
+            work = [pool.submit(self._process, xb[:, a:b], UnitBlock(None, block.layer, block.first_unit + a),
+                                torch_gemm=False) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            parts = [w.result() for w in work]
+        return merge_all(parts)
+
+    def _process(self, xb: torch.Tensor, block: UnitBlock, torch_gemm: bool) -> MatchPartial:
+        """Score the units of ``xb`` (the columns of ``block`` from its ``first_unit`` on);
+        ``torch_gemm``: the tiled path's GEMMs with torch (else numpy's)."""
+        n_units = xb.shape[1]
         partial = self.empty()
         partial.n_units = n_units
         if n_units == 0:
             return partial
         shift = self._shift(xb)
         if self._tiled:
-            products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0])
+            products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
             _check_finite(sxx[0] + sxx_rest, block)
         else:
             x, sxx_all = self._prepare(xb, shift)
@@ -547,22 +576,15 @@ class MatchEngine:
             sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units))))
         return x, sums
 
-    def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan"):
+    def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", torch_gemm: bool):
         """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
 
         The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
-        rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into a reused buffer that
-        stays in cache, where they are squared and summed; then one GEMM over the train rows alone
+        rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into the tile, and squared
+        and summed while in cache; then one GEMM over the train rows alone
         (``_SplitPlan.d_train``) gives the tile's products. The other rows are squared and summed
-        only to check that they are finite.
-
-        With several torch threads the tiles are shared out over that many Python threads, every op
-        single-threaded (:func:`core._threads.single_threaded_ops`) and each tile's GEMM numpy's
-        (OpenBLAS, one thread): independent tiles on separate threads have no barrier to wait at.
-        Measured on the 2-core AMD EPYC VM (benchmarks/RESULTS.md): torch's (MKL's) 2-thread GEMM
-        of a whole block ran no faster than its 1-thread one, and one 2-thread op per tile step
-        left the cores waiting at each op's end; a single thread's GEMM is as fast in either
-        library.
+        only to check that they are finite. ``torch_gemm``: each tile's GEMM with torch, else with
+        numpy (the share threads of :meth:`_process_in_shares`, inside a single-threaded section).
 
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
@@ -572,59 +594,55 @@ class MatchEngine:
         products = self._buffer("products", (self.n_rows + 1, n_units))
         sxx = self._buffer("sxx", (2, n_units))
         sxx.zero_()
-        if n_units <= _TILE_UNITS or torch.get_num_threads() < 2:
-            self._tiles(xb, shift, plan, 0, n_units, products, sxx, torch_gemm=True)
-            return products, sxx[:1], sxx[1]
-        with single_threaded_ops() as threads:
-            n = min(threads, -(-n_units // _TILE_UNITS))
-            bounds = np.linspace(0, n_units, n + 1).round().astype(int)  # an equal share of units each
-            pool = self._tile_pool(n)
-            work = [pool.submit(self._tiles, xb, shift, plan, int(bounds[i]), int(bounds[i + 1]), products, sxx,
-                                torch_gemm=False) for i in range(n)]
-            for w in work:
-                w.result()
-        return products, sxx[:1], sxx[1]
-
-    def _tile_pool(self, n: int) -> ThreadPoolExecutor:
-        """The engine's tile threads (kept, with their scratch buffers, from block to block)."""
-        if self._pool is None or self._pool_size < n:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-tiles")
-            self._pool_size = n
-        return self._pool
-
-    def _tiles(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", start: int, stop: int,
-               products: torch.Tensor, sxx: torch.Tensor, torch_gemm: bool) -> None:
-        """Units ``start:stop`` in tiles: their columns of ``products`` and ``sxx`` (see
-        :meth:`_tiled_products`), with torch's GEMM or numpy's."""
-        ones = self._ones
         n_train, n_rest = plan.n_train, len(plan.outside)
-        for c0 in range(start, stop, _TILE_UNITS):
-            c1 = min(c0 + _TILE_UNITS, stop)
+        for c0 in range(0, n_units, _TILE_UNITS):
+            c1 = min(c0 + _TILE_UNITS, n_units)
             width = c1 - c0
             src = xb[:, c0:c1]
             step = shift[c0:c1] if shift is not None else None
             tile = self._buffer("tile", (n_train, width))
-            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0:1, c0:c1]),
-                                      (plan.outside, n_rest, False, sxx[1:2, c0:c1])):
+            # squares summed elementwise over the row chunks, then once over the accumulator's rows
+            # (one op per chunk: measured twice as fast as squaring into a buffer and summing it)
+            squares = self._buffer("squares", (min(_TILE_ROWS, max(n_train, n_rest)), width))
+            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0, c0:c1]),
+                                      (plan.outside, n_rest, False, sxx[1, c0:c1])):
+                squares.zero_()
                 for r0 in range(0, n, _TILE_ROWS):
                     r1 = min(r0 + _TILE_ROWS, n)
                     chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
                     self._gather_rows(src, rows[r0:r1], chunk, step)
-                    sums.addmm_(ones[:, : r1 - r0], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, width))))
+                    squares[: r1 - r0].addcmul_(chunk, chunk)
+                torch.sum(squares, dim=0, out=sums)
             if torch_gemm:
                 torch.mm(plan.d_train, tile, out=products[:, c0:c1])
             else:
                 np.matmul(plan.d_train.numpy(), tile.numpy(), out=products[:, c0:c1].numpy())
+        return products, sxx[:1], sxx[1]
+
+    def _tile_pool(self, n: int) -> ThreadPoolExecutor:
+        """The engine's share threads (kept, with their scratch buffers, from block to block)."""
+        if self._pool is None or self._pool_size < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-shares")
+            self._pool_size = n
+        return self._pool
 
     def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
-        """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer."""
+        """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer.
+
+        float16/bfloat16 rows are gathered as 64-bit words where the layout allows (four values a
+        word; measured 1.4x faster than gathering the 16-bit values themselves), then cast.
+        """
         if src.dtype == torch.float32:
             torch.index_select(src, 0, rows, out=out)
         else:
             raw = self._buffer("raw", tuple(out.shape), src.dtype)
-            torch.index_select(src, 0, rows, out=raw)
+            words = _as_words(src)
+            if words is not None:
+                torch.index_select(words, 0, rows, out=raw.view(torch.int64))
+            else:
+                torch.index_select(src, 0, rows, out=raw)
             out.copy_(raw)
         if shift is not None:
             out.sub_(shift)
@@ -912,6 +930,16 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
         sl = slice(a, a + chunk)
         out[sl] = np.einsum("ip,pi->p", xn[:, cols[sl]], yn[rows[sl]])
     return out
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """A 2-D tensor of 16-bit values viewed as 64-bit words along its rows (same bytes), or None
+    where its rows are not whole, aligned runs of words."""
+    per = 8 // t.element_size()
+    if (t.element_size() != 2 or t.stride(1) != 1 or t.shape[1] % per or t.stride(0) % per
+            or t.storage_offset() % per or t.data_ptr() % 8):
+        return None
+    return t.view(torch.int64)
 
 
 def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -670,10 +671,11 @@ def test_pinned_staging_on_cuda_equals_the_cpu_engine(dtype, n_splits):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monkeypatch):
-    """One split on CPU with several torch threads: a block's tiles are shared out over Python
-    threads (numpy's single-threaded GEMM per tile). The screening r agree with the serial tiles'
-    (torch's GEMM, one thread) to float32 rounding, and the matches equal the float64 reference's,
-    including an exact duplicate in the other thread's half (the lower unit id wins)."""
+    """One split on CPU with several torch threads: a block's units are shared out over Python
+    threads, each share scored as a block of its own (numpy's single-threaded GEMM per tile) and
+    the shares merged. The screening r agree with the serial tiles' (torch's GEMM, one thread) to
+    float32 rounding, and the matches equal the float64 reference's, including an exact duplicate
+    in the other thread's half (the lower unit id wins)."""
     from unitmatch.core import engine as engine_module
 
     rng = np.random.default_rng(21)
@@ -683,13 +685,13 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
     y = plant_neurons(x.astype(np.float32), n_planted=12, n_noise=4, snr=4.0, units=planted, seed=22).responses
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
     gemms = []
-    tiles = engine_module.MatchEngine._tiles
+    tiled = engine_module.MatchEngine._tiled_products
 
-    def recording(self, *a, torch_gemm, **k):
-        gemms.append(torch_gemm)
-        return tiles(self, *a, torch_gemm=torch_gemm, **k)
+    def recording(self, xb, *a, torch_gemm, **k):
+        gemms.append((torch_gemm, xb.shape[1], threading.current_thread().name.startswith("unitmatch-shares")))
+        return tiled(self, xb, *a, torch_gemm=torch_gemm, **k)
 
-    monkeypatch.setattr(engine_module.MatchEngine, "_tiles", recording)
+    monkeypatch.setattr(engine_module.MatchEngine, "_tiled_products", recording)
     threads = torch.get_num_threads()
     results = {}
     try:
@@ -699,7 +701,8 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
             block = MatchEngine(y, splits, top_k=4).process(UnitBlock(x, "l", 0))
             results[n] = (block, run_matching({"l": x}, y, splits, top_k=4, block_units=5000).matches)
             assert torch.get_num_threads() == n  # restored after the threaded tiles
-            assert gemms == ([False, False] * 2 if n == 2 else [True] * 2)  # two halves, or serial tiles
+            # two halves of 2500 units on the share threads, or the whole block serially
+            assert gemms == ([(False, 2500, True)] * 4 if n == 2 else [(True, 5000, False)] * 2)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(results[2][0].top_r, results[1][0].top_r, rtol=0, atol=1e-5)
@@ -709,6 +712,37 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
         np.testing.assert_array_equal(got.unit.to_numpy(), ref["unit"])
         np.testing.assert_allclose(got.train_r.to_numpy(), ref["train_r"], atol=1e-10)
     assert ref["unit"][0] == 7  # the duplicate's lower id, in both
+
+
+@pytest.mark.parametrize("offset, width", [(0, 4100), (3, 4103), (2, 2050)])
+def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, monkeypatch):
+    """The tiled CPU path gathers float16 rows as 64-bit words where a tile's rows are whole,
+    aligned runs of them (offset 0, width a multiple of 4), else value by value (a block that starts
+    at an odd column, an odd width, the last tile's remainder): in every case, with one thread or
+    the share threads, the screening r equal those of the same values given as float32."""
+    from unitmatch.core import engine as engine_module
+
+    as_words, views = engine_module._as_words, []
+    monkeypatch.setattr(engine_module, "_as_words", lambda t: views.append(as_words(t) is not None) or as_words(t))
+    rng = np.random.default_rng(5)
+    x16 = np.maximum(rng.standard_normal((N_IMAGES, 4200)), 0).astype(np.float16)
+    block16 = x16[:, offset:offset + width]
+    block32 = block16.astype(np.float32)
+    y = plant_neurons(block32, n_planted=6, n_noise=2, snr=4.0, seed=6).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            engine = MatchEngine(y, splits, top_k=3)
+            got = engine.process(UnitBlock(block16, "l", 10))
+            want = engine.process(UnitBlock(block32, "l", 10))
+            np.testing.assert_array_equal(got.top_unit, want.top_unit)
+            np.testing.assert_allclose(got.top_r, want.top_r, rtol=0, atol=1e-6)
+            assert (got.top_unit[0, :, 0] >= 10).all()
+    finally:
+        torch.set_num_threads(threads)
+    assert set(views) == ({True, False} if offset == 0 else {False})  # words where aligned, else values
 
 
 def test_single_threaded_sections_overlap_and_restore_the_settings():
