@@ -9,11 +9,13 @@ Per size it prints:
 - engine seconds for 1 split and for 10 splits (including the final float64 re-scoring),
 - the per-neuron loop (Brain-Score's SingleRegression algorithm: for each neuron, Pearson r with all
   units in float64, argmax), timed on a subset of neurons and extrapolated to 256, and the speedup,
-- numpy float32 GEMM of the same shapes, (256 x 2880) @ (2880 x units), and its GFLOP/s,
+- numpy's float32 GEMM of the same shapes, (256 x 2880) @ (2880 x units), one GEMM per block of the
+  stream, timed in the engine's process right before and right after the engine's one-split run
+  (the mean of the two is the reference; both are printed), and its GFLOP/s,
 - the engine's achieved GFLOP/s (2 * 2880 * 256 * units / seconds, one split) and its ratio to GEMM,
-- the 10-split / 1-split time ratio, and the peak RSS of the engine process.
-- torch's float32 GEMM of the same shapes (the engine's own BLAS), timed in the engine's process,
-  and the engine's ratio to it.
+- the 10-split / 1-split time ratio, and the peak RSS of the engine's runs (Linux's VmHWM, reset
+  before them: the references' float32 copy is not counted),
+- torch's float32 GEMM (MKL here), streamed the same way, and the engine's ratio to it.
 
 ``--device cuda`` (issue 8) instead measures, in one process on the GPU, per size:
 - the engine from host float16 blocks (pageable numpy arrays, staged through pinned buffers with
@@ -106,25 +108,79 @@ def _torch_gemm_s(y, pool, widths, train, device="cpu") -> float:
     return sum(per_width[w] for w in widths)
 
 
+def _gemm_streams_s(y, pool, widths, train) -> dict:
+    """The CPU references: numpy's and torch's float32 GEMM, (neurons x train) @ (train x width), once
+    per block of the stream, in this process (the engine's), on a contiguous float32 copy of the
+    first pool block's train rows (212 MB at 18,432 units: no block stays in cache, as in the
+    engine's stream). The copy is freed before returning."""
+    import torch
+
+    yt = np.ascontiguousarray(y[:, train], dtype=np.float32)
+    xt = np.ascontiguousarray(pool[0][train].astype(np.float32))
+    out = np.empty((yt.shape[0], xt.shape[1]), np.float32)
+    yt_t, xt_t, out_t = torch.from_numpy(yt), torch.from_numpy(xt), torch.from_numpy(out)
+    np.matmul(yt, xt, out=out)
+    torch.mm(yt_t, xt_t, out=out_t)  # warm-up (threads, first touch of the output)
+    result = {}
+    for lib, gemm in (("numpy", lambda w: np.matmul(yt, xt[:, :w], out=out[:, :w])),
+                      ("torch", lambda w: torch.mm(yt_t, xt_t[:, :w], out=out_t[:, :w]))):
+        t0 = time.perf_counter()
+        for w in widths:
+            gemm(w)
+        result[lib] = time.perf_counter() - t0
+    return result
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux: VmHWM) so that it shows what follows; False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    """The process's peak RSS since the last reset (Linux's VmHWM), else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker_engine(units: int, dtype: str, splits_mask: int = 3) -> dict:
+    """The engine's stream, with the GEMM references streamed right before and right after its
+    one-split run in the same process (so that the ratios do not move with the machine's load
+    between processes or minutes)."""
     core, pool, y, widths, block = _setup(units, dtype)
     from unitmatch.core.engine import MatchEngine, stream_match
     from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
     train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
-    out = {"block_units": block, "torch_gemm_s": _torch_gemm_s(y, pool, widths, train)}
+    out = {"block_units": block, "gemm_before": _gemm_streams_s(y, pool, widths, train)}
+    peaks, reset = [], True
     for n_splits in [n for n, bit in ((1, 1), (10, 2)) if splits_mask & bit]:
         splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
         engine = MatchEngine(y, splits, top_k=5)
         engine.process(UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
+        reset &= _reset_peak_rss()
         t0 = time.perf_counter()
         res = stream_match(engine, _blocks(core, pool, widths, block), catalogue,
                            columns=_columns(pool, block, N_IMAGES))
         out[f"engine_s_{n_splits}"] = time.perf_counter() - t0
+        peaks.append(_peak_rss_mib())
+        del engine
         if n_splits == 1:
             out["units_split0"] = res.matches.unit.tolist()
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            out["gemm_after"] = _gemm_streams_s(y, pool, widths, train)
+    for lib in ("numpy", "torch"):
+        out[f"{lib}_gemm_s"] = (out["gemm_before"][lib] + out["gemm_after"][lib]) / 2
+    # without a reset (not Linux), the peak includes the references' float32 copy
+    out["peak_rss_mib"] = max(peaks) if reset else _peak_rss_mib()
     out["pool_mib"] = sum(a.nbytes for a in pool) / 2**20
     return out
 
@@ -132,20 +188,6 @@ def worker_engine(units: int, dtype: str, splits_mask: int = 3) -> dict:
 def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
     core, pool, y, widths, block = _setup(units, dtype)
     train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
-    # the machine's float32 GEMM on the same shapes, per distinct block width, summed over the stream
-    yt = np.ascontiguousarray(y[:, train].astype(np.float32))
-    gemm = 0.0
-    per_width = {}
-    for w in sorted(set(widths)):
-        xt = np.ascontiguousarray(pool[0][train, :w].astype(np.float32))
-        yt @ xt
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            yt @ xt
-            times.append(time.perf_counter() - t0)
-        per_width[w] = min(times)
-    gemm = sum(per_width[w] for w in widths)
     # Brain-Score's per-neuron loop on the first n_ref neurons, block by block (same arithmetic as one pass)
     rng = np.random.default_rng(0)
     neurons = rng.choice(N_NEURONS, size=n_ref, replace=False)
@@ -165,7 +207,7 @@ def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
                 top = (r[k], i * block + k)
         best[int(j)] = top[1]
     loop = time.perf_counter() - t0
-    return {"gemm_s": gemm, "loop_s_per_neuron": loop / n_ref, "loop_best": best}
+    return {"loop_s_per_neuron": loop / n_ref, "loop_best": best}
 
 
 def run_size(units: int, dtype: str, splits: list[int]) -> dict:
@@ -184,8 +226,9 @@ def run_size(units: int, dtype: str, splits: list[int]) -> dict:
         "engine_s_1split": eng["engine_s_1"], "engine_s_10splits": eng.get("engine_s_10", nan),
         "loop_s_extrapolated": ref["loop_s_per_neuron"] * N_NEURONS, "loop_neurons_timed": n_ref,
         "speedup_vs_loop": ref["loop_s_per_neuron"] * N_NEURONS / eng["engine_s_1"],
-        "gemm_s": ref["gemm_s"], "gemm_gflops": flops / ref["gemm_s"] / 1e9,
-        "engine_gflops": flops / eng["engine_s_1"] / 1e9, "ratio_to_gemm": ref["gemm_s"] / eng["engine_s_1"],
+        "gemm_s": eng["numpy_gemm_s"], "gemm_gflops": flops / eng["numpy_gemm_s"] / 1e9,
+        "gemm_before_after_s": [eng["gemm_before"]["numpy"], eng["gemm_after"]["numpy"]],
+        "engine_gflops": flops / eng["engine_s_1"] / 1e9, "ratio_to_gemm": eng["numpy_gemm_s"] / eng["engine_s_1"],
         "torch_gemm_s": eng["torch_gemm_s"], "ratio_to_torch_gemm": eng["torch_gemm_s"] / eng["engine_s_1"],
         "splits10_over_1": eng.get("engine_s_10", nan) / eng["engine_s_1"],
         "peak_rss_mib": eng["peak_rss_mib"], "input_pool_mib": eng["pool_mib"],
@@ -370,7 +413,7 @@ def main():
     print(f"# bench_match: {N_IMAGES} images (2880 train / 320 test), {N_NEURONS} neurons, "
           f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}, cpus={os.cpu_count()}")
     header = ("units", "dtype", "engine 1 split s", "engine 10 splits s", "10/1", "loop s (extrap.)",
-              "speedup", "GEMM s", "GEMM GF/s", "engine GF/s", "engine/GEMM", "torch GEMM s",
+              "speedup", "GEMM s (before / after)", "GEMM GF/s", "engine GF/s", "engine/GEMM", "torch GEMM s",
               "engine/torch GEMM", "peak RSS MiB", "argmax=loop")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -383,7 +426,8 @@ def main():
                    else "- (not timed) | -")
             print(f"| {units:,} | {dtype} | {r['engine_s_1split']:.2f} | {ten} | "
                   f"{r['loop_s_extrapolated']:.0f} | {r['speedup_vs_loop']:.0f}x | "
-                  f"{r['gemm_s']:.2f} | {r['gemm_gflops']:.0f} | {r['engine_gflops']:.0f} | "
+                  f"{r['gemm_s']:.2f} ({r['gemm_before_after_s'][0]:.2f} / {r['gemm_before_after_s'][1]:.2f}) | "
+                  f"{r['gemm_gflops']:.0f} | {r['engine_gflops']:.0f} | "
                   f"{r['ratio_to_gemm']:.0%} | {r['torch_gemm_s']:.2f} | {r['ratio_to_torch_gemm']:.0%} | "
                   f"{r['peak_rss_mib']:.0f} | {r['argmax_agrees_with_loop']} |",
                   flush=True)

@@ -722,8 +722,8 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
     the share threads, the screening r equal those of the same values given as float32."""
     from unitmatch.core import engine as engine_module
 
-    as_words, views = engine_module._as_words, []
-    monkeypatch.setattr(engine_module, "_as_words", lambda t: views.append(as_words(t) is not None) or as_words(t))
+    in_words, views = engine_module._in_words, []
+    monkeypatch.setattr(engine_module, "_in_words", lambda t: views.append(in_words(t)) or views[-1])
     rng = np.random.default_rng(5)
     x16 = np.maximum(rng.standard_normal((N_IMAGES, 4200)), 0).astype(np.float16)
     block16 = x16[:, offset:offset + width]
@@ -743,6 +743,28 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
     finally:
         torch.set_num_threads(threads)
     assert set(views) == ({True, False} if offset == 0 else {False})  # words where aligned, else values
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad):
+    """The share threads: a NaN or inf on a train image or on a test image (those rows are only
+    summed) in the second share of a block raises the engine's error with the unit's global id,
+    after both shares ended, and torch's threads are restored."""
+    rng = np.random.default_rng(8)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float16)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    x[splits[0][0 if where == "train" else 1][3], 4321] = bad
+    y = plant_neurons(x[:, :100].astype(np.float32), n_planted=4, n_noise=0, snr=4.0, seed=9).responses
+    engine = MatchEngine(y, splits)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match=r"layer 'l' contain NaN or inf \(e.g. global units \[5321\]\)"):
+            engine.process(UnitBlock(x, "l", 1000))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_single_threaded_sections_overlap_and_restore_the_settings():
