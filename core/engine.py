@@ -81,6 +81,8 @@ _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
+#: guards the creation of an engine's share-thread pool
+_POOL_LOCK = threading.Lock()
 
 
 # -------------------------------------------------------------------------------------- settings
@@ -626,13 +628,15 @@ class MatchEngine:
         return products, sxx[:1], sxx[1]
 
     def _tile_pool(self, n: int) -> ThreadPoolExecutor:
-        """The engine's share threads (kept, with their scratch buffers, from block to block)."""
-        if self._pool is None or self._pool_size < n:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-shares")
-            self._pool_size = n
-        return self._pool
+        """The engine's share threads (kept, with their scratch buffers, from block to block; a
+        larger pool replaces a smaller one, which finishes the shares it holds)."""
+        with _POOL_LOCK:  # Dask may run blocks on one engine from several threads
+            if self._pool is None or self._pool_size < n:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-shares")
+                self._pool_size = n
+            return self._pool
 
     def _gather_rows(self, src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor, shift: torch.Tensor | None):
         """``out = float32(src[rows]) - shift``: rows of a tile, cast into a cache-resident buffer."""

@@ -253,6 +253,30 @@ def test_torch_tensor_blocks_and_threads_and_pickling():
         np.testing.assert_array_equal(sequential.top_r, other.top_r)
 
 
+def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thread():
+    """One split on CPU, blocks wide enough to be shared out (more than one tile), processed on one
+    engine from three threads at once (as Dask's threaded scheduler does) with two torch threads:
+    the same top-k as block by block on one thread, and torch's threads restored afterwards."""
+    rng = np.random.default_rng(30)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 12_000)), 0).astype(np.float16)
+    y = plant_neurons(x.astype(np.float32), n_planted=8, n_noise=2, snr=3.0, seed=31).responses
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), top_k=3)
+    blocks = [UnitBlock(x[:, a:a + 3000], "l", a) for a in range(0, 12_000, 3000)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sequential = merge_all(engine.process(b) for b in blocks)
+        torch.set_num_threads(2)
+        for _ in range(3):
+            with ThreadPoolExecutor(3) as pool:
+                threaded = merge_all(pool.map(engine.process, blocks))
+            np.testing.assert_array_equal(sequential.top_unit, threaded.top_unit)
+            np.testing.assert_allclose(sequential.top_r, threaded.top_r, rtol=0, atol=1e-6)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_statistics_for_a_tiny_case_by_hand():
     """train_r / test_r / gap on a case small enough to check with np.corrcoef."""
     rng = np.random.default_rng(15)
