@@ -94,7 +94,7 @@ def main():
         ap.error(f"--device {args.device!r} is not usable here ({e}); give cpu, cuda or cuda:N")
 
     from unitmatch.core.extract import (
-        DTYPES, ModelSpec, _Staging, _StoreSink, extract_to_store, image_batches, prepare_store,
+        DTYPES, ModelSpec, _Staging, _StoreSink, extract_to_store, full_float32, image_batches, prepare_store,
     )
     from unitmatch.core.layers import layer_names, probe_layers
     from unitmatch.core.store import ActivationStore
@@ -130,7 +130,7 @@ def main():
     tensors = [x for _, x in loader]
 
     def bare_pass() -> tuple[float, float]:
-        with torch.inference_mode():
+        with full_float32(), torch.inference_mode():  # the pipeline's numerics (no TF32 on CUDA)
             sync()
             t0, c0 = time.perf_counter(), cpu_seconds()
             for x in tensors:
@@ -159,7 +159,7 @@ def main():
                                                               .detach().clone())) for u in units]
     outputs16, d2h, d2h_host_cast = [], 0.0, 0.0
     try:
-        with torch.inference_mode():
+        with full_float32(), torch.inference_mode():
             for b, x in zip(batch_ids, tensors):
                 captured.clear()
                 model(x.to(device))

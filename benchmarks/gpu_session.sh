@@ -24,6 +24,10 @@ else
   export PYTHONPATH=/tmp/pkg
 fi
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled HF_HUB_OFFLINE=1
+# NGC's PyTorch images force TF32 on cuBLAS matmuls through this variable: extraction refuses it and the
+# engine's float32 checks assume full float32, so it is logged, then unset for every step
+env | grep -i tf32 > "$OUT/tf32_env.txt" || true
+unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
 PY=${PYTHON:-python3}
 
 BUDGET=${BUDGET:-560}   # seconds for the whole script: a device command may run 600
@@ -40,7 +44,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"; } \
+  $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
+  echo "TF32 variables at the start: $(tr '\n' ' ' < "$OUT/tf32_env.txt")"; } \
   | tee "$OUT/machine.txt"
 
 step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"

@@ -9,11 +9,15 @@ works (CUDA clusters, matching CPU builds) it does nothing but import.
 
 Every module that needs timm or torchvision, including code that runs inside Ray workers, must get
 them through :func:`import_timm` / :func:`import_torchvision` rather than a bare ``import``.
+
+Also here: :func:`forced_tf32`, the environment settings that make CUDA matmuls use TF32 whatever
+torch's own settings say.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -81,3 +85,14 @@ def import_timm() -> ModuleType:
     import timm
 
     return timm
+
+
+#: environment variables with which torch runs float32 cuBLAS matmuls in TF32 whatever its settings
+#: say (NGC's PyTorch containers set ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1``)
+TF32_OVERRIDES = ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",)
+
+
+def forced_tf32() -> list[str]:
+    """``NAME=value`` of each :data:`TF32_OVERRIDES` variable set to something other than off."""
+    return [f"{name}={os.environ[name]}" for name in TF32_OVERRIDES
+            if os.environ.get(name, "").strip().lower() not in ("", "0", "false", "off", "no")]

@@ -83,6 +83,8 @@ _SCREEN_PAIRS = 128
 _CONSTANT_TOL = 1e-5
 #: guards the creation of an engine's share-thread pool
 _POOL_LOCK = threading.Lock()
+#: whether the TF32 warning was given (:func:`_warn_forced_tf32`)
+_TF32_WARNED: list[bool] = []
 
 
 # -------------------------------------------------------------------------------------- settings
@@ -387,6 +389,8 @@ class MatchEngine:
         self.tie_margin = settings.tie_margin
         device = settings.device
         self.device = default_device(device)
+        if self.device.type == "cuda":
+            _warn_forced_tf32()
         self.shared = len(self.splits) > 1
         yc = y - y.mean(axis=1, keepdims=True)
         yz = yc / yc.std(axis=1, keepdims=True)
@@ -947,6 +951,20 @@ def _take_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torc
     else:
         torch.index_select(src, 0, rows, out=out)
     return out
+
+
+def _warn_forced_tf32() -> None:
+    """Warn (once per process) where the environment forces TF32 on the engine's CUDA GEMMs."""
+    from ._compat import forced_tf32
+
+    forced = forced_tf32()
+    if forced and not _TF32_WARNED:
+        _TF32_WARNED.append(True)
+        log.warning(
+            "%s makes torch run the engine's CUDA float32 GEMMs in TF32 (NGC's PyTorch containers set it): "
+            "screening r then carry errors of about 1e-4 instead of 1e-6, so a unit within that of a neuron's "
+            "best may be missed before the float64 re-scoring; unset it (or set it to 0) for exact matching",
+            ", ".join(forced))
 
 
 def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import custom
-from ._compat import import_timm
+from ._compat import forced_tf32, import_timm
 from .engine import default_device
 from .layers import OUTPUT, eval_mode, layer_names, probe_layers
 from .stimuli import StimulusSet
@@ -203,10 +203,23 @@ def _legacy_setting(read):
 
 
 def _device(device) -> torch.device:
-    """The extraction device: as given (``"cuda"`` as the current CUDA device), default cuda when available."""
+    """The extraction device: as given (``"cuda"`` as the current CUDA device), default cuda when available.
+
+    Raises:
+        ValueError: CUDA with an environment variable that forces TF32 in cuBLAS matmuls
+            (:func:`core._compat.forced_tf32`): :func:`full_float32` cannot turn that off, and stores
+            promise full float32.
+    """
     device = default_device(device or None)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
+    forced = forced_tf32() if device.type == "cuda" else []
+    if forced:
+        raise ValueError(
+            f"{', '.join(forced)} makes torch run CUDA float32 matmuls in TF32 whatever its settings say "
+            f"(NGC's PyTorch containers set it), so the stores would not hold full-float32 activations; unset "
+            f"it (or set it to 0) for extraction"
+        )
     return device
 
 
@@ -830,7 +843,7 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
 
     Raises:
         ValueError: empty stimulus set, unknown model or layer, batches outside the store,
-            undecodable image (named).
+            undecodable image (named), an environment that forces TF32 on CUDA (see :func:`_device`).
     """
     t0 = time.perf_counter()
     own = model is None
@@ -840,6 +853,7 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     if pinned not in (None, True, False):
         raise ValueError(f"pinned must be None (on CUDA), True or False; got {pinned!r}")
     _check_pinned(pinned, device)
+    device = _device(device)  # before the store exists: a device it refuses leaves nothing behind
     store = prepare_store(spec, stimuli, selection, root, batch_size=batch_size, dtype=dtype, codec=codec,
                           sharded=sharded, unit_chunk=unit_chunk, model=model)
     if batches is not None:
@@ -852,7 +866,6 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
     skipped = (store.n_batches if batches is None else len(batches)) - len(wanted)
     written: list[int] = []
     if wanted:
-        device = _device(device)
         if own:
             model.to(device)  # ours: no need to move it back
         info = {"device": str(device), "host": platform.node(), "torch": torch.__version__, "tf32": False}

@@ -331,6 +331,8 @@ def gather_columns(layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, u
         cols = units[sel] - catalogue.offsets[li]
         # orthogonal selection reads only the chunks holding these columns (Zarr), or indexes (numpy)
         picked = flat.oindex[:, cols] if hasattr(flat, "oindex") else flat[:, cols]
+        if hasattr(picked, "detach"):  # a torch tensor, perhaps on a GPU
+            picked = picked.detach().cpu()
         out[:, sel] = np.asarray(picked, dtype=np.float64)
     return out
 

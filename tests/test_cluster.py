@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from unitmatch.sweep.cluster import (ClusterResourceError, NodeResources, ResourceRequest, check_reachable,
                                      check_requests, unsatisfiable)
@@ -183,7 +184,8 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
     assert len(seen) == summary["n_blocks"] > 1
     for record in seen:
         assert record["gpu_ids"] == [0], record  # granted, seen by the task itself
-        assert record["devices"] == ["cpu"], record  # torch sees no CUDA here
+        # the task's engine follows torch: cpu here, cuda where the machine has a GPU (test_gpu.py covers that)
+        assert record["devices"] == (["cuda"] if torch.cuda.is_available() else ["cpu"]), record
         assert record["result"] == "MatchPartial"
     assert summary["block_args"] == {"num_gpus": 0.25}
     result = pickle.loads((tmp_path / "result.pkl").read_bytes())

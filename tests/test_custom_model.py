@@ -180,6 +180,24 @@ def test_a_ready_module_fills_its_store_and_must_not_change(tmp_path, net_file, 
         prepare_store(spec, stimuli, LAYERS, tmp_path / "stores", model=model)
 
 
+def test_a_ready_module_with_batchnorm_has_an_identity_that_follows_its_buffers():
+    """BatchNorm's ``num_batches_tracked`` is a 0-dim buffer: the module's digest hashes it too (it
+    raised before), and a change to any buffer (running mean, the batch count) changes the identity."""
+    from torch import nn
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    identity = ModelSpec.from_module(model, **PRE).identity()
+    assert identity.startswith("module:Sequential@sha256:")
+    twin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    twin.load_state_dict(model.state_dict())
+    assert ModelSpec.from_module(twin, **PRE).identity() == identity
+    model[1].num_batches_tracked += 1
+    assert ModelSpec.from_module(model, **PRE).identity() != identity
+    twin[1].running_mean += 0.5
+    assert ModelSpec.from_module(twin, **PRE).identity() != identity
+
+
 def test_bgr_input_with_caffe_style_means_on_the_0_255_scale(tmp_path, net_file, stimuli):
     """channel_order BGR; "0-255 minus per-channel means, no scaling" is mean = means / 255, std = 1 / 255."""
     spec = ModelSpec.from_factory(f"{net_file}:make_net", seed=2, input_size=(3, SIZE, SIZE), channel_order="BGR",

@@ -260,7 +260,8 @@ def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thre
     rng = np.random.default_rng(30)
     x = np.maximum(rng.standard_normal((N_IMAGES, 12_000)), 0).astype(np.float16)
     y = plant_neurons(x.astype(np.float32), n_planted=8, n_noise=2, snr=3.0, seed=31).responses
-    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), top_k=3)
+    engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), top_k=3,
+                         device="cpu")
     blocks = [UnitBlock(x[:, a:a + 3000], "l", a) for a in range(0, 12_000, 3000)]
     threads = torch.get_num_threads()
     try:
@@ -416,7 +417,7 @@ def test_varying_image_counts_equal_the_float64_reference(dtype):
     layers = {k: v.astype(dtype) for k, v in _sparse_activations().items()}
     x = _flat(layers)
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=4, stratify=None)
-    engine = MatchEngine(np.random.default_rng(0).standard_normal((3, N_IMAGES)), splits)
+    engine = MatchEngine(np.random.default_rng(0).standard_normal((3, N_IMAGES)), splits, device="cpu")
     counts = engine._varying_train_images(torch.from_numpy(x)).numpy()
     np.testing.assert_array_equal(counts[0], varying_images(x, np.arange(N_IMAGES)))
     for s, (train, _) in enumerate(splits):
@@ -501,10 +502,11 @@ def test_min_varying_images_above_the_train_set_is_named():
 
 # ------------------------------------------------------------- block paths, screen and staging (issue 8)
 def _engine_paths(y, splits, **settings):
-    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block (GPU's)."""
+    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block (GPU's),
+    each on the CPU (also on a machine with a GPU)."""
     out = {}
     for name, tiled, chunked in (("tiled", True, True), ("chunked", False, True), ("whole", False, False)):
-        engine = MatchEngine(y, splits, **settings)
+        engine = MatchEngine(y, splits, device="cpu", **settings)
         if tiled and engine.shared:
             continue  # tiling serves one split only
         engine._tiled, engine._chunked = tiled, chunked
@@ -558,7 +560,7 @@ def test_sparse_screen_marks_exactly_the_units_the_float64_reference_counts_as_s
     x[: n // 2, 70:80] = -1.0  # two values, half and half
     x = x.astype(dtype)
     splits = core.brainscore_splits(n_images=n, n_splits=3, stratify=None)
-    engine = MatchEngine(rng.standard_normal((2, n)), splits, min_varying_images=min_varying_images)
+    engine = MatchEngine(rng.standard_normal((2, n)), splits, min_varying_images=min_varying_images, device="cpu")
     got = engine._sparse_units(torch.from_numpy(x)).numpy()
     for s, (train, _) in enumerate(splits):
         np.testing.assert_array_equal(got[s], varying_images(x, train) < min_varying_images)
@@ -693,6 +695,22 @@ def test_pinned_staging_on_cuda_equals_the_cpu_engine(dtype, n_splits):
         assert block.data.is_cuda
 
 
+@pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")])])
+def test_activations_as_torch_tensors_anywhere_match_as_numpy_arrays_do(where):
+    """run_matching reads blocks and the re-scoring's columns from torch tensors as from numpy arrays,
+    tensors on a GPU included (their columns come back to the host for the float64 re-scoring)."""
+    layers = _activations(seed=40)
+    x = _flat(layers)
+    y, _ = _responses(x, seed=41)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=2, stratify=None)
+    want = run_matching(layers, y, splits, top_k=3, block_units=64, device="cpu").matches
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(where) for k, v in layers.items()}
+    got = run_matching(tensors, y, splits, top_k=3, block_units=64, device="cpu").matches
+    pd.testing.assert_frame_equal(got.drop(columns=["topk_r", "topk_unit"]), want.drop(columns=["topk_r", "topk_unit"]))
+    assert bool(got.float64.all())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monkeypatch):
     """One split on CPU with several torch threads: a block's units are shared out over Python
@@ -722,8 +740,8 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
         for n in (2, 1):
             torch.set_num_threads(n)
             gemms.clear()
-            block = MatchEngine(y, splits, top_k=4).process(UnitBlock(x, "l", 0))
-            results[n] = (block, run_matching({"l": x}, y, splits, top_k=4, block_units=5000).matches)
+            block = MatchEngine(y, splits, top_k=4, device="cpu").process(UnitBlock(x, "l", 0))
+            results[n] = (block, run_matching({"l": x}, y, splits, top_k=4, block_units=5000, device="cpu").matches)
             assert torch.get_num_threads() == n  # restored after the threaded tiles
             # two halves of 2500 units on the share threads, or the whole block serially
             assert gemms == ([(False, 2500, True)] * 4 if n == 2 else [(True, 5000, False)] * 2)
@@ -758,7 +776,7 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            engine = MatchEngine(y, splits, top_k=3)
+            engine = MatchEngine(y, splits, top_k=3, device="cpu")
             got = engine.process(UnitBlock(block16, "l", 10))
             want = engine.process(UnitBlock(block32, "l", 10))
             np.testing.assert_array_equal(got.top_unit, want.top_unit)
@@ -780,7 +798,7 @@ def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_thr
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
     x[splits[0][0 if where == "train" else 1][3], 4321] = bad
     y = plant_neurons(x[:, :100].astype(np.float32), n_planted=4, n_noise=0, snr=4.0, seed=9).responses
-    engine = MatchEngine(y, splits)
+    engine = MatchEngine(y, splits, device="cpu")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -789,6 +807,25 @@ def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_thr
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):
+    """The engine's CUDA GEMMs under TORCH_ALLOW_TF32_CUBLAS_OVERRIDE run in TF32: one warning per
+    process names the variable and the fix; none where it is off."""
+    from unitmatch.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_TF32_WARNED", [])
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+    with caplog.at_level("WARNING", logger="unitmatch.core.engine"):
+        engine_module._warn_forced_tf32()
+    assert not caplog.records
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")
+    with caplog.at_level("WARNING", logger="unitmatch.core.engine"):
+        engine_module._warn_forced_tf32()
+        engine_module._warn_forced_tf32()
+    assert len(caplog.records) == 1
+    assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 makes torch run the engine's CUDA float32 GEMMs in TF32" in caplog.text
+    assert "unset it (or set it to 0)" in caplog.text
 
 
 def test_single_threaded_sections_overlap_and_restore_the_settings():

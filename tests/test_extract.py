@@ -157,6 +157,27 @@ def test_extraction_runs_without_tf32_and_restores_the_callers_settings(stimuli,
         probe.remove()
 
 
+@pytest.mark.parametrize("value", ["1", "true", "ON"])
+def test_cuda_extraction_refuses_an_environment_that_forces_tf32(stimuli, tmp_path, monkeypatch, value):
+    """TORCH_ALLOW_TF32_CUBLAS_OVERRIDE (set by NGC's PyTorch containers) makes cuBLAS matmuls TF32
+    whatever full_float32() sets: a CUDA extraction refuses it, naming the variable and the fix,
+    before any store exists; set to 0 it is off, and CPU extraction ignores it."""
+    from unitmatch.core.extract import ModelSpec, _device, extract_to_store
+
+    model = create_model("test_resnet")
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", value)
+    message = rf"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE={value} makes torch run CUDA float32 matmuls in TF32.*unset it"
+    with pytest.raises(ValueError, match=message):
+        extract_activations(model, stimuli, ["layer1"], batch_size=10, device="cuda")
+    with pytest.raises(ValueError, match=message):
+        extract_to_store(ModelSpec("test_resnet", seed=0), stimuli, ["layer1"], tmp_path / "stores", device="cuda")
+    assert not (tmp_path / "stores").exists()
+    assert _device("cpu").type == "cpu"
+    assert len(extract_activations(model, stimuli, ["layer1"], batch_size=10, device="cpu")["layer1"]) == len(stimuli)
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
+    assert _device("cuda").type == "cuda"
+
+
 def test_clear_errors(stimuli):
     a = create_model("test_resnet", seed=3).state_dict()["fc.weight"]
     b = create_model("test_resnet", seed=3).state_dict()["fc.weight"]
