@@ -498,8 +498,8 @@ class MatchEngine:
             return partial
         shift = self._shift(xb)
         if self._tiled:
-            products, sxx, rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
-            _check_finite(sxx[0] + rest, block)
+            products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
+            _check_finite(sxx[0] + sxx_rest, block)
         else:
             x, sxx_all = self._prepare(xb, shift)
             _check_finite(sxx_all[0], block)
@@ -589,14 +589,13 @@ class MatchEngine:
         The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
         rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into the tile, and squared and
         summed while in cache; then one GEMM over the train rows alone (``_SplitPlan.d_train``)
-        gives the tile's products and unit sums. The other rows are only summed, in
-        float32, to check that they are finite. ``torch_gemm``: each tile's GEMM with torch, else with
+        gives the tile's products and unit sums. The other rows are squared and summed only to
+        check that they are finite. ``torch_gemm``: each tile's GEMM with torch, else with
         numpy (the share threads of :meth:`_process_in_shares`, inside a single-threaded section).
 
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
-            sums; sums of squares over the train rows (1, units); sums of the other rows (units,),
-            finite where they are.
+            sums; sums of squares over the train rows (1, units) and over the other rows (units,).
         """
         n_units = xb.shape[1]
         products = self._buffer("products", (self.n_rows + 1, n_units))
@@ -612,19 +611,16 @@ class MatchEngine:
             # squares summed elementwise over the row chunks while in cache, then once over the
             # accumulator's rows (one op per chunk: measured twice as fast as squaring into a buffer
             # and summing it)
-            squares = self._buffer("squares", (min(_TILE_ROWS, n_train), width))
-            squares.zero_()
-            for r0 in range(0, n_train, _TILE_ROWS):
-                r1 = min(r0 + _TILE_ROWS, n_train)
-                chunk = tile[r0:r1]
-                self._gather_rows(src, plan.train_t[r0:r1], chunk, step)
-                squares[: r1 - r0].addcmul_(chunk, chunk)
-            torch.sum(squares, dim=0, out=sxx[0, c0:c1])
-            # the other rows only need to be finite: summed in float32 as they are (NaN/inf propagate)
-            for r0 in range(0, n_rest, _TILE_ROWS):
-                r1 = min(r0 + _TILE_ROWS, n_rest)
-                raw = _take_rows(src, plan.outside[r0:r1], self._buffer("rest", (r1 - r0, width), src.dtype))
-                sxx[1, c0:c1].add_(torch.sum(raw, dim=0, dtype=torch.float32))
+            squares = self._buffer("squares", (min(_TILE_ROWS, max(n_train, n_rest)), width))
+            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0, c0:c1]),
+                                      (plan.outside, n_rest, False, sxx[1, c0:c1])):
+                squares.zero_()
+                for r0 in range(0, n, _TILE_ROWS):
+                    r1 = min(r0 + _TILE_ROWS, n)
+                    chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
+                    self._gather_rows(src, rows[r0:r1], chunk, step)
+                    squares[: r1 - r0].addcmul_(chunk, chunk)
+                torch.sum(squares, dim=0, out=sums)
             if torch_gemm:
                 torch.mm(plan.d_train, tile, out=products[:, c0:c1])
             else:
