@@ -81,7 +81,7 @@ _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
 #: squares is treated as constant on the train images (float32 cannot resolve its variance)
 _CONSTANT_TOL = 1e-5
-#: guards the creation of an engine's share-thread pool
+#: guards the creation of an engine's share-thread pool (and of the staging copy streams)
 _POOL_LOCK = threading.Lock()
 #: whether the TF32 warning was given (:func:`_warn_forced_tf32`)
 _TF32_WARNED: list[bool] = []
@@ -1026,6 +1026,19 @@ def _host_tensor(data) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The process's host-to-device copy stream for ``device``, one for every :func:`staged_blocks`
+    call: the staging buffers are allocated on it, and the caching allocator reuses a stream's
+    freed blocks only on that stream (a new stream per call would let reserved memory grow)."""
+    with _POOL_LOCK:
+        if device not in _COPY_STREAMS:
+            _COPY_STREAMS[device] = torch.cuda.Stream(device)
+        return _COPY_STREAMS[device]
+
+
 def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: int = STAGING_BUFFERS):
     """Yield the blocks with their data on ``device``, copied ahead of use through a ring of buffers.
 
@@ -1061,7 +1074,7 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
         free.put(slot)
     ready: "queue.Queue" = queue.Queue()
     stop = threading.Event()
-    copy_stream = torch.cuda.Stream(device) if cuda else None
+    copy_stream = _copy_stream(device) if cuda else None
 
     def take_slot():
         while not stop.is_set():

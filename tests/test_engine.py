@@ -693,6 +693,11 @@ def test_pinned_staging_on_cuda_equals_the_cpu_engine(dtype, n_splits):
                                    equal_nan=True)
     for block in staged_blocks(iter_blocks(layers, cat, 64), torch.device("cuda")):
         assert block.data.is_cuda
+    reserved = []
+    for _ in range(3):  # every call stages on the same copy stream, so its cached buffers are reused
+        stream_match(engine, mixed(), cat, columns=columns)
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[2] == reserved[1], reserved
 
 
 @pytest.mark.parametrize("where", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(

@@ -105,14 +105,24 @@ def test_the_callers_model_is_left_as_it_was(stimuli):
     np.testing.assert_allclose(acts["layer4"], direct.numpy(), rtol=1e-5, atol=1e-5)
 
 
+#: the per-operator float32 precisions (torch >= 2.9), where this torch has them
+_PER_OPERATOR = [knob for knob in ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn")
+                 if hasattr(getattr(getattr(torch.backends, knob.split(".")[0]), knob.split(".")[1], None),
+                            "fp32_precision")]
+
+
+def _knob(name):
+    backend, op = name.split(".")
+    return getattr(getattr(torch.backends, backend), op)
+
+
 def _precisions() -> dict:
     """torch's float32 settings, legacy and per operator (torch raises on reading a legacy one that
-    disagrees with the per-operator ones, so reading them also checks that they agree)."""
+    disagrees with the per-operator ones, so reading them also checks that they agree). Older torch
+    has the legacy ones only."""
     b = torch.backends
-    return {"matmul": torch.get_float32_matmul_precision(), "cuda.matmul": b.cuda.matmul.fp32_precision,
-            "mkldnn.matmul": b.mkldnn.matmul.fp32_precision, "cudnn.conv": b.cudnn.conv.fp32_precision,
-            "cudnn.rnn": b.cudnn.rnn.fp32_precision, "legacy matmul tf32": b.cuda.matmul.allow_tf32,
-            "legacy cudnn tf32": b.cudnn.allow_tf32}
+    return {"matmul": torch.get_float32_matmul_precision(), "legacy matmul tf32": b.cuda.matmul.allow_tf32,
+            "legacy cudnn tf32": b.cudnn.allow_tf32, **{k: _knob(k).fp32_precision for k in _PER_OPERATOR}}
 
 
 @pytest.fixture
@@ -120,24 +130,27 @@ def tf32_allowed():
     """A caller who allows TF32 (matmul precision "high"; cuDNN convolutions allow it by default)."""
     before = _precisions()
     torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    if "cudnn.conv" in _PER_OPERATOR:
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cudnn.allow_tf32 = True
     yield _precisions()
     torch.set_float32_matmul_precision(before["matmul"])
     torch.backends.cudnn.allow_tf32 = before["legacy cudnn tf32"]
-    for knob in ("cuda.matmul", "mkldnn.matmul", "cudnn.conv", "cudnn.rnn"):
-        backend, op = knob.split(".")
-        setattr(getattr(getattr(torch.backends, backend), op), "fp32_precision", before[knob])
+    for knob in _PER_OPERATOR:
+        _knob(knob).fp32_precision = before[knob]
 
 
 def test_extraction_runs_without_tf32_and_restores_the_callers_settings(stimuli, tf32_allowed):
-    assert tf32_allowed["cuda.matmul"] == "tf32" and tf32_allowed["cudnn.conv"] == "tf32"
+    assert tf32_allowed["legacy matmul tf32"] and tf32_allowed["legacy cudnn tf32"]
+    assert all(tf32_allowed[k] == "tf32" for k in ("cuda.matmul", "cudnn.conv") if k in _PER_OPERATOR)
     model = create_model("test_resnet")
     seen = []
     probe = model.layer1.register_forward_hook(lambda *_: seen.append(_precisions()))
     try:
         extract_activations(model, stimuli, ["layer2"], batch_size=10)
-        full = {"matmul": "highest", "cuda.matmul": "ieee", "mkldnn.matmul": "ieee", "cudnn.conv": "ieee",
-                "cudnn.rnn": "ieee", "legacy matmul tf32": False, "legacy cudnn tf32": False}
+        full = {"matmul": "highest", "legacy matmul tf32": False, "legacy cudnn tf32": False,
+                **{k: "ieee" for k in _PER_OPERATOR}}
         assert len(seen) >= 3 and seen[-2:] == [full, full]  # the probe pass, then both batches
         assert _precisions() == tf32_allowed
 
