@@ -833,6 +833,32 @@ def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplo
     assert "unset it (or set it to 0)" in caplog.text
 
 
+@pytest.mark.parametrize("shape", [(300, 4000), (17, 70_001), (2000, 640), (3, 700)])
+def test_grouped_top_k_equals_torch_topk(shape):
+    """core.engine's CPU top-k through group maxima: torch.topk's values and columns on distinct
+    scores (whole groups and a remainder, rows of -inf, a non-contiguous view, a matrix below the
+    threshold); on many ties the same values, at columns that hold them."""
+    from unitmatch.core.engine import _top_k_columns
+
+    rng = np.random.default_rng(50)
+    scores = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    scores[:, 5:150] = -torch.inf
+    scores[0] = -torch.inf
+    wide = torch.cat([scores, scores[:, :3]], dim=1)[:, :-3]  # the same values, a non-contiguous view
+    for s in (scores, wide):
+        for k in (1, 5):
+            want = torch.topk(s, k, dim=1)
+            got = _top_k_columns(s, k)
+            torch.testing.assert_close(got[0], want.values, rtol=0, atol=0)
+            finite = torch.isfinite(want.values)
+            np.testing.assert_array_equal(got[1][finite].numpy(), want.indices[finite].numpy())
+    ties = torch.from_numpy(rng.integers(0, 4, shape).astype(np.float32))
+    values, columns = _top_k_columns(ties, 5)
+    torch.testing.assert_close(values, torch.topk(ties, 5, dim=1).values, rtol=0, atol=0)
+    torch.testing.assert_close(torch.gather(ties, 1, columns), values, rtol=0, atol=0)
+    assert all(len(set(row)) == 5 for row in columns.tolist())  # five distinct columns per row
+
+
 def test_single_threaded_sections_overlap_and_restore_the_settings():
     """core._threads.single_threaded_ops from two threads whose sections overlap (A opens, B
     opens, A closes, B closes): one thread inside while any section is open, and afterwards
