@@ -60,6 +60,8 @@ SEARCHES = ("all_units", "region_committed")
 #: the decoding's random populations are read in gathers of at most this many bytes (float64 columns):
 #: all 100 of the demo's (48 units x 400 images) in one, MajajHong-sized ones (256 x 2560) in two
 GATHER_BYTES = 256 * 2**20
+#: candidates drawn at once for each random-population unit that is constant on a train set
+REDRAWS = 8
 
 
 @dataclass
@@ -481,37 +483,63 @@ def _decode(y, labels, splits, matches, assembly, catalogue, columns, n_random: 
             device=None, committed: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Matched-population decoding per (region, split), with random-population nulls.
 
-    The random populations of a region are drawn once and their activations read in as few gathers
-    as fit in ``GATHER_BYTES`` (from a store, one read per chunk instead of one per population), then
-    reused by every split; the matched units of all its splits are read in one gather too (a store's
-    chunk is decompressed whole for any of its columns: one gather per split read them all ten
-    times, 4 of the 12 s of decoding per demo model). In a region-committed search the random
-    populations are drawn from the units of the region's layers only. A region's
-    splits are decoded together (:func:`core.decoding.matched_population_decoding_splits`: the fits
-    of several splits in one batch, warm-started from the first split's, where they are small; each
-    split's null warm-started from the previous split's where they are large), on the matching's device (None: cuda when available, as
-    the engine resolves it).
+    Every region's random populations are drawn first (region by region, in name order), then the
+    activations of all of them and of every region's matched units (all splits) are read in one
+    gather where they fit in ``GATHER_BYTES`` (a store's chunk is decompressed whole for any of its
+    columns, so each separate gather re-read nearly the whole store: 2-3 s per demo model). Where
+    they do not fit, each region reads its populations in as few gathers as fit and its matched
+    units in one. A drawn unit that is constant on some split's train images is redrawn after
+    that (:func:`_random_populations`). In a region-committed search the random populations are
+    drawn from the units of the region's layers only. A region's splits are decoded together
+    (:func:`core.decoding.matched_population_decoding_splits`: the fits of several splits in one
+    batch, warm-started from the first split's, where they are small; each split's null
+    warm-started from the previous split's where they are large), on the matching's device (None:
+    cuda when available, as the engine resolves it).
     """
     device = default_device(device)
     rng = np.random.default_rng(seed)
-    rows = []
+    plans = []
     for region in sorted(set(assembly.regions)):
         idx = np.flatnonzero(assembly.regions == region)
         ids = assembly.neuron_ids[idx]
-        neurons_x = y[idx].T  # (images, neurons of the region)
         units = _unit_ranges(catalogue, None if committed is None else committed[region])
-        pool = _random_populations(lambda i: columns(units(i)), units.n, n_random, len(idx), y.shape[1], splits,
-                                   rng)
+        draws = np.stack([rng.choice(units.n, size=len(idx), replace=False) for _ in range(n_random)])
         matched = [matches[matches.split == s].set_index("neuron").loc[ids].unit.to_numpy()
                    for s in range(len(splits))]
+        plans.append((region, idx, units, draws, matched))
+    wanted = np.unique(np.concatenate([u for _, _, units, draws, matched in plans
+                                       for u in (units(draws).ravel(), *matched)]))
+    if 8 * wanted.size * y.shape[1] <= GATHER_BYTES:
+        columns = _cached_columns(columns, wanted)
+    rows = []
+    for region, idx, units, draws, matched in plans:
+        pool = _random_populations(lambda i: columns(units(i)), units.n, draws, y.shape[1], splits, rng)
         union, where = np.unique(np.concatenate(matched), return_inverse=True)
         union_x = columns(union)
         units_x = [union_x[:, w] for w in np.split(where, len(splits))]
-        results = matched_population_decoding_splits(units_x, neurons_x, labels, splits,
+        results = matched_population_decoding_splits(units_x, y[idx].T, labels, splits,
                                                      random_populations=pool, n_random=n_random,
                                                      device=device)
         rows += [{"region": region, "split": s, **res.as_dict()} for s, res in enumerate(results)]
     return pd.DataFrame(rows)
+
+
+def _cached_columns(columns, units: np.ndarray):
+    """``columns`` with the columns of the sorted ``units`` read once, now; other units are read as asked."""
+    cache = columns(units)
+
+    def cached(asked):
+        asked = np.asarray(asked, np.int64)
+        at = np.searchsorted(units, asked).clip(max=units.size - 1)
+        hit = units[at] == asked
+        if hit.all():
+            return cache[:, at]
+        out = np.empty((cache.shape[0], asked.size))
+        out[:, hit] = cache[:, at[hit]]
+        out[:, ~hit] = columns(asked[~hit])
+        return out
+
+    return cached
 
 
 def _unit_ranges(catalogue: UnitCatalogue, names: Sequence[str] | None):
@@ -530,13 +558,24 @@ def _unit_ranges(catalogue: UnitCatalogue, names: Sequence[str] | None):
     return units
 
 
-def _random_populations(columns, n_units: int, n_random: int, size: int, n_images: int, splits, rng,
+def _constant_on_a_train_set(x: np.ndarray, splits, axis: int) -> np.ndarray:
+    """Over image ``axis`` of ``x``: is each column constant on some split's train images?"""
+    flat = None
+    for train, _ in splits:
+        constant = np.ptp(np.take(x, train, axis=axis), axis=axis) == 0
+        flat = constant if flat is None else flat | constant
+    return flat
+
+
+def _random_populations(columns, n_units: int, draws: np.ndarray, n_images: int, splits, rng,
                         tries: int = 20) -> np.ndarray:
-    """(n_random, images, size) activations of random distinct units that vary over every split's train images.
+    """(n_random, images, size) activations of the drawn units ``draws`` (n_random, size; updated in
+    place), each drawn unit that is constant on some split's train images replaced by the first
+    varying one of ``REDRAWS`` uniform candidates (at most ``tries`` rounds).
 
     Read in gathers of at most ``GATHER_BYTES`` of float64 columns.
     """
-    draws = np.stack([rng.choice(n_units, size=size, replace=False) for _ in range(n_random)])
+    n_random, size = draws.shape
     batch = max(1, GATHER_BYTES // (8 * size * n_images))
     out = None
     for start in range(0, n_random, batch):
@@ -546,12 +585,18 @@ def _random_populations(columns, n_units: int, n_random: int, size: int, n_image
             out = np.empty((n_random, x.shape[0], size), np.float32)
         out[start:start + len(block)] = x.reshape(x.shape[0], len(block), size).transpose(1, 0, 2)
     for _ in range(tries):
-        flat = np.zeros(out.shape[0::2], bool)  # (draw, unit) constant on some split's train images
-        for train, _ in splits:
-            flat |= np.ptp(out[:, train, :], axis=1) == 0
+        flat = _constant_on_a_train_set(out, splits, axis=1)  # (draw, unit)
         if not flat.any():
             return out
+        # each such unit is replaced by the first varying one of REDRAWS candidates drawn for it (the
+        # first varying of i.i.d. uniform draws, as one by one; in one gather: a store's scattered
+        # columns decompress nearly all of it)
         d, u = np.nonzero(flat)
-        draws[d, u] = rng.choice(n_units, size=d.size, replace=True)
-        out[d, :, u] = columns(draws[d, u]).astype(np.float32).T
+        spare = rng.choice(n_units, size=(d.size, REDRAWS), replace=True)
+        x = columns(spare.ravel()).astype(np.float32).reshape(n_images, d.size, REDRAWS)
+        varies = ~_constant_on_a_train_set(x, splits, axis=0)  # (slot, candidate)
+        pick = np.where(varies.any(axis=1), varies.argmax(axis=1), REDRAWS - 1)  # none: the next round again
+        slots = np.arange(d.size)
+        draws[d, u] = spare[slots, pick]
+        out[d, :, u] = x[:, slots, pick].T
     raise ValueError(f"could not draw {size} random units that vary over the train images; too many constant units")

@@ -338,3 +338,79 @@ def test_analysis_times_its_steps(caplog):
     assert f"analysis in {s['total']:.1f} s: matching {s['matching']:.1f} s" in caplog.text
     again = analyze(layers, assembly, splits, n_permutations=0, n_random_populations=10, top_k=4, result=out.result)
     assert set(again.seconds) == {"strict_assignment", "decoding", "total"}
+
+
+def test_decoding_reads_every_regions_units_in_one_gather(monkeypatch):
+    """The decoding's random populations and matched units of all regions and splits come from one
+    gather (a store decompresses a chunk whole for any of its columns), and its cached reads equal
+    direct ones: the accuracies equal those read without the cache."""
+    from unitmatch.core import analysis as analysis_module
+
+    layers, assembly, _ = _world(seed=3)
+    splits = core.brainscore_splits(assembly.image_metadata, n_splits=2)
+    calls = []
+    gather = analysis_module.gather_columns
+
+    def counting(layers_, catalogue, units):
+        calls.append(len(units))
+        return gather(layers_, catalogue, units)
+
+    monkeypatch.setattr(analysis_module, "gather_columns", counting)
+    kw = dict(n_permutations=0, n_random_populations=10, top_k=4)
+    without = analyze(layers, assembly, splits, decode=False, **kw)
+    before = len(calls)
+    cached = analyze(layers, assembly, splits, result=without.result, **kw)
+    decoding_calls = calls[before:]
+    n_regions = len(set(assembly.regions))
+    assert n_regions == 3
+    # the strict assignment's gather (as without decoding), then one for the decoding of 3 regions
+    assert len(decoding_calls) == before + 1, calls
+    monkeypatch.setattr(analysis_module, "GATHER_BYTES", 1)  # nothing fits: per-region gathers as before
+    calls.clear()
+    direct = analyze(layers, assembly, splits, result=without.result, **kw)
+    assert len(calls) > before + 1
+    pd.testing.assert_frame_equal(cached.decoding, direct.decoding)
+
+
+def test_cached_columns_reads_misses_directly():
+    from unitmatch.core.analysis import _cached_columns
+
+    x = np.arange(40.0).reshape(4, 10)
+    reads = []
+
+    def columns(units):
+        reads.append(np.asarray(units).tolist())
+        return x[:, units]
+
+    cached = _cached_columns(columns, np.array([1, 4, 7]))
+    np.testing.assert_array_equal(cached([7, 1, 7]), x[:, [7, 1, 7]])
+    np.testing.assert_array_equal(cached([9, 4, 0]), x[:, [9, 4, 0]])
+    assert reads == [[1, 4, 7], [9, 0]]  # the cache once, then only the two it lacks
+
+
+def test_random_populations_replace_constant_units_in_few_gathers():
+    """Most units constant on the train images (dead units): every unit of every population varies
+    on every split's train images, the activations are the drawn units', and the replacements take
+    a few gathers, not one per round of single redraws."""
+    from unitmatch.core.analysis import _random_populations
+
+    rng = np.random.default_rng(9)
+    n_images, n_units = 60, 500
+    x = rng.standard_normal((n_images, n_units))
+    dead = rng.random(n_units) < 0.7
+    x[:, dead] = 0.0
+    splits = core.brainscore_splits(n_images=n_images, n_splits=3, stratify=None)
+    reads = []
+
+    def columns(units):
+        reads.append(len(units))
+        return x[:, units]
+
+    draws = np.stack([rng.choice(n_units, size=12, replace=False) for _ in range(20)])
+    out = _random_populations(columns, n_units, draws, n_images, splits, rng)
+    assert out.shape == (20, n_images, 12)
+    assert not dead[draws].any()
+    np.testing.assert_array_equal(out, x[:, draws].transpose(1, 0, 2).astype(np.float32))
+    for train, _ in splits:
+        assert (np.ptp(out[:, train, :], axis=1) > 0).all()
+    assert len(reads) <= 4, reads  # the draws, then 8 candidates per dead unit: 0.7 ** 8 left per round
