@@ -87,7 +87,7 @@ _GROUPED_TOPK_MIN = 1 << 20
 #: guards the creation of an engine's share-thread pool (and of the staging copy streams)
 _POOL_LOCK = threading.Lock()
 #: whether the TF32 warning was given (:func:`_warn_forced_tf32`)
-_TF32_WARNED: list[bool] = []
+_tf32_warned = False
 
 
 # -------------------------------------------------------------------------------------- settings
@@ -484,9 +484,10 @@ class MatchEngine:
         with single_threaded_ops() as threads:
             n = min(threads, -(-n_units // _TILE_UNITS))
             bounds = np.linspace(0, n_units, n + 1).round().astype(int)  # an equal share of units each
-            pool = self._tile_pool(n)
-            work = [pool.submit(self._process, xb[:, a:b], UnitBlock(None, block.layer, block.first_unit + a),
-                                torch_gemm=False) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            pool = self._share_pool(n)
+            shares = [UnitBlock(xb[:, a:b], block.layer, block.first_unit + a)
+                      for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+            work = [pool.submit(self._process, share.data, share, torch_gemm=False) for share in shares]
             wait(work)  # every share ends inside the section, even when one of them failed
             parts = [w.result() for w in work]
         return merge_all(parts)
@@ -602,8 +603,7 @@ class MatchEngine:
         """
         n_units = xb.shape[1]
         products = self._buffer("products", (self.n_rows + 1, n_units))
-        sxx = self._buffer("sxx", (2, n_units))
-        sxx.zero_()
+        sxx = self._buffer("sxx", (2, n_units))  # every column written below, tile by tile
         n_train, n_rest = plan.n_train, len(plan.outside)
         for c0 in range(0, n_units, _TILE_UNITS):
             c1 = min(c0 + _TILE_UNITS, n_units)
@@ -630,7 +630,7 @@ class MatchEngine:
                 np.matmul(plan.d_train.numpy(), tile.numpy(), out=products[:, c0:c1].numpy())
         return products, sxx[:1], sxx[1]
 
-    def _tile_pool(self, n: int) -> ThreadPoolExecutor:
+    def _share_pool(self, n: int) -> ThreadPoolExecutor:
         """The engine's share threads (kept, with their scratch buffers, from block to block; a
         larger pool replaces a smaller one, which finishes the shares it holds)."""
         with _POOL_LOCK:  # Dask may run blocks on one engine from several threads
@@ -954,11 +954,12 @@ def _take_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torc
 
 def _warn_forced_tf32() -> None:
     """Warn (once per process) where the environment forces TF32 on the engine's CUDA GEMMs."""
+    global _tf32_warned
     from ._compat import forced_tf32
 
     forced = forced_tf32()
-    if forced and not _TF32_WARNED:
-        _TF32_WARNED.append(True)
+    if forced and not _tf32_warned:
+        _tf32_warned = True
         log.warning(
             "%s makes torch run the engine's CUDA float32 GEMMs in TF32 (NGC's PyTorch containers set it): "
             "screening r then carry errors of about 1e-4 instead of 1e-6, so a unit within that of a neuron's "

@@ -796,7 +796,7 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad):
     """The share threads: a NaN or inf on a train image or on a test image (those rows are only
-    summed) in the second share of a block raises the engine's error with the unit's global id,
+    checked) in the second share of a block raises the engine's error with the unit's global id,
     after both shares ended, and torch's threads are restored."""
     rng = np.random.default_rng(8)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float16)
@@ -819,7 +819,7 @@ def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplo
     process names the variable and the fix; none where it is off."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_TF32_WARNED", [])
+    monkeypatch.setattr(engine_module, "_tf32_warned", False)
     monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0")
     with caplog.at_level("WARNING", logger="unitmatch.core.engine"):
         engine_module._warn_forced_tf32()
