@@ -823,6 +823,7 @@ class MatchEngine:
         xc = np.asarray(columns(units), dtype=np.float64)
         if xc.shape != (self.n_images, units.size):
             raise ValueError(f"columns() returned shape {xc.shape}; expected ({self.n_images}, {units.size})")
+        xu = np.ascontiguousarray(xc.T)  # units x images: each split takes its candidates' rows
         cand = np.full(partial.top_unit.shape, -1, np.int64)
         cand[near] = inverse
         S, M, _ = cand.shape
@@ -831,8 +832,8 @@ class MatchEngine:
         b_test = np.full((S, M), np.nan)
         for s, (train, test) in enumerate(self.splits):
             j, slot = np.nonzero(cand[s] >= 0)
-            c = cand[s, j, slot]
-            r = pearson_pairs(xc[train], self._y[:, train], c, j)
+            used, c = np.unique(cand[s, j, slot], return_inverse=True)  # this split's candidates only
+            r = _pearson_unit_major(xu[np.ix_(used, train)], self._y[:, train], c, j)
             r = np.nan_to_num(r, nan=-np.inf)
             # per neuron row: highest float64 r, then lowest unit id
             order = np.lexsort((partial.top_unit[s, j, slot], -r, j))
@@ -841,7 +842,7 @@ class MatchEngine:
             win = order[first]
             b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
             b_train[s, j[win]] = r[win]
-            b_test[s, j[win]] = pearson_pairs(xc[test], self._y[:, test], c[win], j[win])
+            b_test[s, j[win]] = _pearson_unit_major(xu[np.ix_(used, test)], self._y[:, test], c[win], j[win])
         return b_unit, b_train, b_test
 
 
@@ -923,15 +924,24 @@ def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0
 
 def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """float64 Pearson r of x[:, cols[p]] (images, units) with y[rows[p]] (neurons, images), per pair p."""
-    xc = x - x.mean(axis=0)
+    cols, rows = np.asarray(cols), np.asarray(rows)
+    units, at = np.unique(cols, return_inverse=True)  # only the units the pairs use are normalised
+    return _pearson_unit_major(np.ascontiguousarray(np.asarray(x)[:, units].T), y, at, rows, chunk)
+
+
+def _pearson_unit_major(xu: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
+                        chunk: int = 4096) -> np.ndarray:
+    """:func:`pearson_pairs` of units x images ``xu``: each pair's unit and neuron rows are
+    gathered as contiguous rows (measured 1.5-2x faster than gathering columns of images x units)."""
+    xc = xu - xu.mean(axis=1, keepdims=True)
     yc = y - y.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        xn = xc / np.sqrt((xc * xc).sum(axis=0))
-        yn = yc / np.sqrt((yc * yc).sum(axis=1, keepdims=True))
+        xn = xc / np.sqrt(np.einsum("ij,ij->i", xc, xc))[:, None]
+        yn = yc / np.sqrt(np.einsum("ij,ij->i", yc, yc))[:, None]
     out = np.empty(cols.size)
     for a in range(0, cols.size, chunk):
         sl = slice(a, a + chunk)
-        out[sl] = np.einsum("ip,pi->p", xn[:, cols[sl]], yn[rows[sl]])
+        out[sl] = np.einsum("pi,pi->p", xn[cols[sl]], yn[rows[sl]])
     return out
 
 

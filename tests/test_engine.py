@@ -904,3 +904,21 @@ def test_single_threaded_sections_overlap_and_restore_the_settings():
         assert torch.get_num_threads() == 2 and blas_threads() == before
     finally:
         torch.set_num_threads(threads)
+
+
+def test_pearson_pairs_equals_numpy_corrcoef_per_pair():
+    """Pairs in any order, a unit used twice, and a constant unit (NaN), against np.corrcoef."""
+    from unitmatch.core.engine import pearson_pairs
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 7)) * rng.uniform(0.1, 100, 7) + rng.uniform(-50, 50, 7)
+    x[:, 4] = 2.5  # constant
+    y = rng.standard_normal((5, 40)) + 10
+    cols = np.array([6, 0, 6, 3, 4, 1])
+    rows = np.array([0, 4, 2, 2, 1, 3])
+    got = pearson_pairs(x, y, cols, rows, chunk=4)  # several chunks
+    want = [np.corrcoef(x[:, c], y[r])[0, 1] if c != 4 else np.nan for c, r in zip(cols, rows)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    assert np.isnan(got[4]) and np.isfinite(np.delete(got, 4)).all()
+    # a Fortran-ordered view (units x images transposed) gives the same values
+    np.testing.assert_array_equal(pearson_pairs(np.asfortranarray(x), y, cols, rows), got)
