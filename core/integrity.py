@@ -3,6 +3,7 @@
 :mod:`core.store` states the design (store format 4); this module holds its parts: the digest of a
 chunk (:func:`chunk_digest`, a CRC-32 of its values), :class:`CheckedArray` (a layer's Zarr array
 whose every read is checked chunk by chunk against the digests recorded when it was written),
+:class:`ChunkCache` (checked chunks kept in memory while a store is read several times over),
 :class:`StoreDamagedError` and the :class:`ChunkProblem` / :class:`VerifyReport` that name what is
 damaged: the store folder, the layer, the chunk, its file, and what to do.
 """
@@ -10,7 +11,9 @@ damaged: the store folder, the layer, the chunk, its file, and what to do.
 from __future__ import annotations
 
 import json
+import threading
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -104,6 +107,62 @@ def read_json(path: Path, store: Path, what: str):
                                                        f"{what} is not valid JSON ({err})")) from err
 
 
+class ChunkCache:
+    """Checked chunks of a store, kept in memory within a byte budget (least recently used out first).
+
+    An analysis reads the same chunks several times: the matching reads every block, then the
+    float64 re-scoring, the strict assignment and the decoding each read scattered columns, and
+    a column read decodes (and checks) its whole chunk of every row chunk. With a cache, a chunk
+    is decoded and checked once while it stays in the cache. Only chunks whose digest matched are
+    put in, as copies; a complete store is never written again, so what is kept stays true.
+    Thread-safe (Dask's threaded scheduler reads blocks from several threads).
+    """
+
+    def __init__(self, budget_bytes: int):
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, np.integer)) or budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be an integer >= 0 (bytes of chunks kept); got {budget_bytes!r}")
+        self.budget = int(budget_bytes)
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._chunks: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"<ChunkCache {len(self._chunks)} chunks, {self.nbytes / 2**20:.0f} of {self.budget / 2**20:.0f} MiB; "
+                f"{self.hits} hits, {self.misses} misses>")
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            value = self._chunks.get(key)
+            if value is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._chunks.move_to_end(key)
+            return value
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        if value.nbytes > self.budget:
+            return
+        with self._lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
+            self._chunks[key] = value
+            self.nbytes += value.nbytes
+            while self.nbytes > self.budget:
+                _, dropped = self._chunks.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+
+class CacheSlot:
+    """Where the arrays of one store find its current :class:`ChunkCache` (None: reads are not
+    cached); the store sets and clears it (:meth:`core.store.ActivationStore.chunk_cache`)."""
+
+    def __init__(self):
+        self.cache: ChunkCache | None = None
+
+
 class CheckedArray:
     """One layer's activations (images x units) on disk, whose every read is checked chunk by chunk.
 
@@ -111,16 +170,24 @@ class CheckedArray:
     :class:`StoreDamagedError` (store folder, layer, chunk, file, remedy) on a chunk that cannot be
     decoded, is missing or holds other values. Supports what the engine uses: basic indexing with
     integers and slices of step >= 1 (``a[:, start:stop]``, ``a[rows]``, ``a[:]``) and
-    ``a.oindex[rows, columns]`` with a slice of rows and integer columns. Picklable (Dask-on-Ray).
+    ``a.oindex[rows, columns]`` with a slice of rows and integer columns. Picklable (Dask-on-Ray;
+    a pickled copy reads without the cache). With a cache in ``slot`` (see :class:`ChunkCache`),
+    chunks checked once are served from memory while they stay in it.
     """
 
-    def __init__(self, store_path: Path, layer: str, array, digests: np.ndarray):
+    def __init__(self, store_path: Path, layer: str, array, digests: np.ndarray, slot: CacheSlot | None = None):
         self.store_path, self.layer, self.array = Path(store_path), layer, array
         self.digests = digests  # (row chunks, column chunks) uint32: the recorded CRC-32 of each chunk
         self.shape = tuple(array.shape)
         self.chunks = tuple(array.chunks)
         self.dtype = array.dtype
         self.ndim = 2
+        self.slot = slot if slot is not None else CacheSlot()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["slot"] = CacheSlot()  # a cache stays in its process
+        return state
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -183,10 +250,37 @@ class CheckedArray:
         return data, problems
 
     def _read(self, rows: range, cols: range) -> np.ndarray:
+        cache = self.slot.cache
+        if cache is not None:
+            data = self._cached(cache, rows, cols)
+            if data is not None:
+                return data
         data, problems = self.check_chunks(rows, cols)
         if problems:
             raise StoreDamagedError.of(self.store_path, problems[0])
+        if cache is not None:
+            (r, c) = self.chunks
+            for i in rows:
+                for j in cols:
+                    y, x = (i - rows.start) * r, (j - cols.start) * c
+                    cache.put((self.layer, i, j), data[y:y + r, x:x + c].copy())
         return data
+
+    def _cached(self, cache: ChunkCache, rows: range, cols: range) -> np.ndarray | None:
+        """The region from the cache when every chunk of it is there, else None."""
+        (r, c), (n, m) = self.chunks, self.shape
+        pieces = []
+        for i in rows:
+            for j in cols:
+                piece = cache.get((self.layer, i, j))
+                if piece is None:
+                    return None
+                pieces.append((i, j, piece))
+        out = np.empty((min(rows.stop * r, n) - rows.start * r, min(cols.stop * c, m) - cols.start * c), self.dtype)
+        for i, j, piece in pieces:
+            y, x = (i - rows.start) * r, (j - cols.start) * c
+            out[y:y + piece.shape[0], x:x + piece.shape[1]] = piece
+        return out
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)

@@ -53,7 +53,9 @@ read:
   digest and raises :class:`~core.integrity.StoreDamagedError` naming the store folder, the layer,
   the chunk (row, column), its file and what to do. Two chunks with identical values are
   interchangeable, so a swap the table cannot see changes no value. The CRC is 32 bits: a damaged
-  chunk passes with probability 2^-32.
+  chunk passes with probability 2^-32. Within :meth:`ActivationStore.chunk_cache`, the chunks that
+  passed are kept in memory (a store that fits its budget only), so the later reads of one
+  analysis decode and check nothing again; a damaged chunk is never kept.
 
 Also: every chunk exists on disk (``write_empty_chunks`` in the arrays' own config when writing;
 inside shards too), so a missing chunk or shard file is damage named as such, never read as the
@@ -70,6 +72,7 @@ core). Sharded stores read 1.16-1.26x slower than unsharded ones on a local disk
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,8 +87,8 @@ import numpy as np
 
 from .. import __version__
 from .integrity import (  # noqa: F401 - the store's errors and checks, importable from here too
-    CheckedArray, ChunkProblem, StoreDamagedError, VerifyReport, broken_metadata, chunk_digest, metadata_error,
-    read_json,
+    CacheSlot, CheckedArray, ChunkCache, ChunkProblem, StoreDamagedError, VerifyReport, broken_metadata, chunk_digest,
+    metadata_error, read_json,
 )
 from .units import LayerUnits, UnitCatalogue
 
@@ -100,6 +103,8 @@ STORE_FORMAT = 5
 DEFAULT_UNIT_CHUNK = 16384
 #: the codec of new stores (benchmarks/RESULTS.md, bench_extract.py: the variants measured)
 DEFAULT_CODEC = "blosc:lz4:shuffle:5"
+#: bytes of checked chunks :meth:`ActivationStore.chunk_cache` keeps by default
+DEFAULT_CACHE_BYTES = 512 << 20
 _BLOSC_NAMES = ("lz4", "lz4hc", "blosclz", "zstd", "zlib")
 _BLOSC_SHUFFLES = ("noshuffle", "shuffle", "bitshuffle")
 CODEC_FORMS = ("none", "zstd:<level -7..22>",
@@ -237,6 +242,7 @@ class ActivationStore:
         #: the root group's attributes (layers, batch_size, unitmatch_version, creator's provenance)
         self.attrs = dict(attrs or {})
         self._digest_table: dict[str, np.ndarray] | None = None  # read from the done records on first use
+        self._slot = CacheSlot()  # the chunk cache of :meth:`chunk_cache`, shared by every layers() array
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -455,7 +461,41 @@ class ActivationStore:
             StoreDamagedError: a done record that is not valid JSON or lacks a layer's chunk digests.
         """
         digests = self._digests()
-        return {name: CheckedArray(self.path, name, array, digests[name]) for name, array in self._arrays("r").items()}
+        return {name: CheckedArray(self.path, name, array, digests[name], self._slot)
+                for name, array in self._arrays("r").items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all the store's activations, as stored (uncompressed)."""
+        itemsize = np.dtype(self.key.get("dtype", "float16")).itemsize
+        return self.n_images * sum(layer.size for layer in self.layer_units) * itemsize
+
+    @contextlib.contextmanager
+    def chunk_cache(self, budget_bytes: int = DEFAULT_CACHE_BYTES):
+        """Within: reads of this store's layers (:meth:`layers`, whenever called) keep the chunks
+        they checked in memory (:class:`core.integrity.ChunkCache`), so reading them again (a
+        re-scoring, an assignment, a decoding after the matching) decodes nothing. On leaving, the
+        cache is dropped. Nested uses share the outer cache.
+
+        Only a store whose activations fit in ``budget_bytes`` (:attr:`nbytes`) is cached: a larger
+        one is read in sweeps over all its chunks, which a smaller cache would copy in and evict
+        before any is read again. For it the context caches nothing and yields None.
+
+        Yields:
+            The :class:`core.integrity.ChunkCache` (its ``hits``, ``misses`` and ``nbytes``), or None.
+        """
+        if self._slot.cache is not None:
+            yield self._slot.cache
+            return
+        cache = ChunkCache(budget_bytes)  # checks the budget
+        if self.nbytes > cache.budget:
+            yield None
+            return
+        self._slot.cache = cache
+        try:
+            yield self._slot.cache
+        finally:
+            self._slot.cache = None
 
     def _digests(self) -> dict[str, np.ndarray]:
         """Per layer, the recorded CRC-32 of every chunk: (row chunks, column chunks) uint32."""

@@ -319,15 +319,18 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             if scheduler == "auto":
                 scheduler = "threads" if cfg.cluster.address == "local" else "ray"
             t_match = time.perf_counter()
-            with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
-                result = match_assembly(store, assembly, splits, settings, region_layers=region_layers, flags=flags,
-                                        scheduler=scheduler, progress=True,
-                                        gpus_per_task=cfg.cluster.gpus_per_reduce_task,
-                                        wait_log_s=cfg.cluster.wait_log_s)
-            t_match_end = time.perf_counter()
-            analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
-                                    decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
-                                    region_layers=region_layers, flags=flags)
+            # the matching, re-scoring, assignment and decoding read the store's chunks again and again:
+            # a store that fits the cache is decoded and checked once (core.store.ActivationStore.chunk_cache)
+            with store.chunk_cache():
+                with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
+                    result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
+                                            flags=flags, scheduler=scheduler, progress=True,
+                                            gpus_per_task=cfg.cluster.gpus_per_reduce_task,
+                                            wait_log_s=cfg.cluster.wait_log_s)
+                t_match_end = time.perf_counter()
+                analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,
+                                        decode=a.decode, n_random_populations=a.n_random_populations, alpha=a.alpha,
+                                        region_layers=region_layers, flags=flags)
             seconds = time.perf_counter() - t0
             log.info("%s: analyze stage %.1f s: matching %.1f s, strict assignment %.1f s, decoding %.1f s "
                      "(%.0f%% of the stage)", entry.key, seconds, t_match_end - t_match,

@@ -316,3 +316,76 @@ def test_a_store_whose_zarr_group_is_gone_after_opening_is_named_not_a_crash(sto
     text = str(err.value)
     assert f"activation store {store.path} is damaged: store.zarr/zarr.json:" in text, text
     assert f"Delete {store.path}" in text
+
+
+def test_the_chunk_cache_keeps_recent_chunks_within_its_budget():
+    from unitmatch.core.integrity import ChunkCache
+
+    cache = ChunkCache(300)
+    a, b, c = (np.full(100, i, np.uint8) for i in range(3))
+    cache.put(("l", 0, 0), a)
+    cache.put(("l", 0, 1), b)
+    cache.put(("l", 0, 2), c)
+    assert cache.nbytes == 300 and cache.get(("l", 0, 0)) is a  # a is now the most recent
+    cache.put(("l", 1, 0), np.zeros(100, np.uint8))  # evicts b, the least recently used
+    assert cache.get(("l", 0, 1)) is None and cache.get(("l", 0, 0)) is a and cache.get(("l", 0, 2)) is c
+    cache.put(("l", 9, 9), np.zeros(301, np.uint8))  # larger than the budget: not kept, nothing evicted
+    assert cache.get(("l", 9, 9)) is None and cache.nbytes == 300
+    assert (cache.hits, cache.misses) == (3, 2)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"budget_bytes must be an integer >= 0.*got"):
+            ChunkCache(bad)
+
+
+def test_reads_within_a_chunk_cache_equal_plain_reads_and_decode_each_chunk_once(store, values, monkeypatch):
+    cols = np.array([3, 125, 41, 99, 0, 80])  # conv units 0..99, fc 100..129
+    plain = gather_columns(store.layers(), store.catalogue(), cols)
+    decoded = []
+    check = CheckedArray.check_chunks
+    monkeypatch.setattr(CheckedArray, "check_chunks",
+                        lambda self, rows, cs: decoded.append((self.layer, rows, cs)) or check(self, rows, cs))
+    layers = store.layers()  # arrays made before the context use its cache too
+    with store.chunk_cache() as cache:
+        assert cache is not None and store.nbytes == N_IMAGES * (100 + 30) * 2
+        blocks = [layers["conv"][:, 0:80], layers["conv"][:, 80:100], layers["fc"][:]]  # as the matching reads
+        n_block_reads = len(decoded)
+        again = gather_columns(store.layers(), store.catalogue(), cols)  # the re-scoring's scattered columns
+        with store.chunk_cache() as inner:  # nested: the same cache
+            assert inner is cache
+            twice = gather_columns(layers, store.catalogue(), cols)
+    assert len(decoded) == n_block_reads == 3  # nothing decoded after the blocks
+    np.testing.assert_array_equal(again, plain)
+    np.testing.assert_array_equal(twice, plain)
+    np.testing.assert_array_equal(np.concatenate(blocks[:2], axis=1), values["conv"])
+    np.testing.assert_array_equal(blocks[2], values["fc"])
+    assert cache.hits > 0 and store._slot.cache is None  # dropped on leaving
+    gather_columns(layers, store.catalogue(), cols)
+    assert len(decoded) > n_block_reads  # outside the context every read decodes again
+    # pickled arrays (Dask-on-Ray block tasks) read without the driver's cache
+    with store.chunk_cache():
+        layers["fc"][:]
+        shipped = pickle.loads(pickle.dumps(layers["fc"]))
+        assert shipped.slot.cache is None
+        np.testing.assert_array_equal(shipped[:], values["fc"])
+
+
+def test_a_store_larger_than_the_cache_budget_is_not_cached(store, values):
+    with store.chunk_cache(budget_bytes=store.nbytes - 1) as cache:
+        assert cache is None
+        np.testing.assert_array_equal(store.layers()["fc"][:], values["fc"])
+        assert store._slot.cache is None
+
+
+def test_a_damaged_chunk_is_never_cached_and_stays_an_error(store, values):
+    path = _chunk(store, "fc", 1, 0)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    layer = store.layers()["fc"]
+    with store.chunk_cache() as cache:
+        np.testing.assert_array_equal(layer[0:8], values["fc"][0:8])  # a good row chunk is kept
+        for _ in range(2):
+            with pytest.raises(StoreDamagedError) as err:
+                layer[:]
+            _assert_names(err.value, store, "fc", (1, 0), "cannot be decoded")
+        assert [key for key in cache._chunks] == [("fc", 0, 0)]
