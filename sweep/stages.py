@@ -321,7 +321,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             t_match = time.perf_counter()
             # the matching, re-scoring, assignment and decoding read the store's chunks again and again:
             # a store that fits the cache is decoded and checked once (core.store.ActivationStore.chunk_cache)
-            with store.chunk_cache():
+            with store.chunk_cache(compute.chunk_cache_mb << 20):
                 with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
                     result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
                                             flags=flags, scheduler=scheduler, progress=True,
