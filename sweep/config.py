@@ -166,7 +166,8 @@ class ComputeConfig:
     block_units: Optional[int] = field(default=None, metadata=_range(1))
     scheduler: Scheduler = Scheduler.auto
     device: Optional[str] = None              # matching device; null: cuda where a GPU is seen, else cpu
-    chunk_cache_mb: int = field(default=512, metadata=_range(0))  # ActivationStore.chunk_cache budget per model
+    # ActivationStore.chunk_cache budget per model; null: a quarter of the memory available then
+    chunk_cache_mb: Optional[int] = field(default=None, metadata=_range(0))
 
 
 @dataclass

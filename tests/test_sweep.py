@@ -96,10 +96,16 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     with pytest.raises(ConfigError, match=r"analysis\.alpha \(0\.05 there, 0\.01 now\).*new sweep_name"):
         run(_compose(TINY + ["analysis.alpha=0.01"]))
     assert json.loads((results / "sweep.json").read_text())["analysis"]["alpha"] == 0.05
-    # ... and in a new sweep it recomputes both models from the same stores
-    other_alpha = run(_compose(TINY + ["analysis.alpha=0.01", "sweep_name=alpha01"]))
+    # ... and in a new sweep it recomputes both models from the same stores (here without the chunk cache)
+    other_alpha = run(_compose(TINY + ["analysis.alpha=0.01", "sweep_name=alpha01", "compute.chunk_cache_mb=0"]))
     assert sorted(other_alpha["analyzed"]) == ["demo_test_convnext", "demo_test_resnet"]
     assert other_alpha["extracted"] == []
+    # every number read from the stores is the same with the chunk cache (above: on) and without
+    for model in ("demo_test_convnext", "demo_test_resnet"):
+        for table in ("matches", "assignment", "decoding"):
+            pd.testing.assert_frame_equal(pd.read_parquet(results / "models" / model / f"{table}.parquet"),
+                                          pd.read_parquet(results.parent / "alpha01" / "models" / model /
+                                                          f"{table}.parquet"))
 
     # the report reads, never rewrites: on a read-only sweep folder an unchanged report writes nothing
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*") if p.is_file()}
