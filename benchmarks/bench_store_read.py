@@ -7,6 +7,11 @@ alternately through :meth:`ActivationStore.layers` (checked) and through the bar
 the medians of ``--repeats`` interleaved rounds are reported, in wall and in CPU time (CPU time is
 the steadier figure on a shared machine), with :meth:`ActivationStore.verify`'s time.
 
+Then one analysis' reads, without and within :meth:`ActivationStore.chunk_cache`: the matching's
+block reads, then three gathers of scattered columns as the float64 re-scoring, the strict
+assignment and the decoding make them (``--gather`` columns each, drawn at random); each gather
+decodes every chunk that holds one of its columns.
+
 Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
 """
 
@@ -29,6 +34,7 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--units", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--gather", type=int, default=2000, help="columns per scattered gather")
     args = ap.parse_args()
 
     from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
@@ -67,6 +73,35 @@ def main():
         t = time.perf_counter()
         report = store.verify()
         print(f"  verify: {time.perf_counter() - t:.3f} s, {report.n_chunks} chunks, ok={report.ok}")
+
+        from unitmatch.core.units import gather_columns
+
+        catalogue = store.catalogue()
+        gathers = [np.sort(rng.choice(catalogue.n_units, min(args.gather, catalogue.n_units), replace=False))
+                   for _ in range(3)]
+
+        def analysis():
+            """(block reads, the three gathers) wall seconds of one analysis' reads"""
+            t0 = time.perf_counter()
+            read(store.layers())
+            t1 = time.perf_counter()
+            values = [gather_columns(store.layers(), catalogue, units) for units in gathers]
+            return t1 - t0, time.perf_counter() - t1, values
+
+        times = {"plain": [], "cached": []}
+        for _ in range(max(1, args.repeats // 5)):
+            blocks, cols, plain = analysis()
+            times["plain"].append((blocks, cols))
+            with store.chunk_cache() as cache:
+                blocks, cols, cached = analysis()
+            times["cached"].append((blocks, cols))
+            assert all(np.array_equal(a, b) for a, b in zip(plain, cached))
+        (pb, pg), (cb, cg) = (np.median(times[k], axis=0) for k in ("plain", "cached"))
+        print(f"one analysis' reads (block reads, then 3 gathers of {args.gather} scattered columns; medians of "
+              f"{len(times['plain'])} rounds; {cache})")
+        print(f"  plain reads: blocks {pb:.3f} s, gathers {pg:.3f} s")
+        print(f"  chunk cache: blocks {cb:.3f} s, gathers {cg:.3f} s; the gathers take {cg / pg:.3f}x, "
+              f"all reads {(cb + cg) / (pb + pg):.2f}x the plain reads' time")
 
 
 if __name__ == "__main__":
