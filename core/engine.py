@@ -285,27 +285,38 @@ class MatchResult:
 
 # ---------------------------------------------------------------------------------------- engine
 class _SplitPlan:
-    """Per-split constants: indices and the neuron-side matrices of the GEMMs."""
+    """Per-split constants: indices and the neuron-side matrices of the GEMMs.
 
-    def __init__(self, yz: np.ndarray, train: np.ndarray, test: np.ndarray, shared: bool, device: torch.device):
+    The neuron rows' train statistics come from their sums over all images (``sums``: the
+    z-scored rows' sums and sums of squares, computed once for every split) minus those over the
+    images outside T, which are few. With a permutation null's thousands of rows, gathering each
+    split's train columns took seconds per split: MatchEngine's construction for 256 neurons x 101
+    rows x 2560 images and 10 splits took 36.5-40.5 s, 2.2 s of it per split; 8.1-9.7 s now
+    (benchmarks/RESULTS.md).
+    """
+
+    def __init__(self, yz: np.ndarray, train: np.ndarray, test: np.ndarray, shared: bool, device: torch.device,
+                 sums: tuple[np.ndarray, np.ndarray], outside: np.ndarray, y_out: np.ndarray, y_test: np.ndarray):
+        """``outside``: the images outside T; ``y_out``, ``y_test``: yz's columns of those and of the test images."""
         n_images = yz.shape[1]
         self.train, self.test = train, test
         self.n_train = len(train)
-        outside = np.setdiff1d(np.arange(n_images), train)
         self.outside = torch.as_tensor(outside, device=device)
         self.train_t = torch.as_tensor(train, device=device)
         self.test_t = torch.as_tensor(test, device=device)
-        mz = yz[:, train].mean(axis=1)  # train mean of the z-scored responses
-        #: divides the screening score into r
-        self.y_scale = np.sqrt(((yz[:, train] - mz[:, None]) ** 2).sum(axis=1))
+        mz = (sums[0] - y_out.sum(axis=1)) / self.n_train  # train mean of the z-scored responses
+        ss = sums[1] - np.einsum("ij,ij->i", y_out, y_out) - self.n_train * mz * mz
+        #: divides the screening score into r (the train sum of squares about the mean, as a norm)
+        self.y_scale = np.sqrt(np.maximum(ss, 0.0))
         if shared:
             # rows: images outside T, then one extra row; columns: neurons, then the unit-sum column.
             # products_all - a^T [x_outside; sum_all x] = train cross-products about the train mean
-            a = np.zeros((len(outside) + 1, yz.shape[0] + 1))
-            a[:-1, :-1] = yz[:, outside].T - mz
-            a[:-1, -1] = 1.0
-            a[-1, :-1] = mz
-            self.a_t = torch.as_tensor(np.ascontiguousarray(a.T), dtype=torch.float32, device=device)
+            # (built as a^T, row by neuron row: no transposed copies of the permutation null's rows)
+            a_t = torch.zeros((yz.shape[0] + 1, len(outside) + 1), dtype=torch.float32)
+            a_t[:-1, :-1] = torch.from_numpy(y_out - mz[:, None])
+            a_t[-1, :-1] = 1.0
+            a_t[:-1, -1] = torch.from_numpy(mz)
+            self.a_t = a_t.to(device)
         else:
             # the train rows: centred neurons, then a row of ones for the unit sums
             d = np.ones((yz.shape[0] + 1, len(train)))
@@ -313,7 +324,7 @@ class _SplitPlan:
             #: over the train rows alone (the tiled CPU path gathers them while casting)
             self.d_train = torch.as_tensor(d, dtype=torch.float32, device=device)
             self._n_images = n_images
-        yt = yz[:, test] - yz[:, test].mean(axis=1, keepdims=True)
+        yt = y_test - y_test.mean(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             yt = yt / np.sqrt((yt * yt).sum(axis=1, keepdims=True))  # NaN where constant on test
         self.yn_test = yt  # (M, |H|) float64
@@ -379,8 +390,11 @@ class MatchEngine:
         y = stack_permutations(y, self.n_permutations, settings.seed)
         #: neuron rows of the products: the neurons, then each permutation's copy of them
         self.n_rows = y.shape[0]
-        for s, (train, _) in enumerate(self.splits):
-            flat = np.flatnonzero(np.ptp(y[:, train], axis=1) == 0)
+        with np.errstate(over="ignore"):
+            totals = (y.sum(axis=1), np.einsum("ij,ij->i", y, y))
+        outsides = [np.setdiff1d(np.arange(self.n_images), train) for train, _ in self.splits]
+        for s, ((train, _), y_out) in enumerate(zip(self.splits, _columns(y, outsides))):
+            flat = _constant_rows(y, train, totals, y_out)
             if flat.size:
                 neurons = sorted({int(r % self.n_neurons) for r in flat})
                 raise ValueError(
@@ -395,10 +409,14 @@ class MatchEngine:
         if self.device.type == "cuda":
             _warn_forced_tf32()
         self.shared = len(self.splits) > 1
-        yc = y - y.mean(axis=1, keepdims=True)
-        yz = yc / yc.std(axis=1, keepdims=True)
+        yz = y - y.mean(axis=1, keepdims=True)
+        yz /= np.sqrt(np.einsum("ij,ij->i", yz, yz) / self.n_images)[:, None]  # z-scored over all images
         self._y = y  # float64, for the final re-scoring
-        self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device) for tr, te in self.splits]
+        sums = (yz.sum(axis=1), np.einsum("ij,ij->i", yz, yz))
+        S = len(self.splits)
+        cols = _columns(yz, outsides + [te for _, te in self.splits])
+        self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device, sums, outsides[s], cols[s], cols[S + s])
+                       for s, (tr, te) in enumerate(self.splits)]
         masks = np.zeros((1 + self.n_splits, self.n_images), np.float32)
         masks[0] = 1.0
         for s, (train, _) in enumerate(self.splits):
@@ -417,9 +435,10 @@ class MatchEngine:
         self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
         needed = pair_masks.sum(axis=1) - (self.min_varying_images - 1)
         self._pairs_needed = torch.as_tensor(needed[:, None], dtype=torch.float32, device=self.device)
-        if self.shared:
-            full = np.concatenate([yz, np.ones((1, self.n_images))])
-            self._full_t = torch.as_tensor(full, dtype=torch.float32, device=self.device)
+        if self.shared:  # the z-scored rows, then a row of ones for the unit sums
+            full = torch.ones((self.n_rows + 1, self.n_images), dtype=torch.float32)
+            full[:-1] = torch.from_numpy(yz)
+            self._full_t = full.to(self.device)
         self._local = threading.local()  # per-thread scratch buffers (Dask may run blocks in threads)
         self._pool: ThreadPoolExecutor | None = None  # share threads (one split on CPU), started on first use
 
@@ -920,6 +939,42 @@ def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0
     rng = np.random.default_rng(seed)
     copies = [rng.permuted(responses, axis=1) for _ in range(n_permutations)]
     return np.concatenate([responses] + copies)
+
+
+def _columns(a: np.ndarray, indices: Sequence[np.ndarray], block_bytes: int = 4 << 20) -> list[np.ndarray]:
+    """``[a[:, index] for index in indices]`` for a 2-D array of many rows, in one pass over them.
+
+    Rows are taken a block of about ``block_bytes`` at a time, and every index takes its columns
+    while the block is in cache. Taking a few hundred scattered columns of a permutation null's
+    rows (25,856 x 2560 float64) read the whole array from memory for each index: 0.2-0.3 s each,
+    30 of them per 10-split engine.
+    """
+    a = np.ascontiguousarray(a)
+    out = [np.empty((a.shape[0], len(index)), dtype=a.dtype) for index in indices]
+    step = max(1, block_bytes // max(1, a.shape[1] * a.itemsize))
+    for r0 in range(0, a.shape[0], step):
+        block = a[r0:r0 + step]
+        for o, index in zip(out, indices):
+            np.take(block, index, axis=1, out=o[r0:r0 + step])
+    return out
+
+
+def _constant_rows(y: np.ndarray, train: np.ndarray, totals: tuple[np.ndarray, np.ndarray],
+                   y_out: np.ndarray) -> np.ndarray:
+    """Rows of y (rows x images) with the same value at every image of ``train``.
+
+    A screen on float64 sums first: ``totals`` (each row's sum and sum of squares over all
+    images) minus those over the images outside ``train`` (``y_out``, their columns: few; a gather
+    of the train columns of a permutation null's thousands of rows took about 0.7 s per split). A
+    row whose computed variance exceeds 1e-9 of its mean square varies for certain (the sums'
+    rounding is about 1e-16 of it); only the others are compared value by value.
+    """
+    n = len(train)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowed sums give NaN: those rows are compared too
+        mean = (totals[0] - y_out.sum(axis=1)) / n
+        square = (totals[1] - np.einsum("ij,ij->i", y_out, y_out)) / n
+        maybe = np.flatnonzero(~(square - mean * mean > 1e-9 * square))
+    return maybe[np.ptp(y[np.ix_(maybe, train)], axis=1) == 0]
 
 
 def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray, chunk: int = 4096) -> np.ndarray:

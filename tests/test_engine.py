@@ -922,3 +922,33 @@ def test_pearson_pairs_equals_numpy_corrcoef_per_pair():
     assert np.isnan(got[4]) and np.isfinite(np.delete(got, 4)).all()
     # a Fortran-ordered view (units x images transposed) gives the same values
     np.testing.assert_array_equal(pearson_pairs(np.asfortranarray(x), y, cols, rows), got)
+
+
+def test_rows_constant_on_a_train_set_are_found_exactly():
+    """The sums' screen never hides a constant row nor reports a varying one, at any offset."""
+    from unitmatch.core.engine import _columns, _constant_rows
+
+    rng = np.random.default_rng(4)
+    n = 50
+    train = np.sort(rng.choice(n, 40, replace=False))
+    outside = np.setdiff1d(np.arange(n), train)
+    y = rng.standard_normal((8, n))
+    y[1] = 7.0                                       # constant everywhere
+    y[2, train] = -3.25                              # constant on the train images only
+    y[3] = 1e8 + 1e-3 * rng.standard_normal(n)       # a huge offset, a tiny spread: varies
+    y[4] = 1e8
+    y[4, train[5]] += 2.0 ** -26                     # one train value one float64 step away: varies
+    y[5] = np.round(rng.standard_normal(n))          # few distinct values
+    y[6, train] = 0.0
+    y[6, train[0]] = 1e-300                          # one tiny difference: varies
+    y[7] = 1e200                                     # constant, and its squares overflow
+    want = np.flatnonzero(np.ptp(y[:, train], axis=1) == 0)
+    with np.errstate(over="ignore"):
+        totals = (y.sum(axis=1), np.einsum("ij,ij->i", y, y))
+    (y_out,) = _columns(y, [outside])
+    np.testing.assert_array_equal(_constant_rows(y, train, totals, y_out), want)
+    assert want.tolist() == [1, 2, 7]
+    # _columns: several index lists in one pass, blocks smaller than the rows
+    got = _columns(y, [outside, train, np.array([3, 3, 0])], block_bytes=3 * n * 8)
+    for g, index in zip(got, [outside, train, np.array([3, 3, 0])]):
+        np.testing.assert_array_equal(g, y[:, index])
