@@ -291,8 +291,8 @@ class _SplitPlan:
     z-scored rows' sums and sums of squares, computed once for every split) minus those over the
     images outside T, which are few. With a permutation null's thousands of rows, gathering each
     split's train columns took seconds per split: MatchEngine's construction for 256 neurons x 101
-    rows x 2560 images and 10 splits took 36.5-40.5 s, 2.2 s of it per split; 8.1-9.7 s now
-    (benchmarks/RESULTS.md).
+    rows x 2560 images and 10 splits took 36.5-43.8 s, 2.2 s of it per split; 7.8-9.7 s now
+    (benchmarks/RESULTS.md, bench_engine_setup.py).
     """
 
     def __init__(self, yz: np.ndarray, train: np.ndarray, test: np.ndarray, shared: bool, device: torch.device,
