@@ -393,8 +393,10 @@ class MatchEngine:
         with np.errstate(over="ignore"):
             totals = (y.sum(axis=1), np.einsum("ij,ij->i", y, y))
         outsides = [np.setdiff1d(np.arange(self.n_images), train) for train, _ in self.splits]
-        for s, ((train, _), y_out) in enumerate(zip(self.splits, _columns(y, outsides))):
-            flat = _constant_rows(y, train, totals, y_out)
+        S = len(self.splits)
+        cols = _columns(y, outsides + [test for _, test in self.splits])  # each split's outside, then test images
+        for s, (train, _) in enumerate(self.splits):
+            flat = _constant_rows(y, train, totals, cols[s])
             if flat.size:
                 neurons = sorted({int(r % self.n_neurons) for r in flat})
                 raise ValueError(
@@ -409,12 +411,13 @@ class MatchEngine:
         if self.device.type == "cuda":
             _warn_forced_tf32()
         self.shared = len(self.splits) > 1
-        yz = y - y.mean(axis=1, keepdims=True)
-        yz /= np.sqrt(np.einsum("ij,ij->i", yz, yz) / self.n_images)[:, None]  # z-scored over all images
+        mean = y.mean(axis=1, keepdims=True)
+        yz = y - mean
+        sd = np.sqrt(np.einsum("ij,ij->i", yz, yz) / self.n_images)[:, None]
+        yz /= sd  # z-scored over all images
+        cols = [(c - mean) / sd for c in cols]  # the same columns of yz (the same operations, value by value)
         self._y = y  # float64, for the final re-scoring
         sums = (yz.sum(axis=1), np.einsum("ij,ij->i", yz, yz))
-        S = len(self.splits)
-        cols = _columns(yz, outsides + [te for _, te in self.splits])
         self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device, sums, outsides[s], cols[s], cols[S + s])
                        for s, (tr, te) in enumerate(self.splits)]
         masks = np.zeros((1 + self.n_splits, self.n_images), np.float32)
