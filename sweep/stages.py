@@ -322,11 +322,11 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
             # the matching, re-scoring, assignment and decoding read the store's chunks again and again:
             # a store that fits the cache is decoded and checked once (core.store.ActivationStore.chunk_cache)
             budget = available_memory() // 4 if compute.chunk_cache_mb is None else compute.chunk_cache_mb << 20
-            if store.nbytes > budget:
-                log.info("%s: its store (%.1f GiB) is larger than the chunk cache (%.1f GiB, compute.chunk_cache_mb): "
-                         "each scattered-column read after the matching decodes most of it again", entry.key,
-                         store.nbytes / 2**30, budget / 2**30)
-            with store.chunk_cache(budget):
+            with store.chunk_cache(budget) as cache:
+                if cache is None:  # the store is larger than the budget
+                    log.info("%s: its store (%.0f MiB) is larger than the chunk cache (%.0f MiB, "
+                             "compute.chunk_cache_mb): each scattered-column read after the matching decodes most "
+                             "of it again", entry.key, store.nbytes / 2**20, budget / 2**20)
                 with _ray(cfg) if scheduler == "ray" else contextlib.nullcontext():
                     result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
                                             flags=flags, scheduler=scheduler, progress=True,
