@@ -291,7 +291,7 @@ class _SplitPlan:
     z-scored rows' sums and sums of squares, computed once for every split) minus those over the
     images outside T, which are few. With a permutation null's thousands of rows, gathering each
     split's train columns took seconds per split: MatchEngine's construction for 256 neurons x 101
-    rows x 2560 images and 10 splits took 36.5-43.8 s, 2.2 s of it per split; 7.8-9.7 s now
+    rows x 2560 images and 10 splits took 36.5-43.8 s, 2.2 s of it per split; 6.6-6.7 s now
     (benchmarks/RESULTS.md, bench_engine_setup.py).
     """
 
