@@ -4,9 +4,12 @@
 #
 # Prepare, on the development machine, in the project root:
 #   ../shared/tools/device-kit build          # .device/site.tar.xz: ray, zarr, dask, hydra... (not wandb)
+#   mkdir -p .device/shared && cp -r ../shared/data .device/shared/   # the tests' real data (4.6 MB)
 # Then one device run: carry [".device"], timeout_s 600, command
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_session.sh
-# Logs and JSON rows land in $OUT (they come back with the run); each step has its own time limit, so a
+# Logs and JSON rows land in $LOGS, packed after every step into $OUT/logs.tgz (a device run returns at
+# most 8 files from $OUT; the archive is one, and is there even if the run is cut short); each step has
+# its own time limit, so a
 # hang costs that step only. Steps, most important first:
 #   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors
 #   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
@@ -15,8 +18,12 @@
 #   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device)
 set -uo pipefail
 OUT=${OUT:-/tmp/unitmatch-gpu-out}
-mkdir -p "$OUT" /tmp/site /tmp/pkg
+LOGS=${LOGS:-/tmp/unitmatch-gpu-logs}
+mkdir -p "$OUT" "$LOGS" /tmp/site /tmp/pkg
 ln -sfn "$PWD" /tmp/pkg/unitmatch            # the repository root is the package unitmatch
+# the tests read ../shared/data (timm's results table, the V4 recordings), which a device run does not
+# send: a copy travels in .device/shared when present (cp -r ../shared/data .device/shared/)
+[ -e ../shared ] || { [ -d .device/shared/data ] && ln -sfn "$PWD/.device/shared" ../shared; }
 if [ "${KIT:-1}" = 1 ]; then                 # KIT=0: a dry run where every package is installed already
   tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run ../shared/tools/device-kit build"; exit 2; }
   export PYTHONPATH=/tmp/site:/tmp/pkg
@@ -26,30 +33,31 @@ fi
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 WANDB_MODE=disabled HF_HUB_OFFLINE=1
 # NGC's PyTorch images force TF32 on cuBLAS matmuls through this variable: extraction refuses it and the
 # engine's float32 checks assume full float32, so it is logged, then unset for every step
-env | grep -i tf32 > "$OUT/tf32_env.txt" || true
+env | grep -i tf32 > "$LOGS/tf32_env.txt" || true
 unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE
 PY=${PYTHON:-python3}
 
 BUDGET=${BUDGET:-560}   # seconds for the whole script: a device command may run 600
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the budget has left),
-  local name=$1 limit=$2; shift 2  # log to $OUT/NAME.log, record the status in $OUT/steps.txt
+  local name=$1 limit=$2; shift 2  # log to $LOGS/NAME.log, record the status in steps.txt
   local left=$((BUDGET - SECONDS - 10)) t0=$SECONDS
   [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 20 ]; then echo "$name skipped: budget spent" | tee -a "$OUT/steps.txt"; return; fi
+  if [ "$limit" -lt 20 ]; then echo "$name skipped: budget spent" | tee -a "$LOGS/steps.txt"; return; fi
   echo "=== $name (limit ${limit}s): $*"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
-  tail -n 40 "$OUT/$name.log"
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$LOGS/steps.txt"
+  tail -n 25 "$LOGS/$name.log"
+  tar -czf "$OUT/logs.tgz" -C "$LOGS" .
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
-  echo "TF32 variables at the start: $(tr '\n' ' ' < "$OUT/tf32_env.txt")"; } \
-  | tee "$OUT/machine.txt"
+  echo "TF32 variables at the start: $(tr '\n' ' ' < "$LOGS/tf32_env.txt")"; } \
+  | tee "$LOGS/machine.txt"
 
 step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"
-step bench_match 120 $PY benchmarks/bench_match.py --device cuda --json "$OUT/bench_match.json"
+step bench_match 120 $PY benchmarks/bench_match.py --device cuda --json "$LOGS/bench_match.json"
 step bench_extract_resnet50 150 $PY benchmarks/bench_extract.py --device cuda --model resnet50 --images 512 --batch 64 \
   --workers 4 8 --writer-threads 8 16
 step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
@@ -58,4 +66,4 @@ step bench_extract_pageable 40 $PY benchmarks/bench_extract.py --device cuda --m
   --images 512 --batch 64 --workers 4 --writer-threads 8 --no-pinned
 step bench_decode 120 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1
 step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb"
-cat "$OUT/steps.txt"
+cat "$LOGS/steps.txt"
