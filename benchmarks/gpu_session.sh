@@ -15,7 +15,8 @@
 #   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
 #   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo
-#   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device)
+#   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device; the
+#      device's own timm may predate the project's minimum, 1.0.31: tests of test_maxvit then fail)
 set -uo pipefail
 OUT=${OUT:-/tmp/unitmatch-gpu-out}
 LOGS=${LOGS:-/tmp/unitmatch-gpu-logs}
@@ -57,7 +58,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the
   | tee "$LOGS/machine.txt"
 
 step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"
-step bench_match 120 $PY benchmarks/bench_match.py --device cuda --json "$LOGS/bench_match.json"
+# 1M units, one split: about 140 s on an H200 (2026-11-27; most of it the benchmark's own set-up and
+# its nine timed engine runs), so the 10-split cost is measured at 100k units
+step bench_match 200 $PY benchmarks/bench_match.py --device cuda --splits 1 --json "$LOGS/bench_match.json"
+step bench_match_10 60 $PY benchmarks/bench_match.py --device cuda --sizes 100000 --splits 1 10 \
+  --json "$LOGS/bench_match_10.json"
 step bench_extract_resnet50 150 $PY benchmarks/bench_extract.py --device cuda --model resnet50 --images 512 --batch 64 \
   --workers 4 8 --writer-threads 8 16
 step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
@@ -65,5 +70,7 @@ step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --m
 step bench_extract_pageable 40 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
   --images 512 --batch 64 --workers 4 --writer-threads 8 --no-pinned
 step bench_decode 120 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1
-step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb"
+# deselected: what needs wandb (not in the kit) or a package index (none on the device)
+step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb" --deselect tests/test_report.py \
+  --deselect tests/test_package.py::test_wheel_installs_in_a_fresh_venv_and_runs_the_demo_from_another_directory
 cat "$LOGS/steps.txt"

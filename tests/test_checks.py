@@ -123,7 +123,10 @@ def test_the_command_exits_2_in_a_read_only_working_directory_without_writing_th
     cwd = tmp_path / "readonly"
     cwd.mkdir()
     cwd.chmod(0o555)
-    env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+    import unitmatch  # the child imports the same package, wherever this process found it
+
+    found = str(Path(unitmatch.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([found, *filter(None, [os.environ.get("PYTHONPATH")])])}
     try:
         for overrides, message in ((["analysis.alpha=2"], "analysis.alpha=2.0 is out of range"),
                                    (["stage=report", "sweep_name=nosuch"], "sweep_name='nosuch' has no finished")):

@@ -709,7 +709,10 @@ def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")
 def test_batched_fit_on_cuda_matches_the_cpu_fit():
     """device="cuda" runs the same solver: the same minimiser at a tight tolerance (both finish in
-    float64), the same decoding accuracies within 0.01 at the default one."""
+    float64), the same decoding accuracies within 0.01 at the default one. The GPU's float32 phase
+    sums in another order, so its path differs as the mixed-precision path differs from the
+    all-float64 one (test_mixed_precision_has_the_float64_minimiser...): the same bound, 1e-5 of the
+    largest coefficient, holds both (an NVIDIA H200 gave 1.9e-6 of it; 1e-6 failed there)."""
     from unitmatch.core._logreg import fit_many
 
     for case in LOGREG_CASES:
@@ -720,7 +723,7 @@ def test_batched_fit_on_cuda_matches_the_cpu_fit():
         gpu = fit_many(batch, y_train, k, 1.0, tol=1e-10, max_iter=5000, device="cuda")
         assert gpu.coef.device.type == "cuda" and gpu.converged.all()
         np.testing.assert_allclose(gpu.coef.cpu().numpy(), cpu.coef.numpy(), rtol=0,
-                                   atol=1e-6 * max(1.0, np.abs(cpu.coef.numpy()).max()))
+                                   atol=1e-5 * max(1.0, np.abs(cpu.coef.numpy()).max()))
     rng, labels, units, neurons, train, test = _planted(6, noise=1.0)
     pool = _population(rng, labels, 300)
     pops = np.stack([pool[:, rng.choice(300, M, replace=False)] for _ in range(100)])
