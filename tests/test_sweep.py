@@ -225,7 +225,9 @@ def test_sweep_through_the_address_of_a_multi_process_ray_cluster(outputs):
         cluster.wait_for_nodes()
         cmd = [sys.executable, "-m", "unitmatch.sweep", *TINY, "sweep_name=raycluster", "cluster=ray",
                f"cluster.address={cluster.address}", "cluster.num_gpus_per_actor=0", "cluster.num_cpus_per_actor=1",
-               "cluster.n_actors=2", "compute.scheduler=ray"]
+               "cluster.n_actors=2", "compute.scheduler=ray",
+               # cluster=ray's decode workers and writer threads are sized for a 16-core GPU node
+               "cluster.decode_workers=1", "cluster.writer_threads=2"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ.copy())
     finally:
         cluster.shutdown()
