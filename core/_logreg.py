@@ -433,8 +433,9 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
     machine; independent chunks on separate threads have no barrier to wait at.
 
     Args:
-        x: (B, n, F) features: float32 kept as is (the data, as :func:`fit_multinomial`),
-            anything else converted to float64.
+        x: (B, n, F) features, a numpy array or a torch tensor (one on a GPU is used where it
+            is): float32 kept as is (the data, as :func:`fit_multinomial`), anything else
+            converted to float64.
         y: (n,) class indices shared by all problems, or (B, n): each problem's own.
         n_classes, C, tol, max_iter, precision: as :func:`fit_multinomial`.
         device: torch device (default cpu).
@@ -445,8 +446,13 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
         One :class:`BatchedFit` for the B problems, in order.
     """
     dev = torch.device(device if device is not None else "cpu")
-    x = np.asarray(x)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float32 else np.float64))
+    if isinstance(x, torch.Tensor):  # e.g. features already on the device
+        xt = x.contiguous() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64).contiguous()
+        if xt.device.type == "cpu" and dev.type != "cpu":
+            xt = xt.to(dev)
+    else:
+        x = np.asarray(x)
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float32 else np.float64))
     yt = torch.from_numpy(np.asarray(y))
     kw = dict(tol=tol, max_iter=max_iter, precision=precision)
     if dev.type != "cpu":

@@ -683,14 +683,16 @@ def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
     rng, labels, units, neurons, train, test = _planted(4)
     pops = (rng.normal(size=(5, labels.size, M)) * rng.uniform(0.1, 10, size=M) + 50).astype(np.float32)
     p = _validate(labels, train, test, *units.shape)
-    got = _zscored_train_stack(pops, p, lambda j: f"random population {j}")
+    got = _zscored_train_stack(pops, p, lambda j: f"random population {j}").numpy()
     assert got.dtype == np.float32 and got.shape == (5, train.size, M)
     for j in range(5):
         ref, _ = _zscored(pops[j].astype(np.float64), p, "x")
         np.testing.assert_allclose(got[j], ref, rtol=0, atol=2e-5)
     # a strided (transposed) stack gives the same
     np.testing.assert_array_equal(_zscored_train_stack(pops.transpose(1, 0, 2).copy().transpose(1, 0, 2), p,
-                                                       str), got)
+                                                       str).numpy(), got)
+    # a float64 stack is cast to float32 after the gather: the float32 stack's answer
+    np.testing.assert_array_equal(_zscored_train_stack(pops.astype(np.float64), p, str).numpy(), got)
     bad = pops.copy()
     bad[3, train[5], 7] = np.inf
     with pytest.raises(ValueError, match=rf"random population 3 has 1 non-finite value.*image {train[5]}, column 7"):
