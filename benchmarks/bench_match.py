@@ -28,10 +28,14 @@ Per size it prints:
   (``torch.cuda.max_memory_allocated`` during the runs, less what was allocated before them: the
   device copy of the input pool and the engine's constants);
 - whether every variant chose the same units.
-Engine times include the final float64 re-scoring, as on CPU.
+Engine times include the final float64 re-scoring, as on CPU. Two components explain them: the
+host's share of an on-device run (``finalize``: the float64 re-scoring and the result tables, timed
+alone; the GEMM is also compared with the on-device time less that share), and the host half of the
+staging (the pageable blocks' bytes copied into a pinned buffer, alone). ``--profile`` adds
+torch.profiler's table of one on-device run (one split), ops by device time.
 
 Run: .venv/bin/python benchmarks/bench_match.py [--sizes 10000 100000 1000000] [--dtype float16 float32]
-     [--splits 1 10] [--quick] [--device cuda]
+     [--splits 1 10] [--quick] [--device cuda [--profile]]
 """
 
 from __future__ import annotations
@@ -236,37 +240,59 @@ def run_size(units: int, dtype: str, splits: list[int]) -> dict:
     }
 
 
-def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> dict:
-    """The --device cuda measurements, in this process (see the module docstring)."""
+def _profile_table(fn, cuda: bool, rows: int = 20) -> str:
+    """torch.profiler's table of the ops of one call of ``fn``, by device time (CUDA kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = ("cpu_time_total" if not cuda else
+           "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total")
+    return events.table(sort_by=key, row_limit=rows)
+
+
+def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], profile: bool = False,
+                dry: bool = False) -> dict:
+    """The --device cuda measurements, in this process (see the module docstring). ``dry``: the same
+    steps on the CPU (no pinned memory, no memory statistics), to check the script without a GPU."""
     import torch
 
-    if not torch.cuda.is_available():
+    if not dry and not torch.cuda.is_available():
         raise SystemExit("bench_match.py --device cuda needs a CUDA GPU, but torch.cuda.is_available() is False "
                          f"(torch {torch.__version__}); run without --device for the CPU benchmark")
-    from unitmatch.core.engine import MatchEngine, stream_match
+    from unitmatch.core.engine import MatchEngine, merge, stream_match
     from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
-    dev = torch.device("cuda")
-    core, pool, y, widths, block = _setup(units, dtype, device="cuda", block_units=block_units or None)
+    cuda = not dry
+    dev = torch.device("cuda" if cuda else "cpu")
+    gpu = torch.cuda if cuda else None
+    core, pool, y, widths, block = _setup(units, dtype, device=dev.type, block_units=block_units or None)
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
     train = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)[0][0]
     nbytes = [N_IMAGES * w * pool[0].itemsize for w in widths]
-    out = {"device_name": torch.cuda.get_device_name(dev), "block_units": block, "gib": sum(nbytes) / 2**30}
+    out = {"device_name": gpu.get_device_name(dev) if cuda else "cpu (dry run)", "block_units": block,
+           "gib": sum(nbytes) / 2**30}
+    sync = gpu.synchronize if cuda else (lambda: None)
 
     def timed(fn, repeat=3):
         fn()  # warm-up
         times = []
         for _ in range(repeat):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             fn()
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
         return min(times)
 
     # host-to-device copies of the same bytes, block by block, from pinned and from pageable memory
     buf = {"device": torch.empty(max(nbytes), dtype=torch.uint8, device=dev),
-           "pinned": torch.empty(max(nbytes), dtype=torch.uint8, pin_memory=True)}
+           "pinned": torch.empty(max(nbytes), dtype=torch.uint8, pin_memory=cuda)}
     buf["pinned"].copy_(torch.from_numpy(pool[0].view(np.uint8).reshape(-1)))
     pageable = [torch.from_numpy(a.view(np.uint8).reshape(-1)) for a in pool]
 
@@ -278,12 +304,18 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> 
         for i, n in enumerate(nbytes):
             buf["device"][:n].copy_(pageable[i % POOL][:n])
 
+    def copy_into_pinned():  # the host half of the staging: pageable block bytes into a pinned buffer
+        for i, n in enumerate(nbytes):
+            buf["pinned"][:n].copy_(pageable[i % POOL][:n])
+
     out["copy_pinned_s"] = timed(copy_pinned)
     out["copy_pageable_s"] = timed(copy_pageable)
+    out["copy_into_pinned_s"] = timed(copy_into_pinned)
     buf.clear()
     out["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
-    out["gemm_s"] = _torch_gemm_s(y, pool, widths, train, device="cuda")
-    torch.cuda.empty_cache()
+    out["gemm_s"] = _torch_gemm_s(y, pool, widths, train, device=dev.type)
+    if cuda:
+        gpu.empty_cache()
 
     dpool = [torch.from_numpy(a).to(dev) for a in pool]
 
@@ -299,19 +331,29 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> 
         for name, (source, staging) in variants.items():
             result = {}
             # a fresh engine per variant: its scratch buffers (sized by the first full block) count in its peak
-            engine = MatchEngine(y, split_set, top_k=5, device="cuda")
+            engine = MatchEngine(y, split_set, top_k=5, device=dev.type)
             engine.process(UnitBlock(dpool[0][:, :256], "units", 0))  # warm-up (kernels; small buffers)
 
             def run():
                 result["r"] = stream_match(engine, blocks(source), catalogue, staging=staging,
                                            columns=_columns(pool, block, N_IMAGES))
 
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-            before = torch.cuda.memory_allocated(dev)  # the blocks on the device, the engine's constants
+            if cuda:
+                gpu.empty_cache()
+                gpu.reset_peak_memory_stats(dev)
+            before = gpu.memory_allocated(dev) if cuda else 0  # the blocks on the device, the engine's constants
             out[f"{name}_s_{n_splits}"] = timed(run, repeat=2)
-            out[f"{name}_peak_gib_{n_splits}"] = (torch.cuda.max_memory_allocated(dev) - before) / 2**30
+            out[f"{name}_peak_gib_{n_splits}"] = (gpu.max_memory_allocated(dev) - before) / 2**30 if cuda else 0.0
             chosen[f"{name}_{n_splits}"] = result["r"].matches.unit.tolist()
+            if name == "device":
+                # the host's share of an on-device run: the float64 re-scoring and the result tables
+                total = engine.empty()
+                for b in blocks(dpool):
+                    total = merge(total, engine.process(b))
+                columns = _columns(pool, block, N_IMAGES)
+                out[f"finalize_s_{n_splits}"] = timed(lambda: engine.finalize(total, catalogue, None, columns))
+                if profile and n_splits == 1:
+                    out["profile"] = _profile_table(run, cuda)
     out["same_units"] = all(chosen[k] == chosen["device_1"] for k in chosen if k.endswith("_1"))
     if units <= 500_000:  # and the CPU engine's choice
         engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), device="cpu")
@@ -320,8 +362,10 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int]) -> 
     return out
 
 
-def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[int]) -> dict:
-    py = [sys.executable, __file__, "--worker", "cuda", str(units), dtype, str(block_units or 0), *map(str, splits)]
+def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[int], profile: bool = False,
+                  dry: bool = False) -> dict:
+    kind = "cuda" + ("-dry" if dry else "") + ("-profile" if profile else "")
+    py = [sys.executable, __file__, "--worker", kind, str(units), dtype, str(block_units or 0), *map(str, splits)]
     proc = subprocess.run(py, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
@@ -331,6 +375,8 @@ def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[
     r["ratio_host_to_pinned_copy"] = r["copy_pinned_s"] / r["host_staged_s_1"]
     r["ratio_host_to_pageable_copy"] = r["copy_pageable_s"] / r["host_staged_s_1"]
     r["ratio_device_to_gemm"] = r["gemm_s"] / r["device_s_1"]
+    r["ratio_device_blocks_to_gemm"] = r["gemm_s"] / max(r["device_s_1"] - r["finalize_s_1"], 1e-9)
+    r["ratio_host_to_copy_into_pinned"] = r["copy_into_pinned_s"] / r["host_staged_s_1"]
     if 10 in splits:
         r["device_splits10_over_1"] = r["device_s_10"] / r["device_s_1"]
         r["host_splits10_over_1"] = r["host_staged_s_10"] / r["host_staged_s_1"]
@@ -343,14 +389,15 @@ def main_cuda(args):
           f"GEMM: best of 3-5), each after a warm-up")
     header = ("units", "dtype", "GPU", "GiB", "pinned copy s", "pageable copy s", "engine host staged s",
               "engine host plain s", "pinned copy/staged", "pageable copy/staged", "engine on-device s",
-              "device GEMM s", "GEMM/on-device", "10 splits on-device s", "10/1", "10 splits host s",
-              "peak GiB 1 / 10 splits", "same units")
+              "device GEMM s", "GEMM/on-device", "of which finalize s", "GEMM/on-device blocks",
+              "copy into pinned s", "copy into pinned/staged", "10 splits on-device s", "10/1",
+              "10 splits host s", "peak GiB 1 / 10 splits", "same units")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
     for dtype in args.dtype:
         for units in args.sizes:
-            r = run_size_cuda(units, dtype, args.block_units, args.splits)
+            r = run_size_cuda(units, dtype, args.block_units, args.splits, args.profile, args.dry)
             rows.append(r)
 
             def f(key, fmt="{:.3f}"):
@@ -361,8 +408,14 @@ def main_cuda(args):
                   f"{r['copy_pageable_s']:.3f} | {r['host_staged_s_1']:.3f} | {r['host_plain_s_1']:.3f} | "
                   f"{r['ratio_host_to_pinned_copy']:.0%} | {r['ratio_host_to_pageable_copy']:.0%} | "
                   f"{r['device_s_1']:.3f} | {r['gemm_s']:.4f} | {r['ratio_device_to_gemm']:.0%} | "
+                  f"{r['finalize_s_1']:.3f} | {r['ratio_device_blocks_to_gemm']:.0%} | "
+                  f"{r['copy_into_pinned_s']:.3f} | {r['ratio_host_to_copy_into_pinned']:.0%} | "
                   f"{f('device_s_10')} | {f('device_splits10_over_1', '{:.2f}x')} | {f('host_staged_s_10')} | "
                   f"{r['device_peak_gib_1']:.2f} / {f('device_peak_gib_10', '{:.2f}')} | {same} |", flush=True)
+    for r in rows:
+        if "profile" in r:
+            print(f"\n### {r['units']:,} {r['dtype']} units, one split, on-device: ops by device time\n")
+            print(r["profile"])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 
@@ -381,18 +434,24 @@ def main():
                     help="development run: 100,000 units, float16 (cuda: 400,000 units in blocks of 100,000), "
                          "unless --sizes/--dtype/--block-units say otherwise")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true",
+                    help="cuda: also torch.profiler's table of one on-device run (one split), ops by device time")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # --device cuda's steps on the CPU
     args = ap.parse_args()
     if args.worker:
         what, units, dtype, *rest = args.worker
-        if what == "cuda":
-            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[1:]])))
+        if what.startswith("cuda"):  # cuda, cuda-profile; cuda-dry(-profile): the same steps on the CPU
+            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[1:]],
+                                         profile="profile" in what, dry="dry" in what)))
             return
         fn = worker_engine if what == "engine" else worker_reference
         print(json.dumps(fn(int(units), dtype, *map(int, rest))))
         return
     if any(n <= 0 for n in args.sizes or []):
         ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
+    if args.profile and args.device != "cuda":
+        ap.error("--profile profiles the --device cuda runs; add --device cuda")
     if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):
         ap.error(f"--block-units must be a positive unit count, with --device cuda; got {args.block_units}")
     args.splits = sorted(set(args.splits) | {1})
@@ -406,7 +465,7 @@ def main():
     if cuda:
         import torch
 
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and not args.dry:
             ap.error(f"--device cuda needs a CUDA GPU, but torch.cuda.is_available() is False (torch "
                      f"{torch.__version__}); run without --device for the CPU benchmark")
         main_cuda(args)
