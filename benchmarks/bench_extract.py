@@ -73,6 +73,8 @@ def main():
                     help="one file per chunk instead of one shard per batch x layer")
     ap.add_argument("--unit-chunk", type=int, default=DEFAULT_UNIT_CHUNK)
     ap.add_argument("--no-pinned", action="store_true", help="CUDA: pageable host buffers (synchronous copies)")
+    ap.add_argument("--sink-queue", type=int, default=None,
+                    help="pipeline: image batches that may wait for the disk (core.extract.SINK_QUEUE, default 2)")
     ap.add_argument("--d-codecs", nargs="*", default=[], help="more codecs for (d) alone")
     ap.add_argument("--d-threads", type=int, nargs="*", default=[], help="more writer thread counts for (d) alone")
     ap.add_argument("--d-layouts", nargs="*", default=[], choices=["sharded", "unsharded"],
@@ -96,9 +98,15 @@ def main():
     from unitmatch.core.extract import (
         DTYPES, ModelSpec, _Staging, _StoreSink, extract_to_store, full_float32, image_batches, prepare_store,
     )
+    from unitmatch.core import extract as extract_module
     from unitmatch.core.layers import layer_names, probe_layers
     from unitmatch.core.store import ActivationStore
     from unitmatch.core.synthetic import generate_stimuli
+
+    if args.sink_queue is not None:
+        if args.sink_queue < 1:
+            ap.error(f"--sink-queue must be a positive number of batches; got {args.sink_queue}")
+        extract_module.SINK_QUEUE = args.sink_queue
 
     n = args.images
     stimuli = generate_stimuli(n_categories=8, objects_per_category=4, variations=-(-n // 32), size=256,
@@ -248,7 +256,8 @@ def main():
     print(f"# bench_extract: {args.model} {args.layers} ({len(names)} layers, {n_units:,} units/image), {n} images at "
           f"{cfg['input_size'][1]} px, batch {args.batch}, device {device}{gpu}, {cpu}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}; store {args.codec}, "
-          f"{'sharded' if sharded else 'unsharded'}, unit chunk {args.unit_chunk}, pinned {pinned}; "
+          f"{'sharded' if sharded else 'unsharded'}, unit chunk {args.unit_chunk}, pinned {pinned}, "
+          f"sink queue {extract_module.SINK_QUEUE}; "
           f"float16 outputs {raw / mib:.0f} MiB; load average {os.getloadavg()[0]:.2f}")
     print()
     print("| component | seconds | images/s | MiB/s of float16 outputs |")

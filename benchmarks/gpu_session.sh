@@ -67,8 +67,10 @@ step bench_extract_resnet50 150 $PY benchmarks/bench_extract.py --device cuda --
   --workers 4 8 --writer-threads 8 16
 step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
   --images 512 --batch 64 --workers 4 --writer-threads 8
-step bench_extract_pageable 40 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
-  --images 512 --batch 64 --workers 4 --writer-threads 8 --no-pinned
+# resnet18's stages reached 40% of the writes alone on an H200 (2026-11-27): do more batches waiting
+# for the disk (the sink's queue, 2 by default) close the gap? (pageable buffers were measured then)
+step bench_extract_queue 40 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
+  --images 512 --batch 64 --workers 4 --writer-threads 8 --sink-queue 8
 step bench_decode 120 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1
 # deselected: what needs wandb (not in the kit) or a package index (none on the device)
 step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb" --deselect tests/test_report.py \

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: store writer threads (benchmarks/RESULTS.md, bench_extract.py)
 DEFAULT_WRITER_THREADS = 2
+#: image batches :func:`extract_to_store` lets wait for the disk (each holds one set of host buffers)
+SINK_QUEUE = 2
 
 
 def create_model(name: str, *, pretrained: bool = False, checkpoint: str | None = None, seed: int = 0):
@@ -869,7 +871,7 @@ def extract_to_store(spec: ModelSpec, stimuli: StimulusSet, selection, root, *, 
         if own:
             model.to(device)  # ours: no need to move it back
         info = {"device": str(device), "host": platform.node(), "torch": torch.__version__, "tf32": False}
-        with _StoreSink(store, info, threads=writer_threads) as sink:
+        with _StoreSink(store, info, threads=writer_threads, queue=SINK_QUEUE) as sink:
             _extract(model, stimuli, spec.data_config(model), store.layer_units, sink, batches=wanted,
                      batch_size=store.batch_size, dtype=DTYPES[store.key["dtype"]], device=device,
                      num_workers=num_workers, pinned=pinned, desc=f"extract {spec.name}", progress=progress)
