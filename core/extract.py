@@ -463,10 +463,12 @@ class _StoreSink:
     def __init__(self, store: "ActivationStore", info: dict | None = None, *, threads: int = 2, queue: int = 2):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.writer = store.writer()
+        threads = check_count(threads, "writer_threads", 1)
+        # the same number of threads compress a full batch's shards (numcodecs releases the GIL)
+        self.writer = store.writer(threads=threads)
         self.info = dict(info or {})  # recorded with every batch: how it was made
         self.slots = queue
-        self.pool = ThreadPoolExecutor(check_count(threads, "writer_threads", 1), thread_name_prefix="store-writer")
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="store-writer")
         self.lock = threading.Lock()
         self.failure: list[BaseException] = []
         self.written: list[int] = []
@@ -513,6 +515,7 @@ class _StoreSink:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.pool.shutdown(wait=True)
+        self.writer.close()
         if self.failure and exc is None:
             raise self.failure[0]
 

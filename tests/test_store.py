@@ -421,3 +421,53 @@ def test_a_format_4_store_is_refused_with_what_to_do(tmp_path, stimuli):
     (store.path / "key.json").write_text(json.dumps({**key, "format": 4}))
     with pytest.raises(StoreFormatError, match=r"has format 4; this unitmatch .* reads format 5 only .*Delete"):
         ActivationStore.open(store.path)
+
+
+@pytest.mark.parametrize("codec, dtype", [("blosc:lz4:shuffle:5", "float16"), ("blosc:zstd:bitshuffle:1", "float16"),
+                                          ("blosc:lz4:noshuffle:9", "float32"), ("zstd:1", "float16"),
+                                          ("zstd:-1", "float32"), ("none", "float16")])
+def test_shards_written_by_our_encoder_are_zarrs_own_files_byte_for_byte(tmp_path, codec, dtype):
+    """Full batches of a sharded store are encoded by core/_shards.py (over a pool, or in the
+    calling thread) instead of Zarr's event loop: every shard file is the one Zarr writes for the
+    same values, byte for byte (the last unit chunk padded with the fill value; a last, partial
+    batch still goes through Zarr), so Zarr and the checked reads read them as before."""
+    from unitmatch.core._shards import ShardWriter
+    from unitmatch.core.store import StoreKey
+    from unitmatch.core.units import LayerUnits
+
+    rng = np.random.default_rng(7)
+    layers = [LayerUnits("conv", (5, 13, 11), ("channel", "y", "x")), LayerUnits("head", (2000,), ("channel",))]
+    n_images = 21  # batches of 8: the last has 5 rows
+    values = {layer.name: np.maximum(rng.standard_normal((n_images, layer.size)), 0).astype(dtype) for layer in layers}
+    values["head"][:, :700] = 0  # chunks of constant values compress to little, as Zarr's do
+    stores = {}
+    for how in ("zarr", "ours", "ours_pooled"):
+        key = StoreKey(model=f"m-{how}", preprocessing={}, stimuli="s", layers=("conv", "head"), dtype=dtype,
+                       codec=codec)
+        store = ActivationStore.create(tmp_path / how, key, layers, [f"im{i}" for i in range(n_images)],
+                                       batch_size=8, unit_chunk=300)
+        writer = store.writer(threads=3 if how == "ours_pooled" else 1)
+        assert all(isinstance(w, ShardWriter) for w in writer.shards.values())
+        if how == "zarr":
+            writer.shards = {}  # every batch through Zarr
+        for b in range(store.n_batches):
+            writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()})
+        writer.close()
+        store.finalize()
+        stores[how] = ActivationStore.open(store.path)
+    for name in ("conv", "head"):
+        folder = {how: s.path / "store.zarr" / name / "activations" / "c" for how, s in stores.items()}
+        files = {how: sorted(p.relative_to(f) for p in f.rglob("*") if p.is_file()) for how, f in folder.items()}
+        assert files["zarr"] == files["ours"] == files["ours_pooled"] and len(files["zarr"]) == 3
+        for rel in files["zarr"]:
+            ref = (folder["zarr"] / rel).read_bytes()
+            assert (folder["ours"] / rel).read_bytes() == ref and (folder["ours_pooled"] / rel).read_bytes() == ref, rel
+    for how, store in stores.items():
+        assert store.verify().ok
+        for name, array in store.layers().items():
+            np.testing.assert_array_equal(np.asarray(array[:]), values[name])
+        for name, digests in store._digests().items():
+            np.testing.assert_array_equal(digests, stores["zarr"]._digests()[name])
+    unsharded = ActivationStore.create(tmp_path / "unsharded", StoreKey("u", {}, "s", ("head",), sharded=False),
+                                       layers[1:], [f"im{i}" for i in range(8)], batch_size=8)
+    assert unsharded.writer().shards == {"head": None}  # written through Zarr

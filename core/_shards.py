@@ -1,0 +1,147 @@
+"""Whole shards of an activation store, encoded by our threads and written as one file each.
+
+A sharded store (:meth:`core.store.ActivationStore.create`) holds one shard per image batch x layer:
+the batch's rows of the whole layer, cut into inner chunks of ``unit_chunk`` units. Zarr-python
+writes such a shard through its single event-loop thread, which hands each inner chunk to its own
+pool and assembles the shard there: on the 2-core VM uncompressed writes were no faster than lz4
+ones, and on an H200 node 16 writer threads wrote no faster than 8 (benchmarks/RESULTS.md). Here a
+full batch's shard is encoded in the calling thread, or over a pool of encoder threads (numcodecs
+releases the GIL while it compresses), into the bytes that Zarr's sharding format specifies
+(Zarr v3 ``sharding_indexed``, index at the end):
+
+    inner chunk 0 | inner chunk 1 | ... | index: (offset, nbytes) per inner chunk, uint64 little
+    endian, in C order | CRC-32C of the index, uint32 little endian
+
+Each inner chunk is the (rows, unit_chunk) block in C order, the last one padded with the array's
+fill value, through the array's own codecs (bytes, little endian; then Blosc, Zstd or nothing).
+tests/test_store.py checks the files equal Zarr's own byte for byte for every codec form, and the
+reads. Arrays of any other layout (unsharded, another index layout, codecs this module does not
+know, a store that is not a local folder) get no :class:`ShardWriter`; their writes go through Zarr.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+from .integrity import chunk_digest
+
+#: inner chunks per encoding task when a shard's chunks are shared over a pool
+_CHUNKS_PER_TASK = 4
+
+
+class ShardWriter:
+    """Writes whole shards (a full image batch x the whole layer) of one sharded Zarr array."""
+
+    def __init__(self, folder: Path, array, rows: int, width: int, chunk: int, dtype: np.dtype, fill, codec):
+        self.folder, self.array = folder, array  # the array's folder; its metadata names the shard files
+        self.rows, self.width, self.chunk = rows, width, chunk
+        self.dtype, self.fill, self.codec = dtype, fill, codec
+        self.n_chunks = -(-width // chunk)
+
+    @classmethod
+    def for_array(cls, array) -> "ShardWriter | None":
+        """A writer for ``array`` (a Zarr array opened for writing), or None where its layout is not
+        one shard per row block spanning every column, with an end index of little-endian
+        (offset, nbytes) pairs and CRC-32C, in a local folder."""
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+        from zarr.storage import LocalStore
+
+        meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1 or array.ndim != 2:
+            return None
+        sharding = meta.codecs[0]
+        if not isinstance(sharding, ShardingCodec) or getattr(sharding.index_location, "value", None) != "end":
+            return None
+        index = tuple(sharding.index_codecs)
+        if (len(index) != 2 or not isinstance(index[0], BytesCodec) or not _little(index[0])
+                or not isinstance(index[1], Crc32cCodec)):
+            return None
+        inner = tuple(sharding.codecs)
+        if not inner or not isinstance(inner[0], BytesCodec) or not _little(inner[0]) or len(inner) > 2:
+            return None
+        codec = _numcodecs(inner[1]) if len(inner) == 2 else None
+        if len(inner) == 2 and codec is None:
+            return None
+        shard, chunks = tuple(array.shards or ()), tuple(sharding.chunk_shape)
+        n_rows, width = array.shape
+        if len(shard) != 2 or len(chunks) != 2 or shard[0] != chunks[0] or shard[1] != -(-width // chunks[1]) * chunks[1]:
+            return None
+        dtype = np.dtype(array.dtype)
+        if dtype.kind != "f" or dtype.byteorder == ">":
+            return None
+        store = array.store_path.store
+        if not isinstance(store, LocalStore):
+            return None
+        folder = Path(store.root) / array.store_path.path
+        return cls(folder, array, shard[0], width, chunks[1], dtype.newbyteorder("<"), meta.fill_value, codec)
+
+    def write(self, shard_row: int, values: np.ndarray, pool: Executor | None = None) -> list[str]:
+        """Write shard ``shard_row`` (image batch) from ``values`` (rows, width); returns the digests
+        (:func:`core.integrity.chunk_digest`) of its unit chunks, of the values as given, in order."""
+        if values.shape != (self.rows, self.width):
+            raise ValueError(f"a whole shard is ({self.rows}, {self.width}); got {values.shape}")
+        values = np.asarray(values, dtype=self.dtype)
+        starts = range(0, self.n_chunks, _CHUNKS_PER_TASK)
+        if pool is None or self.n_chunks <= _CHUNKS_PER_TASK:
+            parts = [self._encode(values, j, min(j + _CHUNKS_PER_TASK, self.n_chunks)) for j in starts]
+        else:
+            parts = list(pool.map(lambda j: self._encode(values, j, min(j + _CHUNKS_PER_TASK, self.n_chunks)),
+                                  starts))
+        encoded = [e for part in parts for e, _ in part]
+        digests = [d for part in parts for _, d in part]
+        sizes = np.array([len(e) for e in encoded], dtype=np.uint64)
+        index = np.empty((self.n_chunks, 2), dtype="<u8")
+        index[:, 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        index[:, 1] = sizes
+        import google_crc32c  # what Zarr's Crc32cCodec uses
+
+        index_bytes = index.tobytes()
+        path = self.folder / self.array.metadata.encode_chunk_key((int(shard_row), 0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.writelines(encoded)
+            f.write(index_bytes)
+            f.write(google_crc32c.value(index_bytes).to_bytes(4, "little"))
+        return digests
+
+    def _encode(self, values: np.ndarray, first: int, stop: int) -> list[tuple[bytes, str]]:
+        """Inner chunks ``first:stop``: their encoded bytes and the digest of their values."""
+        out = []
+        for j in range(first, stop):
+            a = j * self.chunk
+            b = min(a + self.chunk, self.width)
+            part = values[:, a:b]
+            if b - a == self.chunk:
+                block = np.ascontiguousarray(part)
+                digest = chunk_digest(block)
+            else:  # the layer's last chunk: padded with the fill value, as Zarr stores it
+                block = np.full((self.rows, self.chunk), self.fill, dtype=self.dtype)
+                block[:, : b - a] = part
+                digest = chunk_digest(part)
+            out.append((self.codec.encode(block) if self.codec is not None else block.tobytes(), digest))
+        return out
+
+
+def _little(codec) -> bool:
+    endian = getattr(codec, "endian", None)
+    return endian is None or getattr(endian, "value", endian) == "little"
+
+
+def _numcodecs(codec):
+    """The numcodecs encoder that gives the bytes of a Zarr Blosc or Zstd codec, else None."""
+    from numcodecs import Blosc, Zstd
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if isinstance(codec, ZstdCodec):
+        return Zstd(level=codec.level, checksum=codec.checksum)
+    if isinstance(codec, BloscCodec) and codec.typesize is not None:
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+        name = getattr(codec.shuffle, "value", codec.shuffle)
+        if name not in shuffle:
+            return None
+        return Blosc(cname=getattr(codec.cname, "value", codec.cname), clevel=codec.clevel, shuffle=shuffle[name],
+                     blocksize=codec.blocksize, typesize=codec.typesize)
+    return None
