@@ -15,8 +15,11 @@ releases the GIL while it compresses), into the bytes that Zarr's sharding forma
 Each inner chunk is the (rows, unit_chunk) block in C order, the last one padded with the array's
 fill value, through the array's own codecs (bytes, little endian; then Blosc, Zstd or nothing).
 tests/test_store.py checks the files equal Zarr's own byte for byte for every codec form, and the
-reads. Arrays of any other layout (unsharded, another index layout, codecs this module does not
-know, a store that is not a local folder) get no :class:`ShardWriter`; their writes go through Zarr.
+reads. :class:`ShardReader` reads chunks of such shards back the same way (the index, its CRC-32C,
+then each chunk's bytes, decoded in the calling thread); the checked reads of
+:class:`core.integrity.CheckedArray` use it and fall back to Zarr, which names what is wrong, on
+anything unexpected. Arrays of any other layout (unsharded, another index layout, codecs this module
+does not know, a store that is not a local folder) get neither; their reads and writes go through Zarr.
 """
 
 from __future__ import annotations
@@ -43,40 +46,10 @@ class ShardWriter:
 
     @classmethod
     def for_array(cls, array) -> "ShardWriter | None":
-        """A writer for ``array`` (a Zarr array opened for writing), or None where its layout is not
-        one shard per row block spanning every column, with an end index of little-endian
-        (offset, nbytes) pairs and CRC-32C, in a local folder."""
-        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
-        from zarr.storage import LocalStore
-
-        meta = array.metadata
-        if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1 or array.ndim != 2:
-            return None
-        sharding = meta.codecs[0]
-        if not isinstance(sharding, ShardingCodec) or getattr(sharding.index_location, "value", None) != "end":
-            return None
-        index = tuple(sharding.index_codecs)
-        if (len(index) != 2 or not isinstance(index[0], BytesCodec) or not _little(index[0])
-                or not isinstance(index[1], Crc32cCodec)):
-            return None
-        inner = tuple(sharding.codecs)
-        if not inner or not isinstance(inner[0], BytesCodec) or not _little(inner[0]) or len(inner) > 2:
-            return None
-        codec = _numcodecs(inner[1]) if len(inner) == 2 else None
-        if len(inner) == 2 and codec is None:
-            return None
-        shard, chunks = tuple(array.shards or ()), tuple(sharding.chunk_shape)
-        n_rows, width = array.shape
-        if len(shard) != 2 or len(chunks) != 2 or shard[0] != chunks[0] or shard[1] != -(-width // chunks[1]) * chunks[1]:
-            return None
-        dtype = np.dtype(array.dtype)
-        if dtype.kind != "f" or dtype.byteorder == ">":
-            return None
-        store = array.store_path.store
-        if not isinstance(store, LocalStore):
-            return None
-        folder = Path(store.root) / array.store_path.path
-        return cls(folder, array, shard[0], width, chunks[1], dtype.newbyteorder("<"), meta.fill_value, codec)
+        """A writer for ``array`` (a Zarr array opened for writing), or None where :func:`_layout`
+        finds another layout."""
+        layout = _layout(array)
+        return None if layout is None else cls(*layout)
 
     def write(self, shard_row: int, values: np.ndarray, pool: Executor | None = None) -> list[str]:
         """Write shard ``shard_row`` (image batch) from ``values`` (rows, width); returns the digests
@@ -123,6 +96,98 @@ class ShardWriter:
                 digest = chunk_digest(part)
             out.append((self.codec.encode(block) if self.codec is not None else block.tobytes(), digest))
         return out
+
+
+class ShardReader:
+    """Reads chunks of whole-layer shards of one sharded Zarr array (the layout :func:`_layout` accepts)."""
+
+    def __init__(self, folder: Path, array, rows: int, width: int, chunk: int, dtype: np.dtype, fill, codec):
+        self.folder, self.rows, self.width, self.chunk = folder, rows, width, chunk
+        self.dtype, self.codec = dtype, codec
+        self.n_chunks = -(-width // chunk)
+        self.n_images = array.shape[0]
+        self.key = array.metadata.encode_chunk_key
+
+    @classmethod
+    def for_array(cls, array) -> "ShardReader | None":
+        layout = _layout(array)
+        return None if layout is None else cls(*layout)
+
+    def read(self, rows: range, cols: range) -> np.ndarray:
+        """Row chunks (image batches, one shard each) ``rows`` x column chunks ``cols`` as one array,
+        trimmed to the array's bounds.
+
+        Raises:
+            OSError, ValueError: a missing or short file, an index whose CRC-32C does not match, an
+                empty chunk, a chunk that does not decode to its shape (the caller reads through Zarr
+                instead, which says what is wrong).
+        """
+        import google_crc32c
+
+        r, c = self.rows, self.chunk
+        top, left = rows.start * r, cols.start * c
+        out = np.empty((min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left), self.dtype)
+        tail = 16 * self.n_chunks + 4
+        for i in rows:
+            with open(self.folder / self.key((i, 0)), "rb") as f:
+                f.seek(-tail, 2)
+                raw = f.read(tail)
+                if len(raw) != tail or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                    raise ValueError(f"shard {i}: its index does not match its CRC-32C")
+                index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_chunks, 2)
+                y0, y1 = i * r - top, min((i + 1) * r, self.n_images) - top
+                for j in cols:
+                    offset, size = (int(v) for v in index[j])
+                    if offset == 2 ** 64 - 1:
+                        raise ValueError(f"shard {i}: chunk {j} is empty")
+                    f.seek(offset)
+                    data = f.read(size)
+                    if len(data) != size:
+                        raise ValueError(f"shard {i}: chunk {j} is cut short")
+                    if self.codec is not None:
+                        data = self.codec.decode(data)
+                    block = np.frombuffer(data, dtype=self.dtype).reshape(r, c)
+                    x0, x1 = j * c - left, min((j + 1) * c, self.width) - left
+                    out[y0:y1, x0:x1] = block[: y1 - y0, : x1 - x0]
+        return out
+
+
+def _layout(array) -> tuple | None:
+    """The layout of ``array`` as :class:`ShardWriter` / :class:`ShardReader` take it: (folder,
+    array, shard rows, width, chunk width, dtype, fill value, numcodecs codec or None); None unless
+    it is one shard per row block spanning every column, with an end index of little-endian
+    (offset, nbytes) pairs and CRC-32C, in a local folder, compressed by Blosc, Zstd or nothing."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.storage import LocalStore
+
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3 or len(meta.codecs) != 1 or array.ndim != 2:
+        return None
+    sharding = meta.codecs[0]
+    if not isinstance(sharding, ShardingCodec) or getattr(sharding.index_location, "value", None) != "end":
+        return None
+    index = tuple(sharding.index_codecs)
+    if (len(index) != 2 or not isinstance(index[0], BytesCodec) or not _little(index[0])
+            or not isinstance(index[1], Crc32cCodec)):
+        return None
+    inner = tuple(sharding.codecs)
+    if not inner or not isinstance(inner[0], BytesCodec) or not _little(inner[0]) or len(inner) > 2:
+        return None
+    codec = _numcodecs(inner[1]) if len(inner) == 2 else None
+    if len(inner) == 2 and codec is None:
+        return None
+    shard, chunks = tuple(array.shards or ()), tuple(sharding.chunk_shape)
+    width = array.shape[1]
+    if len(shard) != 2 or len(chunks) != 2 or shard[0] != chunks[0] or shard[1] != -(-width // chunks[1]) * chunks[1]:
+        return None
+    dtype = np.dtype(array.dtype)
+    if dtype.kind != "f" or dtype.byteorder == ">":
+        return None
+    store = array.store_path.store
+    if not isinstance(store, LocalStore):
+        return None
+    folder = Path(store.root) / array.store_path.path
+    return folder, array, shard[0], width, chunks[1], dtype.newbyteorder("<"), meta.fill_value, codec
 
 
 def _little(codec) -> bool:

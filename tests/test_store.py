@@ -471,3 +471,42 @@ def test_shards_written_by_our_encoder_are_zarrs_own_files_byte_for_byte(tmp_pat
     unsharded = ActivationStore.create(tmp_path / "unsharded", StoreKey("u", {}, "s", ("head",), sharded=False),
                                        layers[1:], [f"im{i}" for i in range(8)], batch_size=8)
     assert unsharded.writer().shards == {"head": None}  # written through Zarr
+    from unitmatch.core._shards import ShardReader
+
+    assert ShardReader.for_array(unsharded._arrays("r")["head"]) is None  # and read through Zarr
+
+
+@pytest.mark.parametrize("codec", ["blosc:lz4:shuffle:5", "zstd:3", "none"])
+def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, codec):
+    """Checked reads of whole-layer shards go through core/_shards.py's reader: every region (the
+    last, partial batch and the padded last unit chunk included) equals Zarr's read; a shard whose
+    index fails its CRC-32C is read by Zarr instead, which names the shard."""
+    from unitmatch.core._shards import ShardReader
+    from unitmatch.core.integrity import StoreDamagedError
+    from unitmatch.core.store import StoreKey
+    from unitmatch.core.units import LayerUnits
+
+    rng = np.random.default_rng(3)
+    layer = LayerUnits("head", (1700,), ("channel",))
+    values = rng.standard_normal((21, layer.size)).astype(np.float16)
+    store = ActivationStore.create(tmp_path, StoreKey("r", {}, "s", ("head",), codec=codec), [layer],
+                                   [f"im{i}" for i in range(21)], batch_size=8, unit_chunk=300)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        writer.write(b, {"head": values[store.batch_rows(b)]})
+    store.finalize()
+    checked = ActivationStore.open(store.path).layers()["head"]
+    assert isinstance(checked._shard_reader(), ShardReader)
+    bare = checked.array
+    for rows, cols in [(slice(None), slice(None)), (slice(16, 21), slice(1500, 1700)), (slice(3, 19), slice(250, 1234)),
+                       (slice(8, 16), slice(0, 300)), (slice(20, 21), slice(1699, 1700))]:
+        np.testing.assert_array_equal(checked[rows, cols], np.asarray(bare[rows, cols]))
+        np.testing.assert_array_equal(checked[rows, cols], values[rows, cols])
+    np.testing.assert_array_equal(checked.oindex[2:20, [5, 1699, 601, 0]], values[2:20][:, [5, 1699, 601, 0]])
+    shard = checked.chunk_file(1, 0)
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0x01  # the index's last byte: its CRC-32C no longer matches
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreDamagedError, match=r"c/1/0"):
+        checked[8:16, :]
+    np.testing.assert_array_equal(checked[0:8, :], values[0:8])  # the other shards read as before
