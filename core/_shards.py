@@ -66,8 +66,8 @@ class ShardWriter:
         encoded = [e for part in parts for e, _ in part]
         digests = [d for part in parts for _, d in part]
         sizes = np.array([len(e) for e in encoded], dtype=np.uint64)
-        index = np.empty((self.n_chunks, 2), dtype="<u8")
-        index[:, 0] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        index = np.zeros((self.n_chunks, 2), dtype="<u8")  # (offset, nbytes) of each inner chunk
+        index[1:, 0] = np.cumsum(sizes)[:-1]
         index[:, 1] = sizes
         import google_crc32c  # what Zarr's Crc32cCodec uses
 
