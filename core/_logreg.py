@@ -446,10 +446,8 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
         One :class:`BatchedFit` for the B problems, in order.
     """
     dev = torch.device(device if device is not None else "cpu")
-    if isinstance(x, torch.Tensor):  # e.g. features already on the device
-        xt = x.contiguous() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64).contiguous()
-        if xt.device.type == "cpu" and dev.type != "cpu":
-            xt = xt.to(dev)
+    if isinstance(x, torch.Tensor):  # e.g. features already on the device: moved only if elsewhere
+        xt = (x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float64)).to(dev).contiguous()
     else:
         x = np.asarray(x)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float32 else np.float64))

@@ -554,6 +554,9 @@ def test_mixed_precision_has_the_float64_minimiser_and_float32_features_are_the_
     np.testing.assert_allclose(a.coef.numpy(), b.coef.numpy(), rtol=0, atol=1e-5 * scale)
     with pytest.raises(ValueError, match=r"precision must be one of \['mixed', 'float64'\]; got 'half'"):
         fit_many(batch, y_train, k, 1.0, precision="half")
+    # a torch tensor (the null's z-scored stack, on the decoding device) is the same data
+    t = fit_many(torch_tensor(z32), y_train, k, 1.0, tol=1e-10, max_iter=5000)
+    np.testing.assert_array_equal(t.coef.numpy(), a.coef.numpy())
 
 
 def test_warm_start_reaches_the_same_fit_in_fewer_iterations():
