@@ -304,8 +304,9 @@ class _SplitPlan:
         self.outside = torch.as_tensor(outside, device=device)
         self.train_t = torch.as_tensor(train, device=device)
         self.test_t = torch.as_tensor(test, device=device)
-        mz = (sums[0] - y_out.sum(axis=1)) / self.n_train  # train mean of the z-scored responses
-        ss = sums[1] - np.einsum("ij,ij->i", y_out, y_out) - self.n_train * mz * mz
+        train_sum, train_squares = _train_sums(sums, y_out)
+        mz = train_sum / self.n_train  # train mean of the z-scored responses
+        ss = train_squares - self.n_train * mz * mz
         #: divides the screening score into r (the train sum of squares about the mean, as a norm)
         self.y_scale = np.sqrt(np.maximum(ss, 0.0))
         if shared:
@@ -391,7 +392,7 @@ class MatchEngine:
         #: neuron rows of the products: the neurons, then each permutation's copy of them
         self.n_rows = y.shape[0]
         with np.errstate(over="ignore"):
-            totals = (y.sum(axis=1), np.einsum("ij,ij->i", y, y))
+            totals = _row_sums(y)
         outsides = [np.setdiff1d(np.arange(self.n_images), train) for train, _ in self.splits]
         S = len(self.splits)
         cols = _columns(y, outsides + [test for _, test in self.splits])  # each split's outside, then test images
@@ -417,7 +418,7 @@ class MatchEngine:
         yz /= sd  # z-scored over all images
         cols = [(c - mean) / sd for c in cols]  # the same columns of yz (the same operations, value by value)
         self._y = y  # float64, for the final re-scoring
-        sums = (yz.sum(axis=1), np.einsum("ij,ij->i", yz, yz))
+        sums = _row_sums(yz)
         self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device, sums, outsides[s], cols[s], cols[S + s])
                        for s, (tr, te) in enumerate(self.splits)]
         masks = np.zeros((1 + self.n_splits, self.n_images), np.float32)
@@ -962,6 +963,18 @@ def _columns(a: np.ndarray, indices: Sequence[np.ndarray], block_bytes: int = 4 
     return out
 
 
+def _row_sums(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sum and sum of squares (a: rows x images)."""
+    return a.sum(axis=1), np.einsum("ij,ij->i", a, a)
+
+
+def _train_sums(totals: tuple[np.ndarray, np.ndarray], y_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sum and sum of squares over a train set: ``totals`` (over all images,
+    :func:`_row_sums`) less those over the images outside it (``y_out``: their columns, few)."""
+    out = _row_sums(y_out)
+    return totals[0] - out[0], totals[1] - out[1]
+
+
 def _constant_rows(y: np.ndarray, train: np.ndarray, totals: tuple[np.ndarray, np.ndarray],
                    y_out: np.ndarray) -> np.ndarray:
     """Rows of y (rows x images) with the same value at every image of ``train``.
@@ -974,8 +987,8 @@ def _constant_rows(y: np.ndarray, train: np.ndarray, totals: tuple[np.ndarray, n
     """
     n = len(train)
     with np.errstate(over="ignore", invalid="ignore"):  # overflowed sums give NaN: those rows are compared too
-        mean = (totals[0] - y_out.sum(axis=1)) / n
-        square = (totals[1] - np.einsum("ij,ij->i", y_out, y_out)) / n
+        train_sum, train_squares = _train_sums(totals, y_out)
+        mean, square = train_sum / n, train_squares / n
         maybe = np.flatnonzero(~(square - mean * mean > 1e-9 * square))
     return maybe[np.ptp(y[np.ix_(maybe, train)], axis=1) == 0]
 
