@@ -27,6 +27,7 @@ from __future__ import annotations
 from concurrent.futures import Executor
 from pathlib import Path
 
+import google_crc32c  # what Zarr's Crc32cCodec uses
 import numpy as np
 
 from .integrity import chunk_digest
@@ -35,21 +36,26 @@ from .integrity import chunk_digest
 _CHUNKS_PER_TASK = 4
 
 
-class ShardWriter:
-    """Writes whole shards (a full image batch x the whole layer) of one sharded Zarr array."""
+class _Shards:
+    """The whole-layer shards of one sharded Zarr array: where they are and how they are cut and coded."""
 
     def __init__(self, folder: Path, array, rows: int, width: int, chunk: int, dtype: np.dtype, fill, codec):
-        self.folder, self.array = folder, array  # the array's folder; its metadata names the shard files
+        self.folder = folder  # the array's folder
+        self.key = array.metadata.encode_chunk_key  # (shard row, 0) -> the shard file's path in it
+        self.n_images = array.shape[0]
         self.rows, self.width, self.chunk = rows, width, chunk
         self.dtype, self.fill, self.codec = dtype, fill, codec
         self.n_chunks = -(-width // chunk)
 
     @classmethod
-    def for_array(cls, array) -> "ShardWriter | None":
-        """A writer for ``array`` (a Zarr array opened for writing), or None where :func:`_layout`
-        finds another layout."""
+    def for_array(cls, array):
+        """One for ``array`` (a Zarr array), or None where :func:`_layout` finds another layout."""
         layout = _layout(array)
         return None if layout is None else cls(*layout)
+
+
+class ShardWriter(_Shards):
+    """Writes whole shards (a full image batch x the whole layer) of one sharded Zarr array."""
 
     def write(self, shard_row: int, values: np.ndarray, pool: Executor | None = None) -> list[str]:
         """Write shard ``shard_row`` (image batch) from ``values`` (rows, width); returns the digests
@@ -69,10 +75,8 @@ class ShardWriter:
         index = np.zeros((self.n_chunks, 2), dtype="<u8")  # (offset, nbytes) of each inner chunk
         index[1:, 0] = np.cumsum(sizes)[:-1]
         index[:, 1] = sizes
-        import google_crc32c  # what Zarr's Crc32cCodec uses
-
         index_bytes = index.tobytes()
-        path = self.folder / self.array.metadata.encode_chunk_key((int(shard_row), 0))
+        path = self.folder / self.key((int(shard_row), 0))
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
             f.writelines(encoded)
@@ -98,20 +102,8 @@ class ShardWriter:
         return out
 
 
-class ShardReader:
+class ShardReader(_Shards):
     """Reads chunks of whole-layer shards of one sharded Zarr array (the layout :func:`_layout` accepts)."""
-
-    def __init__(self, folder: Path, array, rows: int, width: int, chunk: int, dtype: np.dtype, fill, codec):
-        self.folder, self.rows, self.width, self.chunk = folder, rows, width, chunk
-        self.dtype, self.codec = dtype, codec
-        self.n_chunks = -(-width // chunk)
-        self.n_images = array.shape[0]
-        self.key = array.metadata.encode_chunk_key
-
-    @classmethod
-    def for_array(cls, array) -> "ShardReader | None":
-        layout = _layout(array)
-        return None if layout is None else cls(*layout)
 
     def read(self, rows: range, cols: range) -> np.ndarray:
         """Row chunks (image batches, one shard each) ``rows`` x column chunks ``cols`` as one array,
@@ -122,8 +114,6 @@ class ShardReader:
                 empty chunk, a chunk that does not decode to its shape (the caller reads through Zarr
                 instead, which says what is wrong).
         """
-        import google_crc32c
-
         r, c = self.rows, self.chunk
         top, left = rows.start * r, cols.start * c
         out = np.empty((min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left), self.dtype)
