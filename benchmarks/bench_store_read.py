@@ -1,7 +1,8 @@
 """Store read benchmark: checked reads (every chunk against its recorded CRC-32) vs bare Zarr reads.
 
 A float16 store of ``--images`` images x ``--layers`` layers of ``--units`` units (half-rectified
-normal values, zstd level 1, batches of 32 images, 16,384-unit chunks) is written to a temporary
+normal values, the default codec and layout: Blosc lz4 + shuffle, one shard per batch of 32 images x
+layer, 16,384-unit chunks) is written to a temporary
 folder; then every layer is read in blocks of one unit chunk, as the matching reduction reads it,
 alternately through :meth:`ActivationStore.layers` (checked) and through the bare Zarr arrays, and
 the medians of ``--repeats`` interleaved rounds are reported, in wall and in CPU time (CPU time is
