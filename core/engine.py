@@ -417,7 +417,7 @@ class MatchEngine:
         sd = np.sqrt(np.einsum("ij,ij->i", yz, yz) / self.n_images)[:, None]
         yz /= sd  # z-scored over all images
         cols = [(c - mean) / sd for c in cols]  # the same columns of yz (the same operations, value by value)
-        self._y = y  # float64, for the final re-scoring
+        self._yz = yz  # float64 (rows x images), for the final re-scoring
         sums = _row_sums(yz)
         self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device, sums, outsides[s], cols[s], cols[S + s])
                        for s, (tr, te) in enumerate(self.splits)]
@@ -839,7 +839,11 @@ class MatchEngine:
         """float64 re-scoring of every (split, neuron)'s candidates within tie_margin of its best.
 
         Works on (neuron, candidate) pairs, so the cost grows with the number of neuron rows, not
-        neuron rows x candidates (permutation nulls stack many neuron rows).
+        neuron rows x candidates (permutation nulls stack many neuron rows). The neuron rows are
+        used as they are (z-scored over all images; their train norms are the split plans'): only
+        the candidates' rows are centred on each split's images, so no split gathers or normalises
+        the thousands of rows of a permutation null (which took about 3 s per split for 100
+        permutations of 256 neurons; benchmarks/RESULTS.md).
         """
         near = (partial.top_unit >= 0) & (partial.top_r >= partial.top_r[..., :1] - self.tie_margin)
         units, inverse = np.unique(partial.top_unit[near], return_inverse=True)
@@ -853,10 +857,12 @@ class MatchEngine:
         b_unit = np.full((S, M), -1, np.int64)
         b_train = np.full((S, M), np.nan)
         b_test = np.full((S, M), np.nan)
-        for s, (train, test) in enumerate(self.splits):
-            j, slot = np.nonzero(cand[s] >= 0)
+        for s, ((train, test), plan) in enumerate(zip(self.splits, self._plans)):
+            slot, j = np.nonzero(cand[s].T >= 0)  # slot-major: the rows of slot 0 are consecutive
             used, c = np.unique(cand[s, j, slot], return_inverse=True)  # this split's candidates only
-            r = _pearson_unit_major(xu[np.ix_(used, train)], self._y[:, train], c, j)
+            in_train = np.zeros(self.n_images)
+            in_train[train] = 1.0
+            r = _pair_r(xu[used], self._yz, plan.y_scale, c, j, in_train)
             r = np.nan_to_num(r, nan=-np.inf)
             # per neuron row: highest float64 r, then lowest unit id
             order = np.lexsort((partial.top_unit[s, j, slot], -r, j))
@@ -865,7 +871,7 @@ class MatchEngine:
             win = order[first]
             b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
             b_train[s, j[win]] = r[win]
-            b_test[s, j[win]] = _pearson_unit_major(xu[np.ix_(used, test)], self._y[:, test], c[win], j[win])
+            b_test[s, j[win]] = _pair_r(xu[np.ix_(used, test)], plan.yn_test, None, c[win], j[win])
         return b_unit, b_train, b_test
 
 
@@ -997,23 +1003,39 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
     """float64 Pearson r of x[:, cols[p]] (images, units) with y[rows[p]] (neurons, images), per pair p."""
     cols, rows = np.asarray(cols), np.asarray(rows)
     units, at = np.unique(cols, return_inverse=True)  # only the units the pairs use are normalised
-    return _pearson_unit_major(np.ascontiguousarray(np.asarray(x)[:, units].T), y, at, rows, chunk)
-
-
-def _pearson_unit_major(xu: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
-                        chunk: int = 4096) -> np.ndarray:
-    """:func:`pearson_pairs` of units x images ``xu``: each pair's unit and neuron rows are
-    gathered as contiguous rows (measured 1.5-2x faster than gathering columns of images x units)."""
-    xc = xu - xu.mean(axis=1, keepdims=True)
-    yc = y - y.mean(axis=1, keepdims=True)
+    xu = np.array(np.asarray(x)[:, units].T, dtype=np.float64, order="C")  # units x images: rows gathered per pair
+    yc = np.asarray(y, dtype=np.float64)
+    yc = yc - yc.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        xn = xc / np.sqrt(np.einsum("ij,ij->i", xc, xc))[:, None]
         yn = yc / np.sqrt(np.einsum("ij,ij->i", yc, yc))[:, None]
+    return _pair_r(xu, yn, None, at, rows, chunk=chunk)
+
+
+def _pair_r(x: np.ndarray, y: np.ndarray, y_norm: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
+            mask: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """float64 Pearson r of unit row ``x[cols[p]]`` with neuron row ``y[rows[p]]``, per pair p.
+
+    Over the images where ``mask`` is 1 (a 0/1 float vector over x's and y's columns; None: all).
+    x (units x images) is overwritten: each row is centred on the masked images and zeroed off
+    them, so its products with a y row need that row neither gathered nor centred, only its norm
+    about its mean over those images (``y_norm`` per row; None: y's rows are already centred and of
+    norm 1 there). NaN where either side is constant.
+    """
+    if mask is None:
+        x -= x.mean(axis=1, keepdims=True)
+    else:
+        x -= (x @ mask / mask.sum())[:, None]
+        x *= mask
+    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
     out = np.empty(cols.size)
     for a in range(0, cols.size, chunk):
         sl = slice(a, a + chunk)
-        out[sl] = np.einsum("pi,pi->p", xn[cols[sl]], yn[rows[sl]])
-    return out
+        at = rows[sl]
+        # consecutive rows (most pairs: one candidate per neuron row) are read in place, not gathered
+        ys = y[at[0]:at[0] + at.size] if np.array_equal(at, np.arange(at[0], at[0] + at.size)) else y[at]
+        out[sl] = np.einsum("pi,pi->p", x[cols[sl]], ys)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out / (norm[cols] if y_norm is None else norm[cols] * y_norm[rows])
 
 
 def _in_words(src: torch.Tensor) -> bool:

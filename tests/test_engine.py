@@ -952,3 +952,31 @@ def test_rows_constant_on_a_train_set_are_found_exactly():
     got = _columns(y, [outside, train, np.array([3, 3, 0])], block_bytes=3 * n * 8)
     for g, index in zip(got, [outside, train, np.array([3, 3, 0])]):
         np.testing.assert_array_equal(g, y[:, index])
+
+
+def test_pair_r_over_a_subset_of_images_equals_numpy_corrcoef():
+    """The re-scoring's pairs: r over the masked images (and over all), rows read in place where
+    consecutive and gathered where not, a unit constant on the masked images only (NaN)."""
+    from unitmatch.core.engine import _pair_r
+
+    rng = np.random.default_rng(5)
+    n = 60
+    x = rng.standard_normal((6, n)) * rng.uniform(0.1, 100, (6, 1)) + rng.uniform(-50, 50, (6, 1))
+    train = np.sort(rng.permutation(n)[:45])
+    x[2, train] = 7.0  # constant on the train images, not on the others
+    y = rng.standard_normal((9, n)) + 10  # neither centred nor scaled
+    mask = np.zeros(n)
+    mask[train] = 1.0
+    yt = y[:, train] - y[:, train].mean(axis=1, keepdims=True)
+    y_norm = np.sqrt((yt * yt).sum(axis=1))
+    cols = np.array([0, 1, 2, 3, 4, 5, 1, 0, 3])
+    rows = np.array([0, 1, 2, 3, 4, 5, 8, 6, 6])  # 6 consecutive rows, then gathered ones (a row twice)
+    got = _pair_r(x.copy(), y, y_norm, cols, rows, mask, chunk=6)
+    want = [np.corrcoef(x[c, train], y[r, train])[0, 1] if c != 2 else np.nan for c, r in zip(cols, rows)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
+    assert np.isnan(got[2]) and np.isfinite(np.delete(got, 2)).all()
+    # over all images, against rows already centred and of norm 1
+    yc = y - y.mean(axis=1, keepdims=True)
+    yn = yc / np.sqrt((yc * yc).sum(axis=1, keepdims=True))
+    got = _pair_r(x.copy(), yn, None, cols, rows, chunk=4)
+    np.testing.assert_allclose(got, [np.corrcoef(x[c], y[r])[0, 1] for c, r in zip(cols, rows)], rtol=0, atol=1e-13)
