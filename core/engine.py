@@ -847,10 +847,11 @@ class MatchEngine:
         """
         near = (partial.top_unit >= 0) & (partial.top_r >= partial.top_r[..., :1] - self.tie_margin)
         units, inverse = np.unique(partial.top_unit[near], return_inverse=True)
-        xc = np.asarray(columns(units), dtype=np.float64)
+        xc = np.asarray(columns(units))
         if xc.shape != (self.n_images, units.size):
             raise ValueError(f"columns() returned shape {xc.shape}; expected ({self.n_images}, {units.size})")
-        xu = np.ascontiguousarray(xc.T)  # units x images: each split takes its candidates' rows
+        xu = np.empty((units.size, self.n_images))  # units x images: each split takes its candidates' rows
+        xu[...] = xc.T  # cast and transposed in one pass
         cand = np.full(partial.top_unit.shape, -1, np.int64)
         cand[near] = inverse
         S, M, _ = cand.shape
