@@ -412,11 +412,16 @@ class MatchEngine:
         if self.device.type == "cuda":
             _warn_forced_tf32()
         self.shared = len(self.splits) > 1
+        # z-scored over all images, in place (y is this engine's own copy; fresh pages of a permutation
+        # null's rows cost seconds on a VM)
         mean = y.mean(axis=1, keepdims=True)
-        yz = y - mean
+        yz = y
+        yz -= mean
         sd = np.sqrt(np.einsum("ij,ij->i", yz, yz) / self.n_images)[:, None]
-        yz /= sd  # z-scored over all images
-        cols = [(c - mean) / sd for c in cols]  # the same columns of yz (the same operations, value by value)
+        yz /= sd
+        for c in cols:  # the same columns of yz (the same operations, value by value)
+            c -= mean
+            c /= sd
         self._yz = yz  # float64 (rows x images), for the final re-scoring
         sums = _row_sums(yz)
         self._plans = [_SplitPlan(yz, tr, te, self.shared, self.device, sums, outsides[s], cols[s], cols[S + s])
@@ -948,8 +953,12 @@ def stack_permutations(responses: np.ndarray, n_permutations: int, seed: int = 0
     if n_permutations == 0:
         return responses
     rng = np.random.default_rng(seed)
-    copies = [rng.permuted(responses, axis=1) for _ in range(n_permutations)]
-    return np.concatenate([responses] + copies)
+    M = responses.shape[0]
+    out = np.empty(((1 + n_permutations) * M, responses.shape[1]), dtype=responses.dtype)
+    out[:M] = responses
+    for p in range(1, 1 + n_permutations):  # each copy shuffled where it lands (no list of copies to concatenate)
+        rng.permuted(responses, axis=1, out=out[p * M:(p + 1) * M])
+    return out
 
 
 def _columns(a: np.ndarray, indices: Sequence[np.ndarray], block_bytes: int = 4 << 20) -> list[np.ndarray]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import threading
 import uuid
@@ -35,7 +36,8 @@ from typing import Sequence
 
 import numpy as np
 
-from unitmatch.core.engine import MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units, merge_all
+from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
+                                   default_device, merge_all)
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,44 @@ def block_plan(store, block_units: int, layers: Sequence[str] | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------ the engine
+#: engines by (content key, device), in the driver and in each worker process: the sweep matches
+#: the same neurons (one engine per region) against model after model, and building an engine with
+#: the default permutation null (256 neurons x 100 permutations x 10 splits) takes about 10 s on
+#: the 2-core VM, in the driver and again in every worker (benchmarks/RESULTS.md)
 _ENGINES: "OrderedDict[tuple[str, str], MatchEngine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
 _ENGINES_KEEP = 2
+
+
+def engine_key(responses: np.ndarray, splits, settings: MatchSettings) -> str:
+    """What an engine is built from, as a digest: the responses' values and shape, each split's
+    train and test images, and every setting but the device (the cache keys on the device apart)."""
+    h = hashlib.blake2b(digest_size=20)
+    y = np.ascontiguousarray(responses, dtype=np.float64)
+    h.update(repr(y.shape).encode())
+    h.update(y.tobytes())
+    for train, test in splits:
+        for images in (train, test):
+            images = np.ascontiguousarray(images, dtype=np.int64)
+            h.update(repr(images.shape).encode())
+            h.update(images.tobytes())
+    h.update(repr(dataclasses.replace(settings, device=None)).encode())
+    return h.hexdigest()
+
+
+def cached_engine(key: str, device: str, build) -> MatchEngine:
+    """The engine cached under (key, device), built by ``build()`` when absent (the least recently
+    used beyond ``_ENGINES_KEEP`` is dropped)."""
+    with _ENGINES_LOCK:
+        engine = _ENGINES.get((key, device))
+        if engine is None:
+            engine = build()
+            _ENGINES[(key, device)] = engine
+            while len(_ENGINES) > _ENGINES_KEEP:
+                _ENGINES.popitem(last=False)
+        else:
+            _ENGINES.move_to_end((key, device))
+    return engine
 
 
 def task_device() -> str:
@@ -124,13 +161,15 @@ class _EngineHandle:
     neurons, splits and permutations.
     """
 
-    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict):
-        self.token = uuid.uuid4().hex
+    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict, key: str = ""):
+        self.token = uuid.uuid4().hex  # this graph's task keys
+        self.key = key  # the engine's content (:func:`engine_key`): workers reuse an engine across graphs
         self.responses, self.splits, self.options = responses, splits, options
         self._engine = engine
 
     def __getstate__(self):
-        return {"token": self.token, "responses": self.responses, "splits": self.splits, "options": self.options}
+        return {"token": self.token, "key": self.key, "responses": self.responses, "splits": self.splits,
+                "options": self.options}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -139,17 +178,9 @@ class _EngineHandle:
     def get(self) -> MatchEngine:
         if self._engine is not None:
             return self._engine
-        key = (self.token, task_device())
-        with _ENGINES_LOCK:
-            engine = _ENGINES.get(key)
-            if engine is None:
-                engine = MatchEngine(self.responses, self.splits, dataclasses.replace(self.options, device=key[1]))
-                _ENGINES[key] = engine
-                while len(_ENGINES) > _ENGINES_KEEP:
-                    _ENGINES.popitem(last=False)
-            else:
-                _ENGINES.move_to_end(key)
-        return engine
+        device = task_device()
+        return cached_engine(self.key or self.token, device, lambda: MatchEngine(
+            self.responses, self.splits, dataclasses.replace(self.options, device=device)))
 
 
 # ------------------------------------------------------------------------------------- the tasks
@@ -308,14 +339,15 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
         block_args = block_remote_args(gpus_per_task, ray_remote_args)
     options = MatchSettings.resolve(settings, **overrides)
     block_units = options.block_units
-    engine = MatchEngine(responses, splits, options)
+    key = engine_key(responses, splits, options)
+    engine = cached_engine(key, str(default_device(options.device)), lambda: MatchEngine(responses, splits, options))
     if engine.n_images != store.n_images:
         raise ValueError(f"responses have {engine.n_images} images but the store {store.path} has {store.n_images}")
     if block_units is None:
         chunk = store.unit_chunk
         block_units = max(chunk, default_block_units(engine.n_images, engine.n_rows) // chunk * chunk)
     plan = block_plan(store, block_units, layers)
-    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options)
+    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, key)
     graph, root = build_graph(handle, store, plan, fan_in, block_args)
     log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks%s, fan-in %d, %s",
              engine.n_neurons, engine.n_rows - engine.n_neurons, store.catalogue().n_units, store.path, len(plan),

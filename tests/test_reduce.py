@@ -355,3 +355,34 @@ def test_match_assembly_leaves_out_flagged_neurons_and_commits_regions_like_core
         run_matching(acts, brain.responses, splits, catalogue=store.catalogue(), layers=["nope"])
     with pytest.raises(ValueError, match=r"layers=\[\]: empty; the activations have"):
         run_matching(acts, brain.responses, splits, catalogue=store.catalogue(), layers=[])
+
+
+def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, threaded, monkeypatch):
+    """The sweep matches the same neurons against model after model: the engine is built once per
+    (responses, splits, settings, device) and reused (same answer); any difference builds another."""
+    from unitmatch.sweep import reduce
+
+    store, _, brain, splits = setup
+    monkeypatch.setattr(reduce, "_ENGINES", type(reduce._ENGINES)())
+    built = []
+    engine_class = reduce.MatchEngine
+
+    def counting(*args, **kwargs):
+        built.append(args[0].shape)
+        return engine_class(*args, **kwargs)
+
+    monkeypatch.setattr(reduce, "MatchEngine", counting)
+    for _ in range(2):
+        _assert_same(match_store(store, brain.responses, splits, scheduler="threads", block_units=BLOCK), threaded)
+    assert len(built) == 1
+    key = reduce.engine_key(brain.responses, splits, reduce.MatchSettings())
+    assert reduce.engine_key(brain.responses.copy(), [(tr.copy(), te.copy()) for tr, te in splits],
+                             reduce.MatchSettings(device="cuda")) == key  # same content; the device is keyed apart
+    others = [reduce.engine_key(brain.responses[:-1], splits, reduce.MatchSettings()),
+              reduce.engine_key(brain.responses + 1e-12, splits, reduce.MatchSettings()),
+              reduce.engine_key(brain.responses, splits[:2], reduce.MatchSettings()),
+              reduce.engine_key(brain.responses, [(te, tr) for tr, te in splits], reduce.MatchSettings()),
+              reduce.engine_key(brain.responses, splits, reduce.MatchSettings(n_permutations=2))]
+    assert len({key, *others}) == 6
+    other = match_store(store, brain.responses[:-1], splits, scheduler="threads", block_units=BLOCK)
+    assert len(built) == 2 and len(other.matches) == len(threaded.matches) - len(splits)
