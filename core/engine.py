@@ -1044,8 +1044,11 @@ def _pair_r(x: np.ndarray, y: np.ndarray, y_norm: np.ndarray | None, cols: np.nd
         # consecutive rows (most pairs: one candidate per neuron row) are read in place, not gathered
         ys = y[at[0]:at[0] + at.size] if np.array_equal(at, np.arange(at[0], at[0] + at.size)) else y[at]
         out[sl] = np.einsum("pi,pi->p", x[cols[sl]], ys)
+    norms = norm[cols] if y_norm is None else norm[cols] * y_norm[rows]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return out / (norm[cols] if y_norm is None else norm[cols] * y_norm[rows])
+        r = out / norms
+    r[norms == 0] = np.nan  # not the rounding residue of a product over a constant side
+    return r
 
 
 def _in_words(src: torch.Tensor) -> bool:
