@@ -27,7 +27,10 @@ Per size it prints:
 - 10 splits (from the device blocks and from host), and the peak device memory of the engine
   (``torch.cuda.max_memory_allocated`` during the runs, less what was allocated before them: the
   device copy of the input pool and the engine's constants);
-- whether every variant chose the same units.
+- whether every variant chose the same units;
+- the device GEMM of the engine's own whole-block shapes: (256 x 3200) @ (3200 x units), its GEMM
+  on CUDA, and with a row of ones under the neurons (257 rows: the unit sums as a GEMM row, as before
+  the sums were taken apart on CUDA).
 Engine times include the final float64 re-scoring, as on CPU. Two components explain them: the
 host's share of an on-device run (``finalize``: the float64 re-scoring and the result tables, timed
 alone; the GEMM is also compared with the on-device time less that share), and the host half of the
@@ -89,12 +92,15 @@ def _columns(pool, block, n_images):
     return fetch
 
 
-def _torch_gemm_s(y, pool, widths, train, device="cpu") -> float:
-    """float32 GEMM of (neurons x train) @ (train x width) with torch on ``device``, summed over the stream."""
+def _torch_gemm_s(y, pool, widths, train, device="cpu", ones_row: bool = False) -> float:
+    """float32 GEMM of (neurons x train) @ (train x width) with torch on ``device``, summed over the
+    stream; ``ones_row``: with a row of ones under the neurons (a unit-sum row: 257 rows)."""
     import torch
 
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     yt = torch.as_tensor(y[:, train], dtype=torch.float32, device=device)
+    if ones_row:
+        yt = torch.cat([yt, torch.ones_like(yt[:1])])
     per_width = {}
     for w in sorted(set(widths)):
         xt = torch.as_tensor(pool[0][train, :w], dtype=torch.float32, device=device).contiguous()
@@ -314,6 +320,11 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     buf.clear()
     out["tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
     out["gemm_s"] = _torch_gemm_s(y, pool, widths, train, device=dev.type)
+    # the engine's own whole-block shapes: every image, the neurons alone (its GEMM on CUDA) and with a
+    # unit-sum row under them (before the sums were apart): 257 rows are one past a multiple of the tiles
+    every = np.arange(N_IMAGES)
+    out["gemm_all_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type)
+    out["gemm_all_257_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type, ones_row=True)
     if cuda:
         gpu.empty_cache()
 
@@ -391,7 +402,8 @@ def main_cuda(args):
               "engine host plain s", "pinned copy/staged", "pageable copy/staged", "engine on-device s",
               "device GEMM s", "GEMM/on-device", "of which finalize s", "GEMM/on-device blocks",
               "copy into pinned s", "copy into pinned/staged", "10 splits on-device s", "10/1",
-              "10 splits host s", "peak GiB 1 / 10 splits", "same units")
+              "10 splits host s", "peak GiB 1 / 10 splits", "same units",
+              f"GEMM {N_NEURONS} x {N_IMAGES} s / {N_NEURONS + 1} x {N_IMAGES} s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -411,7 +423,8 @@ def main_cuda(args):
                   f"{r['finalize_s_1']:.3f} | {r['ratio_device_blocks_to_gemm']:.0%} | "
                   f"{r['copy_into_pinned_s']:.3f} | {r['ratio_host_to_copy_into_pinned']:.0%} | "
                   f"{f('device_s_10')} | {f('device_splits10_over_1', '{:.2f}x')} | {f('host_staged_s_10')} | "
-                  f"{r['device_peak_gib_1']:.2f} / {f('device_peak_gib_10', '{:.2f}')} | {same} |", flush=True)
+                  f"{r['device_peak_gib_1']:.2f} / {f('device_peak_gib_10', '{:.2f}')} | {same} | "
+                  f"{r['gemm_all_s']:.4f} / {r['gemm_all_257_s']:.4f} |", flush=True)
     for r in rows:
         if "profile" in r:
             print(f"\n### {r['units']:,} {r['dtype']} units, one split, on-device: ops by device time\n")

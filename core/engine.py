@@ -435,6 +435,13 @@ class MatchEngine:
         self._tiled = self.device.type == "cpu" and not self.shared
         #: CPU: statistics row chunk by row chunk while it is in cache (else over the whole block at once)
         self._chunked = self.device.type == "cpu"
+        #: CUDA: the whole-block GEMM over the neuron rows alone and the unit sums by a product with
+        #: the row masks (one more read of the block). 256 neurons + a unit-sum row is one row past a
+        #: multiple of GPU GEMM kernels' tiles (64-256 rows), so a whole tile row of padding: up to
+        #: 1.5x the GEMM's work for 256 neurons (expected, not yet measured: ``bench_match.py
+        #: --device cuda`` times both shapes). CPU BLAS kernels work in slices of a few rows: on CPU
+        #: the sums stay a row of the GEMM.
+        self._sums_apart = self.device.type == "cuda"
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
         # pairs are two train images and how many of them a sparse unit holds equal at least
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
@@ -537,11 +544,15 @@ class MatchEngine:
             _check_finite(sxx_all[0], block)
             sxx = sxx_all[1:]
             products = self._buffer("products", (self.n_rows + 1, n_units))
-            if self.shared:
-                torch.mm(self._full_t, x, out=products)
-                sx_all = products[-1].clone()
+            rows = self._full_t if self.shared else self._plans[0].d_t  # neuron rows, then a unit-sum row
+            if self._sums_apart:
+                torch.mm(rows[:-1], x, out=products[:-1])
+                sums = self._row_masks @ x  # over all images, then over each split's train images
+                products[-1].copy_(sums[0] if self.shared else sums[1])
             else:
-                torch.mm(self._plans[0].d_t, x, out=products)
+                torch.mm(rows, x, out=products)
+            if self.shared:
+                sx_all = products[-1].clone()
         # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
         sparse = None
         if self.min_varying_images > 1:

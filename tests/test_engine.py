@@ -502,14 +502,15 @@ def test_min_varying_images_above_the_train_set_is_named():
 
 # ------------------------------------------------------------- block paths, screen and staging (issue 8)
 def _engine_paths(y, splits, **settings):
-    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block (GPU's),
-    each on the CPU (also on a machine with a GPU)."""
+    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block, and
+    whole-block with the unit sums apart from the GEMM (GPU's), each on the CPU (also on a machine with a GPU)."""
     out = {}
-    for name, tiled, chunked in (("tiled", True, True), ("chunked", False, True), ("whole", False, False)):
+    for name, tiled, chunked, apart in (("tiled", True, True, False), ("chunked", False, True, False),
+                                        ("whole", False, False, False), ("whole, sums apart", False, False, True)):
         engine = MatchEngine(y, splits, device="cpu", **settings)
         if tiled and engine.shared:
             continue  # tiling serves one split only
-        engine._tiled, engine._chunked = tiled, chunked
+        engine._tiled, engine._chunked, engine._sums_apart = tiled, chunked, apart
         out[name] = engine
     return out
 
