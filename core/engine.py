@@ -310,13 +310,12 @@ class _SplitPlan:
         #: divides the screening score into r (the train sum of squares about the mean, as a norm)
         self.y_scale = np.sqrt(np.maximum(ss, 0.0))
         if shared:
-            # rows: images outside T, then one extra row; columns: neurons, then the unit-sum column.
+            # rows: neurons; columns: images outside T, then the unit-sum column.
             # products_all - a^T [x_outside; sum_all x] = train cross-products about the train mean
             # (built as a^T, row by neuron row: no transposed copies of the permutation null's rows)
-            a_t = torch.zeros((yz.shape[0] + 1, len(outside) + 1), dtype=torch.float32)
-            a_t[:-1, :-1] = torch.from_numpy(y_out - mz[:, None])
-            a_t[-1, :-1] = 1.0
-            a_t[:-1, -1] = torch.from_numpy(mz)
+            a_t = torch.empty((yz.shape[0], len(outside) + 1), dtype=torch.float32)
+            a_t[:, :-1] = torch.from_numpy(y_out - mz[:, None])
+            a_t[:, -1] = torch.from_numpy(mz)
             self.a_t = a_t.to(device)
         else:
             # the train rows: centred neurons, then a row of ones for the unit sums
@@ -560,17 +559,23 @@ class MatchEngine:
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
+            excluded = None if sparse is None else sparse[s]
             if self.shared:
+                # scaled first, then corrected in place: (products - a^T o) diag(1/sd) =
+                # products diag(1/sd) - a^T (o diag(1/sd)): one pass writes the scores (before, a
+                # copy of the products, the correction, then a scaling pass: 7% of a block's time
+                # for the demo's 10 splits and 6400 permuted rows; benchmarks/RESULTS.md)
                 n_out = len(plan.outside)
                 outside = self._buffer("outside", (n_out + 1, n_units))
                 torch.index_select(x, 0, plan.outside, out=outside[:n_out])
                 outside[n_out].copy_(sx_all)
-                scores = self._buffer("scores", products.shape)
-                torch.addmm(products, plan.a_t, outside, beta=1.0, alpha=-1.0, out=scores)
+                inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
+                body = torch.mul(products[:-1], inv_sd, out=self._buffer("scores", (self.n_rows, n_units)))
+                body.addmm_(plan.a_t, outside.mul_(inv_sd), alpha=-1.0)
+                _never_chosen(body, never)
             else:
-                scores = products
-            excluded = None if sparse is None else sparse[s]
-            top_r, top_local = self._top_k(self._finish_scores(plan, scores, sxx[s], excluded), plan)
+                body = self._finish_scores(plan, products, sxx[s], excluded)
+            top_r, top_local = self._top_k(body, plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -744,17 +749,23 @@ class MatchEngine:
         Units that are constant on the train images, or ``excluded`` (the sparse-unit policy), get
         -inf: never chosen.
         """
-        sx = scores[-1].double()
-        ss = sxx_train.double() - sx * sx / plan.n_train  # train sum of squares about the mean
-        constant = ss <= _CONSTANT_TOL * sxx_train.double().clamp_min(0)
-        if excluded is not None:
-            constant |= excluded
-        inv_sd = torch.where(constant, 0.0, ss.clamp_min(1e-300).rsqrt()).to(torch.float32)
+        inv_sd, never = self._scaling(plan, scores[-1], sxx_train, excluded)
         body = scores[:-1]
         body.mul_(inv_sd)
-        if bool(constant.any()):
-            body.index_fill_(1, torch.nonzero(constant).flatten(), -torch.inf)
+        _never_chosen(body, never)
         return body
+
+    @staticmethod
+    def _scaling(plan: _SplitPlan, sx: torch.Tensor, sxx_train: torch.Tensor, excluded: torch.Tensor | None):
+        """Per unit, from its train sum ``sx`` and sum of squares: 1 / its train norm about the mean
+        (float32; 0 where never chosen), and the units never chosen (constant on the train images,
+        or ``excluded``)."""
+        sx = sx.double()
+        ss = sxx_train.double() - sx * sx / plan.n_train  # train sum of squares about the mean
+        never = ss <= _CONSTANT_TOL * sxx_train.double().clamp_min(0)
+        if excluded is not None:
+            never |= excluded
+        return torch.where(never, 0.0, ss.clamp_min(1e-300).rsqrt()).to(torch.float32), never
 
     def _top_k(self, scores, plan: _SplitPlan):
         k = min(self.top_k, scores.shape[1])
@@ -1122,6 +1133,12 @@ def _top_k_columns(scores: torch.Tensor, k: int):
     in_group = at < k * _TOPK_GROUP
     column = torch.gather(best, 1, (at // _TOPK_GROUP).clamp_max(k - 1)) * _TOPK_GROUP + at % _TOPK_GROUP
     return values, torch.where(in_group, column, groups * _TOPK_GROUP + at - k * _TOPK_GROUP)
+
+
+def _never_chosen(scores: torch.Tensor, never: torch.Tensor) -> None:
+    """-inf in the score columns of the units that must never be chosen."""
+    if bool(never.any()):
+        scores.index_fill_(1, torch.nonzero(never).flatten(), -torch.inf)
 
 
 def _check_finite(sxx: torch.Tensor, block: UnitBlock) -> None:
