@@ -562,9 +562,9 @@ class MatchEngine:
             excluded = None if sparse is None else sparse[s]
             if self.shared:
                 # scaled first, then corrected in place: (products - a^T o) diag(1/sd) =
-                # products diag(1/sd) - a^T (o diag(1/sd)): one pass writes the scores (before, a
-                # copy of the products, the correction, then a scaling pass: 7% of a block's time
-                # for the demo's 10 splits and 6400 permuted rows; benchmarks/RESULTS.md)
+                # products diag(1/sd) - a^T (o diag(1/sd)): one pass writes the scores, where a copy
+                # of the products and a scaling pass did (6% less time a block for the demo's 10
+                # splits and 6400 permuted rows; benchmarks/RESULTS.md)
                 n_out = len(plan.outside)
                 outside = self._buffer("outside", (n_out + 1, n_units))
                 torch.index_select(x, 0, plan.outside, out=outside[:n_out])
