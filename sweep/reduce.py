@@ -339,6 +339,7 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
         block_args = block_remote_args(gpus_per_task, ray_remote_args)
     options = MatchSettings.resolve(settings, **overrides)
     block_units = options.block_units
+    splits = list(splits)  # read twice below (a generator, e.g. scikit-learn's ShuffleSplit.split, once)
     key = engine_key(responses, splits, options)
     engine = cached_engine(key, str(default_device(options.device)), lambda: MatchEngine(responses, splits, options))
     if engine.n_images != store.n_images:

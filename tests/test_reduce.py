@@ -372,8 +372,8 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
         return engine_class(*args, **kwargs)
 
     monkeypatch.setattr(reduce, "MatchEngine", counting)
-    for _ in range(2):
-        _assert_same(match_store(store, brain.responses, splits, scheduler="threads", block_units=BLOCK), threaded)
+    for given in (iter(splits), splits):  # the splits as a generator (read once), then as a list
+        _assert_same(match_store(store, brain.responses, given, scheduler="threads", block_units=BLOCK), threaded)
     assert len(built) == 1
     key = reduce.engine_key(brain.responses, splits, reduce.MatchSettings())
     assert reduce.engine_key(brain.responses.copy(), [(tr.copy(), te.copy()) for tr, te in splits],
