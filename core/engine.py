@@ -546,12 +546,12 @@ class MatchEngine:
             rows = self._full_t if self.shared else self._plans[0].d_t  # neuron rows, then a unit-sum row
             if self._sums_apart:
                 torch.mm(rows[:-1], x, out=products[:-1])
-                sums = self._row_masks @ x  # over all images, then over each split's train images
-                products[-1].copy_(sums[0] if self.shared else sums[1])
+                # the unit-sum row's own sums: over all images (several splits) or the train images (one)
+                torch.mv(x.T, self._row_masks[0 if self.shared else 1], out=products[-1])
             else:
                 torch.mm(rows, x, out=products)
             if self.shared:
-                sx_all = products[-1].clone()
+                sx_all = products[-1]  # the products are only read below
         # (splits, units): fewer varying train images than the policy asks for; None: no policy beyond constancy
         sparse = None
         if self.min_varying_images > 1:
