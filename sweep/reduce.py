@@ -92,7 +92,7 @@ def block_plan(store, block_units: int, layers: Sequence[str] | None = None) -> 
 # ------------------------------------------------------------------------------------ the engine
 #: engines by (content key, device), in the driver and in each worker process: the sweep matches
 #: the same neurons (one engine per region) against model after model, and building an engine with
-#: the default permutation null (256 neurons x 100 permutations x 10 splits) takes about 10 s on
+#: the default permutation null (256 neurons x 100 permutations x 10 splits) takes about 6 s on
 #: the 2-core VM, in the driver and again in every worker (benchmarks/RESULTS.md)
 _ENGINES: "OrderedDict[tuple[str, str], MatchEngine]" = OrderedDict()
 _ENGINES_LOCK = threading.Lock()
