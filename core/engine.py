@@ -16,7 +16,10 @@ How, per block of units (images x units, one layer):
    splits the work is shared: products over all images minus products over the
    images outside T give every split's train products (docs/SCIENCE.md), so 10 splits cost about 2-3x
    one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
-   sum, and the train-mean correction is folded into the subtraction: no separate pass.
+   sum, and the train-mean correction is folded into the subtraction: no separate pass. On CUDA a
+   float16 block is not copied to float32 (``MatchSettings.gemm``, "auto"): the neuron rows are split
+   into two float16 parts and multiplied with the block as stored by float16 tensor-core GEMMs with
+   float32 sums (:meth:`MatchEngine._half_products`), about as accurate as a float32 GEMM.
 3. r for every (neuron, unit) pair of the block is screened in float32 and a running top-k is kept,
    with each layer's leader and the leader's test r (read from the block's test rows).
 4. At the end (:meth:`MatchEngine.finalize`), each neuron's candidates within ``tie_margin`` of its
@@ -84,6 +87,12 @@ _CONSTANT_TOL = 1e-5
 #: CPU top-k through group maxima (:func:`_top_k_columns`): columns per group, and the fewest scores
 _TOPK_GROUP = 64
 _GROUPED_TOPK_MIN = 1 << 20
+#: CUDA, float16 blocks (MatchSettings.gemm "auto"): float32 columns cast at a time for the block's
+#: statistics (small enough to stay in an H100's or H200's 50 MB L2 cache between the cast, the
+#: squares and their two mask GEMMs: expected, not measured), and the buffer of the second (lo)
+#: float16 GEMM's products
+_HALF_STATS_BYTES = 32 << 20
+_HALF_LO_BYTES = 256 << 20
 #: guards the creation of an engine's share-thread pool (and of the staging copy streams)
 _POOL_LOCK = threading.Lock()
 #: whether the TF32 warning was given (:func:`_warn_forced_tf32`)
@@ -113,6 +122,12 @@ class MatchSettings:
             of the null at 1, 0.8% and 8.8% at 10); the null's false-positive rate stays nominal
             at every value, and 10 is the largest value tried that left unitmatch's per-neuron
             scores unchanged (20 lowered them).
+        gemm: how the products of float16 blocks are computed on a CUDA device. "auto": float16
+            tensor-core GEMMs with float32 accumulation, the neuron side split into two float16
+            parts (about float32's accuracy; the blocks are used as stored, without a float32 copy),
+            where torch has them (``torch.mm(..., out_dtype=torch.float32)``); "float32": a float32
+            copy of the block and float32 GEMMs. Other dtypes and devices always use float32. The
+            screen differs by rounding only; the float64 re-scoring decides either way.
 
     Raises:
         ValueError: a field outside its valid range (naming the field, the value and the range).
@@ -125,6 +140,10 @@ class MatchSettings:
     device: str | None = None
     tie_margin: float = 1e-4
     min_varying_images: int = 10
+    gemm: str = "auto"
+
+    #: the values of ``gemm``
+    GEMMS = ("auto", "float32")
 
     def __post_init__(self):
         def integer(name, minimum, optional=False):
@@ -145,6 +164,9 @@ class MatchSettings:
         if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not (0 <= margin < math.inf):
             raise ValueError(f"MatchSettings.tie_margin must be a finite number >= 0; got {margin!r}")
         object.__setattr__(self, "tie_margin", float(margin))
+        object.__setattr__(self, "gemm", getattr(self.gemm, "value", self.gemm))  # a config's str enum: its value
+        if self.gemm not in self.GEMMS:
+            raise ValueError(f"MatchSettings.gemm must be one of {list(self.GEMMS)}; got {self.gemm!r}")
         if self.device is not None:
             try:
                 device = torch.device(self.device)
@@ -173,7 +195,8 @@ class MatchSettings:
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
-    #: fields that change a result (block size and device do not: partials merge exactly)
+    #: fields that change a result (block size, device and GEMM do not: partials merge exactly, and the
+    #: float64 re-scoring decides)
     RESULT_FIELDS = ("top_k", "n_permutations", "seed", "tie_margin", "min_varying_images")
 
     def differences(self, other: "MatchSettings", names: Iterable[str] = RESULT_FIELDS) -> dict:
@@ -441,6 +464,10 @@ class MatchEngine:
         #: --device cuda`` times both shapes). CPU BLAS kernels work in slices of a few rows: on CPU
         #: the sums stay a row of the GEMM.
         self._sums_apart = self.device.type == "cuda"
+        #: CUDA, float16 blocks (``settings.gemm == "auto"``): the products from float16 tensor-core GEMMs
+        #: (:meth:`_half_products`), the block's statistics from float32 copies of a few columns at a time
+        self._half = settings.gemm == "auto" and self.device.type == "cuda" and _half_gemm_available(str(self.device))
+        self._half_rows: torch.Tensor | None = None  # (2, neuron rows, images) float16, built on first use
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
         # pairs are two train images and how many of them a sparse unit holds equal at least
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
@@ -539,12 +566,21 @@ class MatchEngine:
             products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
             _check_finite(sxx[0] + sxx_rest, block)
         else:
-            x, sxx_all = self._prepare(xb, shift)
+            half = self._half and xb.dtype == torch.float16 and shift is None
+            if half:  # the block as stored: exact float16 values, used by every step below in their dtype
+                x = xb
+                sx_masks, sxx_all = self._half_statistics(xb)
+            else:
+                x, sxx_all = self._prepare(xb, shift)
             _check_finite(sxx_all[0], block)
             sxx = sxx_all[1:]
             products = self._buffer("products", (self.n_rows + 1, n_units))
             rows = self._full_t if self.shared else self._plans[0].d_t  # neuron rows, then a unit-sum row
-            if self._sums_apart:
+            if half:
+                self._half_products(xb, products[:-1])
+                # the unit sums: over all images (several splits) or the train images (one)
+                products[-1].copy_(sx_masks[0 if self.shared else 1])
+            elif self._sums_apart:
                 torch.mm(rows[:-1], x, out=products[:-1])
                 # the unit-sum row's own sums: over all images (several splits) or the train images (one)
                 torch.mv(x.T, self._row_masks[0 if self.shared else 1], out=products[-1])
@@ -567,7 +603,7 @@ class MatchEngine:
                 # splits and 6400 permuted rows; benchmarks/RESULTS.md)
                 n_out = len(plan.outside)
                 outside = self._buffer("outside", (n_out + 1, n_units))
-                torch.index_select(x, 0, plan.outside, out=outside[:n_out])
+                self._gather_rows(x, plan.outside, outside[:n_out], None)
                 outside[n_out].copy_(sx_all)
                 inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
                 body = torch.mul(products[:-1], inv_sd, out=self._buffer("scores", (self.n_rows, n_units)))
@@ -630,6 +666,46 @@ class MatchEngine:
                     chunk.sub_(shift)
             sums.addmm_(self._row_masks[:, r0:r1], torch.mul(chunk, chunk, out=self._buffer("sq", (r1 - r0, n_units))))
         return x, sums
+
+    def _half_statistics(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float16 block's sums and sums of squares (1 + splits, units) in float32: over all images,
+        then over each split's train images (GEMMs with the row masks).
+
+        Columns are cast to float32 ``_HALF_STATS_BYTES`` at a time (a float16 value's square is
+        exact in float32), so the block is never copied whole; each split's train sums are its own
+        (not all images' less the others': that difference loses a unit that is constant on the
+        train images among the rounding of its other images).
+        """
+        n_rows, n_units = xb.shape
+        masks = self._row_masks
+        sums = self._buffer("sx", (masks.shape[0], n_units))
+        squares = self._buffer("sxx", (masks.shape[0], n_units))
+        step = max(1, _HALF_STATS_BYTES // (4 * n_rows))
+        for c0 in range(0, n_units, step):
+            c1 = min(c0 + step, n_units)
+            cols = self._buffer("columns", (n_rows, c1 - c0))
+            cols.copy_(xb[:, c0:c1])
+            torch.mm(masks, cols, out=sums[:, c0:c1])
+            torch.mm(masks, cols.square_(), out=squares[:, c0:c1])
+        return sums, squares
+
+    def _half_products(self, xb: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = rows @ xb`` for a float16 block, the neuron rows (the one split's train rows, or the
+        shared rows over all images) split into float16 parts (:func:`_split_half`): two
+        float16 GEMMs with float32 accumulation, the second a column chunk at a time into a buffer
+        of ``_HALF_LO_BYTES``. The block is read as stored (no float32 copy)."""
+        if self._half_rows is None:
+            rows = self._full_t if self.shared else self._plans[0].d_t
+            self._half_rows = _split_half(rows[:-1])
+        hi, lo = self._half_rows
+        _mm_float32(hi, xb, out)
+        n_units = xb.shape[1]
+        step = max(1, _HALF_LO_BYTES // (4 * out.shape[0]))
+        for c0 in range(0, n_units, step):
+            c1 = min(c0 + step, n_units)
+            part = self._buffer("lo_products", (out.shape[0], c1 - c0))
+            _mm_float32(lo, xb[:, c0:c1], part)
+            out[:, c0:c1].add_(part, alpha=1.0 / _LO_SCALE)
 
     def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", torch_gemm: bool):
         """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
@@ -1088,6 +1164,50 @@ def _take_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torc
     else:
         torch.index_select(src, 0, rows, out=out)
     return out
+
+
+#: the float16 split's remainder is stored times this (:func:`_split_half`)
+_LO_SCALE = 2048.0
+
+
+def _split_half(rows: torch.Tensor) -> torch.Tensor:
+    """(2, *rows.shape) float16 ``hi, lo`` with ``hi + lo / _LO_SCALE = rows`` to about 2^-22 of each value.
+
+    ``hi`` is ``rows`` rounded to float16 and ``lo`` the remainder (exact in float32) times 2^11,
+    rounded to float16: scaled so that it stays in float16's normal range for values down to about
+    2^-14 (below that its error is at most 2^-36 in absolute terms). Products of float16 values are
+    exact in float32, so ``hi @ x + (lo @ x) / _LO_SCALE`` for a float16 ``x`` with float32 sums is
+    about as accurate as a float32 GEMM with ``rows``. Values must lie within float16's range
+    (z-scored neuron rows do: |z| <= sqrt(images)).
+    """
+    hi = rows.to(torch.float16)
+    lo = ((rows - hi.to(rows.dtype)) * _LO_SCALE).to(torch.float16)
+    return torch.stack([hi, lo])
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` for float16 ``a`` and ``b``: float32 products and sums into float32 ``out``.
+
+    On CUDA one float16 tensor-core GEMM with float32 accumulation (``out_dtype``); on other devices
+    (tests on the CPU) the same products through float32 copies, summed in float32."""
+    if a.device.type == "cuda":
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _half_gemm_available(device: str) -> bool:
+    """Whether torch on this CUDA device multiplies float16 matrices into float32 (``torch.mm``'s
+    ``out_dtype``, torch 2.8 on); where not, the engine uses float32 GEMMs."""
+    try:
+        a = torch.full((2, 2), 3.0, dtype=torch.float16, device=device)
+        out = torch.mm(a, a, out_dtype=torch.float32)
+        ok = out.dtype == torch.float32 and bool((out == 18.0).all())
+    except (TypeError, RuntimeError, NotImplementedError) as err:
+        log.info("float16 GEMMs into float32 unavailable on %s (%s): the engine's GEMMs run in float32", device, err)
+        return False
+    return ok
 
 
 def _warn_forced_tf32() -> None:

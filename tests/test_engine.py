@@ -472,6 +472,7 @@ def test_sparse_unit_policy_excludes_the_same_units_for_permuted_copies():
     ("tie_margin", -1e-3, r"MatchSettings.tie_margin must be a finite number >= 0; got -0.001"),
     ("tie_margin", float("nan"), r"MatchSettings.tie_margin must be a finite number >= 0; got nan"),
     ("device", "gpu0", r"MatchSettings.device must be None or a torch device .*; got 'gpu0'"),
+    ("gemm", "float16", r"MatchSettings.gemm must be one of \['auto', 'float32'\]; got 'float16'"),
 ])
 def test_match_settings_reject_bad_values_naming_field_value_and_range(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -502,15 +503,20 @@ def test_min_varying_images_above_the_train_set_is_named():
 
 # ------------------------------------------------------------- block paths, screen and staging (issue 8)
 def _engine_paths(y, splits, **settings):
-    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block, and
-    whole-block with the unit sums apart from the GEMM (GPU's), each on the CPU (also on a machine with a GPU)."""
+    """The engine once per block path: tiled (one split on CPU), whole-block chunked (CPU), whole-block,
+    whole-block with the unit sums apart from the GEMM (GPU's float32 path), and float16 blocks' products
+    from float16 GEMMs of the split neuron rows (GPU's default; float32 blocks take the float32 path
+    there), each on the CPU (also on a machine with a GPU)."""
     out = {}
-    for name, tiled, chunked, apart in (("tiled", True, True, False), ("chunked", False, True, False),
-                                        ("whole", False, False, False), ("whole, sums apart", False, False, True)):
+    for name, tiled, chunked, apart, half in (("tiled", True, True, False, False),
+                                              ("chunked", False, True, False, False),
+                                              ("whole", False, False, False, False),
+                                              ("whole, sums apart", False, False, True, False),
+                                              ("float16 GEMMs", False, False, True, True)):
         engine = MatchEngine(y, splits, device="cpu", **settings)
         if tiled and engine.shared:
             continue  # tiling serves one split only
-        engine._tiled, engine._chunked, engine._sums_apart = tiled, chunked, apart
+        engine._tiled, engine._chunked, engine._sums_apart, engine._half = tiled, chunked, apart, half
         out[name] = engine
     return out
 
@@ -524,10 +530,12 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
 
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
+    monkeypatch.setattr(engine_module, "_HALF_STATS_BYTES", 4 * N_IMAGES * 37)  # 37 columns cast at a time
     layers = {**{k: v.astype(dtype) for k, v in _activations(seed=11).items()},
               **{k: v.astype(dtype) for k, v in _sparse_activations(seed=12).items()}}
     x = _flat(layers)
     y = np.concatenate([_responses(x.astype(np.float32), seed=13)[0], _spiky_neurons(x.astype(np.float32), n=10)])
+    monkeypatch.setattr(engine_module, "_HALF_LO_BYTES", 4 * len(y) * 23)  # the lo GEMM 23 columns at a time
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
     ref = match_reference(x.astype(np.float64), y, splits, min_varying_images=min_varying_images)
     cat = catalogue_of(layers)
@@ -543,6 +551,40 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
             np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10, equal_nan=True, err_msg=name)
             # the float32 screen's best r is the chosen unit's float64 r, to float32 error
             np.testing.assert_allclose(np.stack(got.topk_r.to_numpy())[:, 0], r["train_r"], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_float16_split_of_the_neuron_rows_multiplies_about_as_accurately_as_float32(device):
+    """hi + lo / 2^11 recovers each value to 2^-22 of it (2^-36 absolute below float16's normal range),
+    and hi @ x + (lo @ x) / 2^11 of float16 x with float32 sums is within a few float32 GEMMs' error
+    of the float64 product, on the scale that matters to r: |row| |column|."""
+    from unitmatch.core.engine import _LO_SCALE, _mm_float32, _split_half
+
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((70, 640)) * np.logspace(-3, 1.5, 70)[:, None]
+    rows[:, ::7] *= 1e-5  # values whose lo is below float16's normal range, or whose hi is
+    rows32 = torch.from_numpy(rows.astype(np.float32)).to(device)
+    hi, lo = _split_half(rows32)
+    assert hi.dtype == lo.dtype == torch.float16
+    r = rows32.double().cpu().numpy()
+    back = hi.double().cpu().numpy() + lo.double().cpu().numpy() / _LO_SCALE
+    assert np.all(np.abs(back - r) <= 2.0**-22 * np.abs(r) + 2.0**-36)
+    x16 = torch.from_numpy((rng.standard_normal((640, 300)) * 30).astype(np.float16)).to(device)
+    out, part = torch.empty((70, 300), device=device), torch.empty((70, 300), device=device)
+    _mm_float32(hi, x16, out)
+    _mm_float32(lo, x16, part)
+    got = (out + part / _LO_SCALE).double().cpu().numpy()
+    x = x16.double().cpu().numpy()
+    want = r @ x
+    scale = np.linalg.norm(r, axis=1)[:, None] * np.linalg.norm(x, axis=0)[None, :]  # r = product / scale
+    f32 = (rows32 @ x16.float()).double().cpu().numpy()
+    assert np.max(np.abs(got - want) / scale) < 4 * max(np.max(np.abs(f32 - want) / scale), 2.0**-24)
+    if device == "cuda":  # the engine takes this path by default there (torch >= 2.8)
+        engine = MatchEngine(rng.standard_normal((3, 640)), core.brainscore_splits(n_images=640, n_splits=1,
+                                                                                   stratify=None), device="cuda")
+        assert engine._half, "torch.mm(..., out_dtype=torch.float32) is unavailable: float16 blocks run in float32"
+        assert not MatchEngine(rng.standard_normal((3, 640)), [(np.arange(600), np.arange(600, 640))],
+                               device="cuda", gemm="float32")._half
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
