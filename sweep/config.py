@@ -78,6 +78,11 @@ class Scheduler(str, Enum):
     ray = "ray"
 
 
+class MatchGemm(str, Enum):
+    auto = "auto"        # CUDA: float16 blocks through float16 tensor-core GEMMs (float32 sums)
+    float32 = "float32"  # float32 GEMMs everywhere
+
+
 class WandbMode(str, Enum):
     auto = "auto"
     online = "online"
@@ -166,6 +171,7 @@ class ComputeConfig:
     block_units: Optional[int] = field(default=None, metadata=_range(1))
     scheduler: Scheduler = Scheduler.auto
     device: Optional[str] = None              # matching device; null: cuda where a GPU is seen, else cpu
+    gemm: MatchGemm = MatchGemm.auto          # matching GEMMs of float16 blocks on CUDA (core.MatchSettings.gemm)
     # ActivationStore.chunk_cache budget per model; null: a quarter of the memory available then
     chunk_cache_mb: Optional[int] = field(default=None, metadata=_range(0))
 

@@ -297,7 +297,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
     # the science settings of matching, and how to compute it, as the engine takes them
     settings = core.MatchSettings(top_k=a.top_k, n_permutations=a.n_permutations, seed=a.random_state,
                                   min_varying_images=a.min_varying_images, block_units=compute.block_units,
-                                  device=compute.device)
+                                  device=compute.device, gemm=compute.gemm)
     provenance.write_sweep(cfg, neural_fp, assembly, {e.key: stores[e.key] for e in entries if e.key in stores})
     record = results.record_fingerprint(cfg.results_dir)  # written by run() before this stage: read once for all models
     flags = None  # the neurons are the same for every model: screened once, with the first model analysed

@@ -86,8 +86,8 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
     again = run(fixed)  # a finished sweep: no extraction, no matching
     assert again["extracted"] == [] and again["analyzed"] == [] and sorted(again["skipped"]) == [
         "demo_test_convnext", "demo_test_resnet"]
-    # compute settings are not science: another scheduler, block size and batch size reuse the results
-    other = run(_compose(TINY + ["compute.scheduler=sync", "compute.block_units=4096"]))
+    # compute settings are not science: another scheduler, block size and GEMM setting reuse the results
+    other = run(_compose(TINY + ["compute.scheduler=sync", "compute.block_units=4096", "compute.gemm=float32"]))
     assert other["analyzed"] == [] and sorted(other["skipped"]) == ["demo_test_convnext", "demo_test_resnet"]
     summary = pd.read_csv(results / "summary.csv")
     v4 = summary[summary.region == "V4"].set_index("model").median_test_r
