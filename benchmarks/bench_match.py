@@ -30,7 +30,11 @@ Per size it prints:
 - whether every variant chose the same units;
 - the device GEMM of the engine's own whole-block shapes: (256 x 3200) @ (3200 x units), its GEMM
   on CUDA, and with a row of ones under the neurons (257 rows: the unit sums as a GEMM row, as before
-  the sums were taken apart on CUDA).
+  the sums were taken apart on CUDA);
+- the engine with its float32 GEMMs (``MatchSettings.gemm="float32"``: a float32 copy of each block)
+  beside the default (float16 blocks through two float16 tensor-core GEMMs with float32 sums, the
+  neuron rows split in two float16 parts), from the device blocks, 1 and 10 splits, and one float16
+  GEMM of the same shapes with float32 output (``out_dtype``).
 Engine times include the final float64 re-scoring, as on CPU. Two components explain them: the
 host's share of an on-device run (``finalize``: the float64 re-scoring and the result tables, timed
 alone; the GEMM is also compared with the on-device time less that share), and the host half of the
@@ -112,6 +116,29 @@ def _torch_gemm_s(y, pool, widths, train, device="cpu", ones_row: bool = False) 
             t0 = time.perf_counter()
             torch.mm(yt, xt, out=out)
             sync()
+            times.append(time.perf_counter() - t0)
+        per_width[w] = min(times)
+        del xt, out
+    return sum(per_width[w] for w in widths)
+
+
+def _half_gemm_s(y, pool, widths) -> float:
+    """float16 GEMM with float32 output (``out_dtype``, CUDA), (neurons x images) @ (images x width) over
+    every image, summed over the stream: one of the two GEMMs of the engine's float16 path."""
+    import torch
+
+    yt = torch.as_tensor(y, dtype=torch.float16, device="cuda")
+    per_width = {}
+    for w in sorted(set(widths)):
+        xt = torch.as_tensor(pool[0][:, :w], device="cuda").to(torch.float16).contiguous()
+        out = torch.empty((yt.shape[0], w), device="cuda")
+        torch.mm(yt, xt, out_dtype=torch.float32, out=out)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.mm(yt, xt, out_dtype=torch.float32, out=out)
+            torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         per_width[w] = min(times)
         del xt, out
@@ -325,6 +352,8 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     every = np.arange(N_IMAGES)
     out["gemm_all_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type)
     out["gemm_all_257_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type, ones_row=True)
+    if cuda:  # the float16 tensor-core GEMM with float32 sums, (256 x 3200) @ (3200 x units): the default path's twice
+        out["gemm_half_s"] = _half_gemm_s(y, pool, widths)
     if cuda:
         gpu.empty_cache()
 
@@ -336,13 +365,18 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     chosen = {}
     for n_splits in splits:
         split_set = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
-        variants = {"device": (dpool, False), "host_staged": (pool, True)}
+        # the default GEMMs (float16 blocks: float16 tensor-core GEMMs of the split neuron rows) and, from
+        # the device blocks, the float32 GEMMs of a float32 copy (MatchSettings.gemm="float32")
+        variants = {"device": (dpool, False, "auto"), "device_f32": (dpool, False, "float32"),
+                    "host_staged": (pool, True, "auto")}
         if n_splits == 1:
-            variants["host_plain"] = (pool, False)
-        for name, (source, staging) in variants.items():
+            variants["host_plain"] = (pool, False, "auto")
+        for name, (source, staging, gemm) in variants.items():
             result = {}
             # a fresh engine per variant: its scratch buffers (sized by the first full block) count in its peak
-            engine = MatchEngine(y, split_set, top_k=5, device=dev.type)
+            engine = MatchEngine(y, split_set, top_k=5, device=dev.type, gemm=gemm)
+            if dry and gemm == "auto":
+                engine._half = True  # the CUDA default's steps, on the CPU
             engine.process(UnitBlock(dpool[0][:, :256], "units", 0))  # warm-up (kernels; small buffers)
 
             def run():
@@ -403,7 +437,9 @@ def main_cuda(args):
               "device GEMM s", "GEMM/on-device", "of which finalize s", "GEMM/on-device blocks",
               "copy into pinned s", "copy into pinned/staged", "10 splits on-device s", "10/1",
               "10 splits host s", "peak GiB 1 / 10 splits", "same units",
-              f"GEMM {N_NEURONS} x {N_IMAGES} s / {N_NEURONS + 1} x {N_IMAGES} s")
+              f"GEMM {N_NEURONS} x {N_IMAGES} s / {N_NEURONS + 1} x {N_IMAGES} s",
+              "on-device, float32 GEMMs s: 1 / 10 splits", "peak GiB float32 GEMMs 1 split",
+              f"float16 GEMM {N_NEURONS} x {N_IMAGES} s")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     rows = []
@@ -424,7 +460,9 @@ def main_cuda(args):
                   f"{r['copy_into_pinned_s']:.3f} | {r['ratio_host_to_copy_into_pinned']:.0%} | "
                   f"{f('device_s_10')} | {f('device_splits10_over_1', '{:.2f}x')} | {f('host_staged_s_10')} | "
                   f"{r['device_peak_gib_1']:.2f} / {f('device_peak_gib_10', '{:.2f}')} | {same} | "
-                  f"{r['gemm_all_s']:.4f} / {r['gemm_all_257_s']:.4f} |", flush=True)
+                  f"{r['gemm_all_s']:.4f} / {r['gemm_all_257_s']:.4f} | "
+                  f"{r['device_f32_s_1']:.3f} / {f('device_f32_s_10')} | {r['device_f32_peak_gib_1']:.2f} | "
+                  f"{f('gemm_half_s', '{:.4f}')} |", flush=True)
     for r in rows:
         if "profile" in r:
             print(f"\n### {r['units']:,} {r['dtype']} units, one split, on-device: ops by device time\n")
