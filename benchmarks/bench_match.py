@@ -28,6 +28,9 @@ Per size it prints:
   (``torch.cuda.max_memory_allocated`` during the runs, less what was allocated before them: the
   device copy of the input pool and the engine's constants);
 - whether every variant chose the same units;
+- with ``--permutations N``: 10 splits with N permuted copies of every neuron (a sweep's default work,
+  N = 100: 25,856 neuron rows), from the device blocks cut to the engine's default block for that many
+  rows, with the default and with float32 GEMMs, the host's share (``finalize``), and peak memory;
 - the device GEMM of the engine's own whole-block shapes: (256 x 3200) @ (3200 x units), its GEMM
   on CUDA, and with a row of ones under the neurons (257 rows: the unit sums as a GEMM row, as before
   the sums were taken apart on CUDA);
@@ -42,7 +45,7 @@ staging (the pageable blocks' bytes copied into a pinned buffer, alone). ``--pro
 torch.profiler's table of one on-device run (one split), ops by device time.
 
 Run: .venv/bin/python benchmarks/bench_match.py [--sizes 10000 100000 1000000] [--dtype float16 float32]
-     [--splits 1 10] [--quick] [--device cuda [--profile]]
+     [--splits 1 10] [--quick] [--device cuda [--profile] [--permutations 100]]
 """
 
 from __future__ import annotations
@@ -290,9 +293,11 @@ def _profile_table(fn, cuda: bool, rows: int = 20) -> str:
 
 
 def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], profile: bool = False,
-                dry: bool = False) -> dict:
+                dry: bool = False, permutations: int = 0) -> dict:
     """The --device cuda measurements, in this process (see the module docstring). ``dry``: the same
-    steps on the CPU (no pinned memory, no memory statistics), to check the script without a GPU."""
+    steps on the CPU (no pinned memory, no memory statistics), to check the script without a GPU.
+    ``permutations``: also 10 splits with that many permuted copies of every neuron (a sweep's
+    default work), from device blocks, with each GEMM setting."""
     import torch
 
     if not dry and not torch.cuda.is_available():
@@ -400,6 +405,8 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
                 if profile and n_splits == 1:
                     out["profile"] = _profile_table(run, cuda)
     out["same_units"] = all(chosen[k] == chosen["device_1"] for k in chosen if k.endswith("_1"))
+    if permutations:
+        out.update(_null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev, dry, timed))
     if units <= 500_000:  # and the CPU engine's choice
         engine = MatchEngine(y, core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None), device="cpu")
         res = stream_match(engine, blocks(pool), catalogue, columns=_columns(pool, block, N_IMAGES))
@@ -407,10 +414,53 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     return out
 
 
+def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev, dry, timed) -> dict:
+    """10 splits with ``permutations`` permuted copies of every neuron, from the device blocks cut to the
+    engine's default block for that many rows, with the default GEMMs and with float32 GEMMs: seconds
+    (one run after a warm-up), the host's share (``finalize``), peak device memory, and whether both
+    chose the same units for the neurons and for the null."""
+    import torch
+
+    from unitmatch.core.engine import MatchEngine, default_block_units, merge_all, stream_match
+    from unitmatch.core.units import UnitBlock
+
+    cuda = dev.type == "cuda"
+    rows = N_NEURONS * (1 + permutations)
+    step = min(block, default_block_units(N_IMAGES, n_neurons=rows, device=dev.type))
+    pieces = [UnitBlock(dpool[i % POOL][:, a:min(a + step, w)], "units", i * block + a)
+              for i, w in enumerate(widths) for a in range(0, w, step)]
+    split_set = core.brainscore_splits(n_images=N_IMAGES, n_splits=10, stratify=None)
+    out, chosen = {"null_rows": rows, "null_block_units": step}, {}
+    for name, gemm in (("null", "auto"), ("null_f32", "float32")):
+        engine = MatchEngine(y, split_set, top_k=5, n_permutations=permutations, device=dev.type, gemm=gemm)
+        if dry and gemm == "auto":
+            engine._half = True  # the CUDA default's steps, on the CPU
+        result = {}
+
+        def run():
+            result["r"] = stream_match(engine, pieces, catalogue, staging=False, columns=_columns(pool, block, N_IMAGES))
+
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev) if cuda else 0
+        out[f"{name}_s"] = timed(run, repeat=1)
+        out[f"{name}_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - before) / 2**30 if cuda else 0.0
+        chosen[name] = (result["r"].matches.unit.tolist(), result["r"].null.unit.tolist())
+        if gemm == "auto":
+            total = merge_all(engine.process(b) for b in pieces)
+            out["null_finalize_s"] = timed(lambda: engine.finalize(total, catalogue, None, _columns(pool, block, N_IMAGES)),
+                                           repeat=1)
+        del engine
+    out["null_same_units"] = chosen["null"] == chosen["null_f32"]
+    return out
+
+
 def run_size_cuda(units: int, dtype: str, block_units: int | None, splits: list[int], profile: bool = False,
-                  dry: bool = False) -> dict:
+                  dry: bool = False, permutations: int = 0) -> dict:
     kind = "cuda" + ("-dry" if dry else "") + ("-profile" if profile else "")
-    py = [sys.executable, __file__, "--worker", kind, str(units), dtype, str(block_units or 0), *map(str, splits)]
+    py = [sys.executable, __file__, "--worker", kind, str(units), dtype, str(block_units or 0), str(permutations),
+          *map(str, splits)]
     proc = subprocess.run(py, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
@@ -445,7 +495,7 @@ def main_cuda(args):
     rows = []
     for dtype in args.dtype:
         for units in args.sizes:
-            r = run_size_cuda(units, dtype, args.block_units, args.splits, args.profile, args.dry)
+            r = run_size_cuda(units, dtype, args.block_units, args.splits, args.profile, args.dry, args.permutations)
             rows.append(r)
 
             def f(key, fmt="{:.3f}"):
@@ -463,6 +513,18 @@ def main_cuda(args):
                   f"{r['gemm_all_s']:.4f} / {r['gemm_all_257_s']:.4f} | "
                   f"{r['device_f32_s_1']:.3f} / {f('device_f32_s_10')} | {r['device_f32_peak_gib_1']:.2f} | "
                   f"{f('gemm_half_s', '{:.4f}')} |", flush=True)
+    if args.permutations:
+        print(f"\n10 splits with {args.permutations} permuted copies of each neuron, from device blocks "
+              "(one run after a warm-up):\n")
+        head = ("units", "dtype", "neuron rows", "block units", "default GEMMs s", "of which finalize s",
+                "float32 GEMMs s", "float32 / default", "peak GiB default / float32", "same units and null")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for r in rows:
+            print(f"| {r['units']:,} | {r['dtype']} | {r['null_rows']:,} | {r['null_block_units']:,} | "
+                  f"{r['null_s']:.3f} | {r['null_finalize_s']:.3f} | {r['null_f32_s']:.3f} | "
+                  f"{r['null_f32_s'] / r['null_s']:.2f}x | {r['null_peak_gib']:.2f} / {r['null_f32_peak_gib']:.2f} | "
+                  f"{r['null_same_units']} |", flush=True)
     for r in rows:
         if "profile" in r:
             print(f"\n### {r['units']:,} {r['dtype']} units, one split, on-device: ops by device time\n")
@@ -487,20 +549,25 @@ def main():
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--profile", action="store_true",
                     help="cuda: also torch.profiler's table of one on-device run (one split), ops by device time")
+    ap.add_argument("--permutations", type=int, default=0,
+                    help="cuda: also 10 splits with this many permuted copies of every neuron (a sweep's default: "
+                         "100), with the default and the float32 GEMMs")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # --device cuda's steps on the CPU
     args = ap.parse_args()
     if args.worker:
         what, units, dtype, *rest = args.worker
         if what.startswith("cuda"):  # cuda, cuda-profile; cuda-dry(-profile): the same steps on the CPU
-            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[1:]],
-                                         profile="profile" in what, dry="dry" in what)))
+            print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[2:]],
+                                         profile="profile" in what, dry="dry" in what, permutations=int(rest[1]))))
             return
         fn = worker_engine if what == "engine" else worker_reference
         print(json.dumps(fn(int(units), dtype, *map(int, rest))))
         return
     if any(n <= 0 for n in args.sizes or []):
         ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
+    if args.permutations < 0 or (args.permutations and args.device != "cuda"):
+        ap.error(f"--permutations must be >= 0, with --device cuda; got {args.permutations}")
     if args.profile and args.device != "cuda":
         ap.error("--profile profiles the --device cuda runs; add --device cuda")
     if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):

@@ -7,6 +7,9 @@
 #   mkdir -p .device/shared && cp -r ../shared/data .device/shared/   # the tests' real data (4.6 MB)
 # Then one device run: carry [".device"], timeout_s 600, command
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_session.sh
+# The steps below take more than one run's budget: ONLY (a regex of step names) picks some, e.g. a first
+# run ONLY='gpu_tests|bench_match|bench_match_10' and, with device time left, a second one
+# ONLY='bench_extract_.*|bench_decode|suite' (each run returns its own logs.tgz).
 # Logs and JSON rows land in $LOGS, packed after every step into $OUT/logs.tgz (a device run returns at
 # most 8 files from $OUT; the archive is one, and is there even if the run is cut short); each step has
 # its own time limit, so a
@@ -41,6 +44,7 @@ PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-560}   # seconds for the whole script: a device command may run 600
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the budget has left),
   local name=$1 limit=$2; shift 2  # log to $LOGS/NAME.log, record the status in steps.txt
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ ^(${ONLY})$ ]]; then return; fi   # ONLY: a regex of step names
   local left=$((BUDGET - SECONDS - 10)) t0=$SECONDS
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then echo "$name skipped: budget spent" | tee -a "$LOGS/steps.txt"; return; fi
@@ -61,8 +65,10 @@ step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"
 # 1M units, one split: about 140 s on an H200 (2026-11-27; most of it the benchmark's own set-up and
 # its nine timed engine runs), so the 10-split cost is measured at 100k units
 step bench_match 230 $PY benchmarks/bench_match.py --device cuda --splits 1 --profile --json "$LOGS/bench_match.json"
-step bench_match_10 60 $PY benchmarks/bench_match.py --device cuda --sizes 100000 --splits 1 10 \
-  --json "$LOGS/bench_match_10.json"
+# and a sweep's default work: 10 splits with 100 permuted copies of each neuron (25,856 rows), with the
+# default (float16 tensor-core) and the float32 GEMMs
+step bench_match_10 120 $PY benchmarks/bench_match.py --device cuda --sizes 100000 --splits 1 10 \
+  --permutations 100 --json "$LOGS/bench_match_10.json"
 step bench_extract_resnet50 150 $PY benchmarks/bench_extract.py --device cuda --model resnet50 --images 512 --batch 64 \
   --workers 4 8 --writer-threads 8 16
 step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
