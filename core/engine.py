@@ -19,7 +19,8 @@ How, per block of units (images x units, one layer):
    sum, and the train-mean correction is folded into the subtraction: no separate pass. On CUDA a
    float16 block is not copied to float32 (``MatchSettings.gemm``, "auto"): the neuron rows are split
    into two float16 parts and multiplied with the block as stored by float16 tensor-core GEMMs with
-   float32 sums (:meth:`MatchEngine._half_products`), about as accurate as a float32 GEMM.
+   float32 sums (:meth:`MatchEngine._half_products`; each split's correction likewise,
+   :meth:`MatchEngine._half_split_scores`), about as accurate as a float32 GEMM.
 3. r for every (neuron, unit) pair of the block is screened in float32 and a running top-k is kept,
    with each layer's leader and the leader's test r (read from the block's test rows).
 4. At the end (:meth:`MatchEngine.finalize`), each neuron's candidates within ``tie_margin`` of its
@@ -340,6 +341,8 @@ class _SplitPlan:
             a_t[:, :-1] = torch.from_numpy(y_out - mz[:, None])
             a_t[:, -1] = torch.from_numpy(mz)
             self.a_t = a_t.to(device)
+            #: the float16 GEMMs' (CUDA) outside columns of a^T as float16 parts [hi | lo], built on first use
+            self.a_half: torch.Tensor | None = None
         else:
             # the train rows: centred neurons, then a row of ones for the unit sums
             d = np.ones((yz.shape[0] + 1, len(train)))
@@ -464,8 +467,9 @@ class MatchEngine:
         #: --device cuda`` times both shapes). CPU BLAS kernels work in slices of a few rows: on CPU
         #: the sums stay a row of the GEMM.
         self._sums_apart = self.device.type == "cuda"
-        #: CUDA, float16 blocks (``settings.gemm == "auto"``): the products from float16 tensor-core GEMMs
-        #: (:meth:`_half_products`), the block's statistics from float32 copies of a few columns at a time
+        #: CUDA, float16 blocks (``settings.gemm == "auto"``): the products and the splits' corrections from
+        #: float16 tensor-core GEMMs (:meth:`_half_products`, :meth:`_half_split_scores`), the block's
+        #: statistics from float32 copies of a few columns at a time
         self._half = settings.gemm == "auto" and self.device.type == "cuda" and _half_gemm_available(str(self.device))
         self._half_rows: torch.Tensor | None = None  # (2, neuron rows, images) float16, built on first use
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
@@ -562,6 +566,7 @@ class MatchEngine:
         if n_units == 0:
             return partial
         shift = self._shift(xb)
+        half = False  # the float16 GEMMs (CUDA): decided below for the untiled path
         if self._tiled:
             products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
             _check_finite(sxx[0] + sxx_rest, block)
@@ -596,7 +601,9 @@ class MatchEngine:
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
-            if self.shared:
+            if half and self.shared:
+                body = self._half_split_scores(plan, xb, products, sx_masks[1 + s], sxx[s], excluded)
+            elif self.shared:
                 # scaled first, then corrected in place: (products - a^T o) diag(1/sd) =
                 # products diag(1/sd) - a^T (o diag(1/sd)): one pass writes the scores, where a copy
                 # of the products and a scaling pass did (6% less time a block for the demo's 10
@@ -706,6 +713,33 @@ class MatchEngine:
             part = self._buffer("lo_products", (out.shape[0], c1 - c0))
             _mm_float32(lo, xb[:, c0:c1], part)
             out[:, c0:c1].add_(part, alpha=1.0 / _LO_SCALE)
+
+    def _half_split_scores(self, plan: _SplitPlan, xb: torch.Tensor, products: torch.Tensor, sx_train: torch.Tensor,
+                           sxx_train: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
+        """One split's scores from the shared products of a float16 block (several splits, float16 GEMMs).
+
+        The correction by the images outside T, ``a^T [x_outside; sum_all x]``, as one float16 GEMM
+        with float32 sums: the outside columns of ``a^T`` split into float16 parts side by side,
+        ``[hi | lo]`` (:attr:`_SplitPlan.a_half`), times the block's outside rows as stored, twice,
+        ``[x_out; x_out]`` (exact); the unit-sum column's term is a float32 rank-1 update. Then
+        ``(products - correction) diag(1/sd)`` in place.
+        """
+        n_out, n_units = len(plan.outside), xb.shape[1]
+        if plan.a_half is None:
+            hi = plan.a_t[:, :-1].to(torch.float16)
+            lo = (plan.a_t[:, :-1] - hi.to(torch.float32)).to(torch.float16)
+            plan.a_half = torch.cat([hi, lo], dim=1)
+        rows = self._buffer("outside16", (2 * n_out, n_units), torch.float16)
+        torch.index_select(xb, 0, plan.outside, out=rows[:n_out])
+        rows[n_out:].copy_(rows[:n_out])
+        body = self._buffer("scores", (self.n_rows, n_units))
+        _mm_float32(plan.a_half, rows, body)
+        torch.sub(products[:-1], body, out=body)
+        body.addr_(plan.a_t[:, -1], products[-1], alpha=-1.0)  # the train means times the unit sums
+        inv_sd, never = self._scaling(plan, sx_train, sxx_train, excluded)
+        body.mul_(inv_sd)
+        _never_chosen(body, never)
+        return body
 
     def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", torch_gemm: bool):
         """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
