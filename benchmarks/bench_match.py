@@ -451,7 +451,6 @@ def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev
             total = merge_all(engine.process(b) for b in pieces)
             out["null_finalize_s"] = timed(lambda: engine.finalize(total, catalogue, None, _columns(pool, block, N_IMAGES)),
                                            repeat=1)
-        del engine
     out["null_same_units"] = chosen["null"] == chosen["null_f32"]
     return out
 

@@ -572,8 +572,7 @@ class MatchEngine:
             _check_finite(sxx[0] + sxx_rest, block)
         else:
             half = self._half and xb.dtype == torch.float16 and shift is None
-            if half:  # the block as stored: exact float16 values, used by every step below in their dtype
-                x = xb
+            if half:  # the block used as stored (exact float16 values), never copied whole
                 sx_masks, sxx_all = self._half_statistics(xb)
             else:
                 x, sxx_all = self._prepare(xb, shift)
@@ -610,7 +609,7 @@ class MatchEngine:
                 # splits and 6400 permuted rows; benchmarks/RESULTS.md)
                 n_out = len(plan.outside)
                 outside = self._buffer("outside", (n_out + 1, n_units))
-                self._gather_rows(x, plan.outside, outside[:n_out], None)
+                torch.index_select(x, 0, plan.outside, out=outside[:n_out])
                 outside[n_out].copy_(sx_all)
                 inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
                 body = torch.mul(products[:-1], inv_sd, out=self._buffer("scores", (self.n_rows, n_units)))
