@@ -341,8 +341,6 @@ class _SplitPlan:
             a_t[:, :-1] = torch.from_numpy(y_out - mz[:, None])
             a_t[:, -1] = torch.from_numpy(mz)
             self.a_t = a_t.to(device)
-            #: the float16 GEMMs' (CUDA) outside columns of a^T as float16 parts [hi | lo], built on first use
-            self.a_half: torch.Tensor | None = None
         else:
             # the train rows: centred neurons, then a row of ones for the unit sums
             d = np.ones((yz.shape[0] + 1, len(train)))
@@ -471,7 +469,10 @@ class MatchEngine:
         #: float16 tensor-core GEMMs (:meth:`_half_products`, :meth:`_half_split_scores`), the block's
         #: statistics from float32 copies of a few columns at a time
         self._half = settings.gemm == "auto" and self.device.type == "cuda" and _half_gemm_available(str(self.device))
-        self._half_rows: torch.Tensor | None = None  # (2, neuron rows, images) float16, built on first use
+        #: their float16 parts, built on first use (not pickled): the neuron rows' (2, rows, images), and
+        #: per split the outside columns of a^T as [hi | lo] (rows, 2 x outside images)
+        self._half_rows: torch.Tensor | None = None
+        self._half_a: dict[int, torch.Tensor] = {}
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
         # pairs are two train images and how many of them a sparse unit holds equal at least
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
@@ -492,6 +493,7 @@ class MatchEngine:
         state = dict(self.__dict__)
         state.pop("_local")
         state.pop("_pool")
+        state["_half_rows"], state["_half_a"] = None, {}  # copies of other state, rebuilt where used
         return state
 
     def __setstate__(self, state):
@@ -571,7 +573,7 @@ class MatchEngine:
             products, sxx, sxx_rest = self._tiled_products(xb, shift, self._plans[0], torch_gemm=torch_gemm)
             _check_finite(sxx[0] + sxx_rest, block)
         else:
-            half = self._half and xb.dtype == torch.float16 and shift is None
+            half = self._half and xb.dtype == torch.float16 and shift is None and not _fp16_accumulation()
             if half:  # the block used as stored (exact float16 values), never copied whole
                 sx_masks, sxx_all = self._half_statistics(xb)
             else:
@@ -601,7 +603,7 @@ class MatchEngine:
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
             if half and self.shared:
-                body = self._half_split_scores(plan, xb, products, sx_masks[1 + s], sxx[s], excluded)
+                body = self._half_split_scores(s, xb, products, sx_masks[1 + s], sxx[s], excluded)
             elif self.shared:
                 # scaled first, then corrected in place: (products - a^T o) diag(1/sd) =
                 # products diag(1/sd) - a^T (o diag(1/sd)): one pass writes the scores, where a copy
@@ -686,7 +688,7 @@ class MatchEngine:
         masks = self._row_masks
         sums = self._buffer("sx", (masks.shape[0], n_units))
         squares = self._buffer("sxx", (masks.shape[0], n_units))
-        step = max(1, _HALF_STATS_BYTES // (4 * n_rows))
+        step = _aligned_columns(_HALF_STATS_BYTES // (4 * n_rows))
         for c0 in range(0, n_units, step):
             c1 = min(c0 + step, n_units)
             cols = self._buffer("columns", (n_rows, c1 - c0))
@@ -706,33 +708,36 @@ class MatchEngine:
         hi, lo = self._half_rows
         _mm_float32(hi, xb, out)
         n_units = xb.shape[1]
-        step = max(1, _HALF_LO_BYTES // (4 * out.shape[0]))
+        step = _aligned_columns(_HALF_LO_BYTES // (4 * out.shape[0]))
         for c0 in range(0, n_units, step):
             c1 = min(c0 + step, n_units)
             part = self._buffer("lo_products", (out.shape[0], c1 - c0))
             _mm_float32(lo, xb[:, c0:c1], part)
             out[:, c0:c1].add_(part, alpha=1.0 / _LO_SCALE)
 
-    def _half_split_scores(self, plan: _SplitPlan, xb: torch.Tensor, products: torch.Tensor, sx_train: torch.Tensor,
+    def _half_split_scores(self, s: int, xb: torch.Tensor, products: torch.Tensor, sx_train: torch.Tensor,
                            sxx_train: torch.Tensor, excluded: torch.Tensor | None) -> torch.Tensor:
-        """One split's scores from the shared products of a float16 block (several splits, float16 GEMMs).
+        """Split ``s``'s scores from the shared products of a float16 block (several splits, float16 GEMMs).
 
         The correction by the images outside T, ``a^T [x_outside; sum_all x]``, as one float16 GEMM
         with float32 sums: the outside columns of ``a^T`` split into float16 parts side by side,
-        ``[hi | lo]`` (:attr:`_SplitPlan.a_half`), times the block's outside rows as stored, twice,
-        ``[x_out; x_out]`` (exact); the unit-sum column's term is a float32 rank-1 update. Then
-        ``(products - correction) diag(1/sd)`` in place.
+        ``[hi | lo]`` (the rows are z-scored, so the unscaled remainder's error is negligible on
+        their scale), times the block's outside rows as stored, twice, ``[x_out; x_out]`` (exact);
+        the unit-sum column's term is a float32 rank-1 update. Then ``(products - correction)
+        diag(1/sd)`` in place.
         """
+        plan = self._plans[s]
         n_out, n_units = len(plan.outside), xb.shape[1]
-        if plan.a_half is None:
+        a_half = self._half_a.get(s)
+        if a_half is None:
             hi = plan.a_t[:, :-1].to(torch.float16)
             lo = (plan.a_t[:, :-1] - hi.to(torch.float32)).to(torch.float16)
-            plan.a_half = torch.cat([hi, lo], dim=1)
+            a_half = self._half_a[s] = torch.cat([hi, lo], dim=1)
         rows = self._buffer("outside16", (2 * n_out, n_units), torch.float16)
         torch.index_select(xb, 0, plan.outside, out=rows[:n_out])
         rows[n_out:].copy_(rows[:n_out])
         body = self._buffer("scores", (self.n_rows, n_units))
-        _mm_float32(plan.a_half, rows, body)
+        _mm_float32(a_half, rows, body)
         torch.sub(products[:-1], body, out=body)
         body.addr_(plan.a_t[:, -1], products[-1], alpha=-1.0)  # the train means times the unit sums
         inv_sd, never = self._scaling(plan, sx_train, sxx_train, excluded)
@@ -1216,6 +1221,20 @@ def _split_half(rows: torch.Tensor) -> torch.Tensor:
     hi = rows.to(torch.float16)
     lo = ((rows - hi.to(rows.dtype)) * _LO_SCALE).to(torch.float16)
     return torch.stack([hi, lo])
+
+
+def _aligned_columns(n: int) -> int:
+    """A column chunk's width: ``n`` rounded down to a multiple of 128, at least 128, so that every chunk
+    of a float16 or float32 row starts 256-byte aligned (cuBLAS picks slower kernels for operands that
+    are not 16-byte aligned)."""
+    return max(128, n // 128 * 128)
+
+
+def _fp16_accumulation() -> bool:
+    """Whether torch is set to accumulate float16 GEMMs in float16 (``torch.backends.cuda.matmul.
+    allow_fp16_accumulation``, torch 2.7 on), under which torch refuses float16 GEMMs into float32:
+    the engine then uses float32 GEMMs."""
+    return bool(getattr(torch.backends.cuda.matmul, "allow_fp16_accumulation", False))
 
 
 def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
