@@ -67,7 +67,7 @@ step gpu_tests 150 $PY -m pytest -m gpu -q -p no:cacheprovider -k "not wandb"
 step bench_match 230 $PY benchmarks/bench_match.py --device cuda --splits 1 --profile --json "$LOGS/bench_match.json"
 # and a sweep's default work: 10 splits with 100 permuted copies of each neuron (25,856 rows), with the
 # default (float16 tensor-core) and the float32 GEMMs
-step bench_match_10 120 $PY benchmarks/bench_match.py --device cuda --sizes 100000 --splits 1 10 \
+step bench_match_10 150 $PY benchmarks/bench_match.py --device cuda --sizes 100000 --splits 1 10 \
   --permutations 100 --json "$LOGS/bench_match_10.json"
 step bench_extract_resnet50 150 $PY benchmarks/bench_extract.py --device cuda --model resnet50 --images 512 --batch 64 \
   --workers 4 8 --writer-threads 8 16
