@@ -730,9 +730,7 @@ class MatchEngine:
         n_out, n_units = len(plan.outside), xb.shape[1]
         a_half = self._half_a.get(s)
         if a_half is None:
-            hi = plan.a_t[:, :-1].to(torch.float16)
-            lo = (plan.a_t[:, :-1] - hi.to(torch.float32)).to(torch.float16)
-            a_half = self._half_a[s] = torch.cat([hi, lo], dim=1)
+            a_half = self._half_a[s] = torch.cat(tuple(_split_half(plan.a_t[:, :-1], scale=1.0)), dim=1)
         rows = self._buffer("outside16", (2 * n_out, n_units), torch.float16)
         torch.index_select(xb, 0, plan.outside, out=rows[:n_out])
         rows[n_out:].copy_(rows[:n_out])
@@ -1208,18 +1206,19 @@ def _take_rows(src: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torc
 _LO_SCALE = 2048.0
 
 
-def _split_half(rows: torch.Tensor) -> torch.Tensor:
-    """(2, *rows.shape) float16 ``hi, lo`` with ``hi + lo / _LO_SCALE = rows`` to about 2^-22 of each value.
+def _split_half(rows: torch.Tensor, scale: float = _LO_SCALE) -> torch.Tensor:
+    """(2, *rows.shape) float16 ``hi, lo`` with ``hi + lo / scale = rows`` to about 2^-22 of each value.
 
-    ``hi`` is ``rows`` rounded to float16 and ``lo`` the remainder (exact in float32) times 2^11,
-    rounded to float16: scaled so that it stays in float16's normal range for values down to about
-    2^-14 (below that its error is at most 2^-36 in absolute terms). Products of float16 values are
+    ``hi`` is ``rows`` rounded to float16 and ``lo`` the remainder (exact in float32) times ``scale``
+    (2^11 by default), rounded to float16: scaled so that it stays in float16's normal range for
+    values down to about 2^-14 (below that its error is at most 2^-36 in absolute terms; unscaled,
+    ``scale=1``, 2^-25). Products of float16 values are
     exact in float32, so ``hi @ x + (lo @ x) / _LO_SCALE`` for a float16 ``x`` with float32 sums is
     about as accurate as a float32 GEMM with ``rows``. Values must lie within float16's range
     (z-scored neuron rows do: |z| <= sqrt(images)).
     """
     hi = rows.to(torch.float16)
-    lo = ((rows - hi.to(rows.dtype)) * _LO_SCALE).to(torch.float16)
+    lo = ((rows - hi.to(rows.dtype)) * scale).to(torch.float16)
     return torch.stack([hi, lo])
 
 
