@@ -99,49 +99,31 @@ def _columns(pool, block, n_images):
     return fetch
 
 
-def _torch_gemm_s(y, pool, widths, train, device="cpu", ones_row: bool = False) -> float:
+def _torch_gemm_s(y, pool, widths, train, device="cpu", ones_row: bool = False, half: bool = False) -> float:
     """float32 GEMM of (neurons x train) @ (train x width) with torch on ``device``, summed over the
-    stream; ``ones_row``: with a row of ones under the neurons (a unit-sum row: 257 rows)."""
+    stream; ``ones_row``: with a row of ones under the neurons (a unit-sum row: 257 rows); ``half``:
+    float16 operands with float32 output and sums instead (``out_dtype``, CUDA: one of the two GEMMs
+    of the engine's float16 path)."""
     import torch
 
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    dtype = torch.float16 if half else torch.float32
+    kw = {"out_dtype": torch.float32} if half else {}
     yt = torch.as_tensor(y[:, train], dtype=torch.float32, device=device)
     if ones_row:
         yt = torch.cat([yt, torch.ones_like(yt[:1])])
+    yt = yt.to(dtype)
     per_width = {}
     for w in sorted(set(widths)):
-        xt = torch.as_tensor(pool[0][train, :w], dtype=torch.float32, device=device).contiguous()
+        xt = torch.as_tensor(pool[0][train, :w], device=device).to(dtype).contiguous()
         out = torch.empty((yt.shape[0], w), device=device)
-        torch.mm(yt, xt, out=out)
+        torch.mm(yt, xt, out=out, **kw)
         times = []
         for _ in range(5):
             sync()
             t0 = time.perf_counter()
-            torch.mm(yt, xt, out=out)
+            torch.mm(yt, xt, out=out, **kw)
             sync()
-            times.append(time.perf_counter() - t0)
-        per_width[w] = min(times)
-        del xt, out
-    return sum(per_width[w] for w in widths)
-
-
-def _half_gemm_s(y, pool, widths) -> float:
-    """float16 GEMM with float32 output (``out_dtype``, CUDA), (neurons x images) @ (images x width) over
-    every image, summed over the stream: one of the two GEMMs of the engine's float16 path."""
-    import torch
-
-    yt = torch.as_tensor(y, dtype=torch.float16, device="cuda")
-    per_width = {}
-    for w in sorted(set(widths)):
-        xt = torch.as_tensor(pool[0][:, :w], device="cuda").to(torch.float16).contiguous()
-        out = torch.empty((yt.shape[0], w), device="cuda")
-        torch.mm(yt, xt, out_dtype=torch.float32, out=out)
-        times = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            torch.mm(yt, xt, out_dtype=torch.float32, out=out)
-            torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         per_width[w] = min(times)
         del xt, out
@@ -358,8 +340,7 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     out["gemm_all_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type)
     out["gemm_all_257_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type, ones_row=True)
     if cuda:  # the float16 tensor-core GEMM with float32 sums, (256 x 3200) @ (3200 x units): the default path's twice
-        out["gemm_half_s"] = _half_gemm_s(y, pool, widths)
-    if cuda:
+        out["gemm_half_s"] = _torch_gemm_s(y, pool, widths, every, device=dev.type, half=True)
         gpu.empty_cache()
 
     dpool = [torch.from_numpy(a).to(dev) for a in pool]
@@ -379,9 +360,7 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
         for name, (source, staging, gemm) in variants.items():
             result = {}
             # a fresh engine per variant: its scratch buffers (sized by the first full block) count in its peak
-            engine = MatchEngine(y, split_set, top_k=5, device=dev.type, gemm=gemm)
-            if dry and gemm == "auto":
-                engine._half = True  # the CUDA default's steps, on the CPU
+            engine = _cuda_engine(y, split_set, dev, dry, gemm)
             engine.process(UnitBlock(dpool[0][:, :256], "units", 0))  # warm-up (kernels; small buffers)
 
             def run():
@@ -414,6 +393,16 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
     return out
 
 
+def _cuda_engine(y, splits, dev, dry: bool, gemm: str, **settings):
+    """The engine of a --device cuda variant (top-k 5); ``dry``: the CUDA default's float16 steps on the CPU."""
+    from unitmatch.core.engine import MatchEngine
+
+    engine = MatchEngine(y, splits, top_k=5, device=dev.type, gemm=gemm, **settings)
+    if dry and gemm == "auto":
+        engine._half = True
+    return engine
+
+
 def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev, dry, timed) -> dict:
     """10 splits with ``permutations`` permuted copies of every neuron, from the device blocks cut to the
     engine's default block for that many rows, with the default GEMMs and with float32 GEMMs: seconds
@@ -421,7 +410,7 @@ def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev
     chose the same units for the neurons and for the null."""
     import torch
 
-    from unitmatch.core.engine import MatchEngine, default_block_units, merge_all, stream_match
+    from unitmatch.core.engine import default_block_units, merge_all, stream_match
     from unitmatch.core.units import UnitBlock
 
     cuda = dev.type == "cuda"
@@ -432,9 +421,7 @@ def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev
     split_set = core.brainscore_splits(n_images=N_IMAGES, n_splits=10, stratify=None)
     out, chosen = {"null_rows": rows, "null_block_units": step}, {}
     for name, gemm in (("null", "auto"), ("null_f32", "float32")):
-        engine = MatchEngine(y, split_set, top_k=5, n_permutations=permutations, device=dev.type, gemm=gemm)
-        if dry and gemm == "auto":
-            engine._half = True  # the CUDA default's steps, on the CPU
+        engine = _cuda_engine(y, split_set, dev, dry, gemm, n_permutations=permutations)
         result = {}
 
         def run():
