@@ -531,10 +531,7 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
     monkeypatch.setattr(engine_module, "_HALF_STATS_BYTES", 4 * N_IMAGES * 37)  # the floor, 128 columns at a time
-    layers = {**{k: v.astype(dtype) for k, v in _activations(seed=11).items()},
-              **{k: v.astype(dtype) for k, v in _sparse_activations(seed=12).items()}}
-    x = _flat(layers)
-    y = np.concatenate([_responses(x.astype(np.float32), seed=13)[0], _spiky_neurons(x.astype(np.float32), n=10)])
+    layers, x, y = _awkward_units_and_neurons(dtype)
     monkeypatch.setattr(engine_module, "_HALF_LO_BYTES", 4 * len(y) * 23)  # the lo GEMM too (blocks of 150: 2)
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
     ref = match_reference(x.astype(np.float64), y, splits, min_varying_images=min_varying_images)
@@ -544,13 +541,27 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     for name, engine in paths.items():
         partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 150))
         m = engine.finalize(partial, cat, columns=lambda u: gather_columns(layers, cat, u)).matches
-        for s, r in enumerate(ref):
-            got = m[m.split == s].sort_values("neuron")
-            np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"], err_msg=name)
-            np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10, err_msg=name)
-            np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10, equal_nan=True, err_msg=name)
-            # the float32 screen's best r is the chosen unit's float64 r, to float32 error
-            np.testing.assert_allclose(np.stack(got.topk_r.to_numpy())[:, 0], r["train_r"], atol=1e-5, err_msg=name)
+        _assert_matches_equal_reference(m, ref, name)
+
+
+def _awkward_units_and_neurons(dtype):
+    """Dense and sparse units (layers, and flat), and planted plus spiky neurons, for the block-path tests."""
+    layers = {**{k: v.astype(dtype) for k, v in _activations(seed=11).items()},
+              **{k: v.astype(dtype) for k, v in _sparse_activations(seed=12).items()}}
+    x = _flat(layers)
+    y = np.concatenate([_responses(x.astype(np.float32), seed=13)[0], _spiky_neurons(x.astype(np.float32), n=10)])
+    return layers, x, y
+
+
+def _assert_matches_equal_reference(m: pd.DataFrame, ref, name: str = "") -> None:
+    """Each split's chosen units and float64 train and test r equal match_reference's."""
+    for s, r in enumerate(ref):
+        got = m[m.split == s].sort_values("neuron")
+        np.testing.assert_array_equal(got.unit.to_numpy(), r["unit"], err_msg=name)
+        np.testing.assert_allclose(got.train_r.to_numpy(), r["train_r"], atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(got.test_r.to_numpy(), r["test_r"], atol=1e-10, equal_nan=True, err_msg=name)
+        # the float32 screen's best r is the chosen unit's float64 r, to float32 error
+        np.testing.assert_allclose(np.stack(got.topk_r.to_numpy())[:, 0], r["train_r"], atol=1e-5, err_msg=name)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
@@ -598,10 +609,7 @@ def test_float16_gemms_on_cuda_agree_with_float64_reference_in_column_chunks(n_s
 
     monkeypatch.setattr(engine_module, "_HALF_STATS_BYTES", 1)
     monkeypatch.setattr(engine_module, "_HALF_LO_BYTES", 1)
-    layers = {**{k: v.astype(np.float16) for k, v in _activations(seed=11).items()},
-              **{k: v.astype(np.float16) for k, v in _sparse_activations(seed=12).items()}}
-    x = _flat(layers)
-    y = np.concatenate([_responses(x.astype(np.float32), seed=13)[0], _spiky_neurons(x.astype(np.float32), n=10)])
+    layers, x, y = _awkward_units_and_neurons(np.float16)
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
     cat = catalogue_of(layers)
     engine = MatchEngine(y, splits, top_k=4, n_permutations=n_permutations, device="cuda")
@@ -610,12 +618,7 @@ def test_float16_gemms_on_cuda_agree_with_float64_reference_in_column_chunks(n_s
     columns = lambda u: gather_columns(layers, cat, u)  # noqa: E731
     got, want = (e.finalize(merge_all(e.process(b) for b in _stream_blocks(layers, cat, 300)), cat, columns=columns)
                  for e in (engine, float32))
-    ref = match_reference(x.astype(np.float64), y, splits)
-    for s, r in enumerate(ref):
-        m = got.matches[got.matches.split == s].sort_values("neuron")
-        np.testing.assert_array_equal(m.unit.to_numpy(), r["unit"])
-        np.testing.assert_allclose(m.train_r.to_numpy(), r["train_r"], atol=1e-10)
-        np.testing.assert_allclose(np.stack(m.topk_r.to_numpy())[:, 0], r["train_r"], atol=1e-5)
+    _assert_matches_equal_reference(got.matches, match_reference(x.astype(np.float64), y, splits))
     pd.testing.assert_frame_equal(got.matches.drop(columns=["topk_r", "topk_unit"]),
                                   want.matches.drop(columns=["topk_r", "topk_unit"]))
     if n_permutations:
