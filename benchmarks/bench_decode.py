@@ -21,8 +21,12 @@ Two cases:
    (``core.analysis._decode``: random-population gathering plus every fit), ``--repeats`` times
    with the batched solver (and once with scikit-learn with ``--demo-sklearn``).
 
+``--directions two-loop compact`` runs the batched solver once with each way of computing its
+L-BFGS directions (``core._logreg._History``; default: the device's own, the recursion on the CPU,
+the compact form on CUDA), so that both are timed in one run on the same device.
+
 Run: python benchmarks/bench_decode.py [--cases majaj demo] [--splits 10] [--sklearn-splits 2]
-     [--repeats 2] [--device cpu] [--quick]
+     [--repeats 2] [--device cpu] [--directions two-loop compact] [--quick]
 ``--quick`` (development): 3 splits, 20 random populations, 1 scikit-learn split, 1 demo run.
 """
 
@@ -91,7 +95,29 @@ def _clock():
     return time.perf_counter(), time.process_time()
 
 
-def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device) -> None:
+@contextlib.contextmanager
+def _directions(how: str | None):
+    """The batched solver computes its L-BFGS directions the ``how`` way on every device (None: as is)."""
+    from unitmatch.core import _logreg
+
+    saved = dict(_logreg._DIRECTIONS)
+    if how is not None:
+        _logreg._DIRECTIONS.update({kind: how for kind in ("cpu", "cuda", "mps", "xpu")})
+    try:
+        yield
+    finally:
+        _logreg._DIRECTIONS.clear()
+        _logreg._DIRECTIONS.update(saved)
+
+
+def _direction_name(how: str | None, device) -> str:
+    from unitmatch.core import _logreg
+
+    kind = __import__("torch").device(device or "cpu").type
+    return how or f"{_logreg._DIRECTIONS.get(kind, 'two-loop')} (the device's default)"
+
+
+def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions=(None,)) -> None:
     from unitmatch.core.decoding import matched_population_decoding, matched_population_decoding_splits
     from unitmatch.core.splits import brainscore_splits
 
@@ -102,20 +128,22 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device) -> None:
           f"{units.shape[1]} neurons, {pops.shape[0]} random populations, {len(splits)} splits "
           f"({n_fits} fits of {splits[0][0].size} x {units.shape[1]} per split), device {device or 'cpu'}")
     decode = functools.partial(matched_population_decoding, random_populations=pops, device=device)
-    with _fit_timer() as rec:
-        t0, c0 = _clock()
-        batched = matched_population_decoding_splits([units] * len(splits), neurons, labels, splits,
-                                                     random_populations=pops, device=device)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    cold, warm = np.array(rec["cold"]), np.array(rec["warm"])
-    print("| solver | splits | wall s | CPU s | wall s per split | CPU s per fit | iterations per fit |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| batched (warm starts) | {len(splits)} | {wall:.1f} | {cpu:.1f} | {wall / len(splits):.2f} | "
-          f"{cpu / (n_fits * len(splits)):.3f} | cold median {np.median(cold):.0f}, "
-          f"warm median {np.median(warm) if warm.size else float('nan'):.0f} |", flush=True)
-    print(f"  of which fits (fit_many): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
-          f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
-          f"{cpu - rec['cpu']:.1f} CPU s")
+    print("| solver | L-BFGS directions | splits | wall s | CPU s | wall s per split | CPU s per fit | "
+          "iterations per fit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for how in directions:
+        with _directions(how), _fit_timer() as rec:
+            t0, c0 = _clock()
+            batched = matched_population_decoding_splits([units] * len(splits), neurons, labels, splits,
+                                                         random_populations=pops, device=device)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        cold, warm = np.array(rec["cold"]), np.array(rec["warm"])
+        print(f"| batched (warm starts) | {_direction_name(how, device)} | {len(splits)} | {wall:.1f} | "
+              f"{cpu:.1f} | {wall / len(splits):.2f} | {cpu / (n_fits * len(splits)):.3f} | cold median "
+              f"{np.median(cold):.0f}, warm median {np.median(warm) if warm.size else float('nan'):.0f} |")
+        print(f"  of which fits (fit_many): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
+              f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
+              f"{cpu - rec['cpu']:.1f} CPU s", flush=True)
     if n_sklearn:
         t0, c0 = _clock()
         ref = [decode(units, neurons, labels, train, test, solver="sklearn") for train, test in splits[:n_sklearn]]
@@ -161,7 +189,7 @@ def demo_case():
     return acts, assembly, splits, cat.n_units
 
 
-def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
+def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> None:
     import unitmatch.core.analysis as analysis
     from unitmatch.core.decoding import matched_population_decoding_splits
 
@@ -169,8 +197,8 @@ def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
     print(f"\n## Demo-sized core.analyze: {assembly.n_images} images, {assembly.n_neurons} neurons "
           f"(48 V4 + 16 noise), {n_units:,} units (test_convnext stages), {len(splits)} splits, "
           f"100 permutations, 100 random populations, device {device or 'cpu'}")
-    print("| solver | run | analyze s | decoding s | decoding share | decoding fits s (CPU s) |")
-    print("|---|---|---|---|---|---|")
+    print("| solver | L-BFGS directions | run | analyze s | decoding s | decoding share | decoding fits s (CPU s) |")
+    print("|---|---|---|---|---|---|---|")
     decode = analysis._decode
     spent = []
 
@@ -182,30 +210,32 @@ def bench_demo(repeats: int, with_sklearn: bool, device) -> None:
             spent.append(time.perf_counter() - t0)
 
     analysis._decode = timed_decode
-    runs = ["batched"] * repeats + (["sklearn"] if with_sklearn else [])
+    runs = [("batched", how) for _ in range(repeats) for how in directions] + ([("sklearn", None)] if with_sklearn else [])
     rows = {}
     results = {}
     extra = {} if device is None else {"device": device}
     try:
-        for r, solver in enumerate(runs):
+        for r, (solver, how) in enumerate(runs):
             analysis.matched_population_decoding_splits = functools.partial(
                 matched_population_decoding_splits, solver=solver)
-            with _fit_timer() as rec:
+            name = solver if solver == "sklearn" else f"{solver}, {_direction_name(how, device)}"
+            with _directions(how), _fit_timer() as rec:
                 t0 = time.perf_counter()
                 results[solver] = analysis.analyze(acts, assembly, splits, n_permutations=100,
                                                    n_random_populations=100, seed=0, **extra)
                 total = time.perf_counter() - t0
-            rows.setdefault(solver, []).append((total, spent[-1]))
+            rows.setdefault(name, []).append((total, spent[-1]))
             fits = f"{rec['wall']:.1f} ({rec['cpu']:.1f})" if solver == "batched" else ""
-            print(f"| {solver} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} | {fits} |",
+            shown = "-" if solver == "sklearn" else _direction_name(how, device)
+            print(f"| {solver} | {shown} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} | {fits} |",
                   flush=True)
     finally:
         analysis._decode = decode
         analysis.matched_population_decoding_splits = matched_population_decoding_splits
-    for solver, vals in rows.items():
+    for name, vals in rows.items():
         t = np.median([v[0] for v in vals])
         d = np.median([v[1] for v in vals])
-        print(f"{solver}: median analyze {t:.1f} s, decoding {d:.1f} s ({d / t:.0%})")
+        print(f"{name}: median analyze {t:.1f} s, decoding {d:.1f} s ({d / t:.0%})")
     if "sklearn" in results:
         cols = ["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "null_mean"]
         diff = np.abs(results["sklearn"].decoding[cols].to_numpy()
@@ -224,6 +254,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="demo case: analyze runs, batched solver")
     ap.add_argument("--demo-sklearn", action="store_true", help="demo case: one more run with scikit-learn")
     ap.add_argument("--device", default=None, help="torch device of the batched solver (default cpu)")
+    ap.add_argument("--directions", nargs="+", default=[None], choices=["two-loop", "compact"],
+                    help="the batched solver's L-BFGS directions, one run each (default: the device's own)")
     ap.add_argument("--quick", action="store_true",
                     help="development: 3 splits, 20 random populations, 1 scikit-learn split, 1 demo run")
     args = ap.parse_args()
@@ -245,9 +277,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if "majaj" in args.cases:
-        bench_majaj(args.splits, args.sklearn_splits, args.random, args.device)
+        bench_majaj(args.splits, args.sklearn_splits, args.random, args.device, args.directions)
     if "demo" in args.cases:
-        bench_demo(args.repeats, args.demo_sklearn, args.device)
+        bench_demo(args.repeats, args.demo_sklearn, args.device, args.directions)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

@@ -17,7 +17,8 @@
 #   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors
 #   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
-#   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo
+#   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo,
+#      with each way to the L-BFGS directions (compact form: the CUDA default; two-loop recursion)
 #   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device; the
 #      device's own timm may predate the project's minimum, 1.0.31: tests of test_maxvit then fail)
 set -uo pipefail
@@ -77,7 +78,9 @@ step bench_extract_resnet18 60 $PY benchmarks/bench_extract.py --device cuda --m
 # for the disk (the sink's queue, 2 by default) close the gap? (pageable buffers were measured then)
 step bench_extract_queue 40 $PY benchmarks/bench_extract.py --device cuda --model resnet18 --layers stages \
   --images 512 --batch 64 --workers 4 --writer-threads 8 --sink-queue 8
-step bench_decode 120 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1
+# both ways to the L-BFGS directions (the compact form is the CUDA default, unmeasured on a GPU until then)
+step bench_decode 150 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 1 \
+  --directions compact two-loop
 # deselected: what needs wandb (not in the kit) or a package index (none on the device)
 step suite 300 $PY -m pytest -q -p no:cacheprovider -n 8 -k "not wandb" --deselect tests/test_report.py \
   --deselect tests/test_package.py::test_wheel_installs_in_a_fresh_venv_and_runs_the_demo_from_another_directory
