@@ -24,6 +24,11 @@ Two cases:
 ``--directions two-loop compact`` runs the batched solver once with each way of computing its
 L-BFGS directions (``core._logreg._History``; default: the device's own, the recursion on the CPU,
 the compact form on CUDA), so that both are timed in one run on the same device.
+``--ops`` (any device) counts, for each of those ways, the operations one fit of 100 demo-sized
+problems dispatches per L-BFGS iteration (views left out: each of the rest is a kernel launch on a
+GPU) and the host's waits for the device (a tensor's value read on the host: ``.item()``,
+``bool()``, ``nonzero``): on a GPU a batch of small problems runs at the rate the host launches
+kernels, so these are its cost there.
 
 Run: python benchmarks/bench_decode.py [--cases majaj demo] [--splits 10] [--sklearn-splits 2]
      [--repeats 2] [--device cpu] [--directions two-loop compact] [--quick]
@@ -100,9 +105,11 @@ def _directions(how: str | None):
     """The batched solver computes its L-BFGS directions the ``how`` way on every device (None: as is)."""
     from unitmatch.core import _logreg
 
+    if how is None:  # as is (also a tree from before the choice, for A/B runs)
+        yield
+        return
     saved = dict(_logreg._DIRECTIONS)
-    if how is not None:
-        _logreg._DIRECTIONS.update({kind: how for kind in ("cpu", "cuda", "mps", "xpu")})
+    _logreg._DIRECTIONS.update({kind: how for kind in ("cpu", "cuda", "mps", "xpu")})
     try:
         yield
     finally:
@@ -110,11 +117,54 @@ def _directions(how: str | None):
         _logreg._DIRECTIONS.update(saved)
 
 
+def count_ops(directions, device) -> None:
+    """Operations and host waits per L-BFGS iteration of one fit of 100 demo-sized problems."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from unitmatch.core import _logreg
+
+    views = {"alias", "as_strided", "detach", "diagonal", "expand", "lift_fresh", "permute", "select", "slice",
+             "split", "squeeze", "t", "transpose", "unbind", "unsqueeze", "view", "_unsafe_view"}
+    waits = {"_local_scalar_dense", "nonzero", "is_nonzero", "masked_select"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.waits = 0, collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops += name not in views
+            if name in waits or (name in ("index", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+                self.waits[name] += 1  # a boolean mask as an index: a nonzero inside
+            return func(*args, **(kwargs or {}))
+
+    rng = np.random.default_rng(0)
+    b, n, f, k = 100, 360, 48, 8
+    y = rng.integers(0, k, n)
+    x = rng.normal(size=(b, n, f)).astype(np.float32) + 0.3 * (np.eye(k)[y] @ rng.normal(size=(f, k)).T)
+    xt, yt = torch.from_numpy(x).to(device or "cpu"), torch.from_numpy(y)
+    print(f"\n## Operations per L-BFGS iteration: {b} problems of {n} x {f}, {k} classes, device {device or 'cpu'}")
+    print("| L-BFGS directions | iterations (longest problem) | ops dispatched per iteration (no views) | "
+          "host waits per iteration |")
+    print("|---|---|---|---|")
+    for how in directions:
+        with _directions(how), Count() as counter:
+            fit = _logreg.fit_multinomial(xt, yt, k, 1.0)
+        it = int(fit.n_iter.max())
+        print(f"| {_direction_name(how, device)} | {it} | {counter.ops / it:.0f} | "
+              f"{sum(counter.waits.values()) / it:.1f} ({dict(counter.waits)}) |", flush=True)
+
+
 def _direction_name(how: str | None, device) -> str:
     from unitmatch.core import _logreg
 
     kind = __import__("torch").device(device or "cpu").type
-    return how or f"{_logreg._DIRECTIONS.get(kind, 'two-loop')} (the device's default)"
+    return how or f"{getattr(_logreg, '_DIRECTIONS', {}).get(kind, 'two-loop')} (the device's default)"
 
 
 def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions=(None,)) -> None:
@@ -256,6 +306,8 @@ def main():
     ap.add_argument("--device", default=None, help="torch device of the batched solver (default cpu)")
     ap.add_argument("--directions", nargs="+", default=[None], choices=["two-loop", "compact"],
                     help="the batched solver's L-BFGS directions, one run each (default: the device's own)")
+    ap.add_argument("--ops", action="store_true",
+                    help="only count operations and host waits per L-BFGS iteration (each --directions)")
     ap.add_argument("--quick", action="store_true",
                     help="development: 3 splits, 20 random populations, 1 scikit-learn split, 1 demo run")
     args = ap.parse_args()
@@ -276,6 +328,9 @@ def main():
             ap.error(f"--device {args.device!r} is not usable here ({e}); give cpu, cuda or cuda:N")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.ops:
+        count_ops(args.directions, args.device)
+        return
     if "majaj" in args.cases:
         bench_majaj(args.splits, args.sklearn_splits, args.random, args.device, args.directions)
     if "demo" in args.cases:
