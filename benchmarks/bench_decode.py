@@ -75,13 +75,14 @@ def _fit_timer():
     import unitmatch.core.decoding as decoding
 
     fit = decoding.fit_many
-    rec = {"wall": 0.0, "cpu": 0.0, "cold": [], "warm": []}
+    rec = {"wall": 0.0, "cpu": 0.0, "cold": [], "warm": [], "calls": 0}
 
     def timed(*a, **k):
         t0, c0 = time.perf_counter(), time.process_time()
         out = fit(*a, **k)
         rec["wall"] += time.perf_counter() - t0
         rec["cpu"] += time.process_time() - c0
+        rec["calls"] += 1
         init = k.get("init")  # a problem starting from zeros is a cold start
         cold = (np.ones(len(out.n_iter), bool) if init is None
                 else (init.abs().amax(dim=(1, 2)) == 0).cpu().numpy())
@@ -191,7 +192,7 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions
         print(f"| batched (warm starts) | {_direction_name(how, device)} | {len(splits)} | {wall:.1f} | "
               f"{cpu:.1f} | {wall / len(splits):.2f} | {cpu / (n_fits * len(splits)):.3f} | cold median "
               f"{np.median(cold):.0f}, warm median {np.median(warm) if warm.size else float('nan'):.0f} |")
-        print(f"  of which fits (fit_many): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
+        print(f"  of which fits (fit_many, {rec['calls']} batches): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
               f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
               f"{cpu - rec['cpu']:.1f} CPU s", flush=True)
     if n_sklearn:
@@ -247,7 +248,7 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
     print(f"\n## Demo-sized core.analyze: {assembly.n_images} images, {assembly.n_neurons} neurons "
           f"(48 V4 + 16 noise), {n_units:,} units (test_convnext stages), {len(splits)} splits, "
           f"100 permutations, 100 random populations, device {device or 'cpu'}")
-    print("| solver | L-BFGS directions | run | analyze s | decoding s | decoding share | decoding fits s (CPU s) |")
+    print("| solver | L-BFGS directions | run | analyze s | decoding s | decoding share | decoding fits s (CPU s; batches) |")
     print("|---|---|---|---|---|---|---|")
     decode = analysis._decode
     spent = []
@@ -275,7 +276,7 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
                                                    n_random_populations=100, seed=0, **extra)
                 total = time.perf_counter() - t0
             rows.setdefault(name, []).append((total, spent[-1]))
-            fits = f"{rec['wall']:.1f} ({rec['cpu']:.1f})" if solver == "batched" else ""
+            fits = f"{rec['wall']:.1f} ({rec['cpu']:.1f}; {rec['calls']} batches)" if solver == "batched" else ""
             shown = "-" if solver == "sklearn" else _direction_name(how, device)
             print(f"| {solver} | {shown} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} | {fits} |",
                   flush=True)

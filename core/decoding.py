@@ -34,7 +34,8 @@ float32 (their classifiers' products are float32 anyway); and ``warm_start`` sta
 from another split's solutions. ``core.analyze`` decodes a region's splits together
 (:func:`matched_population_decoding_splits`): its random populations are drawn once and shared by
 its splits, so population i of a later split starts from population i of an earlier one (from the
-first split where the splits' fits share batches, from the previous split where they are large).
+first split where the splits' fits share batches, from the previous split where they are large; on
+a GPU all splits start cold in as few batches as its memory allows, see ``GPU_BATCH_FRACTION``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ TOL = 1e-4
 #: the batched solver fits problems together in batches of at most this many bytes of train
 #: features: the null's populations (float32) of as many splits as fit, the units' and neurons'
 #: classifiers (float64) of as many splits as fit; a larger piece is fitted alone, cut in chunks
-#: (100 MajajHong-sized populations, 2304 x 256, take 236 MB: two chunks per split)
+#: (100 MajajHong-sized populations, 2304 x 256, take 236 MB: two chunks per split). On the CPU.
 BATCH_BYTES = 128 * 2**20
+#: on a GPU, batches of up to this fraction of the device's memory (within ``GPU_BATCH_BYTES``),
+#: all splits started cold: there a batch of small fits runs at the rate the host launches kernels,
+#: not at its arithmetic's (an H200 fitted the MajajHong-sized null in 20 batches of about 0.15 s,
+#: 2.8 ms per L-BFGS iteration for GEMMs of about 0.06 ms), so fewer, larger batches cost less;
+#: the CPU's first split alone (a warm start for the others, 12% fewer iterations) would cost one
+#: more batch in sequence. Peak device memory about 4x the batch (its float64 phase, the stacks).
+GPU_BATCH_FRACTION = 1 / 32
+GPU_BATCH_BYTES = (BATCH_BYTES, 2 * 2**30)
 #: a column whose train standard deviation is at most this fraction of its largest train magnitude
 #: is treated as constant (z-scoring impossible)
 _CONSTANT_RTOL = 1e-12
@@ -505,16 +514,19 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
     The answers are those of :func:`matched_population_decoding` split by split (same objective,
     stopping rule and random populations); only how the batched solver groups its fits differs.
     Every fit is a separate problem with its own split's train images and labels, and the solver
-    fits problems of several splits at once, in batches of at most ``BATCH_BYTES`` of train
+    fits problems of several splits at once, in batches of at most ``BATCH_BYTES`` (CPU) of train
     features: the units' and neurons' classifiers of the splits, and the null's populations of as
     many consecutive splits as fit (a split's null larger than that is fitted in chunks, alone).
-    The first split is fitted alone, and each later batch starts from the latest solutions of the
-    same classifiers in an earlier batch (population i from population i: a warm start, as
-    ``warm_start`` below; the first split from ``warm_start``, or from zero). Many small problems
-    (the demo: 10 splits x 100 populations of 360 x 48) then cost two batches per region instead of
-    two per split, the second on all cores and warm-started from the first split (12% fewer
-    iterations than cold, measured on the demo); with large problems, one split's null per batch,
-    split s starts from split s - 1.
+    On the CPU the first split is fitted alone, and each later batch starts from the latest
+    solutions of the same classifiers in an earlier batch (population i from population i: a warm
+    start, as ``warm_start`` below; the first split from ``warm_start``, or from zero). Many small
+    problems (the demo: 10 splits x 100 populations of 360 x 48) then cost two batches per region
+    instead of two per split, the second on all cores and warm-started from the first split (12%
+    fewer iterations than cold, measured on the demo); with large problems, one split's null per
+    batch, split s starts from split s - 1. On a GPU, batches hold up to ``GPU_BATCH_FRACTION`` of
+    its memory and the first split is not fitted alone (a batch there costs its number of
+    iterations, whatever its size): the demo's region is one batch of classifier pairs and one of
+    null fits, a MajajHong-sized null two.
 
     Args:
         unit_responses: one (n_images, M) array per split (a list, or an (n_splits, n_images, M)
@@ -572,6 +584,7 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
     n_draws, draws = _null_draws(random_populations, n_random, (problems[0].n_images, problems[0].n_columns))
     batched = solver == "batched"
     warm = warm_start.fits if warm_start is not None and batched else None
+    limit, first_alone = _batch_plan(device, solver)
 
     def key(s: int) -> tuple:  # problems that can share a batch: same train size and classes
         return problems[s].train.size, tuple(problems[s].classes.tolist())
@@ -598,7 +611,8 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
     # the units' (0) and the neurons' (1) classifiers of each split
     pair = start((2, k, m + 1), warm["pair"] if warm_ok else None)
     pair_key, accs, pair_theta = first_key, {}, {}
-    for batch in _pack(range(len(splits)), lambda s: 2 * problems[s].train.size * m * 8, lambda s: (key(s), s == 0)):
+    for batch in _pack(range(len(splits)), lambda s: 2 * problems[s].train.size * m * 8,
+                       lambda s: (key(s), first_alone and s == 0), limit):
         if key(batch[0]) != pair_key:
             pair, pair_key = None, key(batch[0])
         k = len(pair_key[1])
@@ -619,13 +633,13 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
         pieces = []
         for s, p in enumerate(problems):
             per_draw = p.train.size * m * 4
-            n_chunks = -(-n_draws // max(1, BATCH_BYTES // per_draw))
+            n_chunks = -(-n_draws // max(1, limit // per_draw))
             pieces += [(s, chunk) for chunk in np.array_split(np.arange(n_draws), n_chunks)]
         k = len(first_key[1])
         current = start((n_draws, k, m + 1), warm["null"] if warm_ok else None)
         null_key = first_key
         for batch in _pack(pieces, lambda pc: pc[1].size * problems[pc[0]].train.size * m * 4,
-                           lambda pc: (key(pc[0]), pc[0] == 0)):
+                           lambda pc: (key(pc[0]), first_alone and pc[0] == 0), limit):
             if key(batch[0][0]) != null_key:
                 current, null_key = None, key(batch[0][0])
             current = start((n_draws, len(null_key[1]), m + 1), current)
@@ -675,13 +689,26 @@ class _SplitData(NamedTuple):
     neurons_test: np.ndarray
 
 
-def _pack(pieces, nbytes: Callable, key: Callable):
-    """Consecutive pieces in batches of at most ``BATCH_BYTES`` (``nbytes(piece)`` each; a larger
+def _batch_plan(device, solver: str) -> tuple[int, bool]:
+    """(bytes of features per batch, fit the first split alone) for the batched solver on ``device``:
+    ``BATCH_BYTES`` and the first split alone on the CPU (and for scikit-learn, which fits one
+    problem at a time anyway); on a GPU a ``GPU_BATCH_FRACTION`` of its memory and every split
+    together (see ``GPU_BATCH_FRACTION``)."""
+    dev = torch.device(device if device is not None else "cpu")
+    if solver != "batched" or dev.type != "cuda":
+        return BATCH_BYTES, True
+    low, high = GPU_BATCH_BYTES
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return int(min(high, max(low, total * GPU_BATCH_FRACTION))), False
+
+
+def _pack(pieces, nbytes: Callable, key: Callable, limit: int):
+    """Consecutive pieces in batches of at most ``limit`` bytes (``nbytes(piece)`` each; a larger
     piece alone), the pieces of a batch having the same ``key`` (the caller's: problems that can
-    share a batch, and the first split apart from the others)."""
+    share a batch, and the first split apart from the others where it is fitted alone)."""
     batch, size = [], 0
     for piece in pieces:
-        if batch and (key(piece) != key(batch[0]) or size + nbytes(piece) > BATCH_BYTES):
+        if batch and (key(piece) != key(batch[0]) or size + nbytes(piece) > limit):
             yield batch
             batch, size = [], 0
         batch.append(piece)

@@ -748,6 +748,17 @@ def test_decoding_splits_together_agrees_with_each_split_alone_and_with_scikit_l
             assert abs(getattr(a, field) - getattr(c, field)) <= one, (s, field)
         assert np.abs(a.null - b.null).max() <= one and np.abs(a.null - c.null).max() <= one
         assert a.fits["null"].shape == (40, N_CAT, M + 1) and a.fits["pair"].shape == (2, N_CAT, M + 1)
+    # a GPU's plan (decoding._batch_plan on CUDA): large batches, the first split not alone; every
+    # split started cold, the same answers within one test image
+    monkeypatch.setattr(decoding, "_batch_plan", lambda device, solver: (2**30, False))
+    calls.clear()
+    gpu_plan = matched_population_decoding_splits(unit_sets, neurons, labels, splits, random_populations=pops)
+    assert calls == [(6, 2), (2, 1), (120, 2), (40, 1)]
+    for s, (a, c) in enumerate(zip(gpu_plan, reference)):
+        one = 1 / splits[s][1].size + 1e-12
+        for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
+            assert abs(getattr(a, field) - getattr(c, field)) <= one, (s, field)
+        assert np.abs(a.null - c.null).max() <= one
     with pytest.raises(ValueError, match=r"unit_responses must hold one \(n_images, M\) array per split \(4 "
                                          r"splits\); got 3 arrays"):
         matched_population_decoding_splits(unit_sets[:3], neurons, labels, splits)
@@ -759,6 +770,24 @@ def test_decoding_splits_together_agrees_with_each_split_alone_and_with_scikit_l
         matched_population_decoding_splits(bad, neurons, labels, splits)
     with pytest.raises(ValueError, match="splits is empty"):
         matched_population_decoding_splits([], neurons, labels, [])
+
+
+@pytest.mark.parametrize("gib, batch_mib", [(2, 128), (8, 256), (80, 2048), (141, 2048)])
+def test_a_gpu_batches_a_fraction_of_its_memory_and_the_cpu_128_mib(gib, batch_mib, monkeypatch):
+    """The batched solver's batches: 128 MiB of features and the first split alone on the CPU (and
+    for scikit-learn); on CUDA a 32nd of the device's memory within [128 MiB, 2 GiB], every split
+    together."""
+    import types
+
+    import torch
+
+    from unitmatch.core import decoding
+
+    assert decoding._batch_plan(None, "batched") == (128 * 2**20, True)
+    assert decoding._batch_plan("cpu", "sklearn") == (128 * 2**20, True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(total_memory=gib * 2**30))
+    assert decoding._batch_plan("cuda", "batched") == (batch_mib * 2**20, False)
+    assert decoding._batch_plan("cuda", "sklearn") == (128 * 2**20, True)
 
 
 def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
