@@ -65,8 +65,9 @@ TOL = 1e-4
 BATCH_BYTES = 128 * 2**20
 #: on a GPU, batches of up to this fraction of the device's memory (within ``GPU_BATCH_BYTES``),
 #: all splits started cold: there a batch of small fits runs at the rate the host launches kernels,
-#: not at its arithmetic's (an H200 fitted the MajajHong-sized null in 20 batches of about 0.15 s,
-#: 2.8 ms per L-BFGS iteration for GEMMs of about 0.06 ms), so fewer, larger batches cost less;
+#: not at its arithmetic's (an H200 took 3.4 s for the MajajHong-sized fits: 22 batches, 681 L-BFGS
+#: iterations in sequence, 5 ms each, where reading a batch's 118 MB of features a few times takes
+#: a tenth of a millisecond at its memory's bandwidth), so fewer, larger batches cost less;
 #: the CPU's first split alone (a warm start for the others, 12% fewer iterations) would cost one
 #: more batch in sequence. Peak device memory about 4x the batch (its float64 phase, the stacks).
 GPU_BATCH_FRACTION = 1 / 32
