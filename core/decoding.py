@@ -308,8 +308,24 @@ def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]
                          f"resolution (value {float(xt[j, 0, c]):.6g}); the null's populations are "
                          f"z-scored in float32: subtract the offset or rescale the responses")
     xt.sub_(mean)
-    std = torch.linalg.vector_norm(xt, dim=1, keepdim=True).div_(p.train.size ** 0.5)
-    return xt.div_(std)
+    return xt.div_(_column_norms(xt).div_(p.train.size ** 0.5))
+
+
+def _column_norms(x: torch.Tensor) -> torch.Tensor:
+    """(b, 1, M) Euclidean norms of the columns of each member of a (b, n, M) stack.
+
+    On the CPU the squares are summed over chunks of rows that stay in cache: on a (50, 2304, 256)
+    float32 stack 8 ms against 62 ms for ``torch.linalg.vector_norm`` over the rows and 33 ms for
+    squaring the whole stack first (one thread; relative error 2e-7 against float64, the norm's
+    1.5e-6). Elsewhere in one pass (a loop of small kernels would wait on launches on a GPU).
+    """
+    b, n, m = x.shape
+    step = n if x.device.type != "cpu" else max(1, (1 << 20) // max(1, 4 * b * m))
+    out = torch.zeros((b, 1, m), dtype=x.dtype, device=x.device)
+    for r0 in range(0, n, step):
+        chunk = x[:, r0:r0 + step]
+        out.add_(torch.mul(chunk, chunk).sum(dim=1, keepdim=True))
+    return out.sqrt_()
 
 
 # --------------------------------------------------------------------------------------- classifier
