@@ -354,6 +354,17 @@ class _SplitPlan:
         self.yn_test = yt  # (M, |H|) float64
 
     @functools.cached_property
+    def yn_test_t(self) -> torch.Tensor:
+        """``yn_test`` on the engine's device (on the CPU the same memory; not pickled): the block
+        leaders' test r are computed there."""
+        return torch.as_tensor(self.yn_test, device=self.test_t.device)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("yn_test_t", None)  # a copy of yn_test, rebuilt where used
+        return state
+
+    @functools.cached_property
     def d_t(self) -> torch.Tensor:
         """``d_train`` over all images, zero outside T: one GEMM over the block as it is (no row gather).
 
@@ -886,13 +897,15 @@ class MatchEngine:
         return top_r, local.cpu().numpy()
 
     def _leader_test_r(self, xb: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
-        """float64 test r of each neuron's block leader, from the block's test rows (a few values, as stored)."""
+        """float64 test r of each neuron row's block leader, from the block's test rows (a few values, as
+        stored), on the engine's device: only the r come back (with a permutation null's thousands of
+        rows the products are a host's milliseconds per split and block)."""
         cols = torch.as_tensor(leaders, device=self.device)
-        xt = xb[plan.test_t[:, None], cols[None, :]].double().cpu().numpy()  # (|H|, M)
-        xt = xt - xt.mean(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = (xt * plan.yn_test.T).sum(axis=0) / np.sqrt((xt * xt).sum(axis=0))
-        return np.where(has, r, np.nan)
+        xt = xb[plan.test_t[:, None], cols[None, :]].double()  # (|H|, rows)
+        xt -= xt.mean(dim=0)
+        r = (xt * plan.yn_test_t.T).sum(dim=0)
+        r /= xt.square_().sum(dim=0).sqrt_()  # NaN where the leader is constant on the test images
+        return np.where(has, r.cpu().numpy(), np.nan)
 
     # ---------------------------------------------------------------- final tables
     def finalize(self, partial: MatchPartial, catalogue: UnitCatalogue, neuron_ids: Sequence[str] | None = None,

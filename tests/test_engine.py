@@ -627,7 +627,8 @@ def test_float16_gemms_on_cuda_agree_with_float64_reference_in_column_chunks(n_s
 
 def test_float16_gemms_give_way_to_float32_under_fp16_accumulation_and_are_not_pickled(monkeypatch):
     """torch refuses float16 GEMMs into float32 while ``allow_fp16_accumulation`` is set: the engine
-    then takes its float32 path, block by block; the float16 parts are rebuilt after unpickling."""
+    then takes its float32 path, block by block; the float16 parts, and the split plans' device
+    copies of their test rows, are rebuilt after unpickling."""
     layers = {k: v.astype(np.float16) for k, v in _activations(seed=21).items()}
     x = _flat(layers)
     y, _ = _responses(x.astype(np.float32), seed=22)
@@ -637,8 +638,14 @@ def test_float16_gemms_give_way_to_float32_under_fp16_accumulation_and_are_not_p
     blocks = list(iter_blocks(layers, cat, 100))
     want = merge_all(engine.process(b) for b in blocks)
     assert engine._half_rows is not None and len(engine._half_a) == 2
+    assert all("yn_test_t" in plan.__dict__ for plan in engine._plans)  # built by the blocks' leaders
     copy = pickle.loads(pickle.dumps(engine))
     assert copy._half_rows is None and copy._half_a == {}
+    assert not any("yn_test_t" in plan.__dict__ for plan in copy._plans)
+    again = merge_all(copy.process(b) for b in blocks)
+    np.testing.assert_array_equal(again.top_unit, want.top_unit)
+    for name, lb in want.layers.items():
+        np.testing.assert_array_equal(again.layers[name].test_r, lb.test_r)
 
     def refuse(*args):
         raise AssertionError("float16 GEMM under allow_fp16_accumulation")
