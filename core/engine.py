@@ -484,6 +484,8 @@ class MatchEngine:
         #: per split the outside columns of a^T as [hi | lo] (rows, 2 x outside images)
         self._half_rows: torch.Tensor | None = None
         self._half_a: dict[int, torch.Tensor] = {}
+        #: the float64 neuron rows on a GPU for the re-scoring (:meth:`_yz_device`; not pickled)
+        self._yz_t: torch.Tensor | None = None
         # the sparse-unit screen (_sparse_units): image pairs (0, 1), (2, 3)... and, per split, which
         # pairs are two train images and how many of them a sparse unit holds equal at least
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
@@ -504,7 +506,7 @@ class MatchEngine:
         state = dict(self.__dict__)
         state.pop("_local")
         state.pop("_pool")
-        state["_half_rows"], state["_half_a"] = None, {}  # copies of other state, rebuilt where used
+        state["_half_rows"], state["_half_a"], state["_yz_t"] = None, {}, None  # copies of other state, rebuilt where used
         return state
 
     def __setstate__(self, state):
@@ -987,6 +989,15 @@ class MatchEngine:
             out[sel] = lb.test_r[sel]
         return out
 
+    def _yz_device(self) -> torch.Tensor:
+        """The z-scored neuron rows (float64) on the engine's device, for the re-scoring (on the CPU the
+        same memory; on a GPU a copy kept for the next call, not pickled)."""
+        if self.device.type == "cpu":
+            return torch.from_numpy(self._yz)
+        if self._yz_t is None:
+            self._yz_t = torch.as_tensor(self._yz, device=self.device)
+        return self._yz_t
+
     def _rescore(self, partial: MatchPartial, columns):
         """float64 re-scoring of every (split, neuron)'s candidates within tie_margin of its best.
 
@@ -1002,8 +1013,12 @@ class MatchEngine:
         xc = np.asarray(columns(units))
         if xc.shape != (self.n_images, units.size):
             raise ValueError(f"columns() returned shape {xc.shape}; expected ({self.n_images}, {units.size})")
-        xu = np.empty((units.size, self.n_images))  # units x images: each split takes its candidates' rows
-        xu[...] = xc.T  # cast and transposed in one pass
+        dev = self.device
+        # units x images, float64, on the engine's device (the columns travel as stored): each split
+        # takes its candidates' rows
+        xu = torch.empty((units.size, self.n_images), dtype=torch.float64, device=dev)
+        xu.copy_(torch.as_tensor(np.ascontiguousarray(xc)).to(dev).T)  # cast and transposed in one pass
+        yz = self._yz_device()
         cand = np.full(partial.top_unit.shape, -1, np.int64)
         cand[near] = inverse
         S, M, _ = cand.shape
@@ -1013,9 +1028,10 @@ class MatchEngine:
         for s, ((train, test), plan) in enumerate(zip(self.splits, self._plans)):
             slot, j = np.nonzero(cand[s].T >= 0)  # slot-major: the rows of slot 0 are consecutive
             used, c = np.unique(cand[s, j, slot], return_inverse=True)  # this split's candidates only
-            in_train = np.zeros(self.n_images)
-            in_train[train] = 1.0
-            r = _pair_r(xu[used], self._yz, plan.y_scale, c, j, in_train)
+            used_t = torch.as_tensor(used, device=dev)
+            in_train = torch.zeros(self.n_images, dtype=torch.float64, device=dev)
+            in_train[plan.train_t] = 1.0
+            r = _pair_r(xu[used_t], yz, torch.as_tensor(plan.y_scale, device=dev), c, j, in_train)
             r = np.nan_to_num(r, nan=-np.inf)
             # per neuron row: highest float64 r, then lowest unit id
             order = np.lexsort((partial.top_unit[s, j, slot], -r, j))
@@ -1024,7 +1040,7 @@ class MatchEngine:
             win = order[first]
             b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
             b_train[s, j[win]] = r[win]
-            b_test[s, j[win]] = _pair_r(xu[np.ix_(used, test)], plan.yn_test, None, c[win], j[win])
+            b_test[s, j[win]] = _pair_r(xu[used_t[:, None], plan.test_t[None, :]], plan.yn_test_t, None, c[win], j[win])
         return b_unit, b_train, b_test
 
 
@@ -1165,37 +1181,43 @@ def pearson_pairs(x: np.ndarray, y: np.ndarray, cols: np.ndarray, rows: np.ndarr
     yc = yc - yc.mean(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         yn = yc / np.sqrt(np.einsum("ij,ij->i", yc, yc))[:, None]
-    return _pair_r(xu, yn, None, at, rows, chunk=chunk)
+    return _pair_r(torch.from_numpy(xu), torch.from_numpy(yn), None, at, rows, chunk=chunk)
 
 
-def _pair_r(x: np.ndarray, y: np.ndarray, y_norm: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
-            mask: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols: np.ndarray, rows: np.ndarray,
+            mask: torch.Tensor | None = None, chunk: int | None = None) -> np.ndarray:
     """float64 Pearson r of unit row ``x[cols[p]]`` with neuron row ``y[rows[p]]``, per pair p.
 
-    Over the images where ``mask`` is 1 (a 0/1 float vector over x's and y's columns; None: all).
-    x (units x images) is overwritten: each row is centred on the masked images and zeroed off
-    them, so its products with a y row need that row neither gathered nor centred, only its norm
-    about its mean over those images (``y_norm`` per row; None: y's rows are already centred and of
-    norm 1 there). NaN where either side is constant.
+    ``x``, ``y``, ``y_norm`` and ``mask``: float64 tensors on one device, where the products run;
+    ``cols``, ``rows``: the pairs (numpy); the r come back as numpy. Over the images where ``mask``
+    is 1 (a 0/1 vector over x's and y's columns; None: all). x (units x images) is overwritten:
+    each row is centred on the masked images and zeroed off them, so its products with a y row
+    need that row neither gathered nor centred, only its norm about its mean over those images
+    (``y_norm`` per row; None: y's rows are already centred and of norm 1 there). NaN where either
+    side is constant. Pairs go ``chunk`` at a time (default: 256 on the CPU, where a chunk's
+    gathered rows stay in cache; elsewhere about 64 MiB of them).
     """
     if mask is None:
-        x -= x.mean(axis=1, keepdims=True)
+        x -= x.mean(dim=1, keepdim=True)
     else:
         x -= (x @ mask / mask.sum())[:, None]
         x *= mask
-    norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-    out = np.empty(cols.size)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    if chunk is None:
+        chunk = 256 if x.device.type == "cpu" else max(256, (64 << 20) // (8 * max(1, x.shape[1])))
+    cols_t = torch.as_tensor(cols, device=x.device)
+    rows_t = torch.as_tensor(rows, device=x.device)
+    out = torch.empty(cols.size, dtype=x.dtype, device=x.device)
     for a in range(0, cols.size, chunk):
         sl = slice(a, a + chunk)
         at = rows[sl]
         # consecutive rows (most pairs: one candidate per neuron row) are read in place, not gathered
-        ys = y[at[0]:at[0] + at.size] if np.array_equal(at, np.arange(at[0], at[0] + at.size)) else y[at]
-        out[sl] = np.einsum("pi,pi->p", x[cols[sl]], ys)
-    norms = norm[cols] if y_norm is None else norm[cols] * y_norm[rows]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = out / norms
-    r[norms == 0] = np.nan  # not the rounding residue of a product over a constant side
-    return r
+        ys = y[at[0]:at[0] + at.size] if np.array_equal(at, np.arange(at[0], at[0] + at.size)) else y[rows_t[sl]]
+        torch.sum(x[cols_t[sl]] * ys, dim=1, out=out[sl])
+    norms = norm[cols_t] if y_norm is None else norm[cols_t] * y_norm[rows_t]
+    r = out / norms
+    r[norms == 0] = float("nan")  # not the rounding residue of a product over a constant side
+    return r.cpu().numpy()
 
 
 def _in_words(src: torch.Tensor) -> bool:

@@ -1091,13 +1091,14 @@ def test_pair_r_over_a_subset_of_images_equals_numpy_corrcoef():
     y_norm = np.sqrt((yt * yt).sum(axis=1))
     cols = np.array([0, 1, 2, 3, 4, 5, 1, 0, 3, 4])
     rows = np.array([0, 1, 2, 3, 4, 5, 8, 6, 6, 7])  # 6 consecutive rows, then gathered ones (a row twice)
-    got = _pair_r(x.copy(), y, y_norm, cols, rows, mask, chunk=6)
+    t = torch.from_numpy
+    got = _pair_r(t(x.copy()), t(y), t(y_norm), cols, rows, t(mask), chunk=6)
     want = [np.corrcoef(x[c, train], y[r, train])[0, 1] if c != 2 and r != 7 else np.nan for c, r in zip(cols, rows)]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13)
     assert np.isnan(got[[2, 9]]).all() and np.isfinite(np.delete(got, [2, 9])).all()
     # over all images, against rows already centred and of norm 1
     yc = y - y.mean(axis=1, keepdims=True)
     yn = yc / np.sqrt((yc * yc).sum(axis=1, keepdims=True))
-    got = _pair_r(x.copy(), yn, None, cols[:9], rows[:9], chunk=4)
+    got = _pair_r(t(x.copy()), t(yn), None, cols[:9], rows[:9], chunk=4)
     np.testing.assert_allclose(got, [np.corrcoef(x[c], y[r])[0, 1] for c, r in zip(cols[:9], rows[:9])],
                                rtol=0, atol=1e-13)
