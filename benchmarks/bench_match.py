@@ -30,7 +30,7 @@ Per size it prints:
 - whether every variant chose the same units;
 - with ``--permutations N``: 10 splits with N permuted copies of every neuron (a sweep's default work,
   N = 100: 25,856 neuron rows), from the device blocks cut to the engine's default block for that many
-  rows, with the default and with float32 GEMMs, the host's share (``finalize``), and peak memory;
+  rows, with the default and with float32 GEMMs, the share of ``finalize``, and peak memory;
 - the device GEMM of the engine's own whole-block shapes: (256 x 3200) @ (3200 x units), its GEMM
   on CUDA, and with a row of ones under the neurons (257 rows: the unit sums as a GEMM row, as before
   the sums were taken apart on CUDA);
@@ -39,8 +39,9 @@ Per size it prints:
   neuron rows split in two float16 parts), from the device blocks, 1 and 10 splits, and one float16
   GEMM of the same shapes with float32 output (``out_dtype``).
 Engine times include the final float64 re-scoring, as on CPU. Two components explain them: the
-host's share of an on-device run (``finalize``: the float64 re-scoring and the result tables, timed
-alone; the GEMM is also compared with the on-device time less that share), and the host half of the
+share of ``finalize`` in an on-device run (the float64 re-scoring, on the device from columns copied
+from the host, and the result tables on the host, timed alone; the GEMM is also compared with the
+on-device time less that share), and the host half of the
 staging (the pageable blocks' bytes copied into a pinned buffer, alone). ``--profile`` adds
 torch.profiler's table of one on-device run (one split), ops by device time.
 
@@ -375,7 +376,7 @@ def worker_cuda(units: int, dtype: str, block_units: int, splits: list[int], pro
             out[f"{name}_peak_gib_{n_splits}"] = (gpu.max_memory_allocated(dev) - before) / 2**30 if cuda else 0.0
             chosen[f"{name}_{n_splits}"] = result["r"].matches.unit.tolist()
             if name == "device":
-                # the host's share of an on-device run: the float64 re-scoring and the result tables
+                # finalize's share of an on-device run: the float64 re-scoring and the result tables
                 total = engine.empty()
                 for b in blocks(dpool):
                     total = merge(total, engine.process(b))
@@ -406,7 +407,7 @@ def _cuda_engine(y, splits, dev, dry: bool, gemm: str, **settings):
 def _null_runs(core, y, pool, dpool, widths, block, catalogue, permutations, dev, dry, timed) -> dict:
     """10 splits with ``permutations`` permuted copies of every neuron, from the device blocks cut to the
     engine's default block for that many rows, with the default GEMMs and with float32 GEMMs: seconds
-    (one run after a warm-up), the host's share (``finalize``), peak device memory, and whether both
+    (one run after a warm-up), the share of ``finalize``, peak device memory, and whether both
     chose the same units for the neurons and for the null."""
     import torch
 
