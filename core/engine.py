@@ -544,7 +544,7 @@ class MatchEngine:
         if xb.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"block of layer {block.layer!r} has dtype {xb.dtype}; expected a float type")
         n_units = xb.shape[1]
-        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2:
+        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2 and _shares_pay():
             return self._process_in_shares(xb, block)
         return self._process(xb, block, torch_gemm=True)
 
@@ -1280,6 +1280,46 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
+
+
+@functools.lru_cache(maxsize=None)
+def _shares_pay() -> bool:
+    """Whether one split's blocks on the CPU go in shares over Python threads, each share's GEMMs
+    numpy's on one thread (:meth:`MatchEngine._process_in_shares`), rather than whole, with torch's
+    multi-threaded GEMMs. Decided once per process: shares where numpy's BLAS (OpenBLAS) multiplies
+    a tile on one thread at least ``_SHARES_BLAS_RATIO`` times as fast as torch's (MKL).
+
+    Measured (benchmarks/RESULTS.md): on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL
+    per thread and the shares the faster design (a float16 block 228 ms against 262 ms before them);
+    on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS and the whole block
+    with torch's GEMMs took 119-127 ms against 137-161 ms in shares.
+    """
+    import time
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((257, 1024), dtype=np.float32)
+    b = rng.standard_normal((1024, 1024), dtype=np.float32)
+    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+
+    def best(multiply) -> float:
+        multiply()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            multiply()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with single_threaded_ops():
+        numpy_s, torch_s = best(lambda: a @ b), best(lambda: torch.mm(at, bt))
+    pay = torch_s >= _SHARES_BLAS_RATIO * numpy_s
+    log.info("one-split CPU blocks %s: a tile's GEMM on one thread took %.2f ms with numpy, %.2f ms with torch",
+             "in shares over threads (numpy's GEMMs)" if pay else "whole (torch's GEMMs)", 1e3 * numpy_s, 1e3 * torch_s)
+    return pay
+
+
+#: :func:`_shares_pay`: how much faster numpy's one-thread GEMM must be than torch's for the shares
+_SHARES_BLAS_RATIO = 1.2
 
 
 @functools.lru_cache(maxsize=None)

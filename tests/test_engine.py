@@ -844,6 +844,7 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
     in the other thread's half (the lower unit id wins)."""
     from unitmatch.core import engine as engine_module
 
+    monkeypatch.setattr(engine_module, "_shares_pay", lambda: True)  # as on a CPU where OpenBLAS is faster
     rng = np.random.default_rng(21)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(dtype)  # 3 tiles of <= 2048 units
     x[:, 4321] = x[:, 7]
@@ -880,6 +881,38 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
     assert ref["unit"][0] == 7  # the duplicate's lower id, in both
 
 
+
+def test_one_split_cpu_blocks_go_in_shares_where_numpys_gemm_is_the_faster(monkeypatch):
+    """The one-split CPU path's design is chosen once per process by timing a tile's GEMM on one
+    thread in numpy and in torch: shares over threads (numpy's GEMMs) where numpy's is at least
+    ``_SHARES_BLAS_RATIO`` times as fast, else the whole block with torch's multi-threaded GEMMs;
+    the same units either way."""
+    from unitmatch.core import engine as engine_module
+
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float16)
+    y = plant_neurons(x.astype(np.float32), n_planted=6, n_noise=2, snr=4.0, seed=5).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    shared = []
+    in_shares = engine_module.MatchEngine._process_in_shares
+    monkeypatch.setattr(engine_module.MatchEngine, "_process_in_shares",
+                        lambda self, *a: shared.append(True) or in_shares(self, *a))
+    threads, got = torch.get_num_threads(), {}
+    try:
+        torch.set_num_threads(2)
+        for ratio, pay in ((0.0, True), (1e9, False)):  # numpy always / never fast enough
+            monkeypatch.setattr(engine_module, "_SHARES_BLAS_RATIO", ratio)
+            engine_module._shares_pay.cache_clear()
+            assert engine_module._shares_pay() is pay and engine_module._shares_pay() is pay  # decided once
+            shared.clear()
+            got[pay] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
+            assert shared == ([True] if pay else [])
+    finally:
+        torch.set_num_threads(threads)
+        engine_module._shares_pay.cache_clear()  # later tests probe this machine again
+    np.testing.assert_array_equal(got[True].top_unit, got[False].top_unit)
+    np.testing.assert_allclose(got[True].top_r, got[False].top_r, rtol=0, atol=1e-5)
+
 @pytest.mark.parametrize("offset, width", [(0, 4100), (3, 4103), (2, 2050)])
 def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, monkeypatch):
     """The tiled CPU path gathers float16 rows as 64-bit words where a tile's rows are whole,
@@ -888,6 +921,7 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
     the share threads, the screening r equal those of the same values given as float32."""
     from unitmatch.core import engine as engine_module
 
+    monkeypatch.setattr(engine_module, "_shares_pay", lambda: True)  # the share threads with 2 threads
     in_words, views = engine_module._in_words, []
     monkeypatch.setattr(engine_module, "_in_words", lambda t: views.append(in_words(t)) or views[-1])
     rng = np.random.default_rng(5)
