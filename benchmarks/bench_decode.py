@@ -192,7 +192,8 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions
         print(f"| batched (warm starts) | {_direction_name(how, device)} | {len(splits)} | {wall:.1f} | "
               f"{cpu:.1f} | {wall / len(splits):.2f} | {cpu / (n_fits * len(splits)):.3f} | cold median "
               f"{np.median(cold):.0f}, warm median {np.median(warm) if warm.size else float('nan'):.0f} |")
-        print(f"  of which fits (fit_many, {rec['calls']} batches): {rec['wall']:.1f} s wall, {rec['cpu']:.1f} CPU s; the rest "
+        print(f"  of which fits (fit_many, {rec['calls']} batches): {rec['wall']:.1f} s wall, "
+              f"{rec['cpu']:.1f} CPU s; the rest "
               f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
               f"{cpu - rec['cpu']:.1f} CPU s", flush=True)
     if n_sklearn:
@@ -248,7 +249,8 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
     print(f"\n## Demo-sized core.analyze: {assembly.n_images} images, {assembly.n_neurons} neurons "
           f"(48 V4 + 16 noise), {n_units:,} units (test_convnext stages), {len(splits)} splits, "
           f"100 permutations, 100 random populations, device {device or 'cpu'}")
-    print("| solver | L-BFGS directions | run | analyze s | decoding s | decoding share | decoding fits s (CPU s; batches) |")
+    print("| solver | L-BFGS directions | run | analyze s | decoding s | decoding share | "
+          "decoding fits s (CPU s; batches) |")
     print("|---|---|---|---|---|---|---|")
     decode = analysis._decode
     spent = []
@@ -261,7 +263,8 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
             spent.append(time.perf_counter() - t0)
 
     analysis._decode = timed_decode
-    runs = [("batched", how) for _ in range(repeats) for how in directions] + ([("sklearn", None)] if with_sklearn else [])
+    runs = [("batched", how) for _ in range(repeats) for how in directions]
+    runs += [("sklearn", None)] if with_sklearn else []
     rows = {}
     results = {}
     extra = {} if device is None else {"device": device}

@@ -292,7 +292,9 @@ class _History:
         """-H g for each problem of ``g`` (b, P); ``gamma`` (b,): the initial inverse Hessian's scale."""
         if self.count == 0:
             return precondition(g).mul_(-gamma[:, None])
-        return self._two_loop(g, gamma, precondition) if self.how == "two-loop" else self._compact(g, gamma, precondition)
+        if self.how == "two-loop":
+            return self._two_loop(g, gamma, precondition)
+        return self._compact(g, gamma, precondition)
 
     def _two_loop(self, g, gamma, precondition) -> torch.Tensor:
         m = self.m

@@ -289,20 +289,31 @@ def _zscored_train_stack(x: np.ndarray, p: _Problem, names: Callable[[int], str]
 
     The train rows are gathered on the host by numpy (3.6x faster than torch's ``index_select``
     of the same rows, on 2 cores), then moved to ``device`` (default cpu), where the statistics run
-    and the returned tensor lives: on a GPU the batched solver takes it as it is.
+    and the returned tensor lives: on a GPU the batched solver takes it as it is. A float32 tensor
+    ``x`` (the null's populations kept on a GPU for all splits, :func:`_null_draws`) is gathered
+    where it is.
     """
-    x = np.asarray(x)
-    train = np.take(x, p.train, axis=1)  # the train rows (contiguous), then the cast
-    xt = torch.from_numpy(train if train.dtype == np.float32 else train.astype(np.float32))
-    xt = xt.to(torch.device(device) if device is not None else "cpu")
+    if isinstance(x, torch.Tensor):
+        xt = x.index_select(1, torch.as_tensor(p.train, device=x.device))
+
+        def member(j: int) -> np.ndarray:
+            return x[j].cpu().numpy()
+    else:
+        x = np.asarray(x)
+        train = np.take(x, p.train, axis=1)  # the train rows (contiguous), then the cast
+        xt = torch.from_numpy(train if train.dtype == np.float32 else train.astype(np.float32))
+        xt = xt.to(torch.device(device) if device is not None else "cpu")
+
+        def member(j: int) -> np.ndarray:
+            return np.asarray(x[j])
     mean = xt.mean(dim=1, keepdim=True)
     for j in (~torch.isfinite(mean).all(dim=2)[:, 0]).nonzero()[:, 0].tolist():
-        _check_finite(np.asarray(x[j]), p.train, names(j))
+        _check_finite(member(j), p.train, names(j))
         raise ValueError(f"{names(j)} has values too large for float32 on the train images "
                          f"(magnitude above {np.finfo(np.float32).max:.3g}); rescale the responses")
     flat = xt.amax(dim=1) == xt.amin(dim=1)
     for j in flat.any(dim=1).nonzero()[:, 0].tolist():
-        _train_stats(np.asarray(x[j], dtype=np.float64), p.train, names(j))  # raises, naming the column
+        _train_stats(member(j).astype(np.float64), p.train, names(j))  # raises, naming the column
         c = int(flat[j].nonzero()[0, 0])
         raise ValueError(f"{names(j)} column {c} varies over the train images by less than float32 "
                          f"resolution (value {float(xt[j, 0, c]):.6g}); the null's populations are "
@@ -598,10 +609,11 @@ def matched_population_decoding_splits(unit_responses, neuron_responses, labels,
             return _SplitData(p, *_zscored(units_, p, "unit_responses"), *_zscored(neurons_, p, "neuron_responses"))
         split_data.append(per_split(s, prepare))
     problems = [d.problem for d in split_data]
-    n_draws, draws = _null_draws(random_populations, n_random, (problems[0].n_images, problems[0].n_columns))
     batched = solver == "batched"
     warm = warm_start.fits if warm_start is not None and batched else None
     limit, first_alone = _batch_plan(device, solver)
+    n_draws, draws = _null_draws(random_populations, n_random, (problems[0].n_images, problems[0].n_columns),
+                                 device=device if batched else None, limit=limit)
 
     def key(s: int) -> tuple:  # problems that can share a batch: same train size and classes
         return problems[s].train.size, tuple(problems[s].classes.tolist())
@@ -734,10 +746,15 @@ def _pack(pieces, nbytes: Callable, key: Callable, limit: int):
         yield batch
 
 
-def _null_draws(random_populations: RandomPopulations, n_random: int,
-                expected: tuple[int, int]) -> tuple[int, Callable[[np.ndarray], np.ndarray] | None]:
+def _null_draws(random_populations: RandomPopulations, n_random: int, expected: tuple[int, int],
+                device=None, limit: int = 0) -> tuple[int, Callable[[np.ndarray], np.ndarray] | None]:
     """(number of draws, ``draws(indices)`` -> (len, n_images, M) populations) of a null; (0, None)
-    without one. Checks the array's shape (a callable's populations are checked as drawn)."""
+    without one. Checks the array's shape (a callable's populations are checked as drawn).
+
+    A float32 array of at most ``limit`` bytes goes to ``device`` once when that is not the CPU
+    (a GPU): every split then gathers its train rows there, where the array would otherwise be
+    gathered on the host and copied over once per split (10 times with Brain-Score's splits).
+    """
     if random_populations is None:
         return 0, None
     if callable(random_populations):
@@ -764,6 +781,9 @@ def _null_draws(random_populations: RandomPopulations, n_random: int,
             raise ValueError("random_populations array holds 0 draws; give at least one, or None "
                              "for no null")
         n_draws = pops.shape[0]
+        if (device is not None and torch.device(device).type != "cpu" and pops.dtype == np.float32
+                and pops.nbytes <= limit):
+            pops = torch.as_tensor(pops).to(device)
 
         def draws(chunk: np.ndarray) -> np.ndarray:
             return pops[chunk[0]:chunk[-1] + 1]

@@ -506,7 +506,8 @@ class MatchEngine:
         state = dict(self.__dict__)
         state.pop("_local")
         state.pop("_pool")
-        state["_half_rows"], state["_half_a"], state["_yz_t"] = None, {}, None  # copies of other state, rebuilt where used
+        # copies of other state, rebuilt where used
+        state["_half_rows"], state["_half_a"], state["_yz_t"] = None, {}, None
         return state
 
     def __setstate__(self, state):

@@ -785,9 +785,25 @@ def test_a_gpu_batches_a_fraction_of_its_memory_and_the_cpu_128_mib(gib, batch_m
 
     assert decoding._batch_plan(None, "batched") == (128 * 2**20, True)
     assert decoding._batch_plan("cpu", "sklearn") == (128 * 2**20, True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(total_memory=gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(total_memory=gib * 2**30))
     assert decoding._batch_plan("cuda", "batched") == (batch_mib * 2**20, False)
     assert decoding._batch_plan("cuda", "sklearn") == (128 * 2**20, True)
+
+
+def test_the_nulls_float32_populations_go_to_a_gpu_once_when_they_fit():
+    """On a device other than the CPU (here torch's "meta" device stands in for a GPU) a float32
+    population array within the batch budget is moved there once and each split's draws are views
+    of it; float64 arrays, arrays over the budget, and the CPU keep the host array."""
+    from unitmatch.core.decoding import _null_draws
+
+    pops = np.zeros((4, 30, 5), np.float32)
+    n, draws = _null_draws(pops, 100, (30, 5), device="meta", limit=pops.nbytes)
+    assert n == 4 and draws(np.arange(1, 3)).device.type == "meta" and tuple(draws(np.arange(1, 3)).shape) == (2, 30, 5)
+    for given, device, limit in ((pops.astype(np.float64), "meta", 2 * pops.nbytes), (pops, "meta", pops.nbytes - 1),
+                                 (pops, "cpu", pops.nbytes), (pops, None, pops.nbytes)):
+        _, draws = _null_draws(given, 100, (30, 5), device=device, limit=limit)
+        assert isinstance(draws(np.arange(1, 3)), np.ndarray)
 
 
 def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
@@ -809,6 +825,22 @@ def test_null_zscoring_matches_the_float64_reference_and_names_bad_draws():
                                                        str).numpy(), got)
     # a float64 stack is cast to float32 after the gather: the float32 stack's answer
     np.testing.assert_array_equal(_zscored_train_stack(pops.astype(np.float64), p, str).numpy(), got)
+    # a float32 tensor (the null's populations kept on a GPU, gathered there) gives the same, and its
+    # bad members are named as the array's are
+    import torch
+
+    np.testing.assert_array_equal(_zscored_train_stack(torch.from_numpy(pops), p, str).numpy(), got)
+    for value, message in ((np.nan, rf"draw 1 has 1 non-finite value.*image {train[2]}, column 4"),
+                           (None, r"draw 1 column 4 is constant on the train images \(value 3.0")):
+        odd = pops.copy()
+        if value is None:
+            odd[1, :, 4] = 3.0
+            odd[1, test[0], 4] = 4.0  # constant on the train images only
+        else:
+            odd[1, train[2], 4] = value
+        for given in (odd, torch.from_numpy(odd)):
+            with pytest.raises(ValueError, match=message):
+                _zscored_train_stack(given, p, lambda j: f"draw {j}")
     bad = pops.copy()
     bad[3, train[5], 7] = np.inf
     with pytest.raises(ValueError, match=rf"random population 3 has 1 non-finite value.*image {train[5]}, column 7"):
