@@ -14,8 +14,10 @@ multinomial form with ``C / 2`` has the same minimiser with ``W_1 - W_0 = v`` (t
 ``v`` evenly between the two rows), so both cases are one code path here.
 
 Algorithm: L-BFGS (history 10, like SciPy's default) on all B problems at once, each with its own
-history, step and stopping state; the loss and gradient of a batch are two batched GEMMs
-(``torch.baddbmm`` / ``torch.bmm``) over (B, n, F) features. The objective is strongly convex (the
+history, step and stopping state (directions by the two-loop recursion on the CPU, by the compact
+representation on CUDA, where a batch waits on kernel launches: :class:`_History`); the loss and
+gradient of a batch are two batched GEMMs (``torch.baddbmm`` / ``torch.bmm``) over (B, n, F)
+features. The objective is strongly convex (the
 penalty), so ``s.y > 0`` always holds and an Armijo backtracking line search is enough. A problem
 stops, like SciPy's L-BFGS-B as scikit-learn calls it, when the largest absolute gradient entry is
 at most ``tol`` or the relative decrease of f is at most ``64 eps``; problems that stop leave the
