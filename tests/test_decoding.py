@@ -892,7 +892,11 @@ def test_batched_fit_on_cuda_matches_the_cpu_fit():
     on_cpu = matched_population_decoding_splits([units] * 3, neurons, labels, splits, random_populations=pops)
     on_gpu = matched_population_decoding_splits([units] * 3, neurons, labels, splits, random_populations=pops,
                                                 device="cuda")
-    for a, b in zip(on_cpu, on_gpu):
+    # float32 populations go to the device once and each split gathers its train rows there
+    on_gpu32 = matched_population_decoding_splits([units] * 3, neurons, labels, splits,
+                                                  random_populations=pops.astype(np.float32), device="cuda")
+    for a, b, c in zip(on_cpu, on_gpu, on_gpu32):
         for field in ("transfer_accuracy", "unit_accuracy", "neuron_accuracy"):
             assert abs(getattr(a, field) - getattr(b, field)) <= 0.01, field
-        assert np.abs(a.null - b.null).max() <= 0.01
+            assert abs(getattr(a, field) - getattr(c, field)) <= 0.01, field
+        assert np.abs(a.null - b.null).max() <= 0.01 and np.abs(a.null - c.null).max() <= 0.01
