@@ -1288,7 +1288,8 @@ def _shares_pay() -> bool:
     """Whether one split's blocks on the CPU go in shares over Python threads, each share's GEMMs
     numpy's on one thread (:meth:`MatchEngine._process_in_shares`), rather than whole, with torch's
     multi-threaded GEMMs. Decided once per process: shares where numpy's BLAS (OpenBLAS) multiplies
-    a tile on one thread at least ``_SHARES_BLAS_RATIO`` times as fast as torch's (MKL).
+    a tile, (257 x 2880) @ (2880 x 2048) float32 (the shape measured below), on one thread at least
+    ``_SHARES_BLAS_RATIO`` times as fast as torch's (MKL): about a quarter of a second, once.
 
     Measured (benchmarks/RESULTS.md): on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL
     per thread and the shares the faster design (a float16 block 228 ms against 262 ms before them);
@@ -1298,8 +1299,8 @@ def _shares_pay() -> bool:
     import time
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((257, 1024), dtype=np.float32)
-    b = rng.standard_normal((1024, 1024), dtype=np.float32)
+    a = rng.standard_normal((257, 2880), dtype=np.float32)
+    b = rng.standard_normal((2880, _TILE_UNITS), dtype=np.float32)
     at, bt = torch.from_numpy(a), torch.from_numpy(b)
 
     def best(multiply) -> float:
