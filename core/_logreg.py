@@ -287,6 +287,9 @@ class _History:
         dots = torch.bmm(self.sy, torch.stack([self.sy[:, slot], self.sy[:, m + slot], py], dim=2))
         self.s_dot_y[:, slot, :] = dots[:, m:, 0]  # s_new . y_j
         self.s_dot_y[:, :, slot] = dots[:, :m, 1]  # s_i . y_new
+        # the pair's own s.y as ``good`` was decided on (the GEMM's may round otherwise): > 0 exactly
+        # for a stored pair, 0 for an empty one
+        self.s_dot_y[:, slot, slot] = torch.where(good, sy, 0.0)
         self.y_p_y[:, slot, :] = dots[:, m:, 2]  # y_j . P y_new (P is symmetric)
         self.y_p_y[:, :, slot] = dots[:, m:, 2]
 
@@ -316,9 +319,9 @@ class _History:
     def _compact(self, g, gamma, precondition) -> torch.Tensor:
         m, b = self.m, g.shape[0]
         key = (self.count, self.newest)
-        if key not in self._orders:
+        if key not in self._orders:  # built on the device: no copy from the host, no wait
             first = self.newest - self.count + 1
-            self._orders[key] = torch.tensor([(first + i) % m for i in range(self.count)], device=g.device)
+            self._orders[key] = torch.arange(self.count, device=g.device).add_(first).remainder_(m)
         order = self._orders[key]  # oldest first
         pg = precondition(g)
         w = torch.bmm(self.sy, torch.stack([g, pg], dim=2))  # (b, 2m, 2)
@@ -402,9 +405,9 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
         ok = new_loss <= loss + _C1 * step * gd
         pending = run & ~ok
         for _ in range(max_line_search):
-            if not pending.any():
+            rows = pending.nonzero().squeeze(1)  # the step's one wait for the device
+            if rows.numel() == 0:
                 break
-            rows = pending.nonzero().squeeze(1)
             # safeguarded quadratic interpolation of the step, within [0.1, 0.5] of the last one
             t = step[rows]
             curv = new_loss[rows] - loss[rows] - gd[rows] * t

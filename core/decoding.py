@@ -35,7 +35,7 @@ from another split's solutions. ``core.analyze`` decodes a region's splits toget
 (:func:`matched_population_decoding_splits`): its random populations are drawn once and shared by
 its splits, so population i of a later split starts from population i of an earlier one (from the
 first split where the splits' fits share batches, from the previous split where they are large; on
-a GPU all splits start cold in as few batches as its memory allows, see ``GPU_BATCH_FRACTION``).
+a GPU in as few batches as its memory allows, the first split not alone, see ``GPU_BATCH_FRACTION``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ TOL = 1e-4
 #: (100 MajajHong-sized populations, 2304 x 256, take 236 MB: two chunks per split). On the CPU.
 BATCH_BYTES = 128 * 2**20
 #: on a GPU, batches of up to this fraction of the device's memory (within ``GPU_BATCH_BYTES``),
-#: all splits started cold: there a batch of small fits runs at the rate the host launches kernels,
+#: the first split not fitted alone (a batch after the first, where a region needs several, starts
+#: from the solutions before it): there a batch of small fits runs at the rate the host launches kernels,
 #: not at its arithmetic's (an H200 took 3.4 s for the MajajHong-sized fits: 22 batches, 681 L-BFGS
 #: iterations in sequence, 5 ms each, where reading a batch's 118 MB of features a few times takes
 #: a tenth of a millisecond at its memory's bandwidth), so fewer, larger batches cost less;

@@ -1018,7 +1018,8 @@ class MatchEngine:
         # units x images, float64, on the engine's device (the columns travel as stored): each split
         # takes its candidates' rows
         xu = torch.empty((units.size, self.n_images), dtype=torch.float64, device=dev)
-        xu.copy_(torch.as_tensor(np.ascontiguousarray(xc)).to(dev).T)  # cast and transposed in one pass
+        native = np.ascontiguousarray(xc, dtype=xc.dtype.newbyteorder("="))  # torch takes native byte order only
+        xu.copy_(torch.as_tensor(native).to(dev).T)  # cast and transposed in one pass
         yz = self._yz_device()
         cand = np.full(partial.top_unit.shape, -1, np.int64)
         cand[near] = inverse
@@ -1198,6 +1199,7 @@ def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols:
     side is constant. Pairs go ``chunk`` at a time (default: 256 on the CPU, where a chunk's
     gathered rows stay in cache; elsewhere about 64 MiB of them).
     """
+    cols, rows = np.asarray(cols, dtype=np.int64), np.asarray(rows, dtype=np.int64)  # torch indexes with int64
     if mask is None:
         x -= x.mean(dim=1, keepdim=True)
     else:
@@ -1283,8 +1285,18 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
 
 
-@functools.lru_cache(maxsize=None)
 def _shares_pay() -> bool:
+    """Whether one split's blocks on the CPU go in shares over threads (:func:`_probe_shares`, run
+    once; threads that ask meanwhile wait for its answer rather than time GEMMs against it)."""
+    with _PROBE_LOCK:
+        return _probe_shares()
+
+
+_PROBE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_shares() -> bool:
     """Whether one split's blocks on the CPU go in shares over Python threads, each share's GEMMs
     numpy's on one thread (:meth:`MatchEngine._process_in_shares`), rather than whole, with torch's
     multi-threaded GEMMs. Decided once per process: shares where numpy's BLAS (OpenBLAS) multiplies
@@ -1320,7 +1332,7 @@ def _shares_pay() -> bool:
     return pay
 
 
-#: :func:`_shares_pay`: how much faster numpy's one-thread GEMM must be than torch's for the shares
+#: :func:`_probe_shares`: how much faster numpy's one-thread GEMM must be than torch's for the shares
 _SHARES_BLAS_RATIO = 1.2
 
 

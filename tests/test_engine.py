@@ -253,10 +253,15 @@ def test_torch_tensor_blocks_and_threads_and_pickling():
         np.testing.assert_array_equal(sequential.top_r, other.top_r)
 
 
-def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thread():
+@pytest.mark.parametrize("shares", [True, False])
+def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thread(shares, monkeypatch):
     """One split on CPU, blocks wide enough to be shared out (more than one tile), processed on one
     engine from three threads at once (as Dask's threaded scheduler does) with two torch threads:
-    the same top-k as block by block on one thread, and torch's threads restored afterwards."""
+    the same top-k as block by block on one thread, and torch's threads restored afterwards; with
+    the share threads and with whole blocks (the CPU's choice, :func:`core.engine._shares_pay`)."""
+    from unitmatch.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_shares_pay", lambda: shares)
     rng = np.random.default_rng(30)
     x = np.maximum(rng.standard_normal((N_IMAGES, 12_000)), 0).astype(np.float16)
     y = plant_neurons(x.astype(np.float32), n_planted=8, n_noise=2, snr=3.0, seed=31).responses
@@ -902,14 +907,14 @@ def test_one_split_cpu_blocks_go_in_shares_where_numpys_gemm_is_the_faster(monke
         torch.set_num_threads(2)
         for ratio, pay in ((0.0, True), (1e9, False)):  # numpy always / never fast enough
             monkeypatch.setattr(engine_module, "_SHARES_BLAS_RATIO", ratio)
-            engine_module._shares_pay.cache_clear()
+            engine_module._probe_shares.cache_clear()
             assert engine_module._shares_pay() is pay and engine_module._shares_pay() is pay  # decided once
             shared.clear()
             got[pay] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
             assert shared == ([True] if pay else [])
     finally:
         torch.set_num_threads(threads)
-        engine_module._shares_pay.cache_clear()  # later tests probe this machine again
+        engine_module._probe_shares.cache_clear()  # later tests probe this machine again
     np.testing.assert_array_equal(got[True].top_unit, got[False].top_unit)
     np.testing.assert_allclose(got[True].top_r, got[False].top_r, rtol=0, atol=1e-5)
 
@@ -947,10 +952,16 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
 
 @pytest.mark.parametrize("where", ["train", "test"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad):
+@pytest.mark.parametrize("shares", [True, False])
+def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad, shares,
+                                                                                     monkeypatch):
     """The share threads: a NaN or inf on a train image or on a test image (those rows are only
     checked) in the second share of a block raises the engine's error with the unit's global id,
-    after both shares ended, and torch's threads are restored."""
+    after both shares ended, and torch's threads are restored; the same for a whole block (the
+    CPU's other choice, :func:`core.engine._shares_pay`)."""
+    from unitmatch.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_shares_pay", lambda: shares)
     rng = np.random.default_rng(8)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float16)
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
@@ -1075,6 +1086,7 @@ def test_pearson_pairs_equals_numpy_corrcoef_per_pair():
     assert np.isnan(got[4]) and np.isfinite(np.delete(got, 4)).all()
     # a Fortran-ordered view (units x images transposed) gives the same values
     np.testing.assert_array_equal(pearson_pairs(np.asfortranarray(x), y, cols, rows), got)
+    np.testing.assert_array_equal(pearson_pairs(x, y, cols.astype(np.uint32), rows.astype(np.uint32)), got)
 
 
 def test_rows_constant_on_a_train_set_are_found_exactly():
