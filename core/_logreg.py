@@ -224,14 +224,14 @@ class _History:
 
     The last ``m`` pairs ``s = theta_new - theta``, ``y = grad_new - grad`` sit in a ring of slots
     (a pair the step did not accept, or with ``s.y <= 0``, is stored as zeros and contributes
-    nothing, as an empty slot does). The initial inverse Hessian is ``H0 = gamma P`` (``P``: the objective's
-    preconditioner). Two ways to the same direction:
+    nothing, as an empty slot does). The initial inverse Hessian is ``H0 = gamma P`` (``P``: the
+    objective's preconditioner). Two ways to the same direction:
 
     - ``"two-loop"``: the two-loop recursion (Nocedal 1980) over the pairs, newest first: 2 m
       dependent steps of a few small ops each, over ``s`` and ``y`` (m, b, P), a slot's vectors
-      contiguous. The faster way on the CPU (the demo's problems:
-      0.11 s per fit against 0.14 s for the compact form, whose batched GEMMs of a few columns cost
-      more there than the recursion's element-wise passes; benchmarks/RESULTS.md).
+      contiguous. The faster way on the CPU (the demo's problems: 0.11 s per fit against 0.14 s
+      for the compact form, whose batched GEMMs of a few columns cost more there than the
+      recursion's element-wise passes; benchmarks/RESULTS.md).
     - ``"compact"`` (the default on CUDA): the compact representation (Byrd, Nocedal & Schnabel
       1994, Theorem 2.2) with the pairs oldest first::
 
@@ -241,9 +241,8 @@ class _History:
       with ``R`` the upper triangle of ``S^T Y`` and ``D`` its diagonal, kept up to date as pairs
       arrive (``s_i.y_j`` and ``y_i.P y_j``, one batched GEMM per pair), ``sy`` (b, 2m, P) holding
       each problem's s vectors (rows ``:m``) then its y vectors, so that one GEMM reads both:
-      about 20 ops per
-      iteration where the recursion takes about 100, i.e. fewer kernel launches on a GPU, where a
-      batch of small problems waits on launches rather than on arithmetic.
+      about 20 ops per iteration where the recursion takes about 100, i.e. fewer kernel launches
+      on a GPU, where a batch of small problems waits on launches rather than on arithmetic.
     """
 
     def __init__(self, m: int, n_batch: int, n_par: int, dtype: torch.dtype, device: torch.device,
@@ -270,7 +269,8 @@ class _History:
         else:
             self.s, self.y, self.rho = self.s[:, keep], self.y[:, keep], self.rho[:, keep]
 
-    def push(self, s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, py: torch.Tensor, good: torch.Tensor) -> None:
+    def push(self, s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, py: torch.Tensor,
+             good: torch.Tensor) -> None:
         """Store the newest pair (``sy``: s.y, ``py = P y``) in the oldest slot; zeros where not ``good``."""
         m = self.m
         self.newest = slot = (self.newest + 1) % m

@@ -1042,7 +1042,8 @@ class MatchEngine:
             win = order[first]
             b_unit[s, j[win]] = partial.top_unit[s, j[win], slot[win]]
             b_train[s, j[win]] = r[win]
-            b_test[s, j[win]] = _pair_r(xu[used_t[:, None], plan.test_t[None, :]], plan.yn_test_t, None, c[win], j[win])
+            test_x = xu[used_t[:, None], plan.test_t[None, :]]
+            b_test[s, j[win]] = _pair_r(test_x, plan.yn_test_t, None, c[win], j[win])
         return b_unit, b_train, b_test
 
 
@@ -1328,7 +1329,8 @@ def _probe_shares() -> bool:
         numpy_s, torch_s = best(lambda: a @ b), best(lambda: torch.mm(at, bt))
     pay = torch_s >= _SHARES_BLAS_RATIO * numpy_s
     log.info("one-split CPU blocks %s: a tile's GEMM on one thread took %.2f ms with numpy, %.2f ms with torch",
-             "in shares over threads (numpy's GEMMs)" if pay else "whole (torch's GEMMs)", 1e3 * numpy_s, 1e3 * torch_s)
+             "in shares over threads (numpy's GEMMs)" if pay else "whole (torch's GEMMs)",
+             1e3 * numpy_s, 1e3 * torch_s)
     return pay
 
 
