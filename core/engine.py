@@ -10,9 +10,10 @@ How, per block of units (images x units, one layer):
    squares over all images and over each split's train images (a small GEMM with the train masks).
    float32 blocks that need no shift are used as they are, without a copy.
 2. Products as one matrix multiply. With one split, the z-scored neurons (zero outside T) times the
-   block; on CPU steps 1 and 2 are fused tile by tile (:meth:`MatchEngine._tiled_products`: the train
-   rows of 2048 units are cast 256 rows at a time into a cache-resident buffer, squared there, and
-   multiplied over the train rows only), so the block is read once in its own dtype. With several
+   block; on CPU steps 1 and 2 are fused tile by tile (:meth:`MatchEngine._tiled_products`: a
+   tile's train rows are gathered, cast and squared 720 rows at a time in one pass of a numba kernel
+   (:mod:`core._kernels`), and each chunk multiplied while in cache, over the train rows only), so
+   the block is read once in its own dtype. With several
    splits the work is shared: products over all images minus products over the
    images outside T give every split's train products (docs/SCIENCE.md), so 10 splits cost about 2-3x
    one split instead of 9x. The neuron side is augmented so the same GEMM also yields each unit's
@@ -77,9 +78,14 @@ log = logging.getLogger(__name__)
 #: rows of the shift estimate and of each preparation chunk (chunks stay in L2 with 16k units)
 _SHIFT_ROWS = 64
 _CHUNK_ROWS = 32
-#: one split on CPU (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast chunk
+#: one split on CPU (:meth:`MatchEngine._tiled_products`) with numpy's GEMMs: units per tile and train
+#: rows per cast chunk
 _TILE_UNITS = 2048
 _TILE_ROWS = 256
+#: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
+#: per chunk (a chunk's float32 rows, 2.8 MiB, about a core's L2 cache; benchmarks/RESULTS.md)
+_KCHUNK_UNITS = 1024
+_KCHUNK_ROWS = 720
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
 _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
@@ -325,8 +331,8 @@ class _SplitPlan:
         n_images = yz.shape[1]
         self.train, self.test = train, test
         self.n_train = len(train)
-        self.outside = torch.as_tensor(outside, device=device)
-        self.train_t = torch.as_tensor(train, device=device)
+        self.outside = torch.as_tensor(outside, dtype=torch.int64, device=device)
+        self.train_t = torch.as_tensor(train, dtype=torch.int64, device=device)
         self.test_t = torch.as_tensor(test, device=device)
         train_sum, train_squares = _train_sums(sums, y_out)
         mz = train_sum / self.n_train  # train mean of the z-scored responses
@@ -491,7 +497,7 @@ class MatchEngine:
         n_pairs = min(_SCREEN_PAIRS, self.n_images // 2)
         first = np.arange(0, 2 * n_pairs, 2)
         pair_masks = np.stack([np.isin(first, tr) & np.isin(first + 1, tr) for tr, _ in self.splits])
-        self._pairs = (torch.as_tensor(first, device=self.device), torch.as_tensor(first + 1, device=self.device))
+        self._n_pairs = n_pairs
         self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
         needed = pair_masks.sum(axis=1) - (self.min_varying_images - 1)
         self._pairs_needed = torch.as_tensor(needed[:, None], dtype=torch.float32, device=self.device)
@@ -527,7 +533,7 @@ class MatchEngine:
     def _buffer(self, name: str, shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
         """A reusable buffer of at least this size (per thread), viewed to ``shape``."""
         pool = self._local.__dict__.setdefault("pool", {})
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         buf = pool.get(name)
         if buf is None or buf.numel() < n or buf.dtype != dtype:
             buf = torch.empty(n, dtype=dtype, device=self.device)
@@ -545,21 +551,25 @@ class MatchEngine:
         if xb.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"block of layer {block.layer!r} has dtype {xb.dtype}; expected a float type")
         n_units = xb.shape[1]
-        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2 and _shares_pay():
-            return self._process_in_shares(xb, block)
+        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2:
+            return self._process_in_shares(xb, block, torch_gemm=not _numpy_gemm_faster())
         return self._process(xb, block, torch_gemm=True)
 
-    def _process_in_shares(self, xb: torch.Tensor, block: UnitBlock) -> MatchPartial:
+    def _process_in_shares(self, xb: torch.Tensor, block: UnitBlock, torch_gemm: bool) -> MatchPartial:
         """One split on CPU: the block's units shared out over Python threads, each share scored
         as a block of its own (tiles, sparse screen, top-k, leader), then merged.
 
-        Every op is single-threaded (:func:`core._threads.single_threaded_ops`) and each tile's
-        GEMM numpy's (OpenBLAS, one thread): independent shares on separate threads have no
-        barrier to wait at, and the per-block work after the GEMMs runs on every core too.
-        Measured on the 2-core AMD EPYC VM (benchmarks/RESULTS.md): torch's (MKL's) 2-thread GEMM
-        of a whole block ran no faster than its 1-thread one, and one 2-thread op per tile step
-        left the cores waiting at each op's end; a single thread's GEMM is as fast in either
-        library.
+        Every op is single-threaded (:func:`core._threads.single_threaded_ops`): independent shares
+        on separate threads have no barrier to wait at, and all the work around the GEMMs (the
+        gathers, casts and squares, the screen, the top-k) runs on every core. Each share's GEMMs
+        are torch's (``torch_gemm``: a chunk of rows at a time, added up) or numpy's (a tile of all
+        train rows at once), whichever BLAS is the faster on one thread here
+        (:func:`_numpy_gemm_faster`). Measured (benchmarks/RESULTS.md): on a 2-core Intel Xeon
+        (AVX-512) the shares with torch's chunked GEMMs and the fused kernel took 106-119 ms a
+        float16 block of 18,432 units, where the whole block with torch's 2-thread ops and GEMMs
+        (the design before) took 128-133 ms and with the kernel on one thread 141-143 ms; on a
+        2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL per thread, and the shares with
+        numpy's GEMMs were the faster design.
         """
         n_units = xb.shape[1]
         with single_threaded_ops() as threads:
@@ -568,7 +578,7 @@ class MatchEngine:
             pool = self._share_pool(n)
             shares = [UnitBlock(xb[:, a:b], block.layer, block.first_unit + a)
                       for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-            work = [pool.submit(self._process, share.data, share, torch_gemm=False) for share in shares]
+            work = [pool.submit(self._process, share.data, share, torch_gemm=torch_gemm) for share in shares]
             wait(work)  # every share ends inside the section, even when one of them failed
             parts = [w.result() for w in work]
         return merge_all(parts)
@@ -760,12 +770,14 @@ class MatchEngine:
     def _tiled_products(self, xb: torch.Tensor, shift: torch.Tensor | None, plan: "_SplitPlan", torch_gemm: bool):
         """One split on CPU: the train products of the block, tile by tile, and its sums of squares.
 
-        The block is read once, in its own dtype: for each tile of ``_TILE_UNITS`` units, the train
-        rows are gathered and cast to float32 ``_TILE_ROWS`` at a time into the tile, and squared and
-        summed while in cache; then one GEMM over the train rows alone (``_SplitPlan.d_train``)
-        gives the tile's products and unit sums. The other rows are squared and summed only to
-        check that they are finite. ``torch_gemm``: each tile's GEMM with torch, else with
-        numpy (the share threads of :meth:`_process_in_shares`, inside a single-threaded section).
+        The block is read once, in its own dtype: a tile's train rows are gathered and cast to
+        float32 a chunk of rows at a time, and squared and summed while in cache, in one pass for
+        float16 and float32 blocks (:func:`core._kernels.gather_rows`; float64 sums) or with torch's
+        ops. With ``torch_gemm`` each chunk is multiplied at once, torch's GEMM adding it to the
+        tile's products (beta = 1): the cast rows never leave the core's cache. Otherwise (numpy's
+        GEMM, which cannot add into its output) the chunks fill a tile of all train rows and one
+        GEMM over it follows (``_SplitPlan.d_train``). The other rows are squared and summed only
+        to check that they are finite.
 
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
@@ -775,29 +787,56 @@ class MatchEngine:
         products = self._buffer("products", (self.n_rows + 1, n_units))
         sxx = self._buffer("sxx", (2, n_units))  # every column written below, tile by tile
         n_train, n_rest = plan.n_train, len(plan.outside)
-        for c0 in range(0, n_units, _TILE_UNITS):
-            c1 = min(c0 + _TILE_UNITS, n_units)
+        tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_TILE_UNITS, _TILE_ROWS)
+        # the row chunks: (0 for the train rows, 1 for the others; first; end)
+        chunks = [(k, r0, min(r0 + tile_rows, n)) for k, n in enumerate((n_train, n_rest))
+                  for r0 in range(0, n, tile_rows)]
+        fused = _fused_gather(xb)
+        if fused is not None:
+            flat, row_stride = fused
+            gather = _kernels().gather_rows
+            row_sets = (plan.train_t.numpy(), plan.outside.numpy())
+            squares = self._buffer("squares64", (2, min(tile_units, n_units)), torch.float64)
+        for c0 in range(0, n_units, tile_units):
+            c1 = min(c0 + tile_units, n_units)
             width = c1 - c0
             src = xb[:, c0:c1]
             step = shift[c0:c1] if shift is not None else None
-            tile = self._buffer("tile", (n_train, width))
-            # squares summed elementwise over the row chunks while in cache, then once over the
-            # accumulator's rows (one op per chunk: measured twice as fast as squaring into a buffer
-            # and summing it)
-            squares = self._buffer("squares", (min(_TILE_ROWS, max(n_train, n_rest)), width))
-            for rows, n, at, sums in ((plan.train_t, n_train, True, sxx[0, c0:c1]),
-                                      (plan.outside, n_rest, False, sxx[1, c0:c1])):
-                squares.zero_()
-                for r0 in range(0, n, _TILE_ROWS):
-                    r1 = min(r0 + _TILE_ROWS, n)
-                    chunk = tile[r0:r1] if at else self._buffer("rest", (r1 - r0, width))
-                    self._gather_rows(src, rows[r0:r1], chunk, step)
-                    squares[: r1 - r0].addcmul_(chunk, chunk)
-                torch.sum(squares, dim=0, out=sums)
-            if torch_gemm:
-                torch.mm(plan.d_train, tile, out=products[:, c0:c1])
+            out = products[:, c0:c1]
+            tile = None if torch_gemm else self._buffer("tile", (n_train, width))
+            if fused is not None:  # float64 sums of squares: over the train rows, then the others
+                sums = squares[:, :width].zero_()
+                sums_np = sums.numpy()
+                step_np = None if step is None else step.numpy()
             else:
-                np.matmul(plan.d_train.numpy(), tile.numpy(), out=products[:, c0:c1].numpy())
+                # squares summed elementwise over the row chunks while in cache, then once over the
+                # accumulator's rows (one op per chunk: measured twice as fast as squaring into a buffer
+                # and summing it)
+                sums = self._buffer("squares", (min(tile_rows, max(n_train, n_rest)), width))
+            for k, r0, r1 in chunks:
+                train = k == 0
+                if fused is not None and not train:  # squares alone: each row cast over the last
+                    chunk = self._buffer("row", (1, width))
+                elif train and tile is not None:
+                    chunk = tile[r0:r1]
+                else:
+                    chunk = self._buffer("rest", (r1 - r0, width))
+                if fused is not None:
+                    gather(flat, row_stride, c0, row_sets[k][r0:r1], step_np, chunk.numpy(), sums_np[k])
+                else:
+                    self._gather_rows(src, (plan.train_t, plan.outside)[k][r0:r1], chunk, step)
+                    if r0 == 0:
+                        torch.mul(chunk, chunk, out=sums[: r1 - r0])
+                    else:
+                        sums[: r1 - r0].addcmul_(chunk, chunk)
+                    if r1 == (n_train, n_rest)[k]:
+                        torch.sum(sums[: min(r1, tile_rows)], dim=0, out=sxx[k, c0:c1])
+                if train and tile is None:
+                    torch.addmm(out, plan.d_train[:, r0:r1], chunk, beta=0.0 if r0 == 0 else 1.0, out=out)
+            if fused is not None:
+                sxx[:, c0:c1].copy_(sums)
+            if tile is not None:
+                np.matmul(plan.d_train.numpy(), tile.numpy(), out=out.numpy())
         return products, sxx[:1], sxx[1]
 
     def _share_pool(self, n: int) -> ThreadPoolExecutor:
@@ -832,8 +871,8 @@ class MatchEngine:
         images; only the others are counted exactly (:meth:`_varying_train_images`, on their
         columns in the block's own dtype).
         """
-        first, second = self._pairs
-        equal = (xb.index_select(0, first) == xb.index_select(0, second)).to(torch.float32)
+        pairs = xb[: 2 * self._n_pairs]
+        equal = (pairs[0::2] == pairs[1::2]).to(torch.float32)  # row views: no copies
         maybe = ((self._pair_masks @ equal) >= self._pairs_needed).any(dim=0)
         sparse = torch.zeros((self.n_splits, xb.shape[1]), dtype=torch.bool, device=self.device)
         check = torch.nonzero(maybe).flatten()
@@ -1224,6 +1263,30 @@ def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols:
     return r.cpu().numpy()
 
 
+def _fused_gather(xb: torch.Tensor):
+    """For the one-split CPU path: the block as a flat numpy view and its row stride, for the fused
+    gather-cast-square kernel (:func:`core._kernels.gather_rows`); None where torch's ops do that work
+    (blocks of other dtypes or devices, columns not contiguous, numba not importable)."""
+    if xb.device.type != "cpu" or xb.stride(1) != 1 or xb.dtype not in (torch.float16, torch.float32):
+        return None
+    if _kernels() is None:
+        return None
+    span = (xb.shape[0] - 1) * xb.stride(0) + xb.shape[1]
+    return torch.as_strided(xb, (span,), (1,)).numpy(), xb.stride(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """:mod:`core._kernels` (numba, compiled on first use, cached on disk), or None where numba cannot
+    be imported (then torch's ops, about a tenth slower on a block: benchmarks/RESULTS.md)."""
+    try:
+        from . import _kernels as kernels
+    except ImportError as e:  # a declared dependency; missing only in hand-made environments
+        log.warning("numba is not importable (%s): the one-split CPU path gathers and casts with torch's ops", e)
+        return None
+    return kernels
+
+
 def _in_words(src: torch.Tensor) -> bool:
     """Are the rows of this 2-D tensor of 16-bit values whole, aligned runs of 64-bit words?"""
     per = 8 // src.element_size()
@@ -1286,28 +1349,27 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
 
 
-def _shares_pay() -> bool:
-    """Whether one split's blocks on the CPU go in shares over threads (:func:`_probe_shares`, run
-    once; threads that ask meanwhile wait for its answer rather than time GEMMs against it)."""
+def _numpy_gemm_faster() -> bool:
+    """Whether the share threads of a one-split CPU block multiply with numpy's BLAS rather than
+    torch's (:func:`_probe_gemms`, run once; threads that ask meanwhile wait for its answer rather
+    than time GEMMs against it)."""
     with _PROBE_LOCK:
-        return _probe_shares()
+        return _probe_gemms()
 
 
 _PROBE_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_shares() -> bool:
-    """Whether one split's blocks on the CPU go in shares over Python threads, each share's GEMMs
-    numpy's on one thread (:meth:`MatchEngine._process_in_shares`), rather than whole, with torch's
-    multi-threaded GEMMs. Decided once per process: shares where numpy's BLAS (OpenBLAS) multiplies
-    a tile, (257 x 2880) @ (2880 x 2048) float32 (the shape measured below), on one thread at least
-    ``_SHARES_BLAS_RATIO`` times as fast as torch's (MKL): about a quarter of a second, once.
+def _probe_gemms() -> bool:
+    """Whether numpy's BLAS (OpenBLAS) multiplies a tile, (257 x 2880) @ (2880 x 2048) float32 (the
+    shape measured below), on one thread at least ``_NUMPY_GEMM_RATIO`` times as fast as torch's
+    (MKL): then a one-split CPU block's share threads use numpy's GEMMs (on tiles of all train
+    rows: numpy's cannot add into its output), else torch's (a chunk of rows at a time, added up
+    while the cast rows are in cache). Decided once per process: about a quarter of a second.
 
     Measured (benchmarks/RESULTS.md): on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL
-    per thread and the shares the faster design (a float16 block 228 ms against 262 ms before them);
-    on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS and the whole block
-    with torch's GEMMs took 119-127 ms against 137-161 ms in shares.
+    per thread; on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS.
     """
     import time
 
@@ -1327,15 +1389,14 @@ def _probe_shares() -> bool:
 
     with single_threaded_ops():
         numpy_s, torch_s = best(lambda: a @ b), best(lambda: torch.mm(at, bt))
-    pay = torch_s >= _SHARES_BLAS_RATIO * numpy_s
-    log.info("one-split CPU blocks %s: a tile's GEMM on one thread took %.2f ms with numpy, %.2f ms with torch",
-             "in shares over threads (numpy's GEMMs)" if pay else "whole (torch's GEMMs)",
-             1e3 * numpy_s, 1e3 * torch_s)
-    return pay
+    faster = torch_s >= _NUMPY_GEMM_RATIO * numpy_s
+    log.info("one-split CPU blocks: %s's GEMMs in the share threads (a tile's GEMM on one thread took %.2f ms "
+             "with numpy, %.2f ms with torch)", "numpy" if faster else "torch", 1e3 * numpy_s, 1e3 * torch_s)
+    return faster
 
 
-#: :func:`_probe_shares`: how much faster numpy's one-thread GEMM must be than torch's for the shares
-_SHARES_BLAS_RATIO = 1.2
+#: :func:`_probe_gemms`: how much faster numpy's one-thread GEMM must be than torch's to be used
+_NUMPY_GEMM_RATIO = 1.2
 
 
 @functools.lru_cache(maxsize=None)

@@ -253,15 +253,15 @@ def test_torch_tensor_blocks_and_threads_and_pickling():
         np.testing.assert_array_equal(sequential.top_r, other.top_r)
 
 
-@pytest.mark.parametrize("shares", [True, False])
-def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thread(shares, monkeypatch):
+@pytest.mark.parametrize("numpy_gemm", [True, False])
+def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thread(numpy_gemm, monkeypatch):
     """One split on CPU, blocks wide enough to be shared out (more than one tile), processed on one
     engine from three threads at once (as Dask's threaded scheduler does) with two torch threads:
     the same top-k as block by block on one thread, and torch's threads restored afterwards; with
-    the share threads and with whole blocks (the CPU's choice, :func:`core.engine._shares_pay`)."""
+    either BLAS in the share threads (the CPU's choice, :func:`core.engine._numpy_gemm_faster`)."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_shares_pay", lambda: shares)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
     rng = np.random.default_rng(30)
     x = np.maximum(rng.standard_normal((N_IMAGES, 12_000)), 0).astype(np.float16)
     y = plant_neurons(x.astype(np.float32), n_planted=8, n_noise=2, snr=3.0, seed=31).responses
@@ -526,15 +526,26 @@ def _engine_paths(y, splits, **settings):
     return out
 
 
+_FUSED_TORCH, _TORCH_OPS, _FUSED_NUMPY = "fused, torch's GEMMs", "torch's ops and GEMMs", "fused, numpy's GEMMs"
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-@pytest.mark.parametrize("n_splits", [1, 4])
+@pytest.mark.parametrize("n_splits, one_split_cpu", [(1, _FUSED_TORCH), (1, _TORCH_OPS), (1, _FUSED_NUMPY),
+                                                     (4, _FUSED_TORCH)])  # the variants serve one split
 @pytest.mark.parametrize("min_varying_images", [1, 3])
-def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_varying_images, monkeypatch):
-    """Tiles narrower than a block and row chunks that do not divide the train set, on awkward units."""
+def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_varying_images, one_split_cpu,
+                                                        monkeypatch):
+    """Tiles narrower than a block and row chunks that do not divide the train set, on awkward units;
+    the one-split CPU path with the fused gather kernel or torch's ops, and with either BLAS."""
     import unitmatch.core.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
+    monkeypatch.setattr(engine_module, "_KCHUNK_UNITS", 56)
+    monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: one_split_cpu == _FUSED_NUMPY)
+    if one_split_cpu == _TORCH_OPS:
+        monkeypatch.setattr(engine_module, "_kernels", lambda: None)
     monkeypatch.setattr(engine_module, "_HALF_STATS_BYTES", 4 * N_IMAGES * 37)  # the floor, 128 columns at a time
     layers, x, y = _awkward_units_and_neurons(dtype)
     monkeypatch.setattr(engine_module, "_HALF_LO_BYTES", 4 * len(y) * 23)  # the lo GEMM too (blocks of 150: 2)
@@ -543,10 +554,17 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     cat = catalogue_of(layers)
     paths = _engine_paths(y, splits, top_k=4, min_varying_images=min_varying_images)
     assert ("tiled" in paths) == (n_splits == 1)
-    for name, engine in paths.items():
-        partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 150))
-        m = engine.finalize(partial, cat, columns=lambda u: gather_columns(layers, cat, u)).matches
-        _assert_matches_equal_reference(m, ref, name)
+    if one_split_cpu != _FUSED_TORCH:
+        paths = {"tiled": paths["tiled"]}  # the variant changes that path alone
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # blocks of 150 units: shared out over two threads on the tiled path
+        for name, engine in paths.items():
+            partial = merge_all(engine.process(b) for b in iter_blocks(layers, cat, 150))
+            m = engine.finalize(partial, cat, columns=lambda u: gather_columns(layers, cat, u)).matches
+            _assert_matches_equal_reference(m, ref, f"{name} ({one_split_cpu})")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _awkward_units_and_neurons(dtype):
@@ -841,15 +859,17 @@ def test_activations_as_torch_tensors_anywhere_match_as_numpy_arrays_do(where):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monkeypatch):
+@pytest.mark.parametrize("numpy_gemm", [True, False])
+def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, numpy_gemm, monkeypatch):
     """One split on CPU with several torch threads: a block's units are shared out over Python
-    threads, each share scored as a block of its own (numpy's single-threaded GEMM per tile) and
-    the shares merged. The screening r agree with the serial tiles' (torch's GEMM, one thread) to
-    float32 rounding, and the matches equal the float64 reference's, including an exact duplicate
-    in the other thread's half (the lower unit id wins)."""
+    threads, each share scored as a block of its own (single-threaded GEMMs: numpy's per tile, as
+    on a CPU where OpenBLAS is the faster, or torch's per chunk of rows) and the shares merged. The
+    screening r agree with the serial tiles' (torch's GEMM, one thread) to float32 rounding, and
+    the matches equal the float64 reference's, including an exact duplicate in the other thread's
+    half (the lower unit id wins)."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_shares_pay", lambda: True)  # as on a CPU where OpenBLAS is faster
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
     rng = np.random.default_rng(21)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(dtype)  # 3 tiles of <= 2048 units
     x[:, 4321] = x[:, 7]
@@ -874,7 +894,7 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
             results[n] = (block, run_matching({"l": x}, y, splits, top_k=4, block_units=5000, device="cpu").matches)
             assert torch.get_num_threads() == n  # restored after the threaded tiles
             # two halves of 2500 units on the share threads, or the whole block serially
-            assert gemms == ([(False, 2500, True)] * 4 if n == 2 else [(True, 5000, False)] * 2)
+            assert gemms == ([(not numpy_gemm, 2500, True)] * 4 if n == 2 else [(True, 5000, False)] * 2)
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(results[2][0].top_r, results[1][0].top_r, rtol=0, atol=1e-5)
@@ -887,11 +907,11 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, monke
 
 
 
-def test_one_split_cpu_blocks_go_in_shares_where_numpys_gemm_is_the_faster(monkeypatch):
-    """The one-split CPU path's design is chosen once per process by timing a tile's GEMM on one
-    thread in numpy and in torch: shares over threads (numpy's GEMMs) where numpy's is at least
-    ``_SHARES_BLAS_RATIO`` times as fast, else the whole block with torch's multi-threaded GEMMs;
-    the same units either way."""
+def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monkeypatch):
+    """The one-split CPU path's GEMMs are chosen once per process by timing a tile's GEMM on one
+    thread in numpy and in torch: numpy's where it is at least ``_NUMPY_GEMM_RATIO`` times as fast,
+    else torch's (a chunk of rows at a time); the block goes to the share threads either way, and
+    the units are the same."""
     from unitmatch.core import engine as engine_module
 
     rng = np.random.default_rng(4)
@@ -901,32 +921,37 @@ def test_one_split_cpu_blocks_go_in_shares_where_numpys_gemm_is_the_faster(monke
     shared = []
     in_shares = engine_module.MatchEngine._process_in_shares
     monkeypatch.setattr(engine_module.MatchEngine, "_process_in_shares",
-                        lambda self, *a: shared.append(True) or in_shares(self, *a))
+                        lambda self, *a, torch_gemm: shared.append(torch_gemm) or in_shares(self, *a, torch_gemm=torch_gemm))
     threads, got = torch.get_num_threads(), {}
     try:
         torch.set_num_threads(2)
-        for ratio, pay in ((0.0, True), (1e9, False)):  # numpy always / never fast enough
-            monkeypatch.setattr(engine_module, "_SHARES_BLAS_RATIO", ratio)
-            engine_module._probe_shares.cache_clear()
-            assert engine_module._shares_pay() is pay and engine_module._shares_pay() is pay  # decided once
+        for ratio, numpy_gemm in ((0.0, True), (1e9, False)):  # numpy always / never fast enough
+            monkeypatch.setattr(engine_module, "_NUMPY_GEMM_RATIO", ratio)
+            engine_module._probe_gemms.cache_clear()
+            assert engine_module._numpy_gemm_faster() is numpy_gemm
+            assert engine_module._numpy_gemm_faster() is numpy_gemm  # decided once
             shared.clear()
-            got[pay] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
-            assert shared == ([True] if pay else [])
+            got[numpy_gemm] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
+            assert shared == [not numpy_gemm]
     finally:
         torch.set_num_threads(threads)
-        engine_module._probe_shares.cache_clear()  # later tests probe this machine again
+        engine_module._probe_gemms.cache_clear()  # later tests probe this machine again
     np.testing.assert_array_equal(got[True].top_unit, got[False].top_unit)
     np.testing.assert_allclose(got[True].top_r, got[False].top_r, rtol=0, atol=1e-5)
 
+
 @pytest.mark.parametrize("offset, width", [(0, 4100), (3, 4103), (2, 2050)])
-def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, monkeypatch):
-    """The tiled CPU path gathers float16 rows as 64-bit words where a tile's rows are whole,
-    aligned runs of them (offset 0, width a multiple of 4), else value by value (a block that starts
-    at an odd column, an odd width, the last tile's remainder): in every case, with one thread or
-    the share threads, the screening r equal those of the same values given as float32."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, fused, monkeypatch):
+    """The tiled CPU path with torch's ops gathers float16 rows as 64-bit words where a tile's rows
+    are whole, aligned runs of them (offset 0, width a multiple of 4), else value by value (a block
+    that starts at an odd column, an odd width, the last tile's remainder); the fused kernel reads
+    them at any offset: in every case, with one thread or the share threads, the screening r equal
+    those of the same values given as float32."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_shares_pay", lambda: True)  # the share threads with 2 threads
+    if not fused:
+        monkeypatch.setattr(engine_module, "_kernels", lambda: None)
     in_words, views = engine_module._in_words, []
     monkeypatch.setattr(engine_module, "_in_words", lambda t: views.append(in_words(t)) or views[-1])
     rng = np.random.default_rng(5)
@@ -947,21 +972,26 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, m
             assert (got.top_unit[0, :, 0] >= 10).all()
     finally:
         torch.set_num_threads(threads)
-    assert set(views) == ({True, False} if offset == 0 else {False})  # words where aligned, else values
+    if fused:
+        assert views == []  # the kernel gathered every row
+    else:
+        assert set(views) == ({True, False} if offset == 0 else {False})  # words where aligned, else values
 
 
 @pytest.mark.parametrize("where", ["train", "test"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-@pytest.mark.parametrize("shares", [True, False])
-def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad, shares,
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("numpy_gemm, fused", [(True, True), (False, True), (False, False)])
+def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad, numpy_gemm, fused,
                                                                                      monkeypatch):
-    """The share threads: a NaN or inf on a train image or on a test image (those rows are only
-    checked) in the second share of a block raises the engine's error with the unit's global id,
-    after both shares ended, and torch's threads are restored; the same for a whole block (the
-    CPU's other choice, :func:`core.engine._shares_pay`)."""
+    """The share threads: a NaN or infinity on a train image or on a test image (those rows are
+    only checked) in the second share of a block raises the engine's error with the unit's global
+    id, after both shares ended, and torch's threads are restored; with either BLAS
+    (:func:`core.engine._numpy_gemm_faster`), with the fused kernel and with torch's ops."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_shares_pay", lambda: shares)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    if not fused:
+        monkeypatch.setattr(engine_module, "_kernels", lambda: None)
     rng = np.random.default_rng(8)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float16)
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)

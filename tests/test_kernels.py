@@ -1,0 +1,142 @@
+"""The fused gather-cast-square kernel of the one-split CPU path (core/_kernels.py), against numpy."""
+
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+from unitmatch.core import _kernels
+
+
+def _gather(block: np.ndarray, first: int, w: int, rows: np.ndarray, shift=None):
+    out = np.full((len(rows), w), np.nan, np.float32)
+    squares = np.full(w, 0.25)  # added to, not overwritten
+    _kernels.gather_rows(block.reshape(-1), block.shape[1], first, rows, shift, out, squares)
+    return out, squares - 0.25
+
+
+def test_every_float16_value_is_cast_exactly():
+    """All 65,536 float16 bit patterns (normal, subnormal, signed zeros, infinities, NaNs) cast as
+    numpy casts them, bit for bit where numbers (NaN stays NaN)."""
+    block = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
+    rows = np.arange(256, dtype=np.int64)
+    out, _ = _gather(block, 0, 256, rows)
+    want = block.astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])  # signs of zeros too
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_rows_gathered_cast_shifted_and_squared_as_numpy(dtype, shifted):
+    """Unsorted, repeated rows of a column range that starts inside a row, over more rows than one
+    float32 partial sum (``_GROUP``): the chunk equals numpy's float32 ``block[rows, cols] - shift``
+    and the squares its float64 sums of squares to 1e-6."""
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal((300, 90)) * np.exp(rng.uniform(-8, 8, (300, 90)))).astype(dtype)
+    rows = rng.integers(0, 300, 123).astype(np.int64)
+    first, w = 7, 61
+    shift = rng.standard_normal(w).astype(np.float32) * 10 if shifted else None
+    out, squares = _gather(block, first, w, rows, shift)
+    want = block[rows, first:first + w].astype(np.float32)
+    if shifted:
+        want = want - shift
+    np.testing.assert_array_equal(out, want)
+    ref = (want.astype(np.float64) ** 2).sum(axis=0)
+    np.testing.assert_allclose(squares, ref, rtol=1e-6, atol=0)
+
+
+def test_a_one_row_out_gives_the_same_squares():
+    """The squares alone (the engine's check of the rows outside the train set): every row cast
+    into one row of ``out``, the last row's values left there, the same sums of squares."""
+    rng = np.random.default_rng(1)
+    block = rng.standard_normal((50, 30)).astype(np.float16)
+    rows = rng.permutation(50)[:37].astype(np.int64)
+    full, squares = _gather(block, 2, 20, rows)
+    one, squares_one = np.zeros((1, 20), np.float32), np.zeros(20)
+    _kernels.gather_rows(block.reshape(-1), 30, 2, rows, None, one, squares_one)
+    np.testing.assert_array_equal(squares_one, squares)
+    np.testing.assert_array_equal(one[0], full[-1])
+
+
+def test_non_finite_values_reach_the_squares():
+    """A NaN or an infinity in a gathered float16 row makes its column's sum of squares non-finite
+    (what the engine's check reads)."""
+    block = np.ones((40, 8), np.float16)
+    block[3, 1], block[30, 5], block[31, 6] = np.nan, np.inf, -np.inf
+    _, squares = _gather(block, 0, 8, np.arange(40, dtype=np.int64))
+    assert np.isnan(squares[1]) and np.isinf(squares[5]) and np.isinf(squares[6])
+    assert np.isfinite(np.delete(squares, [1, 5, 6])).all()
+
+
+@pytest.mark.parametrize("case, error", [
+    ("out float64", "expected float32 \\(rows or 1, w\\) C-contiguous"),
+    ("out not contiguous", "expected float32 \\(rows or 1, w\\) C-contiguous"),
+    ("out of 2 rows for 4", "out float32\\(2, 8\\)"),
+    ("rows int32", "rows int32"),
+    ("squares float32", "squares float32"),
+    ("columns past the row", "columns 5:13 of rows 10 apart"),
+    ("row past the block", "rows 0..12 reach beyond the block's 12 rows"),
+    ("negative row", "rows -1..3 reach beyond"),
+    ("float64 block", "values of dtype float64; expected float16 or float32"),
+])
+def test_bad_arguments_are_refused_with_what_was_given(case, error):
+    """The kernel reads and writes without bounds checks, so its wrapper refuses arguments that do not
+    fit, naming them, before anything is read."""
+    block = np.zeros((12, 10), np.float16)
+    rows = np.arange(4, dtype=np.int64)
+    out, squares, first = np.zeros((4, 8), np.float32), np.zeros(8), 0
+    if case == "out float64":
+        out = out.astype(np.float64)
+    elif case == "out of 2 rows for 4":
+        out = np.zeros((2, 8), np.float32)
+    elif case == "out not contiguous":
+        out = np.zeros((4, 16), np.float32)[:, ::2]
+    elif case == "rows int32":
+        rows = rows.astype(np.int32)
+    elif case == "squares float32":
+        squares = squares.astype(np.float32)
+    elif case == "columns past the row":
+        first = 5
+    elif case == "row past the block":
+        rows = np.array([0, 12, 2, 3], np.int64)
+    elif case == "negative row":
+        rows = np.array([0, 3, -1, 2], np.int64)
+    elif case == "float64 block":
+        block = block.astype(np.float64)
+    with pytest.raises((ValueError, IndexError), match=error):
+        _kernels.gather_rows(block.reshape(-1), 10, first, rows, None, out, squares)
+
+
+def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplog):
+    """numba is a declared dependency; where it cannot be imported the one-split CPU path falls back
+    to torch's ops (one warning), and scores the same."""
+    import torch
+
+    from unitmatch import core
+    from unitmatch.core import engine as engine_module
+    from unitmatch.core.engine import MatchEngine
+    from unitmatch.core.units import UnitBlock
+
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((400, 3000)), 0).astype(np.float16)
+    y = x[:, [10, 2000]].T.astype(np.float64) + 0.1 * rng.standard_normal((2, 400))
+    splits = core.brainscore_splits(n_images=400, n_splits=1, stratify=None)
+    fused = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
+    engine_module._kernels.cache_clear()
+    monkeypatch.delitem(sys.modules, "unitmatch.core._kernels", raising=False)
+    monkeypatch.delattr(core, "_kernels", raising=False)  # else `from . import _kernels` finds it there
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    try:
+        with caplog.at_level(logging.WARNING, logger="unitmatch.core.engine"):
+            assert engine_module._kernels() is None
+            assert engine_module._fused_gather(torch.from_numpy(x)) is None
+            plain = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
+        assert "numba is not importable" in caplog.text
+    finally:
+        engine_module._kernels.cache_clear()
+    np.testing.assert_array_equal(fused.top_unit, plain.top_unit)
+    np.testing.assert_allclose(fused.top_r, plain.top_r, rtol=0, atol=1e-6)
+    assert list(plain.top_unit[0, :, 0]) == [10, 2000]
