@@ -941,7 +941,7 @@ def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monk
 
 
 @pytest.mark.parametrize("offset, width", [(0, 4100), (3, 4103), (2, 2050)])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-ops"])
 def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, fused, monkeypatch):
     """The tiled CPU path with torch's ops gathers float16 rows as 64-bit words where a tile's rows
     are whole, aligned runs of them (offset 0, width a multiple of 4), else value by value (a block
@@ -980,7 +980,8 @@ def test_float16_rows_gathered_as_words_or_not_score_as_float32(offset, width, f
 
 @pytest.mark.parametrize("where", ["train", "test"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-@pytest.mark.parametrize("numpy_gemm, fused", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("numpy_gemm, fused", [(True, True), (False, True), (False, False)],
+                         ids=["numpy-fused", "torch-fused", "torch-torch-ops"])
 def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_threads(where, bad, numpy_gemm, fused,
                                                                                      monkeypatch):
     """The share threads: a NaN or infinity on a train image or on a test image (those rows are
