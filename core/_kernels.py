@@ -54,46 +54,23 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
         raise IndexError(f"gather_rows: rows {int(rows.min())}..{int(rows.max())} reach beyond the block's "
                          f"{-(-values.shape[0] // row_stride)} rows")
     if values.dtype == np.float16:
-        _gather_float16(values.view(np.uint16), row_stride, first, rows, shift, out, squares)
+        scratch = np.empty(w, np.uint32)
+        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares, scratch, scratch.view(np.float32))
     elif values.dtype == np.float32:
-        _gather_float32(values, row_stride, first, rows, shift, out, squares)
+        _gather(values, row_stride, first, rows, shift, out, squares, None, None)
     else:
         raise ValueError(f"gather_rows: values of dtype {values.dtype}; expected float16 or float32")
 
 
 @numba.njit(nogil=True, cache=True, boundscheck=False)
-def _gather_float16(bits, row_stride, first, rows, shift, out, squares):  # pragma: no cover - compiled
-    w = out.shape[1]
-    scratch = np.empty(w, np.uint32)
-    magnitude = scratch.view(np.float32)
-    partial = np.zeros(w, np.float32)
-    n, last = rows.shape[0], out.shape[0] - 1
-    for i in range(n):
-        start = rows[i] * row_stride + first
-        row = bits[start:start + w]
-        for j in range(w):
-            scratch[j] = np.uint32(row[j] & 0x7FFF) << 13
-        dest = out[min(i, last)]
-        for j in range(w):
-            h = row[j]
-            v = magnitude[j] * _REBIAS
-            e = h & 0x7FFF
-            if e >= 0x7C00:  # infinity (significand 0) or NaN
-                v = np.float32(np.inf) if e == 0x7C00 else np.float32(np.nan)
-            if h & 0x8000:
-                v = -v
-            if shift is not None:
-                v -= shift[j]
-            dest[j] = v
-            partial[j] += v * v
-        if i % _GROUP == _GROUP - 1 or i == n - 1:
-            for j in range(w):
-                squares[j] += partial[j]
-                partial[j] = 0.0
+def _gather(values, row_stride, first, rows, shift, out, squares, scratch, magnitude):  # pragma: no cover
+    """:func:`gather_rows`' loop. ``scratch``: uint32 (w,) where ``values`` are float16 bits, and
+    ``magnitude`` its float32 view; both None where the values are float32 (numba compiles each case
+    apart, the other branch left out).
 
-
-@numba.njit(nogil=True, cache=True, boundscheck=False)
-def _gather_float32(values, row_stride, first, rows, shift, out, squares):  # pragma: no cover - compiled
+    float16 bits are converted exactly: exponent and significand moved 13 places up into a float32's
+    and rescaled by 2^112 (normal and subnormal values alike), then infinities, NaNs and signs.
+    """
     w = out.shape[1]
     partial = np.zeros(w, np.float32)
     n, last = rows.shape[0], out.shape[0] - 1
@@ -101,12 +78,28 @@ def _gather_float32(values, row_stride, first, rows, shift, out, squares):  # pr
         start = rows[i] * row_stride + first
         row = values[start:start + w]
         dest = out[min(i, last)]
-        for j in range(w):
-            v = row[j]
-            if shift is not None:
-                v -= shift[j]
-            dest[j] = v
-            partial[j] += v * v
+        if scratch is not None:
+            for j in range(w):
+                scratch[j] = np.uint32(row[j] & 0x7FFF) << 13
+            for j in range(w):
+                h = row[j]
+                v = magnitude[j] * _REBIAS
+                e = h & 0x7FFF
+                if e >= 0x7C00:  # infinity (significand 0) or NaN
+                    v = np.float32(np.inf) if e == 0x7C00 else np.float32(np.nan)
+                if h & 0x8000:
+                    v = -v
+                if shift is not None:
+                    v -= shift[j]
+                dest[j] = v
+                partial[j] += v * v
+        else:
+            for j in range(w):
+                v = row[j]
+                if shift is not None:
+                    v -= shift[j]
+                dest[j] = v
+                partial[j] += v * v
         if i % _GROUP == _GROUP - 1 or i == n - 1:
             for j in range(w):
                 squares[j] += partial[j]

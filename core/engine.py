@@ -83,7 +83,8 @@ _CHUNK_ROWS = 32
 _TILE_UNITS = 2048
 _TILE_ROWS = 256
 #: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
-#: per chunk (a chunk's float32 rows, 2.8 MiB, about a core's L2 cache; benchmarks/RESULTS.md)
+#: per chunk (2.8 MiB of float32, near the 2 MiB L2 cache of a core of the Xeon measured; the first of
+#: seven shapes there by a margin within that VM's noise, benchmarks/RESULTS.md)
 _KCHUNK_UNITS = 1024
 _KCHUNK_ROWS = 720
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
