@@ -45,7 +45,8 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
             and (shift is None or (shift.dtype == np.float32 and shift.shape == (w,)))
             and values.ndim == 1 and first >= 0 and first + w <= row_stride):
         raise ValueError(
-            f"gather_rows: out {out.dtype}{out.shape}, squares {squares.dtype}{squares.shape}, rows {rows.dtype}{rows.shape}, "
+            f"gather_rows: out {out.dtype}{out.shape}, squares {squares.dtype}{squares.shape}, "
+            f"rows {rows.dtype}{rows.shape}, "
             f"shift {None if shift is None else (shift.dtype, shift.shape)}, columns {first}:{first + w} of "
             f"rows {row_stride} apart; expected float32 (rows or 1, w) C-contiguous, float64 (w,), int64, None or "
             f"float32 (w,), columns within a row"
@@ -55,7 +56,8 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
                          f"{-(-values.shape[0] // row_stride)} rows")
     if values.dtype == np.float16:
         scratch = np.empty(w, np.uint32)
-        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares, scratch, scratch.view(np.float32))
+        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares,
+                scratch, scratch.view(np.float32))
     elif values.dtype == np.float32:
         _gather(values, row_stride, first, rows, shift, out, squares, None, None)
     else:
