@@ -64,7 +64,17 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
         raise ValueError(f"gather_rows: values of dtype {values.dtype}; expected float16 or float32")
 
 
-@numba.njit(nogil=True, cache=True, boundscheck=False)
+def _compiled(function):
+    """``function`` compiled by numba on first use (no bounds checks, the GIL released), cached on
+    disk where numba finds a writable place (beside this file, else the user's cache folder), else
+    compiled anew in each process (about a second)."""
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available": a read-only install, no home
+        return numba.njit(nogil=True, cache=False, boundscheck=False)(function)
+
+
+@_compiled
 def _gather(values, row_stride, first, rows, shift, out, squares, scratch, magnitude):  # pragma: no cover
     """:func:`gather_rows`' loop. ``scratch``: uint32 (w,) where ``values`` are float16 bits, and
     ``magnitude`` its float32 view; both None where the values are float32 (numba compiles each case

@@ -110,6 +110,32 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
         _kernels.gather_rows(block.reshape(-1), 10, first, rows, None, out, squares)
 
 
+def test_the_kernel_compiles_where_numba_has_no_writable_cache(monkeypatch):
+    """A read-only install with no writable home: numba cannot cache the kernel on disk (it refuses
+    at import), so the kernel is compiled without a cache, and works the same."""
+    import importlib
+
+    import numba.core.caching
+
+    def nowhere(self):
+        raise OSError("read-only")
+
+    from unitmatch import core
+
+    monkeypatch.setattr(numba.core.caching._CacheLocator, "ensure_cache_path", nowhere)
+    monkeypatch.delitem(sys.modules, "unitmatch.core._kernels")
+    monkeypatch.setattr(core, "_kernels", _kernels)  # the package's attribute restored afterwards too
+    fresh = importlib.import_module("unitmatch.core._kernels")
+    assert fresh is not _kernels
+    assert isinstance(fresh._gather._cache, numba.core.caching.NullCache)  # no disk cache
+    assert not isinstance(_kernels._gather._cache, numba.core.caching.NullCache)  # where one is writable
+    block = np.arange(60, dtype=np.float16).reshape(6, 10)
+    out, squares = np.zeros((2, 4), np.float32), np.zeros(4)
+    fresh.gather_rows(block.reshape(-1), 10, 3, np.array([5, 1], np.int64), None, out, squares)
+    np.testing.assert_array_equal(out, block[[5, 1], 3:7].astype(np.float32))
+    np.testing.assert_array_equal(squares, (block[[5, 1], 3:7].astype(np.float64) ** 2).sum(axis=0))
+
+
 def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplog):
     """numba is a declared dependency; where it cannot be imported the one-split CPU path falls back
     to torch's ops (one warning), and scores the same."""
