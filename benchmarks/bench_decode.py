@@ -22,7 +22,7 @@ Two cases:
    with the batched solver (and once with scikit-learn with ``--demo-sklearn``).
 
 ``--directions two-loop compact`` runs the batched solver once with each way of computing its
-L-BFGS directions (``core._logreg._History``; default: the device's own, the recursion on the CPU,
+L-BFGS directions (``core._logreg._history``; default: the device's own, the recursion on the CPU,
 the compact form on CUDA), so that both are timed in one run on the same device.
 ``--ops`` (any device) counts, for each of those ways, the operations one fit of 100 demo-sized
 problems dispatches per L-BFGS iteration (views left out: each of the rest is a kernel launch on a

@@ -215,8 +215,19 @@ class _Objective:
         return loss, grad.view(x.shape[0], -1)
 
 
-#: how :class:`_History` computes an L-BFGS direction, by device type (others: "two-loop")
+#: how :func:`_history`'s memory computes an L-BFGS direction, by device type (others: "two-loop")
 _DIRECTIONS = {"cuda": "compact"}
+
+
+def _history(m: int, n_batch: int, n_par: int, dtype: torch.dtype, device: torch.device,
+             how: str | None = None) -> "_History":
+    """An empty L-BFGS memory of ``m`` pairs for ``n_batch`` problems of ``n_par`` parameters,
+    giving directions ``how`` (``"two-loop"`` or ``"compact"``; None: by device, ``_DIRECTIONS``)."""
+    how = _DIRECTIONS.get(torch.device(device).type, "two-loop") if how is None else how
+    kinds = {"two-loop": _TwoLoopHistory, "compact": _CompactHistory}
+    if how not in kinds:
+        raise ValueError(f"how must be 'two-loop' or 'compact'; got {how!r}")
+    return kinds[how](m, n_batch, n_par, dtype, device)
 
 
 class _History:
@@ -225,15 +236,16 @@ class _History:
     The last ``m`` pairs ``s = theta_new - theta``, ``y = grad_new - grad`` sit in a ring of slots
     (a pair the step did not accept, or with ``s.y <= 0``, is stored as zeros and contributes
     nothing, as an empty slot does). The initial inverse Hessian is ``H0 = gamma P`` (``P``: the
-    objective's preconditioner). Two ways to the same direction:
+    objective's preconditioner). Two ways to the same direction, a subclass each
+    (:func:`_history` picks one):
 
-    - ``"two-loop"``: the two-loop recursion (Nocedal 1980) over the pairs, newest first: 2 m
-      dependent steps of a few small ops each, over ``s`` and ``y`` (m, b, P), a slot's vectors
-      contiguous. The faster way on the CPU (the demo's problems: 0.11 s per fit against 0.14 s
-      for the compact form, whose batched GEMMs of a few columns cost more there than the
-      recursion's element-wise passes; benchmarks/RESULTS.md).
-    - ``"compact"`` (the default on CUDA): the compact representation (Byrd, Nocedal & Schnabel
-      1994, Theorem 2.2) with the pairs oldest first::
+    - ``"two-loop"`` (:class:`_TwoLoopHistory`): the two-loop recursion (Nocedal 1980) over the
+      pairs, newest first: 2 m dependent steps of a few small ops each, over ``s`` and ``y``
+      (m, b, P), a slot's vectors contiguous. The faster way on the CPU (the demo's problems:
+      0.11 s per fit against 0.14 s for the compact form, whose batched GEMMs of a few columns
+      cost more there than the recursion's element-wise passes; benchmarks/RESULTS.md).
+    - ``"compact"`` (:class:`_CompactHistory`; the default on CUDA): the compact representation
+      (Byrd, Nocedal & Schnabel 1994, Theorem 2.2) with the pairs oldest first::
 
           H g = gamma P g + S p - gamma P Y u,   u = R^-1 S^T g,
           p = R^-T ((D + gamma Y^T P Y) u - gamma Y^T P g)
@@ -245,63 +257,51 @@ class _History:
       on a GPU, where a batch of small problems waits on launches rather than on arithmetic.
     """
 
-    def __init__(self, m: int, n_batch: int, n_par: int, dtype: torch.dtype, device: torch.device,
-                 how: str | None = None):
-        how = _DIRECTIONS.get(torch.device(device).type, "two-loop") if how is None else how
-        if how not in ("two-loop", "compact"):
-            raise ValueError(f"how must be 'two-loop' or 'compact'; got {how!r}")
-        self.m, self.how = m, how
-        if how == "compact":
-            self.sy = torch.zeros(n_batch, 2 * m, n_par, dtype=dtype, device=device)
-            self.s_dot_y = torch.zeros(n_batch, m, m, dtype=dtype, device=device)  # [i, j] = s_i . y_j
-            self.y_p_y = torch.zeros(n_batch, m, m, dtype=dtype, device=device)  # [i, j] = y_i . P y_j
-            self._orders: dict = {}  # (count, newest) -> slots oldest first, on the device
-        else:
-            self.s = torch.zeros(m, n_batch, n_par, dtype=dtype, device=device)
-            self.y = torch.zeros_like(self.s)
-            self.rho = torch.zeros(m, n_batch, dtype=dtype, device=device)  # 1 / s.y, 0 for an empty slot
+    def __init__(self, m: int):
+        self.m = m
         self.count, self.newest = 0, -1
 
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the problems ``keep`` (indices) only."""
-        if self.how == "compact":
-            self.sy, self.s_dot_y, self.y_p_y = self.sy[keep], self.s_dot_y[keep], self.y_p_y[keep]
-        else:
-            self.s, self.y, self.rho = self.s[:, keep], self.y[:, keep], self.rho[:, keep]
+        raise NotImplementedError
 
     def push(self, s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, py: torch.Tensor,
              good: torch.Tensor) -> None:
         """Store the newest pair (``sy``: s.y, ``py = P y``) in the oldest slot; zeros where not ``good``."""
-        m = self.m
-        self.newest = slot = (self.newest + 1) % m
-        self.count = min(self.count + 1, m)
-        keep = good[:, None]
-        if self.how == "two-loop":
-            self.s[slot] = torch.where(keep, s, 0.0)
-            self.y[slot] = torch.where(keep, y, 0.0)
-            self.rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
-            return
-        self.sy[:, slot] = torch.where(keep, s, 0.0)
-        self.sy[:, m + slot] = torch.where(keep, y, 0.0)
-        py = torch.where(keep, py, 0.0)
-        dots = torch.bmm(self.sy, torch.stack([self.sy[:, slot], self.sy[:, m + slot], py], dim=2))
-        self.s_dot_y[:, slot, :] = dots[:, m:, 0]  # s_new . y_j
-        self.s_dot_y[:, :, slot] = dots[:, :m, 1]  # s_i . y_new
-        # the pair's own s.y as ``good`` was decided on (the GEMM's may round otherwise): > 0 exactly
-        # for a stored pair, 0 for an empty one
-        self.s_dot_y[:, slot, slot] = torch.where(good, sy, 0.0)
-        self.y_p_y[:, slot, :] = dots[:, m:, 2]  # y_j . P y_new (P is symmetric)
-        self.y_p_y[:, :, slot] = dots[:, m:, 2]
+        self.newest = (self.newest + 1) % self.m
+        self.count = min(self.count + 1, self.m)
+        self._store(self.newest, s, y, sy, py, good)
 
     def direction(self, g: torch.Tensor, gamma: torch.Tensor, precondition) -> torch.Tensor:
         """-H g for each problem of ``g`` (b, P); ``gamma`` (b,): the initial inverse Hessian's scale."""
         if self.count == 0:
             return precondition(g).mul_(-gamma[:, None])
-        if self.how == "two-loop":
-            return self._two_loop(g, gamma, precondition)
-        return self._compact(g, gamma, precondition)
+        return self._direction(g, gamma, precondition)
 
-    def _two_loop(self, g, gamma, precondition) -> torch.Tensor:
+    def _store(self, slot, s, y, sy, py, good) -> None:
+        raise NotImplementedError
+
+    def _direction(self, g, gamma, precondition) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _TwoLoopHistory(_History):
+    def __init__(self, m: int, n_batch: int, n_par: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(m)
+        self.s = torch.zeros(m, n_batch, n_par, dtype=dtype, device=device)
+        self.y = torch.zeros_like(self.s)
+        self.rho = torch.zeros(m, n_batch, dtype=dtype, device=device)  # 1 / s.y, 0 for an empty slot
+
+    def compact(self, keep):
+        self.s, self.y, self.rho = self.s[:, keep], self.y[:, keep], self.rho[:, keep]
+
+    def _store(self, slot, s, y, sy, py, good):
+        keep = good[:, None]
+        self.s[slot] = torch.where(keep, s, 0.0)
+        self.y[slot] = torch.where(keep, y, 0.0)
+        self.rho[slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
+
+    def _direction(self, g, gamma, precondition):
         m = self.m
         order = [(self.newest - j) % m for j in range(self.count)]  # newest first
         q = g.clone()
@@ -316,7 +316,33 @@ class _History:
             q.add_(self.s[j] * (a - beta)[:, None])
         return q.neg_()
 
-    def _compact(self, g, gamma, precondition) -> torch.Tensor:
+
+class _CompactHistory(_History):
+    def __init__(self, m: int, n_batch: int, n_par: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(m)
+        self.sy = torch.zeros(n_batch, 2 * m, n_par, dtype=dtype, device=device)
+        self.s_dot_y = torch.zeros(n_batch, m, m, dtype=dtype, device=device)  # [i, j] = s_i . y_j
+        self.y_p_y = torch.zeros(n_batch, m, m, dtype=dtype, device=device)  # [i, j] = y_i . P y_j
+        self._orders: dict = {}  # (count, newest) -> slots oldest first, on the device
+
+    def compact(self, keep):
+        self.sy, self.s_dot_y, self.y_p_y = self.sy[keep], self.s_dot_y[keep], self.y_p_y[keep]
+
+    def _store(self, slot, s, y, sy, py, good):
+        m, keep = self.m, good[:, None]
+        self.sy[:, slot] = torch.where(keep, s, 0.0)
+        self.sy[:, m + slot] = torch.where(keep, y, 0.0)
+        py = torch.where(keep, py, 0.0)
+        dots = torch.bmm(self.sy, torch.stack([self.sy[:, slot], self.sy[:, m + slot], py], dim=2))
+        self.s_dot_y[:, slot, :] = dots[:, m:, 0]  # s_new . y_j
+        self.s_dot_y[:, :, slot] = dots[:, :m, 1]  # s_i . y_new
+        # the pair's own s.y as ``good`` was decided on (the GEMM's may round otherwise): > 0 exactly
+        # for a stored pair, 0 for an empty one
+        self.s_dot_y[:, slot, slot] = torch.where(good, sy, 0.0)
+        self.y_p_y[:, slot, :] = dots[:, m:, 2]  # y_j . P y_new (P is symmetric)
+        self.y_p_y[:, :, slot] = dots[:, m:, 2]
+
+    def _direction(self, g, gamma, precondition):
         m, b = self.m, g.shape[0]
         key = (self.count, self.newest)
         if key not in self._orders:  # built on the device: no copy from the host, no wait
@@ -350,7 +376,7 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
     A problem stops when its largest absolute gradient entry is at most ``tol``, when its relative
     decrease of f is at most ``64 eps`` (both: converged), when its line search finds no
     sufficient decrease in ``max_line_search`` trials, or after ``budget[i]`` iterations.
-    ``direction``: how the L-BFGS direction is computed (:class:`_History`; None: by device).
+    ``direction``: how the L-BFGS direction is computed (:func:`_history`; None: by device).
 
     On a GPU the host waits for the device only where it decides: once per iteration for how many
     problems have stopped (end the loop, compact the batch) and once per backtracking step of the
@@ -391,7 +417,7 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
                 memory.compact(keep)
         if memory is None:  # first iteration: the preconditioner of the problems that run only
             obj.prepare()
-            memory = _History(history, len(ids), n_par, dt, dev, direction)
+            memory = _history(history, len(ids), n_par, dt, dev, direction)
         run = ~stopped
         d = memory.direction(grad, gamma, obj.precondition)
         gd = (grad * d).sum(dim=1)

@@ -566,7 +566,7 @@ def test_lbfgs_directions_equal_the_two_loop_recursion_in_float64(how):
     def precondition(v):
         return torch.bmm(v.reshape(b, k, f + 1), torch.from_numpy(g_inv)).reshape(b, -1)
 
-    memory = _logreg._History(m, b, n_par, torch.float64, torch.device("cpu"), how)
+    memory = _logreg._history(m, b, n_par, torch.float64, torch.device("cpu"), how)
     kept = [[] for _ in range(b)]  # each problem's last m pushes, None for a rejected pair
     for step in range(14):
         s = rng.normal(size=(b, n_par))
@@ -582,7 +582,7 @@ def test_lbfgs_directions_equal_the_two_loop_recursion_in_float64(how):
             want = _lbfgs_reference_direction(g[i], [p for p in kept[i] if p is not None], gamma[i], g_inv[i], k)
             np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-10 * np.abs(want).max(), err_msg=f"step {step}")
     with pytest.raises(ValueError, match="how must be 'two-loop' or 'compact'; got 'bfgs'"):
-        _logreg._History(m, b, n_par, torch.float64, torch.device("cpu"), "bfgs")
+        _logreg._history(m, b, n_par, torch.float64, torch.device("cpu"), "bfgs")
 
 
 def test_compact_directions_fit_as_the_two_loop_ones():
