@@ -794,8 +794,7 @@ class MatchEngine:
                   for r0 in range(0, n, tile_rows)]
         fused = _fused_gather(xb)
         if fused is not None:
-            flat, row_stride = fused
-            gather = _kernels().gather_rows
+            gather, flat, row_stride = fused
             row_sets = (plan.train_t.numpy(), plan.outside.numpy())
             squares = self._buffer("squares64", (2, min(tile_units, n_units)), torch.float64)
         for c0 in range(0, n_units, tile_units):
@@ -1265,15 +1264,17 @@ def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols:
 
 
 def _fused_gather(xb: torch.Tensor):
-    """For the one-split CPU path: the block as a flat numpy view and its row stride, for the fused
-    gather-cast-square kernel (:func:`core._kernels.gather_rows`); None where torch's ops do that work
-    (blocks of other dtypes or devices, columns not contiguous, numba not importable)."""
+    """For the one-split CPU path: the fused gather-cast-square kernel
+    (:func:`core._kernels.gather_rows`), the block as a flat numpy view and its row stride; None
+    where torch's ops do that work (blocks of other dtypes or devices, columns not contiguous, numba
+    not importable)."""
     if xb.device.type != "cpu" or xb.stride(1) != 1 or xb.dtype not in (torch.float16, torch.float32):
         return None
-    if _kernels() is None:
+    kernels = _kernels()
+    if kernels is None:
         return None
     span = (xb.shape[0] - 1) * xb.stride(0) + xb.shape[1]
-    return torch.as_strided(xb, (span,), (1,)).numpy(), xb.stride(0)
+    return kernels.gather_rows, torch.as_strided(xb, (span,), (1,)).numpy(), xb.stride(0)
 
 
 @functools.lru_cache(maxsize=None)
