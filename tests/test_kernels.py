@@ -150,6 +150,7 @@ def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplo
     x = np.maximum(rng.standard_normal((400, 3000)), 0).astype(np.float16)
     y = x[:, [10, 2000]].T.astype(np.float64) + 0.1 * rng.standard_normal((2, 400))
     splits = core.brainscore_splits(n_images=400, n_splits=1, stratify=None)
+    assert engine_module._fused_gather(torch.from_numpy(x)) is not None  # numba here: the kernel
     fused = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
     engine_module._kernels.cache_clear()
     monkeypatch.delitem(sys.modules, "unitmatch.core._kernels", raising=False)
