@@ -4,17 +4,28 @@ The one-split CPU path (:meth:`core.engine.MatchEngine._tiled_products`) gathers
 from the block, casts them to float32 and sums their squares, a chunk of rows at a time, before each
 chunk's GEMM. As torch ops that is three passes (a gather into a buffer, a cast, a square-and-add)
 and a reduction; :func:`gather_rows` is one pass that reads the block's rows as stored and writes
-the float32 chunk while the squares add up.
+the float32 chunk while the squares add up. Its sparse-unit screen (:func:`screen_pairs`) compares
+pairs of rows and counts the equal ones per split in one pass, where torch compared, cast and
+multiplied by the splits' masks.
 
-numba has no float16 type on the CPU: float16 blocks are read as their bits (``uint16``) and
-converted exactly, the exponent and significand moved into a float32's bits and rescaled (normal
-and subnormal values alike), infinities and NaNs carried over.
+numba has no float16 type on the CPU, so float16 blocks are read as their bits (``uint16``) and
+converted by LLVM's own half-to-float extension where the target converts in hardware (x86 with
+F16C, one ``vcvtph2ps`` for a vector of values; ARM64), else exactly by moving the exponent and
+significand into a float32's bits and rescaling (normal and subnormal values alike), infinities and
+NaNs carried over. (Without F16C, LLVM's extension is a call into a runtime library that numba's
+JIT does not link: the process crashes, so it is never compiled there.)
 """
 
 from __future__ import annotations
 
+import platform
+
+import llvmlite.binding
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
 
 #: rows whose squares are summed in float32 before they are added to the float64 sums (adding every
 #: square in float64 took half the kernel's time); each partial sum is rounded at most 15 times
@@ -55,13 +66,61 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
         raise IndexError(f"gather_rows: rows {int(rows.min())}..{int(rows.max())} reach beyond the block's "
                          f"{-(-values.shape[0] // row_stride)} rows")
     if values.dtype == np.float16:
-        scratch = np.empty(w, np.uint32)
-        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares,
-                scratch, scratch.view(np.float32))
+        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares)
     elif values.dtype == np.float32:
-        _gather(values, row_stride, first, rows, shift, out, squares, None, None)
+        _gather(values, row_stride, first, rows, shift, out, squares)
     else:
         raise ValueError(f"gather_rows: values of dtype {values.dtype}; expected float16 or float32")
+
+
+def screen_pairs(values: np.ndarray, row_stride: int, first: int, width: int, masks: np.ndarray,
+                 needed: np.ndarray, out: np.ndarray) -> None:
+    """The sparse-unit screen's pair test (:meth:`core.engine.MatchEngine._sparse_units`):
+    ``out[j] = any_s (sum_p masks[s, p] * (x[2p, j] == x[2p + 1, j]) >= needed[s])`` for the block's
+    columns ``first .. first + width``, the values compared as float32 (+0 equals -0, NaN equals
+    nothing), as torch compares them in the block's own dtype.
+
+    Args:
+        values, row_stride: the block flat, as for :func:`gather_rows` (float16 or float32).
+        masks: bool (splits, pairs): which image pairs (rows 2p and 2p + 1) count for each split.
+        needed: int64 (splits,): the equal pairs that make a unit a candidate in that split.
+        out: bool (width,): written.
+    """
+    if not (masks.dtype == np.bool_ and masks.ndim == 2 and needed.dtype == np.int64
+            and needed.shape == (masks.shape[0],) and out.dtype == np.bool_ and out.shape == (width,)
+            and values.ndim == 1 and first >= 0 and width >= 0 and first + width <= row_stride):
+        raise ValueError(
+            f"screen_pairs: masks {masks.dtype}{masks.shape}, needed {needed.dtype}{needed.shape}, "
+            f"out {out.dtype}{out.shape}, columns {first}:{first + width} of rows {row_stride} apart; expected "
+            f"bool (splits, pairs), int64 (splits,), bool (width,), columns within a row"
+        )
+    if masks.shape[1] and (2 * masks.shape[1] - 1) * row_stride + first + width > values.shape[0]:
+        raise IndexError(f"screen_pairs: {masks.shape[1]} pairs need {2 * masks.shape[1]} rows; the block has "
+                         f"{-(-values.shape[0] // row_stride)}")
+    if values.dtype == np.float16:
+        _screen(values.view(np.uint16), row_stride, first, width, masks, needed, out)
+    elif values.dtype == np.float32:
+        _screen(values, row_stride, first, width, masks, needed, out)
+    else:
+        raise ValueError(f"screen_pairs: values of dtype {values.dtype}; expected float16 or float32")
+
+
+def _hardware_half() -> bool:
+    """Does LLVM convert float16 to float32 in hardware on the target numba compiles for? x86 with
+    F16C (the host's features, or ``NUMBA_CPU_FEATURES`` where set), and ARM64."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    if numba.config.CPU_FEATURES:
+        return "+f16c" in numba.config.CPU_FEATURES.split(",")
+    return bool(llvmlite.binding.get_host_cpu_features().get("f16c", False))
+
+
+#: how :func:`_float32` converts float16 here (a constant of the compiled code; numba's disk cache
+#: keeps the code of each CPU and feature set apart)
+_HALF_IN_HARDWARE = _hardware_half()
 
 
 def _compiled(function):
@@ -74,15 +133,60 @@ def _compiled(function):
         return numba.njit(nogil=True, cache=False, boundscheck=False)(function)
 
 
-@_compiled
-def _gather(values, row_stride, first, rows, shift, out, squares, scratch, magnitude):  # pragma: no cover
-    """:func:`gather_rows`' loop. ``scratch``: uint32 (w,) where ``values`` are float16 bits, and
-    ``magnitude`` its float32 view; both None where the values are float32 (numba compiles each case
-    apart, the other branch left out).
+@intrinsic
+def _extend_half(typingctx, bits):
+    """float32 of a float16 given as its bits (uint16): LLVM's ``fpext half``."""
+    if bits != types.uint16:
+        return None
 
-    float16 bits are converted exactly: exponent and significand moved 13 places up into a float32's
-    and rescaled by 2^112 (normal and subnormal values alike), then infinities, NaNs and signs.
-    """
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bits are ``bits`` (uint32)."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@numba.njit(inline="always")
+def _half_from_bits(h):  # pragma: no cover (compiled)
+    """Exponent and significand moved 13 places up into a float32's and rescaled by 2^112 (normal and
+    subnormal values alike), then infinities, NaNs and the sign."""
+    e = h & 0x7FFF
+    v = _float_from_bits(np.uint32(np.uint32(e) << 13)) * _REBIAS
+    if e >= 0x7C00:  # infinity (significand 0) or NaN
+        v = np.float32(np.inf) if e == 0x7C00 else np.float32(np.nan)
+    return -v if h & 0x8000 else v
+
+
+def _float32(v):
+    """float32 of a value as the kernels read it: float16 bits (uint16) or a float32 (compiled only)."""
+    raise NotImplementedError("compiled by numba only")
+
+
+@overload(_float32, inline="always")
+def _float32_compiled(v):
+    if v == types.uint16:
+        if _HALF_IN_HARDWARE:
+            return lambda v: _extend_half(v)
+        return lambda v: _half_from_bits(v)
+    if v == types.float32:
+        return lambda v: v
+    return None
+
+
+@_compiled
+def _gather(values, row_stride, first, rows, shift, out, squares):  # pragma: no cover
+    """:func:`gather_rows`' loop, compiled apart for float16 bits and float32 ``values``."""
     w = out.shape[1]
     partial = np.zeros(w, np.float32)
     n, last = rows.shape[0], out.shape[0] - 1
@@ -90,29 +194,33 @@ def _gather(values, row_stride, first, rows, shift, out, squares, scratch, magni
         start = rows[i] * row_stride + first
         row = values[start:start + w]
         dest = out[min(i, last)]
-        if scratch is not None:
-            for j in range(w):
-                scratch[j] = np.uint32(row[j] & 0x7FFF) << 13
-            for j in range(w):
-                h = row[j]
-                v = magnitude[j] * _REBIAS
-                e = h & 0x7FFF
-                if e >= 0x7C00:  # infinity (significand 0) or NaN
-                    v = np.float32(np.inf) if e == 0x7C00 else np.float32(np.nan)
-                if h & 0x8000:
-                    v = -v
-                if shift is not None:
-                    v -= shift[j]
-                dest[j] = v
-                partial[j] += v * v
-        else:
-            for j in range(w):
-                v = row[j]
-                if shift is not None:
-                    v -= shift[j]
-                dest[j] = v
-                partial[j] += v * v
+        for j in range(w):
+            v = _float32(row[j])
+            if shift is not None:
+                v -= shift[j]
+            dest[j] = v
+            partial[j] += v * v
         if i % _GROUP == _GROUP - 1 or i == n - 1:
             for j in range(w):
                 squares[j] += partial[j]
                 partial[j] = 0.0
+
+
+@_compiled
+def _screen(values, row_stride, first, width, masks, needed, out):  # pragma: no cover
+    """:func:`screen_pairs`' loop: equal pairs counted per split, a row pair at a time."""
+    n_splits, n_pairs = masks.shape
+    counts = np.zeros((n_splits, width), np.int64)
+    for p in range(n_pairs):
+        a = values[2 * p * row_stride + first:2 * p * row_stride + first + width]
+        b = values[(2 * p + 1) * row_stride + first:(2 * p + 1) * row_stride + first + width]
+        for s in range(n_splits):
+            if masks[s, p]:
+                count = counts[s]
+                for j in range(width):
+                    count[j] += _float32(a[j]) == _float32(b[j])
+    for j in range(width):
+        candidate = False
+        for s in range(n_splits):
+            candidate |= counts[s, j] >= needed[s]
+        out[j] = candidate

@@ -499,8 +499,9 @@ class MatchEngine:
         first = np.arange(0, 2 * n_pairs, 2)
         pair_masks = np.stack([np.isin(first, tr) & np.isin(first + 1, tr) for tr, _ in self.splits])
         self._n_pairs = n_pairs
-        self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
         needed = pair_masks.sum(axis=1) - (self.min_varying_images - 1)
+        self._pair_test = (pair_masks, needed.astype(np.int64))  # for the fused screen (core._kernels)
+        self._pair_masks = torch.as_tensor(pair_masks, dtype=torch.float32, device=self.device)
         self._pairs_needed = torch.as_tensor(needed[:, None], dtype=torch.float32, device=self.device)
         if self.shared:  # the z-scored rows, then a row of ones for the unit sums
             full = torch.ones((self.n_rows + 1, self.n_images), dtype=torch.float32)
@@ -792,9 +793,9 @@ class MatchEngine:
         # the row chunks: (0 for the train rows, 1 for the others; first; end)
         chunks = [(k, r0, min(r0 + tile_rows, n)) for k, n in enumerate((n_train, n_rest))
                   for r0 in range(0, n, tile_rows)]
-        fused = _fused_gather(xb)
+        fused = _fused(xb)
         if fused is not None:
-            gather, flat, row_stride = fused
+            kernels, flat, row_stride = fused
             row_sets = (plan.train_t.numpy(), plan.outside.numpy())
             squares = self._buffer("squares64", (2, min(tile_units, n_units)), torch.float64)
         for c0 in range(0, n_units, tile_units):
@@ -822,7 +823,7 @@ class MatchEngine:
                 else:
                     chunk = self._buffer("rest", (r1 - r0, width))
                 if fused is not None:
-                    gather(flat, row_stride, c0, row_sets[k][r0:r1], step_np, chunk.numpy(), sums_np[k])
+                    kernels.gather_rows(flat, row_stride, c0, row_sets[k][r0:r1], step_np, chunk.numpy(), sums_np[k])
                 else:
                     self._gather_rows(src, (plan.train_t, plan.outside)[k][r0:r1], chunk, step)
                     if r0 == 0:
@@ -871,9 +872,15 @@ class MatchEngine:
         images; only the others are counted exactly (:meth:`_varying_train_images`, on their
         columns in the block's own dtype).
         """
-        pairs = xb[: 2 * self._n_pairs]
-        equal = (pairs[0::2] == pairs[1::2]).to(torch.float32)  # row views: no copies
-        maybe = ((self._pair_masks @ equal) >= self._pairs_needed).any(dim=0)
+        fused = _fused(xb)
+        if fused is not None:  # one pass over the pairs (core._kernels.screen_pairs)
+            kernels, flat, row_stride = fused
+            maybe = torch.empty(xb.shape[1], dtype=torch.bool)
+            kernels.screen_pairs(flat, row_stride, 0, xb.shape[1], *self._pair_test, maybe.numpy())
+        else:
+            pairs = xb[: 2 * self._n_pairs]
+            equal = (pairs[0::2] == pairs[1::2]).to(torch.float32)  # row views: no copies
+            maybe = ((self._pair_masks @ equal) >= self._pairs_needed).any(dim=0)
         sparse = torch.zeros((self.n_splits, xb.shape[1]), dtype=torch.bool, device=self.device)
         check = torch.nonzero(maybe).flatten()
         if check.numel():
@@ -1263,18 +1270,17 @@ def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols:
     return r.cpu().numpy()
 
 
-def _fused_gather(xb: torch.Tensor):
-    """For the one-split CPU path: the fused gather-cast-square kernel
-    (:func:`core._kernels.gather_rows`), the block as a flat numpy view and its row stride; None
-    where torch's ops do that work (blocks of other dtypes or devices, columns not contiguous, numba
-    not importable)."""
+def _fused(xb: torch.Tensor):
+    """The fused CPU kernels (:mod:`core._kernels`: the one-split path's gather-cast-square, the
+    sparse-unit screen), the block as a flat numpy view and its row stride; None where torch's ops
+    do that work (blocks of other dtypes or devices, columns not contiguous, numba not importable)."""
     if xb.device.type != "cpu" or xb.stride(1) != 1 or xb.dtype not in (torch.float16, torch.float32):
         return None
     kernels = _kernels()
     if kernels is None:
         return None
     span = (xb.shape[0] - 1) * xb.stride(0) + xb.shape[1]
-    return kernels.gather_rows, torch.as_strided(xb, (span,), (1,)).numpy(), xb.stride(0)
+    return kernels, torch.as_strided(xb, (span,), (1,)).numpy(), xb.stride(0)
 
 
 @functools.lru_cache(maxsize=None)

@@ -453,6 +453,26 @@ def test_sparse_unit_policy_agrees_with_float64_reference(n_splits, min_varying_
         assert chose_sparse > 0  # the policy had something to exclude
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_sparse_screen_kernel_and_torch_agree_on_a_share(dtype, monkeypatch):
+    """The sparse-unit screen through the fused kernel and through torch's ops, on a share (columns
+    of a wider block, rows strided) with four splits: the same units excluded, some of them."""
+    import unitmatch.core.engine as engine_module
+
+    layers = _sparse_activations(seed=33)
+    x = np.concatenate([layers["sparse"], layers["dense"]], axis=1).astype(dtype)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=4, stratify=None)
+    engine = MatchEngine(np.ones((2, N_IMAGES)) + np.arange(N_IMAGES), splits, min_varying_images=4, device="cpu")
+    share = torch.from_numpy(x)[:, 5:70]
+    assert engine_module._fused(share) is not None
+    fused = engine._sparse_units(share)
+    monkeypatch.setattr(engine_module, "_kernels", lambda: None)
+    assert engine_module._fused(share) is None
+    plain = engine._sparse_units(share)
+    assert torch.equal(fused, plain)
+    assert 0 < int(fused.sum()) < fused.numel()
+
+
 def test_sparse_unit_policy_excludes_the_same_units_for_permuted_copies():
     """The null rows equal an explicit run on the stacked permuted neurons under the same policy."""
     layers = _sparse_activations(seed=32)

@@ -16,16 +16,60 @@ def _gather(block: np.ndarray, first: int, w: int, rows: np.ndarray, shift=None)
     return out, squares - 0.25
 
 
-def test_every_float16_value_is_cast_exactly():
-    """All 65,536 float16 bit patterns (normal, subnormal, signed zeros, infinities, NaNs) cast as
-    numpy casts them, bit for bit where numbers (NaN stays NaN)."""
-    block = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
-    rows = np.arange(256, dtype=np.int64)
-    out, _ = _gather(block, 0, 256, rows)
+def _every_float16() -> np.ndarray:
+    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+
+
+def _assert_cast_as_numpy(out: np.ndarray, block: np.ndarray) -> None:
     want = block.astype(np.float32)
     nan = np.isnan(want)
     np.testing.assert_array_equal(np.isnan(out), nan)
     np.testing.assert_array_equal(out.view(np.uint32)[~nan], want.view(np.uint32)[~nan])  # signs of zeros too
+
+
+def test_every_float16_value_is_cast_exactly():
+    """All 65,536 float16 bit patterns (normal, subnormal, signed zeros, infinities, NaNs) cast as
+    numpy casts them, bit for bit where numbers (NaN stays NaN), by the conversion this machine's
+    kernel was compiled with."""
+    block = _every_float16().reshape(256, 256)
+    out, _ = _gather(block, 0, 256, np.arange(256, dtype=np.int64))
+    _assert_cast_as_numpy(out, block)
+
+
+def test_the_bit_moving_conversion_is_exact_too():
+    """The conversion compiled where LLVM has no hardware float16 conversion (x86 without F16C), run
+    here on all 65,536 patterns."""
+    import numba
+
+    @numba.njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = _kernels._half_from_bits(bits[i])
+
+    values = _every_float16()
+    out = np.empty(values.shape, np.float32)
+    convert(values.view(np.uint16), out)
+    _assert_cast_as_numpy(out, values)
+
+
+@pytest.mark.parametrize("machine, features, host_f16c, want", [
+    ("x86_64", "", True, True),
+    ("x86_64", "", False, False),
+    ("x86_64", "+sse2,+avx,+f16c", False, True),  # NUMBA_CPU_FEATURES, not the host, decides
+    ("x86_64", "+sse2,+avx,-f16c", True, False),
+    ("aarch64", "", False, True),
+    ("ppc64le", "", True, False),
+])
+def test_hardware_conversion_only_where_llvm_has_it(monkeypatch, machine, features, host_f16c, want):
+    """LLVM's float16 extension without F16C calls a runtime function numba does not link (the
+    process crashes): it is chosen only for x86 targets with F16C and for ARM64."""
+    import llvmlite.binding
+    import numba
+
+    monkeypatch.setattr(_kernels.platform, "machine", lambda: machine)
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", features)
+    monkeypatch.setattr(llvmlite.binding, "get_host_cpu_features", lambda: {"f16c": host_f16c})
+    assert _kernels._hardware_half() is want
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -110,6 +154,66 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
         _kernels.gather_rows(block.reshape(-1), 10, first, rows, None, out, squares)
 
 
+def _screen_torch(block: np.ndarray, masks: np.ndarray, needed: np.ndarray) -> np.ndarray:
+    """The engine's torch screen: equal pairs compared in the block's dtype, counted with the masks."""
+    import torch
+
+    pairs = torch.from_numpy(block[: 2 * masks.shape[1]])
+    equal = (pairs[0::2] == pairs[1::2]).to(torch.float32)
+    counts = torch.from_numpy(masks.astype(np.float32)) @ equal
+    return (counts >= torch.from_numpy(needed.astype(np.float32))[:, None]).any(dim=0).numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_the_pair_screen_agrees_with_torchs(dtype):
+    """Units with many equal pairs (zeros, +0 against -0, repeated values), NaNs (equal to nothing),
+    three splits with their own pairs and thresholds, a column range inside the rows: the screen's
+    candidates are torch's."""
+    rng = np.random.default_rng(4)
+    n_rows, n_cols, n_pairs = 60, 200, 25
+    block = rng.standard_normal((n_rows, n_cols)).astype(dtype)
+    sparse = rng.random((n_rows, n_cols)) < np.linspace(0, 1, n_cols)  # from dense to almost all equal
+    block[sparse] = 0
+    block[::2, 150:160] = -0.0  # -0 against +0: equal
+    block[:, 160:170] = 3.0
+    block[rng.random((n_rows, n_cols)) < 0.03] = np.nan
+    masks = rng.random((3, n_pairs)) < 0.7
+    needed = np.array([masks[0].sum() - 2, masks[1].sum(), 5], np.int64)
+    first, width = 13, 171
+    got = np.zeros(width, bool)
+    _kernels.screen_pairs(block.reshape(-1), n_cols, first, width, masks, needed, got)
+    want = _screen_torch(block[:, first:first + width], masks, needed)
+    np.testing.assert_array_equal(got, want)
+    assert 0 < got.sum() < width  # both kinds of unit
+
+
+@pytest.mark.parametrize("case, error", [
+    ("masks float", "masks float32"),
+    ("needed int32", "needed int32"),
+    ("out too short", "out bool\\(7,\\)"),
+    ("columns past the row", "columns 4:12 of rows 10 apart"),
+    ("too many pairs", "7 pairs need 14 rows; the block has 12"),
+    ("float64 block", "values of dtype float64; expected float16 or float32"),
+])
+def test_bad_screen_arguments_are_refused(case, error):
+    block = np.zeros((12, 10), np.float16)
+    masks, needed, out, first, width = np.ones((2, 5), bool), np.array([3, 4]), np.zeros(8, bool), 0, 8
+    if case == "masks float":
+        masks = masks.astype(np.float32)
+    elif case == "needed int32":
+        needed = needed.astype(np.int32)
+    elif case == "out too short":
+        out = np.zeros(7, bool)
+    elif case == "columns past the row":
+        first = 4
+    elif case == "too many pairs":
+        masks = np.ones((2, 7), bool)
+    elif case == "float64 block":
+        block = block.astype(np.float64)
+    with pytest.raises((ValueError, IndexError), match=error):
+        _kernels.screen_pairs(block.reshape(-1), 10, first, width, masks, needed, out)
+
+
 def test_the_kernel_compiles_where_numba_has_no_writable_cache(monkeypatch):
     """A read-only install with no writable home: numba cannot cache the kernel on disk (it refuses
     at import), so the kernel is compiled without a cache, and works the same."""
@@ -150,7 +254,7 @@ def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplo
     x = np.maximum(rng.standard_normal((400, 3000)), 0).astype(np.float16)
     y = x[:, [10, 2000]].T.astype(np.float64) + 0.1 * rng.standard_normal((2, 400))
     splits = core.brainscore_splits(n_images=400, n_splits=1, stratify=None)
-    assert engine_module._fused_gather(torch.from_numpy(x)) is not None  # numba here: the kernel
+    assert engine_module._fused(torch.from_numpy(x)) is not None  # numba here: the kernel
     fused = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
     engine_module._kernels.cache_clear()
     monkeypatch.delitem(sys.modules, "unitmatch.core._kernels", raising=False)
@@ -159,7 +263,7 @@ def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplo
     try:
         with caplog.at_level(logging.WARNING, logger="unitmatch.core.engine"):
             assert engine_module._kernels() is None
-            assert engine_module._fused_gather(torch.from_numpy(x)) is None
+            assert engine_module._fused(torch.from_numpy(x)) is None
             plain = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
         assert "numba is not importable" in caplog.text
     finally:
