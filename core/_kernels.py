@@ -65,12 +65,7 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
     if len(rows) and (rows.min() < 0 or rows.max() * row_stride + first + w > values.shape[0]):
         raise IndexError(f"gather_rows: rows {int(rows.min())}..{int(rows.max())} reach beyond the block's "
                          f"{-(-values.shape[0] // row_stride)} rows")
-    if values.dtype == np.float16:
-        _gather(values.view(np.uint16), row_stride, first, rows, shift, out, squares)
-    elif values.dtype == np.float32:
-        _gather(values, row_stride, first, rows, shift, out, squares)
-    else:
-        raise ValueError(f"gather_rows: values of dtype {values.dtype}; expected float16 or float32")
+    _gather(_readable(values, "gather_rows"), row_stride, first, rows, shift, out, squares)
 
 
 def screen_pairs(values: np.ndarray, row_stride: int, first: int, width: int, masks: np.ndarray,
@@ -97,12 +92,63 @@ def screen_pairs(values: np.ndarray, row_stride: int, first: int, width: int, ma
     if masks.shape[1] and (2 * masks.shape[1] - 1) * row_stride + first + width > values.shape[0]:
         raise IndexError(f"screen_pairs: {masks.shape[1]} pairs need {2 * masks.shape[1]} rows; the block has "
                          f"{-(-values.shape[0] // row_stride)}")
+    _screen(_readable(values, "screen_pairs"), row_stride, first, width, masks, needed, out)
+
+
+def column_moments(values: np.ndarray, row_stride: int, first: int, n_rows: int, sums: np.ndarray,
+                   squares: np.ndarray) -> None:
+    """Over the block's first ``n_rows`` rows, column by column: ``sums`` and ``squares`` (float64,
+    (w,), written) of the values of columns ``first .. first + w`` (the engine's shift estimate)."""
+    w = sums.shape[0]
+    if not (sums.dtype == np.float64 and squares.dtype == np.float64 and sums.shape == (w,) == squares.shape
+            and values.ndim == 1 and first >= 0 and first + w <= row_stride and n_rows >= 0):
+        raise ValueError(
+            f"column_moments: sums {sums.dtype}{sums.shape}, squares {squares.dtype}{squares.shape}, "
+            f"columns {first}:{first + w} of rows {row_stride} apart, {n_rows} rows; expected float64 (w,) "
+            f"twice, columns within a row, rows >= 0"
+        )
+    if n_rows and (n_rows - 1) * row_stride + first + w > values.shape[0]:
+        raise IndexError(f"column_moments: {n_rows} rows reach beyond the block's "
+                         f"{-(-values.shape[0] // row_stride)}")
+    _moments(_readable(values, "column_moments"), row_stride, first, n_rows, sums, squares)
+
+
+def column_r(values: np.ndarray, row_stride: int, rows: np.ndarray, columns: np.ndarray, y: np.ndarray,
+             out: np.ndarray) -> None:
+    """Pearson r over the block's ``rows`` between column ``columns[m]`` and ``y[m]``, in float64:
+    ``out[m]``; NaN where ``columns[m] < 0`` (no column) or the column is constant on those rows.
+
+    Args:
+        values, row_stride: the block flat, as for :func:`gather_rows` (float16 or float32).
+        rows: int64 (n,) row indices.
+        columns: int64 (m,) column indices, or -1.
+        y: float64 (m, n): rows already centred and scaled to unit norm (NaN rows give NaN).
+        out: float64 (m,): written.
+    """
+    m = columns.shape[0]
+    if not (rows.dtype == np.int64 and columns.dtype == np.int64 and rows.ndim == 1 and columns.ndim == 1
+            and y.dtype == np.float64 and y.shape == (m, rows.shape[0]) and out.dtype == np.float64
+            and out.shape == (m,) and values.ndim == 1):
+        raise ValueError(
+            f"column_r: rows {rows.dtype}{rows.shape}, columns {columns.dtype}{columns.shape}, "
+            f"y {y.dtype}{y.shape}, out {out.dtype}{out.shape}; expected int64 (n,), int64 (m,), "
+            f"float64 (m, n), float64 (m,)"
+        )
+    if m and (columns.max() >= row_stride or (len(rows) and (rows.min() < 0 or rows.max() * row_stride
+                                                            + columns.max() >= values.shape[0]))):
+        raise IndexError(f"column_r: rows {int(rows.min())}..{int(rows.max())}, columns up to "
+                         f"{int(columns.max())} reach beyond the block ({row_stride} columns a row, "
+                         f"{values.shape[0]} values)")
+    _column_r(_readable(values, "column_r"), row_stride, rows, columns, y, out)
+
+
+def _readable(values: np.ndarray, name: str) -> np.ndarray:
+    """The block's values as the kernels read them: float16 as its bits, float32 as it is."""
     if values.dtype == np.float16:
-        _screen(values.view(np.uint16), row_stride, first, width, masks, needed, out)
-    elif values.dtype == np.float32:
-        _screen(values, row_stride, first, width, masks, needed, out)
-    else:
-        raise ValueError(f"screen_pairs: values of dtype {values.dtype}; expected float16 or float32")
+        return values.view(np.uint16)
+    if values.dtype == np.float32:
+        return values
+    raise ValueError(f"{name}: values of dtype {values.dtype}; expected float16 or float32")
 
 
 def _hardware_half() -> bool:
@@ -224,3 +270,40 @@ def _screen(values, row_stride, first, width, masks, needed, out):  # pragma: no
         for s in range(n_splits):
             candidate |= counts[s, j] >= needed[s]
         out[j] = candidate
+
+
+@_compiled
+def _moments(values, row_stride, first, n_rows, sums, squares):  # pragma: no cover
+    """:func:`column_moments`' loop."""
+    w = sums.shape[0]
+    sums[:] = 0.0
+    squares[:] = 0.0
+    for i in range(n_rows):
+        row = values[i * row_stride + first:i * row_stride + first + w]
+        for j in range(w):
+            v = np.float64(_float32(row[j]))
+            sums[j] += v
+            squares[j] += v * v
+
+
+@_compiled
+def _column_r(values, row_stride, rows, columns, y, out):  # pragma: no cover
+    """:func:`column_r`' loop: a column's values gathered (float64), centred, then their dot with y's row."""
+    n = rows.shape[0]
+    x = np.empty(n, np.float64)
+    for m in range(columns.shape[0]):
+        c = columns[m]
+        if c < 0 or n == 0:
+            out[m] = np.nan
+            continue
+        total = 0.0
+        for i in range(n):
+            x[i] = np.float64(_float32(values[rows[i] * row_stride + c]))
+            total += x[i]
+        mean = total / n
+        dot, ss = 0.0, 0.0
+        for i in range(n):
+            d = x[i] - mean
+            dot += d * y[m, i]
+            ss += d * d
+        out[m] = dot / np.sqrt(ss) if ss > 0.0 else np.nan

@@ -335,6 +335,7 @@ class _SplitPlan:
         self.outside = torch.as_tensor(outside, dtype=torch.int64, device=device)
         self.train_t = torch.as_tensor(train, dtype=torch.int64, device=device)
         self.test_t = torch.as_tensor(test, device=device)
+        self.test_rows = np.asarray(test, dtype=np.int64)  # for the fused CPU kernels
         train_sum, train_squares = _train_sums(sums, y_out)
         mz = train_sum / self.n_train  # train mean of the z-scored responses
         ss = train_squares - self.n_train * mz * mz
@@ -662,12 +663,23 @@ class MatchEngine:
         """Per-unit shift (float32) when some unit's mean dwarfs its spread, else None.
 
         float32 products lose digits when a unit's mean dwarfs its spread; r is shift-invariant, so
-        such blocks are matched as ``x - shift``, with the shift estimated from the first rows.
+        such blocks are matched as ``x - shift``, with the shift estimated from the first rows (their
+        sums and squares in one pass where the fused kernels serve the block, in float64).
         """
-        head = xb[:_SHIFT_ROWS].to(torch.float32)
-        mean = head.mean(dim=0)
-        var = (head * head).mean(dim=0) - mean * mean
-        return mean if bool((mean * mean > 16 * var).any()) else None
+        fused = _fused(xb)
+        if fused is None:
+            head = xb[:_SHIFT_ROWS].to(torch.float32)
+            mean = head.mean(dim=0)
+            var = (head * head).mean(dim=0) - mean * mean
+            return mean if bool((mean * mean > 16 * var).any()) else None
+        kernels, flat, row_stride = fused
+        n = min(_SHIFT_ROWS, xb.shape[0])
+        sums, squares = np.empty(xb.shape[1]), np.empty(xb.shape[1])
+        kernels.column_moments(flat, row_stride, 0, n, sums, squares)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN in the head: refused later
+            mean = sums / n
+            var = squares / n - mean * mean
+        return torch.from_numpy(mean.astype(np.float32)) if bool((mean * mean > 16 * var).any()) else None
 
     def _prepare(self, xb: torch.Tensor, shift: torch.Tensor | None):
         """The whole block as float32 (shifted where needed) and its per-unit sums of squares.
@@ -948,7 +960,15 @@ class MatchEngine:
     def _leader_test_r(self, xb: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
         """float64 test r of each neuron row's block leader, from the block's test rows (a few values, as
         stored), on the engine's device: only the r come back (with a permutation null's thousands of
-        rows the products are a host's milliseconds per split and block)."""
+        rows the products are a host's milliseconds per split and block). On the CPU, one fused pass
+        (:func:`core._kernels.column_r`) where torch gathered, cast and reduced in several."""
+        fused = _fused(xb)
+        if fused is not None:
+            kernels, flat, row_stride = fused
+            r = np.empty(len(leaders))
+            kernels.column_r(flat, row_stride, plan.test_rows, np.where(has, leaders, -1).astype(np.int64),
+                             plan.yn_test, r)
+            return r
         cols = torch.as_tensor(leaders, device=self.device)
         xt = xb[plan.test_t[:, None], cols[None, :]].double()  # (|H|, rows)
         xt -= xt.mean(dim=0)

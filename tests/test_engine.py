@@ -672,6 +672,9 @@ def test_float16_gemms_give_way_to_float32_under_fp16_accumulation_and_are_not_p
     """torch refuses float16 GEMMs into float32 while ``allow_fp16_accumulation`` is set: the engine
     then takes its float32 path, block by block; the float16 parts, and the split plans' device
     copies of their test rows, are rebuilt after unpickling."""
+    import unitmatch.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_kernels", lambda: None)  # as on CUDA: torch's ops throughout
     layers = {k: v.astype(np.float16) for k, v in _activations(seed=21).items()}
     x = _flat(layers)
     y, _ = _responses(x.astype(np.float32), seed=22)

@@ -214,6 +214,58 @@ def test_bad_screen_arguments_are_refused(case, error):
         _kernels.screen_pairs(block.reshape(-1), 10, first, width, masks, needed, out)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_column_moments_are_numpys_float64_sums(dtype):
+    rng = np.random.default_rng(5)
+    block = (rng.standard_normal((70, 40)) * 100 + 1000).astype(dtype)
+    sums, squares = np.full(31, np.nan), np.full(31, np.nan)
+    _kernels.column_moments(block.reshape(-1), 40, 6, 64, sums, squares)
+    head = block[:64, 6:37].astype(np.float64)
+    np.testing.assert_allclose(sums, head.sum(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(squares, (head * head).sum(axis=0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_column_r_is_numpys_float64_pearson_r(dtype):
+    """Unsorted rows, repeated columns, a column constant on the rows (NaN), no column (-1, NaN) and a
+    constant y row (NaN)."""
+    rng = np.random.default_rng(6)
+    block = rng.standard_normal((90, 50)).astype(dtype)
+    rows = rng.permutation(90)[:33].astype(np.int64)
+    block[rows, 7] = 2.5
+    columns = np.array([3, 7, 49, -1, 3, 20], np.int64)
+    y = rng.standard_normal((6, 33))
+    y[5] = 1.0
+    y -= y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        y /= np.sqrt((y * y).sum(axis=1, keepdims=True))
+    r = np.full(6, 7.0)
+    _kernels.column_r(block.reshape(-1), 50, rows, columns, y, r)
+    want = np.full(6, np.nan)
+    for m in (0, 2, 4):
+        want[m] = np.corrcoef(block[rows, columns[m]].astype(np.float64), y[m])[0, 1]
+    np.testing.assert_allclose(r, want, rtol=1e-12, atol=1e-14)
+    assert np.isnan(r[[1, 3, 5]]).all()
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda b: _kernels.column_moments(b, 10, 0, 4, np.zeros(8, np.float32), np.zeros(8)), "sums float32"),
+    (lambda b: _kernels.column_moments(b, 10, 3, 4, np.zeros(8), np.zeros(8)), "columns 3:11 of rows 10"),
+    (lambda b: _kernels.column_moments(b, 10, 0, 13, np.zeros(8), np.zeros(8)), "13 rows reach beyond"),
+    (lambda b: _kernels.column_r(b, 10, np.arange(4), np.arange(2), np.zeros((2, 3)), np.zeros(2)),
+     "y float64\\(2, 3\\)"),
+    (lambda b: _kernels.column_r(b, 10, np.arange(4), np.array([1, 10]), np.zeros((2, 4)), np.zeros(2)),
+     "columns up to 10 reach beyond"),
+    (lambda b: _kernels.column_r(b, 10, np.array([0, 12]), np.arange(2), np.zeros((2, 2)), np.zeros(2)),
+     "rows 0..12"),
+    (lambda b: _kernels.column_r(b.astype(np.float64), 10, np.arange(2), np.arange(2), np.zeros((2, 2)),
+                                 np.zeros(2)), "column_r: values of dtype float64"),
+])
+def test_bad_moment_and_r_arguments_are_refused(call, error):
+    with pytest.raises((ValueError, IndexError), match=error):
+        call(np.zeros(120, np.float16))
+
+
 def test_the_kernel_compiles_where_numba_has_no_writable_cache(monkeypatch):
     """A read-only install with no writable home: numba cannot cache the kernel on disk (it refuses
     at import), so the kernel is compiled without a cache, and works the same."""
