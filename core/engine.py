@@ -791,7 +791,7 @@ class MatchEngine:
         tile's products (beta = 1): the cast rows never leave the core's cache. Otherwise (numpy's
         GEMM, which cannot add into its output) the chunks fill a tile of all train rows and one
         GEMM over it follows (``_SplitPlan.d_train``). The other rows are squared and summed only
-        to check that they are finite.
+        to check that they are finite (by the kernel in one call over all columns, after the tiles).
 
         Returns:
             products (neuron rows + 1, units): train cross-products and, in the last row, train
@@ -802,14 +802,16 @@ class MatchEngine:
         sxx = self._buffer("sxx", (2, n_units))  # every column written below, tile by tile
         n_train, n_rest = plan.n_train, len(plan.outside)
         tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_TILE_UNITS, _TILE_ROWS)
-        # the row chunks: (0 for the train rows, 1 for the others; first; end)
-        chunks = [(k, r0, min(r0 + tile_rows, n)) for k, n in enumerate((n_train, n_rest))
-                  for r0 in range(0, n, tile_rows)]
         fused = _fused(xb)
+        # the row chunks: (0 for the train rows, 1 for the others; first; end); the fused kernel
+        # checks the others once, over all the block's columns, after the tiles
+        row_counts = (n_train, n_rest) if fused is None else (n_train,)
+        chunks = [(k, r0, min(r0 + tile_rows, n)) for k, n in enumerate(row_counts) for r0 in range(0, n, tile_rows)]
         if fused is not None:
             kernels, flat, row_stride = fused
-            row_sets = (plan.train_t.numpy(), plan.outside.numpy())
-            squares = self._buffer("squares64", (2, min(tile_units, n_units)), torch.float64)
+            train_rows = plan.train_t.numpy()
+            squares = self._buffer("squares64", (2, n_units), torch.float64).zero_()  # float64 sums: train, others
+            squares_np = squares.numpy()
         for c0 in range(0, n_units, tile_units):
             c1 = min(c0 + tile_units, n_units)
             width = c1 - c0
@@ -817,9 +819,7 @@ class MatchEngine:
             step = shift[c0:c1] if shift is not None else None
             out = products[:, c0:c1]
             tile = None if torch_gemm else self._buffer("tile", (n_train, width))
-            if fused is not None:  # float64 sums of squares: over the train rows, then the others
-                sums = squares[:, :width].zero_()
-                sums_np = sums.numpy()
+            if fused is not None:
                 step_np = None if step is None else step.numpy()
             else:
                 # squares summed elementwise over the row chunks while in cache, then once over the
@@ -828,14 +828,13 @@ class MatchEngine:
                 sums = self._buffer("squares", (min(tile_rows, max(n_train, n_rest)), width))
             for k, r0, r1 in chunks:
                 train = k == 0
-                if fused is not None and not train:  # squares alone: each row cast over the last
-                    chunk = self._buffer("row", (1, width))
-                elif train and tile is not None:
+                if train and tile is not None:
                     chunk = tile[r0:r1]
                 else:
                     chunk = self._buffer("rest", (r1 - r0, width))
                 if fused is not None:
-                    kernels.gather_rows(flat, row_stride, c0, row_sets[k][r0:r1], step_np, chunk.numpy(), sums_np[k])
+                    kernels.gather_rows(flat, row_stride, c0, train_rows[r0:r1], step_np, chunk.numpy(),
+                                        squares_np[0, c0:c1])
                 else:
                     self._gather_rows(src, (plan.train_t, plan.outside)[k][r0:r1], chunk, step)
                     if r0 == 0:
@@ -846,10 +845,12 @@ class MatchEngine:
                         torch.sum(sums[: min(r1, tile_rows)], dim=0, out=sxx[k, c0:c1])
                 if train and tile is None:
                     torch.addmm(out, plan.d_train[:, r0:r1], chunk, beta=0.0 if r0 == 0 else 1.0, out=out)
-            if fused is not None:
-                sxx[:, c0:c1].copy_(sums)
             if tile is not None:
                 np.matmul(plan.d_train.numpy(), tile.numpy(), out=out.numpy())
+        if fused is not None:  # the other rows' squares, each row cast over the last (in cache)
+            kernels.gather_rows(flat, row_stride, 0, plan.outside.numpy(), None if shift is None else shift.numpy(),
+                                self._buffer("row", (1, n_units)).numpy(), squares_np[1])
+            sxx.copy_(squares)
         return products, sxx[:1], sxx[1]
 
     def _share_pool(self, n: int) -> ThreadPoolExecutor:
