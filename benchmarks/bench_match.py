@@ -92,10 +92,12 @@ def _blocks(core, pool, widths, block):
 
 
 def _columns(pool, block, n_images):
-    def fetch(units):
+    def fetch(units):  # a pool block's columns at a time, as a store reads a chunk's
+        units = np.asarray(units)
         out = np.empty((n_images, len(units)))
-        for k, u in enumerate(units):
-            out[:, k] = pool[(u // block) % POOL][:, u % block]
+        which = (units // block) % POOL
+        for p in np.unique(which):
+            out[:, which == p] = pool[p][:, units[which == p] % block]
         return out
     return fetch
 
@@ -189,7 +191,9 @@ def worker_engine(units: int, dtype: str, splits_mask: int = 3) -> dict:
     for n_splits in [n for n, bit in ((1, 1), (10, 2)) if splits_mask & bit]:
         splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None)
         engine = MatchEngine(y, splits, top_k=5)
-        engine.process(UnitBlock(pool[0][:, :256], "units", 0))  # warm-up (allocations, threads)
+        # warm-up on a block of the stream's width: the one-time costs (the share threads and their
+        # buffers, the once-per-process GEMM probe, about a quarter of a second) are not the stream's
+        engine.process(UnitBlock(pool[0][:, :widths[0]], "units", 0))
         reset &= _reset_peak_rss()
         t0 = time.perf_counter()
         res = stream_match(engine, _blocks(core, pool, widths, block), catalogue,

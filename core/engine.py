@@ -803,15 +803,19 @@ class MatchEngine:
         n_train, n_rest = plan.n_train, len(plan.outside)
         tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_TILE_UNITS, _TILE_ROWS)
         fused = _fused(xb)
-        # the row chunks: (0 for the train rows, 1 for the others; first; end); the fused kernel
-        # checks the others once, over all the block's columns, after the tiles
-        row_counts = (n_train, n_rest) if fused is None else (n_train,)
-        chunks = [(k, r0, min(r0 + tile_rows, n)) for k, n in enumerate(row_counts) for r0 in range(0, n, tile_rows)]
+        # the row chunks: (0 for the train rows, 1 for the others; first; end; the rows; their columns
+        # of d_train): slices taken once, not per tile (each Python step between the kernel and GEMM
+        # calls costs tens of microseconds there, their data having left the core's caches); the
+        # fused kernel checks the other rows once, over all the block's columns, after the tiles
+        row_sets = (plan.train_t, plan.outside) if fused is None else (plan.train_t.numpy(),)
+        chunks = [(k, r0, min(r0 + tile_rows, len(rows)), rows[r0:r0 + tile_rows],
+                   plan.d_train[:, r0:r0 + tile_rows] if k == 0 else None)
+                  for k, rows in enumerate(row_sets) for r0 in range(0, len(rows), tile_rows)]
         if fused is not None:
             kernels, flat, row_stride = fused
-            train_rows = plan.train_t.numpy()
             squares = self._buffer("squares64", (2, n_units), torch.float64).zero_()  # float64 sums: train, others
             squares_np = squares.numpy()
+        buffers = {}  # (rows, width): a chunk buffer and its numpy view
         for c0 in range(0, n_units, tile_units):
             c1 = min(c0 + tile_units, n_units)
             width = c1 - c0
@@ -821,30 +825,33 @@ class MatchEngine:
             tile = None if torch_gemm else self._buffer("tile", (n_train, width))
             if fused is not None:
                 step_np = None if step is None else step.numpy()
+                sums_np = squares_np[0, c0:c1]
             else:
                 # squares summed elementwise over the row chunks while in cache, then once over the
                 # accumulator's rows (one op per chunk: measured twice as fast as squaring into a buffer
                 # and summing it)
                 sums = self._buffer("squares", (min(tile_rows, max(n_train, n_rest)), width))
-            for k, r0, r1 in chunks:
-                train = k == 0
-                if train and tile is not None:
+            for k, r0, r1, rows, d_part in chunks:
+                if tile is not None and k == 0:
                     chunk = tile[r0:r1]
+                    chunk_np = chunk.numpy()
                 else:
-                    chunk = self._buffer("rest", (r1 - r0, width))
+                    if (r1 - r0, width) not in buffers:
+                        view = self._buffer(f"rest{len(buffers)}", (r1 - r0, width))
+                        buffers[r1 - r0, width] = view, view.numpy()
+                    chunk, chunk_np = buffers[r1 - r0, width]
                 if fused is not None:
-                    kernels.gather_rows(flat, row_stride, c0, train_rows[r0:r1], step_np, chunk.numpy(),
-                                        squares_np[0, c0:c1])
+                    kernels.gather_rows(flat, row_stride, c0, rows, step_np, chunk_np, sums_np)
                 else:
-                    self._gather_rows(src, (plan.train_t, plan.outside)[k][r0:r1], chunk, step)
+                    self._gather_rows(src, rows, chunk, step)
                     if r0 == 0:
                         torch.mul(chunk, chunk, out=sums[: r1 - r0])
                     else:
                         sums[: r1 - r0].addcmul_(chunk, chunk)
                     if r1 == (n_train, n_rest)[k]:
                         torch.sum(sums[: min(r1, tile_rows)], dim=0, out=sxx[k, c0:c1])
-                if train and tile is None:
-                    torch.addmm(out, plan.d_train[:, r0:r1], chunk, beta=0.0 if r0 == 0 else 1.0, out=out)
+                if tile is None and k == 0:
+                    torch.addmm(out, d_part, chunk, beta=0.0 if r0 == 0 else 1.0, out=out)
             if tile is not None:
                 np.matmul(plan.d_train.numpy(), tile.numpy(), out=out.numpy())
         if fused is not None:  # the other rows' squares, each row cast over the last (in cache)
