@@ -454,7 +454,7 @@ def test_sparse_unit_policy_agrees_with_float64_reference(n_splits, min_varying_
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_sparse_screen_kernel_and_torch_agree_on_a_share(dtype, monkeypatch):
+def test_sparse_screen_fused_and_torch_agree_on_a_share(dtype, monkeypatch):
     """The sparse-unit screen through the fused kernel and through torch's ops, on a share (columns
     of a wider block, rows strided) with four splits: the same units excluded, some of them."""
     import unitmatch.core.engine as engine_module
