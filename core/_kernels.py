@@ -4,9 +4,10 @@ The one-split CPU path (:meth:`core.engine.MatchEngine._tiled_products`) gathers
 from the block, casts them to float32 and sums their squares, a chunk of rows at a time, before each
 chunk's GEMM. As torch ops that is three passes (a gather into a buffer, a cast, a square-and-add)
 and a reduction; :func:`gather_rows` is one pass that reads the block's rows as stored and writes
-the float32 chunk while the squares add up. Its sparse-unit screen (:func:`screen_pairs`) compares
-pairs of rows and counts the equal ones per split in one pass, where torch compared, cast and
-multiplied by the splits' masks.
+the float32 chunk while the squares add up. The smaller passes around it are fused the same way
+(torch's version of each took several passes, and a few microseconds of Python each): the sparse-unit
+screen (:func:`screen_pairs`: pairs of rows compared and the equal ones counted per split), the
+shift estimate (:func:`column_moments`) and the block leaders' test r (:func:`column_r`).
 
 numba has no float16 type on the CPU, so float16 blocks are read as their bits (``uint16``) and
 converted by LLVM's own half-to-float extension where the target converts in hardware (x86 with
