@@ -289,22 +289,26 @@ def _moments(values, row_stride, first, n_rows, sums, squares):  # pragma: no co
 
 @_compiled
 def _column_r(values, row_stride, rows, columns, y, out):  # pragma: no cover
-    """:func:`column_r`' loop: a column's values gathered (float64), centred, then their dot with y's row."""
-    n = rows.shape[0]
-    x = np.empty(n, np.float64)
-    for m in range(columns.shape[0]):
-        c = columns[m]
-        if c < 0 or n == 0:
+    """:func:`column_r`' loop: the columns' values gathered a row at a time (float64; within a row they
+    are close together, where a column at a time touches a new page with every value), then per
+    column centred and dotted with y's row."""
+    n, n_columns = rows.shape[0], columns.shape[0]
+    x = np.empty((n, n_columns), np.float64)
+    for i in range(n):
+        row = values[rows[i] * row_stride:rows[i] * row_stride + row_stride]
+        for m in range(n_columns):
+            x[i, m] = np.float64(_float32(row[max(columns[m], 0)]))
+    for m in range(n_columns):
+        if columns[m] < 0 or n == 0:
             out[m] = np.nan
             continue
         total = 0.0
         for i in range(n):
-            x[i] = np.float64(_float32(values[rows[i] * row_stride + c]))
-            total += x[i]
+            total += x[i, m]
         mean = total / n
         dot, ss = 0.0, 0.0
         for i in range(n):
-            d = x[i] - mean
+            d = x[i, m] - mean
             dot += d * y[m, i]
             ss += d * d
         out[m] = dot / np.sqrt(ss) if ss > 0.0 else np.nan

@@ -1300,8 +1300,9 @@ def _pair_r(x: torch.Tensor, y: torch.Tensor, y_norm: torch.Tensor | None, cols:
 
 def _fused(xb: torch.Tensor):
     """The fused CPU kernels (:mod:`core._kernels`: the one-split path's gather-cast-square, the
-    sparse-unit screen), the block as a flat numpy view and its row stride; None where torch's ops
-    do that work (blocks of other dtypes or devices, columns not contiguous, numba not importable)."""
+    sparse-unit screen, the shift estimate, the leaders' test r), the block as a flat numpy view and
+    its row stride; None where torch's ops do that work (blocks of other dtypes or devices, columns
+    not contiguous, numba not importable)."""
     if xb.device.type != "cpu" or xb.stride(1) != 1 or xb.dtype not in (torch.float16, torch.float32):
         return None
     kernels = _kernels()
