@@ -65,7 +65,7 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
         )
     if len(rows) and (rows.min() < 0 or rows.max() * row_stride + first + w > values.shape[0]):
         raise IndexError(f"gather_rows: rows {int(rows.min())}..{int(rows.max())} reach beyond the block's "
-                         f"{-(-values.shape[0] // row_stride)} rows")
+                         f"{_block_rows(values, row_stride)} rows")
     _gather(_readable(values, "gather_rows"), row_stride, first, rows, shift, out, squares)
 
 
@@ -92,7 +92,7 @@ def screen_pairs(values: np.ndarray, row_stride: int, first: int, width: int, ma
         )
     if masks.shape[1] and (2 * masks.shape[1] - 1) * row_stride + first + width > values.shape[0]:
         raise IndexError(f"screen_pairs: {masks.shape[1]} pairs need {2 * masks.shape[1]} rows; the block has "
-                         f"{-(-values.shape[0] // row_stride)}")
+                         f"{_block_rows(values, row_stride)}")
     _screen(_readable(values, "screen_pairs"), row_stride, first, width, masks, needed, out)
 
 
@@ -110,7 +110,7 @@ def column_moments(values: np.ndarray, row_stride: int, first: int, n_rows: int,
         )
     if n_rows and (n_rows - 1) * row_stride + first + w > values.shape[0]:
         raise IndexError(f"column_moments: {n_rows} rows reach beyond the block's "
-                         f"{-(-values.shape[0] // row_stride)}")
+                         f"{_block_rows(values, row_stride)}")
     _moments(_readable(values, "column_moments"), row_stride, first, n_rows, sums, squares)
 
 
@@ -137,10 +137,15 @@ def column_r(values: np.ndarray, row_stride: int, rows: np.ndarray, columns: np.
         )
     if m and (columns.max() >= row_stride or (len(rows) and (rows.min() < 0 or rows.max() * row_stride
                                                             + columns.max() >= values.shape[0]))):
-        raise IndexError(f"column_r: rows {int(rows.min())}..{int(rows.max())}, columns up to "
-                         f"{int(columns.max())} reach beyond the block ({row_stride} columns a row, "
-                         f"{values.shape[0]} values)")
+        span = f"rows {int(rows.min())}..{int(rows.max())}" if len(rows) else "no rows"
+        raise IndexError(f"column_r: {span}, columns up to {int(columns.max())} reach beyond the block "
+                         f"({row_stride} columns a row, {_block_rows(values, row_stride)} rows)")
     _column_r(_readable(values, "column_r"), row_stride, rows, columns, y, out)
+
+
+def _block_rows(values: np.ndarray, row_stride: int) -> int:
+    """The rows a flat block of ``row_stride`` values a row holds (its last may be cut short)."""
+    return -(-values.shape[0] // row_stride)
 
 
 def _readable(values: np.ndarray, name: str) -> np.ndarray:

@@ -335,7 +335,6 @@ class _SplitPlan:
         self.outside = torch.as_tensor(outside, dtype=torch.int64, device=device)
         self.train_t = torch.as_tensor(train, dtype=torch.int64, device=device)
         self.test_t = torch.as_tensor(test, device=device)
-        self.test_rows = np.asarray(test, dtype=np.int64)  # for the fused CPU kernels
         train_sum, train_squares = _train_sums(sums, y_out)
         mz = train_sum / self.n_train  # train mean of the z-scored responses
         ss = train_squares - self.n_train * mz * mz
@@ -667,19 +666,17 @@ class MatchEngine:
         sums and squares in one pass where the fused kernels serve the block, in float64).
         """
         fused = _fused(xb)
-        if fused is None:
-            head = xb[:_SHIFT_ROWS].to(torch.float32)
-            mean = head.mean(dim=0)
-            var = (head * head).mean(dim=0) - mean * mean
-            return mean if bool((mean * mean > 16 * var).any()) else None
-        kernels, flat, row_stride = fused
         n = min(_SHIFT_ROWS, xb.shape[0])
-        sums, squares = np.empty(xb.shape[1]), np.empty(xb.shape[1])
-        kernels.column_moments(flat, row_stride, 0, n, sums, squares)
-        with np.errstate(invalid="ignore", over="ignore"):  # inf or NaN in the head: refused later
-            mean = sums / n
-            var = squares / n - mean * mean
-        return torch.from_numpy(mean.astype(np.float32)) if bool((mean * mean > 16 * var).any()) else None
+        if fused is None:
+            head = xb[:n].to(torch.float32)
+            mean, mean_square = head.mean(dim=0), (head * head).mean(dim=0)
+        else:
+            kernels, flat, row_stride = fused
+            sums, squares = np.empty(xb.shape[1]), np.empty(xb.shape[1])
+            kernels.column_moments(flat, row_stride, 0, n, sums, squares)
+            mean, mean_square = torch.from_numpy(sums / n), torch.from_numpy(squares / n)
+        var = mean_square - mean * mean  # NaN where the head holds inf or NaN: refused later
+        return mean.to(torch.float32) if bool((mean * mean > 16 * var).any()) else None
 
     def _prepare(self, xb: torch.Tensor, shift: torch.Tensor | None):
         """The whole block as float32 (shifted where needed) and its per-unit sums of squares.
@@ -807,7 +804,7 @@ class MatchEngine:
         # of d_train): slices taken once, not per tile (each Python step between the kernel and GEMM
         # calls costs tens of microseconds there, their data having left the core's caches); the
         # fused kernel checks the other rows once, over all the block's columns, after the tiles
-        row_sets = (plan.train_t, plan.outside) if fused is None else (plan.train_t.numpy(),)
+        row_sets = (plan.train_t, plan.outside) if fused is None else (plan.train,)
         chunks = [(k, r0, min(r0 + tile_rows, len(rows)), rows[r0:r0 + tile_rows],
                    plan.d_train[:, r0:r0 + tile_rows] if k == 0 else None)
                   for k, rows in enumerate(row_sets) for r0 in range(0, len(rows), tile_rows)]
@@ -974,7 +971,7 @@ class MatchEngine:
         if fused is not None:
             kernels, flat, row_stride = fused
             r = np.empty(len(leaders))
-            kernels.column_r(flat, row_stride, plan.test_rows, np.where(has, leaders, -1).astype(np.int64),
+            kernels.column_r(flat, row_stride, plan.test, np.where(has, leaders, -1).astype(np.int64),
                              plan.yn_test, r)
             return r
         cols = torch.as_tensor(leaders, device=self.device)
@@ -1319,7 +1316,7 @@ def _kernels():
     try:
         from . import _kernels as kernels
     except ImportError as e:  # a declared dependency; missing only in hand-made environments
-        log.warning("numba is not importable (%s): the one-split CPU path gathers and casts with torch's ops", e)
+        log.warning("numba is not importable (%s): CPU blocks are gathered, cast and screened with torch's ops", e)
         return None
     return kernels
 

@@ -258,6 +258,8 @@ def test_column_r_is_numpys_float64_pearson_r(dtype):
      "columns up to 10 reach beyond"),
     (lambda b: _kernels.column_r(b, 10, np.array([0, 12]), np.arange(2), np.zeros((2, 2)), np.zeros(2)),
      "rows 0..12"),
+    (lambda b: _kernels.column_r(b, 10, np.zeros(0, np.int64), np.array([11]), np.zeros((1, 0)), np.zeros(1)),
+     "no rows, columns up to 11 reach beyond"),
     (lambda b: _kernels.column_r(b.astype(np.float64), 10, np.arange(2), np.arange(2), np.zeros((2, 2)),
                                  np.zeros(2)), "column_r: values of dtype float64"),
 ])
