@@ -97,7 +97,8 @@ def _columns(pool, block, n_images):
         out = np.empty((n_images, len(units)))
         which = (units // block) % POOL
         for p in np.unique(which):
-            out[:, which == p] = pool[p][:, units[which == p] % block]
+            here = which == p
+            out[:, here] = pool[p][:, units[here] % block]
         return out
     return fetch
 
