@@ -175,14 +175,17 @@ def _hardware_half() -> bool:
 _HALF_IN_HARDWARE = _hardware_half()
 
 
-def _compiled(function):
+def _compiled(function=None, *, fastmath=False):
     """``function`` compiled by numba on first use (no bounds checks, the GIL released), cached on
     disk where numba finds a writable place (beside this file, else the user's cache folder), else
-    compiled anew in each process (about a second)."""
+    compiled anew in each process (about a second). ``fastmath``: numba's option (e.g.
+    ``{"reassoc"}`` lets LLVM vectorise a sum by reordering it); used as ``@_compiled(fastmath=...)``."""
+    if function is None:
+        return lambda f: _compiled(f, fastmath=fastmath)
     try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(function)
+        return numba.njit(nogil=True, cache=True, boundscheck=False, fastmath=fastmath)(function)
     except RuntimeError:  # "cannot cache function ...: no locator available": a read-only install, no home
-        return numba.njit(nogil=True, cache=False, boundscheck=False)(function)
+        return numba.njit(nogil=True, cache=False, boundscheck=False, fastmath=fastmath)(function)
 
 
 @intrinsic

@@ -1,4 +1,9 @@
-"""The fused gather-cast-square kernel of the one-split CPU path (core/_kernels.py), against numpy."""
+"""The numba kernels against independent references: the one-split CPU path's fused passes
+(core/_kernels.py) against numpy, and the decoders' compiled float32 L-BFGS phase
+(core/_logreg_kernel.py) against float64 numpy and torch's phase of the same algorithm.
+
+The GPU session's suite leaves this file out (its machine has no numba; the code falls back to
+torch's ops there, which the other test files cover)."""
 
 import logging
 import sys
@@ -325,3 +330,211 @@ def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplo
     np.testing.assert_array_equal(fused.top_unit, plain.top_unit)
     np.testing.assert_allclose(fused.top_r, plain.top_r, rtol=0, atol=1e-6)
     assert list(plain.top_unit[0, :, 0]) == [10, 2000]
+
+
+# --------------------------------------------------- the decoders' compiled float32 phase (core/_logreg_kernel.py)
+def test_exp32_is_within_two_float32_ulp_of_the_exponential():
+    """The softmax's exponential (a polynomial that vectorises) on [-87, 0], dense and at random,
+    against float64 numpy: at most 2 float32 ulp (observed 1.02); below -87 clamped to e^-87, which
+    against a normaliser of at least 1 is nothing."""
+    import numba
+
+    from unitmatch.core import _logreg_kernel
+
+    @numba.njit
+    def evaluate(v, out):
+        for i in range(v.shape[0]):
+            out[i] = _logreg_kernel._exp32(v[i])
+
+    rng = np.random.default_rng(0)
+    v = np.concatenate([np.linspace(-87, 0, 1_000_001, dtype=np.float32), [np.float32(-0.0), np.float32(-1e-30)],
+                        -rng.exponential(3, 200_000).astype(np.float32).clip(max=87)])
+    out = np.empty_like(v)
+    evaluate(v, out)
+    want = np.exp(v.astype(np.float64))
+    ulp = np.abs(out - want) / np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 2.0, ulp.max()
+    assert out[v == 0].tolist() == [1.0, 1.0]
+    low = np.array([-88.0, -200.0, -np.inf], np.float32)
+    evaluate(low, out[:3])
+    assert np.all(out[:3] == np.float32(np.exp(np.float32(-87.0)))) and out[0] < 1e-37
+
+
+def _logistic_reference(x, y, theta, k, l2):
+    """float64 numpy: scikit-learn's mean multinomial loss + l2 ||W||^2 / 2, its gradient (per
+    class the weights' then the intercept's), and the curvature 1 - mean_i sum_k p_ik^2."""
+    f = x.shape[1]
+    t = theta.reshape(k, f + 1)
+    w, b = t[:, :f], t[:, f]
+    z = x.astype(np.float64) @ w.T + b
+    top = z.max(axis=1, keepdims=True)
+    p = np.exp(z - top)
+    lse = np.log(p.sum(axis=1)) + top[:, 0]
+    p /= p.sum(axis=1, keepdims=True)
+    loss = np.mean(lse - z[np.arange(y.size), y]) + 0.5 * l2 * np.square(w).sum()
+    r = p - np.eye(k)[y]
+    grad = np.concatenate([r.T @ x / y.size + l2 * w, r.mean(axis=0)[:, None]], axis=1).ravel()
+    return loss, grad, 1.0 - np.square(p).sum(axis=1).mean()
+
+
+@pytest.mark.parametrize("n, f, k", [(700, 20, 5), (300, 7, 2), (64, 3, 9)])
+def test_compiled_objective_matches_float64_numpy(n, f, k):
+    """The loss, gradient and curvature of one problem, at a point with saturated and flat classes,
+    over more samples than one block (700 > 512) and fewer, two classes and more classes than
+    features, against float64 numpy on the same float32 features: loss within 1e-6 (relative),
+    gradient within 1e-5 of its largest entry, curvature within 1e-6 (float32 products)."""
+    from unitmatch.core import _logreg_kernel
+
+    rng = np.random.default_rng(n + k)
+    x = rng.normal(size=(n, f)).astype(np.float32)
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)
+    theta = rng.normal(scale=0.8, size=k * (f + 1))
+    theta[f] = 6.0  # class 0's intercept: its probability near 1 for most samples
+    l2 = 0.37 / n
+    work = (np.ascontiguousarray(x.T), np.empty((k, n), np.float32), np.empty(n, np.float32),
+            np.empty(n, np.float32), np.empty((k, f), np.float32))
+    grad = np.full(k * (f + 1), np.nan)
+    loss, curvature = _logreg_kernel._objective(work, y.astype(np.int64), k, theta, l2, grad, True)
+    want_loss, want_grad, want_curvature = _logistic_reference(x, y, theta, k, l2)
+    assert abs(loss - want_loss) <= 1e-6 * abs(want_loss)
+    np.testing.assert_allclose(grad, want_grad, rtol=0, atol=1e-5 * np.abs(want_grad).max())
+    assert abs(curvature - want_curvature) <= 1e-6
+    assert _logreg_kernel._objective(work, y.astype(np.int64), k, theta, l2, grad, False)[1] == 0.0
+
+
+def _problems(seed, b, n, f, k, shared):
+    rng = np.random.default_rng(seed)
+    y = np.stack([rng.permutation(np.arange(n) % k) for _ in range(b)])
+    y = y[:1] if shared else y
+    x = rng.normal(size=(b, n, f)) + 0.6 * rng.normal(size=(b, k, f))[np.arange(b)[:, None], y]
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+@pytest.mark.parametrize("b, n, f, k, shared", [(6, 700, 20, 5, True), (6, 300, 10, 2, False),
+                                                (5, 240, 30, 8, False)])
+def test_compiled_phase_follows_torchs_float32_phase(b, n, f, k, shared):
+    """The compiled loop runs torch's float32 phase (core._logreg._lbfgs) problem by problem: from
+    the same start, with the same preconditioner and stopping rule, both converge, in as many
+    iterations up to float32 rounding (within 3; observed within 2), to points whose float64
+    gradient meets the tolerance (within 1.5x: the stop was decided on float32 products). Where they
+    stop within the tolerance differs as another batch layout's does (parameters observed within
+    2e-4 of the largest; test_decoding compares whole fits with scikit-learn's)."""
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x, y = _problems(b * n, b, n, f, k, shared)
+    yt = torch.from_numpy(y[0] if shared else y)
+    l2, tol = 1.0 / n, 1e-5
+    start = torch.zeros(b, k * (f + 1), dtype=torch.float64)
+    budget = torch.full((b,), 1000)
+    theta_t, iter_t, conv_t = _logreg._lbfgs(_logreg._Objective(torch.from_numpy(x), yt, k, l2), start.clone(),
+                                             budget.clone(), tol=tol, history=10, max_line_search=10)
+    g_inv = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x), yt, k, l2)._gram_cholesky())
+    theta_k = start.clone().numpy()
+    iter_k, conv_k = _logreg_kernel.fit_float32(x, y, k, theta_k, g_inv.numpy(), budget.numpy().copy(), l2=l2,
+                                                tol=tol, ftol=_logreg._FTOL, c1=_logreg._C1, history=10,
+                                                max_line_search=10)
+    assert conv_t.all() and conv_k.all()
+    assert np.abs(iter_k - iter_t.numpy()).max() <= 3, (iter_k, iter_t)
+    exact = _logreg._Objective(torch.from_numpy(x).double(), yt, k, l2)
+    for theta in (torch.from_numpy(theta_k), theta_t):
+        assert exact(theta)[1].abs().max() <= 1.5 * tol
+
+
+def test_compiled_phase_stops_at_its_budget_and_starts_where_told():
+    """A budget of 3 iterations stops every problem after 3, unconverged; problems whose start
+    already meets the tolerance take no iteration and stay where they are; warm starts from the
+    solutions of slightly different problems converge in fewer iterations than starts from zero."""
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x, y = _problems(4, 3, 200, 6, 3, True)
+    l2 = 1.0 / 200
+    g_inv = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x), torch.from_numpy(y[0]), 3, l2)
+                                   ._gram_cholesky()).numpy()
+    kw = dict(l2=l2, tol=1e-5, ftol=_logreg._FTOL, c1=_logreg._C1, history=10, max_line_search=10)
+    theta = np.zeros((3, 21))
+    used, conv = _logreg_kernel.fit_float32(x, y, 3, theta, g_inv, np.full(3, 3), **kw)
+    assert used.tolist() == [3, 3, 3] and not conv.any() and np.abs(theta).max() > 0
+    cold = np.zeros((3, 21))
+    _logreg_kernel.fit_float32(x, y, 3, cold, g_inv, np.full(3, 500), **kw)
+    untouched = np.zeros((3, 21))
+    used_none, conv_none = _logreg_kernel.fit_float32(x, y, 3, untouched, g_inv, np.full(3, 500),
+                                                      **{**kw, "tol": 100.0})  # met at the start
+    assert used_none.tolist() == [0, 0, 0] and conv_none.all() and not untouched.any()
+    near = cold.copy()
+    x2 = x.copy()
+    x2[:, :10] = 0.0  # 5% of the samples changed
+    g2 = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x2), torch.from_numpy(y[0]), 3, l2)
+                                ._gram_cholesky()).numpy()
+    # at 1e-4 (float32 products resolve the loss's decrease near 1e-5 no longer: a line search may
+    # fail there, from any start, and leave the problem to the float64 phase)
+    loose = {**kw, "tol": 1e-4}
+    used_warm, conv_warm = _logreg_kernel.fit_float32(x2, y, 3, near, g2, np.full(3, 500), **loose)
+    used_zero, _ = _logreg_kernel.fit_float32(x2, y, 3, np.zeros((3, 21)), g2, np.full(3, 500), **loose)
+    assert conv_warm.all() and used_warm.sum() < used_zero.sum(), (used_warm, used_zero)
+
+
+@pytest.mark.parametrize("case", ["noisy", "separable", "binary", "wide"])
+def test_fits_with_the_compiled_phase_equal_those_with_torchs(case):
+    """Through :func:`core._logreg.fit_many` (threaded chunks, the float64 finish): with the compiled
+    float32 phase and with torch's, the same minimiser at a tight tolerance (within 1e-5 of the
+    largest coefficient: both finish in float64) and, at the default tolerance, the same test
+    predictions for at least 99% of the samples; with per-problem labels and a warm start too."""
+    import torch
+
+    from unitmatch.core import _logreg
+    from test_decoding import _logreg_case
+
+    x_train, y_train, x_test, _, k = _logreg_case(case)
+    mu, sd = x_train.mean(0), x_train.std(0)
+    z, z_test = (x_train - mu) / sd, torch.from_numpy((x_test - mu) / sd)
+    batch = np.stack([z, z[:, ::-1], z[::-1].copy()]).astype(np.float32)
+    labels = np.stack([y_train, y_train, y_train[::-1]])
+    for tol in (1e-10, 1e-4):
+        fits = [_logreg.fit_many(batch, labels, k, 1.0, tol=tol, max_iter=5000, compiled=c) for c in (True, False)]
+        assert fits[0].converged.all() and fits[1].converged.all()
+        if tol < 1e-6:
+            scale = np.abs(fits[1].coef.numpy()).max()
+            np.testing.assert_allclose(fits[0].coef.numpy(), fits[1].coef.numpy(), rtol=0, atol=1e-5 * scale)
+        else:
+            agree = (fits[0].predict(z_test) == fits[1].predict(z_test)).float().mean()
+            assert agree >= 0.99, agree
+    warm = [_logreg.fit_many(batch, labels, k, 1.0, tol=1e-10, max_iter=5000, init=fits[1].theta * 0.9,
+                             compiled=c) for c in (True, False)]
+    np.testing.assert_allclose(warm[0].coef.numpy(), warm[1].coef.numpy(), rtol=0,
+                               atol=1e-5 * np.abs(warm[1].coef.numpy()).max())
+
+
+def test_compiled_phase_refuses_what_it_cannot_run_and_names_it(monkeypatch):
+    """compiled=True where the phase cannot run compiled, and bad arrays handed to the kernel, are
+    errors that name the value; compiled=None falls back to torch's ops where numba is missing."""
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x, y = _problems(1, 2, 50, 3, 2, True)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y[0])
+    with pytest.raises(ValueError, match=r"compiled=True: .* precision is 'float64' \(no float32 phase\)"):
+        _logreg.fit_multinomial(xt, yt, 2, 1.0, precision="float64", compiled=True)
+    with pytest.raises(ValueError, match=r"compiled=True: .* the features are on meta"):
+        _logreg._compiled_phase(torch.device("meta"), "mixed", True)
+    g_inv = np.tile(np.eye(4), (2, 1, 1))
+    kw = dict(l2=0.01, tol=1e-5, ftol=1e-14, c1=1e-4, history=10, max_line_search=10)
+    with pytest.raises(ValueError, match=r"fit_float32: x float64\(2, 50, 3\).*expected float32 \(B, n, F\)"):
+        _logreg_kernel.fit_float32(x.astype(np.float64), y, 2, np.zeros((2, 8)), g_inv, np.full(2, 9), **kw)
+    with pytest.raises(ValueError, match=r"theta float64\(2, 6\)"):
+        _logreg_kernel.fit_float32(x, y, 2, np.zeros((2, 6)), g_inv, np.full(2, 9), **kw)
+    bad = y.copy()
+    bad[0, 5] = 2
+    with pytest.raises(ValueError, match=r"labels span 0..2; expected 0..1 for 2 classes"):
+        _logreg_kernel.fit_float32(x, bad, 2, np.zeros((2, 8)), g_inv, np.full(2, 9), **kw)
+    plain = _logreg.fit_multinomial(xt, yt, 2, 1.0, compiled=False)
+    monkeypatch.setattr(_logreg, "_logreg_kernel", lambda: None)  # numba not importable
+    fallback = _logreg.fit_multinomial(xt, yt, 2, 1.0)
+    np.testing.assert_array_equal(fallback.coef.numpy(), plain.coef.numpy())
+    with pytest.raises(ValueError, match="compiled=True: the float32 phase cannot run compiled here: numba is not importable"):
+        _logreg.fit_multinomial(xt, yt, 2, 1.0, compiled=True)
