@@ -34,6 +34,11 @@ default tol most problems stop there with no further iteration). The minimiser a
 rule are the all-float64 fit's; a fit can start from given parameters (``init``: a warm start).
 With TF32 matmuls enabled on a GPU the first phase is coarser, and the float64 phase still
 decides convergence.
+
+On the CPU the float32 phase runs, where numba is importable, as one compiled loop per problem
+(:mod:`core._logreg_kernel`, the same algorithm: torch's version spends most of its time between
+its GEMMs, in some 220 small ops an iteration under one GIL); the float64 phase stays here
+(``fit_multinomial(compiled=...)`` chooses).
 """
 
 from __future__ import annotations

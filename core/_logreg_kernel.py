@@ -11,11 +11,13 @@ same objective, preconditioner, memory, initial scaling, line search and stoppin
 and L-BFGS memory stay in the core's cache for the whole fit, and the GIL is released, so threads
 fit chunks side by side.
 
-Its products are float32 like torch's: the class scores ``z = b + W x`` are summed over the features
-in float32, the softmax's exponentials are float32 (:func:`_exp32`: a polynomial that vectorises,
-within 2 float32 ulp of the exponential), the gradient's ``r X`` is summed over samples in float32;
-the loss's and the intercept's sums over samples, the penalty, the parameters and the L-BFGS state
-are float64. The first phase only has to bring a problem near its minimiser: the float64 phase that
+Its products are float32 like torch's: the class scores ``z = W x + b`` and the gradient's ``r X``
+are float32 GEMMs (SciPy's BLAS, which numba calls for ``np.dot`` on float32 matrices: the demo's
+problems' GEMMs run at about 100-140 GFLOPS a core there, against 35-50 for the loops LLVM
+vectorised; the features are kept in both layouts, transposed once per problem, and each GEMM is
+oriented as OpenBLAS runs it fastest for the problem's size), the softmax's exponentials are float32 (:func:`_exp32`: a
+polynomial that vectorises, within 2 float32 ulp of the exponential); the loss's and the
+intercept's sums over samples, the penalty, the parameters and the L-BFGS state are float64. The first phase only has to bring a problem near its minimiser: the float64 phase that
 follows decides convergence (:func:`core._logreg.fit_multinomial`), so the answers keep their
 float64 guarantees whichever way the first phase ran.
 """
@@ -32,11 +34,10 @@ from ._kernels import _compiled, _float_from_bits
 #: loop: the products' float32 sums and the float64 sums over samples or parameters. The
 #: exponential's range reduction is compiled without it (reordered, it would lose its precision).
 _SUMS = {"reassoc", "contract"}
-#: samples whose class scores (and gradient terms) are computed together: their (K, block) scores stay
-#: in the L1 cache while each feature's row of the block is read (one GEMM of 2304 x 256 x 8: 0.33 ms
-#: in blocks of 512, 0.40 ms whole, here). Indices inside a block are unsigned: numba then has no
-#: negative index to wrap, and LLVM vectorises the loop (with signed ones it did not: 10x slower)
-_BLOCK = 512
+#: features (samples x features) above which the scores' GEMM is computed as X W^T and transposed
+#: (OpenBLAS, one thread, 8 classes: 2304 x 256 features 174 us against 369 for W X^T; 1000 x 64
+#: 12.7 against 6.9; the two cross near 100,000)
+_TALL = 100_000
 #: samples whose softmax normalisers are multiplied together before one logarithm (each is at most
 #: K, so the product stays finite for K below 10^19)
 _LOG_GROUP = 16
@@ -110,21 +111,22 @@ def _fit_all(x, labels, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls, n
     """:func:`fit_float32`'s loop over problems, with the work arrays made once."""
     n_batch, n, f = x.shape
     p = theta.shape[1]
-    xt = np.empty((f, n), np.float32)  # a problem's features, feature-major
+    xt = np.empty((f, n), np.float32)  # a problem's features, feature-major (the scores' GEMM reads them so)
     z = np.empty((k, n), np.float32)  # class scores, then probabilities, then their residuals
     top = np.empty(n, np.float32)
     total = np.empty(n, np.float32)
-    g32 = np.empty((k, f), np.float32)
+    zt = np.empty((n, k), np.float32) if n * f > _TALL else np.empty((0, k), np.float32)
+    w32, wt, gt = np.empty((k, f), np.float32), np.empty((f, k), np.float32), np.empty((f, k), np.float32)
     grad, new_grad, new_theta = np.empty(p), np.empty(p), np.empty(p)
     d, py = np.empty(p), np.empty(p)
     s, y = np.zeros((m, p)), np.zeros((m, p))
     rho, alpha = np.zeros(m), np.zeros(m)
-    work = (xt, z, top, total, g32)
     for i in range(n_batch):
         xi = x[i]
         for r in range(n):
             for c in range(f):
                 xt[c, r] = xi[r, c]
+        work = (xi, xt, z, zt, top, total, w32, wt, gt)
         lab = labels[i if labels.shape[0] > 1 else 0]
         n_iter[i], converged[i] = _fit_one(work, lab, k, theta[i], g_inv[i], budget[i], l2, tol, ftol, c1,
                                            m, max_ls, grad, new_grad, new_theta, d, py, s, y, rho, alpha)
@@ -222,24 +224,32 @@ def _objective(work, lab, k, theta, l2, grad, want_curvature):  # pragma: no cov
     """(loss, curvature) at ``theta``, its gradient written into ``grad``; the curvature
     ``1 - mean_i sum_k p_ik^2`` only where asked (else 0). (Arrays are indexed in place: a row view
     made inside these loops costs more than the loop and stops LLVM vectorising it.)"""
-    xt, z, top, total, g32 = work
+    x, xt, z, zt, top, total, w32, wt, gt = work
     f, n = xt.shape
     stride = f + 1
     penalty = 0.0
     for c in range(k):
-        bias = np.float32(theta[c * stride + f])
-        for r in range(n):
-            z[c, r] = bias
         for j in range(f):
             penalty += theta[c * stride + j] * theta[c * stride + j]
-    for start in range(0, n, _BLOCK):  # class scores z = b + W x, a feature at a time for every class
-        size = min(_BLOCK, n - start)
+    # class scores z = W x + b (BLAS: numba calls SciPy's sgemm), in the orientation faster for the size
+    if n * f > _TALL:
         for j in range(f):
             for c in range(k):
-                w = np.float32(theta[c * stride + j])
-                for i in range(size):
-                    r = np.uint64(start + i)
-                    z[c, r] += w * xt[j, r]
+                wt[j, c] = np.float32(theta[c * stride + j])
+        np.dot(x, wt, zt)
+        for c in range(k):
+            bias = np.float32(theta[c * stride + f])
+            for r in range(n):
+                z[c, r] = zt[r, c] + bias
+    else:
+        for c in range(k):
+            for j in range(f):
+                w32[c, j] = np.float32(theta[c * stride + j])
+        np.dot(w32, xt, z)
+        for c in range(k):
+            bias = np.float32(theta[c * stride + f])
+            for r in range(n):
+                z[c, r] += bias
     # softmax over classes, per sample, and the loss: mean_i (log sum_k e^(z_ik - top_i) + top_i - z_i,y_i)
     for r in range(n):
         top[r] = z[0, r]
@@ -277,19 +287,10 @@ def _objective(work, lab, k, theta, l2, grad, want_curvature):  # pragma: no cov
     for r in range(n):
         z[lab[r], r] -= _ONE
     # gradient: (r X) / n + l2 W for the weights, mean_i r_ik for the intercepts
-    g32[:, :] = 0.0
-    for start in range(0, n, _BLOCK):
-        size = min(_BLOCK, n - start)
-        for j in range(f):
-            for c in range(k):
-                acc = np.float32(0.0)
-                for i in range(size):
-                    r = np.uint64(start + i)
-                    acc += z[c, r] * xt[j, r]
-                g32[c, j] += acc
+    np.dot(xt, z.T, gt)  # (F, K): faster than z x, (K, F), for large problems, as fast for small ones
     for c in range(k):
         for j in range(f):
-            grad[c * stride + j] = np.float64(g32[c, j]) / n + l2 * theta[c * stride + j]
+            grad[c * stride + j] = np.float64(gt[j, c]) / n + l2 * theta[c * stride + j]
         acc64 = 0.0
         for r in range(n):
             acc64 += np.float64(z[c, r])
@@ -311,16 +312,10 @@ def _exp32(v):  # pragma: no cover
 
 @_compiled
 def _precondition(v, g_inv, k, out):  # pragma: no cover
-    """``out = G^-1`` applied to each class's (F + 1) block of ``v``."""
+    """``out = G^-1`` applied to each class's (F + 1) block of ``v``: one (K, F + 1) x (F + 1, F + 1)
+    GEMM (BLAS; G^-1 is symmetric)."""
     stride = g_inv.shape[0]
-    for c in range(k):
-        base = c * stride
-        for t in range(stride):
-            out[base + t] = 0.0
-        for j in range(stride):
-            vj = v[base + j]
-            for t in range(stride):
-                out[base + t] += vj * g_inv[j, t]
+    np.dot(v.reshape((k, stride)), g_inv, out.reshape((k, stride)))
 
 
 @_compiled(fastmath=_SUMS)

@@ -29,7 +29,8 @@ neurons' classifiers as one batch, the random populations of the null in a few c
 a GPU; ``"sklearn"`` fits them one by one with scikit-learn's lbfgs, the reference the batched
 solver is tested against (accuracies within 0.01; coefficients within 1e-4 of the largest at a
 tight tolerance, observed 4e-6). The batched solver's products are float32 with a float64 finish
-(same minimiser and stopping rule, :mod:`core._logreg`); the null's populations are z-scored in
+(same minimiser and stopping rule, :mod:`core._logreg`; on the CPU the float32 phase is compiled,
+:mod:`core._logreg_kernel`); the null's populations are z-scored in
 float32 (their classifiers' products are float32 anyway); and ``warm_start`` starts a split's fits
 from another split's solutions. ``core.analyze`` decodes a region's splits together
 (:func:`matched_population_decoding_splits`): its random populations are drawn once and shared by

@@ -377,11 +377,11 @@ def _logistic_reference(x, y, theta, k, l2):
     return loss, grad, 1.0 - np.square(p).sum(axis=1).mean()
 
 
-@pytest.mark.parametrize("n, f, k", [(700, 20, 5), (300, 7, 2), (64, 3, 9)])
+@pytest.mark.parametrize("n, f, k", [(700, 20, 5), (300, 7, 2), (64, 3, 9), (1200, 90, 4)])
 def test_compiled_objective_matches_float64_numpy(n, f, k):
     """The loss, gradient and curvature of one problem, at a point with saturated and flat classes,
-    over more samples than one block (700 > 512) and fewer, two classes and more classes than
-    features, against float64 numpy on the same float32 features: loss within 1e-6 (relative),
+    with two classes, with more classes than features, and with more features than ``_TALL`` (the
+    scores' GEMM the other way round), against float64 numpy on the same float32 features: loss within 1e-6 (relative),
     gradient within 1e-5 of its largest entry, curvature within 1e-6 (float32 products)."""
     from unitmatch.core import _logreg_kernel
 
@@ -392,8 +392,9 @@ def test_compiled_objective_matches_float64_numpy(n, f, k):
     theta = rng.normal(scale=0.8, size=k * (f + 1))
     theta[f] = 6.0  # class 0's intercept: its probability near 1 for most samples
     l2 = 0.37 / n
-    work = (np.ascontiguousarray(x.T), np.empty((k, n), np.float32), np.empty(n, np.float32),
-            np.empty(n, np.float32), np.empty((k, f), np.float32))
+    work = (x, np.ascontiguousarray(x.T), np.empty((k, n), np.float32), np.empty((n, k), np.float32),
+            np.empty(n, np.float32), np.empty(n, np.float32), np.empty((k, f), np.float32),
+            np.empty((f, k), np.float32), np.empty((f, k), np.float32))
     grad = np.full(k * (f + 1), np.nan)
     loss, curvature = _logreg_kernel._objective(work, y.astype(np.int64), k, theta, l2, grad, True)
     want_loss, want_grad, want_curvature = _logistic_reference(x, y, theta, k, l2)
@@ -412,7 +413,7 @@ def _problems(seed, b, n, f, k, shared):
 
 
 @pytest.mark.parametrize("b, n, f, k, shared", [(6, 700, 20, 5, True), (6, 300, 10, 2, False),
-                                                (5, 240, 30, 8, False)])
+                                                (5, 240, 30, 8, False), (2, 1100, 100, 3, True)])
 def test_compiled_phase_follows_torchs_float32_phase(b, n, f, k, shared):
     """The compiled loop runs torch's float32 phase (core._logreg._lbfgs) problem by problem: from
     the same start, with the same preconditioner and stopping rule, both converge, in as many
