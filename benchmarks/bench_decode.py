@@ -23,7 +23,9 @@ Two cases:
 
 ``--directions two-loop compact`` runs the batched solver once with each way of computing its
 L-BFGS directions (``core._logreg._history``; default: the device's own, the recursion on the CPU,
-the compact form on CUDA), so that both are timed in one run on the same device.
+the compact form on CUDA), so that both are timed in one run on the same device. (On the CPU the
+float32 phase with the recursion runs compiled, ``core._logreg_kernel``; with the compact form it
+is torch's.)
 ``--ops`` (any device) counts, for each of those ways, the operations one fit of 100 demo-sized
 problems dispatches per L-BFGS iteration (views left out: each of the rest is a kernel launch on a
 GPU) and the host's waits for the device (a tensor's value read on the host: ``.item()``,

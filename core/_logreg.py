@@ -520,10 +520,10 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
             directions up to rounding; :class:`_History`); default by device: ``"compact"`` on
             CUDA, else ``"two-loop"``.
         compiled: the float32 phase on the CPU as one compiled loop per problem
-            (:mod:`core._logreg_kernel`: the same algorithm, 2-3x less time than torch's ops on
-            the demo's problems, and no GIL held); None (default): where it can (CPU features,
-            ``"mixed"`` precision, numba importable), else torch's ops; False: torch's ops; True:
-            the compiled loop or an error saying why not.
+            (:mod:`core._logreg_kernel`: the same algorithm with the two-loop recursion, 3-4x less
+            time than torch's ops on the demo's problems, and no GIL held); None (default): where
+            it can (CPU features, ``"mixed"`` precision, two-loop directions, numba importable), else torch's ops; False: torch's ops; True: the compiled loop or an error
+            saying why not.
 
     Returns:
         A :class:`BatchedFit` (tensors on x's device, float64).
@@ -550,7 +550,7 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
         theta = init.to(device=dev, dtype=torch.float64).reshape(n_batch, n_par).clone()
     budget = torch.full((n_batch,), int(max_iter), dtype=torch.long, device=dev)
     n_iter = torch.zeros(n_batch, dtype=torch.long, device=dev)
-    kernel = _compiled_phase(dev, precision, compiled)
+    kernel = _compiled_phase(dev, precision, compiled, direction)
     if kernel is not None:
         obj = _Objective(x.to(torch.float32), y, k, l2)
         g_inv = torch.cholesky_inverse(obj._gram_cholesky())
@@ -578,13 +578,15 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
                       n_iter=n_iter, converged=converged)
 
 
-def _compiled_phase(device: torch.device, precision: str, compiled: bool | None):
+def _compiled_phase(device: torch.device, precision: str, compiled: bool | None, direction: str | None = None):
     """:mod:`core._logreg_kernel` where :func:`fit_multinomial`'s float32 phase runs compiled, else None
     (``compiled``: as its argument)."""
     if compiled is False:
         return None
     why = ("the features are on " + str(device) if device.type != "cpu"
-           else f"precision is {precision!r} (no float32 phase)" if precision != "mixed" else None)
+           else f"precision is {precision!r} (no float32 phase)" if precision != "mixed"
+           else "directions by the compact form (the compiled loop takes the two-loop recursion)"
+           if (direction or _DIRECTIONS.get(device.type, "two-loop")) == "compact" else None)
     kernel = _logreg_kernel() if why is None else None
     if why is None and kernel is None:
         why = "numba is not importable"
@@ -596,7 +598,7 @@ def _compiled_phase(device: torch.device, precision: str, compiled: bool | None)
 @functools.lru_cache(maxsize=None)
 def _logreg_kernel():
     """:mod:`core._logreg_kernel` (numba, compiled on first use, cached on disk), or None where numba
-    cannot be imported (then torch's ops: 2-3x the time of the float32 phase on the CPU)."""
+    cannot be imported (then torch's ops: 3-4x the time of the float32 phase on the CPU)."""
     try:
         from . import _logreg_kernel as kernel
     except ImportError as e:  # a declared dependency; missing only in hand-made environments

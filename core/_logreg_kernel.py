@@ -7,9 +7,9 @@ recursion's 2 m dot products and updates, the line search's and the stopping rul
 each a pass over (b, P) float64 or (b, K, n) float32 arrays and a few microseconds of dispatch, and
 all of it on one thread (the GIL) per chunk. :func:`fit_float32` runs the same algorithm (the
 same objective, preconditioner, memory, initial scaling, line search and stopping rule as
-:func:`core._logreg._lbfgs`) one problem at a time in compiled code: a problem's features, scores
-and L-BFGS memory stay in the core's cache for the whole fit, and the GIL is released, so threads
-fit chunks side by side.
+:func:`core._logreg._lbfgs`) one problem at a time in compiled code: a problem's scores and L-BFGS
+memory (and a demo-sized problem's features) stay in the core's cache for the whole fit, and the GIL
+is released, so threads fit chunks side by side.
 
 Its products are float32 like torch's: the class scores ``z = W x + b`` and the gradient's ``r X``
 are float32 GEMMs (SciPy's BLAS, which numba calls for ``np.dot`` on float32 matrices: the demo's
@@ -222,8 +222,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
 @_compiled(fastmath=_SUMS)
 def _objective(work, lab, k, theta, l2, grad, want_curvature):  # pragma: no cover
     """(loss, curvature) at ``theta``, its gradient written into ``grad``; the curvature
-    ``1 - mean_i sum_k p_ik^2`` only where asked (else 0). (Arrays are indexed in place: a row view
-    made inside these loops costs more than the loop and stops LLVM vectorising it.)"""
+    ``1 - mean_i sum_k p_ik^2`` only where asked (else 0)."""
     x, xt, z, zt, top, total, w32, wt, gt = work
     f, n = xt.shape
     stride = f + 1

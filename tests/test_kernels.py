@@ -523,6 +523,9 @@ def test_compiled_phase_refuses_what_it_cannot_run_and_names_it(monkeypatch):
         _logreg.fit_multinomial(xt, yt, 2, 1.0, precision="float64", compiled=True)
     with pytest.raises(ValueError, match=r"compiled=True: .* the features are on meta"):
         _logreg._compiled_phase(torch.device("meta"), "mixed", True)
+    with pytest.raises(ValueError, match=r"compiled=True: .* directions by the compact form"):
+        _logreg.fit_multinomial(xt, yt, 2, 1.0, direction="compact", compiled=True)
+    assert _logreg._compiled_phase(torch.device("cpu"), "mixed", None, "compact") is None  # torch's, as asked
     g_inv = np.tile(np.eye(4), (2, 1, 1))
     kw = dict(l2=0.01, tol=1e-5, ftol=1e-14, c1=1e-4, history=10, max_line_search=10)
     with pytest.raises(ValueError, match=r"fit_float32: x float64\(2, 50, 3\).*expected float32 \(B, n, F\)"):
