@@ -607,6 +607,22 @@ def _logreg_kernel():
     return kernel
 
 
+def warm_up(device=None) -> bool:
+    """Compile the CPU's float32 phase now (or load it from numba's disk cache), where fits on
+    ``device`` (default cpu) would run it: a tiny fit. Compiling takes several seconds once per
+    machine (6 s on 2 cores), which a caller can spend in a background thread while other work runs.
+
+    Returns:
+        Whether the compiled phase is ready (False where it does not apply: another device, no numba).
+    """
+    dev = torch.device(device if device is not None else "cpu")
+    if _compiled_phase(dev, "mixed", None) is None:
+        return False
+    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float32).reshape(1, 6, 2)
+    fit_multinomial(x, torch.tensor([0, 1, 0, 1, 0, 1]), 2, 1.0, max_iter=2)
+    return True
+
+
 def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=None,
              tol: float = 1e-4, max_iter: int = 1000, init: torch.Tensor | None = None,
              precision: str = "mixed", compiled: bool | None = None) -> BatchedFit:

@@ -170,22 +170,20 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
             for j in range(p):
                 d[j] = -grad[j]
             gd = -_dot(grad, grad)
-        # Armijo backtracking from a unit step, safeguarded quadratic interpolation
-        step = 1.0
-        for j in range(p):
-            new_theta[j] = theta[j] + d[j]
-        new_loss, _ = _objective(work, lab, k, new_theta, l2, new_grad, False)
-        ok = new_loss <= loss + c1 * step * gd
-        for _ in range(max_ls):
-            if ok:
-                break
-            curv = new_loss - loss - gd * step
-            t = -gd * step * step / (2.0 * curv) if curv > 0.0 else 0.5 * step
-            step = min(max(t, 0.1 * step), 0.5 * step)
+        # Armijo backtracking from a unit step, safeguarded quadratic interpolation, at most max_ls
+        # steps back (one call site of the objective: each is compiled into this function anew)
+        step, new_loss, ok = 1.0, loss, False
+        for trial in range(max_ls + 1):
+            if trial:
+                curv = new_loss - loss - gd * step
+                t = -gd * step * step / (2.0 * curv) if curv > 0.0 else 0.5 * step
+                step = min(max(t, 0.1 * step), 0.5 * step)
             for j in range(p):
                 new_theta[j] = theta[j] + step * d[j]
             new_loss, _ = _objective(work, lab, k, new_theta, l2, new_grad, False)
             ok = new_loss <= loss + c1 * step * gd
+            if ok:
+                break
         # the new pair, stored as zeros where the step failed or s.y <= 0
         newest = (newest + 1) % m
         count = min(count + 1, m)

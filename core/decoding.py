@@ -48,8 +48,10 @@ from typing import Callable, NamedTuple, Union
 import numpy as np
 import torch
 
+from . import _logreg
 from ._logreg import BatchedFit, fit_many
 from ._threads import single_threaded_ops
+from .engine import default_device
 
 log = logging.getLogger(__name__)
 
@@ -458,6 +460,15 @@ def neuron_accuracy(neuron_responses, labels, train, test, *, C: float = 1.0,
     zn_train, zn_test = _zscored(neurons, p, "neuron_responses")
     clf = _Classifiers(zn_train[None], p.y_train, p.classes.size, C, solver, device)
     return float(clf.accuracy(zn_test, p.y_test)[0])
+
+
+def warm_up(device=None) -> bool:
+    """Make the batched solver's compiled CPU phase ready (compiled, or loaded from numba's disk
+    cache) before the first decoding needs it, e.g. in a background thread while activations are
+    extracted; ``device`` as the decoding's (None: cuda when available, as ``core.analyze``
+    resolves it). Compiling takes several seconds, once per machine. Returns whether the compiled
+    phase applies there (not on a GPU, nor without numba)."""
+    return _logreg.warm_up(default_device(device))
 
 
 def null_percentile(value: float, null) -> float:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -79,6 +80,8 @@ def run(cfg: DictConfig) -> dict:
         from .verify import stage_verify
 
         done["verified"] = stage_verify(cfg.store_root, entries + extra, done)
+    if cfg.stage in ("all", "analyze") and cfg.analysis.decode:
+        _warm_up_decoder()
     if cfg.stage in ("all", "extract", "analyze"):
         # top_k and region_layers are checked once the stores are probed, for the analysed models only
         stores = stage_extract(cfg, entries + extra, stimuli, done, analysed={e.key for e in entries})
@@ -104,6 +107,22 @@ def run(cfg: DictConfig) -> dict:
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
              time.perf_counter() - t0)
     return done
+
+
+def _warm_up_decoder() -> threading.Thread:
+    """The decoder's compiled CPU phase made ready in a background thread (numba compiles it once per
+    machine, about 6 s on 2 cores): while the stores are extracted, rather than inside the first
+    model's analyze stage. A failure is logged; the decoding then compiles (or fails) where it runs."""
+
+    def warm():
+        try:
+            core.decoding.warm_up()
+        except Exception as err:  # noqa: BLE001 - a warm-up only: the decoding itself reports
+            log.warning("could not prepare the decoder's compiled CPU phase ahead of the analysis: %s", err)
+
+    thread = threading.Thread(target=warm, name="unitmatch-decoder-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _record(cfg: DictConfig, stimuli, splits, assembly) -> dict:

@@ -542,3 +542,14 @@ def test_compiled_phase_refuses_what_it_cannot_run_and_names_it(monkeypatch):
     np.testing.assert_array_equal(fallback.coef.numpy(), plain.coef.numpy())
     with pytest.raises(ValueError, match="compiled=True: the float32 phase cannot run compiled here: numba is not importable"):
         _logreg.fit_multinomial(xt, yt, 2, 1.0, compiled=True)
+
+
+def test_warm_up_readies_the_compiled_phase_where_it_applies(monkeypatch):
+    """core.decoding.warm_up compiles (or loads) the CPU's phase and says so; on another device, or
+    without numba, there is nothing to prepare."""
+    from unitmatch.core import _logreg, decoding
+
+    assert decoding.warm_up("cpu") is True
+    assert decoding.warm_up("meta") is False
+    monkeypatch.setattr(_logreg, "_logreg_kernel", lambda: None)  # numba not importable
+    assert decoding.warm_up("cpu") is False

@@ -39,9 +39,16 @@ def outputs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs):
+def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs, monkeypatch):
+    from unitmatch.sweep import stages
+
+    warm_ups = []  # the decoder's compiled phase is prepared in the background, before the extraction
+    monkeypatch.setattr(stages, "_warm_up_decoder", lambda warm=stages._warm_up_decoder: warm_ups.append(warm()))
     cfg = _compose(TINY + ["models.demo_test_resnet.layers=[layer9]"])
     done = run(cfg)
+    assert len(warm_ups) == 1 and warm_ups[0].name == "unitmatch-decoder-warm-up"
+    warm_ups[0].join(60)
+    assert not warm_ups[0].is_alive()
     # the resnet config asks for a layer it does not have: recorded, and the other model goes on
     assert list(done["failed"]) == ["demo_test_resnet"] and "layer9" in done["failed"]["demo_test_resnet"]["error"]
     assert done["analyzed"] == ["demo_test_convnext"]
@@ -289,3 +296,26 @@ def test_bad_neurons_are_listed_the_rest_analysed_and_a_region_committed_search_
     assert sorted(summary.search) == ["all_units", "region_committed"]
     assert "## All units vs region-committed" in (results / "report.md").read_text()
     assert run(committed)["skipped"] == ["demo_test_convnext"] and run(cfg)["skipped"] == ["demo_test_convnext"]
+
+
+def test_the_decoder_warm_up_runs_in_the_background_and_a_failure_is_only_logged(monkeypatch, caplog):
+    """The warm-up thread calls core.decoding.warm_up (the compiled phase ready before the first
+    analysis); where that fails the sweep goes on, with a warning naming the error (the decoding
+    itself then reports)."""
+    import logging
+
+    from unitmatch import core
+    from unitmatch.sweep import stages
+
+    seen = []
+    monkeypatch.setattr(core.decoding, "warm_up", lambda: seen.append("called"))
+    stages._warm_up_decoder().join(10)
+    assert seen == ["called"]
+
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(core.decoding, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="unitmatch"):
+        stages._warm_up_decoder().join(10)
+    assert "could not prepare the decoder's compiled CPU phase ahead of the analysis: no compiler here" in caplog.text
