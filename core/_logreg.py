@@ -63,6 +63,8 @@ _C1 = 1e-4
 _MAX_LINE_SEARCH = 50
 #: relative decrease of f below which a problem stops (SciPy's ftol as scikit-learn sets it)
 _FTOL = 64 * torch.finfo(torch.float64).eps
+#: the smallest curvature an initial L-BFGS scale is divided by (below it: none, see ``_lbfgs``)
+_TINY = float(torch.finfo(torch.float64).tiny)
 #: compact the batch (copy the running problems' features) once this fraction has stopped
 _COMPACT_FRACTION = 0.25
 #: on CPU, problems are fitted in chunks of about this many bytes of features, spread over the
@@ -115,6 +117,31 @@ class BatchedFit:
         return self.decision_function(x).argmax(dim=-1)
 
 
+def preconditioner(x: torch.Tensor, k: int, l2: float) -> torch.Tensor:
+    """G^-1 per problem of features x (b, n, F): G = [X 1]^T [X 1] / n + K l2 diag(1, .., 1, 0).
+
+    G / K is the exact Hessian at theta = 0 on the gradient's subspace (uniform probabilities), so
+    ``K G^-1 g`` is the Newton step from the start and ``G^-1`` a preconditioner that undoes
+    correlated features for the rest of the run. X^T X is computed in the features' dtype (it only
+    preconditions), the factorisation and inverse in float64.
+    """
+    b, n, f = x.shape
+    g = torch.empty(b, f + 1, f + 1, dtype=torch.float64, device=x.device)
+    g[:, :f, :f] = torch.bmm(x.transpose(1, 2), x).div_(n)
+    mean = x.mean(dim=1, dtype=torch.float64)
+    g[:, :f, f] = mean
+    g[:, f, :f] = mean
+    g[:, f, f] = 1.0
+    g.diagonal(dim1=1, dim2=2)[:, :f] += k * l2
+    chol, info = torch.linalg.cholesky_ex(g)
+    if bool((info != 0).any()):
+        # only a degenerate float Gram can fail (G is positive definite for l2 > 0): a tiny ridge
+        # keeps the preconditioner defined; it changes the path, never the minimiser
+        g.diagonal(dim1=1, dim2=2).add_(1e-10 * g.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True))
+        chol = torch.linalg.cholesky(g)
+    return torch.cholesky_inverse(chol)
+
+
 class _Objective:
     """Loss, gradient and preconditioner of the running problems.
 
@@ -143,31 +170,7 @@ class _Objective:
     def prepare(self) -> None:
         """Compute the preconditioner of the running problems (once, after the first compaction)."""
         if self.g_inv is None:
-            self.g_inv = torch.cholesky_inverse(self._gram_cholesky())
-
-    def _gram_cholesky(self) -> torch.Tensor:
-        """Cholesky factors of G = [X 1]^T [X 1] / n + K l2 diag(1, .., 1, 0), per problem.
-
-        G / K is the exact Hessian at theta = 0 on the gradient's subspace (uniform
-        probabilities), so ``K G^-1 g`` is the Newton step from the start and ``G^-1`` a
-        preconditioner that undoes correlated features for the rest of the run. X^T X is
-        computed in the features' dtype (it only preconditions), the factorisation in float64.
-        """
-        b, n, f = self.x.shape
-        g = torch.empty(b, f + 1, f + 1, dtype=torch.float64, device=self.x.device)
-        g[:, :f, :f] = torch.bmm(self.x.transpose(1, 2), self.x).div_(n)
-        mean = self.x.mean(dim=1, dtype=torch.float64)
-        g[:, :f, f] = mean
-        g[:, f, :f] = mean
-        g[:, f, f] = 1.0
-        g.diagonal(dim1=1, dim2=2)[:, :f] += self.k * self.l2
-        chol, info = torch.linalg.cholesky_ex(g)
-        if bool((info != 0).any()):
-            # only a degenerate float Gram can fail (G is positive definite for l2 > 0): a tiny
-            # ridge keeps the preconditioner defined; it changes the path, never the minimiser
-            g.diagonal(dim1=1, dim2=2).add_(1e-10 * g.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True))
-            chol = torch.linalg.cholesky(g)
-        return chol
+            self.g_inv = preconditioner(self.x, self.k, self.l2)
 
     def precondition(self, v: torch.Tensor) -> torch.Tensor:
         """G^-1 applied to each class's (F + 1) block of flattened parameter vectors v (b, P).
@@ -403,9 +406,11 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
     converged |= stopped
     stopped |= budget <= 0
     memory = None
-    # K G^-1 is the inverse Hessian at theta = 0 (see _Objective._gram_cholesky); elsewhere the
-    # softmax curvature mean_i (1 - sum_k p_ik^2) / (K - 1) (1 / K at theta = 0) scales it
-    gamma = (obj.k - 1) / obj.curvature
+    # K G^-1 is the inverse Hessian at theta = 0 (see preconditioner); elsewhere the
+    # softmax curvature mean_i (1 - sum_k p_ik^2) / (K - 1) (1 / K at theta = 0) scales it; a start
+    # where every sample's softmax is one-hot in floating point (curvature 0, e.g. a warm start from
+    # large weights) takes G^-1 unscaled (an infinite scale made every step fail)
+    gamma = torch.where(obj.curvature > 0, (obj.k - 1) / obj.curvature.clamp(min=_TINY), 1.0)
     while True:
         n_stopped = int(stopped.sum())  # the host's one wait per iteration outside the line search
         if n_stopped == len(ids):
@@ -530,6 +535,8 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+    if direction not in (None, "two-loop", "compact"):
+        raise ValueError(f"direction must be 'two-loop', 'compact' or None (the device's own); got {direction!r}")
     n_batch, n, n_feat = x.shape
     k = int(n_classes)
     dev = x.device
@@ -552,11 +559,10 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
     n_iter = torch.zeros(n_batch, dtype=torch.long, device=dev)
     kernel = _compiled_phase(dev, precision, compiled, direction)
     if kernel is not None:
-        obj = _Objective(x.to(torch.float32), y, k, l2)
-        g_inv = torch.cholesky_inverse(obj._gram_cholesky())
+        x32 = x.to(torch.float32).contiguous()
         theta = theta.contiguous()
         n_iter_np, _ = kernel.fit_float32(
-            obj.x.contiguous().numpy(), y.view(-1, n).contiguous().numpy(), k, theta.numpy(), g_inv.numpy(),
+            x32.numpy(), y.view(-1, n).contiguous().numpy(), k, theta.numpy(), preconditioner(x32, k, l2).numpy(),
             budget.numpy().copy(), l2=l2, tol=max(tol, _F32_TOL), ftol=_FTOL, c1=_C1, history=history,
             max_line_search=_F32_MAX_LINE_SEARCH)
         n_iter = torch.from_numpy(n_iter_np)

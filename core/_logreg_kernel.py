@@ -73,7 +73,7 @@ def fit_float32(x: np.ndarray, labels: np.ndarray, n_classes: int, theta: np.nda
         theta: (B, K (F + 1)) float64, C-contiguous: per class its F weights then its intercept; the
             start, overwritten with where each problem stopped.
         g_inv: (B, F + 1, F + 1) float64: each problem's preconditioner (the inverse of its
-            regularised Gram matrix, :meth:`core._logreg._Objective._gram_cholesky`).
+            regularised Gram matrix, :func:`core._logreg.preconditioner`).
         budget: (B,) int64: iterations each problem may use.
         l2, tol, ftol, c1, history, max_line_search: the penalty ``||W||^2 l2 / 2``, the largest
             gradient entry to stop at, the relative decrease to stop at, the Armijo constant, the
@@ -85,17 +85,20 @@ def fit_float32(x: np.ndarray, labels: np.ndarray, n_classes: int, theta: np.nda
     b, n, f = x.shape if x.ndim == 3 else (None, None, None)
     k = int(n_classes)
     p = k * (f + 1) if f is not None else None
-    if not (x.dtype == np.float32 and x.ndim == 3 and x.flags.c_contiguous and k >= 2
+    labels, budget = np.ascontiguousarray(labels), np.ascontiguousarray(budget)
+    if not (x.dtype == np.float32 and x.ndim == 3 and x.flags.c_contiguous and n >= 1 and k >= 2
             and labels.dtype == np.int64 and labels.ndim == 2 and labels.shape[0] in (1, b)
             and labels.shape[1] == n and theta.dtype == np.float64 and theta.shape == (b, p)
-            and theta.flags.c_contiguous and g_inv.dtype == np.float64 and g_inv.shape == (b, f + 1, f + 1)
-            and budget.dtype == np.int64 and budget.shape == (b,) and history >= 1 and max_line_search >= 0):
+            and theta.flags.c_contiguous and theta.flags.writeable and g_inv.dtype == np.float64
+            and g_inv.shape == (b, f + 1, f + 1) and budget.dtype == np.int64 and budget.shape == (b,)
+            and int(history) == history >= 1 and int(max_line_search) == max_line_search >= 0):
         raise ValueError(
             f"fit_float32: x {x.dtype}{x.shape}, labels {labels.dtype}{labels.shape}, n_classes {n_classes}, "
             f"theta {theta.dtype}{theta.shape}, g_inv {g_inv.dtype}{g_inv.shape}, budget "
             f"{budget.dtype}{budget.shape}, history {history}, max_line_search {max_line_search}; expected "
-            f"float32 (B, n, F) C-contiguous, int64 (1 or B, n), at least 2 classes, float64 (B, K (F + 1)) "
-            f"C-contiguous, float64 (B, F + 1, F + 1), int64 (B,), history >= 1, max_line_search >= 0")
+            f"float32 (B, n >= 1, F) C-contiguous, int64 (1 or B, n), at least 2 classes, float64 (B, K (F + 1)) "
+            f"C-contiguous and writeable, float64 (B, F + 1, F + 1), int64 (B,), integers history >= 1 and "
+            f"max_line_search >= 0")
     if labels.size and (labels.min() < 0 or labels.max() >= k):
         raise ValueError(f"fit_float32: labels span {int(labels.min())}..{int(labels.max())}; expected "
                          f"0..{k - 1} for {k} classes")
@@ -142,7 +145,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
         return 0, True
     if budget <= 0:
         return 0, False
-    gamma = (k - 1) / curvature
+    gamma = (k - 1) / curvature if curvature > 0.0 else 1.0  # one-hot everywhere: G^-1 unscaled, as _lbfgs
     count, newest, used = 0, -1, 0
     while True:
         # the direction -H g: the two-loop recursion over the stored pairs, newest first
@@ -333,7 +336,11 @@ def _row_dot(a, i, b):  # pragma: no cover
 
 @_compiled(fastmath=_SUMS)
 def _abs_max(a):  # pragma: no cover
+    """The largest |a_j|, NaN where any is NaN (as torch's amax: a NaN gradient never meets a tolerance)."""
     top = 0.0
     for j in range(a.shape[0]):
-        top = max(top, abs(a[j]))
+        v = abs(a[j])
+        if v != v:
+            return v
+        top = max(top, v)
     return top

@@ -80,8 +80,9 @@ def run(cfg: DictConfig) -> dict:
         from .verify import stage_verify
 
         done["verified"] = stage_verify(cfg.store_root, entries + extra, done)
+    warm_up = None
     if cfg.stage in ("all", "analyze") and cfg.analysis.decode:
-        _warm_up_decoder()
+        warm_up = _warm_up_decoder(cfg.compute.device)
     if cfg.stage in ("all", "extract", "analyze"):
         # top_k and region_layers are checked once the stores are probed, for the analysed models only
         stores = stage_extract(cfg, entries + extra, stimuli, done, analysed={e.key for e in entries})
@@ -103,20 +104,23 @@ def run(cfg: DictConfig) -> dict:
     if cfg.stage != "report":  # the report reads the results folder, it never writes its records
         results.update_failures(results_dir, done["failed"], done["analyzed"], done.get("verified_ok", []),
                                 done.get("verified_stores", []))
+    if warm_up is not None:  # not left compiling when the process exits (a run with nothing to analyse)
+        warm_up.join()
     log.info("sweep %s: %d extracted, %d analyzed, %d skipped, %d failed in %.1f s", cfg.sweep_name,
              len(done["extracted"]), len(done["analyzed"]), len(done["skipped"]), len(done["failed"]),
              time.perf_counter() - t0)
     return done
 
 
-def _warm_up_decoder() -> threading.Thread:
+def _warm_up_decoder(device) -> threading.Thread:
     """The decoder's compiled CPU phase made ready in a background thread (numba compiles it once per
-    machine, about 6 s on 2 cores): while the stores are extracted, rather than inside the first
-    model's analyze stage. A failure is logged; the decoding then compiles (or fails) where it runs."""
+    machine, about 6 s on 2 cores), where the decoding will run on the CPU (``device``: the analysis's,
+    ``compute.device``): while the stores are extracted, rather than inside the first model's analyze
+    stage. A failure is logged; the decoding then compiles (or fails) where it runs."""
 
     def warm():
         try:
-            core.decoding.warm_up()
+            core.decoding.warm_up(device)
         except Exception as err:  # noqa: BLE001 - a warm-up only: the decoding itself reports
             log.warning("could not prepare the decoder's compiled CPU phase ahead of the analysis: %s", err)
 

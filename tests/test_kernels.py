@@ -432,7 +432,7 @@ def test_compiled_phase_follows_torchs_float32_phase(b, n, f, k, shared):
     budget = torch.full((b,), 1000)
     theta_t, iter_t, conv_t = _logreg._lbfgs(_logreg._Objective(torch.from_numpy(x), yt, k, l2), start.clone(),
                                              budget.clone(), tol=tol, history=10, max_line_search=10)
-    g_inv = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x), yt, k, l2)._gram_cholesky())
+    g_inv = _logreg.preconditioner(torch.from_numpy(x), k, l2)
     theta_k = start.clone().numpy()
     iter_k, conv_k = _logreg_kernel.fit_float32(x, y, k, theta_k, g_inv.numpy(), budget.numpy().copy(), l2=l2,
                                                 tol=tol, ftol=_logreg._FTOL, c1=_logreg._C1, history=10,
@@ -442,6 +442,87 @@ def test_compiled_phase_follows_torchs_float32_phase(b, n, f, k, shared):
     exact = _logreg._Objective(torch.from_numpy(x).double(), yt, k, l2)
     for theta in (torch.from_numpy(theta_k), theta_t):
         assert exact(theta)[1].abs().max() <= 1.5 * tol
+
+
+@pytest.mark.parametrize("history", [10, 2])
+def test_compiled_phase_takes_torchs_steps(history):
+    """Step for step the same iterates as torch's phase: after 1, 2, 5 and 12 iterations (budgets)
+    the parameters agree within float32 rounding (1e-5 of the largest; observed 4e-7 to 1.3e-6),
+    with a memory of 10 pairs and of 2 (the ring wraps around from the third iteration)."""
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x, y = _problems(11, 4, 300, 12, 4, False)
+    l2 = 1.0 / 300
+    g_inv = _logreg.preconditioner(torch.from_numpy(x), 4, l2)
+    for budget in (1, 2, 5, 12):
+        start = torch.zeros(4, 4 * 13, dtype=torch.float64)
+        want, used_t, _ = _logreg._lbfgs(_logreg._Objective(torch.from_numpy(x), torch.from_numpy(y), 4, l2),
+                                         start.clone(), torch.full((4,), budget), tol=1e-5, history=history,
+                                         max_line_search=10)
+        got = start.clone().numpy()
+        used, _ = _logreg_kernel.fit_float32(x, y, 4, got, g_inv.numpy(), np.full(4, budget), l2=l2, tol=1e-5,
+                                             ftol=_logreg._FTOL, c1=_logreg._C1, history=history,
+                                             max_line_search=10)
+        assert used.tolist() == used_t.tolist() == [budget] * 4
+        np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-5 * want.abs().max().item(),
+                                   err_msg=f"after {budget} iterations")
+
+
+def test_compiled_phase_on_threads_is_the_serial_one_bit_for_bit():
+    """Problems fitted on two threads at once (the GIL released) are fitted exactly as one after the
+    other: every problem's work is its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x, y = _problems(12, 8, 200, 10, 3, False)
+    g_inv = _logreg.preconditioner(torch.from_numpy(x), 3, 1 / 200).numpy()
+    kw = dict(l2=1 / 200, tol=1e-5, ftol=_logreg._FTOL, c1=_logreg._C1, history=10, max_line_search=10)
+
+    def fit(part):
+        theta = np.zeros((part.stop - part.start, 3 * 11))
+        used, _ = _logreg_kernel.fit_float32(x[part], y[part], 3, theta, g_inv[part], np.full(theta.shape[0], 500),
+                                             **kw)
+        return theta, used
+
+    serial = fit(slice(0, 8))
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            first, second = pool.map(fit, [slice(0, 4), slice(4, 8)])
+            np.testing.assert_array_equal(np.concatenate([first[0], second[0]]), serial[0])
+            np.testing.assert_array_equal(np.concatenate([first[1], second[1]]), serial[1])
+
+
+def test_a_saturated_or_non_finite_start_is_handled_as_torch_handles_it():
+    """A warm start where every sample's softmax is one-hot in floating point (the softmax
+    curvature, which scales the first step, is 0) converges, compiled and with torch's ops, to the
+    fit from zero; a NaN start stops unconverged (a NaN gradient meets no tolerance) in both."""
+    import torch
+
+    from unitmatch.core import _logreg, _logreg_kernel
+
+    x = torch.linspace(-1.0, 1.0, 12, dtype=torch.float32).reshape(1, 6, 2)
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    init = torch.tensor([[[0.0, 0.0, 100.0], [0.0, 0.0, 0.0]]], dtype=torch.float64)  # class 0 by 100
+    cold = _logreg.fit_multinomial(x, y, 2, 1.0, tol=1e-10, compiled=False)
+    for compiled in (True, False):
+        fit = _logreg.fit_multinomial(x, y, 2, 1.0, tol=1e-10, init=init, compiled=compiled)
+        assert fit.converged.all(), compiled
+        np.testing.assert_allclose(fit.coef.numpy(), cold.coef.numpy(), rtol=0, atol=1e-6)
+    theta = np.full((1, 6), np.nan)
+    g_inv = _logreg.preconditioner(x, 2, 1 / 12).numpy()
+    used, conv = _logreg_kernel.fit_float32(x.numpy(), y.numpy()[None], 2, theta, g_inv, np.full(1, 50), l2=1 / 12,
+                                            tol=1e-5, ftol=_logreg._FTOL, c1=_logreg._C1, history=10,
+                                            max_line_search=10)
+    torch_conv = _logreg._lbfgs(_logreg._Objective(x, y, 2, 1 / 12), torch.full((1, 6), float("nan"),
+                                dtype=torch.float64), torch.full((1,), 50), tol=1e-5, history=10,
+                                max_line_search=10)[2]
+    assert not conv[0] and not torch_conv[0] and used[0] <= 1
+    assert np.isnan(_logreg_kernel._abs_max(np.array([1.0, np.nan, 0.5])))
 
 
 def test_compiled_phase_stops_at_its_budget_and_starts_where_told():
@@ -454,8 +535,7 @@ def test_compiled_phase_stops_at_its_budget_and_starts_where_told():
 
     x, y = _problems(4, 3, 200, 6, 3, True)
     l2 = 1.0 / 200
-    g_inv = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x), torch.from_numpy(y[0]), 3, l2)
-                                   ._gram_cholesky()).numpy()
+    g_inv = _logreg.preconditioner(torch.from_numpy(x), 3, l2).numpy()
     kw = dict(l2=l2, tol=1e-5, ftol=_logreg._FTOL, c1=_logreg._C1, history=10, max_line_search=10)
     theta = np.zeros((3, 21))
     used, conv = _logreg_kernel.fit_float32(x, y, 3, theta, g_inv, np.full(3, 3), **kw)
@@ -469,8 +549,7 @@ def test_compiled_phase_stops_at_its_budget_and_starts_where_told():
     near = cold.copy()
     x2 = x.copy()
     x2[:, :10] = 0.0  # 5% of the samples changed
-    g2 = torch.cholesky_inverse(_logreg._Objective(torch.from_numpy(x2), torch.from_numpy(y[0]), 3, l2)
-                                ._gram_cholesky()).numpy()
+    g2 = _logreg.preconditioner(torch.from_numpy(x2), 3, l2).numpy()
     # at 1e-4 (float32 products resolve the loss's decrease near 1e-5 no longer: a line search may
     # fail there, from any start, and leave the problem to the float64 phase)
     loose = {**kw, "tol": 1e-4}
@@ -528,10 +607,18 @@ def test_compiled_phase_refuses_what_it_cannot_run_and_names_it(monkeypatch):
     assert _logreg._compiled_phase(torch.device("cpu"), "mixed", None, "compact") is None  # torch's, as asked
     g_inv = np.tile(np.eye(4), (2, 1, 1))
     kw = dict(l2=0.01, tol=1e-5, ftol=1e-14, c1=1e-4, history=10, max_line_search=10)
-    with pytest.raises(ValueError, match=r"fit_float32: x float64\(2, 50, 3\).*expected float32 \(B, n, F\)"):
+    with pytest.raises(ValueError, match=r"fit_float32: x float64\(2, 50, 3\).*expected float32 \(B, n >= 1, F\)"):
         _logreg_kernel.fit_float32(x.astype(np.float64), y, 2, np.zeros((2, 8)), g_inv, np.full(2, 9), **kw)
     with pytest.raises(ValueError, match=r"theta float64\(2, 6\)"):
         _logreg_kernel.fit_float32(x, y, 2, np.zeros((2, 6)), g_inv, np.full(2, 9), **kw)
+    frozen = np.zeros((2, 8))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"C-contiguous and writeable"):
+        _logreg_kernel.fit_float32(x, y, 2, frozen, g_inv, np.full(2, 9), **kw)
+    with pytest.raises(ValueError, match=r"history 2.5"):
+        _logreg_kernel.fit_float32(x, y, 2, np.zeros((2, 8)), g_inv, np.full(2, 9), **{**kw, "history": 2.5})
+    with pytest.raises(ValueError, match=r"direction must be 'two-loop', 'compact' or None \(the device's own\); got 'bfgs'"):
+        _logreg.fit_multinomial(xt, yt, 2, 1.0, direction="bfgs")
     bad = y.copy()
     bad[0, 5] = 2
     with pytest.raises(ValueError, match=r"labels span 0..2; expected 0..1 for 2 classes"):

@@ -43,7 +43,8 @@ def test_tiny_sweep_recovers_planted_model_and_reruns_do_no_work(outputs, monkey
     from unitmatch.sweep import stages
 
     warm_ups = []  # the decoder's compiled phase is prepared in the background, before the extraction
-    monkeypatch.setattr(stages, "_warm_up_decoder", lambda warm=stages._warm_up_decoder: warm_ups.append(warm()))
+    monkeypatch.setattr(stages, "_warm_up_decoder",
+                        lambda device, warm=stages._warm_up_decoder: warm_ups.append(warm(device)) or warm_ups[-1])
     cfg = _compose(TINY + ["models.demo_test_resnet.layers=[layer9]"])
     done = run(cfg)
     assert len(warm_ups) == 1 and warm_ups[0].name == "unitmatch-decoder-warm-up"
@@ -308,14 +309,14 @@ def test_the_decoder_warm_up_runs_in_the_background_and_a_failure_is_only_logged
     from unitmatch.sweep import stages
 
     seen = []
-    monkeypatch.setattr(core.decoding, "warm_up", lambda: seen.append("called"))
-    stages._warm_up_decoder().join(10)
-    assert seen == ["called"]
+    monkeypatch.setattr(core.decoding, "warm_up", lambda device: seen.append(device))
+    stages._warm_up_decoder("cpu").join(10)
+    assert seen == ["cpu"]  # the analysis's device (compute.device), not the machine's default
 
-    def broken():
+    def broken(device):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(core.decoding, "warm_up", broken)
     with caplog.at_level(logging.WARNING, logger="unitmatch"):
-        stages._warm_up_decoder().join(10)
+        stages._warm_up_decoder(None).join(10)
     assert "could not prepare the decoder's compiled CPU phase ahead of the analysis: no compiler here" in caplog.text
