@@ -124,7 +124,9 @@ def _warm_up_decoder(device) -> threading.Thread:
         except Exception as err:  # noqa: BLE001 - a warm-up only: the decoding itself reports
             log.warning("could not prepare the decoder's compiled CPU phase ahead of the analysis: %s", err)
 
-    thread = threading.Thread(target=warm, name="unitmatch-decoder-warm-up", daemon=True)
+    # not a daemon: a run that ends early (an error, nothing to analyse) waits for it rather than
+    # leaving the interpreter to stop a thread inside the compiler
+    thread = threading.Thread(target=warm, name="unitmatch-decoder-warm-up", daemon=False)
     thread.start()
     return thread
 
