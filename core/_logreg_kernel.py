@@ -119,7 +119,7 @@ def _fit_all(x, labels, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls, n
     top = np.empty(n, np.float32)
     total = np.empty(n, np.float32)
     zt = np.empty((n, k), np.float32) if n * f > _TALL else np.empty((0, k), np.float32)
-    w32, wt, gt = np.empty((k, f), np.float32), np.empty((f, k), np.float32), np.empty((f, k), np.float32)
+    w32, gt = np.empty((k, f), np.float32), np.empty((f, k), np.float32)
     grad, new_grad, new_theta = np.empty(p), np.empty(p), np.empty(p)
     d, py = np.empty(p), np.empty(p)
     s, y = np.zeros((m, p)), np.zeros((m, p))
@@ -129,7 +129,7 @@ def _fit_all(x, labels, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls, n
         for r in range(n):
             for c in range(f):
                 xt[c, r] = xi[r, c]
-        work = (xi, xt, z, zt, top, total, w32, wt, gt)
+        work = (xi, xt, z, zt, top, total, w32, gt)
         lab = labels[i if labels.shape[0] > 1 else 0]
         n_iter[i], converged[i] = _fit_one(work, lab, k, theta[i], g_inv[i], budget[i], l2, tol, ftol, c1,
                                            m, max_ls, grad, new_grad, new_theta, d, py, s, y, rho, alpha)
@@ -224,7 +224,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
 def _objective(work, lab, k, theta, l2, grad, want_curvature):  # pragma: no cover
     """(loss, curvature) at ``theta``, its gradient written into ``grad``; the curvature
     ``1 - mean_i sum_k p_ik^2`` only where asked (else 0)."""
-    x, xt, z, zt, top, total, w32, wt, gt = work
+    x, xt, z, zt, top, total, w32, gt = work
     f, n = xt.shape
     stride = f + 1
     penalty = 0.0
@@ -232,24 +232,20 @@ def _objective(work, lab, k, theta, l2, grad, want_curvature):  # pragma: no cov
         for j in range(f):
             penalty += theta[c * stride + j] * theta[c * stride + j]
     # class scores z = W x + b (BLAS: numba calls SciPy's sgemm), in the orientation faster for the size
-    if n * f > _TALL:
+    for c in range(k):
         for j in range(f):
-            for c in range(k):
-                wt[j, c] = np.float32(theta[c * stride + j])
-        np.dot(x, wt, zt)
+            w32[c, j] = np.float32(theta[c * stride + j])
+    if n * f > _TALL:
+        np.dot(x, w32.T, zt)
         for c in range(k):
-            bias = np.float32(theta[c * stride + f])
             for r in range(n):
-                z[c, r] = zt[r, c] + bias
+                z[c, r] = zt[r, c]
     else:
-        for c in range(k):
-            for j in range(f):
-                w32[c, j] = np.float32(theta[c * stride + j])
         np.dot(w32, xt, z)
-        for c in range(k):
-            bias = np.float32(theta[c * stride + f])
-            for r in range(n):
-                z[c, r] += bias
+    for c in range(k):
+        bias = np.float32(theta[c * stride + f])
+        for r in range(n):
+            z[c, r] += bias
     # softmax over classes, per sample, and the loss: mean_i (log sum_k e^(z_ik - top_i) + top_i - z_i,y_i)
     for r in range(n):
         top[r] = z[0, r]

@@ -394,7 +394,7 @@ def test_compiled_objective_matches_float64_numpy(n, f, k):
     l2 = 0.37 / n
     work = (x, np.ascontiguousarray(x.T), np.empty((k, n), np.float32), np.empty((n, k), np.float32),
             np.empty(n, np.float32), np.empty(n, np.float32), np.empty((k, f), np.float32),
-            np.empty((f, k), np.float32), np.empty((f, k), np.float32))
+            np.empty((f, k), np.float32))
     grad = np.full(k * (f + 1), np.nan)
     loss, curvature = _logreg_kernel._objective(work, y.astype(np.int64), k, theta, l2, grad, True)
     want_loss, want_grad, want_curvature = _logistic_reference(x, y, theta, k, l2)
