@@ -25,7 +25,8 @@ Two cases:
 L-BFGS directions (``core._logreg._history``; default: the device's own, the recursion on the CPU,
 the compact form on CUDA), so that both are timed in one run on the same device. (On the CPU the
 float32 phase with the recursion runs compiled, ``core._logreg_kernel``; with the compact form it
-is torch's.)
+is torch's.) ``--directions two-loop two-loop/torch`` times the CPU's compiled float32 phase against
+torch's ops in the same run.
 ``--ops`` (any device) counts, for each of those ways, the operations one fit of 100 demo-sized
 problems dispatches per L-BFGS iteration (views left out: each of the rest is a kernel launch on a
 GPU) and the host's waits for the device (a tensor's value read on the host: ``.item()``,
@@ -105,11 +106,22 @@ def _clock():
 
 @contextlib.contextmanager
 def _directions(how: str | None):
-    """The batched solver computes its L-BFGS directions the ``how`` way on every device (None: as is)."""
+    """The batched solver computes its L-BFGS directions the ``how`` way on every device (None: as is);
+    ``"two-loop/torch"``: the two-loop recursion with the float32 phase as torch's ops on the CPU too
+    (the compiled phase, ``core._logreg_kernel``, switched off: the same-run reference it replaces)."""
     from unitmatch.core import _logreg
 
     if how is None:  # as is (also a tree from before the choice, for A/B runs)
         yield
+        return
+    if how == "two-loop/torch":
+        saved_phase = _logreg._compiled_phase
+        _logreg._compiled_phase = lambda *args, **kwargs: None
+        try:
+            with _directions("two-loop"):
+                yield
+        finally:
+            _logreg._compiled_phase = saved_phase
         return
     saved = dict(_logreg._DIRECTIONS)
     _logreg._DIRECTIONS.update({kind: how for kind in ("cpu", "cuda", "mps", "xpu")})
@@ -163,11 +175,26 @@ def count_ops(directions, device) -> None:
               f"{sum(counter.waits.values()) / it:.1f} ({dict(counter.waits)}) |", flush=True)
 
 
+def _phase_ratios(seconds: dict, device) -> None:
+    """Each run's fit seconds against the same run's fits with torch's float32 phase, where timed."""
+    reference = seconds.get("two-loop/torch")
+    for how, t in seconds.items():
+        if reference and how != "two-loop/torch":
+            print(f"fits, {_direction_name(how, device)}: {t:.2f} s, {t / reference:.2f}x the time of "
+                  f"torch's float32 phase in this run ({reference:.2f} s)")
+
+
 def _direction_name(how: str | None, device) -> str:
     from unitmatch.core import _logreg
 
-    kind = __import__("torch").device(device or "cpu").type
-    return how or f"{getattr(_logreg, '_DIRECTIONS', {}).get(kind, 'two-loop')} (the device's default)"
+    dev = __import__("torch").device(device or "cpu")
+    if how == "two-loop/torch":
+        return "two-loop, float32 phase as torch's ops"
+    name = how or f"{getattr(_logreg, '_DIRECTIONS', {}).get(dev.type, 'two-loop')} (the device's default)"
+    phase = getattr(_logreg, "_compiled_phase", None)  # absent in trees from before it
+    if phase is not None and phase(dev, "mixed", None, how) is not None:
+        name += ", float32 phase compiled"
+    return name
 
 
 def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions=(None,)) -> None:
@@ -184,6 +211,7 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions
     print("| solver | L-BFGS directions | splits | wall s | CPU s | wall s per split | CPU s per fit | "
           "iterations per fit |")
     print("|---|---|---|---|---|---|---|---|")
+    fits = {}
     for how in directions:
         with _directions(how), _fit_timer() as rec:
             t0, c0 = _clock()
@@ -198,6 +226,8 @@ def bench_majaj(n_splits: int, n_sklearn: int, n_random: int, device, directions
               f"{rec['cpu']:.1f} CPU s; the rest "
               f"(z-scoring, validation, predictions): {wall - rec['wall']:.1f} s wall, "
               f"{cpu - rec['cpu']:.1f} CPU s", flush=True)
+        fits[how] = rec["wall"]
+    _phase_ratios(fits, device)
     if n_sklearn:
         t0, c0 = _clock()
         ref = [decode(units, neurons, labels, train, test, solver="sklearn") for train, test in splits[:n_sklearn]]
@@ -268,6 +298,7 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
     runs = [("batched", how) for _ in range(repeats) for how in directions]
     runs += [("sklearn", None)] if with_sklearn else []
     rows = {}
+    fit_walls = {}
     results = {}
     extra = {} if device is None else {"device": device}
     try:
@@ -281,6 +312,8 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
                                                    n_random_populations=100, seed=0, **extra)
                 total = time.perf_counter() - t0
             rows.setdefault(name, []).append((total, spent[-1]))
+            if solver == "batched":
+                fit_walls.setdefault(how, []).append(rec["wall"])
             fits = f"{rec['wall']:.1f} ({rec['cpu']:.1f}; {rec['calls']} batches)" if solver == "batched" else ""
             shown = "-" if solver == "sklearn" else _direction_name(how, device)
             print(f"| {solver} | {shown} | {r} | {total:.1f} | {spent[-1]:.1f} | {spent[-1] / total:.0%} | {fits} |",
@@ -292,6 +325,7 @@ def bench_demo(repeats: int, with_sklearn: bool, device, directions=(None,)) -> 
         t = np.median([v[0] for v in vals])
         d = np.median([v[1] for v in vals])
         print(f"{name}: median analyze {t:.1f} s, decoding {d:.1f} s ({d / t:.0%})")
+    _phase_ratios({how: float(np.median(v)) for how, v in fit_walls.items()}, device)
     if "sklearn" in results:
         cols = ["transfer_accuracy", "unit_accuracy", "neuron_accuracy", "null_mean"]
         diff = np.abs(results["sklearn"].decoding[cols].to_numpy()
@@ -310,8 +344,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2, help="demo case: analyze runs, batched solver")
     ap.add_argument("--demo-sklearn", action="store_true", help="demo case: one more run with scikit-learn")
     ap.add_argument("--device", default=None, help="torch device of the batched solver (default cpu)")
-    ap.add_argument("--directions", nargs="+", default=[None], choices=["two-loop", "compact"],
-                    help="the batched solver's L-BFGS directions, one run each (default: the device's own)")
+    ap.add_argument("--directions", nargs="+", default=[None], choices=["two-loop", "compact", "two-loop/torch"],
+                    help="the batched solver's L-BFGS directions, one run each (default: the device's own); "
+                         "two-loop/torch: the CPU's float32 phase as torch's ops instead of compiled")
     ap.add_argument("--ops", action="store_true",
                     help="only count operations and host waits per L-BFGS iteration (each --directions)")
     ap.add_argument("--quick", action="store_true",
