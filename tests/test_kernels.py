@@ -332,6 +332,75 @@ def test_without_numba_the_engine_uses_torchs_ops_and_says_so(monkeypatch, caplo
     assert list(plain.top_unit[0, :, 0]) == [10, 2000]
 
 
+def test_scaled_group_maxima_equal_numpys():
+    """The several-split path's fused pass: per row and group of 64 columns, the maximum of
+    (products - correction) * scale with -inf in never-chosen columns, equal to numpy's float32
+    result bit for bit (columns after the last whole group left out); bad arguments refused."""
+    rng = np.random.default_rng(21)
+    rows, n = 37, 64 * 9 + 13
+    products = rng.standard_normal((rows, n)).astype(np.float32)
+    correction = rng.standard_normal((rows, n)).astype(np.float32)
+    scale = rng.random(n).astype(np.float32)
+    never = np.zeros(n, bool)
+    never[[3, 64, 65, 300, 575]] = True
+    never[128:192] = True  # a whole group never chosen: -inf
+    out = np.full((rows, 9), np.nan, np.float32)
+    _kernels.scaled_group_maxima(products, correction, scale, never, 64, out)
+    want = np.where(never, -np.inf, (products - correction) * scale)[:, :576].reshape(rows, 9, 64).max(axis=2)
+    np.testing.assert_array_equal(out, want)
+    assert np.all(out[:, 2] == -np.inf)
+    with pytest.raises(ValueError, match=r"scaled_group_maxima: products float32\(37, 589\), correction float32\(37, 588\)"):
+        _kernels.scaled_group_maxima(products, correction[:, 1:].copy(), scale, never, 64, out)
+    with pytest.raises(ValueError, match=r"group 32, .*expected .*group 64"):
+        _kernels.scaled_group_maxima(products, correction, scale, never, 32, out)
+
+
+@pytest.mark.parametrize("n_units", [64 * 45, 64 * 45 + 21])
+def test_several_split_top_k_fused_and_torchs_agree(monkeypatch, n_units):
+    """The several-split path with its correction, scaling, never-chosen units and group maxima fused
+    (a block large enough: rows x units over 2^20) picks the units torch's passes pick, with the same
+    screening r (within float32 rounding: the scores are computed in another order), with whole
+    groups only and with columns after the last whole group; and ``_top_k_columns_scaled`` alone
+    equals torch's top-k of the scores it stands for."""
+    import torch
+
+    from unitmatch import core
+    from unitmatch.core import engine as engine_module
+    from unitmatch.core.engine import MatchEngine
+    from unitmatch.core.units import UnitBlock
+
+    rng = np.random.default_rng(n_units)
+    n_img = 300
+    x = rng.standard_normal((n_img, n_units)).astype(np.float32)
+    x[:, 7] = 1.5  # constant: never chosen
+    y = x[:, [5, 100, 2000]].T.astype(np.float64) + 0.5 * rng.standard_normal((3, n_img))
+    y = np.concatenate([y, rng.standard_normal((2, n_img))])
+    splits = core.brainscore_splits(n_images=n_img, n_splits=5, stratify=None)
+    settings = core.MatchSettings(top_k=4, n_permutations=79, seed=1)  # 400 rows x units > 2^20
+    assert engine_module._scaled_top_k(torch.empty(400, n_units), 4) is not None
+    calls = []
+    fuse = _kernels.scaled_group_maxima
+    monkeypatch.setattr(_kernels, "scaled_group_maxima", lambda *a: calls.append(1) or fuse(*a))
+    fused = MatchEngine(y, splits, settings, device="cpu").process(UnitBlock(x, "l", 0))
+    assert len(calls) == 5  # one fused pass a split
+    monkeypatch.setattr(engine_module, "_scaled_top_k", lambda scores, k: None)
+    plain = MatchEngine(y, splits, settings, device="cpu").process(UnitBlock(x, "l", 0))
+    np.testing.assert_array_equal(fused.top_unit, plain.top_unit)
+    np.testing.assert_allclose(fused.top_r, plain.top_r, rtol=0, atol=1e-5)
+    assert not np.isin(7, fused.top_unit)
+    monkeypatch.undo()
+    products = torch.from_numpy(rng.standard_normal((300, n_units)).astype(np.float32))
+    correction = torch.from_numpy(rng.standard_normal((300, n_units)).astype(np.float32))
+    scale = torch.from_numpy(rng.random(n_units).astype(np.float32))
+    never = torch.zeros(n_units, dtype=torch.bool)
+    never[[0, 70, n_units - 1]] = True
+    scores = torch.sub(products, correction).mul_(scale).masked_fill_(never, -torch.inf)
+    want_values, want_columns = torch.topk(scores, 4, dim=1)
+    values, columns = engine_module._top_k_columns_scaled(products, correction, scale, never, 4)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=0)
+    assert torch.equal(torch.gather(scores, 1, columns), values)  # the columns hold those values
+
+
 # --------------------------------------------------- the decoders' compiled float32 phase (core/_logreg_kernel.py)
 def test_exp32_is_within_two_float32_ulp_of_the_exponential():
     """The softmax's exponential (a polynomial that vectorises) on [-87, 0], dense and at random,
