@@ -95,12 +95,6 @@ _CONSTANT_TOL = 1e-5
 #: CPU top-k through group maxima (:func:`_top_k_columns`): columns per group, and the fewest scores
 _TOPK_GROUP = 64
 _GROUPED_TOPK_MIN = 1 << 20
-#: neuron rows (permuted copies included) from which the several-split path's scaling and top-k
-#: maxima are fused on CPU blocks (:func:`_top_k_columns_scaled`): measured faster with a permutation
-#: null's rows (6465 x 9600 blocks, 10 splits: 0.76-0.78 s a block against 0.84 on 2 threads, 1.31-1.33
-#: against 1.54-1.57 on one), slower with 257 rows (bench_match, 10 splits, 100k units: 2.0-2.2 s
-#: against 1.9-2.0), where torch's two passes over the small scores run on both cores
-_FUSED_TOPK_MIN_ROWS = 2048
 #: CUDA, float16 blocks (MatchSettings.gemm "auto"): float32 columns cast at a time for the block's
 #: statistics (small enough to stay in an H100's or H200's 50 MB L2 cache between the cast, the
 #: squares and their two mask GEMMs: expected, not measured), and the buffer of the second (lo)
@@ -1516,8 +1510,8 @@ def _top_k_columns(scores: torch.Tensor, k: int):
 def _scaled_top_k(scores: torch.Tensor, k: int):
     """:mod:`core._kernels` where :func:`_top_k_columns_scaled` can fuse its passes for scores of this
     shape: a large CPU matrix with more groups than k, numba importable; else None."""
-    if (scores.device.type != "cpu" or scores.shape[0] < _FUSED_TOPK_MIN_ROWS or scores.numel() < _GROUPED_TOPK_MIN
-            or scores.shape[1] // _TOPK_GROUP <= k or not scores.is_contiguous()):
+    if (scores.device.type != "cpu" or scores.numel() < _GROUPED_TOPK_MIN or scores.shape[1] // _TOPK_GROUP <= k
+            or not scores.is_contiguous()):
         return None
     return _kernels()
 
@@ -1537,16 +1531,8 @@ def _top_k_columns_scaled(products: torch.Tensor, correction: torch.Tensor, scal
     rows, n = products.shape
     groups = n // _TOPK_GROUP
     maxima = torch.empty((rows, groups), dtype=torch.float32)
-    p, c, m = products.numpy(), correction.numpy(), maxima.numpy()
-    scale_np, never_np = scale.contiguous().numpy(), never.contiguous().numpy()
-    n_threads = min(torch.get_num_threads(), rows)  # 1 inside single_threaded_ops (Dask's block threads)
-    if n_threads > 1:  # rows shared out over threads, as torch's own passes run (the kernel holds no GIL)
-        bounds = np.linspace(0, rows, n_threads + 1).round().astype(int).tolist()
-        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="unitmatch-maxima") as pool:
-            list(pool.map(lambda a, b: kernels.scaled_group_maxima(p[a:b], c[a:b], scale_np, never_np, _TOPK_GROUP,
-                                                                   m[a:b]), bounds[:-1], bounds[1:]))
-    else:
-        kernels.scaled_group_maxima(p, c, scale_np, never_np, _TOPK_GROUP, m)
+    kernels.scaled_group_maxima(products.numpy(), correction.numpy(), scale.contiguous().numpy(),
+                                never.contiguous().numpy(), _TOPK_GROUP, maxima.numpy())
     best = torch.topk(maxima, k, dim=1).indices  # (rows, k) group ids
     whole = groups * _TOPK_GROUP
 

@@ -358,7 +358,7 @@ def test_scaled_group_maxima_equal_numpys():
 @pytest.mark.parametrize("n_units", [64 * 45, 64 * 45 + 21])
 def test_several_split_top_k_fused_and_torchs_agree(monkeypatch, n_units):
     """The several-split path with its correction, scaling, never-chosen units and group maxima fused
-    (a permutation null's rows, over ``_FUSED_TOPK_MIN_ROWS``) picks the units torch's passes pick, with the same
+    (a block large enough: rows x units over 2^20) picks the units torch's passes pick, with the same
     screening r (within float32 rounding: the scores are computed in another order), with whole
     groups only and with columns after the last whole group; and ``_top_k_columns_scaled`` alone
     equals torch's top-k of the scores it stands for."""
@@ -376,23 +376,21 @@ def test_several_split_top_k_fused_and_torchs_agree(monkeypatch, n_units):
     y = x[:, [5, 100, 2000]].T.astype(np.float64) + 0.5 * rng.standard_normal((3, n_img))
     y = np.concatenate([y, rng.standard_normal((2, n_img))])
     splits = core.brainscore_splits(n_images=n_img, n_splits=5, stratify=None)
-    settings = core.MatchSettings(top_k=4, n_permutations=409, seed=1)  # 2050 rows (a permutation null's)
-    assert engine_module._scaled_top_k(torch.empty(2050, n_units), 4) is not None
-    assert engine_module._scaled_top_k(torch.empty(257, 8 * n_units), 4) is None  # few rows: torch's passes
+    settings = core.MatchSettings(top_k=4, n_permutations=79, seed=1)  # 400 rows x units > 2^20
+    assert engine_module._scaled_top_k(torch.empty(400, n_units), 4) is not None
     calls = []
     fuse = _kernels.scaled_group_maxima
     monkeypatch.setattr(_kernels, "scaled_group_maxima", lambda *a: calls.append(1) or fuse(*a))
     fused = MatchEngine(y, splits, settings, device="cpu").process(UnitBlock(x, "l", 0))
-    assert len(calls) >= 5  # a fused pass a split (rows shared out over the threads torch has)
+    assert len(calls) == 5  # one fused pass a split
     monkeypatch.setattr(engine_module, "_scaled_top_k", lambda scores, k: None)
     plain = MatchEngine(y, splits, settings, device="cpu").process(UnitBlock(x, "l", 0))
     np.testing.assert_array_equal(fused.top_unit, plain.top_unit)
     np.testing.assert_allclose(fused.top_r, plain.top_r, rtol=0, atol=1e-5)
     assert not np.isin(7, fused.top_unit)
     monkeypatch.undo()
-    products = torch.from_numpy(rng.standard_normal((2048, n_units)).astype(np.float32))
-    correction = torch.from_numpy(rng.standard_normal((2048, n_units)).astype(np.float32))
-    assert engine_module._scaled_top_k(correction, 4) is not None
+    products = torch.from_numpy(rng.standard_normal((300, n_units)).astype(np.float32))
+    correction = torch.from_numpy(rng.standard_normal((300, n_units)).astype(np.float32))
     scale = torch.from_numpy(rng.random(n_units).astype(np.float32))
     never = torch.zeros(n_units, dtype=torch.bool)
     never[[0, 70, n_units - 1]] = True
