@@ -31,8 +31,6 @@ from numba.extending import intrinsic, overload
 #: rows whose squares are summed in float32 before they are added to the float64 sums (adding every
 #: square in float64 took half the kernel's time); each partial sum is rounded at most 15 times
 _GROUP = 16
-#: columns a group of :func:`scaled_group_maxima` (the engine's ``_TOPK_GROUP``)
-_GROUP_COLUMNS = 64
 #: 2^112: a float16's exponent and significand bits moved into a float32's (13 places up), times this,
 #: are its value (exponent biases 15 and 127)
 _REBIAS = np.float32(2.0**112)
@@ -143,35 +141,6 @@ def column_r(values: np.ndarray, row_stride: int, rows: np.ndarray, columns: np.
         raise IndexError(f"column_r: {span}, columns up to {int(columns.max())} reach beyond the block "
                          f"({row_stride} columns a row, {_block_rows(values, row_stride)} rows)")
     _column_r(_readable(values, "column_r"), row_stride, rows, columns, y, out)
-
-
-def scaled_group_maxima(products: np.ndarray, correction: np.ndarray, scale: np.ndarray, never: np.ndarray,
-                        group: int, out: np.ndarray) -> None:
-    """``out[i, q] = max_j s(i, j)`` over the columns ``j`` of group ``q`` (``group`` columns each, the
-    whole groups only), with ``s(i, j) = (products[i, j] - correction[i, j]) * scale[j]``, or -inf
-    where ``never[j]``: the several-split path's correction, column scaling, never-chosen columns and
-    group maxima (:func:`core.engine._top_k_columns_scaled`) in one read of the two matrices, where
-    torch's passes wrote the corrected and the scaled scores and read them again.
-
-    Args:
-        products, correction: float32 (rows, n), C-contiguous.
-        scale: float32 (n,).
-        never: bool (n,).
-        group: columns a group: ``_GROUP_COLUMNS`` (64, the engine's top-k groups), compiled in.
-        out: float32 (rows, n // group), C-contiguous: written.
-    """
-    rows, n = products.shape if products.ndim == 2 else (0, 0)
-    if not (products.dtype == np.float32 and products.ndim == 2 and products.flags.c_contiguous
-            and correction.dtype == np.float32 and correction.shape == (rows, n) and correction.flags.c_contiguous
-            and group == _GROUP_COLUMNS and scale.dtype == np.float32 and scale.shape == (n,)
-            and never.dtype == np.bool_ and never.shape == (n,) and out.dtype == np.float32
-            and out.shape == (rows, n // group) and out.flags.c_contiguous):
-        raise ValueError(
-            f"scaled_group_maxima: products {products.dtype}{products.shape}, correction "
-            f"{correction.dtype}{correction.shape}, scale {scale.dtype}{scale.shape}, never {never.dtype}{never.shape}, "
-            f"group {group}, out {out.dtype}{out.shape}; expected float32 (rows, n) C-contiguous twice, float32 (n,), "
-            f"bool (n,), group {_GROUP_COLUMNS}, float32 (rows, n // group) C-contiguous")
-    _group_maxima(products, correction, scale, never, out)
 
 
 def _block_rows(values: np.ndarray, row_stride: int) -> int:
@@ -351,31 +320,3 @@ def _column_r(values, row_stride, rows, columns, y, out):  # pragma: no cover
             dot += d * y[m, i]
             ss += d * d
         out[m] = dot / np.sqrt(ss) if ss > 0.0 else np.nan
-
-
-@_compiled(fastmath={"reassoc"})
-def _group_maxima(products, correction, scale, never, out):  # pragma: no cover
-    """:func:`scaled_group_maxima`' loop: a group's scaled values into a small buffer, then their maximum
-    (written so, LLVM vectorises both loops: 2.6x torch's scaling and maxima passes on one core); the
-    groups holding a never-chosen column (few: constant units) take a slower loop that sets -inf."""
-    rows = products.shape[0]
-    groups = out.shape[1]
-    group = _GROUP_COLUMNS  # a constant: LLVM unrolls the group's loops (a run-time width: 1.6x slower)
-    mixed = np.zeros(groups, np.bool_)
-    for j in range(groups * group):
-        mixed[j // group] |= never[j]
-    values = np.empty(group, np.float32)
-    for i in range(rows):
-        for q in range(groups):
-            base = q * group
-            if mixed[q]:
-                for j in range(group):
-                    values[j] = (-np.inf if never[base + j]
-                                 else (products[i, base + j] - correction[i, base + j]) * scale[base + j])
-            else:
-                for j in range(group):
-                    values[j] = (products[i, base + j] - correction[i, base + j]) * scale[base + j]
-            top = values[0]
-            for j in range(1, group):
-                top = top if top > values[j] else values[j]
-            out[i, q] = top

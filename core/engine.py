@@ -628,7 +628,6 @@ class MatchEngine:
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
-            scaling = None  # (scale, never) where the body is left unscaled for the fused top-k
             if half and self.shared:
                 body = self._half_split_scores(s, xb, products, sx_masks[1 + s], sxx[s], excluded)
             elif self.shared:
@@ -641,19 +640,12 @@ class MatchEngine:
                 torch.index_select(x, 0, plan.outside, out=outside[:n_out])
                 outside[n_out].copy_(sx_all)
                 inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
-                body = self._buffer("scores", (self.n_rows, n_units))
-                if _scaled_top_k(body, min(self.top_k, n_units)) is not None:
-                    # the correction alone; the subtraction, scaling, never-chosen units and the top-k's
-                    # group maxima then take one read of the two (core._kernels.scaled_group_maxima)
-                    torch.mm(plan.a_t, outside, out=body)
-                    scaling = (products[:-1], inv_sd, never)
-                else:
-                    torch.mul(products[:-1], inv_sd, out=body)
-                    body.addmm_(plan.a_t, outside.mul_(inv_sd), alpha=-1.0)
-                    _never_chosen(body, never)
+                body = torch.mul(products[:-1], inv_sd, out=self._buffer("scores", (self.n_rows, n_units)))
+                body.addmm_(plan.a_t, outside.mul_(inv_sd), alpha=-1.0)
+                _never_chosen(body, never)
             else:
                 body = self._finish_scores(plan, products, sxx[s], excluded)
-            top_r, top_local = self._top_k(body, plan, scaling)
+            top_r, top_local = self._top_k(body, plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -964,16 +956,9 @@ class MatchEngine:
             never |= excluded
         return torch.where(never, 0.0, ss.clamp_min(1e-300).rsqrt()).to(torch.float32), never
 
-    def _top_k(self, scores, plan: _SplitPlan, scaling: tuple | None = None):
-        """Each row's k best scores (as r) and their columns; ``scaling``: (products, scale, never), the
-        scores being ``(products - scores) * scale`` (``scores`` holding the correction,
-        :func:`_top_k_columns_scaled`)."""
+    def _top_k(self, scores, plan: _SplitPlan):
         k = min(self.top_k, scores.shape[1])
-        if scaling is None:
-            values, local = _top_k_columns(scores, k)
-        else:
-            products, scale, never = scaling
-            values, local = _top_k_columns_scaled(products, scores, scale, never, k)
+        values, local = _top_k_columns(scores, k)
         top_r = (values.double().cpu().numpy() / plan.y_scale[:, None]).astype(np.float32)
         return top_r, local.cpu().numpy()
 
@@ -1505,56 +1490,6 @@ def _top_k_columns(scores: torch.Tensor, k: int):
     in_group = at < k * _TOPK_GROUP
     column = torch.gather(best, 1, (at // _TOPK_GROUP).clamp_max(k - 1)) * _TOPK_GROUP + at % _TOPK_GROUP
     return values, torch.where(in_group, column, groups * _TOPK_GROUP + at - k * _TOPK_GROUP)
-
-
-def _scaled_top_k(scores: torch.Tensor, k: int):
-    """:mod:`core._kernels` where :func:`_top_k_columns_scaled` can fuse its passes for scores of this
-    shape: a large CPU matrix with more groups than k, numba importable; else None."""
-    if (scores.device.type != "cpu" or scores.numel() < _GROUPED_TOPK_MIN or scores.shape[1] // _TOPK_GROUP <= k
-            or not scores.is_contiguous()):
-        return None
-    return _kernels()
-
-
-def _top_k_columns_scaled(products: torch.Tensor, correction: torch.Tensor, scale: torch.Tensor,
-                          never: torch.Tensor, k: int):
-    """:func:`_top_k_columns` of the scores ``(products - correction) * scale`` with -inf in the
-    ``never`` columns, the scores never written: their group maxima in one read of the two matrices
-    (:func:`core._kernels.scaled_group_maxima`, where :func:`_scaled_top_k` allows), then only the
-    candidates (the k best groups' columns and the columns after the last whole group) computed, and
-    their top k."""
-    kernels = _scaled_top_k(correction, k)
-    if kernels is None:
-        scores = torch.sub(products, correction).mul_(scale)
-        _never_chosen(scores, never)
-        return _top_k_columns(scores, k)
-    rows, n = products.shape
-    groups = n // _TOPK_GROUP
-    maxima = torch.empty((rows, groups), dtype=torch.float32)
-    kernels.scaled_group_maxima(products.numpy(), correction.numpy(), scale.contiguous().numpy(),
-                                never.contiguous().numpy(), _TOPK_GROUP, maxima.numpy())
-    best = torch.topk(maxima, k, dim=1).indices  # (rows, k) group ids
-    whole = groups * _TOPK_GROUP
-
-    def groups_of(m: torch.Tensor, per_row: bool) -> torch.Tensor:  # the best groups' columns, (rows, k * group)
-        if per_row:  # each row's own groups: runs of a group's columns, no scattered reads
-            body = m if whole == n else m[:, :whole]
-            at = (torch.arange(rows)[:, None] * groups + best).reshape(-1)
-            if body.is_contiguous():
-                return body.reshape(rows * groups, _TOPK_GROUP).index_select(0, at).view(rows, -1)
-            return body.reshape(rows, groups, _TOPK_GROUP)[torch.arange(rows)[:, None], best].reshape(rows, -1)
-        return m[:whole].view(groups, _TOPK_GROUP).index_select(0, best.reshape(-1)).view(rows, -1)
-
-    candidates = groups_of(products, True).sub_(groups_of(correction, True)).mul_(groups_of(scale, False))
-    candidates.masked_fill_(groups_of(never, False), -torch.inf)
-    if whole < n:  # the columns after the last whole group are candidates too
-        tail = torch.sub(products[:, whole:], correction[:, whole:]).mul_(scale[whole:])
-        tail.masked_fill_(never[whole:], -torch.inf)
-        candidates = torch.cat([candidates, tail], dim=1)
-    values, at = torch.topk(candidates, k, dim=1)
-    in_group = at < k * _TOPK_GROUP
-    column = torch.gather(best, 1, (at // _TOPK_GROUP).clamp_max(k - 1)) * _TOPK_GROUP + at % _TOPK_GROUP
-    return values, torch.where(in_group, column, whole + at - k * _TOPK_GROUP)
 
 
 def _never_chosen(scores: torch.Tensor, never: torch.Tensor) -> None:
