@@ -63,8 +63,6 @@ _C1 = 1e-4
 _MAX_LINE_SEARCH = 50
 #: relative decrease of f below which a problem stops (SciPy's ftol as scikit-learn sets it)
 _FTOL = 64 * torch.finfo(torch.float64).eps
-#: the smallest curvature an initial L-BFGS scale is divided by (below it: none, see ``_lbfgs``)
-_TINY = float(torch.finfo(torch.float64).tiny)
 #: compact the batch (copy the running problems' features) once this fraction has stopped
 _COMPACT_FRACTION = 0.25
 #: on CPU, problems are fitted in chunks of about this many bytes of features, spread over the
@@ -410,7 +408,7 @@ def _lbfgs(obj: _Objective, theta: torch.Tensor, budget: torch.Tensor, *, tol: f
     # softmax curvature mean_i (1 - sum_k p_ik^2) / (K - 1) (1 / K at theta = 0) scales it; a start
     # where every sample's softmax is one-hot in floating point (curvature 0, e.g. a warm start from
     # large weights) takes G^-1 unscaled (an infinite scale made every step fail)
-    gamma = torch.where(obj.curvature > 0, (obj.k - 1) / obj.curvature.clamp(min=_TINY), 1.0)
+    gamma = torch.where(obj.curvature > 0, (obj.k - 1) / obj.curvature, 1.0)
     while True:
         n_stopped = int(stopped.sum())  # the host's one wait per iteration outside the line search
         if n_stopped == len(ids):
@@ -526,9 +524,9 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
             CUDA, else ``"two-loop"``.
         compiled: the float32 phase on the CPU as one compiled loop per problem
             (:mod:`core._logreg_kernel`: the same algorithm with the two-loop recursion, 3-4x less
-            time than torch's ops on the demo's problems, and no GIL held); None (default): where
-            it can (CPU features, ``"mixed"`` precision, two-loop directions, numba importable), else torch's ops; False: torch's ops; True: the compiled loop or an error
-            saying why not.
+            time than torch's ops on the demo's problems, and no GIL held). None (default): where
+            it can (CPU features, ``"mixed"`` precision, two-loop directions, numba importable),
+            else torch's ops; False: torch's ops; True: the compiled loop or an error saying why not.
 
     Returns:
         A :class:`BatchedFit` (tensors on x's device, float64).
@@ -563,7 +561,7 @@ def fit_multinomial(x: torch.Tensor, y: torch.Tensor, n_classes: int, C: float, 
         theta = theta.contiguous()
         n_iter_np, _ = kernel.fit_float32(
             x32.numpy(), y.view(-1, n).contiguous().numpy(), k, theta.numpy(), preconditioner(x32, k, l2).numpy(),
-            budget.numpy().copy(), l2=l2, tol=max(tol, _F32_TOL), ftol=_FTOL, c1=_C1, history=history,
+            budget.numpy(), l2=l2, tol=max(tol, _F32_TOL), ftol=_FTOL, c1=_C1, history=history,
             max_line_search=_F32_MAX_LINE_SEARCH)
         n_iter = torch.from_numpy(n_iter_np)
     elif precision == "mixed":

@@ -153,7 +153,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
             d[j] = grad[j]
         for jj in range(count):
             slot = (newest - jj) % m
-            a = rho[slot] * _row_dot(s, slot, d)
+            a = rho[slot] * _dot(s[slot], d)
             alpha[slot] = a
             for j in range(p):
                 d[j] -= a * y[slot, j]
@@ -162,7 +162,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
             d[j] = gamma * py[j]
         for jj in range(count - 1, -1, -1):
             slot = (newest - jj) % m
-            beta = rho[slot] * _row_dot(y, slot, d)
+            beta = rho[slot] * _dot(y[slot], d)
             coef = alpha[slot] - beta
             for j in range(p):
                 d[j] += coef * s[slot, j]
@@ -174,7 +174,7 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
                 d[j] = -grad[j]
             gd = -_dot(grad, grad)
         # Armijo backtracking from a unit step, safeguarded quadratic interpolation, at most max_ls
-        # steps back (one call site of the objective: each is compiled into this function anew)
+        # steps back
         step, new_loss, ok = 1.0, loss, False
         for trial in range(max_ls + 1):
             if trial:
@@ -197,10 +197,8 @@ def _fit_one(work, lab, k, theta, g_inv, budget, l2, tol, ftol, c1, m, max_ls,
             sy += s[newest, j] * y[newest, j]
         good = ok and sy > 0.0
         if good:
-            for j in range(p):  # d is free until the next direction
-                d[j] = y[newest, j]
-            _precondition(d, g_inv, k, py)
-            gamma = sy / _dot(d, py)
+            _precondition(y[newest], g_inv, k, py)
+            gamma = sy / _dot(y[newest], py)
             rho[newest] = 1.0 / sy
         else:
             rho[newest] = 0.0
@@ -319,14 +317,6 @@ def _dot(a, b):  # pragma: no cover
     total = 0.0
     for j in range(a.shape[0]):
         total += a[j] * b[j]
-    return total
-
-
-@_compiled(fastmath=_SUMS)
-def _row_dot(a, i, b):  # pragma: no cover
-    total = 0.0
-    for j in range(b.shape[0]):
-        total += a[i, j] * b[j]
     return total
 
 
