@@ -143,6 +143,54 @@ def column_r(values: np.ndarray, row_stride: int, rows: np.ndarray, columns: np.
     _column_r(_readable(values, "column_r"), row_stride, rows, columns, y, out)
 
 
+def split_top_k(products: np.ndarray, a: np.ndarray, od: np.ndarray, scale: np.ndarray, neg: np.ndarray,
+                first_row: int, end_row: int, rows_per_tile: int, corr: np.ndarray, top_v: np.ndarray,
+                top_u: np.ndarray) -> None:
+    """The several-split path's scores and their top k, row by row, the scores never stored
+    (:meth:`core.engine.MatchEngine._split_top_k`).
+
+    For split ``s``, row ``i`` (``first_row <= i < end_row``) and column ``j`` the score is
+    ``products[i, j] * scale[s, j] - (a[s, i] @ odj) + neg[s, j]``, ``odj`` being column ``j`` of
+    ``od[s]`` (tile ``j // TU``, column ``j % TU``). A tile of rows x ``TU`` columns at a time: the
+    correction by one BLAS GEMM (numba's ``np.dot``) into ``corr``, then one pass over the tile's
+    scores takes, per row, the maxima of 64 interleaved groups of columns (column ``j`` of a tile
+    in group ``j % 64``: a vector loop), and only the groups whose maximum reaches the row's k-th
+    best so far are read again, value by value, into the row's top k.
+
+    Args:
+        products: float32 (rows, units), C-contiguous.
+        a: float32 (splits, rows, K): each split's correction rows (zeros where a split has fewer).
+        od: float32 (splits, tiles, K, TU): each split's correction columns, tile by tile (a tile
+            ``t`` holds columns ``t * TU ..``; columns past the units are not read back).
+        scale, neg: float32 (splits, units): the columns' scale, and 0 or -inf (never chosen).
+        first_row, end_row: the rows scored here; rows_per_tile: rows a GEMM at a time.
+        corr: float32 (rows_per_tile, TU), C-contiguous: scratch.
+        top_v, top_u: float32 and int64 (splits, rows, k): each row's k best scores, highest first
+            (ties: the lower column first), and their columns; the rows scored are written (-inf and
+            -1 where a row has fewer than k finite scores).
+    """
+    S, M, K = a.shape
+    U = products.shape[1] if products.ndim == 2 else -1
+    T, TU = (od.shape[1], od.shape[3]) if od.ndim == 4 else (0, 0)
+    k = top_v.shape[2] if top_v.ndim == 3 else 0
+    if not (products.dtype == a.dtype == od.dtype == scale.dtype == neg.dtype == corr.dtype == top_v.dtype == np.float32
+            and products.ndim == 2 and products.shape[0] == M and products.flags.c_contiguous
+            and od.ndim == 4 and od.shape[0] == S and od.shape[2] == K and T * TU >= U > (T - 1) * TU
+            and a.flags.c_contiguous and od.flags.c_contiguous and scale.shape == neg.shape == (S, U)
+            and corr.shape == (rows_per_tile, TU) and corr.flags.c_contiguous and rows_per_tile > 0
+            and top_v.ndim == 3 and top_v.shape[:2] == (S, M) and k > 0 and top_u.shape == top_v.shape
+            and top_u.dtype == np.int64 and 0 <= first_row <= end_row <= M):
+        raise ValueError(
+            f"split_top_k: products {products.dtype}{products.shape}, a {a.dtype}{a.shape}, od {od.dtype}{od.shape}, "
+            f"scale {scale.dtype}{scale.shape}, neg {neg.dtype}{neg.shape}, corr {corr.dtype}{corr.shape}, "
+            f"top_v {top_v.dtype}{top_v.shape}, top_u {top_u.dtype}{top_u.shape}, rows {first_row}:{end_row} by "
+            f"{rows_per_tile}; expected float32 (rows, units) C-contiguous, (splits, rows, K), (splits, tiles, K, TU) "
+            f"covering the units, (splits, units) twice, (rows_per_tile, TU), float32 and int64 (splits, rows, k), "
+            f"rows within the products"
+        )
+    _split_top_k(products, a, od, scale, neg, first_row, end_row, rows_per_tile, corr, top_v, top_u)
+
+
 def _block_rows(values: np.ndarray, row_stride: int) -> int:
     """The rows a flat block of ``row_stride`` values a row holds (its last may be cut short)."""
     return -(-values.shape[0] // row_stride)
@@ -320,3 +368,77 @@ def _column_r(values, row_stride, rows, columns, y, out):  # pragma: no cover
             dot += d * y[m, i]
             ss += d * d
         out[m] = dot / np.sqrt(ss) if ss > 0.0 else np.nan
+
+
+#: interleaved column groups of :func:`split_top_k`'s pass (a vector loop over them: LLVM vectorises
+#: the maxima's loop only when it runs at least 32 times)
+_LANES = 64
+
+
+@_compiled
+def _insert(top_v, top_u, v, column):  # pragma: no cover
+    """``v`` at ``column`` into a row's top k (highest first; ties: the lower column first), if it belongs."""
+    k = top_v.shape[0]
+    if not (v > top_v[k - 1] or (v == top_v[k - 1] and (top_u[k - 1] < 0 or column < top_u[k - 1]))):
+        return
+    p = k - 1
+    while p > 0 and (v > top_v[p - 1] or (v == top_v[p - 1] and column < top_u[p - 1])):
+        top_v[p] = top_v[p - 1]
+        top_u[p] = top_u[p - 1]
+        p -= 1
+    top_v[p] = v
+    top_u[p] = column
+
+
+@_compiled
+def _split_top_k(products, a, od, scale, neg, first_row, end_row, rows_per_tile, corr,
+                 top_v, top_u):  # pragma: no cover
+    """:func:`split_top_k`'s loops: tiles of columns, then of rows, then splits (a tile of products
+    read from memory once for every split; each split's correction columns for the tile stay in cache
+    over its rows)."""
+    S = a.shape[0]
+    T, TU = od.shape[1], od.shape[3]
+    U = products.shape[1]
+    k = top_v.shape[2]
+    maxima = np.empty(_LANES, np.float32)
+    for s in range(S):
+        for i in range(first_row, end_row):
+            for m in range(k):
+                top_v[s, i, m] = -np.inf
+                top_u[s, i, m] = -1
+    for t in range(T):
+        u0 = t * TU
+        w = min(TU, U - u0)
+        n_q = w // _LANES
+        whole = n_q * _LANES
+        for r0 in range(first_row, end_row, rows_per_tile):
+            r1 = min(r0 + rows_per_tile, end_row)
+            c = corr[:r1 - r0]
+            for s in range(S):
+                np.dot(a[s, r0:r1], od[s, t], c)
+                sc = scale[s, u0:u0 + w]
+                nv = neg[s, u0:u0 + w]
+                for i in range(r1 - r0):
+                    p_row = products[r0 + i, u0:u0 + w]
+                    c_row = c[i]
+                    tv = top_v[s, r0 + i]
+                    tu = top_u[s, r0 + i]
+                    for g in range(_LANES):
+                        maxima[g] = -np.inf
+                    for q in range(n_q):
+                        o = q * _LANES
+                        p_q, c_q, s_q, z_q = p_row[o:o + _LANES], c_row[o:o + _LANES], sc[o:o + _LANES], nv[o:o + _LANES]
+                        for g in range(_LANES):
+                            v = p_q[g] * s_q[g] - c_q[g] + z_q[g]
+                            maxima[g] = v if v > maxima[g] else maxima[g]
+                    for g in range(_LANES):
+                        if maxima[g] > -np.inf and maxima[g] >= tv[k - 1]:
+                            for q in range(n_q):
+                                j = q * _LANES + g
+                                v = p_row[j] * sc[j] - c_row[j] + nv[j]
+                                if v > -np.inf and v >= tv[k - 1]:
+                                    _insert(tv, tu, v, u0 + j)
+                    for j in range(whole, w):
+                        v = p_row[j] * sc[j] - c_row[j] + nv[j]
+                        if v > -np.inf and v >= tv[k - 1]:
+                            _insert(tv, tu, v, u0 + j)

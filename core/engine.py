@@ -87,6 +87,11 @@ _TILE_ROWS = 256
 #: seven shapes there by a margin within that VM's noise, benchmarks/RESULTS.md)
 _KCHUNK_UNITS = 1024
 _KCHUNK_ROWS = 720
+#: several splits on CPU (:meth:`MatchEngine._split_top_k`): units and neuron rows per tile of the fused
+#: scores and top k (a tile's products, correction and each split's correction columns stay in a core's
+#: L2 cache; 512 x 128 was the fastest of seven shapes on the 2-core Intel Xeon, benchmarks/RESULTS.md)
+_SPLIT_TILE_UNITS = 512
+_SPLIT_TILE_ROWS = 128
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
 _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
@@ -369,6 +374,9 @@ class _SplitPlan:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("yn_test_t", None)  # a copy of yn_test, rebuilt where used
+        a_t = state.get("a_t")
+        if a_t is not None and a_t.untyped_storage().nbytes() > a_t.numel() * a_t.element_size():
+            state["a_t"] = a_t.clone()  # a view of the engine's stacked rows: pickled alone, not with every split's
         return state
 
     @functools.cached_property
@@ -508,18 +516,21 @@ class MatchEngine:
             full[:-1] = torch.from_numpy(yz)
             self._full_t = full.to(self.device)
         self._local = threading.local()  # per-thread scratch buffers (Dask may run blocks in threads)
-        self._pool: ThreadPoolExecutor | None = None  # share threads (one split on CPU), started on first use
+        self._pool: ThreadPoolExecutor | None = None  # share threads (CPU), started on first use
+        #: several splits on CPU: the plans' a^T stacked (:meth:`_stacked_a`), built on first use (not pickled)
+        self._split_a: torch.Tensor | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_local")
         state.pop("_pool")
         # copies of other state, rebuilt where used
-        state["_half_rows"], state["_half_a"], state["_yz_t"] = None, {}, None
+        state["_half_rows"], state["_half_a"], state["_yz_t"], state["_split_a"] = None, {}, None, None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_split_a", None)
         self._local = threading.local()
         self._pool = None
 
@@ -626,9 +637,14 @@ class MatchEngine:
             sparse = self._sparse_units(xb)
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
+        fused_top = None  # several splits on CPU: every split's top k from one fused pass (numba)
+        if self.shared and not half and self.device.type == "cpu" and _kernels() is not None:
+            fused_top = self._split_top_k(x, products, sx_all, sxx, sparse)
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
-            if half and self.shared:
+            if fused_top is not None:
+                top_r, top_local = self._as_r(fused_top[0][s], fused_top[1][s], plan)
+            elif half and self.shared:
                 body = self._half_split_scores(s, xb, products, sx_masks[1 + s], sxx[s], excluded)
             elif self.shared:
                 # scaled first, then corrected in place: (products - a^T o) diag(1/sd) =
@@ -645,7 +661,8 @@ class MatchEngine:
                 _never_chosen(body, never)
             else:
                 body = self._finish_scores(plan, products, sxx[s], excluded)
-            top_r, top_local = self._top_k(body, plan)
+            if fused_top is None:
+                top_r, top_local = self._top_k(body, plan)
             k = top_r.shape[1]
             found = np.isfinite(top_r)
             partial.top_r[s, :, :k] = top_r
@@ -959,8 +976,93 @@ class MatchEngine:
     def _top_k(self, scores, plan: _SplitPlan):
         k = min(self.top_k, scores.shape[1])
         values, local = _top_k_columns(scores, k)
+        return self._as_r(values, local, plan)
+
+    @staticmethod
+    def _as_r(values: torch.Tensor, local: torch.Tensor, plan: _SplitPlan) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's top scores as r (float32; -inf where none), and their columns, on the host."""
         top_r = (values.double().cpu().numpy() / plan.y_scale[:, None]).astype(np.float32)
         return top_r, local.cpu().numpy()
+
+    def _split_top_k(self, x: torch.Tensor, products: torch.Tensor, sx_all: torch.Tensor, sxx: torch.Tensor,
+                     sparse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several splits on CPU: every split's top k of every neuron row, the scores never stored.
+
+        Split ``s``'s scores are ``products diag(1/sd) - a^T (o diag(1/sd))`` (as in the torch path:
+        ``o`` the block's rows outside the split's train images and its unit sums), -inf for units
+        never chosen. Written out, each split's (rows x units) scores were written by its correction
+        GEMM, then read and written by the scaling, read by the top-k's group maxima and again for
+        its candidates: memory traffic, not arithmetic, set the time (a demo-sized block with a
+        permutation null: the ten corrections' GEMMs 0.5 s, the passes around them 0.6 s on 2
+        cores). :func:`core._kernels.split_top_k` takes a tile of rows x units at a time: the
+        correction of each split by a BLAS GEMM into a scratch tile in cache, then one pass to the
+        rows' top k; the products are read from memory once for all splits. The rows are shared out
+        over the share threads (each op single-threaded, :func:`core._threads.single_threaded_ops`).
+
+        Returns:
+            (splits, rows, k) values (float32; -inf where a row has fewer than k choosable units) and
+            their columns in the block (int64; -1 there).
+        """
+        kernels = _kernels()
+        S, M = self.n_splits, self.n_rows
+        n_units = x.shape[1]
+        k = min(self.top_k, n_units)
+        a = self._stacked_a()
+        n_tiles = -(-n_units // _SPLIT_TILE_UNITS)
+        od = self._buffer("split_od", (S, n_tiles, a.shape[2], _SPLIT_TILE_UNITS))
+        scale = self._buffer("split_scale", (S, n_units))
+        neg = self._buffer("split_neg", (S, n_units))
+        whole = (n_units // _SPLIT_TILE_UNITS) * _SPLIT_TILE_UNITS
+        for s, plan in enumerate(self._plans):
+            excluded = None if sparse is None else sparse[s]
+            n_out = len(plan.outside)
+            outside = self._buffer("outside", (n_out + 1, n_units))
+            torch.index_select(x, 0, plan.outside, out=outside[:n_out])
+            outside[n_out].copy_(sx_all)
+            inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
+            scale[s] = inv_sd
+            neg[s].zero_().masked_fill_(never, -torch.inf)
+            outside.mul_(inv_sd)
+            # the split's correction columns, tile by tile; zeros below its rows (a's padding) and past the
+            # units in the last tile
+            od[s, :, n_out + 1:].zero_()
+            if whole:
+                od[s, :whole // _SPLIT_TILE_UNITS, :n_out + 1].copy_(
+                    outside[:, :whole].view(n_out + 1, -1, _SPLIT_TILE_UNITS).transpose(0, 1))
+            if whole < n_units:
+                od[s, -1, :n_out + 1, :n_units - whole].copy_(outside[:, whole:])
+                od[s, -1, :, n_units - whole:].zero_()
+        top_v = torch.empty((S, M, k), dtype=torch.float32)
+        top_u = torch.empty((S, M, k), dtype=torch.int64)
+        args = (products[:-1].numpy(), a, od.numpy(), scale.numpy(), neg.numpy())
+
+        def rows(r0: int, r1: int) -> None:  # one share of the rows, on a share thread (its own scratch tile)
+            corr = self._buffer("split_corr", (_SPLIT_TILE_ROWS, _SPLIT_TILE_UNITS)).numpy()
+            kernels.split_top_k(*args, r0, r1, _SPLIT_TILE_ROWS, corr, top_v.numpy(), top_u.numpy())
+
+        with single_threaded_ops() as threads:
+            n = max(1, min(threads, -(-M // _SPLIT_TILE_ROWS)))
+            bounds = np.linspace(0, M, n + 1).round().astype(int).tolist()
+            pool = self._share_pool(n)
+            work = [pool.submit(rows, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]
+            wait(work)  # every share ends inside the section, even when one of them failed
+            for w in work:
+                w.result()
+        return top_v, top_u
+
+    def _stacked_a(self) -> np.ndarray:
+        """The splits' correction rows ``a^T`` as one (splits, rows, K) float32 array (zeros past a split's
+        own K): built on first use, the plans' ``a_t`` then views of it (no second copy of a permutation
+        null's rows; each plan pickles its own, :meth:`_SplitPlan.__getstate__`)."""
+        with _POOL_LOCK:
+            if self._split_a is None:
+                widths = [plan.a_t.shape[1] for plan in self._plans]
+                stacked = torch.zeros((self.n_splits, self.n_rows, max(widths)), dtype=torch.float32)
+                for s, (plan, width) in enumerate(zip(self._plans, widths)):
+                    stacked[s, :, :width] = plan.a_t
+                    plan.a_t = stacked[s, :, :width]
+                self._split_a = stacked
+            return self._split_a.numpy()
 
     def _leader_test_r(self, xb: torch.Tensor, plan: _SplitPlan, leaders: np.ndarray, has: np.ndarray) -> np.ndarray:
         """float64 test r of each neuron row's block leader, from the block's test rows (a few values, as

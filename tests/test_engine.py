@@ -486,6 +486,49 @@ def test_sparse_unit_policy_excludes_the_same_units_for_permuted_copies():
     assert with_null.settings == settings
 
 
+def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(monkeypatch):
+    """Several splits on CPU with a permutation null (more neuron rows than a tile, and the row share
+    of each thread): the fused scores and top k (core._kernels.split_top_k) choose what torch's
+    passes over written-out scores choose, with the same screening r; the engine pickles as before
+    once its splits' rows are stacked (each plan's own rows, not the stack), and its copy agrees."""
+    import unitmatch.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_SPLIT_TILE_UNITS", 128)
+    monkeypatch.setattr(engine_module, "_SPLIT_TILE_ROWS", 64)
+    layers = _activations(seed=41)
+    x = _flat(layers)
+    y, _ = _responses(x, seed=42)
+    cat = catalogue_of(layers)
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3, stratify=None)
+    blocks = list(iter_blocks(layers, cat, 400))
+    engine = MatchEngine(y, splits, top_k=4, n_permutations=20, seed=3)
+    size = len(pickle.dumps(engine))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # two row shares
+        fused = merge_all(engine.process(b) for b in blocks)
+        assert engine._split_a is not None and engine.n_rows == 30 * 21
+        monkeypatch.setattr(engine_module, "_kernels", lambda: None)
+        plain = merge_all(engine.process(b) for b in blocks)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(fused.top_unit, plain.top_unit)
+    np.testing.assert_allclose(fused.top_r, plain.top_r, rtol=0, atol=1e-6)
+    for name, lb in plain.layers.items():
+        got = fused.layers[name]
+        # a tie (head units 17 and 42 are one unit twice): the fused pass takes the lower id, torch's top-k either
+        tie = got.unit != lb.unit
+        assert set(got.unit[tie]) <= {280 + 17} and set(lb.unit[tie]) <= {280 + 42}
+        np.testing.assert_allclose(got.train_r, lb.train_r, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got.test_r, lb.test_r, rtol=0, atol=1e-12)  # column_r or torch's
+    assert len(pickle.dumps(engine)) < 1.1 * size
+    monkeypatch.undo()
+    copy = pickle.loads(pickle.dumps(engine))
+    assert copy._split_a is None
+    again = merge_all(copy.process(b) for b in blocks)
+    np.testing.assert_array_equal(again.top_unit, fused.top_unit)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("top_k", 1, r"MatchSettings.top_k must be an integer >= 2; got 1"),
     ("top_k", 2.5, r"MatchSettings.top_k must be an integer >= 2; got 2.5"),
@@ -551,18 +594,22 @@ _FUSED_TORCH, _TORCH_OPS, _FUSED_NUMPY = "fused, torch's GEMMs", "torch's ops an
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("n_splits, one_split_cpu", [(1, _FUSED_TORCH), (1, _TORCH_OPS), (1, _FUSED_NUMPY),
-                                                     (4, _FUSED_TORCH)])  # the variants serve one split
+                                                     (4, _FUSED_TORCH), (4, _TORCH_OPS)])
 @pytest.mark.parametrize("min_varying_images", [1, 3])
 def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_varying_images, one_split_cpu,
                                                         monkeypatch):
     """Tiles narrower than a block and row chunks that do not divide the train set, on awkward units;
-    the one-split CPU path with the fused gather kernel or torch's ops, and with either BLAS."""
+    the one-split CPU path with the fused gather kernel or torch's ops, and with either BLAS; several
+    splits on CPU with the fused scores and top k (tiles of units and rows that do not divide the
+    block) or torch's ops."""
     import unitmatch.core.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
     monkeypatch.setattr(engine_module, "_KCHUNK_UNITS", 56)
     monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
+    monkeypatch.setattr(engine_module, "_SPLIT_TILE_UNITS", 96)  # a whole tile, then 54 units (a group short)
+    monkeypatch.setattr(engine_module, "_SPLIT_TILE_ROWS", 7)
     monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: one_split_cpu == _FUSED_NUMPY)
     if one_split_cpu == _TORCH_OPS:
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
@@ -574,7 +621,7 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     cat = catalogue_of(layers)
     paths = _engine_paths(y, splits, top_k=4, min_varying_images=min_varying_images)
     assert ("tiled" in paths) == (n_splits == 1)
-    if one_split_cpu != _FUSED_TORCH:
+    if one_split_cpu != _FUSED_TORCH and n_splits == 1:
         paths = {"tiled": paths["tiled"]}  # the variant changes that path alone
     threads = torch.get_num_threads()
     try:

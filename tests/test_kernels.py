@@ -273,6 +273,105 @@ def test_bad_moment_and_r_arguments_are_refused(call, error):
         call(np.zeros(120, np.float16))
 
 
+# ------------------------------------------- the several-split path's fused scores and top k (split_top_k)
+def _split_case(rows=41, units=300, splits=3, widths=(7, 5, 7), tile=96, seed=8):
+    """Products, each split's correction rows (zero past its own width) and columns (tiled, zero
+    padded), scales and never-chosen columns, and the float64 scores they stand for."""
+    rng = np.random.default_rng(seed)
+    width = max(widths)
+    products = rng.standard_normal((rows, units)).astype(np.float32)
+    a = np.zeros((splits, rows, width), np.float32)
+    o = np.zeros((splits, width, units), np.float32)
+    for s, w in enumerate(widths):
+        a[s, :, :w] = rng.standard_normal((rows, w))
+        o[s, :w] = rng.standard_normal((w, units))
+    scale = rng.uniform(0.5, 2.0, (splits, units)).astype(np.float32)
+    neg = np.zeros((splits, units), np.float32)
+    neg[:, 13::29] = -np.inf  # never chosen
+    scale[neg == -np.inf] = 0.0
+    n_tiles = -(-units // tile)
+    od = np.full((splits, n_tiles, width, tile), np.nan, np.float32)  # past the units: never read back
+    padded = np.zeros((splits, width, n_tiles * tile), np.float32)
+    padded[:, :, :units] = o * scale[:, None, :]
+    od[:] = padded.reshape(splits, width, n_tiles, tile).transpose(0, 2, 1, 3)
+    od[:, -1, :, units - (n_tiles - 1) * tile:] = np.nan
+    want = (products.astype(np.float64)[None] * scale[:, None, :]
+            - np.einsum("srk,sku->sru", a.astype(np.float64), od_columns(od, units)) + neg[:, None, :])
+    return products, a, od, scale, neg, want
+
+
+def od_columns(od, units):
+    """(splits, K, units) back from the tiled correction columns."""
+    splits, n_tiles, width, tile = od.shape
+    return od.transpose(0, 2, 1, 3).reshape(splits, width, n_tiles * tile)[:, :, :units].astype(np.float64)
+
+
+def _split_top_k(products, a, od, scale, neg, k, bounds=None, rows_per_tile=5):
+    splits, rows = a.shape[:2]
+    top_v = np.full((splits, rows, k), 7.0, np.float32)
+    top_u = np.full((splits, rows, k), 7, np.int64)
+    corr = np.full((rows_per_tile, od.shape[3]), np.nan, np.float32)
+    for r0, r1 in bounds or [(0, rows)]:
+        _kernels.split_top_k(products, a, od, scale, neg, r0, r1, rows_per_tile, corr, top_v, top_u)
+    return top_v, top_u
+
+
+@pytest.mark.parametrize("units, tile, rows_per_tile", [(300, 96, 5), (300, 64, 41), (70, 128, 3), (40, 96, 8)],
+                         ids=["tiles-and-a-rest", "whole-tiles", "one-partial-tile", "fewer-than-a-group"])
+def test_split_top_k_is_the_float64_top_k(units, tile, rows_per_tile):
+    """Each split's k best scores and columns (float64 reference, the float32 scores within 1e-5),
+    over tiles of units and of rows that do not divide the block, splits of different widths; the
+    never-chosen columns are never taken."""
+    products, a, od, scale, neg, want = _split_case(units=units, tile=tile)
+    k = 4
+    top_v, top_u = _split_top_k(products, a, od, scale, neg, k, rows_per_tile=rows_per_tile)
+    order = np.argsort(-want, axis=2, kind="stable")[:, :, :k]
+    np.testing.assert_allclose(top_v, np.take_along_axis(want, order, axis=2), rtol=0, atol=1e-5)
+    gaps = -np.diff(np.sort(want, axis=2)[:, :, ::-1][:, :, :k + 1], axis=2)  # where no two are within rounding
+    clear = (gaps > 1e-4).all(axis=2)
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(top_u[clear], order[clear])
+    assert not np.isin(top_u, np.flatnonzero(neg[0] == -np.inf)).any()
+
+
+def test_split_top_k_ties_rows_short_of_k_and_row_shares():
+    """Equal scores: the lower column first (here two identical columns); a row with fewer than k
+    choosable units ends in -inf / -1; two calls over shares of the rows write what one call does."""
+    products, a, od, scale, neg, want = _split_case(rows=12, units=200, splits=2, widths=(4, 4), tile=64)
+    products[:, 150] = products[:, 20]  # the same products, correction columns and scale: the same score
+    scale[:, 150] = scale[:, 20]
+    od[:, 150 // 64, :, 150 % 64] = od[:, 20 // 64, :, 20 % 64]
+    products[3, 20] = products[3, 150] = 1e4  # row 3's best, twice
+    k = 3
+    top_v, top_u = _split_top_k(products, a, od, scale, neg, k)
+    assert (top_u[:, 3, :2] == [20, 150]).all() and (top_v[:, 3, 0] == top_v[:, 3, 1]).all()
+    few = neg.copy()
+    few[:, 2:] = -np.inf  # two choosable units: k = 3 leaves one slot empty
+    v, u = _split_top_k(products, a, od, scale, few, k)
+    assert (u[:, :, 2] == -1).all() and np.isneginf(v[:, :, 2]).all() and (u[:, :, :2] >= 0).all()
+    shared = _split_top_k(products, a, od, scale, neg, k, bounds=[(0, 5), (5, 12)])
+    np.testing.assert_array_equal(shared[0], top_v)
+    np.testing.assert_array_equal(shared[1], top_u)
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda c: c.update(products=c["products"].astype(np.float64)), "products float64"),
+    (lambda c: c.update(od=c["od"][:, :2]), "covering the units"),
+    (lambda c: c.update(scale=c["scale"][:, :-1]), r"scale float32\(2, 199\)"),
+    (lambda c: c.update(corr=np.zeros((5, 32), np.float32)), r"corr float32\(5, 32\)"),
+    (lambda c: c.update(end_row=13), "rows 0:13 by 5"),
+    (lambda c: c.update(top_u=c["top_u"].astype(np.int32)), "top_u int32"),
+])
+def test_bad_split_top_k_arguments_are_refused(change, error):
+    products, a, od, scale, neg, _ = _split_case(rows=12, units=200, splits=2, widths=(4, 4), tile=64)
+    case = dict(products=products, a=a, od=od, scale=scale, neg=neg, first_row=0, end_row=12, rows_per_tile=5,
+                corr=np.zeros((5, 64), np.float32), top_v=np.zeros((2, 12, 3), np.float32),
+                top_u=np.zeros((2, 12, 3), np.int64))
+    change(case)
+    with pytest.raises(ValueError, match=error):
+        _kernels.split_top_k(**case)
+
+
 def test_the_kernel_compiles_where_numba_has_no_writable_cache(monkeypatch):
     """A read-only install with no writable home: numba cannot cache the kernel on disk (it refuses
     at import), so the kernel is compiled without a cache, and works the same."""
