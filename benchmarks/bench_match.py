@@ -15,7 +15,12 @@ Per size it prints:
 - the engine's achieved GFLOP/s (2 * 2880 * 256 * units / seconds, one split) and its ratio to GEMM,
 - the 10-split / 1-split time ratio, and the peak RSS of the engine's runs (Linux's VmHWM, reset
   before them: the references' float32 copy is not counted),
-- torch's float32 GEMM (MKL here), streamed the same way, and the engine's ratio to it.
+- torch's float32 GEMM (MKL here), streamed the same way, and the engine's ratio to it;
+- with ``--permutations N``: 10 splits with N permuted copies of every neuron (a sweep's default work,
+  N = 100: 25,856 neuron rows), in the engine's default block for that many rows, in one process: the
+  engine with its fused scores and top k (the default on CPU, timed twice) and with torch's passes over
+  written-out scores, against the engine's GEMMs alone (products and each split's correction, torch),
+  and whether both chose the same units (null included).
 
 ``--device cuda`` (issue 8) instead measures, in one process on the GPU, per size:
 - the engine from host float16 blocks (pageable numpy arrays, staged through pinned buffers with
@@ -46,7 +51,7 @@ staging (the pageable blocks' bytes copied into a pinned buffer, alone). ``--pro
 torch.profiler's table of one on-device run (one split), ops by device time.
 
 Run: .venv/bin/python benchmarks/bench_match.py [--sizes 10000 100000 1000000] [--dtype float16 float32]
-     [--splits 1 10] [--quick] [--device cuda [--profile] [--permutations 100]]
+     [--splits 1 10] [--quick] [--permutations 100] [--device cuda [--profile]]
 """
 
 from __future__ import annotations
@@ -236,6 +241,68 @@ def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
         best[int(j)] = top[1]
     loop = time.perf_counter() - t0
     return {"loop_s_per_neuron": loop / n_ref, "loop_best": best}
+
+
+def worker_null(units: int, dtype: str, permutations: int) -> dict:
+    """CPU, 10 splits with ``permutations`` permuted copies of every neuron (a sweep's default work), in
+    one process: the engine with its fused scores and top k (the default), the engine with torch's
+    passes over written-out scores (``core.engine._SPLIT_FUSED = False``), and its GEMMs alone (torch,
+    the engine's threads): the products (rows + 1 x images @ images x width) and each split's correction
+    (rows x outside + 1 @ outside + 1 x width) once per block of the stream, before and after the
+    engine runs. Final re-scoring included in the engine's times, as above."""
+    import torch
+
+    import unitmatch.core.engine as engine_module
+    from unitmatch import core
+    from unitmatch.core.engine import MatchEngine, default_block_units, stream_match
+    from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
+
+    rows = N_NEURONS * (1 + permutations)
+    block = min(default_block_units(N_IMAGES, rows), units)
+    core_, pool, y, widths, block = _setup(units, dtype, block_units=block)
+    catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=10, stratify=None)
+    engine = MatchEngine(y, splits, top_k=5, n_permutations=permutations)
+    outside = [N_IMAGES - len(train) + 1 for train, _ in splits]
+
+    def gemms() -> float:
+        full = torch.randn(rows + 1, N_IMAGES)
+        a = [torch.randn(rows, k) for k in outside]
+        x = torch.from_numpy(pool[0].astype(np.float32))
+        out = torch.empty(rows + 1, block)
+        o = [x[:k, :block].contiguous() for k in outside]
+        torch.mm(full, x[:, :block], out=out)
+        t0 = time.perf_counter()
+        for w in widths:
+            torch.mm(full, x[:, :w], out=out[:, :w])
+            for s, k in enumerate(outside):
+                torch.mm(a[s], o[s][:, :w], out=out[:rows, :w])
+        return time.perf_counter() - t0
+
+    out = {"block_units": block, "rows": rows, "gemm_before": gemms()}
+    engine.process(UnitBlock(pool[0][:, :widths[0]], "units", 0))  # warm-up (threads, buffers, compiles)
+    results = {}
+    for fused in (True, False, True):
+        engine_module._SPLIT_FUSED = fused
+        t0 = time.perf_counter()
+        res = stream_match(engine, _blocks(core_, pool, widths, block), catalogue,
+                           columns=_columns(pool, block, N_IMAGES))
+        out.setdefault(f"engine_s_{'fused' if fused else 'torch'}", []).append(time.perf_counter() - t0)
+        results[fused] = res
+    engine_module._SPLIT_FUSED = True
+    out["gemm_after"] = gemms()
+    out["same_units"] = bool((results[True].matches.unit.to_numpy() == results[False].matches.unit.to_numpy()).all()
+                             and (results[True].null.unit == results[False].null.unit).all())
+    return out
+
+
+def run_null(units: int, dtype: str, permutations: int) -> dict:
+    py = [sys.executable, __file__, "--worker", "null", str(units), dtype, str(permutations)]
+    r = json.loads(subprocess.run(py, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+    gemm = (r["gemm_before"] + r["gemm_after"]) / 2
+    fused, plain = min(r["engine_s_fused"]), r["engine_s_torch"][0]
+    return {**r, "units": units, "dtype": dtype, "permutations": permutations, "gemm_s": gemm,
+            "ratio_fused": gemm / fused, "ratio_torch": gemm / plain, "fused_over_torch": fused / plain}
 
 
 def run_size(units: int, dtype: str, splits: list[int]) -> dict:
@@ -542,8 +609,9 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="cuda: also torch.profiler's table of one on-device run (one split), ops by device time")
     ap.add_argument("--permutations", type=int, default=0,
-                    help="cuda: also 10 splits with this many permuted copies of every neuron (a sweep's default: "
-                         "100), with the default and the float32 GEMMs")
+                    help="also 10 splits with this many permuted copies of every neuron (a sweep's default: 100): "
+                         "on cpu the fused top k against torch's passes and the GEMMs alone; on cuda with the "
+                         "default and the float32 GEMMs")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # --device cuda's steps on the CPU
     args = ap.parse_args()
@@ -553,13 +621,13 @@ def main():
             print(json.dumps(worker_cuda(int(units), dtype, int(rest[0]), [int(n) for n in rest[2:]],
                                          profile="profile" in what, dry="dry" in what, permutations=int(rest[1]))))
             return
-        fn = worker_engine if what == "engine" else worker_reference
+        fn = {"engine": worker_engine, "reference": worker_reference, "null": worker_null}[what]
         print(json.dumps(fn(int(units), dtype, *map(int, rest))))
         return
     if any(n <= 0 for n in args.sizes or []):
         ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
-    if args.permutations < 0 or (args.permutations and args.device != "cuda"):
-        ap.error(f"--permutations must be >= 0, with --device cuda; got {args.permutations}")
+    if args.permutations < 0:
+        ap.error(f"--permutations must be >= 0; got {args.permutations}")
     if args.profile and args.device != "cuda":
         ap.error("--profile profiles the --device cuda runs; add --device cuda")
     if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):
@@ -601,6 +669,23 @@ def main():
                   f"{r['ratio_to_gemm']:.0%} | {r['torch_gemm_s']:.2f} | {r['ratio_to_torch_gemm']:.0%} | "
                   f"{r['peak_rss_mib']:.0f} | {r['argmax_agrees_with_loop']} |",
                   flush=True)
+    if args.permutations:
+        print(f"\n10 splits with {args.permutations} permuted copies of each neuron "
+              f"({N_NEURONS * (1 + args.permutations):,} neuron rows), the engine's default block for them; "
+              "GEMMs: its products and corrections alone (torch), before / after")
+        header = ("units", "dtype", "block", "engine s (fused top k)", "engine s (torch's passes)", "fused / torch",
+                  "GEMMs s (before / after)", "GEMMs / fused", "GEMMs / torch's passes", "same units")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for dtype in args.dtype:
+            for units in args.sizes:
+                r = run_null(units, dtype, args.permutations)
+                rows.append(r)
+                print(f"| {units:,} | {dtype} | {r['block_units']} | "
+                      f"{' / '.join(f'{v:.2f}' for v in r['engine_s_fused'])} | {r['engine_s_torch'][0]:.2f} | "
+                      f"{r['fused_over_torch']:.2f}x | {r['gemm_s']:.2f} ({r['gemm_before']:.2f} / "
+                      f"{r['gemm_after']:.2f}) | {r['ratio_fused']:.0%} | {r['ratio_torch']:.0%} | "
+                      f"{r['same_units']} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -92,6 +92,8 @@ _KCHUNK_ROWS = 720
 #: L2 cache; 512 x 128 was the fastest of seven shapes on the 2-core Intel Xeon, benchmarks/RESULTS.md)
 _SPLIT_TILE_UNITS = 512
 _SPLIT_TILE_ROWS = 128
+#: False: torch's passes instead (benchmarks/bench_match.py times both in one run)
+_SPLIT_FUSED = True
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
 _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
@@ -638,7 +640,7 @@ class MatchEngine:
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         fused_top = None  # several splits on CPU: every split's top k from one fused pass (numba)
-        if self.shared and not half and self.device.type == "cpu" and _kernels() is not None:
+        if self.shared and not half and self.device.type == "cpu" and _SPLIT_FUSED and _kernels() is not None:
             fused_top = self._split_top_k(x, products, sx_all, sxx, sparse)
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
