@@ -17,10 +17,11 @@ Per size it prints:
   before them: the references' float32 copy is not counted),
 - torch's float32 GEMM (MKL here), streamed the same way, and the engine's ratio to it;
 - with ``--permutations N``: 10 splits with N permuted copies of every neuron (a sweep's default work,
-  N = 100: 25,856 neuron rows), in the engine's default block for that many rows, in one process: the
-  engine with its fused scores and top k (the default on CPU, timed twice) and with torch's passes over
-  written-out scores, against the engine's GEMMs alone (products and each split's correction, torch),
-  and whether both chose the same units (null included).
+  N = 100: 25,856 neuron rows) over ``--null-images`` images (default 640, the demo's), in the engine's
+  default block for that many rows, in one process: the engine with its fused scores and top k (timed
+  twice) and with torch's passes over written-out scores, against the engine's GEMMs alone (products
+  and each split's correction, torch), which of the two the engine takes by default, and whether both
+  chose the same units (null included).
 
 ``--device cuda`` (issue 8) instead measures, in one process on the GPU, per size:
 - the engine from host float16 blocks (pageable numpy arrays, staged through pinned buffers with
@@ -243,30 +244,35 @@ def worker_reference(units: int, dtype: str, n_ref: int) -> dict:
     return {"loop_s_per_neuron": loop / n_ref, "loop_best": best}
 
 
-def worker_null(units: int, dtype: str, permutations: int) -> dict:
-    """CPU, 10 splits with ``permutations`` permuted copies of every neuron (a sweep's default work), in
-    one process: the engine with its fused scores and top k (the default), the engine with torch's
-    passes over written-out scores (``core.engine._SPLIT_FUSED = False``), and its GEMMs alone (torch,
-    the engine's threads): the products (rows + 1 x images @ images x width) and each split's correction
-    (rows x outside + 1 @ outside + 1 x width) once per block of the stream, before and after the
-    engine runs. Final re-scoring included in the engine's times, as above."""
+def worker_null(units: int, dtype: str, permutations: int, n_images: int) -> dict:
+    """CPU, 10 splits with ``permutations`` permuted copies of every neuron (a sweep's default work) over
+    ``n_images`` images, in one process: the engine with its fused scores and top k
+    (``core.engine._SPLIT_FUSED = True``), the engine with torch's passes over written-out scores
+    (``False``), and its GEMMs alone (torch, the engine's threads): the products (rows + 1 x images @
+    images x width) and each split's correction (rows x outside + 1 @ outside + 1 x width) once per
+    block of the stream, before and after the engine runs. Final re-scoring included in the engine's
+    times, as above; which of the two the engine's rule takes by default is reported."""
     import torch
 
     import unitmatch.core.engine as engine_module
     from unitmatch import core
     from unitmatch.core.engine import MatchEngine, default_block_units, stream_match
+    from unitmatch.core.synthetic import plant_neurons
     from unitmatch.core.units import LayerUnits, UnitBlock, UnitCatalogue
 
     rows = N_NEURONS * (1 + permutations)
-    block = min(default_block_units(N_IMAGES, rows), units)
-    core_, pool, y, widths, block = _setup(units, dtype, block_units=block)
+    block = min(default_block_units(n_images, rows), units)
+    rng = np.random.default_rng(0)
+    pool = [np.maximum(rng.standard_normal((n_images, block), dtype=np.float32), 0).astype(dtype) for _ in range(POOL)]
+    y = plant_neurons(pool[0].astype(np.float32), n_planted=192, n_noise=64, snr=0.5, seed=1).responses
+    widths = [min(block, units - s) for s in range(0, units, block)]
     catalogue = UnitCatalogue([LayerUnits("units", (units,), ("unit",))])
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=10, stratify=None)
+    splits = core.brainscore_splits(n_images=n_images, n_splits=10, stratify=None)
     engine = MatchEngine(y, splits, top_k=5, n_permutations=permutations)
-    outside = [N_IMAGES - len(train) + 1 for train, _ in splits]
+    outside = [n_images - len(train) + 1 for train, _ in splits]
 
     def gemms() -> float:
-        full = torch.randn(rows + 1, N_IMAGES)
+        full = torch.randn(rows + 1, n_images)
         a = [torch.randn(rows, k) for k in outside]
         x = torch.from_numpy(pool[0].astype(np.float32))
         out = torch.empty(rows + 1, block)
@@ -279,25 +285,30 @@ def worker_null(units: int, dtype: str, permutations: int) -> dict:
                 torch.mm(a[s], o[s][:, :w], out=out[:rows, :w])
         return time.perf_counter() - t0
 
-    out = {"block_units": block, "rows": rows, "gemm_before": gemms()}
-    engine.process(UnitBlock(pool[0][:, :widths[0]], "units", 0))  # warm-up (threads, buffers, compiles)
+    out = {"block_units": block, "rows": rows, "n_images": n_images, "split_columns": max(outside),
+           "rule_takes_fused": engine._split_fused(), "gemm_before": gemms()}
     results = {}
-    for fused in (True, False, True):
-        engine_module._SPLIT_FUSED = fused
-        t0 = time.perf_counter()
-        res = stream_match(engine, _blocks(core_, pool, widths, block), catalogue,
-                           columns=_columns(pool, block, N_IMAGES))
-        out.setdefault(f"engine_s_{'fused' if fused else 'torch'}", []).append(time.perf_counter() - t0)
-        results[fused] = res
-    engine_module._SPLIT_FUSED = True
+    try:
+        for fused in (True, False):  # warm-ups: threads, buffers, compiles
+            engine_module._SPLIT_FUSED = fused
+            engine.process(UnitBlock(pool[0][:, :widths[0]], "units", 0))
+        for fused in (True, False, True):
+            engine_module._SPLIT_FUSED = fused
+            t0 = time.perf_counter()
+            res = stream_match(engine, _blocks(core, pool, widths, block), catalogue,
+                               columns=_columns(pool, block, n_images))
+            out.setdefault(f"engine_s_{'fused' if fused else 'torch'}", []).append(time.perf_counter() - t0)
+            results[fused] = res
+    finally:
+        engine_module._SPLIT_FUSED = None
     out["gemm_after"] = gemms()
     out["same_units"] = bool((results[True].matches.unit.to_numpy() == results[False].matches.unit.to_numpy()).all()
                              and (results[True].null.unit == results[False].null.unit).all())
     return out
 
 
-def run_null(units: int, dtype: str, permutations: int) -> dict:
-    py = [sys.executable, __file__, "--worker", "null", str(units), dtype, str(permutations)]
+def run_null(units: int, dtype: str, permutations: int, n_images: int) -> dict:
+    py = [sys.executable, __file__, "--worker", "null", str(units), dtype, str(permutations), str(n_images)]
     r = json.loads(subprocess.run(py, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     gemm = (r["gemm_before"] + r["gemm_after"]) / 2
     fused, plain = min(r["engine_s_fused"]), r["engine_s_torch"][0]
@@ -612,6 +623,9 @@ def main():
                     help="also 10 splits with this many permuted copies of every neuron (a sweep's default: 100): "
                          "on cpu the fused top k against torch's passes and the GEMMs alone; on cuda with the "
                          "default and the float32 GEMMs")
+    ap.add_argument("--null-images", type=int, default=640,
+                    help="cpu, --permutations: images of that case (default 640, the demo's: a split's correction "
+                         "of 65 columns; 3200 as above: 321)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)  # --device cuda's steps on the CPU
     args = ap.parse_args()
@@ -628,6 +642,8 @@ def main():
         ap.error(f"--sizes must be positive unit counts; got {args.sizes}")
     if args.permutations < 0:
         ap.error(f"--permutations must be >= 0; got {args.permutations}")
+    if args.null_images < 20:
+        ap.error(f"--null-images must be at least 20 (10 splits); got {args.null_images}")
     if args.profile and args.device != "cuda":
         ap.error("--profile profiles the --device cuda runs; add --device cuda")
     if args.block_units is not None and (args.block_units <= 0 or args.device != "cuda"):
@@ -673,19 +689,20 @@ def main():
         print(f"\n10 splits with {args.permutations} permuted copies of each neuron "
               f"({N_NEURONS * (1 + args.permutations):,} neuron rows), the engine's default block for them; "
               "GEMMs: its products and corrections alone (torch), before / after")
-        header = ("units", "dtype", "block", "engine s (fused top k)", "engine s (torch's passes)", "fused / torch",
-                  "GEMMs s (before / after)", "GEMMs / fused", "GEMMs / torch's passes", "same units")
+        header = ("images", "units", "dtype", "block", "engine s (fused top k)", "engine s (torch's passes)",
+                  "fused / torch", "GEMMs s (before / after)", "GEMMs / fused", "GEMMs / torch's passes",
+                  "the rule takes", "same units")
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for dtype in args.dtype:
             for units in args.sizes:
-                r = run_null(units, dtype, args.permutations)
+                r = run_null(units, dtype, args.permutations, args.null_images)
                 rows.append(r)
-                print(f"| {units:,} | {dtype} | {r['block_units']} | "
+                print(f"| {args.null_images} | {units:,} | {dtype} | {r['block_units']} | "
                       f"{' / '.join(f'{v:.2f}' for v in r['engine_s_fused'])} | {r['engine_s_torch'][0]:.2f} | "
                       f"{r['fused_over_torch']:.2f}x | {r['gemm_s']:.2f} ({r['gemm_before']:.2f} / "
                       f"{r['gemm_after']:.2f}) | {r['ratio_fused']:.0%} | {r['ratio_torch']:.0%} | "
-                      f"{r['same_units']} |", flush=True)
+                      f"{'fused' if r['rule_takes_fused'] else 'passes'} | {r['same_units']} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -92,8 +92,15 @@ _KCHUNK_ROWS = 720
 #: L2 cache; 512 x 128 was the fastest of seven shapes on the 2-core Intel Xeon, benchmarks/RESULTS.md)
 _SPLIT_TILE_UNITS = 512
 _SPLIT_TILE_ROWS = 128
-#: False: torch's passes instead (benchmarks/bench_match.py times both in one run)
-_SPLIT_FUSED = True
+#: ... taken where a split's correction is narrow (at most this many columns: images outside its train
+#: set, plus one) and the neuron rows are at least this many times as many: there it saved 10-30% of a
+#: block (its GEMMs are OpenBLAS's, slower than MKL's, and each split's correction columns are copied
+#: into tiles); with 321 columns (3200 images) or with as few rows as columns, torch's passes were as
+#: fast or faster (benchmarks/RESULTS.md)
+_SPLIT_FUSED_MAX_K = 192
+_SPLIT_FUSED_ROWS_PER_K = 3
+#: None: by that rule; True / False: always (where numba is) / never (bench_match.py times both)
+_SPLIT_FUSED: bool | None = None
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
 _SCREEN_PAIRS = 128
 #: a unit whose train sum of squares about its mean is below this fraction of its raw sum of
@@ -640,7 +647,7 @@ class MatchEngine:
         S, M = self.n_splits, self.n_rows
         leader = LayerBest(np.full((S, M), -1, np.int64), np.full((S, M), -np.inf), np.full((S, M), np.nan))
         fused_top = None  # several splits on CPU: every split's top k from one fused pass (numba)
-        if self.shared and not half and self.device.type == "cpu" and _SPLIT_FUSED and _kernels() is not None:
+        if self.shared and not half and self._split_fused() and _kernels() is not None:
             fused_top = self._split_top_k(x, products, sx_all, sxx, sparse)
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
@@ -1051,6 +1058,13 @@ class MatchEngine:
             for w in work:
                 w.result()
         return top_v, top_u
+
+    def _split_fused(self) -> bool:
+        """Several splits on CPU: the fused scores and top k (:meth:`_split_top_k`) rather than torch's passes?"""
+        if self.device.type != "cpu" or _SPLIT_FUSED is False:
+            return False
+        k = max(len(plan.outside) for plan in self._plans) + 1
+        return _SPLIT_FUSED is True or (k <= _SPLIT_FUSED_MAX_K and self.n_rows >= _SPLIT_FUSED_ROWS_PER_K * k)
 
     def _stacked_a(self) -> np.ndarray:
         """The splits' correction rows ``a^T`` as one (splits, rows, K) float32 array (zeros past a split's

@@ -495,6 +495,9 @@ def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(
 
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_UNITS", 128)
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_ROWS", 64)
+    calls = []
+    split_top_k = engine_module.MatchEngine._split_top_k
+    monkeypatch.setattr(engine_module.MatchEngine, "_split_top_k", lambda self, *a: calls.append(1) or split_top_k(self, *a))
     layers = _activations(seed=41)
     x = _flat(layers)
     y, _ = _responses(x, seed=42)
@@ -507,7 +510,7 @@ def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(
     try:
         torch.set_num_threads(2)  # two row shares
         fused = merge_all(engine.process(b) for b in blocks)
-        assert engine._split_a is not None and engine.n_rows == 30 * 21
+        assert engine._split_a is not None and engine.n_rows == 30 * 21 and len(calls) == len(blocks)  # by the rule
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
         plain = merge_all(engine.process(b) for b in blocks)
     finally:
@@ -527,6 +530,27 @@ def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(
     assert copy._split_a is None
     again = merge_all(copy.process(b) for b in blocks)
     np.testing.assert_array_equal(again.top_unit, fused.top_unit)
+
+
+@pytest.mark.parametrize("n_images, neurons, permutations, forced, device, want", [
+    (300, 20, 0, None, "cpu", False),   # 31 correction columns, 20 rows: torch's passes
+    (300, 20, 4, None, "cpu", True),    # 100 rows >= 3 x 31
+    (3000, 20, 20, None, "cpu", False),  # 301 columns: torch's GEMMs are the faster
+    (300, 20, 0, True, "cpu", True),
+    (300, 20, 4, False, "cpu", False),
+    (300, 20, 4, True, "meta", False),  # CPU only
+])
+def test_the_fused_several_split_path_is_taken_where_it_was_measured_faster(n_images, neurons, permutations,
+                                                                            forced, device, want, monkeypatch):
+    import unitmatch.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_SPLIT_FUSED", forced)
+    rng = np.random.default_rng(43)
+    splits = core.brainscore_splits(n_images=n_images, n_splits=10, stratify=None)
+    engine = MatchEngine(rng.standard_normal((neurons, n_images)), splits, n_permutations=permutations,
+                         device="cpu")
+    engine.device = torch.device(device)  # the rule reads the device alone
+    assert engine._split_fused() is want
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -610,6 +634,7 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_UNITS", 96)  # a whole tile, then 54 units (a group short)
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_ROWS", 7)
+    monkeypatch.setattr(engine_module, "_SPLIT_FUSED", one_split_cpu == _FUSED_TORCH)  # few rows: forced either way
     monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: one_split_cpu == _FUSED_NUMPY)
     if one_split_cpu == _TORCH_OPS:
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
