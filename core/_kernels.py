@@ -151,51 +151,59 @@ def column_r(values: np.ndarray, row_stride: int, rows: np.ndarray, columns: np.
 
 
 def split_top_k(products: np.ndarray, a: np.ndarray, od: np.ndarray, scale: np.ndarray, neg: np.ndarray,
-                first_row: int, end_row: int, rows_per_tile: int, corr: np.ndarray, top_v: np.ndarray,
-                top_u: np.ndarray) -> None:
-    """The several-split path's scores and their top k, row by row, the scores never stored
+                first_column: int, first_row: int, end_row: int, rows_per_tile: int, corr: np.ndarray,
+                top_v: np.ndarray, top_u: np.ndarray) -> None:
+    """The several-split path's scores merged into each row's top k, the scores never stored
     (:meth:`core.engine.MatchEngine._split_top_k`).
 
-    For split ``s``, row ``i`` (``first_row <= i < end_row``) and column ``j`` the score is
-    ``products[i, j] * scale[s, j] - (a[s, i] @ odj) + neg[s, j]``, ``odj`` being column ``j`` of
-    ``od[s]`` (tile ``j // TU``, column ``j % TU``). A tile of rows x ``TU`` columns at a time: the
-    correction by one BLAS GEMM (numba's ``np.dot``) into ``corr``, then one pass over the tile's
-    scores takes, per row, the maxima of 64 interleaved groups of columns (column ``j`` of a tile
-    in group ``j % 64``: a vector loop), and only the groups whose maximum reaches the row's k-th
-    best so far are read again, value by value, into the row's top k.
+    For split ``s``, row ``i`` (``first_row <= i < end_row``) and column ``j`` of the ``w`` columns
+    from ``first_column`` on, the score is ``products[i, j] * scale[s, j] - (a[s, i] @ odj) + neg[s, j]``,
+    ``odj`` being column ``j - first_column`` of ``od[s]`` (tile ``(j - first_column) // TU``, column
+    ``(j - first_column) % TU``). A tile of rows x ``TU`` columns at a time: the correction by one BLAS
+    GEMM (numba's ``np.dot``) into ``corr``, then one pass over the tile's scores takes, per row, the
+    maxima of 64 interleaved groups of columns (column ``j`` of a tile in group ``j % 64``: a vector
+    loop), and only the groups whose maximum reaches the row's k-th best so far are read again, value
+    by value, into the row's top k. Calls over successive column ranges accumulate.
 
     Args:
         products: float32 (rows, units), C-contiguous.
         a: float32 (splits, rows, K): each split's correction rows (zeros where a split has fewer).
-        od: float32 (splits, tiles, K, TU): each split's correction columns, tile by tile (a tile
-            ``t`` holds columns ``t * TU ..``; columns past the units are not read back).
+        od: float32 (splits, tiles, K, TU): each split's correction columns for this call's columns,
+            tile by tile (columns past them are not read back; rows past a split's own K must be
+            zero, as ``a``'s columns there are).
         scale, neg: float32 (splits, units): the columns' scale, and 0 or -inf (never chosen).
+        first_column: the first column scored; ``w = min(tiles * TU, units - first_column)``.
         first_row, end_row: the rows scored here; rows_per_tile: rows a GEMM at a time.
         corr: float32 (rows_per_tile, TU), C-contiguous: scratch.
-        top_v, top_u: float32 and int64 (splits, rows, k): each row's k best scores, highest first
-            (ties: the lower column first), and their columns; the rows scored are written (-inf and
-            -1 where a row has fewer than k finite scores).
+        top_v, top_u: float32 and int64 (splits, rows, k), writeable: each row's k best scores so far,
+            highest first (ties: the lower column first), and their columns, -inf and -1 in empty
+            slots (fill them so before the first call): updated. Only scores above -inf are taken
+            (never-chosen columns never are); a NaN score is never taken (the engine's blocks are
+            finite, and so are their scores).
     """
+    if not (a.ndim == 3 and od.ndim == 4 and products.ndim == 2 and top_v.ndim == 3):
+        raise ValueError(f"split_top_k: products {products.shape}, a {a.shape}, od {od.shape}, top_v {top_v.shape}; "
+                         f"expected 2, 3, 4 and 3 dimensions")
     S, M, K = a.shape
-    U = products.shape[1] if products.ndim == 2 else -1
-    T, TU = (od.shape[1], od.shape[3]) if od.ndim == 4 else (0, 0)
-    k = top_v.shape[2] if top_v.ndim == 3 else 0
+    U = products.shape[1]
+    T, TU = od.shape[1], od.shape[3]
+    k = top_v.shape[2]
     if not (products.dtype == a.dtype == od.dtype == scale.dtype == neg.dtype == corr.dtype == top_v.dtype == np.float32
-            and products.ndim == 2 and products.shape[0] == M and products.flags.c_contiguous
-            and od.ndim == 4 and od.shape[0] == S and od.shape[2] == K and T * TU >= U > (T - 1) * TU
+            and products.shape[0] == M and products.flags.c_contiguous
+            and od.shape[0] == S and od.shape[2] == K and 0 <= first_column < U and 0 < T and (T - 1) * TU < U - first_column
             and a.flags.c_contiguous and od.flags.c_contiguous and scale.shape == neg.shape == (S, U)
             and corr.shape == (rows_per_tile, TU) and corr.flags.c_contiguous and rows_per_tile > 0
-            and top_v.ndim == 3 and top_v.shape[:2] == (S, M) and k > 0 and top_u.shape == top_v.shape
-            and top_u.dtype == np.int64 and 0 <= first_row <= end_row <= M):
+            and top_v.shape[:2] == (S, M) and k > 0 and top_u.shape == top_v.shape and top_u.dtype == np.int64
+            and top_v.flags.writeable and top_u.flags.writeable and 0 <= first_row <= end_row <= M):
         raise ValueError(
-            f"split_top_k: products {products.dtype}{products.shape}, a {a.dtype}{a.shape}, od {od.dtype}{od.shape}, "
-            f"scale {scale.dtype}{scale.shape}, neg {neg.dtype}{neg.shape}, corr {corr.dtype}{corr.shape}, "
-            f"top_v {top_v.dtype}{top_v.shape}, top_u {top_u.dtype}{top_u.shape}, rows {first_row}:{end_row} by "
-            f"{rows_per_tile}; expected float32 (rows, units) C-contiguous, (splits, rows, K), (splits, tiles, K, TU) "
-            f"covering the units, (splits, units) twice, (rows_per_tile, TU), float32 and int64 (splits, rows, k), "
-            f"rows within the products"
+            f"split_top_k: products {products.dtype}{products.shape}, a {a.dtype}{a.shape}, od {od.dtype}{od.shape} "
+            f"from column {first_column}, scale {scale.dtype}{scale.shape}, neg {neg.dtype}{neg.shape}, "
+            f"corr {corr.dtype}{corr.shape}, top_v {top_v.dtype}{top_v.shape}, top_u {top_u.dtype}{top_u.shape}, "
+            f"rows {first_row}:{end_row} by {rows_per_tile}; expected float32 (rows, units) C-contiguous, "
+            f"(splits, rows, K), (splits, tiles, K, TU) with its last tile within the units, (splits, units) twice, "
+            f"(rows_per_tile, TU), writeable float32 and int64 (splits, rows, k), rows within the products"
         )
-    _split_top_k(products, a, od, scale, neg, first_row, end_row, rows_per_tile, corr, top_v, top_u)
+    _split_top_k(products, a, od, scale, neg, first_column, first_row, end_row, rows_per_tile, corr, top_v, top_u)
 
 
 def _block_rows(values: np.ndarray, row_stride: int) -> int:
@@ -413,7 +421,7 @@ def _insert(top_v, top_u, v, column):  # pragma: no cover
 
 
 @_compiled
-def _split_top_k(products, a, od, scale, neg, first_row, end_row, rows_per_tile, corr,
+def _split_top_k(products, a, od, scale, neg, first_column, first_row, end_row, rows_per_tile, corr,
                  top_v, top_u):  # pragma: no cover
     """:func:`split_top_k`'s loops: tiles of columns, then of rows, then splits (a tile of products
     read from memory once for every split; each split's correction columns for the tile stay in cache
@@ -423,13 +431,8 @@ def _split_top_k(products, a, od, scale, neg, first_row, end_row, rows_per_tile,
     U = products.shape[1]
     k = top_v.shape[2]
     maxima = np.empty(_LANES, np.float32)
-    for s in range(S):
-        for i in range(first_row, end_row):
-            for m in range(k):
-                top_v[s, i, m] = -np.inf
-                top_u[s, i, m] = -1
     for t in range(T):
-        u0 = t * TU
+        u0 = first_column + t * TU
         w = min(TU, U - u0)
         n_q = w // _LANES
         whole = n_q * _LANES

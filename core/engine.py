@@ -96,9 +96,13 @@ _SPLIT_TILE_ROWS = 128
 #: set, plus one) and the neuron rows are at least this many times as many: there it saved 10-30% of a
 #: block (its GEMMs are OpenBLAS's, slower than MKL's, and each split's correction columns are copied
 #: into tiles); with 321 columns (3200 images) or with as few rows as columns, torch's passes were as
-#: fast or faster (benchmarks/RESULTS.md)
+#: fast or faster (benchmarks/RESULTS.md). Whole blocks were measured at 65, 129, 161 and 321 columns
+#: and the kernel alone also at 193 (0.62 of torch's passes' time with 6464 rows): the bound lies between
+#: the last whole-block gain (129 columns, 0.90) and the loss at 321, not measured at 192 itself
 _SPLIT_FUSED_MAX_K = 192
 _SPLIT_FUSED_ROWS_PER_K = 3
+#: ... its tiled correction columns at most this many bytes: a block's units a chunk at a time beyond
+_SPLIT_OD_BYTES = 32 << 20
 #: None: by that rule; True / False: always (where numba is) / never (bench_match.py times both)
 _SPLIT_FUSED: bool | None = None
 #: image pairs read by the sparse-unit screen (MatchEngine._sparse_units)
@@ -1017,47 +1021,47 @@ class MatchEngine:
         n_units = x.shape[1]
         k = min(self.top_k, n_units)
         a = self._stacked_a()
-        n_tiles = -(-n_units // _SPLIT_TILE_UNITS)
-        od = self._buffer("split_od", (S, n_tiles, a.shape[2], _SPLIT_TILE_UNITS))
+        width = a.shape[2]
+        # the splits' correction columns, tiled, for a chunk of the block's units at a time (at most
+        # _SPLIT_OD_BYTES: with few neuron rows, a wide block's would outgrow its scores)
+        per_tile = S * width * _SPLIT_TILE_UNITS * 4
+        chunk = max(1, _SPLIT_OD_BYTES // per_tile) * _SPLIT_TILE_UNITS
         scale = self._buffer("split_scale", (S, n_units))
         neg = self._buffer("split_neg", (S, n_units))
-        whole = (n_units // _SPLIT_TILE_UNITS) * _SPLIT_TILE_UNITS
         for s, plan in enumerate(self._plans):
             excluded = None if sparse is None else sparse[s]
-            n_out = len(plan.outside)
-            outside = self._buffer("outside", (n_out + 1, n_units))
-            torch.index_select(x, 0, plan.outside, out=outside[:n_out])
-            outside[n_out].copy_(sx_all)
-            inv_sd, never = self._scaling(plan, sx_all - outside[:n_out].sum(dim=0), sxx[s], excluded)
+            rows = self._buffer("outside", (len(plan.outside), n_units))
+            torch.index_select(x, 0, plan.outside, out=rows)
+            inv_sd, never = self._scaling(plan, sx_all - rows.sum(dim=0), sxx[s], excluded)
             scale[s] = inv_sd
             neg[s].zero_().masked_fill_(never, -torch.inf)
-            outside.mul_(inv_sd)
-            # the split's correction columns, tile by tile; zeros below its rows (a's padding) and past the
-            # units in the last tile
-            od[s, :, n_out + 1:].zero_()
-            if whole:
-                od[s, :whole // _SPLIT_TILE_UNITS, :n_out + 1].copy_(
-                    outside[:, :whole].view(n_out + 1, -1, _SPLIT_TILE_UNITS).transpose(0, 1))
-            if whole < n_units:
-                od[s, -1, :n_out + 1, :n_units - whole].copy_(outside[:, whole:])
-                od[s, -1, :, n_units - whole:].zero_()
-        top_v = torch.empty((S, M, k), dtype=torch.float32)
-        top_u = torch.empty((S, M, k), dtype=torch.int64)
-        args = (products[:-1].numpy(), a, od.numpy(), scale.numpy(), neg.numpy())
-
-        def rows(r0: int, r1: int) -> None:  # one share of the rows, on a share thread (its own scratch tile)
-            corr = self._buffer("split_corr", (_SPLIT_TILE_ROWS, _SPLIT_TILE_UNITS)).numpy()
-            kernels.split_top_k(*args, r0, r1, _SPLIT_TILE_ROWS, corr, top_v.numpy(), top_u.numpy())
-
+        top_v = torch.full((S, M, k), -torch.inf, dtype=torch.float32)
+        top_u = torch.full((S, M, k), -1, dtype=torch.int64)
         with single_threaded_ops() as threads:
             n = max(1, min(threads, -(-M // _SPLIT_TILE_ROWS)))
             bounds = np.linspace(0, M, n + 1).round().astype(int).tolist()
             pool = self._share_pool(n)
-            work = [pool.submit(rows, r0, r1) for r0, r1 in zip(bounds[:-1], bounds[1:])]
-            wait(work)  # every share ends inside the section, even when one of them failed
-            for w in work:
-                w.result()
+            for c0 in range(0, n_units, chunk):
+                c1 = min(c0 + chunk, n_units)
+                tiles = self._buffer("split_od", (S, -(-(c1 - c0) // _SPLIT_TILE_UNITS), width, _SPLIT_TILE_UNITS))
+                for s, plan in enumerate(self._plans):  # o diag(1/sd): the outside rows, then the unit sums
+                    n_out = len(plan.outside)
+                    cols = self._buffer("outside", (n_out + 1, c1 - c0))
+                    torch.index_select(x[:, c0:c1], 0, plan.outside, out=cols[:n_out])
+                    cols[n_out].copy_(sx_all[c0:c1])
+                    _tile_columns(s, cols.mul_(scale[s, c0:c1]), tiles)
+                args = (products[:-1].numpy(), a, tiles.numpy(), scale.numpy(), neg.numpy(), c0)
+                work = [pool.submit(self._split_top_k_rows, kernels, args, r0, r1, top_v, top_u)
+                        for r0, r1 in zip(bounds[:-1], bounds[1:])]
+                wait(work)  # every share ends inside the section, even when one of them failed
+                for w in work:
+                    w.result()
         return top_v, top_u
+
+    def _split_top_k_rows(self, kernels, args: tuple, r0: int, r1: int, top_v: torch.Tensor, top_u: torch.Tensor):
+        """One share of the rows of :meth:`_split_top_k`, on a share thread (with its own scratch tile)."""
+        corr = self._buffer("split_corr", (_SPLIT_TILE_ROWS, _SPLIT_TILE_UNITS)).numpy()
+        kernels.split_top_k(*args, r0, r1, _SPLIT_TILE_ROWS, corr, top_v.numpy(), top_u.numpy())
 
     def _split_fused(self) -> bool:
         """Several splits on CPU: the fused scores and top k (:meth:`_split_top_k`) rather than torch's passes?"""
@@ -1608,6 +1612,20 @@ def _top_k_columns(scores: torch.Tensor, k: int):
     in_group = at < k * _TOPK_GROUP
     column = torch.gather(best, 1, (at // _TOPK_GROUP).clamp_max(k - 1)) * _TOPK_GROUP + at % _TOPK_GROUP
     return values, torch.where(in_group, column, groups * _TOPK_GROUP + at - k * _TOPK_GROUP)
+
+
+def _tile_columns(s: int, cols: torch.Tensor, tiles: torch.Tensor) -> None:
+    """Split ``s``'s correction columns (K_s, w) into its tiles (splits, tiles, K, TU): tile t holds
+    columns t * TU ..; zeros in the rows past K_s and past the last column."""
+    n_tiles, tile = tiles.shape[1], tiles.shape[3]
+    k_s, w = cols.shape
+    whole = (w // tile) * tile
+    tiles[s, :, k_s:].zero_()
+    if whole:
+        tiles[s, :whole // tile, :k_s].copy_(cols[:, :whole].unflatten(1, (-1, tile)).transpose(0, 1))
+    if whole < w:
+        tiles[s, n_tiles - 1, :k_s, :w - whole].copy_(cols[:, whole:])
+        tiles[s, n_tiles - 1, :, w - whole:].zero_()
 
 
 def _never_chosen(scores: torch.Tensor, never: torch.Tensor) -> None:

@@ -498,11 +498,13 @@ def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(
     calls = []
     split_top_k = engine_module.MatchEngine._split_top_k
     monkeypatch.setattr(engine_module.MatchEngine, "_split_top_k", lambda self, *a: calls.append(1) or split_top_k(self, *a))
+    monkeypatch.setattr(engine_module, "_SPLIT_OD_BYTES", 3 * 46 * 128 * 4 * 2)  # two tiles of columns at a time
     layers = _activations(seed=41)
     x = _flat(layers)
     y, _ = _responses(x, seed=42)
     cat = catalogue_of(layers)
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=3, stratify=None)
+    order = np.random.default_rng(44).permutation(N_IMAGES)  # test sets of 25, 35 and 45 images: a^T padded
+    splits = [(np.sort(order[n:]), np.sort(order[:n])) for n in (25, 35, 45)]
     blocks = list(iter_blocks(layers, cat, 400))
     engine = MatchEngine(y, splits, top_k=4, n_permutations=20, seed=3)
     size = len(pickle.dumps(engine))
@@ -511,6 +513,7 @@ def test_fused_several_split_top_k_equals_torchs_passes_with_a_permutation_null(
         torch.set_num_threads(2)  # two row shares
         fused = merge_all(engine.process(b) for b in blocks)
         assert engine._split_a is not None and engine.n_rows == 30 * 21 and len(calls) == len(blocks)  # by the rule
+        assert engine._split_a.shape == (3, 30 * 21, 46) and [p.a_t.shape[1] for p in engine._plans] == [26, 36, 46]
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
         plain = merge_all(engine.process(b) for b in blocks)
     finally:
@@ -551,6 +554,21 @@ def test_the_fused_several_split_path_is_taken_where_it_was_measured_faster(n_im
                          device="cpu")
     engine.device = torch.device(device)  # the rule reads the device alone
     assert engine._split_fused() is want
+
+
+def test_the_fused_rule_at_its_bounds(monkeypatch):
+    """A split's correction of exactly the widest allowed, and rows exactly the multiple asked: fused;
+    one column more, or fewer rows: torch's passes."""
+    import unitmatch.core.engine as engine_module
+
+    rng = np.random.default_rng(45)
+    splits = core.brainscore_splits(n_images=300, n_splits=10, stratify=None)
+    engine = MatchEngine(rng.standard_normal((20, 300)), splits, n_permutations=4, device="cpu")  # 100 rows
+    k = max(len(plan.outside) for plan in engine._plans) + 1
+    for max_k, rows_per_k, want in ((k, 100 / k, True), (k - 1, 100 / k, False), (k, 101 / k, False)):
+        monkeypatch.setattr(engine_module, "_SPLIT_FUSED_MAX_K", max_k)
+        monkeypatch.setattr(engine_module, "_SPLIT_FUSED_ROWS_PER_K", rows_per_k)
+        assert engine._split_fused() is want, (max_k, rows_per_k)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -635,6 +653,11 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_UNITS", 96)  # a whole tile, then 54 units (a group short)
     monkeypatch.setattr(engine_module, "_SPLIT_TILE_ROWS", 7)
     monkeypatch.setattr(engine_module, "_SPLIT_FUSED", one_split_cpu == _FUSED_TORCH)  # few rows: forced either way
+    monkeypatch.setattr(engine_module, "_SPLIT_OD_BYTES", 1)  # a tile of correction columns at a time
+    fused_blocks = []
+    split_top_k = engine_module.MatchEngine._split_top_k
+    monkeypatch.setattr(engine_module.MatchEngine, "_split_top_k",
+                        lambda self, *a: fused_blocks.append(1) or split_top_k(self, *a))
     monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: one_split_cpu == _FUSED_NUMPY)
     if one_split_cpu == _TORCH_OPS:
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
@@ -657,6 +680,8 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
             _assert_matches_equal_reference(m, ref, f"{name} ({one_split_cpu})")
     finally:
         torch.set_num_threads(threads)
+    # several splits on CPU: the fused top k served every block of the fused variant, and none of the other
+    assert bool(fused_blocks) == (n_splits > 1 and one_split_cpu == _FUSED_TORCH)
 
 
 def _awkward_units_and_neurons(dtype):

@@ -306,25 +306,34 @@ def od_columns(od, units):
     return od.transpose(0, 2, 1, 3).reshape(splits, width, n_tiles * tile)[:, :, :units].astype(np.float64)
 
 
-def _split_top_k(products, a, od, scale, neg, k, bounds=None, rows_per_tile=5):
+def _split_top_k(products, a, od, scale, neg, k, bounds=None, rows_per_tile=5, column_tiles=None):
+    """The kernel over row shares (``bounds``) and over successive column ranges of ``column_tiles``
+    tiles each (None: all at once), accumulating into one top k."""
     splits, rows = a.shape[:2]
-    top_v = np.full((splits, rows, k), 7.0, np.float32)
-    top_u = np.full((splits, rows, k), 7, np.int64)
+    top_v = np.full((splits, rows, k), -np.inf, np.float32)
+    top_u = np.full((splits, rows, k), -1, np.int64)
     corr = np.full((rows_per_tile, od.shape[3]), np.nan, np.float32)
-    for r0, r1 in bounds or [(0, rows)]:
-        _kernels.split_top_k(products, a, od, scale, neg, r0, r1, rows_per_tile, corr, top_v, top_u)
+    step = column_tiles or od.shape[1]
+    for t0 in range(0, od.shape[1], step):
+        tiles = np.ascontiguousarray(od[:, t0:t0 + step])
+        for r0, r1 in bounds or [(0, rows)]:
+            _kernels.split_top_k(products, a, tiles, scale, neg, t0 * od.shape[3], r0, r1, rows_per_tile, corr,
+                                 top_v, top_u)
     return top_v, top_u
 
 
-@pytest.mark.parametrize("units, tile, rows_per_tile", [(300, 96, 5), (300, 64, 41), (70, 128, 3), (40, 96, 8)],
-                         ids=["tiles-and-a-rest", "whole-tiles", "one-partial-tile", "fewer-than-a-group"])
-def test_split_top_k_is_the_float64_top_k(units, tile, rows_per_tile):
+@pytest.mark.parametrize("units, tile, rows_per_tile, column_tiles", [
+    (300, 96, 5, None), (300, 96, 5, 2), (300, 64, 41, None), (300, 64, 41, 1), (70, 128, 3, None),
+    (40, 96, 8, None)], ids=["tiles-and-a-rest", "two-column-ranges", "whole-tiles", "a-range-a-tile",
+                             "one-partial-tile", "fewer-than-a-group"])
+def test_split_top_k_is_the_float64_top_k(units, tile, rows_per_tile, column_tiles):
     """Each split's k best scores and columns (float64 reference, the float32 scores within 1e-5),
-    over tiles of units and of rows that do not divide the block, splits of different widths; the
-    never-chosen columns are never taken."""
+    over tiles of units and of rows that do not divide the block, calls over successive column
+    ranges accumulating, splits of different widths; the never-chosen columns are never taken."""
     products, a, od, scale, neg, want = _split_case(units=units, tile=tile)
     k = 4
-    top_v, top_u = _split_top_k(products, a, od, scale, neg, k, rows_per_tile=rows_per_tile)
+    top_v, top_u = _split_top_k(products, a, od, scale, neg, k, rows_per_tile=rows_per_tile,
+                                column_tiles=column_tiles)
     order = np.argsort(-want, axis=2, kind="stable")[:, :, :k]
     np.testing.assert_allclose(top_v, np.take_along_axis(want, order, axis=2), rtol=0, atol=1e-5)
     gaps = -np.diff(np.sort(want, axis=2)[:, :, ::-1][:, :, :k + 1], axis=2)  # where no two are within rounding
@@ -342,9 +351,17 @@ def test_split_top_k_ties_rows_short_of_k_and_row_shares():
     scale[:, 150] = scale[:, 20]
     od[:, 150 // 64, :, 150 % 64] = od[:, 20 // 64, :, 20 % 64]
     products[3, 20] = products[3, 150] = 1e4  # row 3's best, twice
+    # within one tile, the higher column read first: 65 is in group 1 of tile 1, 66 in group 2
+    # (read later), 127 in group 63; 66 and 127 the same unit as 65
+    for j in (66, 127):
+        products[:, j] = products[:, 65]
+        scale[:, j] = scale[:, 65]
+        od[:, 1, :, j - 64] = od[:, 1, :, 1]
+    products[7, [65, 66, 127]] = 1e4
     k = 3
     top_v, top_u = _split_top_k(products, a, od, scale, neg, k)
     assert (top_u[:, 3, :2] == [20, 150]).all() and (top_v[:, 3, 0] == top_v[:, 3, 1]).all()
+    assert (top_u[:, 7] == [65, 66, 127]).all() and (top_v[:, 7, 0] == top_v[:, 7, 2]).all()
     few = neg.copy()
     few[:, 2:] = -np.inf  # two choosable units: k = 3 leaves one slot empty
     v, u = _split_top_k(products, a, od, scale, few, k)
@@ -356,7 +373,11 @@ def test_split_top_k_ties_rows_short_of_k_and_row_shares():
 
 @pytest.mark.parametrize("change, error", [
     (lambda c: c.update(products=c["products"].astype(np.float64)), "products float64"),
-    (lambda c: c.update(od=c["od"][:, :2]), "covering the units"),
+    (lambda c: c.update(od=c["od"][:, ::2]), r"od float32\(2, 2, 4, 64\) from column 0"),  # not contiguous
+    (lambda c: c.update(first_column=10), "from column 10"),  # its 4th tile would start past the units
+    (lambda c: c.update(first_column=200), "from column 200"),
+    (lambda c: c.update(a=c["a"][0]), "expected 2, 3, 4 and 3 dimensions"),
+    (lambda c: c["top_v"].setflags(write=False), "writeable float32"),
     (lambda c: c.update(scale=c["scale"][:, :-1]), r"scale float32\(2, 199\)"),
     (lambda c: c.update(corr=np.zeros((5, 32), np.float32)), r"corr float32\(5, 32\)"),
     (lambda c: c.update(end_row=13), "rows 0:13 by 5"),
@@ -364,7 +385,8 @@ def test_split_top_k_ties_rows_short_of_k_and_row_shares():
 ])
 def test_bad_split_top_k_arguments_are_refused(change, error):
     products, a, od, scale, neg, _ = _split_case(rows=12, units=200, splits=2, widths=(4, 4), tile=64)
-    case = dict(products=products, a=a, od=od, scale=scale, neg=neg, first_row=0, end_row=12, rows_per_tile=5,
+    case = dict(products=products, a=a, od=od, scale=scale, neg=neg, first_column=0, first_row=0, end_row=12,
+                rows_per_tile=5,
                 corr=np.zeros((5, 64), np.float32), top_v=np.zeros((2, 12, 3), np.float32),
                 top_u=np.zeros((2, 12, 3), np.int64))
     change(case)
