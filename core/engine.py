@@ -1028,13 +1028,6 @@ class MatchEngine:
         chunk = max(1, _SPLIT_OD_BYTES // per_tile) * _SPLIT_TILE_UNITS
         scale = self._buffer("split_scale", (S, n_units))
         neg = self._buffer("split_neg", (S, n_units))
-        for s, plan in enumerate(self._plans):
-            excluded = None if sparse is None else sparse[s]
-            rows = self._buffer("outside", (len(plan.outside), n_units))
-            torch.index_select(x, 0, plan.outside, out=rows)
-            inv_sd, never = self._scaling(plan, sx_all - rows.sum(dim=0), sxx[s], excluded)
-            scale[s] = inv_sd
-            neg[s].zero_().masked_fill_(never, -torch.inf)
         top_v = torch.full((S, M, k), -torch.inf, dtype=torch.float32)
         top_u = torch.full((S, M, k), -1, dtype=torch.int64)
         with single_threaded_ops() as threads:
@@ -1044,12 +1037,18 @@ class MatchEngine:
             for c0 in range(0, n_units, chunk):
                 c1 = min(c0 + chunk, n_units)
                 tiles = self._buffer("split_od", (S, -(-(c1 - c0) // _SPLIT_TILE_UNITS), width, _SPLIT_TILE_UNITS))
-                for s, plan in enumerate(self._plans):  # o diag(1/sd): the outside rows, then the unit sums
+                for s, plan in enumerate(self._plans):
+                    # the chunk's units' scale (per unit, from its sums) and o diag(1/sd): the outside
+                    # rows, then the unit sums
                     n_out = len(plan.outside)
                     cols = self._buffer("outside", (n_out + 1, c1 - c0))
                     torch.index_select(x[:, c0:c1], 0, plan.outside, out=cols[:n_out])
                     cols[n_out].copy_(sx_all[c0:c1])
-                    _tile_columns(s, cols.mul_(scale[s, c0:c1]), tiles)
+                    inv_sd, never = self._scaling(plan, sx_all[c0:c1] - cols[:n_out].sum(dim=0), sxx[s, c0:c1],
+                                                  None if sparse is None else sparse[s, c0:c1])
+                    scale[s, c0:c1] = inv_sd
+                    neg[s, c0:c1].zero_().masked_fill_(never, -torch.inf)
+                    _tile_columns(s, cols.mul_(inv_sd), tiles)
                 args = (products[:-1].numpy(), a, tiles.numpy(), scale.numpy(), neg.numpy(), c0)
                 work = [pool.submit(self._split_top_k_rows, kernels, args, r0, r1, top_v, top_u)
                         for r0, r1 in zip(bounds[:-1], bounds[1:])]
