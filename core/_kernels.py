@@ -391,9 +391,10 @@ def _column_r(values, row_stride, rows, distinct, which, y, out):  # pragma: no 
         out[m] = _dot64(x[c], y[m]) / norm[c]
 
 
-@_compiled(fastmath={"reassoc"})
+@_compiled(fastmath={"reassoc", "contract"})
 def _dot64(a, b):  # pragma: no cover
-    """float64 dot product (its sum reordered so that it vectorises)."""
+    """Dot product summed in float64 (reordered, multiplies and adds contracted, so that it vectorises);
+    also the decoders' compiled phase's (:mod:`core._logreg_kernel`)."""
     total = 0.0
     for i in range(a.shape[0]):
         total += a[i] * b[i]
@@ -407,9 +408,10 @@ _LANES = 64
 
 @_compiled
 def _insert(top_v, top_u, v, column):  # pragma: no cover
-    """``v`` at ``column`` into a row's top k (highest first; ties: the lower column first), if it belongs."""
+    """``v`` at ``column`` into a row's top k (highest first; ties: the lower column first), if it belongs
+    (-inf, a never-chosen column, and NaN never do)."""
     k = top_v.shape[0]
-    if not (v > top_v[k - 1] or (v == top_v[k - 1] and (top_u[k - 1] < 0 or column < top_u[k - 1]))):
+    if not (v > -np.inf and (v > top_v[k - 1] or (v == top_v[k - 1] and (top_u[k - 1] < 0 or column < top_u[k - 1])))):
         return
     p = k - 1
     while p > 0 and (v > top_v[p - 1] or (v == top_v[p - 1] and column < top_u[p - 1])):
@@ -460,10 +462,6 @@ def _split_top_k(products, a, od, scale, neg, first_column, first_row, end_row, 
                         if maxima[g] > -np.inf and maxima[g] >= tv[k - 1]:
                             for q in range(n_q):
                                 j = q * _LANES + g
-                                v = p_row[j] * sc[j] - c_row[j] + nv[j]
-                                if v > -np.inf and v >= tv[k - 1]:
-                                    _insert(tv, tu, v, u0 + j)
+                                _insert(tv, tu, p_row[j] * sc[j] - c_row[j] + nv[j], u0 + j)
                     for j in range(whole, w):
-                        v = p_row[j] * sc[j] - c_row[j] + nv[j]
-                        if v > -np.inf and v >= tv[k - 1]:
-                            _insert(tv, tu, v, u0 + j)
+                        _insert(tv, tu, p_row[j] * sc[j] - c_row[j] + nv[j], u0 + j)

@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from ._kernels import _compiled, _float_from_bits
+from ._kernels import _compiled, _dot64 as _dot, _float_from_bits
 
 #: LLVM may reorder sums (and contract a multiply and an add into one rounding) where it vectorises a
 #: loop: the products' float32 sums and the float64 sums over samples or parameters. The
@@ -310,14 +310,6 @@ def _precondition(v, g_inv, k, out):  # pragma: no cover
     GEMM (BLAS; G^-1 is symmetric)."""
     stride = g_inv.shape[0]
     np.dot(v.reshape((k, stride)), g_inv, out.reshape((k, stride)))
-
-
-@_compiled(fastmath=_SUMS)
-def _dot(a, b):  # pragma: no cover
-    total = 0.0
-    for j in range(a.shape[0]):
-        total += a[j] * b[j]
-    return total
 
 
 @_compiled(fastmath=_SUMS)
