@@ -94,6 +94,13 @@ from .units import LayerUnits, UnitCatalogue
 
 log = logging.getLogger(__name__)
 
+# Zarr warns at every consolidation that consolidated metadata is not in the v3 specification yet; it
+# is what zarr-python and xarray both read, and a reader without it still opens the groups. The
+# filter is process-wide and for that message only: one set around the call with
+# ``warnings.catch_warnings()`` was undone by any other thread entering and leaving its own (the
+# sweep's decoder warm-up compiles with numba beside the store creation: `make demo` printed it twice)
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+
 #: 3: layer groups record ``prefix_tokens`` and stores are extracted with TF32 off on CUDA (format 2
 #: stores had neither: a ViT's class token was not flagged, and GPU values differed from CPU ones
 #: by up to 1e-3 of the largest value). 4: zstd checksums, every chunk written, a digest per chunk
@@ -315,11 +322,8 @@ class ActivationStore:
         group.attrs.update({**dict(attrs or {}), "layers": [layer.name for layer in layers],
                             "batch_size": batch_size, "unitmatch_version": __version__})
         # every array and attribute exists now and batches only write chunks: one metadata read for readers
-        # (xarray asks for it). Zarr warns that consolidation is not in the v3 spec yet; it is what
-        # zarr-python and xarray both read, and a reader without it still opens the groups.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            zarr.consolidate_metadata(str(staging / "store.zarr"))
+        # (xarray asks for it; Zarr's warning about it is filtered at import, above)
+        zarr.consolidate_metadata(str(staging / "store.zarr"))
         (staging / "key.json").write_text(key.as_json())
         try:
             staging.rename(path)
