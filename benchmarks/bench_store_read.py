@@ -13,7 +13,15 @@ block reads, then three gathers of scattered columns as the float64 re-scoring, 
 assignment and the decoding make them (``--gather`` columns each, drawn at random); each gather
 decodes every chunk that holds one of its columns.
 
+Last, the float64 re-scoring's read after a permutation null (issue 8): ``--null-columns`` columns
+drawn at random (default half the units: a null's 25,856 rows x 10 splits have candidates in every
+chunk), read as ``MatchEngine.finalize`` reads them (:func:`core.units.gather_columns` with
+``dtype=None``, the stored float16) on the read threads (:func:`core.integrity.read_threads`) and on
+one, and as float64; against the reference of the same run, a checked read of every layer block by
+block on one thread (every chunk decoded and checked once).
+
 Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
+     [--null-columns 100000]
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ def main():
     ap.add_argument("--units", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--gather", type=int, default=2000, help="columns per scattered gather")
+    ap.add_argument("--null-columns", type=int, default=None,
+                    help="columns of the null's re-scoring read (default: half the units)")
     args = ap.parse_args()
 
     from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
@@ -103,6 +113,38 @@ def main():
         print(f"  plain reads: blocks {pb:.3f} s, gathers {pg:.3f} s")
         print(f"  chunk cache: blocks {cb:.3f} s, gathers {cg:.3f} s; the gathers take {cg / pg:.3f}x, "
               f"all reads {(cb + cg) / (pb + pg):.2f}x the plain reads' time")
+
+        from unitmatch.core import integrity
+
+        n_null = min(catalogue.n_units, args.null_columns or catalogue.n_units // 2)
+        units = np.sort(rng.choice(catalogue.n_units, n_null, replace=False))
+        threads = integrity.read_threads()
+
+        def gather(n_threads: int | None, dtype):
+            limit = integrity.MAX_READ_THREADS
+            integrity.MAX_READ_THREADS = n_threads or limit
+            try:
+                t0 = time.perf_counter()
+                values = gather_columns(store.layers(), catalogue, units, dtype=dtype)
+                return time.perf_counter() - t0, values
+            finally:
+                integrity.MAX_READ_THREADS = limit
+
+        runs = {"full": [], "threads": [], "one": [], "float64": []}
+        for _ in range(max(1, args.repeats // 5)):
+            runs["full"].append(read(store.layers())[0])
+            t, stored = gather(None, None)
+            runs["threads"].append(t)
+            runs["one"].append(gather(1, None)[0])
+            t, wide = gather(None, np.float64)
+            runs["float64"].append(t)
+        assert stored.dtype == np.float16 and np.array_equal(stored.astype(np.float64), wide)
+        full, th, one, f64 = (float(np.median(runs[k])) for k in ("full", "threads", "one", "float64"))
+        print(f"the re-scoring's read of a null's candidates: {n_null} columns of {catalogue.n_units} "
+              f"(medians of {len(runs['full'])} rounds)")
+        print(f"  reference, a checked read of every layer by blocks, 1 thread: {full:.3f} s")
+        print(f"  as stored (float16), {threads} read threads: {th:.3f} s ({th / full:.2f}x the reference); "
+              f"1 thread: {one:.3f} s ({one / full:.2f}x); as float64, {threads} threads: {f64:.3f} s")
 
 
 if __name__ == "__main__":

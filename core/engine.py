@@ -1911,7 +1911,8 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     else:
         blocks = iter_blocks(layers, catalogue, size)
     return stream_match(engine, blocks, catalogue, neuron_ids,
-                        columns=lambda units: gather_columns(layers, catalogue, units), progress=progress)
+                        columns=lambda units: gather_columns(layers, catalogue, units, dtype=None),
+                        progress=progress)
 
 
 def match_neurons(activations, responses, splits, settings: MatchSettings | None = None, **kwargs) -> pd.DataFrame:

@@ -359,7 +359,7 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
         partial = _compute_local(graph, root, scheduler, progress, num_workers)
     layers, catalogue = store.layers(), store.catalogue()
     return engine.finalize(partial, catalogue, neuron_ids,
-                           columns=lambda units: gather_columns(layers, catalogue, units))
+                           columns=lambda units: gather_columns(layers, catalogue, units, dtype=None))
 
 
 def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict | None = None) -> dict:

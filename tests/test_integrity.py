@@ -389,3 +389,34 @@ def test_a_damaged_chunk_is_never_cached_and_stays_an_error(store, values):
                 layer[:]
             _assert_names(err.value, store, "fc", (1, 0), "cannot be decoded")
         assert [key for key in cache._chunks] == [("fc", 0, 0)]
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_scattered_columns_read_on_threads_equal_numpys_indexing_and_name_a_damaged_chunk(
+        store, values, monkeypatch, threads):
+    """``oindex`` (the float64 re-scoring's reads: a permutation null's candidates lie in every chunk)
+    reads its column chunks on threads, in any column order, repeats and negative indices included;
+    ``gather_columns(..., dtype=None)`` keeps the stored float16. A damaged chunk among them is named."""
+    from unitmatch.core import integrity
+
+    monkeypatch.setattr(integrity, "MAX_READ_THREADS", threads)
+    assert integrity.read_threads() <= threads
+    a = store.layers()["conv"]
+    ref = values["conv"]
+    for cols in (np.array([99, 0, 41, 40, 39, 80, 0, -1, 7, 79]), np.arange(100), np.arange(100)[::-3], np.array([], np.int64)):
+        np.testing.assert_array_equal(a.oindex[:, cols], ref[:, cols])
+        np.testing.assert_array_equal(a.oindex[3:17, cols], ref[3:17][:, cols])
+    both = np.concatenate([values["conv"], values["fc"]], axis=1)  # global unit ids 0..129
+    for units in (np.array([5, 41, 99, 100, 129, 80]), np.array([129, 5, 100, 41, 5]), np.arange(130)):
+        stored = gather_columns(store.layers(), store.catalogue(), units, dtype=None)
+        assert stored.dtype == np.float16
+        np.testing.assert_array_equal(stored, both[:, units])
+        np.testing.assert_array_equal(gather_columns(store.layers(), store.catalogue(), units),
+                                      both[:, units].astype(np.float64))
+    path = _chunk(store, "conv", 1, 2)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreDamagedError) as err:
+        store.layers()["conv"].oindex[:, np.array([99, 0, 41, 85, 50])]
+    assert err.value.problems[0].layer == "conv" and err.value.problems[0].chunk == (1, 2)
