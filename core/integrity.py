@@ -343,10 +343,11 @@ class _CheckedOIndex:
 
     The columns are read a column chunk at a time (every row chunk of it, checked), the column
     chunks on up to :func:`read_threads` threads (the decoding, the file reads and the CRC-32 checks
-    release the GIL); each chunk's columns go to a slice of the output in sorted column order, then
-    to their places. Reading the candidates of a permutation null (columns spread over every chunk
-    of a layer) one chunk after the other with boolean scatters took about 4x a whole read of the
-    layer (benchmarks/RESULTS.md, "the final re-scoring's column reads").
+    release the GIL) and at most :data:`READ_BYTES` of decoded chunks at once; each chunk's columns
+    go to a slice of the output in sorted column order, then to their places. Reading the
+    candidates of a permutation null (columns spread over every chunk of a layer) one chunk after
+    the other with boolean scatters took about 4x a whole read of the layer (benchmarks/RESULTS.md,
+    "the float64 re-scoring's read of a permutation null's candidates").
     """
 
     def __init__(self, array: CheckedArray):
@@ -381,35 +382,49 @@ class _CheckedOIndex:
             # np.take along the columns: 7x faster than a fancy index (block[:, local]) here
             dest[:, p0:p1] = np.take(a[rows, j * c:(j + 1) * c], ordered[p0:p1] - j * c, axis=1)
 
-        threads = min(read_threads(), starts.size)
+        chunk_bytes = len(range(*rows.indices(a.shape[0]))) * c * np.dtype(a.dtype).itemsize
+        threads = min(read_threads(), starts.size, max(1, READ_BYTES // max(1, chunk_bytes)))
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(threads, thread_name_prefix="unitmatch-columns") as pool:
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="unitmatch-columns")
+            try:
                 list(pool.map(one, starts.tolist(), ends.tolist()))  # the first error is raised here
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the chunks not started are not read
+                raise
+            pool.shutdown(wait=True)
         else:
             for p0, p1 in zip(starts.tolist(), ends.tolist()):
                 one(p0, p1)
-        if not in_order:
-            out[:, order] = dest
+        if not in_order:  # column k of the request is dest's column inverse[k]
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            np.take(dest, inverse, axis=1, out=out, mode="clip")  # "clip": not buffered (indices valid)
         return out
 
 
-#: the most threads a scattered-column read uses (each holds one column chunk of every row: for a
-#: 3200-image float16 store with 16,384-unit chunks, 105 MB)
+#: the most threads a scattered-column read uses
 MAX_READ_THREADS = 16
+#: the most bytes of decoded column chunks a scattered-column read holds at once (one chunk column of
+#: a 3200-image float16 store with 16,384-unit chunks is 105 MB: 16 threads need 1.7 GB)
+READ_BYTES = 2 << 30
 
 
 def read_threads() -> int:
-    """Threads for a read of scattered columns (:class:`CheckedArray`'s ``oindex``): the cores this
-    process may run on (its CPU affinity, which Ray and SLURM set), at most :data:`MAX_READ_THREADS`."""
+    """Threads for a read of scattered columns (:class:`CheckedArray`'s ``oindex``): torch's
+    intra-op threads (``OMP_NUM_THREADS`` where it is set, as Ray sets it for its workers; else the
+    cores), within the cores this process may run on (its CPU affinity, which SLURM sets), at most
+    :data:`MAX_READ_THREADS`."""
     import os
+
+    import torch
 
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, MAX_READ_THREADS))
+    return max(1, min(cores, torch.get_num_threads(), MAX_READ_THREADS))
 
 
 def broken_metadata(path: Path) -> list[ChunkProblem]:

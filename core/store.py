@@ -94,12 +94,21 @@ from .units import LayerUnits, UnitCatalogue
 
 log = logging.getLogger(__name__)
 
-# Zarr warns at every consolidation that consolidated metadata is not in the v3 specification yet; it
-# is what zarr-python and xarray both read, and a reader without it still opens the groups. The
-# filter is process-wide and for that message only: one set around the call with
-# ``warnings.catch_warnings()`` was undone by any other thread entering and leaving its own (the
-# sweep's decoder warm-up compiles with numba beside the store creation: `make demo` printed it twice)
-warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+
+def _quiet_consolidation() -> None:
+    """Zarr warns at every consolidation that consolidated metadata is not in the v3 specification
+    yet; it is what zarr-python and xarray both read, and a reader without it still opens the groups.
+    The filter is process-wide and for that message only, set at import and again (it moves to the
+    front; set twice it is still one filter) before each consolidation, where a ``catch_warnings()``
+    exit elsewhere may have dropped it (pytest's collection does). One set inside
+    ``warnings.catch_warnings()`` around the call was undone by any other thread entering and
+    leaving its own (the sweep's decoder warm-up compiles with numba beside the store creation:
+    `make demo` printed the warning twice)."""
+    warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning,
+                            module=r"zarr\.")
+
+
+_quiet_consolidation()
 
 #: 3: layer groups record ``prefix_tokens`` and stores are extracted with TF32 off on CUDA (format 2
 #: stores had neither: a ViT's class token was not flagged, and GPU values differed from CPU ones
@@ -322,7 +331,8 @@ class ActivationStore:
         group.attrs.update({**dict(attrs or {}), "layers": [layer.name for layer in layers],
                             "batch_size": batch_size, "unitmatch_version": __version__})
         # every array and attribute exists now and batches only write chunks: one metadata read for readers
-        # (xarray asks for it; Zarr's warning about it is filtered at import, above)
+        # (xarray asks for it; Zarr's warning about it filtered: _quiet_consolidation)
+        _quiet_consolidation()
         zarr.consolidate_metadata(str(staging / "store.zarr"))
         (staging / "key.json").write_text(key.as_json())
         try:

@@ -346,11 +346,11 @@ def gather_columns(layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, u
     if dtype is None:
         dtype = np.result_type(*[p.dtype for _, p in parts]) if parts else np.float64
     if len(parts) == 1 and isinstance(parts[0][0], slice) and parts[0][0] == slice(0, units.size) \
-            and parts[0][1].dtype == dtype:
+            and parts[0][1].dtype == dtype and parts[0][1].flags.c_contiguous:
         return parts[0][1]  # one layer's columns, as asked: no copy
     out = np.empty((first.shape[0], units.size), dtype=dtype)
     for where, picked in parts:
-        if picked.dtype == np.float16 and out.dtype != np.float16 and isinstance(where, slice):
+        if picked.dtype == np.float16 and out.dtype in (np.float32, np.float64) and isinstance(where, slice):
             import torch  # numpy casts float16 one value at a time; torch in vector registers
 
             source = picked if picked.flags.writeable else picked.copy()  # torch warns on read-only arrays

@@ -400,12 +400,17 @@ def test_scattered_columns_read_on_threads_equal_numpys_indexing_and_name_a_dama
     from unitmatch.core import integrity
 
     monkeypatch.setattr(integrity, "MAX_READ_THREADS", threads)
-    assert integrity.read_threads() <= threads
+    assert 1 <= integrity.read_threads() <= threads
+    monkeypatch.setattr(integrity, "read_threads", lambda: threads)  # threads even on a one-core runner
     a = store.layers()["conv"]
     ref = values["conv"]
-    for cols in (np.array([99, 0, 41, 40, 39, 80, 0, -1, 7, 79]), np.arange(100), np.arange(100)[::-3], np.array([], np.int64)):
+    for cols in (np.array([99, 0, 41, 40, 39, 80, 0, -1, 7, 79]), np.arange(100), np.arange(100)[::-3],
+                 np.array([], np.int64)):
         np.testing.assert_array_equal(a.oindex[:, cols], ref[:, cols])
         np.testing.assert_array_equal(a.oindex[3:17, cols], ref[3:17][:, cols])
+        np.testing.assert_array_equal(a.oindex[1:19:3, cols], ref[1:19:3][:, cols])
+    monkeypatch.setattr(integrity, "READ_BYTES", 1)  # one chunk at a time: the same values
+    np.testing.assert_array_equal(a.oindex[:, [99, 0, 41]], ref[:, [99, 0, 41]])
     both = np.concatenate([values["conv"], values["fc"]], axis=1)  # global unit ids 0..129
     for units in (np.array([5, 41, 99, 100, 129, 80]), np.array([129, 5, 100, 41, 5]), np.arange(130)):
         stored = gather_columns(store.layers(), store.catalogue(), units, dtype=None)
