@@ -9,7 +9,7 @@
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_session.sh
 # The steps below take more than one run's budget: ONLY (a regex of step names) picks some, e.g. a first
 # run ONLY='gpu_tests|bench_match|bench_match_10' and, with device time left, a second one
-# ONLY='bench_extract_.*|bench_decode|suite' (each run returns its own logs.tgz).
+# ONLY='bench_extract_.*|bench_decode|bench_store_read|suite' (each run returns its own logs.tgz).
 # Logs and JSON rows land in $LOGS, packed after every step into $OUT/logs.tgz (a device run returns at
 # most 8 files from $OUT; the archive is one, and is there even if the run is cut short); each step has
 # its own time limit, so a
@@ -19,6 +19,7 @@
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
 #   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo,
 #      with each way to the L-BFGS directions (compact form: the CUDA default; two-loop recursion)
+#   4b. bench_store_read: the re-scoring's scattered-column read of a store on the node's cores
 #   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device, nor
 #      numba; the device's own timm may predate the project's minimum, 1.0.31: tests of test_maxvit then fail)
 set -uo pipefail
@@ -82,6 +83,10 @@ step bench_extract_queue 40 $PY benchmarks/bench_extract.py --device cuda --mode
 # two demo runs each: the first pays for CUDA loading each kernel on its first use
 step bench_decode 150 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 2 \
   --directions compact two-loop
+# the float64 re-scoring's read of a null's candidates (host work after the GPU's block pass): on the
+# node's cores (up to 16 read threads) against one thread and a whole checked read (3200 images, 1.7 GB)
+step bench_store_read 90 $PY benchmarks/bench_store_read.py --images 3200 --layers 1 --units 262144 --repeats 5 \
+  --null-columns 100000
 # deselected: what needs wandb (not in the kit) or a package index (none on the device), and numba's
 # kernel (llvmlite's 57 MiB wheel and the kit's 37 MB exceed what a device run carries, 64 MiB: the
 # engine's CPU path falls back to torch's ops there, with a warning; the kernel's tests run in CI)
