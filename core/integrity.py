@@ -329,6 +329,26 @@ class CheckedArray:
         out = data[tuple(local)]
         return out if out.shape == data.shape else np.array(out)
 
+    def read_units(self, start: int, stop: int, threads: int = 1) -> np.ndarray:
+        """Every image's values of units ``start .. stop`` (``a[:, start:stop]``, checked), the column
+        chunks read on up to ``threads`` threads in contiguous groups (decoding, file reads and CRC-32
+        checks release the GIL). For a block task whose products run on a GPU, where one thread's
+        decoding of its block is the host's whole share of the work."""
+        start, stop, _ = slice(start, stop).indices(self.shape[1])
+        c = self.chunks[1]
+        first, last = start // c, (max(stop, start + 1) - 1) // c
+        groups = np.array_split(np.arange(first, last + 1), max(1, min(int(threads), last - first + 1)))
+        if len(groups) <= 1 or stop <= start:
+            return np.asarray(self[:, start:stop])
+        out = np.empty((self.shape[0], stop - start), dtype=self.dtype)
+
+        def one(group: np.ndarray) -> None:
+            g0, g1 = max(start, int(group[0]) * c), min(stop, (int(group[-1]) + 1) * c)
+            out[:, g0 - start:g1 - start] = self[:, g0:g1]
+
+        _on_threads(one, groups, len(groups))
+        return out
+
     @property
     def oindex(self) -> "_CheckedOIndex":
         return _CheckedOIndex(self)
@@ -384,24 +404,30 @@ class _CheckedOIndex:
 
         chunk_bytes = len(range(*rows.indices(a.shape[0]))) * c * np.dtype(a.dtype).itemsize
         threads = min(read_threads(), starts.size, max(1, READ_BYTES // max(1, chunk_bytes)))
-        if threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="unitmatch-columns")
-            try:
-                list(pool.map(one, starts.tolist(), ends.tolist()))  # the first error is raised here
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)  # the chunks not started are not read
-                raise
-            pool.shutdown(wait=True)
-        else:
-            for p0, p1 in zip(starts.tolist(), ends.tolist()):
-                one(p0, p1)
+        _on_threads(lambda span: one(*span), list(zip(starts.tolist(), ends.tolist())), threads)
         if not in_order:  # column k of the request is dest's column inverse[k]
             inverse = np.empty_like(order)
             inverse[order] = np.arange(order.size)
             np.take(dest, inverse, axis=1, out=out, mode="clip")  # "clip": not buffered (indices valid)
         return out
+
+
+def _on_threads(fn, items: list, threads: int) -> None:
+    """``fn(item)`` for every item, on ``threads`` threads (here where 1); the first error is raised
+    once the items already started have ended (the others are not started)."""
+    if threads <= 1:
+        for item in items:
+            fn(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="unitmatch-reads")
+    try:
+        list(pool.map(fn, items))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 #: the most threads a scattered-column read uses

@@ -38,6 +38,7 @@ import numpy as np
 
 from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
                                    default_device, merge_all)
+from unitmatch.core.integrity import CheckedArray, read_threads
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
 
 log = logging.getLogger(__name__)
@@ -185,9 +186,33 @@ class _EngineHandle:
 
 # ------------------------------------------------------------------------------------- the tasks
 def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: int, first_unit: int) -> MatchPartial:
-    """Read one block's whole chunks from Zarr and score it."""
-    data = np.asarray(array[:, start:stop])
-    return handle.get().process(UnitBlock(data, layer, first_unit))
+    """Read one block's whole chunks from Zarr and score it.
+
+    Where the products run on a GPU the read is the host's whole share of a block task, so a
+    checked store's chunks are read on several threads (:func:`block_read_threads`); on the CPU
+    the tasks' products keep the cores busy and each reads on its own thread.
+    """
+    engine = handle.get()
+    threads = block_read_threads() if engine.device.type == "cuda" else 1
+    if isinstance(array, CheckedArray):
+        data = array.read_units(start, stop, threads)
+    else:
+        data = np.asarray(array[:, start:stop])
+    return engine.process(UnitBlock(data, layer, first_unit))
+
+
+def block_read_threads() -> int:
+    """Read threads of a block task whose products run on a GPU: the CPUs Ray assigned the task
+    (``cluster.cpus_per_reduce_task``; Ray's default is 1), or in a local scheduler's thread the
+    process's read threads (:func:`core.integrity.read_threads`)."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:  # noqa: BLE001 - not in a Ray task, or an older Ray without these calls
+        pass
+    return read_threads()
 
 
 def _identity(x):

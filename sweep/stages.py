@@ -112,6 +112,13 @@ def run(cfg: DictConfig) -> dict:
     return done
 
 
+def _reduce_task_cpus(cluster) -> dict | None:
+    """The matching block tasks' Ray options beyond their GPU fraction: ``num_cpus`` where
+    ``cluster.cpus_per_reduce_task`` sets it (on a GPU, their read threads)."""
+    cpus = cluster.get("cpus_per_reduce_task")
+    return None if cpus is None else {"num_cpus": float(cpus)}
+
+
 def _warm_up_decoder(device) -> threading.Thread:
     """The decoder's compiled CPU phase made ready in a background thread (numba compiles it once per
     machine, about 6 s on 2 cores), where the decoding will run on the CPU (``device``: the analysis's,
@@ -356,6 +363,7 @@ def stage_analyze(cfg: DictConfig, entries: list[ModelEntry], stores: dict, asse
                     result = match_assembly(store, assembly, splits, settings, region_layers=region_layers,
                                             flags=flags, scheduler=scheduler, progress=True,
                                             gpus_per_task=cfg.cluster.gpus_per_reduce_task,
+                                            ray_remote_args=_reduce_task_cpus(cfg.cluster),
                                             wait_log_s=cfg.cluster.wait_log_s)
                 t_match_end = time.perf_counter()
                 analysis = core.analyze(store.layers(), assembly, splits, catalogue=store.catalogue(), result=result,

@@ -386,3 +386,45 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
     assert len({key, *others}) == 6
     other = match_store(store, brain.responses[:-1], splits, scheduler="threads", block_units=BLOCK)
     assert len(built) == 2 and len(other.matches) == len(threaded.matches) - len(splits)
+
+
+def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setup, monkeypatch, ray_local):
+    """A block whose products run on a GPU is read on several threads (``read_units``: the CPUs Ray
+    assigned the task, ``cluster.cpus_per_reduce_task``; in a local scheduler the process's read
+    threads); on the CPU on one. The values are the plain read's."""
+    import torch
+
+    from unitmatch.core.integrity import CheckedArray, read_threads
+    from unitmatch.sweep import reduce as reduce_module
+    from unitmatch.sweep.stages import _reduce_task_cpus
+
+    store, _, _, _ = setup
+    array = store.layers()[LAYERS[0].name]
+    asked, seen = [], []
+    read = CheckedArray.read_units
+    monkeypatch.setattr(CheckedArray, "read_units", lambda self, a, b, threads=1: asked.append(threads) or read(self, a, b, threads))
+
+    class Engine:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+        def process(self, block):
+            seen.append(np.array(block.data))
+            return "partial"
+
+    class Handle:
+        def __init__(self, device):
+            self.engine = Engine(device)
+
+        def get(self):
+            return self.engine
+
+    for device, threads in (("cpu", 1), ("cuda", read_threads())):
+        assert reduce_module._process_block(Handle(device), array, LAYERS[0].name, 0, BLOCK, 0) == "partial"
+        assert asked[-1] == threads
+        np.testing.assert_array_equal(seen[-1], np.asarray(array[:, 0:BLOCK]))
+    assert reduce_module.block_read_threads() == read_threads()  # not in a Ray task
+    in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
+    assert ray_local.get(in_task.remote()) == 2
+    assert _reduce_task_cpus({"cpus_per_reduce_task": 4}) == {"num_cpus": 4.0}
+    assert _reduce_task_cpus({"cpus_per_reduce_task": None}) is None
