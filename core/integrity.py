@@ -330,23 +330,30 @@ class CheckedArray:
         return out if out.shape == data.shape else np.array(out)
 
     def read_units(self, start: int, stop: int, threads: int = 1) -> np.ndarray:
-        """Every image's values of units ``start .. stop`` (``a[:, start:stop]``, checked), the column
-        chunks read on up to ``threads`` threads in contiguous groups (decoding, file reads and CRC-32
-        checks release the GIL). For a block task whose products run on a GPU, where one thread's
-        decoding of its block is the host's whole share of the work."""
+        """Every image's values of units ``start .. stop`` (``a[:, start:stop]``, checked), read on up
+        to ``threads`` threads in tiles of whole chunks (contiguous groups of column chunks, then of
+        row chunks: a block of one chunk's width still has a row chunk per image batch; decoding,
+        file reads and CRC-32 checks release the GIL). For a block task whose products run on a
+        GPU, where one thread's decoding of its block is the host's whole share of the work."""
         start, stop, _ = slice(start, stop).indices(self.shape[1])
-        c = self.chunks[1]
+        (r, c), n = self.chunks, self.shape[0]
         first, last = start // c, (max(stop, start + 1) - 1) // c
-        groups = np.array_split(np.arange(first, last + 1), max(1, min(int(threads), last - first + 1)))
-        if len(groups) <= 1 or stop <= start:
+        threads = max(1, int(threads))
+        col_groups = min(threads, last - first + 1)
+        row_groups = min(max(1, threads // col_groups), -(-n // r))
+        if col_groups * row_groups <= 1 or stop <= start or n == 0:
             return np.asarray(self[:, start:stop])
-        out = np.empty((self.shape[0], stop - start), dtype=self.dtype)
+        out = np.empty((n, stop - start), dtype=self.dtype)
+        tiles = [(rows, cols) for rows in np.array_split(np.arange(-(-n // r)), row_groups)
+                 for cols in np.array_split(np.arange(first, last + 1), col_groups)]
 
-        def one(group: np.ndarray) -> None:
-            g0, g1 = max(start, int(group[0]) * c), min(stop, (int(group[-1]) + 1) * c)
-            out[:, g0 - start:g1 - start] = self[:, g0:g1]
+        def one(tile) -> None:
+            rows, cols = tile
+            y0, y1 = int(rows[0]) * r, min(n, (int(rows[-1]) + 1) * r)
+            g0, g1 = max(start, int(cols[0]) * c), min(stop, (int(cols[-1]) + 1) * c)
+            out[y0:y1, g0 - start:g1 - start] = self[y0:y1, g0:g1]
 
-        _on_threads(one, groups, len(groups))
+        _on_threads(one, tiles, len(tiles))
         return out
 
     @property

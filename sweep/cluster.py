@@ -141,7 +141,7 @@ def check_requests(*requests: ResourceRequest, nodes: Sequence[NodeResources] | 
     raise ClusterResourceError(
         f"{asks}: no node of the Ray cluster has that much, so it would wait forever. The cluster's nodes:\n"
         f"{listing}\nAsk for less (e.g. cluster.num_cpus_per_actor, cluster.num_gpus_per_actor, "
-        f"cluster.gpus_per_reduce_task) or add nodes that have it."
+        f"cluster.gpus_per_reduce_task, cluster.cpus_per_reduce_task) or add nodes that have it."
     )
 
 

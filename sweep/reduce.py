@@ -29,6 +29,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -38,7 +40,7 @@ import numpy as np
 
 from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
                                    default_device, merge_all)
-from unitmatch.core.integrity import CheckedArray, read_threads
+from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
 
 log = logging.getLogger(__name__)
@@ -202,17 +204,22 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
 
 
 def block_read_threads() -> int:
-    """Read threads of a block task whose products run on a GPU: the CPUs Ray assigned the task
-    (``cluster.cpus_per_reduce_task``; Ray's default is 1), or in a local scheduler's thread the
-    process's read threads (:func:`core.integrity.read_threads`)."""
+    """Read threads of a block task whose products run on a GPU: in a Ray task, the CPUs Ray assigned
+    it (``cluster.cpus_per_reduce_task``; Ray's default is 1), within the process's CPU affinity and
+    :data:`core.integrity.MAX_READ_THREADS`; elsewhere 1 (a local scheduler runs a block task a
+    core already, each reading its own block)."""
+    ray = sys.modules.get("ray")  # not imported: not a Ray task
     try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:  # noqa: BLE001 - not in a Ray task, or an older Ray without these calls
-        pass
-    return read_threads()
+        if ray is None or not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+            return 1
+        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    except Exception:  # noqa: BLE001 - an older Ray without these calls: one thread
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cpus, cores, MAX_READ_THREADS))
 
 
 def _identity(x):

@@ -429,11 +429,12 @@ def test_scattered_columns_read_on_threads_equal_numpys_indexing_and_name_a_dama
 
 @pytest.mark.parametrize("threads", [1, 2, 8])
 def test_a_block_read_on_threads_equals_the_plain_read_and_names_a_damaged_chunk(store, values, threads):
-    """``read_units`` (a GPU block task's read: its column chunks on several threads) gives
-    ``a[:, start:stop]``, within a chunk, across chunks, to the layer's end, empty; damage is named."""
+    """``read_units`` (a GPU block task's read: tiles of whole chunks on several threads, rows split
+    too where the block is one chunk wide) gives ``a[:, start:stop]``, within a chunk, across
+    chunks, to the layer's end, negative, empty; damage is named."""
     a = store.layers()["conv"]
     ref = values["conv"]
-    for start, stop in ((0, 100), (5, 35), (0, 40), (39, 81), (40, 120), (80, 100), (7, 7)):
+    for start, stop in ((0, 100), (5, 35), (0, 40), (39, 81), (40, 120), (80, 100), (7, 7), (-30, -5), (50, 20)):
         got = a.read_units(start, stop, threads)
         assert got.dtype == np.float16 and got.shape == ref[:, start:stop].shape
         np.testing.assert_array_equal(got, ref[:, start:stop])

@@ -389,12 +389,12 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
 
 
 def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setup, monkeypatch, ray_local):
-    """A block whose products run on a GPU is read on several threads (``read_units``: the CPUs Ray
-    assigned the task, ``cluster.cpus_per_reduce_task``; in a local scheduler the process's read
-    threads); on the CPU on one. The values are the plain read's."""
+    """A block whose products run on a GPU is read on as many threads as the CPUs Ray assigned its
+    task (``read_units``; ``cluster.cpus_per_reduce_task``); on the CPU, and outside Ray (a local
+    scheduler already runs a block a core), on one. The values are the plain read's."""
     import torch
 
-    from unitmatch.core.integrity import CheckedArray, read_threads
+    from unitmatch.core.integrity import CheckedArray
     from unitmatch.sweep import reduce as reduce_module
     from unitmatch.sweep.stages import _reduce_task_cpus
 
@@ -419,12 +419,14 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
         def get(self):
             return self.engine
 
-    for device, threads in (("cpu", 1), ("cuda", read_threads())):
+    monkeypatch.setattr(reduce_module, "block_read_threads", lambda: 3)  # as in a Ray task given 3 CPUs
+    for device, threads in (("cpu", 1), ("cuda", 3)):
         assert reduce_module._process_block(Handle(device), array, LAYERS[0].name, 0, BLOCK, 0) == "partial"
         assert asked[-1] == threads
         np.testing.assert_array_equal(seen[-1], np.asarray(array[:, 0:BLOCK]))
-    assert reduce_module.block_read_threads() == read_threads()  # not in a Ray task
+    monkeypatch.undo()
+    assert reduce_module.block_read_threads() == 1  # not in a Ray task
     in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
-    assert ray_local.get(in_task.remote()) == 2
+    assert ray_local.get(in_task.remote()) == min(2, len(__import__("os").sched_getaffinity(0)))
     assert _reduce_task_cpus({"cpus_per_reduce_task": 4}) == {"num_cpus": 4.0}
     assert _reduce_task_cpus({"cpus_per_reduce_task": None}) is None
