@@ -447,17 +447,20 @@ READ_BYTES = 2 << 30
 def read_threads() -> int:
     """Threads for a read of scattered columns (:class:`CheckedArray`'s ``oindex``): torch's
     intra-op threads (``OMP_NUM_THREADS`` where it is set, as Ray sets it for its workers; else the
-    cores), within the cores this process may run on (its CPU affinity, which SLURM sets), at most
-    :data:`MAX_READ_THREADS`."""
-    import os
-
+    cores), within :func:`usable_cores`, at most :data:`MAX_READ_THREADS`."""
     import torch
 
+    return max(1, min(usable_cores(), torch.get_num_threads(), MAX_READ_THREADS))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (which SLURM sets), else the machine's."""
+    import os
+
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, torch.get_num_threads(), MAX_READ_THREADS))
+        return os.cpu_count() or 1
 
 
 def broken_metadata(path: Path) -> list[ChunkProblem]:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import sys
 import threading
 import uuid
@@ -40,7 +39,7 @@ import numpy as np
 
 from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
                                    default_device, merge_all)
-from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray
+from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray, usable_cores
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
 
 log = logging.getLogger(__name__)
@@ -215,11 +214,7 @@ def block_read_threads() -> int:
         cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     except Exception:  # noqa: BLE001 - an older Ray without these calls: one thread
         return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cpus, cores, MAX_READ_THREADS))
+    return max(1, min(cpus, usable_cores(), MAX_READ_THREADS))
 
 
 def _identity(x):
