@@ -97,11 +97,25 @@ def test_rows_gathered_cast_shifted_and_squared_as_numpy(dtype, shifted):
     np.testing.assert_allclose(squares, ref, rtol=1e-6, atol=0)
 
 
-def test_a_one_row_out_gives_the_same_squares():
+@pytest.mark.parametrize("n_rows", [0, 1, 3, 4, 5, 16, 17, 20])
+def test_float32_rows_four_at_a_time_and_the_rest_one_at_a_time(n_rows):
+    """float32 rows are read four at a time and the remainder one at a time: every count around the
+    multiples of four and of ``_GROUP`` gathers numpy's rows and float64 sums of squares."""
+    rng = np.random.default_rng(n_rows)
+    block = rng.standard_normal((40, 50)).astype(np.float32)
+    rows = rng.integers(0, 40, n_rows).astype(np.int64)
+    out, squares = _gather(block, 3, 45, rows)
+    want = block[rows, 3:48]
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_allclose(squares, (want.astype(np.float64) ** 2).sum(axis=0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_one_row_out_gives_the_same_squares(dtype):
     """The squares alone (the engine's check of the rows outside the train set): every row cast
     into one row of ``out``, the last row's values left there, the same sums of squares."""
     rng = np.random.default_rng(1)
-    block = rng.standard_normal((50, 30)).astype(np.float16)
+    block = rng.standard_normal((50, 30)).astype(dtype)
     rows = rng.permutation(50)[:37].astype(np.int64)
     full, squares = _gather(block, 2, 20, rows)
     one, squares_one = np.zeros((1, 20), np.float32), np.zeros(20)
