@@ -56,6 +56,7 @@ e.g. a Dask tree reduction, gives the identical answer.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
@@ -422,8 +423,8 @@ class MatchEngine:
             that includes the selection over all units: they cost compute, never another read of
             the activations.
 
-    Use :meth:`process` on each block, :func:`merge` / :func:`merge_all` on the partials, then
-    :meth:`finalize`.
+    Use :meth:`process` on each block, :func:`merge` / :func:`merge_all` on the partials (or
+    :meth:`process_blocks` on a stream of blocks in one process), then :meth:`finalize`.
     """
 
     def __init__(self, responses: np.ndarray, splits: Sequence[Split], settings: MatchSettings | None = None,
@@ -569,6 +570,58 @@ class MatchEngine:
     # ---------------------------------------------------------------- one block
     def process(self, block: UnitBlock) -> MatchPartial:
         """Score one block of units against every neuron and split."""
+        xb = self._block_tensor(block)
+        if self._tiled and xb.shape[1] > _TILE_UNITS and torch.get_num_threads() >= 2:
+            return self._process_in_shares(xb, block, torch_gemm=not _numpy_gemm_faster())
+        return self._process(xb, block, torch_gemm=True)
+
+    def process_blocks(self, blocks: Iterable[UnitBlock], overlap: bool = True) -> MatchPartial:
+        """Every block scored, the partials merged: what :func:`merge` of :meth:`process` over the
+        blocks gives (the same result), for a stream in one process.
+
+        One split on CPU (the shares of :meth:`_process_in_shares`): the blocks' shares flow through
+        the share threads back to back, and the single-threaded section opens once for the stream.
+        Block by block, each block's end left a core idle while the other finished its share (2.5 ms
+        of a 116 ms float32 block, median, on the 2-core Intel Xeon of benchmarks/RESULTS.md), and
+        the section's opening and the shares' start took 2.1 ms more. The next block is read and its
+        shares queued while the current block's run: at most two blocks are held besides the one
+        being read (one, besides it, block by block). Elsewhere (several splits, CUDA, one torch
+        thread) the blocks go through :meth:`process` one at a time.
+
+        Args:
+            blocks: the blocks, in any order.
+            overlap: queue the next block while the current one runs, as above: a block's data must
+                then stay valid until the block after the next is asked for (arrays and their views,
+                :func:`core.units.iter_blocks`' blocks). False: block by block, for a source whose
+                block is valid only until the next is asked for (:func:`staged_blocks`' ring).
+        """
+        blocks = iter(blocks)
+        total = self.empty()
+        if not overlap or not self._tiled or torch.get_num_threads() < 2:
+            for block in blocks:
+                total = merge(total, self.process(block))
+            return total
+        torch_gemm = not _numpy_gemm_faster()
+        pending = collections.deque()  # the queued and running shares' futures, in block order
+        with single_threaded_ops() as threads:
+            pool = self._share_pool(threads)
+            try:
+                for block in blocks:
+                    xb = self._block_tensor(block)
+                    for share in self._shares(xb, block, threads):
+                        pending.append(pool.submit(self._process, share.data, share, torch_gemm=torch_gemm))
+                    while len(pending) > threads:  # the blocks before this one: merged as they end
+                        total = merge(total, pending.popleft().result())
+                while pending:
+                    total = merge(total, pending.popleft().result())
+            finally:  # on a failure (a share's, the source's): nothing new starts, every share ends
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+        return total
+
+    def _block_tensor(self, block: UnitBlock) -> torch.Tensor:
+        """The block's values as a tensor on the engine's device, checked."""
         xb = _as_tensor(block.data, self.device)
         if xb.ndim != 2 or xb.shape[0] != self.n_images:
             raise ValueError(
@@ -576,10 +629,16 @@ class MatchEngine:
             )
         if xb.dtype not in (torch.float16, torch.float32, torch.bfloat16, torch.float64):
             raise ValueError(f"block of layer {block.layer!r} has dtype {xb.dtype}; expected a float type")
+        return xb
+
+    @staticmethod
+    def _shares(xb: torch.Tensor, block: UnitBlock, threads: int) -> list[UnitBlock]:
+        """The block's units in equal shares, one a thread (at least a tile's worth of units each)."""
         n_units = xb.shape[1]
-        if self._tiled and n_units > _TILE_UNITS and torch.get_num_threads() >= 2:
-            return self._process_in_shares(xb, block, torch_gemm=not _numpy_gemm_faster())
-        return self._process(xb, block, torch_gemm=True)
+        n = max(1, min(threads, -(-n_units // _TILE_UNITS)))
+        bounds = np.linspace(0, n_units, n + 1).round().astype(int)
+        return [UnitBlock(xb[:, a:b], block.layer, block.first_unit + a)
+                for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
     def _process_in_shares(self, xb: torch.Tensor, block: UnitBlock, torch_gemm: bool) -> MatchPartial:
         """One split on CPU: the block's units shared out over Python threads, each share scored
@@ -597,14 +656,10 @@ class MatchEngine:
         2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL per thread, and the shares with
         numpy's GEMMs were the faster design.
         """
-        n_units = xb.shape[1]
         with single_threaded_ops() as threads:
-            n = min(threads, -(-n_units // _TILE_UNITS))
-            bounds = np.linspace(0, n_units, n + 1).round().astype(int)  # an equal share of units each
-            pool = self._share_pool(n)
-            shares = [UnitBlock(xb[:, a:b], block.layer, block.first_unit + a)
-                      for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-            work = [pool.submit(self._process, share.data, share, torch_gemm=torch_gemm) for share in shares]
+            pool = self._share_pool(threads)
+            work = [pool.submit(self._process, share.data, share, torch_gemm=torch_gemm)
+                    for share in self._shares(xb, block, threads)]
             wait(work)  # every share ends inside the section, even when one of them failed
             parts = [w.result() for w in work]
         return merge_all(parts)
@@ -1856,10 +1911,10 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
     if staging is None:
         staging = engine.device.type == "cuda"
     source = staged_blocks(blocks, engine.device) if staging else iter(blocks)
-    total = engine.empty()
     with closing(source) if staging else nullcontext():
-        for block in tqdm(source, desc="matching", unit="block", disable=not progress):
-            total = merge(total, engine.process(block))
+        # staged blocks are valid until the next is asked for: those are not queued ahead
+        total = engine.process_blocks(tqdm(source, desc="matching", unit="block", disable=not progress),
+                                      overlap=not staging)
     return engine.finalize(total, catalogue, neuron_ids, columns)
 
 

@@ -1129,6 +1129,116 @@ def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_thr
         torch.set_num_threads(threads)
 
 
+def _assert_same_partial(got, want):
+    np.testing.assert_array_equal(got.top_unit, want.top_unit)
+    np.testing.assert_array_equal(got.top_r, want.top_r)
+    assert got.n_units == want.n_units and set(got.layers) == set(want.layers)
+    for name, best in want.layers.items():
+        for field in ("unit", "train_r", "test_r"):
+            np.testing.assert_array_equal(getattr(got.layers[name], field), getattr(best, field))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_threads", [2, 1])
+def test_a_stream_of_blocks_through_the_share_threads_equals_block_by_block(dtype, n_threads):
+    """``process_blocks`` queues the next block's shares while the current block's run (one split on
+    CPU, two torch threads): blocks of several layers, wider and narrower than a tile, one of no
+    units, give exactly the partial of ``process`` block by block, merged (one thread, and with
+    ``overlap=False``: block by block), and torch's threads are as they were."""
+    rng = np.random.default_rng(31)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 9000)), 0).astype(dtype)
+    x[:, 8500] = x[:, 11]  # a duplicate in a later block: the lower id wins
+    y = plant_neurons(x.astype(np.float32), n_planted=10, n_noise=4, snr=2.0,
+                      units=np.array([11, 600, 2100, 4200, 5000, 6100, 7000, 8000, 8600, 8999]), seed=32).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    edges = [0, 4500, 4500, 5000, 7500, 9000]  # 4500 and 2500 units in shares, a block of none, 500 and 1500 whole
+    blocks = [UnitBlock(x[:, a:b], "early" if a < 5000 else "late", a) for a, b in zip(edges[:-1], edges[1:])]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(n_threads)
+        engine = MatchEngine(y, splits, top_k=4, device="cpu")
+        want = merge_all(engine.process(b) for b in blocks)
+        for overlap in (True, False):
+            _assert_same_partial(engine.process_blocks(iter(blocks), overlap=overlap), want)
+            assert torch.get_num_threads() == n_threads
+    finally:
+        torch.set_num_threads(threads)
+    ref = match_reference(x.astype(np.float64), y, splits)[0]
+    np.testing.assert_array_equal(want.top_unit[0, :, 0], ref["unit"])
+
+
+def test_the_next_block_is_read_while_the_current_blocks_shares_run(monkeypatch):
+    """The overlap itself: a share of the first block waits until the source has been asked for the
+    second block, which ``process_blocks`` does while that share runs (block by block it would wait
+    forever: here 10 s, then fail)."""
+    rng = np.random.default_rng(35)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float32)
+    y = plant_neurons(x, n_planted=4, n_noise=0, snr=4.0, seed=36).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    asked = threading.Event()
+    process = MatchEngine._process
+
+    def waiting(self, xb, block, torch_gemm):
+        if block.first_unit == 0:
+            assert asked.wait(timeout=10), "the second block was not asked for while the first one's shares ran"
+        return process(self, xb, block, torch_gemm=torch_gemm)
+
+    def source():
+        yield UnitBlock(x, "l", 0)
+        asked.set()
+        yield UnitBlock(x, "l", 5000)
+
+    monkeypatch.setattr(MatchEngine, "_process", waiting)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = MatchEngine(y, splits, top_k=3, device="cpu").process_blocks(source())
+    finally:
+        torch.set_num_threads(threads)
+    assert got.n_units == 10_000
+
+
+@pytest.mark.parametrize("failing", ["a share", "the source"])
+def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threads(failing):
+    """A non-finite unit in the third block (its error names the unit) or an error of the block
+    source itself stops ``process_blocks``: the error reaches the caller after every queued share
+    was cancelled or ended, torch's threads are restored, and the engine scores the next stream
+    as before."""
+    rng = np.random.default_rng(33)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(np.float32)
+    y = plant_neurons(x, n_planted=4, n_noise=0, snr=4.0, seed=34).responses
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    bad = x.copy()
+    bad[splits[0][0][5], 4700] = np.nan
+    started = []
+
+    def source():
+        for i in range(6):
+            started.append(i)
+            if i == 2:
+                if failing == "the source":
+                    raise OSError("chunk 2 unreadable")
+                yield UnitBlock(bad, "l", 10_000 * i)
+            else:
+                yield UnitBlock(x, "l", 10_000 * i)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        engine = MatchEngine(y, splits, top_k=3, device="cpu")
+        error = (OSError, "chunk 2 unreadable") if failing == "the source" else (ValueError, r"global units \[24700\]")
+        with pytest.raises(error[0], match=error[1]):
+            engine.process_blocks(source())
+        assert torch.get_num_threads() == 2
+        assert max(started) <= 3  # stopped at the failure, at most one block past it
+        pool = engine._share_pool(2)
+        assert pool.submit(lambda: "idle").result(timeout=5) == "idle"
+        again = engine.process_blocks(UnitBlock(x, "l", 10_000 * i) for i in range(2))
+        _assert_same_partial(again, merge(engine.process(UnitBlock(x, "l", 0)), engine.process(UnitBlock(x, "l", 10_000))))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):
     """The engine's CUDA GEMMs under TORCH_ALLOW_TF32_CUBLAS_OVERRIDE run in TF32: one warning per
     process names the variable and the fix; none where it is off."""
