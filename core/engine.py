@@ -84,9 +84,10 @@ _CHUNK_ROWS = 32
 _TILE_UNITS = 2048
 _TILE_ROWS = 256
 #: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
-#: per chunk (2.8 MiB of float32, near the 2 MiB L2 cache of a core of the Xeon measured; the first of
-#: seven shapes there by a margin within that VM's noise, benchmarks/RESULTS.md)
-_KCHUNK_UNITS = 1024
+#: per chunk (5.6 MiB of float32; on the 2-core Intel Xeon with its 2 MiB L2 a core, rows of 8 KB
+#: gathered four at a time made whole streams of blocks 1-3% faster than 1024 x 720 in every one of
+#: three in-process comparisons, benchmarks/RESULTS.md; before the four-row gather no shape led)
+_KCHUNK_UNITS = 2048
 _KCHUNK_ROWS = 720
 #: several splits on CPU (:meth:`MatchEngine._split_top_k`): units and neuron rows per tile of the fused
 #: scores and top k (a tile's products, correction and each split's correction columns stay in a core's
