@@ -584,17 +584,21 @@ class MatchEngine:
         the share threads back to back, and the single-threaded section opens once for the stream.
         Block by block, each block's end left a core idle while the other finished its share (2.5 ms
         of a 116 ms float32 block, median, on the 2-core Intel Xeon of benchmarks/RESULTS.md), and
-        the section's opening and the shares' start took 2.1 ms more. The next block is read and its
-        shares queued while the current block's run: at most two blocks are held besides the one
-        being read (one, besides it, block by block). Elsewhere (several splits, CUDA, one torch
-        thread) the blocks go through :meth:`process` one at a time.
+        the section's opening and the shares' start took 2.1 ms more. Each block's shares are queued
+        as soon as it is read; the next block is read once the block before this one has ended, so
+        two blocks are held at most: the one whose shares run and the one being read (block by
+        block: one). Each block is scored as :meth:`process` scores it (a block of at most a tile's
+        units whole, on torch's GEMMs). Elsewhere (several splits, CUDA, one torch thread) the
+        blocks go through :meth:`process` one at a time.
 
         Args:
             blocks: the blocks, in any order.
-            overlap: queue the next block while the current one runs, as above: a block's data must
+            overlap: queue the next block while the current one runs, as above. A block's data must
                 then stay valid until the block after the next is asked for (arrays and their views,
-                :func:`core.units.iter_blocks`' blocks). False: block by block, for a source whose
-                block is valid only until the next is asked for (:func:`staged_blocks`' ring).
+                :func:`core.units.iter_blocks`' blocks), and the source is read inside the
+                single-threaded section (torch's ops and the BLAS on one thread, in the source too).
+                False: block by block, for a source whose block is valid only until the next is
+                asked for (:func:`staged_blocks`' ring) or which computes with torch on the CPU.
         """
         blocks = iter(blocks)
         total = self.empty()
@@ -603,22 +607,28 @@ class MatchEngine:
                 total = merge(total, self.process(block))
             return total
         torch_gemm = not _numpy_gemm_faster()
-        pending = collections.deque()  # the queued and running shares' futures, in block order
+        queued = collections.deque()  # a list of its shares' futures a block, in block order
         with single_threaded_ops() as threads:
             pool = self._share_pool(threads)
             try:
                 for block in blocks:
                     xb = self._block_tensor(block)
-                    for share in self._shares(xb, block, threads):
-                        pending.append(pool.submit(self._process, share.data, share, torch_gemm=torch_gemm))
-                    while len(pending) > threads:  # the blocks before this one: merged as they end
-                        total = merge(total, pending.popleft().result())
-                while pending:
-                    total = merge(total, pending.popleft().result())
+                    gemm = torch_gemm if xb.shape[1] > _TILE_UNITS else True  # as process() would
+                    queued.append([pool.submit(self._process, share.data, share, torch_gemm=gemm)
+                                   for share in self._shares(xb, block, threads)])
+                    while len(queued) > 1:
+                        for future in queued[0]:  # the block before this one, merged as it ends
+                            total = merge(total, future.result())
+                        queued.popleft()  # (kept until then: a failure's finally waits for its shares)
+                while queued:
+                    for future in queued[0]:
+                        total = merge(total, future.result())
+                    queued.popleft()
             finally:  # on a failure (a share's, the source's): nothing new starts, every share ends
-                for future in pending:
+                futures = [future for shares in queued for future in shares]
+                for future in futures:
                     future.cancel()
-                wait(pending)
+                wait(futures)
         return total
 
     def _block_tensor(self, block: UnitBlock) -> torch.Tensor:
@@ -1903,7 +1913,12 @@ def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: Un
 
     ``columns(units) -> (images, n)`` enables the final float64 re-scoring (see
     :meth:`MatchEngine.finalize`). ``staging`` reads and copies blocks ahead of the compute
-    (:func:`staged_blocks`; None: on when the engine runs on CUDA); the result is the same.
+    (:func:`staged_blocks`; None: on when the engine runs on CUDA); the result is the same. Without
+    staging the blocks go through :meth:`MatchEngine.process_blocks`, which with one split on CPU
+    reads the next block while the current one is scored: a block's data must stay valid until
+    the block after the next is asked for (arrays, a store's reads), and the source is read with
+    torch's ops on one thread (a source that reuses one buffer, or computes with torch on the CPU:
+    call ``engine.process_blocks(blocks, overlap=False)`` and :meth:`MatchEngine.finalize`).
     """
     from contextlib import closing, nullcontext
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -1139,32 +1140,67 @@ def _assert_same_partial(got, want):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("n_threads", [2, 1])
-def test_a_stream_of_blocks_through_the_share_threads_equals_block_by_block(dtype, n_threads):
+@pytest.mark.parametrize("n_threads, numpy_gemm", [(2, False), (2, True), (1, False)])
+def test_a_stream_of_blocks_through_the_share_threads_equals_block_by_block(dtype, n_threads, numpy_gemm, monkeypatch):
     """``process_blocks`` queues the next block's shares while the current block's run (one split on
     CPU, two torch threads): blocks of several layers, wider and narrower than a tile, one of no
-    units, give exactly the partial of ``process`` block by block, merged (one thread, and with
-    ``overlap=False``: block by block), and torch's threads are as they were."""
+    units, over more train images than one chunk of rows, give exactly the partial of ``process``
+    block by block, merged (one thread, and with ``overlap=False``: block by block), with either
+    BLAS for the wide blocks' shares (a narrow block is scored whole on torch's GEMMs, as ``process``
+    scores it); torch's threads are as they were; and no block is asked for before every share of
+    the block two before it has ended (two blocks held at most)."""
+    from unitmatch.core import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    n_images = 1600  # 1440 train images: two chunks of rows
     rng = np.random.default_rng(31)
-    x = np.maximum(rng.standard_normal((N_IMAGES, 9000)), 0).astype(dtype)
+    x = np.maximum(rng.standard_normal((n_images, 9000)), 0).astype(dtype)
     x[:, 8500] = x[:, 11]  # a duplicate in a later block: the lower id wins
     y = plant_neurons(x.astype(np.float32), n_planted=10, n_noise=4, snr=2.0,
                       units=np.array([11, 600, 2100, 4200, 5000, 6100, 7000, 8000, 8600, 8999]), seed=32).responses
-    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
-    edges = [0, 4500, 4500, 5000, 7500, 9000]  # 4500 and 2500 units in shares, a block of none, 500 and 1500 whole
+    splits = core.brainscore_splits(n_images=n_images, n_splits=1, stratify=None)
+    # 4500 and 2500 units in shares, a block of none, then narrow blocks scored whole
+    edges = [0, 4500, 4500, 5000, 7500, 7900, 8200, 8600, 9000]
     blocks = [UnitBlock(x[:, a:b], "early" if a < 5000 else "late", a) for a, b in zip(edges[:-1], edges[1:])]
+    ended, lock = [], threading.Lock()
+    process = MatchEngine._process
+
+    def recording(self, xb, block, torch_gemm):
+        result = process(self, xb, block, torch_gemm=torch_gemm)
+        with lock:
+            ended.append(block.first_unit)
+        return result
+
+    def source(engine):
+        for i, block in enumerate(blocks):
+            if i >= 2:  # every share of the block two before this one has ended
+                before = blocks[i - 2]
+                shares = engine._shares(torch.from_numpy(before.data), before, n_threads)
+                with lock:
+                    assert {share.first_unit for share in shares} <= set(ended), f"block {i - 2} still running"
+            yield block
+
+    monkeypatch.setattr(MatchEngine, "_process", recording)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(n_threads)
         engine = MatchEngine(y, splits, top_k=4, device="cpu")
         want = merge_all(engine.process(b) for b in blocks)
         for overlap in (True, False):
-            _assert_same_partial(engine.process_blocks(iter(blocks), overlap=overlap), want)
+            ended.clear()
+            _assert_same_partial(engine.process_blocks(source(engine), overlap=overlap), want)
             assert torch.get_num_threads() == n_threads
     finally:
         torch.set_num_threads(threads)
+    # the float64 re-scoring settles the duplicate's tie (its two copies' float32 screening r come
+    # from different GEMMs: a wide block's shares and a narrow block's whole) for the lower id
+    catalogue = UnitCatalogue([LayerUnits("early", (5000,), ("unit",)), LayerUnits("late", (4000,), ("unit",))])
+    result = engine.finalize(want, catalogue, columns=lambda units: x[:, units].astype(np.float64))
     ref = match_reference(x.astype(np.float64), y, splits)[0]
-    np.testing.assert_array_equal(want.top_unit[0, :, 0], ref["unit"])
+    got = result.matches.sort_values("neuron")
+    global_ids = got.unit.to_numpy() + np.where(got.layer.to_numpy() == "late", 5000, 0)  # ids within a layer
+    np.testing.assert_array_equal(global_ids, ref["unit"])
+    assert ref["unit"][0] == 11
 
 
 def test_the_next_block_is_read_while_the_current_blocks_shares_run(monkeypatch):
@@ -1199,7 +1235,7 @@ def test_the_next_block_is_read_while_the_current_blocks_shares_run(monkeypatch)
 
 
 @pytest.mark.parametrize("failing", ["a share", "the source"])
-def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threads(failing):
+def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threads(failing, monkeypatch):
     """A non-finite unit in the third block (its error names the unit) or an error of the block
     source itself stops ``process_blocks``: the error reaches the caller after every queued share
     was cancelled or ended, torch's threads are restored, and the engine scores the next stream
@@ -1222,6 +1258,20 @@ def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threa
             else:
                 yield UnitBlock(x, "l", 10_000 * i)
 
+    running, lock = [0], threading.Lock()
+    process = MatchEngine._process
+
+    def counting(self, xb, block, torch_gemm):
+        with lock:
+            running[0] += 1
+        try:
+            time.sleep(0.05)  # the other share of the failing block is still running when it fails
+            return process(self, xb, block, torch_gemm=torch_gemm)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(MatchEngine, "_process", counting)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -1229,6 +1279,7 @@ def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threa
         error = (OSError, "chunk 2 unreadable") if failing == "the source" else (ValueError, r"global units \[24700\]")
         with pytest.raises(error[0], match=error[1]):
             engine.process_blocks(source())
+        assert running[0] == 0  # every share had ended (or never started) when the error arrived
         assert torch.get_num_threads() == 2
         assert max(started) <= 3  # stopped at the failure, at most one block past it
         pool = engine._share_pool(2)

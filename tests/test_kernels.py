@@ -111,12 +111,14 @@ def test_float32_rows_four_at_a_time_and_the_rest_one_at_a_time(n_rows):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_a_one_row_out_gives_the_same_squares(dtype):
+@pytest.mark.parametrize("n_rows", [36, 37])
+def test_a_one_row_out_gives_the_same_squares(dtype, n_rows):
     """The squares alone (the engine's check of the rows outside the train set): every row cast
-    into one row of ``out``, the last row's values left there, the same sums of squares."""
+    into one row of ``out``, the last row's values left there (read one at a time or, float32 and a
+    multiple of four, four at a time), the same sums of squares."""
     rng = np.random.default_rng(1)
     block = rng.standard_normal((50, 30)).astype(dtype)
-    rows = rng.permutation(50)[:37].astype(np.int64)
+    rows = rng.permutation(50)[:n_rows].astype(np.int64)
     full, squares = _gather(block, 2, 20, rows)
     one, squares_one = np.zeros((1, 20), np.float32), np.zeros(20)
     _kernels.gather_rows(block.reshape(-1), 30, 2, rows, None, one, squares_one)
