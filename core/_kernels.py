@@ -334,7 +334,7 @@ def _gather4(values, row_stride, first, rows, shift, out, squares):  # pragma: n
     """:func:`_gather` for float32 ``values`` and a multiple of four rows, read four at a time: four
     streams from memory in flight, where one row at a time leaves the core waiting at each row's
     start (a share's gather 1.2-1.3x faster; RESULTS.md). Not for float16 bits: LLVM does not
-    vectorise four rows' conversions, and that loop ran 1.6x slower than :func:`_gather`'s."""
+    vectorise four rows' conversions, and that loop ran 1.5x slower than :func:`_gather`'s."""
     w = out.shape[1]
     partial = np.zeros(w, np.float32)
     n, last = rows.shape[0], out.shape[0] - 1

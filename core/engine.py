@@ -644,7 +644,7 @@ class MatchEngine:
 
     @staticmethod
     def _shares(xb: torch.Tensor, block: UnitBlock, threads: int) -> list[UnitBlock]:
-        """The block's units in equal shares, one a thread (at least a tile's worth of units each)."""
+        """The block's units in equal shares: one a thread, and no more shares than tiles of units."""
         n_units = xb.shape[1]
         n = max(1, min(threads, -(-n_units // _TILE_UNITS)))
         bounds = np.linspace(0, n_units, n + 1).round().astype(int)
