@@ -20,8 +20,15 @@ chunk), read as ``MatchEngine.finalize`` reads them (:func:`core.units.gather_co
 one, and as float64; against the reference of the same run, a checked read of every layer block by
 block on one thread (every chunk decoded and checked once).
 
+With ``--match-neurons N`` (issue 8), last: one-split matching of N neurons from the store
+(:func:`core.units.iter_blocks` over the checked layers, ``MatchEngine.process_blocks``) as
+``run_matching`` streamed it before (the engine's default block, 17,920 units for 3200 images,
+straddling the 16,384-unit chunks; block by block: the reference), in whole chunks block by block,
+and as it streams it now (whole chunks, the next block read while the current one is scored),
+alternating, with the reads alone; the same units are asserted.
+
 Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
-     [--null-columns 100000]
+     [--null-columns 100000] [--match-neurons 256]
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ def main():
     ap.add_argument("--gather", type=int, default=2000, help="columns per scattered gather")
     ap.add_argument("--null-columns", type=int, default=None,
                     help="columns of the null's re-scoring read (default: half the units)")
+    ap.add_argument("--match-neurons", type=int, default=0,
+                    help="also time one-split matching of this many neurons from the store (0: not)")
     args = ap.parse_args()
 
     from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
@@ -145,6 +154,58 @@ def main():
         print(f"  reference, a checked read of every layer by blocks, 1 thread: {full:.3f} s")
         print(f"  as stored (float16), {threads} read threads: {th:.3f} s ({th / full:.2f}x the reference); "
               f"1 thread: {one:.3f} s ({one / full:.2f}x); as float64, {threads} threads: {f64:.3f} s")
+        if args.match_neurons:
+            _match_from_store(store, rng, args)
+
+
+def _match_from_store(store, rng, args):
+    """One-split matching from the store, as ``run_matching`` streamed it before issue 8's fourteenth
+    session (the engine's default block, block by block) and as it streams it now (whole unit chunks
+    a block, the next block read while the current one is scored), with the step between."""
+    from unitmatch import core
+    from unitmatch.core.engine import MatchEngine, _chunk_aligned, default_block_units
+    from unitmatch.core.units import iter_blocks
+
+    layers, catalogue = store.layers(), store.catalogue()
+    y = rng.standard_normal((args.match_neurons, args.images))
+    engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None), device="cpu")
+    default = default_block_units(args.images, engine.n_rows, device=engine.device)
+    aligned = _chunk_aligned(default, layers)
+    variants = {f"blocks of {default} units, block by block (the reference)": (default, False),
+                f"blocks of {aligned} (whole chunks), block by block": (aligned, False),
+                f"blocks of {aligned}, the next block read while one is scored": (aligned, True)}
+
+    def run(size: int, overlap: bool):
+        t0 = time.perf_counter()
+        partial = engine.process_blocks(iter_blocks(layers, catalogue, size), overlap=overlap)
+        return time.perf_counter() - t0, partial
+
+    def read_alone(size: int):
+        t0 = time.perf_counter()
+        for block in iter_blocks(layers, catalogue, size):
+            np.asarray(block.data)
+        return time.perf_counter() - t0
+
+    first = None
+    for size, overlap in variants.values():  # warm-up: threads, buffers, the page cache
+        partial = run(size, overlap)[1]
+        first = first or partial
+        assert np.array_equal(partial.top_unit, first.top_unit)
+        np.testing.assert_allclose(partial.top_r, first.top_r, rtol=0, atol=1e-6)
+    times = {name: [] for name in variants}
+    reads = {size: [] for size in (default, aligned)}
+    for r in range(max(2, args.repeats // 5)):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            times[name].append(run(*variants[name])[0])
+        for size in reads:
+            reads[size].append(read_alone(size))
+    print(f"one-split matching of {args.match_neurons} neurons from the store ({catalogue.n_units} units; medians "
+          f"of {len(reads[default])} rounds, alternating; the same units)")
+    reference = float(np.median(times[next(iter(variants))]))
+    for name, values in times.items():
+        t = float(np.median(values))
+        print(f"  {name}: {t:.3f} s ({t / reference:.3f}x)")
+    print("  the reads alone: " + ", ".join(f"blocks of {size}: {float(np.median(v)):.3f} s" for size, v in reads.items()))
 
 
 if __name__ == "__main__":

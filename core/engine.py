@@ -138,7 +138,8 @@ class MatchSettings:
         n_permutations: permuted copies of every neuron that ride along in the same pass for the
             selection-aware null (0: no null, no p-values).
         seed: seeds the permutations (and, in :func:`core.analyze`, the random decoding populations).
-        block_units: units per streamed block; None sizes blocks to about 256 MiB of float32.
+        block_units: units per streamed block; None sizes blocks to about 256 MiB of float32 (in
+            ``run_matching`` over a store's layers, a multiple of its unit chunk: at least one chunk).
         device: torch device of the products ("cpu", "cuda", "cuda:1"...); None: cuda when available.
         tie_margin: final candidates within this train r of a neuron's best are re-scored in float64.
         min_varying_images: a unit that varies on fewer than this many train images of a split is
@@ -1975,7 +1976,8 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = engine.settings.block_units or default_block_units(n_images, engine.n_rows, device=engine.device)
+    size = engine.settings.block_units or _chunk_aligned(
+        default_block_units(n_images, engine.n_rows, device=engine.device), layers)
     if searched is not None:
         wanted = check_layer_subset(searched, list(layers), "the activations have")
         blocks = iter_blocks({name: layers[name] for name in layers if name in wanted}, catalogue, size)
@@ -1984,6 +1986,28 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     return stream_match(engine, blocks, catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units, dtype=None),
                         progress=progress)
+
+
+def _chunk_aligned(size: int, layers) -> int:
+    """``size`` rounded down to a multiple of the layers' unit chunk where they are chunked 2-D arrays
+    (a store's layers, Zarr arrays) whose layers of several chunks share one chunk width, at least
+    one chunk, as ``match_store`` sizes its blocks: each chunk is then decoded once (a layer of one
+    chunk is one block either way). A block of 17,920 units over 16,384-unit chunks straddled two
+    chunks and decoded each twice: 3.8 s of reads for a 3200 x 200,704 float16 store that a
+    chunk-aligned read takes 1.8 s for (benchmarks/RESULTS.md). Other layers: ``size``."""
+    widths = set()
+    for a in layers.values():
+        chunks = getattr(a, "chunks", None)
+        if len(a.shape) != 2 or not isinstance(chunks, tuple) or len(chunks) != 2:
+            return size  # numpy or torch (no chunks), an n-d layer (reshaped), dask's chunk tuples
+        if not isinstance(chunks[1], (int, np.integer)):
+            return size
+        if a.shape[1] > chunks[1]:
+            widths.add(int(chunks[1]))
+    if len(widths) != 1:
+        return size
+    chunk = widths.pop()
+    return max(chunk, size // chunk * chunk)
 
 
 def match_neurons(activations, responses, splits, settings: MatchSettings | None = None, **kwargs) -> pd.DataFrame:

@@ -1290,6 +1290,40 @@ def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threa
         torch.set_num_threads(threads)
 
 
+def test_default_blocks_over_a_stores_layers_are_whole_chunks(tmp_path, monkeypatch):
+    """``run_matching``'s default block over a store's chunked layers is a multiple of the unit chunk
+    (each chunk decoded once), at least one chunk; numpy layers and an explicit ``block_units`` are
+    left as they are; the matches from the store equal those from the same values in numpy."""
+    from unitmatch.core import engine as engine_module
+    from unitmatch.core import units as units_module
+    from unitmatch.core.store import ActivationStore, StoreKey
+
+    layers = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc", (30,), ("channel",))]
+    rng = np.random.default_rng(41)
+    values = {layer.name: rng.standard_normal((20, layer.size)).astype(np.float16) for layer in layers}
+    key = StoreKey("test@random:0", {}, "stimuli", ("conv", "fc"), codec="zstd:1", sharded=False)
+    store = ActivationStore.create(tmp_path, key, layers, [f"im{i}" for i in range(20)], batch_size=8, unit_chunk=40)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()}, info={"device": "cpu"})
+    store.finalize()
+    store = ActivationStore.open(store.path)
+    sizes, iter_blocks = [], units_module.iter_blocks
+    monkeypatch.setattr(units_module, "iter_blocks", lambda l, c, size: sizes.append(size) or iter_blocks(l, c, size))
+    y = rng.standard_normal((3, 20))
+    split = [(np.arange(14), np.arange(14, 20))]
+    got = {}
+    for default, want in ((100, 80), (30, 40)):
+        monkeypatch.setattr(engine_module, "default_block_units", lambda *a, default=default, **k: default)
+        sizes.clear()
+        got["store"] = run_matching(store.layers(), y, split, catalogue=store.catalogue()).matches
+        got["numpy"] = run_matching(values, y, split, catalogue=store.catalogue()).matches
+        got["explicit"] = run_matching(store.layers(), y, split, catalogue=store.catalogue(), block_units=50).matches
+        assert sizes == [want, default, 50]
+        pd.testing.assert_frame_equal(got["store"], got["numpy"])
+        pd.testing.assert_frame_equal(got["explicit"], got["numpy"])
+
+
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):
     """The engine's CUDA GEMMs under TORCH_ALLOW_TF32_CUBLAS_OVERRIDE run in TF32: one warning per
     process names the variable and the fix; none where it is off."""
