@@ -163,14 +163,14 @@ def _match_from_store(store, rng, args):
     session (the engine's default block, block by block) and as it streams it now (whole unit chunks
     a block, the next block read while the current one is scored), with the step between."""
     from unitmatch import core
-    from unitmatch.core.engine import MatchEngine, _chunk_aligned, default_block_units
-    from unitmatch.core.units import iter_blocks
+    from unitmatch.core.engine import MatchEngine, default_block_units
+    from unitmatch.core.units import chunk_aligned, iter_blocks
 
     layers, catalogue = store.layers(), store.catalogue()
     y = rng.standard_normal((args.match_neurons, args.images))
     engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None), device="cpu")
     default = default_block_units(args.images, engine.n_rows, device=engine.device)
-    aligned = _chunk_aligned(default, layers)
+    aligned = chunk_aligned(default, layers)
     variants = {f"blocks of {default} units, block by block (the reference)": (default, False),
                 f"blocks of {aligned} (whole chunks), block by block": (aligned, False),
                 f"blocks of {aligned}, the next block read while one is scored": (aligned, True)}

@@ -1958,7 +1958,7 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
             region-committed search, :func:`core.analysis.match_by_region`). None: every layer.
         progress: show a progress bar.
     """
-    from .units import as_layers, catalogue_of, gather_columns, iter_blocks
+    from .units import as_layers, catalogue_of, chunk_aligned, gather_columns, iter_blocks
 
     searched = layers
     layers = as_layers(activations)
@@ -1976,7 +1976,7 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     n_images = next(iter(layers.values())).shape[0]
     if n_images != engine.n_images:
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
-    size = engine.settings.block_units or _chunk_aligned(
+    size = engine.settings.block_units or chunk_aligned(
         default_block_units(n_images, engine.n_rows, device=engine.device), layers)
     if searched is not None:
         wanted = check_layer_subset(searched, list(layers), "the activations have")
@@ -1986,28 +1986,6 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     return stream_match(engine, blocks, catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units, dtype=None),
                         progress=progress)
-
-
-def _chunk_aligned(size: int, layers) -> int:
-    """``size`` rounded down to a multiple of the layers' unit chunk where they are chunked 2-D arrays
-    (a store's layers, Zarr arrays) whose layers of several chunks share one chunk width, at least
-    one chunk, as ``match_store`` sizes its blocks: each chunk is then decoded once (a layer of one
-    chunk is one block either way). A block of 17,920 units over 16,384-unit chunks straddled two
-    chunks and decoded each twice: 3.8 s of reads for a 3200 x 200,704 float16 store that a
-    chunk-aligned read takes 1.8 s for (benchmarks/RESULTS.md). Other layers: ``size``."""
-    widths = set()
-    for a in layers.values():
-        chunks = getattr(a, "chunks", None)
-        if len(a.shape) != 2 or not isinstance(chunks, tuple) or len(chunks) != 2:
-            return size  # numpy or torch (no chunks), an n-d layer (reshaped), dask's chunk tuples
-        if not isinstance(chunks[1], (int, np.integer)):
-            return size
-        if a.shape[1] > chunks[1]:
-            widths.add(int(chunks[1]))
-    if len(widths) != 1:
-        return size
-    chunk = widths.pop()
-    return max(chunk, size // chunk * chunk)
 
 
 def match_neurons(activations, responses, splits, settings: MatchSettings | None = None, **kwargs) -> pd.DataFrame:

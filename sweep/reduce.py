@@ -40,7 +40,7 @@ import numpy as np
 from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
                                    default_device, merge_all)
 from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray, usable_cores
-from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns
+from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns, whole_chunks
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def aligned_block_units(store, block_units: int) -> int:
     if isinstance(block_units, bool) or not isinstance(block_units, (int, np.integer)) or block_units <= 0:
         raise ValueError(f"block_units must be a positive integer; got {block_units!r}")
     chunk = store.unit_chunk
-    aligned = max(chunk, int(block_units) // chunk * chunk)
+    aligned = whole_chunks(int(block_units), chunk)
     if aligned != block_units:
         log.warning("block_units=%d is not a multiple of the store's unit chunk (%d): using %d", block_units, chunk,
                     aligned)
@@ -372,8 +372,7 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if engine.n_images != store.n_images:
         raise ValueError(f"responses have {engine.n_images} images but the store {store.path} has {store.n_images}")
     if block_units is None:
-        chunk = store.unit_chunk
-        block_units = max(chunk, default_block_units(engine.n_images, engine.n_rows) // chunk * chunk)
+        block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
     handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, key)
     graph, root = build_graph(handle, store, plan, fan_in, block_args)
