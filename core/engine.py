@@ -574,7 +574,7 @@ class MatchEngine:
         """Score one block of units against every neuron and split."""
         xb = self._block_tensor(block)
         if self._tiled and xb.shape[1] > _TILE_UNITS and torch.get_num_threads() >= 2:
-            return self._process_in_shares(xb, block, torch_gemm=not _numpy_gemm_faster())
+            return self._process_in_shares(xb, block, torch_gemm=_torch_gemm(xb.shape[1]))
         return self._process(xb, block, torch_gemm=True)
 
     def process_blocks(self, blocks: Iterable[UnitBlock], overlap: bool = True) -> MatchPartial:
@@ -607,24 +607,26 @@ class MatchEngine:
             for block in blocks:
                 total = merge(total, self.process(block))
             return total
-        torch_gemm = not _numpy_gemm_faster()
         queued = collections.deque()  # a list of its shares' futures a block, in block order
+
+        def merge_oldest() -> None:  # the oldest queued block, merged as it ends
+            nonlocal total
+            for future in queued[0]:
+                total = merge(total, future.result())
+            queued.popleft()  # (kept until then: a failure's finally waits for its shares)
+
         with single_threaded_ops() as threads:
             pool = self._share_pool(threads)
             try:
                 for block in blocks:
                     xb = self._block_tensor(block)
-                    gemm = torch_gemm if xb.shape[1] > _TILE_UNITS else True  # as process() would
+                    gemm = _torch_gemm(xb.shape[1])
                     queued.append([pool.submit(self._process, share.data, share, torch_gemm=gemm)
                                    for share in self._shares(xb, block, threads)])
-                    while len(queued) > 1:
-                        for future in queued[0]:  # the block before this one, merged as it ends
-                            total = merge(total, future.result())
-                        queued.popleft()  # (kept until then: a failure's finally waits for its shares)
+                    while len(queued) > 1:  # the block before this one
+                        merge_oldest()
                 while queued:
-                    for future in queued[0]:
-                        total = merge(total, future.result())
-                    queued.popleft()
+                    merge_oldest()
             finally:  # on a failure (a share's, the source's): nothing new starts, every share ends
                 futures = [future for shares in queued for future in shares]
                 for future in futures:
@@ -1569,6 +1571,13 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
+
+
+def _torch_gemm(n_units: int) -> bool:
+    """Whether a one-split CPU block of ``n_units`` is multiplied with torch's GEMMs: a block wider
+    than a tile goes to the share threads, whose BLAS :func:`_numpy_gemm_faster` picks; a narrower
+    one is scored whole on torch's."""
+    return n_units <= _TILE_UNITS or not _numpy_gemm_faster()
 
 
 def _numpy_gemm_faster() -> bool:
