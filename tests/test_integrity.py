@@ -105,6 +105,27 @@ def test_a_clean_store_reads_back_exactly_what_was_written_and_verifies_ok(tmp_p
         arrays["conv"][20]
 
 
+def test_the_chunk_digest_is_zlibs_crc32_through_isal_and_without_it(monkeypatch):
+    """A chunk's digest is zlib's CRC-32 of its values in C order, through ISA-L (a dependency, ~5x
+    faster) and through zlib where isal is not importable: stores stay readable by either."""
+    import zlib
+
+    from unitmatch.core import integrity
+
+    rng = np.random.default_rng(5)
+    arrays = [rng.standard_normal((64, 4099)).astype(np.float16), rng.standard_normal((3, 5)).astype(np.float32),
+              rng.standard_normal((40, 300)).astype(np.float16)[:, 7:290],  # not contiguous: its C-order copy
+              np.zeros((0, 16), np.float16), np.full((2, 2), np.nan, np.float16)]
+    want = [zlib.crc32(np.ascontiguousarray(a).tobytes()) for a in arrays]
+    from isal.isal_zlib import crc32  # a declared dependency (pyproject.toml)
+
+    assert integrity._crc32 is crc32
+    assert [integrity._crc(a) for a in arrays] == want
+    assert [chunk_digest(a) for a in arrays] == [f"{w:08x}" for w in want]
+    monkeypatch.setattr(integrity, "_crc32", zlib.crc32)  # as without isal
+    assert [integrity._crc(a) for a in arrays] == want
+
+
 def test_a_chunk_swapped_for_another_valid_chunk_is_detected_and_named(store, values):
     a, b = _chunk(store, "conv", 0, 1), _chunk(store, "conv", 1, 1)
     first, second = a.read_bytes(), b.read_bytes()
