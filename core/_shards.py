@@ -16,7 +16,7 @@ Each inner chunk is the (rows, unit_chunk) block in C order, the last one padded
 fill value, through the array's own codecs (bytes, little endian; then Blosc, Zstd or nothing).
 tests/test_store.py checks the files equal Zarr's own byte for byte for every codec form, and the
 reads. :class:`ShardReader` reads chunks of such shards back the same way (the index, its CRC-32C,
-then each chunk's bytes, decoded in the calling thread); the checked reads of
+then each chunk's bytes, decoded in the calling thread, and each chunk's CRC-32 while it is in cache); the checked reads of
 :class:`core.integrity.CheckedArray` use it and fall back to Zarr, which names what is wrong, on
 anything unexpected. Arrays of any other layout (unsharded, another index layout, codecs this module
 does not know, a store that is not a local folder) get neither; their reads and writes go through Zarr.
@@ -29,8 +29,9 @@ from pathlib import Path
 
 import google_crc32c  # what Zarr's Crc32cCodec uses
 import numpy as np
+from numcodecs import Blosc
 
-from .integrity import chunk_digest
+from .integrity import _crc, chunk_digest
 
 #: inner chunks per encoding task when a shard's chunks are shared over a pool
 _CHUNKS_PER_TASK = 4
@@ -105,9 +106,14 @@ class ShardWriter(_Shards):
 class ShardReader(_Shards):
     """Reads chunks of whole-layer shards of one sharded Zarr array (the layout :func:`_layout` accepts)."""
 
-    def read(self, rows: range, cols: range) -> np.ndarray:
+    def read(self, rows: range, cols: range) -> tuple[np.ndarray, np.ndarray]:
         """Row chunks (image batches, one shard each) ``rows`` x column chunks ``cols`` as one array,
-        trimmed to the array's bounds.
+        trimmed to the array's bounds, and the CRC-32 (:func:`core.integrity.chunk_digest`'s, as an
+        integer) of each chunk's values, (len(rows), len(cols)) uint32.
+
+        Each chunk is read into one reused buffer and decoded straight into its place where that is
+        one contiguous run of the output (a block one chunk wide), else into a scratch chunk; its
+        CRC-32 is taken right after, while it is in cache.
 
         Raises:
             OSError, ValueError: a missing or short file, an index whose CRC-32C does not match, an
@@ -117,9 +123,13 @@ class ShardReader(_Shards):
         r, c = self.rows, self.chunk
         top, left = rows.start * r, cols.start * c
         out = np.empty((min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left), self.dtype)
+        crcs = np.empty((len(rows), len(cols)), dtype=np.uint32)
+        chunk_bytes = r * c * self.dtype.itemsize
+        raw_buf = bytearray(chunk_bytes + 64 * 1024)  # grown where a chunk compresses to more than its size
+        scratch = None
         tail = 16 * self.n_chunks + 4
         for i in rows:
-            with open(self.folder / self.key((i, 0)), "rb") as f:
+            with open(self.folder / self.key((i, 0)), "rb", buffering=0) as f:
                 f.seek(-tail, 2)
                 raw = f.read(tail)
                 if len(raw) != tail or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -130,16 +140,46 @@ class ShardReader(_Shards):
                     offset, size = (int(v) for v in index[j])
                     if offset == 2 ** 64 - 1:
                         raise ValueError(f"shard {i}: chunk {j} is empty")
+                    if size > len(raw_buf):
+                        raw_buf = bytearray(size)
+                    data = memoryview(raw_buf)[:size]
                     f.seek(offset)
-                    data = f.read(size)
-                    if len(data) != size:
+                    if f.readinto(data) != size:
                         raise ValueError(f"shard {i}: chunk {j} is cut short")
-                    if self.codec is not None:
-                        data = self.codec.decode(data)
-                    block = np.frombuffer(data, dtype=self.dtype).reshape(r, c)
                     x0, x1 = j * c - left, min((j + 1) * c, self.width) - left
-                    out[y0:y1, x0:x1] = block[: y1 - y0, : x1 - x0]
-        return out
+                    whole = y1 - y0 == r and x1 - x0 == c == out.shape[1]  # its place is one C-order run
+                    if whole:
+                        block = out[y0:y1]
+                    else:
+                        if scratch is None:
+                            scratch = np.empty((r, c), self.dtype)
+                        block = scratch
+                    self._decode(data, block, i, j)
+                    values = block if whole else block[: y1 - y0, : x1 - x0]
+                    crcs[i - rows.start, j - cols.start] = _crc(values)
+                    if not whole:
+                        out[y0:y1, x0:x1] = values
+        return out, crcs
+
+    def _decode(self, data: memoryview, block: np.ndarray, i: int, j: int) -> None:
+        """Chunk (i, j)'s encoded bytes ``data`` decoded into ``block`` (one chunk, C order); a
+        ValueError where they do not decode to exactly its size (numcodecs fills a larger ``out``
+        without a word, so the size is checked first: Blosc's header holds it)."""
+        want = block.nbytes
+        if self.codec is None:
+            got = len(data)
+        elif isinstance(self.codec, Blosc):
+            got = int.from_bytes(data[4:8], "little") if len(data) >= 16 else -1  # nbytes in Blosc's header
+        else:  # Zstd: to bytes, then in place
+            decoded = self.codec.decode(data)
+            got = len(decoded)
+            data = decoded if got == want else data
+        if got != want:
+            raise ValueError(f"shard {i}: chunk {j} decodes to {got} bytes, not {want}")
+        if isinstance(self.codec, Blosc):
+            self.codec.decode(data, out=block)
+        else:
+            block.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
 
 
 def _layout(array) -> tuple | None:

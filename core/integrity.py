@@ -235,13 +235,13 @@ class CheckedArray:
         """
         (r, c), (n, m) = self.chunks, self.shape
         region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
-        data = None
+        data = crcs = None
         reader = self._shard_reader()
         if reader:  # whole-layer shards: read by core/_shards.py, without Zarr's event loop
             try:
-                data = reader.read(rows, cols)
+                data, crcs = reader.read(rows, cols)  # and each chunk's CRC-32, taken while in cache
             except Exception:  # noqa: BLE001 - Zarr reads it again below and says what is wrong
-                data = None
+                data = crcs = None
         try:
             if data is None:
                 data = np.asarray(self.array[region])
@@ -263,7 +263,8 @@ class CheckedArray:
         for i in rows:
             for j in cols:
                 y, x = (i - rows.start) * r, (j - cols.start) * c
-                got, want = _crc(data[y:y + r, x:x + c]), int(self.digests[i, j])
+                got = _crc(data[y:y + r, x:x + c]) if crcs is None else int(crcs[i - rows.start, j - cols.start])
+                want = int(self.digests[i, j])
                 if got != want:
                     if not self.chunk_file(i, j).exists():
                         problems.append(self._problem(i, j, self._missing))

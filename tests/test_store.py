@@ -503,6 +503,31 @@ def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, 
         np.testing.assert_array_equal(checked[rows, cols], np.asarray(bare[rows, cols]))
         np.testing.assert_array_equal(checked[rows, cols], values[rows, cols])
     np.testing.assert_array_equal(checked.oindex[2:20, [5, 1699, 601, 0]], values[2:20][:, [5, 1699, 601, 0]])
+    # one chunk wide: whole batches decode straight into the output, the last (5 rows) through a scratch
+    # chunk, as do blocks of several chunks; every chunk's CRC-32 is its recorded digest
+    reader = checked._shard_reader()
+    for rows, cols in [(range(0, 3), range(1, 2)), (range(0, 3), range(0, 6)), (range(1, 3), range(5, 6))]:
+        got, crcs = reader.read(rows, cols)
+        np.testing.assert_array_equal(got, values[rows.start * 8:rows.stop * 8, cols.start * 300:cols.stop * 300])
+        np.testing.assert_array_equal(crcs, checked.digests[rows.start:rows.stop, cols.start:cols.stop])
+    # a chunk whose bytes decode to another size (another chunk's encoding, one batch row short, put
+    # in its place with a valid index): the reader refuses it, and the checked read names it
+    shard = checked.chunk_file(0, 0)
+    raw = shard.read_bytes()
+    tail = 16 * reader.n_chunks + 4
+    index = np.frombuffer(raw[-tail:-4], dtype="<u8").reshape(-1, 2).copy()
+    short = np.zeros((7, 300), np.float16)
+    encoded = reader.codec.encode(short) if reader.codec is not None else short.tobytes()
+    index[2] = (len(raw) - tail, len(encoded))
+    import google_crc32c
+
+    shard.write_bytes(raw[:-tail] + encoded + index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little"))
+    with pytest.raises(ValueError, match=r"shard 0: chunk 2 decodes to 4200 bytes, not 4800"):
+        reader.read(range(0, 1), range(2, 3))
+    with pytest.raises(StoreDamagedError, match=r"c/0/0"):
+        checked[0:8, 600:900]
+    np.testing.assert_array_equal(checked[0:8, 0:600], values[0:8, 0:600])  # its other chunks read as before
+    shard.write_bytes(raw)
     shard = checked.chunk_file(1, 0)
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0x01  # the index's last byte: its CRC-32C no longer matches
