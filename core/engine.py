@@ -1967,6 +1967,7 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
             region-committed search, :func:`core.analysis.match_by_region`). None: every layer.
         progress: show a progress bar.
     """
+    from .integrity import read_threads
     from .units import as_layers, catalogue_of, chunk_aligned, gather_columns, iter_blocks
 
     searched = layers
@@ -1987,11 +1988,17 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
     size = engine.settings.block_units or chunk_aligned(
         default_block_units(n_images, engine.n_rows, device=engine.device), layers)
+    # a store's blocks are read on read_threads() threads where the cores would otherwise wait for the
+    # read (CUDA: the staging thread beside the GPU; several splits on CPU: between the blocks'
+    # products); one split on CPU reads the next block on one thread while the cores score the
+    # current one (two read threads were slower there: benchmarks/RESULTS.md)
+    threads = 1 if engine.device.type == "cpu" and engine._tiled else read_threads()
     if searched is not None:
         wanted = check_layer_subset(searched, list(layers), "the activations have")
-        blocks = iter_blocks({name: layers[name] for name in layers if name in wanted}, catalogue, size)
+        layers_read = {name: layers[name] for name in layers if name in wanted}
     else:
-        blocks = iter_blocks(layers, catalogue, size)
+        layers_read = layers
+    blocks = iter_blocks(layers_read, catalogue, size, read_threads=threads)
     return stream_match(engine, blocks, catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units, dtype=None),
                         progress=progress)

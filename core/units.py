@@ -302,20 +302,27 @@ def catalogue_of(layers: Mapping[str, object], dims: Mapping[str, Sequence[str]]
 
 
 def iter_blocks(
-    layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, block_units: int
+    layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, block_units: int, read_threads: int = 1
 ) -> Iterator[UnitBlock]:
     """Blocks of at most ``block_units`` units, layer by layer.
 
     numpy layers give views (no copies); 2-D Zarr arrays (images x units) are read block by block,
-    so pick ``block_units`` as a multiple of their unit chunk size (:func:`chunk_aligned`).
+    so pick ``block_units`` as a multiple of their unit chunk size (:func:`chunk_aligned`). A store's
+    checked layers (:class:`core.integrity.CheckedArray`) are read on ``read_threads`` threads per
+    block (its ``read_units``: the chunks decoded and checked in parallel); one thread reads each
+    block in the thread that asks for it.
     """
     if block_units <= 0:
         raise ValueError(f"block_units must be positive; got {block_units}")
+    if isinstance(read_threads, bool) or not isinstance(read_threads, (int, np.integer)) or read_threads < 1:
+        raise ValueError(f"read_threads must be an integer >= 1; got {read_threads!r}")
     for name, a in layers.items():
         flat = _flat(a)
         base = catalogue.offset(name)
+        read = getattr(flat, "read_units", None) if read_threads > 1 else None
         for start in range(0, flat.shape[1], block_units):
-            yield UnitBlock(flat[:, start:start + block_units], name, base + start)
+            data = flat[:, start:start + block_units] if read is None else read(start, start + block_units, read_threads)
+            yield UnitBlock(data, name, base + start)
 
 
 def whole_chunks(block_units: int, chunk: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1309,7 +1310,8 @@ def test_default_blocks_over_a_stores_layers_are_whole_chunks(tmp_path, monkeypa
     store.finalize()
     store = ActivationStore.open(store.path)
     sizes, iter_blocks = [], units_module.iter_blocks
-    monkeypatch.setattr(units_module, "iter_blocks", lambda l, c, size: sizes.append(size) or iter_blocks(l, c, size))
+    monkeypatch.setattr(units_module, "iter_blocks",
+                        lambda l, c, size, **kw: sizes.append(size) or iter_blocks(l, c, size, **kw))
     y = rng.standard_normal((3, 20))
     split = [(np.arange(14), np.arange(14, 20))]
     got = {}
@@ -1322,6 +1324,53 @@ def test_default_blocks_over_a_stores_layers_are_whole_chunks(tmp_path, monkeypa
         assert sizes == [want, default, 50]
         pd.testing.assert_frame_equal(got["store"], got["numpy"])
         pd.testing.assert_frame_equal(got["explicit"], got["numpy"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())"))])
+def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(tmp_path, monkeypatch, device):
+    """``iter_blocks(..., read_threads=n)`` reads a store's blocks with ``CheckedArray.read_units`` on n
+    threads: the same blocks, bit for bit. ``run_matching`` reads on ``read_threads()`` threads where
+    the cores would otherwise wait for the read (several splits on CPU; CUDA), and on one thread with
+    one split on CPU (the next block is read while both cores score the current one); the matches
+    are those of the same values in numpy either way (on CUDA, numpy's values on CUDA)."""
+    from unitmatch.core import integrity
+    from unitmatch.core.integrity import CheckedArray
+    from unitmatch.core.store import ActivationStore, StoreKey
+
+    layers = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc", (30,), ("channel",))]
+    rng = np.random.default_rng(43)
+    values = {layer.name: rng.standard_normal((20, layer.size)).astype(np.float16) for layer in layers}
+    key = StoreKey("test@random:0", {}, "stimuli", ("conv", "fc"))
+    store = ActivationStore.create(tmp_path, key, layers, [f"im{i}" for i in range(20)], batch_size=8, unit_chunk=40)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()}, info={"device": "cpu"})
+    store.finalize()
+    store = ActivationStore.open(store.path)
+    cat = store.catalogue()
+    asked, read_units = [], CheckedArray.read_units
+    monkeypatch.setattr(CheckedArray, "read_units",
+                        lambda self, a, b, threads=1: asked.append((self.layer, a, b, threads)) or read_units(self, a, b, threads))
+    one = list(iter_blocks(store.layers(), cat, 40))
+    assert asked == []
+    three = list(iter_blocks(store.layers(), cat, 40, read_threads=3))
+    assert asked == [("conv", 0, 40, 3), ("conv", 40, 80, 3), ("conv", 80, 120, 3), ("fc", 0, 40, 3)]
+    assert [(b.layer, b.first_unit) for b in three] == [(b.layer, b.first_unit) for b in one]
+    for a, b in zip(one, three):
+        assert a.data.dtype == b.data.dtype == np.float16
+        np.testing.assert_array_equal(a.data, b.data)
+    for bad in (0, -2, True, 1.5, "2"):
+        with pytest.raises(ValueError, match=r"read_threads must be an integer >= 1; got " + re.escape(repr(bad))):
+            next(iter_blocks(store.layers(), cat, 40, read_threads=bad))
+    monkeypatch.setattr(integrity, "read_threads", lambda: 3)
+    y = rng.standard_normal((3, 20))
+    for n_splits, want in ((1, set() if device == "cpu" else {3}), (2, {3})):
+        splits = [(np.arange(14), np.arange(14, 20)), (np.arange(6, 20), np.arange(6))][:n_splits]
+        asked.clear()
+        got = run_matching(store.layers(), y, splits, catalogue=cat, device=device, block_units=40).matches
+        assert {threads for *_, threads in asked} == want and (not want or len(asked) == 4)
+        pd.testing.assert_frame_equal(got, run_matching(values, y, splits, catalogue=cat, device=device).matches)
 
 
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):
