@@ -25,10 +25,12 @@ With ``--match-neurons N`` (issue 8), last: one-split matching of N neurons from
 ``run_matching`` streamed it before (the engine's default block, 17,920 units for 3200 images,
 straddling the 16,384-unit chunks; block by block: the reference), in whole chunks block by block,
 and as it streams it now (whole chunks, the next block read while the current one is scored),
-alternating, with the reads alone; the same units are asserted.
+alternating, with the reads alone; the same units are asserted. With ``--stream-device D`` as well,
+instead: the stream from the store on device D (cpu, cuda) as ``run_matching`` reads it there, against
+the reads alone and the same matching from host memory (:func:`_stream_from_store`).
 
 Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
-     [--null-columns 100000] [--match-neurons 256]
+     [--null-columns 100000] [--match-neurons 256 [--stream-device cuda]]
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main():
                     help="columns of the null's re-scoring read (default: half the units)")
     ap.add_argument("--match-neurons", type=int, default=0,
                     help="also time one-split matching of this many neurons from the store (0: not)")
+    ap.add_argument("--stream-device", default=None,
+                    help="with --match-neurons: instead of the CPU block variants, the stream from the store on "
+                         "this device (cpu, cuda) against its reads and the same matching from host memory")
     args = ap.parse_args()
 
     from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
@@ -154,8 +159,10 @@ def main():
         print(f"  reference, a checked read of every layer by blocks, 1 thread: {full:.3f} s")
         print(f"  as stored (float16), {threads} read threads: {th:.3f} s ({th / full:.2f}x the reference); "
               f"1 thread: {one:.3f} s ({one / full:.2f}x); as float64, {threads} threads: {f64:.3f} s")
-        if args.match_neurons:
+        if args.match_neurons and args.stream_device is None:
             _match_from_store(store, rng, args)
+        elif args.match_neurons:
+            _stream_from_store(store, rng, args)
 
 
 def _match_from_store(store, rng, args):
@@ -206,6 +213,67 @@ def _match_from_store(store, rng, args):
         t = float(np.median(values))
         print(f"  {name}: {t:.3f} s ({t / reference:.3f}x)")
     print("  the reads alone: " + ", ".join(f"blocks of {size}: {float(np.median(v)):.3f} s" for size, v in reads.items()))
+
+
+def _stream_from_store(store, rng, args):
+    """One-split matching of the store's blocks on ``--stream-device`` as ``run_matching`` streams them
+    there (:func:`core.engine.stream_match`; on CUDA staged through pinned buffers, each block read on
+    :func:`core.integrity.read_threads` threads), against its two components alone in the same run:
+    the checked reads of the same blocks (on those threads, and on one) and the same matching of
+    the same values already in host memory; the stream's time as a fraction of the slower."""
+    from unitmatch import core
+    from unitmatch.core import integrity
+    from unitmatch.core.engine import MatchEngine, default_block_units, stream_match
+    from unitmatch.core.units import chunk_aligned, iter_blocks
+
+    layers, catalogue = store.layers(), store.catalogue()
+    y = rng.standard_normal((args.match_neurons, args.images))
+    engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None),
+                         device=args.stream_device)
+    size = chunk_aligned(default_block_units(args.images, engine.n_rows, device=engine.device), layers)
+    threads = integrity.read_threads()
+    in_memory = {name: np.asarray(a[:]) for name, a in layers.items()}
+
+    def stream(source, n_threads: int):
+        t0 = time.perf_counter()
+        result = stream_match(engine, iter_blocks(source, catalogue, size, read_threads=n_threads), catalogue)
+        return time.perf_counter() - t0, result
+
+    def read_alone(n_threads: int) -> float:
+        t0 = time.perf_counter()
+        for block in iter_blocks(layers, catalogue, size, read_threads=n_threads):
+            np.asarray(block.data)
+        return time.perf_counter() - t0
+
+    as_run = 1 if engine.device.type == "cpu" and engine._tiled else threads  # run_matching's rule
+    other = 1 if as_run > 1 else threads
+    variants = {f"from the store, {as_run} read thread(s), as run_matching reads it": (layers, as_run)}
+    if other != as_run:
+        variants[f"from the store, {other} read thread(s)"] = (layers, other)
+    variants["from host memory (numpy, already read)"] = (in_memory, 1)
+    first = None
+    for source, n_threads in variants.values():  # warm-up: CUDA kernels, pinned buffers, the page cache
+        result = stream(source, n_threads)[1]
+        first = first if first is not None else result
+        assert np.array_equal(result.matches["unit"].to_numpy(), first.matches["unit"].to_numpy())
+    times = {name: [] for name in variants}
+    reads = {n: [] for n in sorted({threads, 1}, reverse=True)}
+    for r in range(max(2, args.repeats // 5)):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            times[name].append(stream(*variants[name])[0])
+        for n_threads in reads:
+            reads[n_threads].append(read_alone(n_threads))
+    med = {name: float(np.median(v)) for name, v in times.items()}
+    read_med = {n: float(np.median(v)) for n, v in reads.items()}
+    print(f"one-split matching of {args.match_neurons} neurons from the store on {engine.device} "
+          f"({catalogue.n_units} units, blocks of {size}; medians of {len(reads[1])} rounds, alternating; the same units)")
+    for name, t in med.items():
+        print(f"  {name}: {t:.3f} s")
+    print("  the reads alone: " + ", ".join(f"{n} thread(s) {t:.3f} s" for n, t in read_med.items()))
+    limit = max(read_med[as_run], med["from host memory (numpy, already read)"])
+    stored = med[next(iter(med))]
+    print(f"  the stream as run_matching reads it: {limit / stored:.0%} of the slower component alone "
+          f"({limit:.3f} s: max(the reads on {as_run} thread(s), the matching from memory))")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 # Prepare, on the development machine, in the project root:
 #   ../shared/tools/device-kit build          # .device/site.tar.xz: ray, zarr, dask, hydra... (not wandb)
 #   mkdir -p .device/shared && cp -r ../shared/data .device/shared/   # the tests' real data (4.6 MB)
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .device/whl isal==1.9.1    # not in the kit (0.3 MB): the digests' CRC-32
 # Then one device run: carry [".device"], timeout_s 600, command
 #   PYTHONUNBUFFERED=1 bash benchmarks/gpu_session.sh
 # The steps below take more than one run's budget: ONLY (a regex of step names) picks some, e.g. a first
@@ -19,7 +21,8 @@
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
 #   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo,
 #      with each way to the L-BFGS directions (compact form: the CUDA default; two-loop recursion)
-#   4b. bench_store_read: the re-scoring's scattered-column read of a store on the node's cores
+#   4b. bench_store_read: the re-scoring's scattered-column read of a store on the node's cores, and
+#      one-split matching from a store on the GPU against its reads and the matching from memory
 #   5. the default test suite on the GPU machine (W&B tests deselected: wandb is not on the device, nor
 #      numba; the device's own timm may predate the project's minimum, 1.0.31: tests of test_maxvit then fail)
 set -uo pipefail
@@ -33,6 +36,10 @@ ln -sfn "$PWD" /tmp/pkg/unitmatch            # the repository root is the packag
 if [ "${KIT:-1}" = 1 ]; then                 # KIT=0: a dry run where every package is installed already
   tar -xJf .device/site.tar.xz -C /tmp/site || { echo "no .device/site.tar.xz: run ../shared/tools/device-kit build"; exit 2; }
   export PYTHONPATH=/tmp/site:/tmp/pkg
+  # wheels beside the kit (isal): installed into the same folder; without isal the digests use zlib's CRC-32
+  if compgen -G ".device/whl/*.whl" > /dev/null; then
+    ${PYTHON:-python3} -m pip install -q --no-deps --no-index --target /tmp/site .device/whl/*.whl || echo "the wheels in .device/whl did not install"
+  fi
 else
   export PYTHONPATH=/tmp/pkg
 fi
@@ -84,9 +91,11 @@ step bench_extract_queue 40 $PY benchmarks/bench_extract.py --device cuda --mode
 step bench_decode 150 $PY benchmarks/bench_decode.py --device cuda --cases majaj demo --sklearn-splits 1 --repeats 2 \
   --directions compact two-loop
 # the float64 re-scoring's read of a null's candidates (host work after the GPU's block pass): on the
-# node's cores (up to 16 read threads) against one thread and a whole checked read (3200 images, 1.7 GB)
-step bench_store_read 90 $PY benchmarks/bench_store_read.py --images 3200 --layers 1 --units 262144 --repeats 5 \
-  --null-columns 100000
+# node's cores (up to 16 read threads) against one thread and a whole checked read (3200 images, 1.7 GB);
+# then one-split matching from the store on the GPU (blocks read on the read threads, staged) against the
+# reads alone and the same matching from host memory
+step bench_store_read 130 $PY benchmarks/bench_store_read.py --images 3200 --layers 1 --units 262144 --repeats 5 \
+  --null-columns 100000 --match-neurons 256 --stream-device cuda
 # deselected: what needs wandb (not in the kit) or a package index (none on the device), and numba's
 # kernel (llvmlite's 57 MiB wheel and the kit's 37 MB exceed what a device run carries, 64 MiB: the
 # engine's CPU path falls back to torch's ops there, with a warning; the kernel's tests run in CI)
