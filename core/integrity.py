@@ -427,22 +427,21 @@ class _CheckedOIndex:
         return out
 
 
-def _on_threads(fn, items: list, threads: int) -> None:
-    """``fn(item)`` for every item, on ``threads`` threads (here where 1); the first error is raised
-    once the items already started have ended (the others are not started)."""
+def _on_threads(fn, items: list, threads: int) -> list:
+    """``[fn(item) for item in items]``, on ``threads`` threads (here where 1); the first error is
+    raised once the items already started have ended (the others are not started)."""
     if threads <= 1:
-        for item in items:
-            fn(item)
-        return
+        return [fn(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(threads, thread_name_prefix="unitmatch-reads")
     try:
-        list(pool.map(fn, items))
+        results = list(pool.map(fn, items))
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return results
 
 
 #: the most threads a scattered-column read uses

@@ -557,12 +557,15 @@ class ActivationStore:
         """Check the whole store: key, metadata files, done records, then every chunk of every layer.
 
         Every chunk file must exist, decode (zstd checksum) and hold the values whose digest its
-        batch's done record holds. Reads the store once, one batch of one layer at a time.
+        batch's done record holds. Reads the store once, a batch of one layer at a time on each of
+        :func:`core.integrity.read_threads` threads.
 
         Returns:
             the report: ``ok``, or every problem found (nothing is raised for damage).
         """
         from tqdm.auto import tqdm
+
+        from .integrity import READ_BYTES, _on_threads, read_threads
 
         report = VerifyReport(self.path)
         problems = report.problems
@@ -582,14 +585,25 @@ class ActivationStore:
             return report
         for name, a in arrays.items():
             n_cols = a.digests.shape[1]
-            for i in tqdm(range(self.n_batches), desc=f"verify {name}", unit="batch", disable=not progress):
+            bar = tqdm(total=self.n_batches, desc=f"verify {name}", unit="batch", disable=not progress)
+
+            def check(i: int, a=a, n_cols=n_cols, bar=bar) -> list[ChunkProblem]:
                 _, found = a.check_chunks(range(i, i + 1), range(n_cols))
                 missing = {p.chunk for p in found}
                 # every chunk is written, so a missing file is damage even where the fill value matches
                 found += [a._problem(i, j, a._missing) for j in range(n_cols)
                           if (i, j) not in missing and not a.chunk_file(i, j).exists()]
-                problems += found
-                report.n_chunks += n_cols
+                bar.update()
+                return found
+
+            # batches on the read threads (decoding, file reads and CRC-32s release the GIL), at most
+            # READ_BYTES of decoded batches at once; the problems in batch order
+            batch_bytes = a.chunks[0] * a.shape[1] * np.dtype(a.dtype).itemsize
+            threads = min(read_threads(), self.n_batches, max(1, READ_BYTES // max(1, batch_bytes)))
+            with bar:
+                for found in _on_threads(check, range(self.n_batches), threads):
+                    problems += found
+            report.n_chunks += n_cols * self.n_batches
         return report
 
 

@@ -126,7 +126,7 @@ def test_the_chunk_digest_is_zlibs_crc32_through_isal_and_without_it(monkeypatch
     assert [integrity._crc(a) for a in arrays] == want
 
 
-def test_a_chunk_swapped_for_another_valid_chunk_is_detected_and_named(store, values):
+def test_a_chunk_swapped_for_another_valid_chunk_is_detected_and_named(store, values, monkeypatch):
     a, b = _chunk(store, "conv", 0, 1), _chunk(store, "conv", 1, 1)
     first, second = a.read_bytes(), b.read_bytes()
     a.write_bytes(second)
@@ -153,6 +153,18 @@ def test_a_chunk_swapped_for_another_valid_chunk_is_detected_and_named(store, va
     report = store.verify()
     assert not report.ok and [(p.layer, p.chunk) for p in report.problems] == [("conv", (0, 1)), ("conv", (1, 1))]
     assert "DAMAGED" in report.describe() and "store.zarr/conv/activations/c/1/1" in report.describe()
+    # verify checks the batches on the read threads: the same problems, in batch order, on 1 and on 3
+    from unitmatch.core import integrity
+
+    asked, on_threads = [], integrity._on_threads
+    monkeypatch.setattr(integrity, "_on_threads",
+                        lambda fn, items, threads: asked.append((len(items), threads)) or on_threads(fn, items, threads))
+    for n in (1, 3):
+        monkeypatch.setattr(integrity, "read_threads", lambda n=n: n)
+        asked.clear()
+        again = store.verify()
+        assert asked == [(3, n), (3, n)]  # each layer's 3 batches on n threads
+        assert again.problems == report.problems and again.n_chunks == report.n_chunks == 3 * 3 + 3 * 1
 
 
 def test_flipped_bytes_fail_zstds_checksum_and_are_named(store):
