@@ -106,14 +106,15 @@ class ShardWriter(_Shards):
 class ShardReader(_Shards):
     """Reads chunks of whole-layer shards of one sharded Zarr array (the layout :func:`_layout` accepts)."""
 
-    def read(self, rows: range, cols: range) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, rows: range, cols: range, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Row chunks (image batches, one shard each) ``rows`` x column chunks ``cols`` as one array,
-        trimmed to the array's bounds, and the CRC-32 (:func:`core.integrity.chunk_digest`'s, as an
-        integer) of each chunk's values, (len(rows), len(cols)) uint32.
+        trimmed to the array's bounds (into ``out`` where given: that shape, any strides), and the
+        CRC-32 (:func:`core.integrity.chunk_digest`'s, as an integer) of each chunk's values,
+        (len(rows), len(cols)) uint32.
 
         Each chunk is read into one reused buffer and decoded straight into its place where that is
-        one contiguous run of the output (a block one chunk wide), else into a scratch chunk; its
-        CRC-32 is taken right after, while it is in cache.
+        one contiguous run of the output (a block one chunk wide, the output's whole rows), else into
+        a scratch chunk; its CRC-32 is taken right after, while it is in cache.
 
         Raises:
             OSError, ValueError: a missing or short file, an index whose CRC-32C does not match, an
@@ -122,7 +123,11 @@ class ShardReader(_Shards):
         """
         r, c = self.rows, self.chunk
         top, left = rows.start * r, cols.start * c
-        out = np.empty((min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left), self.dtype)
+        shape = (min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left)
+        if out is None:
+            out = np.empty(shape, self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise ValueError(f"out must be {shape} {self.dtype}; got {out.shape} {out.dtype}")
         crcs = np.empty((len(rows), len(cols)), dtype=np.uint32)
         chunk_bytes = r * c * self.dtype.itemsize
         raw_buf = bytearray(chunk_bytes + 64 * 1024)  # grown where a chunk compresses to more than its size
@@ -147,10 +152,9 @@ class ShardReader(_Shards):
                     if f.readinto(data) != size:
                         raise ValueError(f"shard {i}: chunk {j} is cut short")
                     x0, x1 = j * c - left, min((j + 1) * c, self.width) - left
-                    whole = y1 - y0 == r and x1 - x0 == c == out.shape[1]  # its place is one C-order run
-                    if whole:
-                        block = out[y0:y1]
-                    else:
+                    block = out[y0:y1, x0:x1]
+                    whole = y1 - y0 == r and x1 - x0 == c and block.flags.c_contiguous  # its place is one run
+                    if not whole:
                         if scratch is None:
                             scratch = np.empty((r, c), self.dtype)
                         block = scratch

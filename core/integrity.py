@@ -228,8 +228,10 @@ class CheckedArray:
         return ChunkProblem(str(self.chunk_file(i, j).relative_to(self.store_path)), text, self.layer, (i, j),
                             (i * r, min((i + 1) * r, self.shape[0])), (j * c, min((j + 1) * c, self.shape[1])))
 
-    def check_chunks(self, rows: range, cols: range) -> tuple[np.ndarray | None, list[ChunkProblem]]:
-        """The values of row chunks ``rows`` x column chunks ``cols``, and the problems of those chunks.
+    def check_chunks(self, rows: range, cols: range, out: np.ndarray | None = None
+                     ) -> tuple[np.ndarray | None, list[ChunkProblem]]:
+        """The values of row chunks ``rows`` x column chunks ``cols`` (in ``out`` where given: the
+        region's shape, trimmed to the array's bounds), and the problems of those chunks.
 
         The values are None when a chunk could not be decoded.
         """
@@ -239,12 +241,15 @@ class CheckedArray:
         reader = self._shard_reader()
         if reader:  # whole-layer shards: read by core/_shards.py, without Zarr's event loop
             try:
-                data, crcs = reader.read(rows, cols)  # and each chunk's CRC-32, taken while in cache
+                data, crcs = reader.read(rows, cols, out)  # and each chunk's CRC-32, taken while in cache
             except Exception:  # noqa: BLE001 - Zarr reads it again below and says what is wrong
                 data = crcs = None
         try:
             if data is None:
                 data = np.asarray(self.array[region])
+                if out is not None:
+                    out[...] = data
+                    data = out
         except Exception:  # noqa: BLE001 - find the chunk(s) that fail, or re-raise
             problems = []
             for i in rows:
@@ -274,13 +279,17 @@ class CheckedArray:
                                   f"{want:08x}): a chunk file swapped, overwritten or corrupted"))
         return data, problems
 
-    def _read(self, rows: range, cols: range) -> np.ndarray:
+    def _read(self, rows: range, cols: range, out: np.ndarray | None = None) -> np.ndarray:
+        """Row chunks ``rows`` x column chunks ``cols``, checked (into ``out`` where given)."""
         cache = self.slot.cache
         if cache is not None:
             data = self._cached(cache, rows, cols)
             if data is not None:
+                if out is not None:
+                    out[...] = data
+                    return out
                 return data
-        data, problems = self.check_chunks(rows, cols)
+        data, problems = self.check_chunks(rows, cols, out)
         if problems:
             raise StoreDamagedError.of(self.store_path, problems[0])
         if cache is not None:
@@ -341,8 +350,10 @@ class CheckedArray:
         """Every image's values of units ``start .. stop`` (``a[:, start:stop]``, checked), read on up
         to ``threads`` threads in tiles of whole chunks (contiguous groups of column chunks, then of
         row chunks: a block of one chunk's width still has a row chunk per image batch; decoding,
-        file reads and CRC-32 checks release the GIL). For a block task whose products run on a
-        GPU, where one thread's decoding of its block is the host's whole share of the work."""
+        file reads and CRC-32 checks release the GIL), each tile of whole chunks read into its place
+        in the result. For a block task whose products run on a GPU, where one thread's decoding of
+        its block is the host's whole share of the work, and :func:`core.units.iter_blocks`'
+        ``read_threads``."""
         start, stop, _ = slice(start, stop).indices(self.shape[1])
         (r, c), n = self.chunks, self.shape[0]
         first, last = start // c, (max(stop, start + 1) - 1) // c
@@ -359,7 +370,12 @@ class CheckedArray:
             rows, cols = tile
             y0, y1 = int(rows[0]) * r, min(n, (int(rows[-1]) + 1) * r)
             g0, g1 = max(start, int(cols[0]) * c), min(stop, (int(cols[-1]) + 1) * c)
-            out[y0:y1, g0 - start:g1 - start] = self[y0:y1, g0:g1]
+            dest = out[y0:y1, g0 - start:g1 - start]
+            if g0 == int(cols[0]) * c and g1 == min(self.shape[1], (int(cols[-1]) + 1) * c):
+                # whole chunks: read into their place in the block (no second copy)
+                self._read(range(int(rows[0]), int(rows[-1]) + 1), range(int(cols[0]), int(cols[-1]) + 1), dest)
+            else:  # part of a chunk at an end of the range: read, then copied
+                dest[...] = self[y0:y1, g0:g1]
 
         _on_threads(one, tiles, len(tiles))
         return out

@@ -510,6 +510,31 @@ def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, 
         got, crcs = reader.read(rows, cols)
         np.testing.assert_array_equal(got, values[rows.start * 8:rows.stop * 8, cols.start * 300:cols.stop * 300])
         np.testing.assert_array_equal(crcs, checked.digests[rows.start:rows.stop, cols.start:cols.stop])
+    # into a given out: a view of a wider array (its rows are not one run: through the scratch chunk)
+    # or a contiguous one (decoded in place); the wrong shape or dtype is refused
+    wide = np.zeros((21, 1000), np.float16)
+    for out in (wide[:, 100:700], np.empty((21, 600), np.float16)):
+        got, crcs = reader.read(range(0, 3), range(1, 3), out)
+        assert got is out
+        np.testing.assert_array_equal(out, values[:, 300:900])
+        np.testing.assert_array_equal(crcs, checked.digests[0:3, 1:3])
+    assert not wide[:, :100].any() and not wide[:, 700:].any()
+    for bad in (np.empty((21, 599), np.float16), np.empty((21, 600), np.float32)):
+        with pytest.raises(ValueError, match=r"out must be \(21, 600\) float16; got"):
+            reader.read(range(0, 3), range(1, 3), bad)
+    # blocks read on threads, whole-chunk tiles in place (one chunk wide: rows split), ends partial
+    for threads in (1, 2, 8):
+        for start, stop in ((0, 1700), (300, 600), (300, 1500), (250, 1234), (1500, 1700), (1650, 1700)):
+            np.testing.assert_array_equal(checked.read_units(start, stop, threads), values[:, start:stop])
+    from unitmatch.core.integrity import CheckedArray
+
+    sliced, getitem = [], CheckedArray.__getitem__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CheckedArray, "__getitem__", lambda self, key: sliced.append(key) or getitem(self, key))
+        np.testing.assert_array_equal(checked.read_units(300, 1500, 2), values[:, 300:1500])
+        assert sliced == []  # every tile whole chunks: read in place
+        np.testing.assert_array_equal(checked.read_units(250, 1234, 2), values[:, 250:1234])
+        assert len(sliced) == 2  # the two tiles with a partial chunk at an end
     # a chunk whose bytes decode to another size (another chunk's encoding, one batch row short, put
     # in its place with a valid index): the reader refuses it, and the checked read names it
     shard = checked.chunk_file(0, 0)
