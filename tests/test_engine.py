@@ -1291,24 +1291,30 @@ def test_a_failure_in_a_stream_of_blocks_ends_every_share_and_restores_the_threa
         torch.set_num_threads(threads)
 
 
+def _small_store(root, rng, **key_options):
+    """A complete store of 20 float16 images x two layers (conv 100 units, fc 30; batches of 8, unit
+    chunks of 40) with its values ({layer: (images, units)})."""
+    from unitmatch.core.store import ActivationStore, StoreKey
+
+    layers = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc", (30,), ("channel",))]
+    values = {layer.name: rng.standard_normal((20, layer.size)).astype(np.float16) for layer in layers}
+    key = StoreKey("test@random:0", {}, "stimuli", ("conv", "fc"), **key_options)
+    store = ActivationStore.create(root, key, layers, [f"im{i}" for i in range(20)], batch_size=8, unit_chunk=40)
+    writer = store.writer()
+    for b in range(store.n_batches):
+        writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()}, info={"device": "cpu"})
+    store.finalize()
+    return ActivationStore.open(store.path), values
+
+
 def test_default_blocks_over_a_stores_layers_are_whole_chunks(tmp_path, monkeypatch):
     """``run_matching``'s default block over a store's chunked layers is a multiple of the unit chunk
     (each chunk decoded once), at least one chunk; numpy layers and an explicit ``block_units`` are
     left as they are; the matches from the store equal those from the same values in numpy."""
     from unitmatch.core import engine as engine_module
     from unitmatch.core import units as units_module
-    from unitmatch.core.store import ActivationStore, StoreKey
-
-    layers = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc", (30,), ("channel",))]
     rng = np.random.default_rng(41)
-    values = {layer.name: rng.standard_normal((20, layer.size)).astype(np.float16) for layer in layers}
-    key = StoreKey("test@random:0", {}, "stimuli", ("conv", "fc"), codec="zstd:1", sharded=False)
-    store = ActivationStore.create(tmp_path, key, layers, [f"im{i}" for i in range(20)], batch_size=8, unit_chunk=40)
-    writer = store.writer()
-    for b in range(store.n_batches):
-        writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()}, info={"device": "cpu"})
-    store.finalize()
-    store = ActivationStore.open(store.path)
+    store, values = _small_store(tmp_path, rng, codec="zstd:1", sharded=False)
     sizes, iter_blocks = [], units_module.iter_blocks
     monkeypatch.setattr(units_module, "iter_blocks",
                         lambda l, c, size, **kw: sizes.append(size) or iter_blocks(l, c, size, **kw))
@@ -1335,18 +1341,8 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
     on CUDA)."""
     from unitmatch.core import integrity
     from unitmatch.core.integrity import CheckedArray
-    from unitmatch.core.store import ActivationStore, StoreKey
-
-    layers = [LayerUnits("conv", (4, 5, 5), ("channel", "y", "x")), LayerUnits("fc", (30,), ("channel",))]
     rng = np.random.default_rng(43)
-    values = {layer.name: rng.standard_normal((20, layer.size)).astype(np.float16) for layer in layers}
-    key = StoreKey("test@random:0", {}, "stimuli", ("conv", "fc"))
-    store = ActivationStore.create(tmp_path, key, layers, [f"im{i}" for i in range(20)], batch_size=8, unit_chunk=40)
-    writer = store.writer()
-    for b in range(store.n_batches):
-        writer.write(b, {name: v[store.batch_rows(b)] for name, v in values.items()}, info={"device": "cpu"})
-    store.finalize()
-    store = ActivationStore.open(store.path)
+    store, values = _small_store(tmp_path, rng)  # the default codec and layout: sharded
     cat = store.catalogue()
     asked, read_units = [], CheckedArray.read_units
     monkeypatch.setattr(CheckedArray, "read_units",
