@@ -67,6 +67,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to what the
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   $PY -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
+  $PY -c "from unitmatch.core import integrity as i; print('chunk CRC-32 from', i._crc32.__module__)"
   echo "TF32 variables at the start: $(tr '\n' ' ' < "$LOGS/tf32_env.txt")"; } \
   | tee "$LOGS/machine.txt"
 

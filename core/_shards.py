@@ -149,7 +149,7 @@ class ShardReader(_Shards):
                         raw_buf = bytearray(size)
                     data = memoryview(raw_buf)[:size]
                     f.seek(offset)
-                    if f.readinto(data) != size:
+                    if _read_fully(f, data) != size:
                         raise ValueError(f"shard {i}: chunk {j} is cut short")
                     x0, x1 = j * c - left, min((j + 1) * c, self.width) - left
                     block = out[y0:y1, x0:x1]
@@ -168,22 +168,36 @@ class ShardReader(_Shards):
     def _decode(self, data: memoryview, block: np.ndarray, i: int, j: int) -> None:
         """Chunk (i, j)'s encoded bytes ``data`` decoded into ``block`` (one chunk, C order); a
         ValueError where they do not decode to exactly its size (numcodecs fills a larger ``out``
-        without a word, so the size is checked first: Blosc's header holds it)."""
+        without a word, so the sizes are checked first: Blosc's header holds them)."""
         want = block.nbytes
         if self.codec is None:
             got = len(data)
-        elif isinstance(self.codec, Blosc):
-            got = int.from_bytes(data[4:8], "little") if len(data) >= 16 else -1  # nbytes in Blosc's header
-        else:  # Zstd: to bytes, then in place
+        elif isinstance(self.codec, Blosc):  # its header: nbytes at 4:8, the frame's own size at 12:16
+            if len(data) < 16 or int.from_bytes(data[12:16], "little") != len(data):
+                raise ValueError(f"shard {i}: chunk {j}'s Blosc frame does not hold {len(data)} bytes")
+            got = int.from_bytes(data[4:8], "little")
+        else:  # Zstd: decoded to new bytes, then copied
             decoded = self.codec.decode(data)
             got = len(decoded)
-            data = decoded if got == want else data
+            data = decoded
         if got != want:
             raise ValueError(f"shard {i}: chunk {j} decodes to {got} bytes, not {want}")
         if isinstance(self.codec, Blosc):
             self.codec.decode(data, out=block)
         else:
             block.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
+
+
+def _read_fully(f, buffer: memoryview) -> int:
+    """Bytes read from ``f`` into ``buffer`` until it is full or the file ends (one system call
+    returns at most about 2 GiB on Linux)."""
+    done = 0
+    while done < len(buffer):
+        n = f.readinto(buffer[done:])
+        if not n:
+            break
+        done += n
+    return done
 
 
 def _layout(array) -> tuple | None:

@@ -1988,8 +1988,8 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
         raise ValueError(f"activations have {n_images} images but responses have {engine.n_images}")
     size = engine.settings.block_units or chunk_aligned(
         default_block_units(n_images, engine.n_rows, device=engine.device), layers)
-    # a store's blocks are read on read_threads() threads, each tile of whole chunks decoded into its
-    # place: on CUDA beside the GPU (the staging thread), with several splits on CPU between the
+    # a store's blocks are read on read_threads() threads, each tile of whole chunks read into its
+    # place in the block: on CUDA beside the GPU (the staging thread), with several splits on CPU between the
     # blocks' products, with one split on CPU while both cores score the block before (2.21 s against
     # 2.40 s on one read thread for a 1.3 GB store on 2 cores: benchmarks/RESULTS.md)
     threads = read_threads()

@@ -237,6 +237,11 @@ class CheckedArray:
         """
         (r, c), (n, m) = self.chunks, self.shape
         region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
+        if out is not None:
+            shape = (region[0].stop - region[0].start, region[1].stop - region[1].start)
+            if out.shape != shape or out.dtype != self.dtype:  # (values cast into it would fail their CRC)
+                raise ValueError(f"out must be {shape} {self.dtype} for row chunks {rows} x column chunks {cols} "
+                                 f"of layer {self.layer!r}; got {out.shape} {out.dtype}")
         data = crcs = None
         reader = self._shard_reader()
         if reader:  # whole-layer shards: read by core/_shards.py, without Zarr's event loop
@@ -351,7 +356,7 @@ class CheckedArray:
         to ``threads`` threads in tiles of whole chunks (contiguous groups of column chunks, then of
         row chunks: a block of one chunk's width still has a row chunk per image batch; decoding,
         file reads and CRC-32 checks release the GIL), each tile of whole chunks read into its place
-        in the result. For a block task whose products run on a GPU, where one thread's decoding of
+        in the result (no tile array in between). For a block task whose products run on a GPU, where one thread's decoding of
         its block is the host's whole share of the work, and :func:`core.units.iter_blocks`'
         ``read_threads``."""
         start, stop, _ = slice(start, stop).indices(self.shape[1])
@@ -372,7 +377,8 @@ class CheckedArray:
             g0, g1 = max(start, int(cols[0]) * c), min(stop, (int(cols[-1]) + 1) * c)
             dest = out[y0:y1, g0 - start:g1 - start]
             if g0 == int(cols[0]) * c and g1 == min(self.shape[1], (int(cols[-1]) + 1) * c):
-                # whole chunks: read into their place in the block (no second copy)
+                # whole chunks: read into their place in the block (no tile array in between; a chunk
+                # decodes straight into it where its rows are one run: a block one chunk wide)
                 self._read(range(int(rows[0]), int(rows[-1]) + 1), range(int(cols[0]), int(cols[-1]) + 1), dest)
             else:  # part of a chunk at an end of the range: read, then copied
                 dest[...] = self[y0:y1, g0:g1]

@@ -593,7 +593,8 @@ class ActivationStore:
                 # every chunk is written, so a missing file is damage even where the fill value matches
                 found += [a._problem(i, j, a._missing) for j in range(n_cols)
                           if (i, j) not in missing and not a.chunk_file(i, j).exists()]
-                bar.update()
+                with bar.get_lock():  # (updated from the read threads)
+                    bar.update()
                 return found
 
             # batches on the read threads (decoding, file reads and CRC-32s release the GIL), at most

@@ -549,6 +549,16 @@ def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, 
     shard.write_bytes(raw[:-tail] + encoded + index.tobytes() + google_crc32c.value(index.tobytes()).to_bytes(4, "little"))
     with pytest.raises(ValueError, match=r"shard 0: chunk 2 decodes to 4200 bytes, not 4800"):
         reader.read(range(0, 1), range(2, 3))
+    if codec.startswith("blosc"):  # a frame whose header gives another length than its bytes: refused
+        padded = reader.codec.encode(np.zeros((8, 300), np.float16)) + b"\0"
+        index[2] = (len(raw) - tail, len(padded))
+        shard.write_bytes(raw[:-tail] + padded + index.tobytes()
+                          + google_crc32c.value(index.tobytes()).to_bytes(4, "little"))
+        with pytest.raises(ValueError, match=r"shard 0: chunk 2's Blosc frame does not hold \d+ bytes"):
+            reader.read(range(0, 1), range(2, 3))
+    with pytest.raises(ValueError, match=r"out must be \(8, 300\) float16 for row chunks range\(0, 1\) x column "
+                                         r"chunks range\(2, 3\) of layer 'head'; got \(8, 300\) float32"):
+        checked.check_chunks(range(0, 1), range(2, 3), np.empty((8, 300), np.float32))  # not read at all
     with pytest.raises(StoreDamagedError, match=r"c/0/0"):
         checked[0:8, 600:900]
     np.testing.assert_array_equal(checked[0:8, 0:600], values[0:8, 0:600])  # its other chunks read as before
