@@ -1366,6 +1366,15 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
         got = run_matching(store.layers(), y, splits, catalogue=cat, device=device, block_units=40).matches
         assert [threads for *_, threads in asked] == [3, 3, 3, 3]  # every block of both layers
         pd.testing.assert_frame_equal(got, run_matching(values, y, splits, catalogue=cat, device=device).matches)
+    # staged (CUDA's way, here on the CPU's ring too): the blocks read on 3 threads in the staging thread
+    from unitmatch.core.engine import stream_match
+
+    engine = MatchEngine(y, splits, device=device)
+    asked.clear()
+    staged = stream_match(engine, iter_blocks(store.layers(), cat, 40, read_threads=3), cat, staging=True)
+    assert [threads for *_, threads in asked] == [3, 3, 3, 3]
+    plain = stream_match(engine, iter_blocks(values, cat, 40), cat, staging=False)
+    pd.testing.assert_frame_equal(staged.matches, plain.matches)
 
 
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):
