@@ -217,8 +217,9 @@ def _match_from_store(store, rng, args):
 
 def _stream_from_store(store, rng, args):
     """One-split matching of the store's blocks on ``--stream-device`` as ``run_matching`` streams them
-    there (:func:`core.engine.stream_match`; on CUDA staged through pinned buffers, each block read on
-    :func:`core.integrity.read_threads` threads), against its two components alone in the same run:
+    there (:func:`core.engine.stream_match`; each block read on :func:`core.integrity.read_threads`
+    threads, on CUDA straight into the staging thread's pinned buffers), against its two components
+    alone in the same run:
     the checked reads of the same blocks (on those threads, and on one) and the same matching of
     the same values already in host memory; the stream's time as a fraction of the slower."""
     from unitmatch import core
@@ -236,7 +237,8 @@ def _stream_from_store(store, rng, args):
 
     def stream(source, n_threads: int):
         t0 = time.perf_counter()
-        result = stream_match(engine, iter_blocks(source, catalogue, size, read_threads=n_threads), catalogue)
+        blocks = iter_blocks(source, catalogue, size, read_threads=n_threads, deferred=engine.device.type == "cuda")
+        result = stream_match(engine, blocks, catalogue)
         return time.perf_counter() - t0, result
 
     def read_alone(n_threads: int) -> float:

@@ -1760,6 +1760,11 @@ class _End:
     """The producer's last item."""
 
 
+def _torch_dtype(dtype) -> torch.dtype:
+    """torch's dtype for a numpy dtype."""
+    return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
+
+
 def _host_tensor(data) -> torch.Tensor:
     """A block's data as a CPU tensor without copying (numpy arrays are wrapped)."""
     if isinstance(data, torch.Tensor):
@@ -1796,7 +1801,8 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
     finished (host side) and the compute that read it has finished (device side, ordered by an
     event on the copy stream). The host buffers are pinned on CUDA, so the copies are true DMA
     transfers; a block that is already pinned is copied from directly, one already on the device
-    passes through. On CPU the same ring runs with ordinary buffers and no streams (the "device"
+    passes through, and a store's block not read yet (:class:`core.units.BlockRead`) is read
+    straight into the slot's host buffer. On CPU the same ring runs with ordinary buffers and no streams (the "device"
     buffer is the host buffer).
 
     The data of a yielded block is valid until the next block is asked for.
@@ -1844,20 +1850,25 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
                 slot = take_slot()
                 if slot is None:
                     return
-                src = _host_tensor(data)
-                if src.device.type != "cpu":
+                deferred = hasattr(data, "read_into")  # a store's block (core.units.BlockRead), not read yet
+                src = None if deferred else _host_tensor(data)
+                if src is not None and src.device.type != "cpu":
                     src = src.cpu()  # on another device: through host memory
-                if not cuda:
-                    host = slot.view("host", tuple(src.shape), src.dtype)
-                    host.copy_(src)
-                    ready.put((slot, UnitBlock(host, block.layer, block.first_unit)))
-                    continue
-                slot.copied.synchronize()  # the last copy out of this host buffer is done
-                if src.is_pinned() and src.is_contiguous():
+                if cuda:
+                    slot.copied.synchronize()  # the last copy out of this host buffer is done
+                if deferred:  # read straight into the slot's (pinned) host buffer: no copy in between
+                    if np.dtype(data.dtype).kind != "f":
+                        raise ValueError(f"activations must be float16 or float32; got {data.dtype}")
+                    host = slot.view("host", tuple(data.shape), _torch_dtype(data.dtype))
+                    data.read_into(host.numpy())
+                elif cuda and src.is_pinned() and src.is_contiguous():
                     host = src  # DMA straight from the caller's pinned memory
                 else:
                     host = slot.view("host", tuple(src.shape), src.dtype)
                     host.copy_(src)
+                if not cuda:
+                    ready.put((slot, UnitBlock(host, block.layer, block.first_unit)))
+                    continue
                 slot.keep = host
                 with torch.cuda.stream(copy_stream):
                     copy_stream.wait_event(slot.computed)  # the last compute on the device buffer is done
@@ -1989,16 +2000,17 @@ def run_matching(activations, responses, splits, settings: MatchSettings | None 
     size = engine.settings.block_units or chunk_aligned(
         default_block_units(n_images, engine.n_rows, device=engine.device), layers)
     # a store's blocks are read on read_threads() threads, each tile of whole chunks read into its
-    # place in the block: on CUDA beside the GPU (the staging thread), with several splits on CPU between the
-    # blocks' products, with one split on CPU while both cores score the block before (2.21 s against
-    # 2.40 s on one read thread for a 1.3 GB store on 2 cores: benchmarks/RESULTS.md)
-    threads = read_threads()
+    # place in the block: on CUDA by the staging thread, straight into its pinned buffers (deferred
+    # reads), beside the GPU; with several splits on CPU between the blocks' products; with one split
+    # on CPU while both cores score the block before (2.21 s against 2.40 s on one read thread for a
+    # 1.3 GB store on 2 cores: benchmarks/RESULTS.md)
+    threads, deferred = read_threads(), engine.device.type == "cuda"
     if searched is not None:
         wanted = check_layer_subset(searched, list(layers), "the activations have")
         layers_read = {name: layers[name] for name in layers if name in wanted}
     else:
         layers_read = layers
-    blocks = iter_blocks(layers_read, catalogue, size, read_threads=threads)
+    blocks = iter_blocks(layers_read, catalogue, size, read_threads=threads, deferred=deferred)
     return stream_match(engine, blocks, catalogue, neuron_ids,
                         columns=lambda units: gather_columns(layers, catalogue, units, dtype=None),
                         progress=progress)

@@ -351,23 +351,31 @@ class CheckedArray:
         out = data[tuple(local)]
         return out if out.shape == data.shape else np.array(out)
 
-    def read_units(self, start: int, stop: int, threads: int = 1) -> np.ndarray:
+    def read_units(self, start: int, stop: int, threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
         """Every image's values of units ``start .. stop`` (``a[:, start:stop]``, checked), read on up
         to ``threads`` threads in tiles of whole chunks (contiguous groups of column chunks, then of
         row chunks: a block of one chunk's width still has a row chunk per image batch; decoding,
         file reads and CRC-32 checks release the GIL), each tile of whole chunks read into its place
-        in the result (no tile array in between). For a block task whose products run on a GPU, where one thread's decoding of
-        its block is the host's whole share of the work, and :func:`core.units.iter_blocks`'
-        ``read_threads``."""
+        in the result (no tile array in between): ``out`` where given (images, units) of the layer's
+        dtype, e.g. a pinned staging buffer. For a block task whose products run on a GPU, where one
+        thread's decoding of its block is the host's whole share of the work, and
+        :func:`core.units.iter_blocks`' ``read_threads``."""
         start, stop, _ = slice(start, stop).indices(self.shape[1])
+        stop = max(start, stop)
         (r, c), n = self.chunks, self.shape[0]
+        if out is not None and (out.shape != (n, stop - start) or out.dtype != self.dtype):
+            raise ValueError(f"out must be {(n, stop - start)} {self.dtype} for units {start}..{stop} of layer "
+                             f"{self.layer!r}; got {out.shape} {out.dtype}")
         first, last = start // c, (max(stop, start + 1) - 1) // c
         threads = max(1, int(threads))
         col_groups = min(threads, last - first + 1)
         row_groups = min(max(1, threads // col_groups), -(-n // r))
-        if col_groups * row_groups <= 1 or stop <= start or n == 0:
+        if stop <= start or n == 0:
+            return np.empty((n, stop - start), dtype=self.dtype) if out is None else out
+        if col_groups * row_groups <= 1 and out is None:
             return np.asarray(self[:, start:stop])
-        out = np.empty((n, stop - start), dtype=self.dtype)
+        if out is None:
+            out = np.empty((n, stop - start), dtype=self.dtype)
         tiles = [(rows, cols) for rows in np.array_split(np.arange(-(-n // r)), row_groups)
                  for cols in np.array_split(np.arange(first, last + 1), col_groups)]
 

@@ -250,6 +250,38 @@ class UnitBlock:
         return int(self.data.shape[1])
 
 
+@dataclass(frozen=True)
+class BlockRead:
+    """A block of a store's checked layer, read when its values are asked for: ``np.asarray(read)``
+    reads it into a new array, ``read.read_into(out)`` into a given one (a staging thread's pinned
+    buffer: :func:`core.engine.staged_blocks`), both through :meth:`core.integrity.CheckedArray.read_units`
+    on ``threads`` threads. Has the ``shape`` and ``dtype`` of the block."""
+
+    array: object  # a CheckedArray (anything with read_units, shape and dtype)
+    start: int
+    stop: int
+    threads: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.array.shape[0]), self.stop - self.start)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        return self.array.read_units(self.start, self.stop, self.threads, out=out)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self.array.read_units(self.start, self.stop, self.threads)
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+
 def as_layers(activations) -> Mapping[str, object]:
     """Normalize in-memory activations to ``{layer: array (images, *unit_shape)}``.
 
@@ -302,7 +334,8 @@ def catalogue_of(layers: Mapping[str, object], dims: Mapping[str, Sequence[str]]
 
 
 def iter_blocks(
-    layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, block_units: int, read_threads: int = 1
+    layers: Mapping[str, np.ndarray], catalogue: UnitCatalogue, block_units: int, read_threads: int = 1,
+    deferred: bool = False,
 ) -> Iterator[UnitBlock]:
     """Blocks of at most ``block_units`` units, layer by layer.
 
@@ -310,7 +343,9 @@ def iter_blocks(
     so pick ``block_units`` as a multiple of their unit chunk size (:func:`chunk_aligned`). A store's
     checked layers (:class:`core.integrity.CheckedArray`) are read on ``read_threads`` threads per
     block (its ``read_units``: the chunks decoded and checked in parallel); one thread reads each
-    block in the thread that asks for it.
+    block in the thread that asks for it. ``deferred``: a store's blocks come as :class:`BlockRead`
+    (read when the consumer asks for the values; :func:`core.engine.staged_blocks` reads them
+    straight into its pinned buffers).
     """
     if block_units <= 0:
         raise ValueError(f"block_units must be positive; got {block_units}")
@@ -319,9 +354,15 @@ def iter_blocks(
     for name, a in layers.items():
         flat = _flat(a)
         base = catalogue.offset(name)
-        read = getattr(flat, "read_units", None) if read_threads > 1 else None
+        checked = hasattr(flat, "read_units")
         for start in range(0, flat.shape[1], block_units):
-            data = flat[:, start:start + block_units] if read is None else read(start, start + block_units, read_threads)
+            stop = min(start + block_units, flat.shape[1])
+            if checked and deferred:
+                data = BlockRead(flat, start, stop, int(read_threads))
+            elif checked and read_threads > 1:
+                data = flat.read_units(start, stop, read_threads)
+            else:
+                data = flat[:, start:stop]
             yield UnitBlock(data, name, base + start)
 
 

@@ -1346,11 +1346,13 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
     cat = store.catalogue()
     asked, read_units = [], CheckedArray.read_units
     monkeypatch.setattr(CheckedArray, "read_units",
-                        lambda self, a, b, threads=1: asked.append((self.layer, a, b, threads)) or read_units(self, a, b, threads))
+                        lambda self, a, b, threads=1, out=None: asked.append((self.layer, a, b, threads, out is not None))
+                        or read_units(self, a, b, threads, out))
     one = list(iter_blocks(store.layers(), cat, 40))
     assert asked == []
     three = list(iter_blocks(store.layers(), cat, 40, read_threads=3))
-    assert asked == [("conv", 0, 40, 3), ("conv", 40, 80, 3), ("conv", 80, 120, 3), ("fc", 0, 40, 3)]
+    assert asked == [("conv", 0, 40, 3, False), ("conv", 40, 80, 3, False), ("conv", 80, 100, 3, False),
+                     ("fc", 0, 30, 3, False)]
     assert [(b.layer, b.first_unit) for b in three] == [(b.layer, b.first_unit) for b in one]
     for a, b in zip(one, three):
         assert a.data.dtype == b.data.dtype == np.float16
@@ -1364,17 +1366,31 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
         splits = [(np.arange(14), np.arange(14, 20)), (np.arange(6, 20), np.arange(6))][:n_splits]
         asked.clear()
         got = run_matching(store.layers(), y, splits, catalogue=cat, device=device, block_units=40).matches
-        assert [threads for *_, threads in asked] == [3, 3, 3, 3]  # every block of both layers
+        # every block of both layers; on CUDA read by the staging thread into its pinned buffers
+        assert [(threads, into) for *_, threads, into in asked] == [(3, device == "cuda")] * 4
         pd.testing.assert_frame_equal(got, run_matching(values, y, splits, catalogue=cat, device=device).matches)
-    # staged (CUDA's way, here on the CPU's ring too): the blocks read on 3 threads in the staging thread
+    # staged (CUDA's way, here on the CPU's ring too): the blocks read on 3 threads in the staging
+    # thread, deferred ones straight into the slots' buffers; not staged, a deferred block is read
+    # where its values are asked for
     from unitmatch.core.engine import stream_match
+    from unitmatch.core.units import BlockRead
 
     engine = MatchEngine(y, splits, device=device)
-    asked.clear()
-    staged = stream_match(engine, iter_blocks(store.layers(), cat, 40, read_threads=3), cat, staging=True)
-    assert [threads for *_, threads in asked] == [3, 3, 3, 3]
     plain = stream_match(engine, iter_blocks(values, cat, 40), cat, staging=False)
-    pd.testing.assert_frame_equal(staged.matches, plain.matches)
+    for deferred, staging in ((False, True), (True, True), (True, False)):
+        asked.clear()
+        blocks = iter_blocks(store.layers(), cat, 40, read_threads=3, deferred=deferred)
+        got = stream_match(engine, blocks, cat, staging=staging)
+        assert [(threads, into) for *_, threads, into in asked] == [(3, deferred and staging)] * 4
+        pd.testing.assert_frame_equal(got.matches, plain.matches)
+    asked.clear()
+    block, *_ = iter_blocks(store.layers(), cat, 40, deferred=True)
+    assert isinstance(block.data, BlockRead) and asked == []  # nothing read by iter_blocks
+    assert block.data.shape == (20, 40) and block.data.dtype == np.float16 and block.n_units == 40
+    np.testing.assert_array_equal(np.asarray(block.data), values["conv"][:, :40])
+    np.testing.assert_array_equal(np.asarray(block.data, dtype=np.float32), values["conv"][:, :40].astype(np.float32))
+    with pytest.raises(ValueError, match=r"out must be \(20, 40\) float16 for units 0..40 of layer 'conv'"):
+        block.data.read_into(np.empty((20, 41), np.float16))
 
 
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):

@@ -471,6 +471,9 @@ def test_a_block_read_on_threads_equals_the_plain_read_and_names_a_damaged_chunk
         got = a.read_units(start, stop, threads)
         assert got.dtype == np.float16 and got.shape == ref[:, start:stop].shape
         np.testing.assert_array_equal(got, ref[:, start:stop])
+        into = np.full(got.shape, np.nan, np.float16)  # into a given buffer: through Zarr here (unsharded)
+        assert a.read_units(start, stop, threads, out=into) is into
+        np.testing.assert_array_equal(into, ref[:, start:stop])
     path = _chunk(store, "conv", 2, 1)
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0xFF

@@ -402,7 +402,7 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     array = store.layers()[LAYERS[0].name]
     asked, seen = [], []
     read = CheckedArray.read_units
-    monkeypatch.setattr(CheckedArray, "read_units", lambda self, a, b, threads=1: asked.append(threads) or read(self, a, b, threads))
+    monkeypatch.setattr(CheckedArray, "read_units", lambda self, a, b, threads=1, out=None: asked.append(threads) or read(self, a, b, threads, out))
 
     class Engine:
         def __init__(self, device):

@@ -526,6 +526,11 @@ def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, 
     for threads in (1, 2, 8):
         for start, stop in ((0, 1700), (300, 600), (300, 1500), (250, 1234), (1500, 1700), (1650, 1700)):
             np.testing.assert_array_equal(checked.read_units(start, stop, threads), values[:, start:stop])
+            out = np.full((21, stop - start), np.nan, np.float16)  # into a given buffer (a pinned one on CUDA)
+            assert checked.read_units(start, stop, threads, out=out) is out
+            np.testing.assert_array_equal(out, values[:, start:stop])
+    with pytest.raises(ValueError, match=r"out must be \(21, 300\) float16 for units 300..600 of layer 'head'"):
+        checked.read_units(300, 600, 2, out=np.empty((21, 300), np.float32))
     from unitmatch.core.integrity import CheckedArray
 
     sliced, getitem = [], CheckedArray.__getitem__
