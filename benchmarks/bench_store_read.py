@@ -30,7 +30,7 @@ instead: the stream from the store on device D (cpu, cuda) as ``run_matching`` r
 the reads alone and the same matching from host memory (:func:`_stream_from_store`).
 
 Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2] [--units 65536]
-     [--null-columns 100000] [--match-neurons 256 [--stream-device cuda]]
+     [--null-columns 100000] [--match-neurons 256 [--stream-device cuda [--stream-block-units N]]]
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ def main():
     ap.add_argument("--stream-device", default=None,
                     help="with --match-neurons: instead of the CPU block variants, the stream from the store on "
                          "this device (cpu, cuda) against its reads and the same matching from host memory")
+    ap.add_argument("--stream-block-units", type=int, default=None,
+                    help="units a block for --stream-device (whole chunks; default: the engine's default for the "
+                         "device, which on a GPU makes a 262,144-unit layer one block: nothing to overlap)")
     args = ap.parse_args()
 
     from unitmatch.core.store import DEFAULT_UNIT_CHUNK, ActivationStore, StoreKey
@@ -231,7 +234,8 @@ def _stream_from_store(store, rng, args):
     y = rng.standard_normal((args.match_neurons, args.images))
     engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None),
                          device=args.stream_device)
-    size = chunk_aligned(default_block_units(args.images, engine.n_rows, device=engine.device), layers)
+    size = chunk_aligned(args.stream_block_units or default_block_units(args.images, engine.n_rows, device=engine.device),
+                         layers)
     threads = integrity.read_threads()
     in_memory = {name: np.asarray(a[:]) for name, a in layers.items()}
 
