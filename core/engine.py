@@ -1872,7 +1872,7 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
                 slot.keep = host
                 with torch.cuda.stream(copy_stream):
                     copy_stream.wait_event(slot.computed)  # the last compute on the device buffer is done
-                    dev = slot.view("dev", tuple(src.shape), src.dtype)
+                    dev = slot.view("dev", tuple(host.shape), host.dtype)
                     dev.copy_(host, non_blocking=True)
                     slot.copied.record(copy_stream)
                 ready.put((slot, UnitBlock(dev, block.layer, block.first_unit)))

@@ -363,9 +363,11 @@ class CheckedArray:
         start, stop, _ = slice(start, stop).indices(self.shape[1])
         stop = max(start, stop)
         (r, c), n = self.chunks, self.shape[0]
-        if out is not None and (out.shape != (n, stop - start) or out.dtype != self.dtype):
-            raise ValueError(f"out must be {(n, stop - start)} {self.dtype} for units {start}..{stop} of layer "
-                             f"{self.layer!r}; got {out.shape} {out.dtype}")
+        if out is not None and (out.shape != (n, stop - start) or out.dtype != self.dtype
+                                or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable {(n, stop - start)} {self.dtype} array for units {start}..{stop} "
+                             f"of layer {self.layer!r}; got {out.shape} {out.dtype}"
+                             + ("" if out.flags.writeable else ", read-only"))
         first, last = start // c, (max(stop, start + 1) - 1) // c
         threads = max(1, int(threads))
         col_groups = min(threads, last - first + 1)

@@ -278,6 +278,8 @@ class BlockRead:
         return self.array.read_units(self.start, self.stop, self.threads, out=out)
 
     def __array__(self, dtype=None, copy=None):
+        if copy is False:
+            raise ValueError("a store's block is read into a new array: copy=False cannot be honoured")
         values = self.array.read_units(self.start, self.stop, self.threads)
         return values if dtype is None else values.astype(dtype, copy=False)
 

@@ -1389,8 +1389,61 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
     assert block.data.shape == (20, 40) and block.data.dtype == np.float16 and block.n_units == 40
     np.testing.assert_array_equal(np.asarray(block.data), values["conv"][:, :40])
     np.testing.assert_array_equal(np.asarray(block.data, dtype=np.float32), values["conv"][:, :40].astype(np.float32))
-    with pytest.raises(ValueError, match=r"out must be \(20, 40\) float16 for units 0..40 of layer 'conv'"):
+    with pytest.raises(ValueError, match=r"out must be a writeable \(20, 40\) float16 array for units 0..40 of layer"):
         block.data.read_into(np.empty((20, 41), np.float16))
+    with pytest.raises(ValueError, match=r"copy=False cannot be honoured"):
+        np.asarray(block.data, copy=False)
+
+
+def test_staging_on_cuda_with_its_streams_and_events_stood_in_for_gives_every_block(tmp_path, monkeypatch):
+    """``staged_blocks``' CUDA branch, run on the CPU with CUDA's streams, events and device buffers
+    stood in for (the GPU tests run it for real): arrays and a store's blocks read ahead (copied into
+    the slot's host buffer) and deferred (read straight into it) reach the consumer whole, in order.
+    (A deferred block once crashed there: its device buffer was sized from the array it replaced.)"""
+    import contextlib
+
+    from unitmatch.core import engine as engine_module
+
+    class Event:  # an event and a stream: nothing to wait for on the CPU
+        def record(self, *args):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def wait_event(self, *args):
+            pass
+
+    class Slot(engine_module._Slot):  # its "device" buffer in host memory
+        def __init__(self, device):
+            self.device, self.cuda, self.keep = device, True, None
+            self.host = torch.empty(0, dtype=torch.uint8)
+            self.dev = torch.empty(0, dtype=torch.uint8)
+            self.copied, self.computed = Event(), Event()
+
+        def view(self, name, shape, dtype):
+            nbytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
+            if getattr(self, name).numel() < nbytes:
+                setattr(self, name, torch.empty(nbytes, dtype=torch.uint8))
+            return getattr(self, name)[:nbytes].view(dtype).view(shape)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Event())
+    monkeypatch.setattr(engine_module, "_copy_stream", lambda device: Event())
+    monkeypatch.setattr(engine_module, "_Slot", Slot)
+    store, values = _small_store(tmp_path, np.random.default_rng(47))
+    cat = store.catalogue()
+    want = [("conv", 0, values["conv"][:, :40]), ("conv", 40, values["conv"][:, 40:80]),
+            ("conv", 80, values["conv"][:, 80:]), ("fc", 100, values["fc"])]
+    for source in (iter_blocks(values, cat, 40), iter_blocks(store.layers(), cat, 40, read_threads=2),
+                   iter_blocks(store.layers(), cat, 40, read_threads=2, deferred=True)):
+        got = [(b.layer, b.first_unit, b.data.numpy().copy())
+               for b in engine_module.staged_blocks(source, torch.device("cuda:0"))]
+        assert [(layer, first) for layer, first, _ in got] == [(layer, first) for layer, first, _ in want]
+        for (_, _, a), (_, _, b) in zip(got, want):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_an_environment_that_forces_tf32_is_warned_about_once(monkeypatch, caplog):

@@ -529,8 +529,13 @@ def test_shard_reads_equal_zarrs_and_fall_back_to_zarr_on_a_bad_index(tmp_path, 
             out = np.full((21, stop - start), np.nan, np.float16)  # into a given buffer (a pinned one on CUDA)
             assert checked.read_units(start, stop, threads, out=out) is out
             np.testing.assert_array_equal(out, values[:, start:stop])
-    with pytest.raises(ValueError, match=r"out must be \(21, 300\) float16 for units 300..600 of layer 'head'"):
+    with pytest.raises(ValueError, match=r"out must be a writeable \(21, 300\) float16 array for units 300..600 of "
+                                         r"layer 'head'; got \(21, 300\) float32$"):
         checked.read_units(300, 600, 2, out=np.empty((21, 300), np.float32))
+    frozen = np.empty((21, 300), np.float16)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match=r"got \(21, 300\) float16, read-only$"):
+        checked.read_units(300, 600, 2, out=frozen)
     from unitmatch.core.integrity import CheckedArray
 
     sliced, getitem = [], CheckedArray.__getitem__
