@@ -1332,8 +1332,7 @@ def test_default_blocks_over_a_stores_layers_are_whole_chunks(tmp_path, monkeypa
         pd.testing.assert_frame_equal(got["explicit"], got["numpy"])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())"))])
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(tmp_path, monkeypatch, device):
     """``iter_blocks(..., read_threads=n)`` reads a store's blocks with ``CheckedArray.read_units`` on n
     threads: the same blocks, bit for bit. ``run_matching`` reads on ``read_threads()`` threads, with
