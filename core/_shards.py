@@ -31,7 +31,7 @@ import google_crc32c  # what Zarr's Crc32cCodec uses
 import numpy as np
 from numcodecs import Blosc
 
-from .integrity import _crc, chunk_digest
+from .integrity import _crc, check_out, chunk_digest
 
 #: inner chunks per encoding task when a shard's chunks are shared over a pool
 _CHUNKS_PER_TASK = 4
@@ -126,8 +126,8 @@ class ShardReader(_Shards):
         shape = (min(rows.stop * r, self.n_images) - top, min(cols.stop * c, self.width) - left)
         if out is None:
             out = np.empty(shape, self.dtype)
-        elif out.shape != shape or out.dtype != self.dtype:
-            raise ValueError(f"out must be {shape} {self.dtype}; got {out.shape} {out.dtype}")
+        else:
+            check_out(out, shape, self.dtype, f"row chunks {rows} x column chunks {cols}")
         crcs = np.empty((len(rows), len(cols)), dtype=np.uint32)
         chunk_bytes = r * c * self.dtype.itemsize
         raw_buf = bytearray(chunk_bytes + 64 * 1024)  # grown where a chunk compresses to more than its size

@@ -100,6 +100,15 @@ def chunk_digest(values: np.ndarray) -> str:
     return f"{_crc(values):08x}"
 
 
+def check_out(out: np.ndarray, shape: tuple, dtype, what: str) -> None:
+    """Raise ValueError unless ``out`` is a writeable ``shape`` array of ``dtype`` (a read's given
+    output: values cast into another dtype would fail their CRC-32 as if damaged); ``what`` names
+    the read in the message."""
+    if out.shape != tuple(shape) or out.dtype != dtype or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable {tuple(shape)} {np.dtype(dtype)} array for {what}; got {out.shape} "
+                         f"{out.dtype}" + ("" if out.flags.writeable else ", read-only"))
+
+
 def _crc(values: np.ndarray) -> int:
     """zlib's CRC-32 of the values' bytes in C order (through ISA-L where it is installed)."""
     return _crc32(np.ascontiguousarray(values).data) & 0xFFFFFFFF
@@ -238,10 +247,8 @@ class CheckedArray:
         (r, c), (n, m) = self.chunks, self.shape
         region = (slice(rows.start * r, min(rows.stop * r, n)), slice(cols.start * c, min(cols.stop * c, m)))
         if out is not None:
-            shape = (region[0].stop - region[0].start, region[1].stop - region[1].start)
-            if out.shape != shape or out.dtype != self.dtype:  # (values cast into it would fail their CRC)
-                raise ValueError(f"out must be {shape} {self.dtype} for row chunks {rows} x column chunks {cols} "
-                                 f"of layer {self.layer!r}; got {out.shape} {out.dtype}")
+            check_out(out, (region[0].stop - region[0].start, region[1].stop - region[1].start), self.dtype,
+                      f"row chunks {rows} x column chunks {cols} of layer {self.layer!r}")
         data = crcs = None
         reader = self._shard_reader()
         if reader:  # whole-layer shards: read by core/_shards.py, without Zarr's event loop
@@ -363,11 +370,8 @@ class CheckedArray:
         start, stop, _ = slice(start, stop).indices(self.shape[1])
         stop = max(start, stop)
         (r, c), n = self.chunks, self.shape[0]
-        if out is not None and (out.shape != (n, stop - start) or out.dtype != self.dtype
-                                or not out.flags.writeable):
-            raise ValueError(f"out must be a writeable {(n, stop - start)} {self.dtype} array for units {start}..{stop} "
-                             f"of layer {self.layer!r}; got {out.shape} {out.dtype}"
-                             + ("" if out.flags.writeable else ", read-only"))
+        if out is not None:
+            check_out(out, (n, stop - start), self.dtype, f"units {start}..{stop} of layer {self.layer!r}")
         first, last = start // c, (max(stop, start + 1) - 1) // c
         threads = max(1, int(threads))
         col_groups = min(threads, last - first + 1)
