@@ -1760,8 +1760,10 @@ class _End:
     """The producer's last item."""
 
 
-def _torch_dtype(dtype) -> torch.dtype:
-    """torch's dtype for a numpy dtype."""
+def _float_torch_dtype(dtype) -> torch.dtype:
+    """torch's dtype for a numpy float dtype; ValueError for any other."""
+    if np.dtype(dtype).kind != "f":
+        raise ValueError(f"activations must be float16 or float32; got {dtype}")
     return torch.from_numpy(np.empty(0, dtype=np.dtype(dtype))).dtype
 
 
@@ -1770,8 +1772,7 @@ def _host_tensor(data) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data
     a = np.asarray(data)
-    if a.dtype.kind != "f":
-        raise ValueError(f"activations must be float16 or float32; got {a.dtype}")
+    _float_torch_dtype(a.dtype)
     if a.strides and any(st < 0 for st in a.strides):
         a = np.ascontiguousarray(a)
     return torch.from_numpy(a)
@@ -1857,9 +1858,7 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
                 if cuda:
                     slot.copied.synchronize()  # the last copy out of this host buffer is done
                 if deferred:  # read straight into the slot's (pinned) host buffer: no copy in between
-                    if np.dtype(data.dtype).kind != "f":
-                        raise ValueError(f"activations must be float16 or float32; got {data.dtype}")
-                    host = slot.view("host", tuple(data.shape), _torch_dtype(data.dtype))
+                    host = slot.view("host", tuple(data.shape), _float_torch_dtype(data.dtype))
                     data.read_into(host.numpy())
                 elif cuda and src.is_pinned() and src.is_contiguous():
                     host = src  # DMA straight from the caller's pinned memory
