@@ -36,6 +36,7 @@ Run: .venv/bin/python benchmarks/bench_store_read.py [--images 256] [--layers 2]
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -168,17 +169,48 @@ def main():
             _stream_from_store(store, rng, args)
 
 
+def _one_split_engine(store, rng, args, device: str):
+    """The store's checked layers, its catalogue and a one-split engine of ``--match-neurons`` random
+    neurons on ``device``."""
+    from unitmatch import core
+    from unitmatch.core.engine import MatchEngine
+
+    y = rng.standard_normal((args.match_neurons, args.images))
+    engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None), device=device)
+    return store.layers(), store.catalogue(), engine
+
+
+def _read_alone(layers, catalogue, size: int, threads: int = 1) -> float:
+    """Seconds to read every block of ``size`` units (on ``threads`` read threads), nothing else."""
+    from unitmatch.core.units import iter_blocks
+
+    t0 = time.perf_counter()
+    for block in iter_blocks(layers, catalogue, size, read_threads=threads):
+        np.asarray(block.data)
+    return time.perf_counter() - t0
+
+
+def _alternating(variants: dict, run, reads: dict, rounds: int) -> tuple[dict, dict]:
+    """Median seconds of ``run(*variants[name])`` (returning (seconds, result)) per variant, in
+    ``rounds`` rounds whose order alternates, and of each ``reads[key]()`` once a round."""
+    times, read_times = {name: [] for name in variants}, {key: [] for key in reads}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            times[name].append(run(*variants[name])[0])
+        for key, read in reads.items():
+            read_times[key].append(read())
+    return ({name: float(np.median(v)) for name, v in times.items()},
+            {key: float(np.median(v)) for key, v in read_times.items()})
+
+
 def _match_from_store(store, rng, args):
     """One-split matching from the store, as ``run_matching`` streamed it before issue 8's fourteenth
     session (the engine's default block, block by block) and as it streams it now (whole unit chunks
     a block, the next block read while the current one is scored), with the step between."""
-    from unitmatch import core
-    from unitmatch.core.engine import MatchEngine, default_block_units
+    from unitmatch.core.engine import default_block_units
     from unitmatch.core.units import chunk_aligned, iter_blocks
 
-    layers, catalogue = store.layers(), store.catalogue()
-    y = rng.standard_normal((args.match_neurons, args.images))
-    engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None), device="cpu")
+    layers, catalogue, engine = _one_split_engine(store, rng, args, "cpu")
     default = default_block_units(args.images, engine.n_rows, device=engine.device)
     aligned = chunk_aligned(default, layers)
     variants = {f"blocks of {default} units, block by block (the reference)": (default, False),
@@ -190,53 +222,38 @@ def _match_from_store(store, rng, args):
         partial = engine.process_blocks(iter_blocks(layers, catalogue, size), overlap=overlap)
         return time.perf_counter() - t0, partial
 
-    def read_alone(size: int):
-        t0 = time.perf_counter()
-        for block in iter_blocks(layers, catalogue, size):
-            np.asarray(block.data)
-        return time.perf_counter() - t0
-
     first = None
     for size, overlap in variants.values():  # warm-up: threads, buffers, the page cache
         partial = run(size, overlap)[1]
         first = first or partial
         assert np.array_equal(partial.top_unit, first.top_unit)
         np.testing.assert_allclose(partial.top_r, first.top_r, rtol=0, atol=1e-6)
-    times = {name: [] for name in variants}
-    reads = {size: [] for size in (default, aligned)}
-    for r in range(max(2, args.repeats // 5)):
-        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            times[name].append(run(*variants[name])[0])
-        for size in reads:
-            reads[size].append(read_alone(size))
+    rounds = max(2, args.repeats // 5)
+    med, reads = _alternating(variants, run, {size: functools.partial(_read_alone, layers, catalogue, size)
+                                              for size in (default, aligned)}, rounds)
     print(f"one-split matching of {args.match_neurons} neurons from the store ({catalogue.n_units} units; medians "
-          f"of {len(reads[default])} rounds, alternating; the same units)")
-    reference = float(np.median(times[next(iter(variants))]))
-    for name, values in times.items():
-        t = float(np.median(values))
+          f"of {rounds} rounds, alternating; the same units)")
+    reference = med[next(iter(variants))]
+    for name, t in med.items():
         print(f"  {name}: {t:.3f} s ({t / reference:.3f}x)")
-    print("  the reads alone: " + ", ".join(f"blocks of {size}: {float(np.median(v)):.3f} s" for size, v in reads.items()))
+    print("  the reads alone: " + ", ".join(f"blocks of {size}: {t:.3f} s" for size, t in reads.items()))
 
 
 def _stream_from_store(store, rng, args):
     """One-split matching of the store's blocks on ``--stream-device`` as ``run_matching`` streams them
     there (:func:`core.engine.stream_match`; each block read on :func:`core.integrity.read_threads`
     threads, on CUDA straight into the staging thread's pinned buffers), against its two components
-    alone in the same run:
-    the checked reads of the same blocks (on those threads, and on one) and the same matching of
-    the same values already in host memory; the stream's time as a fraction of the slower."""
-    from unitmatch import core
+    alone in the same run: the checked reads of the same blocks (on those threads, and on one) and
+    the same matching of the same values already in host memory; the stream's time as a fraction of
+    the slower."""
     from unitmatch.core import integrity
-    from unitmatch.core.engine import MatchEngine, default_block_units, stream_match
+    from unitmatch.core.engine import default_block_units, stream_match
     from unitmatch.core.units import chunk_aligned, iter_blocks
 
-    layers, catalogue = store.layers(), store.catalogue()
-    y = rng.standard_normal((args.match_neurons, args.images))
-    engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None),
-                         device=args.stream_device)
+    layers, catalogue, engine = _one_split_engine(store, rng, args, args.stream_device)
     size = chunk_aligned(args.stream_block_units or default_block_units(args.images, engine.n_rows, device=engine.device),
                          layers)
-    threads = integrity.read_threads()
+    threads = integrity.read_threads()  # as run_matching reads a store's blocks
     in_memory = {name: np.asarray(a[:]) for name, a in layers.items()}
 
     def stream(source, n_threads: int):
@@ -245,41 +262,27 @@ def _stream_from_store(store, rng, args):
         result = stream_match(engine, blocks, catalogue)
         return time.perf_counter() - t0, result
 
-    def read_alone(n_threads: int) -> float:
-        t0 = time.perf_counter()
-        for block in iter_blocks(layers, catalogue, size, read_threads=n_threads):
-            np.asarray(block.data)
-        return time.perf_counter() - t0
-
-    as_run = threads  # as run_matching reads a store's blocks
-    other = 1 if as_run > 1 else threads
-    variants = {f"from the store, {as_run} read thread(s), as run_matching reads it": (layers, as_run)}
-    if other != as_run:
-        variants[f"from the store, {other} read thread(s)"] = (layers, other)
-    variants["from host memory (numpy, already read)"] = (in_memory, 1)
+    memory = "from host memory (numpy, already read)"
+    variants = {f"from the store, {threads} read thread(s), as run_matching reads it": (layers, threads)}
+    if threads > 1:
+        variants["from the store, 1 read thread(s)"] = (layers, 1)
+    variants[memory] = (in_memory, 1)
     first = None
     for source, n_threads in variants.values():  # warm-up: CUDA kernels, pinned buffers, the page cache
         result = stream(source, n_threads)[1]
         first = first if first is not None else result
         assert np.array_equal(result.matches["unit"].to_numpy(), first.matches["unit"].to_numpy())
-    times = {name: [] for name in variants}
-    reads = {n: [] for n in sorted({threads, 1}, reverse=True)}
-    for r in range(max(2, args.repeats // 5)):
-        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            times[name].append(stream(*variants[name])[0])
-        for n_threads in reads:
-            reads[n_threads].append(read_alone(n_threads))
-    med = {name: float(np.median(v)) for name, v in times.items()}
-    read_med = {n: float(np.median(v)) for n, v in reads.items()}
+    rounds = max(2, args.repeats // 5)
+    med, reads = _alternating(variants, stream, {n: functools.partial(_read_alone, layers, catalogue, size, n)
+                                                 for n in sorted({threads, 1}, reverse=True)}, rounds)
     print(f"one-split matching of {args.match_neurons} neurons from the store on {engine.device} "
-          f"({catalogue.n_units} units, blocks of {size}; medians of {len(reads[1])} rounds, alternating; the same units)")
+          f"({catalogue.n_units} units, blocks of {size}; medians of {rounds} rounds, alternating; the same units)")
     for name, t in med.items():
         print(f"  {name}: {t:.3f} s")
-    print("  the reads alone: " + ", ".join(f"{n} thread(s) {t:.3f} s" for n, t in read_med.items()))
-    limit = max(read_med[as_run], med["from host memory (numpy, already read)"])
-    stored = med[next(iter(med))]
-    print(f"  the stream as run_matching reads it: {limit / stored:.0%} of the slower component alone "
-          f"({limit:.3f} s: max(the reads on {as_run} thread(s), the matching from memory))")
+    print("  the reads alone: " + ", ".join(f"{n} thread(s) {t:.3f} s" for n, t in reads.items()))
+    limit = max(reads[threads], med[memory])
+    print(f"  the stream as run_matching reads it: {limit / med[next(iter(med))]:.0%} of the slower component "
+          f"alone ({limit:.3f} s: max(the reads on {threads} thread(s), the matching from memory))")
 
 
 if __name__ == "__main__":
