@@ -170,14 +170,14 @@ def main():
 
 
 def _one_split_engine(store, rng, args, device: str):
-    """The store's checked layers, its catalogue and a one-split engine of ``--match-neurons`` random
-    neurons on ``device``."""
+    """The store's checked layers, its catalogue, a one-split engine of ``--match-neurons`` random
+    neurons on ``device`` and those neurons' responses."""
     from unitmatch import core
     from unitmatch.core.engine import MatchEngine
 
     y = rng.standard_normal((args.match_neurons, args.images))
     engine = MatchEngine(y, core.brainscore_splits(n_images=args.images, n_splits=1, stratify=None), device=device)
-    return store.layers(), store.catalogue(), engine
+    return store.layers(), store.catalogue(), engine, y
 
 
 def _read_alone(layers, catalogue, size: int, threads: int = 1) -> float:
@@ -210,7 +210,7 @@ def _match_from_store(store, rng, args):
     from unitmatch.core.engine import default_block_units
     from unitmatch.core.units import chunk_aligned, iter_blocks
 
-    layers, catalogue, engine = _one_split_engine(store, rng, args, "cpu")
+    layers, catalogue, engine, _ = _one_split_engine(store, rng, args, "cpu")
     default = default_block_units(args.images, engine.n_rows, device=engine.device)
     aligned = chunk_aligned(default, layers)
     variants = {f"blocks of {default} units, block by block (the reference)": (default, False),
@@ -245,12 +245,15 @@ def _stream_from_store(store, rng, args):
     threads, on CUDA straight into the staging thread's pinned buffers), against its two components
     alone in the same run: the checked reads of the same blocks (on those threads, and on one) and
     the same matching of the same values already in host memory; the stream's time as a fraction of
-    the slower."""
+    the slower. Beside them, the sweep's reduction of the same blocks (:func:`sweep.reduce.match_store`,
+    Dask's threaded scheduler on as many threads as read threads; each block task on a GPU staged
+    in pieces, :func:`sweep.reduce.process_staged`)."""
     from unitmatch.core import integrity
     from unitmatch.core.engine import default_block_units, stream_match
     from unitmatch.core.units import chunk_aligned, iter_blocks
+    from unitmatch.sweep.reduce import match_store
 
-    layers, catalogue, engine = _one_split_engine(store, rng, args, args.stream_device)
+    layers, catalogue, engine, responses = _one_split_engine(store, rng, args, args.stream_device)
     size = chunk_aligned(args.stream_block_units or default_block_units(args.images, engine.n_rows, device=engine.device),
                          layers)
     threads = integrity.read_threads()  # as run_matching reads a store's blocks
@@ -258,8 +261,12 @@ def _stream_from_store(store, rng, args):
 
     def stream(source, n_threads: int):
         t0 = time.perf_counter()
-        blocks = iter_blocks(source, catalogue, size, read_threads=n_threads, deferred=engine.device.type == "cuda")
-        result = stream_match(engine, blocks, catalogue)
+        if source is store:  # the sweep's reduction: n_threads Dask threads
+            result = match_store(store, responses, engine.splits, device=args.stream_device,
+                                 block_units=size, scheduler="threads", num_workers=n_threads)
+        else:
+            blocks = iter_blocks(source, catalogue, size, read_threads=n_threads, deferred=engine.device.type == "cuda")
+            result = stream_match(engine, blocks, catalogue)
         return time.perf_counter() - t0, result
 
     memory = "from host memory (numpy, already read)"
@@ -267,6 +274,7 @@ def _stream_from_store(store, rng, args):
     if threads > 1:
         variants["from the store, 1 read thread(s)"] = (layers, 1)
     variants[memory] = (in_memory, 1)
+    variants[f"the sweep's reduction of the store (match_store, {threads} Dask threads)"] = (store, threads)
     first = None
     for source, n_threads in variants.values():  # warm-up: CUDA kernels, pinned buffers, the page cache
         result = stream(source, n_threads)[1]
@@ -281,8 +289,9 @@ def _stream_from_store(store, rng, args):
         print(f"  {name}: {t:.3f} s")
     print("  the reads alone: " + ", ".join(f"{n} thread(s) {t:.3f} s" for n, t in reads.items()))
     limit = max(reads[threads], med[memory])
-    print(f"  the stream as run_matching reads it: {limit / med[next(iter(med))]:.0%} of the slower component "
-          f"alone ({limit:.3f} s: max(the reads on {threads} thread(s), the matching from memory))")
+    for name in (next(iter(med)), list(med)[-1]):
+        print(f"  {name}: {limit / med[name]:.0%} of the slower component alone ({limit:.3f} s: max(the reads "
+              f"on {threads} thread(s), the matching from memory))")
 
 
 if __name__ == "__main__":

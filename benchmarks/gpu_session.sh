@@ -94,9 +94,10 @@ step bench_decode 150 $PY benchmarks/bench_decode.py --device cuda --cases majaj
 # the float64 re-scoring's read of a null's candidates (host work after the GPU's block pass): on the
 # node's cores (up to 16 read threads) against one thread and a whole checked read (3200 images, 1.7 GB);
 # then one-split matching from the store on the GPU (blocks read on the read threads, staged) against the
-# reads alone and the same matching from host memory; blocks of 65,536 units (the GPU default would make
-# the layer one block, its read and its products one after the other)
-step bench_store_read 130 $PY benchmarks/bench_store_read.py --images 3200 --layers 1 --units 262144 --repeats 5 \
+# reads alone and the same matching from host memory, and the sweep's reduction of the same blocks (Dask
+# threads; each block task staged in four pieces through pinned buffers); blocks of 65,536 units (the GPU
+# default would make the layer one block, its read and its products one after the other)
+step bench_store_read 150 $PY benchmarks/bench_store_read.py --images 3200 --layers 1 --units 262144 --repeats 5 \
   --null-columns 100000 --match-neurons 256 --stream-device cuda --stream-block-units 65536
 # deselected: what needs wandb (not in the kit) or a package index (none on the device), and numba's
 # kernel (llvmlite's 57 MiB wheel and the kit's 37 MB exceed what a device run carries, 64 MiB: the

@@ -349,23 +349,50 @@ def iter_blocks(
     (read when the consumer asks for the values; :func:`core.engine.staged_blocks` reads them
     straight into its pinned buffers).
     """
-    if block_units <= 0:
-        raise ValueError(f"block_units must be positive; got {block_units}")
-    if isinstance(read_threads, bool) or not isinstance(read_threads, (int, np.integer)) or read_threads < 1:
-        raise ValueError(f"read_threads must be an integer >= 1; got {read_threads!r}")
+    _check_block_options(block_units, read_threads)
     for name, a in layers.items():
         flat = _flat(a)
-        base = catalogue.offset(name)
-        checked = hasattr(flat, "read_units")
-        for start in range(0, flat.shape[1], block_units):
-            stop = min(start + block_units, flat.shape[1])
-            if checked and deferred:
-                data = BlockRead(flat, start, stop, int(read_threads))
-            elif checked and read_threads > 1:
-                data = flat.read_units(start, stop, read_threads)
-            else:
-                data = flat[:, start:stop]
-            yield UnitBlock(data, name, base + start)
+        yield from _range_blocks(flat, name, catalogue.offset(name), 0, flat.shape[1], block_units, read_threads,
+                                 deferred)
+
+
+def range_blocks(array, layer: str, first_unit: int, start: int, stop: int, block_units: int, read_threads: int = 1,
+                 deferred: bool = False) -> Iterator[UnitBlock]:
+    """The units ``start..stop`` of one layer's (images, units) array in blocks of at most
+    ``block_units``, read as :func:`iter_blocks` reads a layer's blocks (``read_threads``,
+    ``deferred`` as there); ``first_unit``: the global id of unit ``start`` (a sweep's block task
+    scores its block in pieces: :mod:`sweep.reduce`).
+
+    Raises:
+        ValueError: a range outside the array's units, or bad ``block_units`` / ``read_threads``.
+    """
+    _check_block_options(block_units, read_threads)
+    flat = _flat(array)
+    if not 0 <= start <= stop <= flat.shape[1]:
+        raise ValueError(f"units {start}..{stop} of layer {layer!r}: the array has {flat.shape[1]} units")
+    return _range_blocks(flat, layer, first_unit - start, start, stop, block_units, read_threads, deferred)
+
+
+def _check_block_options(block_units, read_threads) -> None:
+    if isinstance(block_units, bool) or not isinstance(block_units, (int, np.integer)) or block_units <= 0:
+        raise ValueError(f"block_units must be a positive integer; got {block_units!r}")
+    if isinstance(read_threads, bool) or not isinstance(read_threads, (int, np.integer)) or read_threads < 1:
+        raise ValueError(f"read_threads must be an integer >= 1; got {read_threads!r}")
+
+
+def _range_blocks(flat, name: str, base: int, start: int, stop: int, block_units: int, read_threads: int,
+                  deferred: bool) -> Iterator[UnitBlock]:
+    """Blocks of ``flat``'s units ``start..stop`` (``base``: the global id of its unit 0)."""
+    checked = hasattr(flat, "read_units")
+    for a in range(start, stop, block_units):
+        b = min(a + block_units, stop)
+        if checked and deferred:
+            data = BlockRead(flat, a, b, int(read_threads))
+        elif checked and read_threads > 1:
+            data = flat.read_units(a, b, read_threads)
+        else:
+            data = flat[:, a:b]
+        yield UnitBlock(data, name, base + a)
 
 
 def whole_chunks(block_units: int, chunk: int) -> int:

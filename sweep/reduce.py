@@ -38,9 +38,9 @@ from typing import Sequence
 import numpy as np
 
 from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
-                                   default_device, merge_all)
+                                   default_device, merge_all, staged_blocks)
 from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray, usable_cores
-from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns, whole_chunks
+from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns, range_blocks, whole_chunks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ SCHEDULERS = ("threads", "sync", "ray")
 DEFAULT_FAN_IN = 4
 #: fraction of a GPU a block task asks for when the cluster has GPUs: four blocks share one
 DEFAULT_GPUS_PER_TASK = 0.25
+#: pieces a block task on a GPU reads, copies and scores its block in (:func:`process_staged`)
+GPU_PIECES = 4
 
 
 # ------------------------------------------------------------------------------------- planning
@@ -189,17 +191,40 @@ class _EngineHandle:
 def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: int, first_unit: int) -> MatchPartial:
     """Read one block's whole chunks from Zarr and score it.
 
-    Where the products run on a GPU the read is the host's whole share of a block task, so a
-    checked store's chunks are read on several threads (:func:`block_read_threads`); on the CPU
-    the tasks' products keep the cores busy and each reads on its own thread.
+    On a GPU the read is the host's whole share of a block task: the block is read straight into
+    pinned staging buffers in pieces, each piece's host-to-device copy and products overlapping the
+    next piece's read (:func:`process_staged`), a checked store's chunks on several threads
+    (:func:`block_read_threads`). On the CPU the tasks' products keep the cores busy and each task
+    reads its block on its own thread.
     """
     engine = handle.get()
-    threads = block_read_threads() if engine.device.type == "cuda" else 1
+    if engine.device.type == "cuda":
+        return process_staged(engine, array, layer, first_unit, start, stop, block_read_threads())
     if isinstance(array, CheckedArray):
-        data = array.read_units(start, stop, threads)
+        data = array.read_units(start, stop, 1)
     else:
         data = np.asarray(array[:, start:stop])
     return engine.process(UnitBlock(data, layer, first_unit))
+
+
+def process_staged(engine: MatchEngine, array, layer: str, first_unit: int, start: int, stop: int,
+                   read_threads: int = 1, pieces: int | None = None) -> MatchPartial:
+    """The units ``start..stop`` of one layer's (images, units) array, scored as
+    :func:`core.engine.run_matching` streams a store on a GPU: in ``pieces`` pieces of whole chunks
+    (default :data:`GPU_PIECES`; at most that many, each of whole chunks), each read straight into a staging slot's host
+    buffer (pinned on CUDA; a checked store's chunks on ``read_threads`` threads) and copied to
+    the engine's device on a copy stream while the piece before is scored
+    (:func:`core.engine.staged_blocks`). The partial equals ``engine.process`` of the whole run of
+    units, merged (:func:`core.engine.merge`)."""
+    pieces = GPU_PIECES if pieces is None else pieces
+    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)) or pieces < 1:
+        raise ValueError(f"pieces must be a positive integer; got {pieces!r}")
+    width = max(1, -(-(stop - start) // pieces))
+    chunks = getattr(array, "chunks", None)
+    if isinstance(chunks, tuple) and len(chunks) == 2 and isinstance(chunks[1], (int, np.integer)):
+        width = -(-width // int(chunks[1])) * int(chunks[1])  # up to whole chunks: at most `pieces` pieces
+    blocks = range_blocks(array, layer, first_unit, start, stop, width, read_threads, deferred=True)
+    return engine.process_blocks(staged_blocks(blocks, engine.device), overlap=False)
 
 
 def block_read_threads() -> int:

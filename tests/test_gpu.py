@@ -133,6 +133,22 @@ def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, 
     with RecordBlocks():
         result = match_store(store, y, splits, scheduler="ray", block_units=128, gpus_per_task=0.25,
                              n_permutations=3)
+    _same_reduction(result, expected)
+    # the threaded scheduler with a cuda engine: each block task staged through pinned buffers in
+    # pieces of whole chunks (sweep.reduce.process_staged: blocks of 128 units, 2 pieces of a 64-unit chunk)
+    _same_reduction(match_store(store, y, splits, scheduler="threads", block_units=128, device="cuda",
+                                n_permutations=3), expected)
+    # every block ran in a Ray task granted a GPU, on a cuda engine
+    import json
+
+    seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    assert len(seen) == 2 + 2 + 4  # 200, 160 and 400 units in blocks of 128
+    assert all(r["gpu_ids"] and r["devices"] == ["cuda"] for r in seen), seen
+
+
+def _same_reduction(result, expected):
+    """A reduction on the GPU against the CPU's: the float64 re-scored columns identical, the float32
+    screening's to 1e-5, the null's units identical."""
     screening = ["topk_r", "second_r", "gap"]  # from the float32 screening: cuBLAS and the CPU round differently
     exact = [c for c in expected.matches.columns if c not in screening]
     key = ["neuron", "split"]
@@ -143,9 +159,3 @@ def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, 
         np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(result.null.unit, expected.null.unit)
     np.testing.assert_allclose(result.null.test_r, expected.null.test_r, atol=1e-10)
-    # every block ran in a Ray task granted a GPU, on a cuda engine
-    import json
-
-    seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
-    assert len(seen) == 2 + 2 + 4  # 200, 160 and 400 units in blocks of 128
-    assert all(r["gpu_ids"] and r["devices"] == ["cuda"] for r in seen), seen

@@ -389,9 +389,10 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
 
 
 def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setup, monkeypatch, ray_local):
-    """A block whose products run on a GPU is read on as many threads as the CPUs Ray assigned its
-    task (``read_units``; ``cluster.cpus_per_reduce_task``); on the CPU, and outside Ray (a local
-    scheduler already runs a block a core), on one. The values are the plain read's."""
+    """A block whose products run on a GPU is staged in pieces (``process_staged``), read on as many
+    threads as the CPUs Ray assigned its task (``cluster.cpus_per_reduce_task``); on the CPU, and
+    outside Ray (a local scheduler already runs a block a core), it is read whole on one thread.
+    The values are the plain read's."""
     import torch
 
     from unitmatch.core.integrity import CheckedArray
@@ -419,14 +420,58 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
         def get(self):
             return self.engine
 
+    staged = []
+    monkeypatch.setattr(reduce_module, "process_staged", lambda *args: staged.append(args) or "staged partial")
     monkeypatch.setattr(reduce_module, "block_read_threads", lambda: 3)  # as in a Ray task given 3 CPUs
-    for device, threads in (("cpu", 1), ("cuda", 3)):
-        assert reduce_module._process_block(Handle(device), array, LAYERS[0].name, 0, BLOCK, 0) == "partial"
-        assert asked[-1] == threads
-        np.testing.assert_array_equal(seen[-1], np.asarray(array[:, 0:BLOCK]))
+    assert reduce_module._process_block(Handle("cpu"), array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "partial"
+    assert asked == [1] and staged == []
+    np.testing.assert_array_equal(seen[-1], np.asarray(array[:, BLOCK:2 * BLOCK]))
+    cuda = Handle("cuda")
+    assert reduce_module._process_block(cuda, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
+    assert staged == [(cuda.engine, array, LAYERS[0].name, 5, BLOCK, 2 * BLOCK, 3)] and asked == [1]
     monkeypatch.undo()
     assert reduce_module.block_read_threads() == 1  # not in a Ray task
     in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
     assert ray_local.get(in_task.remote()) == min(2, len(__import__("os").sched_getaffinity(0)))
     assert _reduce_task_cpus({"cpus_per_reduce_task": 4}) == {"num_cpus": 4.0}
     assert _reduce_task_cpus({"cpus_per_reduce_task": None}) is None
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_a_block_staged_in_pieces_scores_as_the_whole_block(setup, checked, monkeypatch):
+    """``process_staged`` (a block task on a GPU; here its CPU ring): the block read in pieces of
+    whole chunks, a checked store's straight into the staging buffers on the given read threads,
+    gives the partial of the whole block scored at once (the same units, r to float32 rounding)."""
+    from unitmatch.core.engine import MatchEngine
+    from unitmatch.core.integrity import CheckedArray
+    from unitmatch.core.units import UnitBlock
+    from unitmatch.sweep.reduce import process_staged
+
+    store, acts, brain, splits = setup
+    layer = LAYERS[0]
+    array = store.layers()[layer.name] if checked else store.layers()[layer.name].array
+    assert isinstance(array, CheckedArray) == checked
+    reads = []
+    read_units = CheckedArray.read_units
+    monkeypatch.setattr(CheckedArray, "read_units", lambda self, a, b, threads=1, out=None: reads.append(
+        (a, b, threads, out is not None)) or read_units(self, a, b, threads, out))
+    engine = MatchEngine(brain.responses, splits, top_k=3)
+    start, stop, first = CHUNK, 11 * CHUNK + 17, 1000  # ten whole chunks and the partial last one
+    whole = engine.process(UnitBlock(acts[layer.name].reshape(N_IMAGES, -1)[:, start:stop], layer.name, first))
+    for pieces, widths in ((4, [3 * CHUNK] * 3 + [stop - start - 9 * CHUNK]), (1, [stop - start]), (100, [CHUNK] * 10 + [17])):
+        reads.clear()
+        got = process_staged(engine, array, layer.name, first, start, stop, read_threads=2, pieces=pieces)
+        if checked:  # each piece read once, into a staging buffer, on the threads given
+            assert [(b - a, threads, into) for a, b, threads, into in reads] == [(w, 2, True) for w in widths]
+        assert got.n_units == whole.n_units == stop - start
+        np.testing.assert_array_equal(got.top_unit, whole.top_unit)
+        np.testing.assert_allclose(got.top_r, whole.top_r, rtol=0, atol=1e-6)
+        mine, theirs = got.layers[layer.name], whole.layers[layer.name]
+        np.testing.assert_array_equal(mine.unit, theirs.unit)
+        np.testing.assert_allclose(mine.train_r, theirs.train_r, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(mine.test_r, theirs.test_r, rtol=0, atol=1e-6)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="pieces must be a positive integer"):
+            process_staged(engine, array, layer.name, first, start, stop, pieces=bad)
+    with pytest.raises(ValueError, match=r"units 0..9999 of layer 'conv': the array has 784 units"):
+        process_staged(engine, array, layer.name, 0, 0, 9999)
