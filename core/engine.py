@@ -571,26 +571,27 @@ class MatchEngine:
 
     # ---------------------------------------------------------------- one block
     def process(self, block: UnitBlock) -> MatchPartial:
-        """Score one block of units against every neuron and split."""
+        """Score one block of units against every neuron and split.
+
+        One split on CPU, a block wider than a tile and torch on several threads: the block's units
+        are shared out over Python threads (:meth:`_in_shares`); elsewhere the block is scored whole.
+        """
         xb = self._block_tensor(block)
         if self._tiled and xb.shape[1] > _TILE_UNITS and torch.get_num_threads() >= 2:
-            return self._process_in_shares(xb, block, torch_gemm=_torch_gemm(xb.shape[1]))
+            return self._in_shares([(xb, block)])
         return self._process(xb, block, torch_gemm=True)
 
     def process_blocks(self, blocks: Iterable[UnitBlock], overlap: bool = True) -> MatchPartial:
         """Every block scored, the partials merged: what :func:`merge` of :meth:`process` over the
         blocks gives (the same result), for a stream in one process.
 
-        One split on CPU (the shares of :meth:`_process_in_shares`): the blocks' shares flow through
-        the share threads back to back, and the single-threaded section opens once for the stream.
+        One split on CPU (the shares of :meth:`_in_shares`): the blocks' shares flow through the
+        share threads back to back, and the single-threaded section opens once for the stream.
         Block by block, each block's end left a core idle while the other finished its share (2.5 ms
         of a 116 ms float32 block, median, on the 2-core Intel Xeon of benchmarks/RESULTS.md), and
-        the section's opening and the shares' start took 2.1 ms more. Each block's shares are queued
-        as soon as it is read; the next block is read once the block before this one has ended, so
-        two blocks are held at most: the one whose shares run and the one being read (block by
-        block: one). Each block is scored as :meth:`process` scores it (a block of at most a tile's
-        units whole, on torch's GEMMs). Elsewhere (several splits, CUDA, one torch thread) the
-        blocks go through :meth:`process` one at a time.
+        the section's opening and the shares' start took 2.1 ms more. Two blocks are held at most
+        (block by block: one). Elsewhere (several splits, CUDA, one torch thread) the blocks go
+        through :meth:`process` one at a time.
 
         Args:
             blocks: the blocks, in any order.
@@ -601,12 +602,33 @@ class MatchEngine:
                 False: block by block, for a source whose block is valid only until the next is
                 asked for (:func:`staged_blocks`' ring) or which computes with torch on the CPU.
         """
-        blocks = iter(blocks)
-        total = self.empty()
         if not overlap or not self._tiled or torch.get_num_threads() < 2:
+            total = self.empty()
             for block in blocks:
                 total = merge(total, self.process(block))
             return total
+        return self._in_shares((self._block_tensor(block), block) for block in blocks)
+
+    def _in_shares(self, tensors: Iterable[tuple[torch.Tensor, UnitBlock]]) -> MatchPartial:
+        """One split on CPU: each block's units shared out over Python threads, each share scored
+        as a block of its own (tiles, sparse screen, top-k, leader), the partials merged; ``tensors``:
+        ``(xb, block)`` pairs (:meth:`_block_tensor`), taken one at a time inside the section.
+
+        Every op is single-threaded (:func:`core._threads.single_threaded_ops`): independent shares
+        on separate threads have no barrier to wait at, and all the work around the GEMMs (the
+        gathers, casts and squares, the screen, the top-k) runs on every core. A block's shares are
+        queued as soon as it is read; the next block is read once the block before this one has
+        ended, so two blocks are held at most: the one whose shares run and the one being read.
+        Each share's GEMMs are torch's (a chunk of rows at a time, added up) or numpy's (a tile of
+        all train rows at once), whichever BLAS is the faster on one thread here
+        (:func:`_torch_gemm`, :func:`_numpy_gemm_faster`). Measured (benchmarks/RESULTS.md): on a
+        2-core Intel Xeon (AVX-512) the shares with torch's chunked GEMMs and the fused kernel took
+        106-119 ms a float16 block of 18,432 units, where the whole block with torch's 2-thread ops
+        and GEMMs (the design before) took 128-133 ms and with the kernel on one thread 141-143 ms;
+        on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL per thread, and the shares
+        with numpy's GEMMs were the faster design.
+        """
+        total = self.empty()
         queued = collections.deque()  # a list of its shares' futures a block, in block order
 
         def merge_oldest() -> None:  # the oldest queued block, merged as it ends
@@ -618,8 +640,7 @@ class MatchEngine:
         with single_threaded_ops() as threads:
             pool = self._share_pool(threads)
             try:
-                for block in blocks:
-                    xb = self._block_tensor(block)
+                for xb, block in tensors:
                     gemm = _torch_gemm(xb.shape[1])
                     queued.append([pool.submit(self._process, share.data, share, torch_gemm=gemm)
                                    for share in self._shares(xb, block, threads)])
@@ -653,30 +674,6 @@ class MatchEngine:
         bounds = np.linspace(0, n_units, n + 1).round().astype(int)
         return [UnitBlock(xb[:, a:b], block.layer, block.first_unit + a)
                 for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
-
-    def _process_in_shares(self, xb: torch.Tensor, block: UnitBlock, torch_gemm: bool) -> MatchPartial:
-        """One split on CPU: the block's units shared out over Python threads, each share scored
-        as a block of its own (tiles, sparse screen, top-k, leader), then merged.
-
-        Every op is single-threaded (:func:`core._threads.single_threaded_ops`): independent shares
-        on separate threads have no barrier to wait at, and all the work around the GEMMs (the
-        gathers, casts and squares, the screen, the top-k) runs on every core. Each share's GEMMs
-        are torch's (``torch_gemm``: a chunk of rows at a time, added up) or numpy's (a tile of all
-        train rows at once), whichever BLAS is the faster on one thread here
-        (:func:`_numpy_gemm_faster`). Measured (benchmarks/RESULTS.md): on a 2-core Intel Xeon
-        (AVX-512) the shares with torch's chunked GEMMs and the fused kernel took 106-119 ms a
-        float16 block of 18,432 units, where the whole block with torch's 2-thread ops and GEMMs
-        (the design before) took 128-133 ms and with the kernel on one thread 141-143 ms; on a
-        2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL per thread, and the shares with
-        numpy's GEMMs were the faster design.
-        """
-        with single_threaded_ops() as threads:
-            pool = self._share_pool(threads)
-            work = [pool.submit(self._process, share.data, share, torch_gemm=torch_gemm)
-                    for share in self._shares(xb, block, threads)]
-            wait(work)  # every share ends inside the section, even when one of them failed
-            parts = [w.result() for w in work]
-        return merge_all(parts)
 
     def _process(self, xb: torch.Tensor, block: UnitBlock, torch_gemm: bool) -> MatchPartial:
         """Score the units of ``xb`` (the columns of ``block`` from its ``first_unit`` on);

@@ -1041,9 +1041,9 @@ def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monk
     y = plant_neurons(x.astype(np.float32), n_planted=6, n_noise=2, snr=4.0, seed=5).responses
     splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
     shared = []
-    in_shares = engine_module.MatchEngine._process_in_shares
-    monkeypatch.setattr(engine_module.MatchEngine, "_process_in_shares",
-                        lambda self, *a, torch_gemm: shared.append(torch_gemm) or in_shares(self, *a, torch_gemm=torch_gemm))
+    score = engine_module.MatchEngine._process
+    monkeypatch.setattr(engine_module.MatchEngine, "_process",
+                        lambda self, *a, torch_gemm: shared.append(torch_gemm) or score(self, *a, torch_gemm=torch_gemm))
     threads, got = torch.get_num_threads(), {}
     try:
         torch.set_num_threads(2)
@@ -1054,7 +1054,7 @@ def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monk
             assert engine_module._numpy_gemm_faster() is numpy_gemm  # decided once
             shared.clear()
             got[numpy_gemm] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
-            assert shared == [not numpy_gemm]
+            assert shared == [not numpy_gemm] * 2  # two shares, each with the GEMMs chosen
     finally:
         torch.set_num_threads(threads)
         engine_module._probe_gemms.cache_clear()  # later tests probe this machine again
