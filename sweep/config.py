@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from unitmatch.core.extract import DEFAULT_WRITER_THREADS
 from unitmatch.core.store import DEFAULT_CODEC
 
 
@@ -180,12 +179,13 @@ class ComputeConfig:
 class ClusterConfig:
     address: str = "local"                    # local: a private Ray on this machine; auto or ray://host:port
     num_cpus: Optional[int] = field(default=None, metadata=_range(1))
-    n_actors: Optional[int] = field(default=2, metadata=_range(1))
-    num_gpus_per_actor: float = field(default=0.0, metadata=_range(0))
+    # null: sized for the cluster once Ray runs (sweep.extract.actor_plan)
+    n_actors: Optional[int] = field(default=None, metadata=_range(1))
+    num_gpus_per_actor: Optional[float] = field(default=None, metadata=_range(0))
     num_cpus_per_actor: float = field(default=1.0, metadata=_range(0))
     shard_batches: int = field(default=4, metadata=_range(1))
-    decode_workers: int = field(default=0, metadata=_range(0))    # DataLoader image decoding workers per actor
-    writer_threads: int = field(default=DEFAULT_WRITER_THREADS, metadata=_range(1))    # store writer threads per actor
+    decode_workers: Optional[int] = field(default=None, metadata=_range(0))   # DataLoader image decoding workers per actor
+    writer_threads: Optional[int] = field(default=None, metadata=_range(1))   # store writer threads per actor
     in_flight: int = field(default=2, metadata=_range(1))
     memory_per_actor: int = field(default=0, metadata=_range(0))          # bytes Ray reserves per actor
     resources_per_actor: Dict[str, float] = field(default_factory=dict)   # custom Ray resources per actor

@@ -81,6 +81,38 @@ class Extractor:
         return f"{socket.gethostname()}:{os.getpid()}:{self.device}"
 
 
+#: an extraction actor on a GPU, where its share of the cores allows: image decoding workers and store
+#: writer threads (an H200 node's 16 cores: 4 workers decoded 650-710 images/s, 8 threads wrote resnet50's
+#: blocks faster than 16; benchmarks/RESULTS.md)
+GPU_DECODE_WORKERS, GPU_WRITER_THREADS = 4, 8
+
+
+def actor_plan(cluster: dict, n_actors: int | None = None, num_gpus: float | None = None,
+               num_workers: int | None = None, writer_threads: int | None = None) -> tuple[int, float, int, int]:
+    """``(n_actors, num_gpus, num_workers, writer_threads)`` of a zoo extraction, each None sized for
+    ``cluster`` (``ray.cluster_resources()``):
+
+    - num_gpus: 1 where the cluster has a GPU, else 0;
+    - n_actors: one per GPU where the actors ask for GPUs, else 2;
+    - on GPU actors, with ``share`` = the cluster's CPUs per actor: num_workers ``min(4, share // 3)``
+      and writer_threads ``min(8, max(2, share // 2))`` (a 16-core node with one GPU: 4 and 8, as
+      conf/cluster/ray.yaml sets them; a 2-core machine: 0 and 2); on CPU actors, which share the
+      cores with each other: 0 (decoding in the actor) and :data:`core.extract.DEFAULT_WRITER_THREADS`.
+    """
+    gpus = int(cluster.get("GPU", 0))
+    if num_gpus is None:
+        num_gpus = 1.0 if gpus >= 1 else 0.0
+    if n_actors is None:
+        n_actors = gpus if num_gpus and gpus else 2
+    share = max(1, int(cluster.get("CPU", 1)) // n_actors)
+    if num_workers is None:
+        num_workers = min(GPU_DECODE_WORKERS, share // 3) if num_gpus else 0
+    if writer_threads is None:
+        writer_threads = (min(GPU_WRITER_THREADS, max(DEFAULT_WRITER_THREADS, share // 2)) if num_gpus
+                          else DEFAULT_WRITER_THREADS)
+    return int(n_actors), float(num_gpus), int(num_workers), int(writer_threads)
+
+
 @dataclass
 class ZooExtraction:
     """Extract a zoo of models on a running Ray cluster (``ray.init`` first).
@@ -89,13 +121,15 @@ class ZooExtraction:
         root: folder of stores (shared storage when the cluster has several nodes).
         n_actors: extractor actors (default: one per GPU, else 2).
         num_gpus, num_cpus, memory, resources: Ray resources per actor (num_gpus=1 pins each
-            actor to a GPU; memory in bytes; custom resources by name). Checked against the
+            actor to a GPU; default: 1 where the cluster has GPUs, else 0; memory in bytes; custom
+            resources by name). Checked against the
             cluster's nodes before any actor starts: a request no node can satisfy raises
             :class:`sweep.cluster.ClusterResourceError` at once; actors that fit but wait for a busy
             cluster are reported every ``wait_log_s``.
         batch_size, dtype, codec: the stores' (:func:`core.extract.prepare_store`).
         num_workers, writer_threads: each actor's image decoding workers and store writer threads
-            (:func:`core.extract.extract_to_store`).
+            (:func:`core.extract.extract_to_store`); default: sized by :func:`actor_plan` once the
+            cluster is known (on GPUs up to 4 and 8, within the actor's share of the cores).
         shard_batches: image batches per work item.
         in_flight: work items queued per actor.
         max_retries: re-submissions of one work item after actor deaths.
@@ -104,13 +138,13 @@ class ZooExtraction:
 
     root: Path
     n_actors: int | None = None
-    num_gpus: float = 0
+    num_gpus: float | None = None
     num_cpus: float = 1
     batch_size: int = 32
     dtype: str = "float16"
     codec: str = DEFAULT_CODEC
-    num_workers: int = 0
-    writer_threads: int = DEFAULT_WRITER_THREADS
+    num_workers: int | None = None
+    writer_threads: int | None = None
     shard_batches: int = 4
     in_flight: int = 2
     max_retries: int = 3
@@ -125,8 +159,16 @@ class ZooExtraction:
 
     def __post_init__(self):
         # checked here, not first in an actor: a bad value is named before any actor starts
-        check_count(self.num_workers, "num_workers", 0)
-        check_count(self.writer_threads, "writer_threads", 1)
+        if self.n_actors is not None:
+            check_count(self.n_actors, "n_actors", 1)
+        if self.num_gpus is not None and (isinstance(self.num_gpus, bool) or not isinstance(self.num_gpus, (int, float))
+                                          or self.num_gpus < 0):
+            raise ValueError(f"num_gpus must be a number >= 0 (GPUs per actor) or None (1 where the cluster has "
+                             f"GPUs); got {self.num_gpus!r}")
+        if self.num_workers is not None:
+            check_count(self.num_workers, "num_workers", 0)
+        if self.writer_threads is not None:
+            check_count(self.writer_threads, "writer_threads", 1)
         self.codec = parse_codec(self.codec)
 
     def _remote_args(self) -> dict:
@@ -153,12 +195,11 @@ class ZooExtraction:
         Raises:
             ClusterResourceError: no node of the cluster has what one actor asks for.
         """
+        plan = actor_plan(ray.cluster_resources(), self.n_actors, self.num_gpus, self.num_workers, self.writer_threads)
+        self.n_actors, self.num_gpus, self.num_workers, self.writer_threads = plan
+        log.info("extraction: %d actor(s), each %g GPU, %d image decoding worker(s), %d store writer thread(s)", *plan)
         check_requests(self.request())
-        n = self.n_actors
-        if n is None:
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            n = gpus if self.num_gpus and gpus else 2
-        started = [self._start_actor() for _ in range(n)]
+        started = [self._start_actor() for _ in range(self.n_actors)]
         self.actors, self._ready = [a for a, _ in started], [r for _, r in started]
 
     def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection,

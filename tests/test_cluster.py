@@ -170,7 +170,8 @@ def _tiny_store(root: Path):
 def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_answer(tmp_path):
     """ray.init(num_gpus=1) on this CPU machine: every block task asks for a quarter GPU and is granted
     GPU 0 (asserted inside the task); with torch seeing no CUDA the engine runs on cpu there, and the
-    result is identical to the threaded scheduler's."""
+    result is identical to the threaded scheduler's. A zoo extraction left to size itself starts one
+    actor, given the GPU (on cpu here: torch sees no CUDA)."""
     import pandas as pd
 
     from unitmatch.core.splits import brainscore_splits
@@ -188,6 +189,8 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
         assert record["devices"] == (["cuda"] if torch.cuda.is_available() else ["cpu"]), record
         assert record["result"] == "MatchPartial"
     assert summary["block_args"] == {"num_gpus": 0.25}
+    assert summary["extraction_plan"] == [1, 1.0, 0, 2]  # one actor per GPU; 2 cores: no decode workers
+    assert summary["extractors_on"] == (["cuda"] if torch.cuda.is_available() else ["cpu"])
     result = pickle.loads((tmp_path / "result.pkl").read_bytes())
     threaded = match_store(store, responses, splits, scheduler="threads", block_units=32 * 2)
     for name in ("matches", "layer_matches"):
@@ -271,7 +274,10 @@ def _scenario_two_cpu_session(workdir: Path) -> dict:
 
 
 def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
+    import ray
     from ray.util.dask import RayDaskCallback
+
+    from unitmatch.sweep.extract import ZooExtraction
 
     from unitmatch.core.store import ActivationStore
     from unitmatch.sweep.cluster import ray_session
@@ -299,6 +305,15 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
             (records / f"{abs(hash(str(key)))}.json").write_text(json.dumps(record))
 
     with ray_session("local", num_cpus=2, num_gpus=1):
+        # extraction sized for this machine (cluster=local's nulls): one actor, given the GPU, which
+        # torch does not see here, so the actor extracts on cpu (on cuda where it does: test_gpu.py)
+        zoo = ZooExtraction(workdir / "stores", batch_size=4)
+        try:
+            zoo.start()
+            plan = [zoo.n_actors, zoo.num_gpus, zoo.num_workers, zoo.writer_threads]
+            where = ray.get([actor.where.remote() for actor in zoo.actors])
+        finally:
+            zoo.shutdown()
         block_args = block_remote_args()  # the cluster has a GPU: the default fraction
         with RecordBlocks():
             result = match_store(store, responses, splits, scheduler="ray", block_units=32 * 2)
@@ -306,7 +321,8 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
     blocks = [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]
     from unitmatch.sweep.reduce import block_plan
 
-    return {"blocks": blocks, "n_blocks": len(block_plan(store, 32 * 2)), "block_args": block_args}
+    return {"blocks": blocks, "n_blocks": len(block_plan(store, 32 * 2)), "block_args": block_args,
+            "extraction_plan": plan, "extractors_on": [w.rsplit(":", 1)[1] for w in where]}
 
 
 if __name__ == "__main__":

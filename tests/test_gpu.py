@@ -72,14 +72,16 @@ def test_ray_actors_given_a_gpu_run_on_cuda_and_actors_given_none_stay_on_cpu(ra
     if ray_local.cluster_resources().get("GPU", 0) < 1:
         pytest.fail("torch sees CUDA but the local Ray detected no GPU")
     placed = {}
-    for gpus in (1, 0):
-        zoo = ZooExtraction(tmp_path, n_actors=1, num_gpus=gpus, num_cpus=1)
+    for gpus in (1, 0, None):  # None: sized for the machine (cluster=local): one actor a GPU, given it
+        zoo = ZooExtraction(tmp_path, n_actors=1 if gpus is not None else None, num_gpus=gpus, num_cpus=1)
         try:
             zoo.start()
             placed[gpus] = ray_local.get(zoo.actors[0].where.remote())
+            if gpus is None:
+                assert zoo.num_gpus == 1.0 and zoo.n_actors == int(ray_local.cluster_resources()["GPU"])
         finally:
             zoo.shutdown()
-    assert placed[1].endswith(":cuda"), placed
+    assert placed[1].endswith(":cuda") and placed[None].endswith(":cuda"), placed
     # Ray 2.60 leaves CUDA_VISIBLE_DEVICES set for actors that ask for no GPU: they must not use it
     assert placed[0].endswith(":cpu"), placed
 

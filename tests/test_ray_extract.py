@@ -137,6 +137,31 @@ def test_bad_actor_options_are_named_before_any_actor_starts(tmp_path):
 
     for kwargs, message in [({"writer_threads": 0}, "writer_threads must be a positive integer; got 0"),
                             ({"num_workers": -2}, "num_workers must be an integer >= 0; got -2"),
+                            ({"n_actors": 0}, "n_actors must be a positive integer; got 0"),
+                            ({"num_gpus": -1}, r"num_gpus must be a number >= 0 \(GPUs per actor\) or None"),
                             ({"codec": "gzip"}, r"codec='gzip' is not a store codec; valid: none, zstd")]:
         with pytest.raises(ValueError, match=message):
             ZooExtraction(tmp_path, **kwargs)
+
+
+def test_actor_plan_sizes_the_actors_for_the_cluster_and_keeps_what_is_given():
+    """``cluster=local`` leaves the actors to ``actor_plan``: a CPU machine keeps the laptop's plan
+    (2 actors, decoding in the actor, 2 writer threads); a GPU machine gets one actor per GPU on it,
+    with decode workers and writer threads from its share of the cores (a 16-core 1-GPU node:
+    conf/cluster/ray.yaml's 4 and 8); values given are kept."""
+    from unitmatch.sweep.extract import actor_plan
+
+    cases = {
+        # cluster resources, given (n_actors, num_gpus, num_workers, writer_threads) -> plan
+        ((2, 0), (None, None, None, None)): (2, 0.0, 0, 2),
+        ((16, 1), (None, None, None, None)): (1, 1.0, 4, 8),
+        ((64, 4), (None, None, None, None)): (4, 1.0, 4, 8),
+        ((8, 2), (None, None, None, None)): (2, 1.0, 1, 2),
+        ((2, 1), (None, None, None, None)): (1, 1.0, 0, 2),
+        ((16, 1), (None, 0, None, None)): (2, 0.0, 0, 2),  # GPUs there, not asked for: CPU actors
+        ((16, 2), (3, 0.5, 2, 5)): (3, 0.5, 2, 5),
+        ((16, 1), (1, None, 0, None)): (1, 1.0, 0, 8),
+    }
+    for ((cpus, gpus), given), plan in cases.items():
+        assert actor_plan({"CPU": float(cpus), "GPU": float(gpus)}, *given) == plan, (cpus, gpus, given)
+    assert actor_plan({"CPU": 2.0}) == (2, 0.0, 0, 2)  # no GPU key at all
