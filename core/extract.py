@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from . import custom
+from ._checks import check_count
 from ._compat import forced_tf32, import_timm
 from .engine import default_device
 from .layers import OUTPUT, eval_mode, layer_names, probe_layers
@@ -524,14 +525,6 @@ def _check_pinned(pinned, device) -> None:
     if pinned and not torch.cuda.is_available():
         raise ValueError(f"pinned=True needs CUDA (page-locked host memory for asynchronous copies from the GPU); "
                          f"this torch sees no GPU (device {device}): use pinned=None or False")
-
-
-def check_count(value, name: str, low: int) -> int:
-    """An integer option >= ``low``, or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        what = "a positive integer" if low == 1 else f"an integer >= {low}"
-        raise ValueError(f"{name} must be {what}; got {value!r}")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------------------------

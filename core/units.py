@@ -19,6 +19,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ._checks import check_count
+
 #: dimension names by rank of the per-image unit shape, for channels-first layers that do not name
 #: them themselves (see :func:`infer_dims`)
 DEFAULT_DIMS = {1: ("channel",), 2: ("token", "channel"), 3: ("channel", "y", "x")}
@@ -374,10 +376,8 @@ def range_blocks(array, layer: str, first_unit: int, start: int, stop: int, bloc
 
 
 def _check_block_options(block_units, read_threads) -> None:
-    if isinstance(block_units, bool) or not isinstance(block_units, (int, np.integer)) or block_units <= 0:
-        raise ValueError(f"block_units must be a positive integer; got {block_units!r}")
-    if isinstance(read_threads, bool) or not isinstance(read_threads, (int, np.integer)) or read_threads < 1:
-        raise ValueError(f"read_threads must be an integer >= 1; got {read_threads!r}")
+    check_count(block_units, "block_units", 1)
+    check_count(read_threads, "read_threads", 1)
 
 
 def _range_blocks(flat, name: str, base: int, start: int, stop: int, block_units: int, read_threads: int,

@@ -22,12 +22,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import ray
 from tqdm.auto import tqdm
 
-from unitmatch.core.extract import DEFAULT_WRITER_THREADS, ModelSpec, check_count, extract_to_store, prepare_store
+from unitmatch.core._checks import check_count
+from unitmatch.core.extract import DEFAULT_WRITER_THREADS, ModelSpec, extract_to_store, prepare_store
 from unitmatch.core.stimuli import StimulusSet
 from unitmatch.core.store import DEFAULT_CODEC, ActivationStore, parse_codec
 
@@ -87,10 +88,19 @@ class Extractor:
 GPU_DECODE_WORKERS, GPU_WRITER_THREADS = 4, 8
 
 
+class ActorPlan(NamedTuple):
+    """A zoo extraction's actors: how many, and each one's GPUs, decode workers and writer threads."""
+
+    n_actors: int
+    num_gpus: float
+    num_workers: int
+    writer_threads: int
+
+
 def actor_plan(cluster: dict, n_actors: int | None = None, num_gpus: float | None = None,
-               num_workers: int | None = None, writer_threads: int | None = None) -> tuple[int, float, int, int]:
-    """``(n_actors, num_gpus, num_workers, writer_threads)`` of a zoo extraction, each None sized for
-    ``cluster`` (``ray.cluster_resources()``):
+               num_workers: int | None = None, writer_threads: int | None = None) -> ActorPlan:
+    """The :class:`ActorPlan` of a zoo extraction, each argument left None sized for ``cluster``
+    (``ray.cluster_resources()``):
 
     - num_gpus: 1 where the cluster has a GPU, else 0;
     - n_actors: one per GPU where the actors ask for GPUs, else 2;
@@ -110,7 +120,7 @@ def actor_plan(cluster: dict, n_actors: int | None = None, num_gpus: float | Non
     if writer_threads is None:
         writer_threads = (min(GPU_WRITER_THREADS, max(DEFAULT_WRITER_THREADS, share // 2)) if num_gpus
                           else DEFAULT_WRITER_THREADS)
-    return int(n_actors), float(num_gpus), int(num_workers), int(writer_threads)
+    return ActorPlan(int(n_actors), float(num_gpus), int(num_workers), int(writer_threads))
 
 
 @dataclass
@@ -156,6 +166,8 @@ class ZooExtraction:
     log: list = field(default_factory=list)
     #: per actor, the reference that resolves once it is running
     _ready: list = field(default_factory=list, repr=False)
+    #: what :meth:`start` sized for the cluster (:func:`actor_plan`); the arguments above stay as given
+    plan: "ActorPlan | None" = field(default=None, init=False)
 
     def __post_init__(self):
         # checked here, not first in an actor: a bad value is named before any actor starts
@@ -172,7 +184,7 @@ class ZooExtraction:
         self.codec = parse_codec(self.codec)
 
     def _remote_args(self) -> dict:
-        args = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        args = {"num_gpus": self.plan.num_gpus, "num_cpus": self.num_cpus}
         if self.memory:
             args["memory"] = self.memory
         if self.resources:
@@ -186,7 +198,8 @@ class ZooExtraction:
     def _start_actor(self):
         """A new actor and the reference that resolves once it is placed and built."""
         actor = Extractor.options(**self._remote_args()).remote(str(self.root), self.batch_size, self.dtype,
-                                                                 self.num_workers, self.writer_threads, self.codec)
+                                                                 self.plan.num_workers, self.plan.writer_threads,
+                                                                 self.codec)
         return actor, actor.__ray_ready__.remote()
 
     def start(self) -> None:
@@ -195,11 +208,12 @@ class ZooExtraction:
         Raises:
             ClusterResourceError: no node of the cluster has what one actor asks for.
         """
-        plan = actor_plan(ray.cluster_resources(), self.n_actors, self.num_gpus, self.num_workers, self.writer_threads)
-        self.n_actors, self.num_gpus, self.num_workers, self.writer_threads = plan
-        log.info("extraction: %d actor(s), each %g GPU, %d image decoding worker(s), %d store writer thread(s)", *plan)
+        self.plan = actor_plan(ray.cluster_resources(), self.n_actors, self.num_gpus, self.num_workers,
+                               self.writer_threads)
+        log.info("extraction: %d actor(s), each %g GPU, %d image decoding worker(s), %d store writer thread(s)",
+                 *self.plan)
         check_requests(self.request())
-        started = [self._start_actor() for _ in range(self.n_actors)]
+        started = [self._start_actor() for _ in range(self.plan.n_actors)]
         self.actors, self._ready = [a for a, _ in started], [r for _, r in started]
 
     def run(self, specs: Sequence[ModelSpec], stimuli: StimulusSet, selection,

@@ -3,7 +3,8 @@
 One task per block of units reads its slice ``arr[:, start:stop]`` of one layer's Zarr array (images
 x units; a :class:`core.integrity.CheckedArray`, so each chunk it reads is checked against the
 digest recorded when it was written, and damage raises an error naming store, layer and chunk) and
-returns ``engine.process(block)``, a :class:`core.engine.MatchPartial`; a tree of merge tasks
+returns ``engine.process(block)`` (on a GPU, of the block's pieces staged through pinned buffers:
+:func:`process_staged`), a :class:`core.engine.MatchPartial`; a tree of merge tasks
 (fan-in 2..8) folds the partials with :func:`core.engine.merge`; the driver then runs
 :meth:`core.engine.MatchEngine.finalize` with the float64 re-scoring, reading only the candidate
 columns from the store again. Partials merge associatively and commutatively (ties go to the lower
@@ -37,8 +38,9 @@ from typing import Sequence
 
 import numpy as np
 
-from unitmatch.core.engine import (MatchEngine, MatchPartial, MatchResult, MatchSettings, default_block_units,
-                                   default_device, merge_all, staged_blocks)
+from unitmatch.core.engine import (STAGING_BUFFERS, MatchEngine, MatchPartial, MatchResult, MatchSettings,
+                                   default_block_units, default_device, merge_all, staged_blocks)
+from unitmatch.core._checks import check_count
 from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray, usable_cores
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns, range_blocks, whole_chunks
 
@@ -60,8 +62,7 @@ def aligned_block_units(store, block_units: int) -> int:
     Raises:
         ValueError: ``block_units`` is not a positive integer.
     """
-    if isinstance(block_units, bool) or not isinstance(block_units, (int, np.integer)) or block_units <= 0:
-        raise ValueError(f"block_units must be a positive integer; got {block_units!r}")
+    check_count(block_units, "block_units", 1)
     chunk = store.unit_chunk
     aligned = whole_chunks(int(block_units), chunk)
     if aligned != block_units:
@@ -191,11 +192,11 @@ class _EngineHandle:
 def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: int, first_unit: int) -> MatchPartial:
     """Read one block's whole chunks from Zarr and score it.
 
-    On a GPU the read is the host's whole share of a block task: the block is read straight into
-    pinned staging buffers in pieces, each piece's host-to-device copy and products overlapping the
-    next piece's read (:func:`process_staged`), a checked store's chunks on several threads
-    (:func:`block_read_threads`). On the CPU the tasks' products keep the cores busy and each task
-    reads its block on its own thread.
+    On a GPU the read is the host's whole share of a block task: the block goes through pinned
+    staging buffers in pieces (a checked store's read straight into them, its chunks on several
+    threads: :func:`block_read_threads`), each piece's host-to-device copy and products
+    overlapping the next piece's read (:func:`process_staged`). On the CPU the tasks' products
+    keep the cores busy and each task reads its block on its own thread.
     """
     engine = handle.get()
     if engine.device.type == "cuda":
@@ -210,21 +211,27 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
 def process_staged(engine: MatchEngine, array, layer: str, first_unit: int, start: int, stop: int,
                    read_threads: int = 1, pieces: int | None = None) -> MatchPartial:
     """The units ``start..stop`` of one layer's (images, units) array, scored as
-    :func:`core.engine.run_matching` streams a store on a GPU: in ``pieces`` pieces of whole chunks
-    (default :data:`GPU_PIECES`; at most that many, each of whole chunks), each read straight into a staging slot's host
-    buffer (pinned on CUDA; a checked store's chunks on ``read_threads`` threads) and copied to
-    the engine's device on a copy stream while the piece before is scored
-    (:func:`core.engine.staged_blocks`). The partial equals ``engine.process`` of the whole run of
-    units, merged (:func:`core.engine.merge`)."""
-    pieces = GPU_PIECES if pieces is None else pieces
-    if isinstance(pieces, bool) or not isinstance(pieces, (int, np.integer)) or pieces < 1:
-        raise ValueError(f"pieces must be a positive integer; got {pieces!r}")
+    :func:`core.engine.run_matching` streams a store on a GPU: in at most ``pieces`` pieces (default
+    :data:`GPU_PIECES`), each a whole number of the array's unit chunks (whole chunks where ``start``
+    is on a chunk boundary, as a block plan's are), and through :func:`core.engine.staged_blocks`:
+    a checked store's piece is read straight into a staging slot's host buffer (pinned on CUDA) on
+    ``read_threads`` threads, other arrays' are read and copied there, and the piece goes to the
+    engine's device on a copy stream while the piece before is scored. The partial equals
+    ``engine.process`` of the whole run of units (merged: :func:`core.engine.merge`). The ring
+    holds at most ``min(3, pieces)`` pieces of host (and device) memory, kept by torch's caches for
+    the next task.
+    """
+    from contextlib import closing
+
+    pieces = check_count(GPU_PIECES if pieces is None else pieces, "pieces", 1)
     width = max(1, -(-(stop - start) // pieces))
     chunks = getattr(array, "chunks", None)
     if isinstance(chunks, tuple) and len(chunks) == 2 and isinstance(chunks[1], (int, np.integer)):
         width = -(-width // int(chunks[1])) * int(chunks[1])  # up to whole chunks: at most `pieces` pieces
     blocks = range_blocks(array, layer, first_unit, start, stop, width, read_threads, deferred=True)
-    return engine.process_blocks(staged_blocks(blocks, engine.device), overlap=False)
+    # closed on the way out, also when a piece fails: the staging thread and its buffers end with the call
+    with closing(staged_blocks(blocks, engine.device, n_buffers=max(2, min(STAGING_BUFFERS, pieces)))) as staged:
+        return engine.process_blocks(staged, overlap=False)
 
 
 def block_read_threads() -> int:
@@ -324,8 +331,9 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     """Match every neuron to its best unit over a complete activation store, as a Dask graph.
 
     One task per block of units (see :func:`block_plan`): it reads its slice of one layer's Zarr
-    array and returns ``engine.process(UnitBlock(...))``; a tree of :func:`core.engine.merge` tasks
-    (``fan_in`` partials per task) reduces the partials; then, in the driver,
+    array and returns ``engine.process(UnitBlock(...))`` (on a GPU, of its pieces:
+    :func:`process_staged`); a tree of :func:`core.engine.merge` tasks (``fan_in`` partials per
+    task) reduces the partials; then, in the driver,
     ``engine.finalize(..., columns=...)`` re-scores each neuron's near-best candidates in float64
     from the store. The result equals :func:`core.engine.run_matching` on the same activations with
     the same ``block_units``, for every scheduler and fan-in.

@@ -310,7 +310,8 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
         zoo = ZooExtraction(workdir / "stores", batch_size=4)
         try:
             zoo.start()
-            plan = [zoo.n_actors, zoo.num_gpus, zoo.num_workers, zoo.writer_threads]
+            plan = list(zoo.plan)
+            assert zoo.n_actors is None and zoo.num_gpus is None  # as given
             where = ray.get([actor.where.remote() for actor in zoo.actors])
         finally:
             zoo.shutdown()

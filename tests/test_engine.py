@@ -1357,7 +1357,7 @@ def test_a_stores_blocks_are_read_on_several_threads_where_the_cores_would_wait(
         assert a.data.dtype == b.data.dtype == np.float16
         np.testing.assert_array_equal(a.data, b.data)
     for bad in (0, -2, True, 1.5, "2"):
-        with pytest.raises(ValueError, match=r"read_threads must be an integer >= 1; got " + re.escape(repr(bad))):
+        with pytest.raises(ValueError, match=r"read_threads must be a positive integer; got " + re.escape(repr(bad))):
             next(iter_blocks(store.layers(), cat, 40, read_threads=bad))
     monkeypatch.setattr(integrity, "read_threads", lambda: 3)
     y = rng.standard_normal((3, 20))

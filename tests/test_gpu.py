@@ -78,7 +78,7 @@ def test_ray_actors_given_a_gpu_run_on_cuda_and_actors_given_none_stay_on_cpu(ra
             zoo.start()
             placed[gpus] = ray_local.get(zoo.actors[0].where.remote())
             if gpus is None:
-                assert zoo.num_gpus == 1.0 and zoo.n_actors == int(ray_local.cluster_resources()["GPU"])
+                assert zoo.plan.num_gpus == 1.0 and zoo.plan.n_actors == int(ray_local.cluster_resources()["GPU"])
         finally:
             zoo.shutdown()
     assert placed[1].endswith(":cuda") and placed[None].endswith(":cuda"), placed

@@ -475,3 +475,28 @@ def test_a_block_staged_in_pieces_scores_as_the_whole_block(setup, checked, monk
             process_staged(engine, array, layer.name, first, start, stop, pieces=bad)
     with pytest.raises(ValueError, match=r"units 0..9999 of layer 'conv': the array has 784 units"):
         process_staged(engine, array, layer.name, 0, 0, 9999)
+
+
+def test_a_staged_block_that_fails_ends_its_staging_thread_with_the_call(setup):
+    """A piece that fails to score (here: a device out of memory, stood in for) is raised from
+    ``process_staged``, and the staging thread that read ahead has ended by then: a block task's
+    error does not keep its thread and buffers alive while Dask holds the traceback."""
+    import threading
+
+    from unitmatch.core.engine import MatchEngine
+    from unitmatch.sweep.reduce import process_staged
+
+    store, _, brain, splits = setup
+    engine = MatchEngine(brain.responses, splits, top_k=3)
+    calls = []
+
+    def process(block):
+        calls.append(block.first_unit)
+        raise MemoryError("out of memory (stood in for)")
+
+    engine.process = process
+    with pytest.raises(MemoryError, match="stood in for") as caught:
+        process_staged(engine, store.layers()["conv"], "conv", 0, 0, 12 * CHUNK, pieces=4)
+    assert calls == [0]
+    # the traceback (held here, as Dask holds a failed task's) keeps the frames, not the thread
+    assert caught.tb is not None and not [t for t in threading.enumerate() if t.name == "unitmatch-staging"]
