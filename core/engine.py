@@ -1919,8 +1919,13 @@ def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int |
         if device is not None and torch.device(device).type == "cuda":
             total = torch.cuda.get_device_properties(torch.device(device)).total_memory
             budget_bytes = min(4 << 30, max(256 << 20, total // 16))
-    per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
-    return max(256, (budget_bytes // per_unit) // 256 * 256)
+    return max(256, (budget_bytes // block_bytes(n_images, n_neurons, 1)) // 256 * 256)
+
+
+def block_bytes(n_images: int, n_rows: int, n_units: int) -> int:
+    """A block's float32 working set in the engine: its float32 copy (images x units), then the
+    products and scores of every neuron row and the unit-sum row (2 x (rows + 1) x units)."""
+    return 4 * (max(n_images, 1) + 2 * (n_rows + 1)) * n_units
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,

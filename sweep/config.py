@@ -184,7 +184,7 @@ class ClusterConfig:
     num_gpus_per_actor: Optional[float] = field(default=None, metadata=_range(0))
     num_cpus_per_actor: float = field(default=1.0, metadata=_range(0))
     shard_batches: int = field(default=4, metadata=_range(1))
-    decode_workers: Optional[int] = field(default=None, metadata=_range(0))   # DataLoader image decoding workers per actor
+    decode_workers: Optional[int] = field(default=None, metadata=_range(0))   # DataLoader image decoders per actor
     writer_threads: Optional[int] = field(default=None, metadata=_range(1))   # store writer threads per actor
     in_flight: int = field(default=2, metadata=_range(1))
     memory_per_actor: int = field(default=0, metadata=_range(0))          # bytes Ray reserves per actor

@@ -166,15 +166,19 @@ class _EngineHandle:
     neurons, splits and permutations.
     """
 
-    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict, key: str = ""):
+    def __init__(self, engine: MatchEngine, responses: np.ndarray, splits, options: dict, key: str = "",
+                 read_threads: int | None = None):
         self.token = uuid.uuid4().hex  # this graph's task keys
         self.key = key  # the engine's content (:func:`engine_key`): workers reuse an engine across graphs
         self.responses, self.splits, self.options = responses, splits, options
+        #: read threads of a block task on a GPU under a local scheduler (:func:`local_gpu_threads`);
+        #: None: :func:`block_read_threads` (a Ray task's CPUs)
+        self.read_threads = read_threads
         self._engine = engine
 
     def __getstate__(self):
         return {"token": self.token, "key": self.key, "responses": self.responses, "splits": self.splits,
-                "options": self.options}
+                "options": self.options, "read_threads": None}  # a Ray task reads on the CPUs Ray gave it
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -200,7 +204,8 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
     """
     engine = handle.get()
     if engine.device.type == "cuda":
-        return process_staged(engine, array, layer, first_unit, start, stop, block_read_threads())
+        return process_staged(engine, array, layer, first_unit, start, stop,
+                              handle.read_threads or block_read_threads())
     if isinstance(array, CheckedArray):
         data = array.read_units(start, stop, 1)
     else:
@@ -224,14 +229,56 @@ def process_staged(engine: MatchEngine, array, layer: str, first_unit: int, star
     from contextlib import closing
 
     pieces = check_count(GPU_PIECES if pieces is None else pieces, "pieces", 1)
-    width = max(1, -(-(stop - start) // pieces))
     chunks = getattr(array, "chunks", None)
-    if isinstance(chunks, tuple) and len(chunks) == 2 and isinstance(chunks[1], (int, np.integer)):
-        width = -(-width // int(chunks[1])) * int(chunks[1])  # up to whole chunks: at most `pieces` pieces
+    chunk = int(chunks[1]) if (isinstance(chunks, tuple) and len(chunks) == 2
+                               and isinstance(chunks[1], (int, np.integer))) else 1
+    width = _piece_units(stop - start, pieces, chunk)
     blocks = range_blocks(array, layer, first_unit, start, stop, width, read_threads, deferred=True)
     # closed on the way out, also when a piece fails: the staging thread and its buffers end with the call
     with closing(staged_blocks(blocks, engine.device, n_buffers=max(2, min(STAGING_BUFFERS, pieces)))) as staged:
         return engine.process_blocks(staged, overlap=False)
+
+
+def _piece_units(n_units: int, pieces: int, chunk: int) -> int:
+    """Units a piece when ``n_units`` are cut into at most ``pieces`` pieces, each of whole chunks
+    of ``chunk`` units."""
+    width = max(1, -(-n_units // pieces))
+    return -(-width // chunk) * chunk
+
+
+def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsize: int,
+                      num_workers: int | None = None) -> tuple[int, int]:
+    """``(block tasks at once, read threads a task)`` for a local scheduler whose engine is on a GPU.
+
+    A Dask thread that has run a block task keeps that block's working set on the device (the
+    engine's per-thread scratch, :func:`core.engine.block_bytes`; the default permutation null's
+    25,856 neuron rows make it 3.6 GB for a 16,384-unit block of 3200 images) and its staging ring
+    (up to 3 pieces of the block as stored). As many tasks run at once as fit in half the device's
+    memory, at most one a core (Dask's default would be one a core: 16 such threads need 58 GB), and
+    the cores left over read each task's chunks (:func:`process_staged`; at most
+    :data:`core.integrity.MAX_READ_THREADS` a task). A given ``num_workers`` is kept, with a warning
+    where its working sets do not fit in that half.
+    """
+    import torch
+
+    from unitmatch.core.engine import block_bytes
+
+    total = torch.cuda.get_device_properties(engine.device).total_memory
+    pieces = min(GPU_PIECES, -(-block_units // chunk))
+    ring = min(STAGING_BUFFERS, pieces) * _piece_units(block_units, pieces, chunk) * engine.n_images * itemsize
+    per_task = block_bytes(engine.n_images, engine.n_rows, block_units) + ring
+    fit = max(1, (total // 2) // per_task)
+    cores = usable_cores()
+    if num_workers is None:
+        workers = max(1, min(cores, fit))
+    else:
+        workers = check_count(num_workers, "num_workers", 1)
+        if workers > fit:
+            log.warning("num_workers=%d block tasks on %s hold %.1f GiB of working sets (%.2f GiB each, blocks of %d "
+                        "units x %d neuron rows), more than half its %.0f GiB: fewer workers, or smaller blocks "
+                        "(compute.block_units), if it runs out of memory", workers, engine.device,
+                        workers * per_task / 2**30, per_task / 2**30, block_units, engine.n_rows, total / 2**30)
+    return workers, max(1, min(MAX_READ_THREADS, cores // workers))
 
 
 def block_read_threads() -> int:
@@ -362,7 +409,8 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
             the task count is logged).
         fan_in: partials merged per merge task (2..8).
         num_workers: threads of the local threaded scheduler, or submitting threads for ``"ray"``
-            (Dask's default when ``None``).
+            (Dask's default when ``None``; with the engine on this process's GPU, as many block
+            tasks as half its memory holds, at most one a core: :func:`local_gpu_threads`).
         gpus_per_task: with ``"ray"``, the fraction of a GPU each block task requests (0..1;
             e.g. 0.25: four blocks share a GPU). ``None``: :data:`DEFAULT_GPUS_PER_TASK` when the
             cluster has GPUs, else 0. 0: block tasks run on CPU even on GPU nodes.
@@ -407,7 +455,15 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
-    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, key)
+    read_threads = None
+    if scheduler != "ray" and engine.device.type == "cuda":  # this process's GPU: tasks its memory holds
+        itemsize = np.dtype(next(iter(store.layers().values())).dtype).itemsize
+        num_workers, read_threads = local_gpu_threads(engine, whole_chunks(block_units, store.unit_chunk),
+                                                      store.unit_chunk, itemsize,
+                                                      num_workers if scheduler == "threads" else 1)
+        log.info("%d block tasks at once on %s, each reading its chunks on %d thread(s)", num_workers, engine.device,
+                 read_threads)
+    handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, key, read_threads)
     graph, root = build_graph(handle, store, plan, fan_in, block_args)
     log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks%s, fan-in %d, %s",
              engine.n_neurons, engine.n_rows - engine.n_neurons, store.catalogue().n_units, store.path, len(plan),

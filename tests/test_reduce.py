@@ -414,8 +414,8 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
             return "partial"
 
     class Handle:
-        def __init__(self, device):
-            self.engine = Engine(device)
+        def __init__(self, device, read_threads=None):
+            self.engine, self.read_threads = Engine(device), read_threads
 
         def get(self):
             return self.engine
@@ -429,6 +429,9 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     cuda = Handle("cuda")
     assert reduce_module._process_block(cuda, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
     assert staged == [(cuda.engine, array, LAYERS[0].name, 5, BLOCK, 2 * BLOCK, 3)] and asked == [1]
+    local = Handle("cuda", read_threads=6)  # a local scheduler's (local_gpu_threads), not Ray's CPUs
+    reduce_module._process_block(local, array, LAYERS[0].name, 0, BLOCK, 0)
+    assert staged[-1][-1] == 6
     monkeypatch.undo()
     assert reduce_module.block_read_threads() == 1  # not in a Ray task
     in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
@@ -500,3 +503,39 @@ def test_a_staged_block_that_fails_ends_its_staging_thread_with_the_call(setup):
     assert calls == [0]
     # the traceback (held here, as Dask holds a failed task's) keeps the frames, not the thread
     assert caught.tb is not None and not [t for t in threading.enumerate() if t.name == "unitmatch-staging"]
+
+
+def test_block_tasks_on_this_processs_gpu_run_as_many_at_once_as_half_its_memory_holds(monkeypatch, caplog):
+    """With the engine on this process's GPU, a local scheduler runs as many block tasks at once as
+    their working sets (the engine's per-thread scratch and the staging ring) fit in half the
+    device's memory, at most one a core, and gives the cores left to each task's reads; a given
+    num_workers is kept, with a warning where it does not fit."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from unitmatch.sweep import reduce as reduce_module
+
+    gib = 2**30
+    memory = {"total": 80 * gib}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory["total"]))
+    monkeypatch.setattr(reduce_module, "usable_cores", lambda: 16)
+    chunk, block, images = 16384, 16384, 3200
+
+    def engine(rows):
+        return SimpleNamespace(device=torch.device("cuda"), n_images=images, n_rows=rows)
+
+    # a block's float32 copy, products and scores, and (one piece) its float16 staging slot
+    with_null = 4 * (images + 2 * (25856 + 1)) * block + block * images * 2  # 3.70e9 bytes
+    assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2) == (40 * gib // with_null, 1)  # 11, 1
+    assert reduce_module.local_gpu_threads(engine(256), block, chunk, 2) == (16, 1)  # a core each, all fit
+    memory["total"] = 24 * gib
+    assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2) == (3, 5)  # 12 GiB: 3; 16 cores / 3
+    with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
+        assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2, num_workers=8) == (8, 2)
+    assert "num_workers=8 block tasks on cuda hold 27.6 GiB of working sets (3.45 GiB each" in caplog.text
+    # a block of four chunks: four pieces, three of them in the ring
+    four = 4 * (images + 2 * 257) * 4 * chunk + 3 * chunk * images * 2
+    assert reduce_module.local_gpu_threads(engine(256), 4 * chunk, chunk, 2) == (min(16, 12 * gib // four), 1)
+    with pytest.raises(ValueError, match="num_workers must be a positive integer; got 0"):
+        reduce_module.local_gpu_threads(engine(256), block, chunk, 2, num_workers=0)
