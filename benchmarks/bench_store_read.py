@@ -245,12 +245,14 @@ def _stream_from_store(store, rng, args):
     threads, on CUDA straight into the staging thread's pinned buffers), against its two components
     alone in the same run: the checked reads of the same blocks (on those threads, and on one) and
     the same matching of the same values already in host memory; the stream's time as a fraction of
-    the slower. Beside them, the sweep's reduction of the same blocks (:func:`sweep.reduce.match_store`,
-    Dask's threaded scheduler on as many threads as read threads; each block task on a GPU staged
-    in pieces, :func:`sweep.reduce.process_staged`)."""
+    the slower. These leave out the float64 re-scoring at the end (its read of the candidates'
+    columns). With it: the whole of ``run_matching`` (the same stream, then the re-scoring's column
+    reads from the store), beside the sweep's reduction of the same blocks, which does the same
+    work (:func:`sweep.reduce.match_store`, Dask's threaded scheduler on as many threads as read
+    threads; on a GPU each block task staged in pieces, :func:`sweep.reduce.process_staged`)."""
     from unitmatch.core import integrity
     from unitmatch.core.engine import default_block_units, stream_match
-    from unitmatch.core.units import chunk_aligned, iter_blocks
+    from unitmatch.core.units import chunk_aligned, gather_columns, iter_blocks
     from unitmatch.sweep.reduce import match_store
 
     layers, catalogue, engine, responses = _one_split_engine(store, rng, args, args.stream_device)
@@ -259,14 +261,15 @@ def _stream_from_store(store, rng, args):
     threads = integrity.read_threads()  # as run_matching reads a store's blocks
     in_memory = {name: np.asarray(a[:]) for name, a in layers.items()}
 
-    def stream(source, n_threads: int):
+    def stream(source, n_threads: int, rescore: bool = False):
         t0 = time.perf_counter()
         if source is store:  # the sweep's reduction: n_threads Dask threads
             result = match_store(store, responses, engine.splits, device=args.stream_device,
                                  block_units=size, scheduler="threads", num_workers=n_threads)
         else:
             blocks = iter_blocks(source, catalogue, size, read_threads=n_threads, deferred=engine.device.type == "cuda")
-            result = stream_match(engine, blocks, catalogue)
+            columns = (lambda units: gather_columns(source, catalogue, units, dtype=None)) if rescore else None
+            result = stream_match(engine, blocks, catalogue, columns=columns)
         return time.perf_counter() - t0, result
 
     memory = "from host memory (numpy, already read)"
@@ -274,10 +277,13 @@ def _stream_from_store(store, rng, args):
     if threads > 1:
         variants["from the store, 1 read thread(s)"] = (layers, 1)
     variants[memory] = (in_memory, 1)
-    variants[f"the sweep's reduction of the store (match_store, {threads} Dask threads)"] = (store, threads)
+    whole = f"run_matching from the store, with the float64 re-scoring ({threads} read thread(s))"
+    variants[whole] = (layers, threads, True)
+    variants[f"the sweep's reduction of the store, the same work (match_store, {threads} Dask threads)"] = (store,
+                                                                                                           threads)
     first = None
-    for source, n_threads in variants.values():  # warm-up: CUDA kernels, pinned buffers, the page cache
-        result = stream(source, n_threads)[1]
+    for variant in variants.values():  # warm-up: CUDA kernels, pinned buffers, the page cache
+        result = stream(*variant)[1]
         first = first if first is not None else result
         assert np.array_equal(result.matches["unit"].to_numpy(), first.matches["unit"].to_numpy())
     rounds = max(2, args.repeats // 5)
@@ -289,9 +295,10 @@ def _stream_from_store(store, rng, args):
         print(f"  {name}: {t:.3f} s")
     print("  the reads alone: " + ", ".join(f"{n} thread(s) {t:.3f} s" for n, t in reads.items()))
     limit = max(reads[threads], med[memory])
-    for name in (next(iter(med)), list(med)[-1]):
-        print(f"  {name}: {limit / med[name]:.0%} of the slower component alone ({limit:.3f} s: max(the reads "
-              f"on {threads} thread(s), the matching from memory))")
+    first_name, reduction = next(iter(med)), list(med)[-1]
+    print(f"  {first_name}: {limit / med[first_name]:.0%} of the slower component alone ({limit:.3f} s: max(the "
+          f"reads on {threads} thread(s), the matching from memory))")
+    print(f"  the sweep's reduction: {med[reduction] / med[whole]:.2f}x run_matching's time for the same work")
 
 
 if __name__ == "__main__":
