@@ -16,7 +16,8 @@
 # most 8 files from $OUT; the archive is one, and is there even if the run is cut short); each step has
 # its own time limit, so a
 # hang costs that step only. Steps, most important first:
-#   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors
+#   1. the GPU tests (pytest -m gpu): engine, extraction (TF32 policy), pinned paths, decoder, Ray actors,
+#      the sweep's reduction on cuda (Dask-on-Ray and threaded: block tasks staged in pieces)
 #   2. bench_match --device cuda: pinned host-to-device staging and on-device matching vs their limits
 #   3. bench_extract --device cuda: resnet50 blocks (batch 64, 512 images) and resnet18 stages
 #   4. bench_decode --device cuda: the MajajHong-sized decoding, and its share of core.analyze on the demo,
