@@ -569,6 +569,23 @@ class MatchEngine:
             pool[name] = buf
         return buf[:n].view(shape)
 
+    def scratch_bytes(self, n_units: int) -> int:
+        """About the most memory one thread's scratch takes on the engine's device for a block of
+        ``n_units`` on the untiled path (GPUs): the products of every neuron row and the unit-sum
+        row; with several splits also a split's scores and its outside rows; and per image a float32
+        copy of the block with its squares (or the sparse screen's, or the float16 path's column
+        buffers, which are smaller), 9 bytes an image and unit. Kept between blocks, per thread
+        (:meth:`_buffer`), until :meth:`release_scratch`."""
+        rows = 4 * (self.n_rows + 1)
+        if self.shared:
+            rows += 4 * self.n_rows + 4 * (max(len(plan.outside) for plan in self._plans) + 1)
+        return (rows + 9 * self.n_images) * int(n_units)
+
+    def release_scratch(self) -> None:
+        """Drop every thread's scratch buffers (the next block allocates its own again): after a
+        reduction whose threads each held a block's working set on a GPU."""
+        self._local = threading.local()
+
     # ---------------------------------------------------------------- one block
     def process(self, block: UnitBlock) -> MatchPartial:
         """Score one block of units against every neuron and split.
@@ -1919,13 +1936,8 @@ def default_block_units(n_images: int, n_neurons: int = 256, budget_bytes: int |
         if device is not None and torch.device(device).type == "cuda":
             total = torch.cuda.get_device_properties(torch.device(device)).total_memory
             budget_bytes = min(4 << 30, max(256 << 20, total // 16))
-    return max(256, (budget_bytes // block_bytes(n_images, n_neurons, 1)) // 256 * 256)
-
-
-def block_bytes(n_images: int, n_rows: int, n_units: int) -> int:
-    """A block's float32 working set in the engine: its float32 copy (images x units), then the
-    products and scores of every neuron row and the unit-sum row (2 x (rows + 1) x units)."""
-    return 4 * (max(n_images, 1) + 2 * (n_rows + 1)) * n_units
+    per_unit = 4 * (max(n_images, 1) + 2 * (n_neurons + 1))
+    return max(256, (budget_bytes // per_unit) // 256 * 256)
 
 
 def stream_match(engine: MatchEngine, blocks: Iterable[UnitBlock], catalogue: UnitCatalogue,

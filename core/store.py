@@ -482,8 +482,12 @@ class ActivationStore:
     @property
     def nbytes(self) -> int:
         """Bytes of all the store's activations, as stored (uncompressed)."""
-        itemsize = np.dtype(self.key.get("dtype", "float16")).itemsize
-        return self.n_images * sum(layer.size for layer in self.layer_units) * itemsize
+        return self.n_images * sum(layer.size for layer in self.layer_units) * self.itemsize
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes of one stored activation (2 for float16, 4 for float32)."""
+        return np.dtype(self.key.get("dtype", "float16")).itemsize
 
     @contextlib.contextmanager
     def chunk_cache(self, budget_bytes: int = DEFAULT_CACHE_BYTES):

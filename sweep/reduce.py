@@ -247,37 +247,39 @@ def _piece_units(n_units: int, pieces: int, chunk: int) -> int:
 
 
 def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsize: int,
-                      num_workers: int | None = None) -> tuple[int, int]:
+                      num_workers: int | None = None, max_tasks: int | None = None) -> tuple[int, int]:
     """``(block tasks at once, read threads a task)`` for a local scheduler whose engine is on a GPU.
 
-    A Dask thread that has run a block task keeps that block's working set on the device (the
-    engine's per-thread scratch, :func:`core.engine.block_bytes`; the default permutation null's
-    25,856 neuron rows make it 3.6 GB for a 16,384-unit block of 3200 images) and its staging ring
-    (up to 3 pieces of the block as stored). As many tasks run at once as fit in half the device's
-    memory, at most one a core (Dask's default would be one a core: 16 such threads need 58 GB), and
-    the cores left over read each task's chunks (:func:`process_staged`; at most
-    :data:`core.integrity.MAX_READ_THREADS` a task). A given ``num_workers`` is kept, with a warning
-    where its working sets do not fit in that half.
+    A Dask thread that has run a block task keeps a piece's working set on the device until the
+    reduction ends (the engine's per-thread scratch, :meth:`core.engine.MatchEngine.scratch_bytes`:
+    256 neurons with the default 100 permutations and 10 splits make it 3.9 GB for a 16,384-unit
+    piece of 3200 images), beside the task's staging ring (up to 3 pieces as stored). As many tasks
+    run at once as fit in half the device's memory, or in what is free if that is less (the
+    caching allocator's unused blocks counted free), at most one a core and ``max_tasks``; the cores
+    left over read each task's chunks (:func:`process_staged`; at most
+    :data:`core.integrity.MAX_READ_THREADS` a task). A given ``num_workers`` is kept, with a
+    warning where it does not fit.
     """
     import torch
 
-    from unitmatch.core.engine import block_bytes
-
-    total = torch.cuda.get_device_properties(engine.device).total_memory
+    free, total = torch.cuda.mem_get_info(engine.device)
+    budget = min(total // 2, free + torch.cuda.memory_reserved(engine.device)
+                 - torch.cuda.memory_allocated(engine.device))
     pieces = min(GPU_PIECES, -(-block_units // chunk))
-    ring = min(STAGING_BUFFERS, pieces) * _piece_units(block_units, pieces, chunk) * engine.n_images * itemsize
-    per_task = block_bytes(engine.n_images, engine.n_rows, block_units) + ring
-    fit = max(1, (total // 2) // per_task)
+    piece = _piece_units(block_units, pieces, chunk)
+    per_task = engine.scratch_bytes(piece) + min(STAGING_BUFFERS, pieces) * piece * engine.n_images * itemsize
+    fit = max(1, budget // per_task)
     cores = usable_cores()
     if num_workers is None:
-        workers = max(1, min(cores, fit))
+        workers = max(1, min(cores, fit, max_tasks or cores))
     else:
         workers = check_count(num_workers, "num_workers", 1)
         if workers > fit:
-            log.warning("num_workers=%d block tasks on %s hold %.1f GiB of working sets (%.2f GiB each, blocks of %d "
-                        "units x %d neuron rows), more than half its %.0f GiB: fewer workers, or smaller blocks "
-                        "(compute.block_units), if it runs out of memory", workers, engine.device,
-                        workers * per_task / 2**30, per_task / 2**30, block_units, engine.n_rows, total / 2**30)
+            log.warning("num_workers=%d block tasks on %s hold %.1f GiB of working sets (%.2f GiB each: pieces of %d "
+                        "units x %d neuron rows), more than the %.1f GiB this reduction may use (half the device, "
+                        "or what is free): fewer workers, or smaller blocks (compute.block_units), if it runs out of "
+                        "memory", workers, engine.device, workers * per_task / 2**30, per_task / 2**30, piece,
+                        engine.n_rows, budget / 2**30)
     return workers, max(1, min(MAX_READ_THREADS, cores // workers))
 
 
@@ -410,7 +412,8 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
         fan_in: partials merged per merge task (2..8).
         num_workers: threads of the local threaded scheduler, or submitting threads for ``"ray"``
             (Dask's default when ``None``; with the engine on this process's GPU, as many block
-            tasks as half its memory holds, at most one a core: :func:`local_gpu_threads`).
+            tasks as half its memory holds, at most one a core: :func:`local_gpu_threads`, which
+            then sets Dask's ``num_workers`` whatever ``dask.config`` says).
         gpus_per_task: with ``"ray"``, the fraction of a GPU each block task requests (0..1;
             e.g. 0.25: four blocks share a GPU). ``None``: :data:`DEFAULT_GPUS_PER_TASK` when the
             cluster has GPUs, else 0. 0: block tasks run on CPU even on GPU nodes.
@@ -455,12 +458,11 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
-    read_threads = None
-    if scheduler != "ray" and engine.device.type == "cuda":  # this process's GPU: tasks its memory holds
-        itemsize = np.dtype(next(iter(store.layers().values())).dtype).itemsize
-        num_workers, read_threads = local_gpu_threads(engine, whole_chunks(block_units, store.unit_chunk),
-                                                      store.unit_chunk, itemsize,
-                                                      num_workers if scheduler == "threads" else 1)
+    read_threads, local_gpu = None, scheduler != "ray" and engine.device.type == "cuda"
+    if local_gpu:  # this process's GPU: as many tasks at once as its memory holds
+        num_workers, read_threads = local_gpu_threads(
+            engine, whole_chunks(block_units, store.unit_chunk), store.unit_chunk, store.itemsize,
+            num_workers if scheduler == "threads" else None, max_tasks=len(plan) if scheduler == "threads" else 1)
         log.info("%d block tasks at once on %s, each reading its chunks on %d thread(s)", num_workers, engine.device,
                  read_threads)
     handle = _EngineHandle(engine, np.asarray(responses), engine.splits, options, key, read_threads)
@@ -468,13 +470,17 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     log.info("matching %d neurons (+%d permuted copies) over %d units of %s: %d block tasks%s, fan-in %d, %s",
              engine.n_neurons, engine.n_rows - engine.n_neurons, store.catalogue().n_units, store.path, len(plan),
              f" ({block_args})" if block_args else "", fan_in, scheduler)
-    if scheduler == "ray":
-        partial = _compute_ray(graph, root, block_args, num_workers, wait_log_s)
-    else:
-        partial = _compute_local(graph, root, scheduler, progress, num_workers)
-    layers, catalogue = store.layers(), store.catalogue()
-    return engine.finalize(partial, catalogue, neuron_ids,
-                           columns=lambda units: gather_columns(layers, catalogue, units, dtype=None))
+    try:
+        if scheduler == "ray":
+            partial = _compute_ray(graph, root, block_args, num_workers, wait_log_s)
+        else:
+            partial = _compute_local(graph, root, scheduler, progress, num_workers)
+        layers, catalogue = store.layers(), store.catalogue()
+        return engine.finalize(partial, catalogue, neuron_ids,
+                               columns=lambda units: gather_columns(layers, catalogue, units, dtype=None))
+    finally:
+        if local_gpu:  # each Dask thread's scratch on the GPU: not held until the next model
+            engine.release_scratch()
 
 
 def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict | None = None) -> dict:

@@ -1615,3 +1615,26 @@ def test_pair_r_over_a_subset_of_images_equals_numpy_corrcoef():
     got = _pair_r(t(x.copy()), t(yn), None, cols[:9], rows[:9], chunk=4)
     np.testing.assert_allclose(got, [np.corrcoef(x[c], y[r])[0, 1] for c, r in zip(cols[:9], rows[:9])],
                                rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-ops"])
+@pytest.mark.parametrize("n_splits, n_permutations", [(3, 3), (10, 5)])
+def test_scratch_bytes_bound_what_a_thread_keeps_for_a_block(fused, n_splits, n_permutations, monkeypatch):
+    """``MatchEngine.scratch_bytes`` (how many block tasks a GPU holds at once, sweep.reduce): at least
+    what one thread's buffers hold after a block on the untiled path (several splits; on the CPU with
+    the fused kernel or, as on a GPU, torch's ops), and not far above it; ``release_scratch`` drops them."""
+    from unitmatch.core import engine as engine_module
+
+    if not fused:
+        monkeypatch.setattr(engine_module, "_kernels", lambda: None)
+    rng = np.random.default_rng(8)
+    x = np.maximum(rng.standard_normal((N_IMAGES, 3000)), 0).astype(np.float16)
+    y = rng.standard_normal((40, N_IMAGES))
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=n_splits, stratify=None, random_state=0)
+    engine = MatchEngine(y, splits, n_permutations=n_permutations, device="cpu")
+    assert engine.shared and not engine._tiled
+    engine.process(UnitBlock(x, "l", 0))
+    held = sum(b.numel() * b.element_size() for b in engine._local.pool.values())
+    assert 0.5 * engine.scratch_bytes(3000) <= held <= engine.scratch_bytes(3000)
+    engine.release_scratch()
+    assert "pool" not in engine._local.__dict__

@@ -461,7 +461,8 @@ def test_a_block_staged_in_pieces_scores_as_the_whole_block(setup, checked, monk
     engine = MatchEngine(brain.responses, splits, top_k=3)
     start, stop, first = CHUNK, 11 * CHUNK + 17, 1000  # ten whole chunks and the partial last one
     whole = engine.process(UnitBlock(acts[layer.name].reshape(N_IMAGES, -1)[:, start:stop], layer.name, first))
-    for pieces, widths in ((4, [3 * CHUNK] * 3 + [stop - start - 9 * CHUNK]), (1, [stop - start]), (100, [CHUNK] * 10 + [17])):
+    cases = ((4, [3 * CHUNK] * 3 + [stop - start - 9 * CHUNK]), (1, [stop - start]), (100, [CHUNK] * 10 + [17]))
+    for pieces, widths in cases:
         reads.clear()
         got = process_staged(engine, array, layer.name, first, start, stop, read_threads=2, pieces=pieces)
         if checked:  # each piece read once, into a staging buffer, on the threads given
@@ -507,9 +508,10 @@ def test_a_staged_block_that_fails_ends_its_staging_thread_with_the_call(setup):
 
 def test_block_tasks_on_this_processs_gpu_run_as_many_at_once_as_half_its_memory_holds(monkeypatch, caplog):
     """With the engine on this process's GPU, a local scheduler runs as many block tasks at once as
-    their working sets (the engine's per-thread scratch and the staging ring) fit in half the
-    device's memory, at most one a core, and gives the cores left to each task's reads; a given
-    num_workers is kept, with a warning where it does not fit."""
+    their working sets (the engine's per-thread scratch for a piece and the staging ring) fit in half
+    the device's memory, or in what is free if less (the allocator's unused blocks counted free), at
+    most one a core and one a task; the cores left read each task's chunks; a given num_workers is
+    kept, with a warning where it does not fit."""
     from types import SimpleNamespace
 
     import torch
@@ -517,25 +519,43 @@ def test_block_tasks_on_this_processs_gpu_run_as_many_at_once_as_half_its_memory
     from unitmatch.sweep import reduce as reduce_module
 
     gib = 2**30
-    memory = {"total": 80 * gib}
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=memory["total"]))
+    device = {"free": 70 * gib, "total": 80 * gib, "reserved": 0, "allocated": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (device["free"], device["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: device["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: device["allocated"])
     monkeypatch.setattr(reduce_module, "usable_cores", lambda: 16)
-    chunk, block, images = 16384, 16384, 3200
+    chunk, images = 16384, 3200
 
-    def engine(rows):
-        return SimpleNamespace(device=torch.device("cuda"), n_images=images, n_rows=rows)
+    def engine(per_unit):  # scratch bytes per unit of a piece (MatchEngine.scratch_bytes)
+        return SimpleNamespace(device=torch.device("cuda"), n_images=images, n_rows=25856,
+                               scratch_bytes=lambda n: per_unit * n)
 
-    # a block's float32 copy, products and scores, and (one piece) its float16 staging slot
-    with_null = 4 * (images + 2 * (25856 + 1)) * block + block * images * 2  # 3.70e9 bytes
-    assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2) == (40 * gib // with_null, 1)  # 11, 1
-    assert reduce_module.local_gpu_threads(engine(256), block, chunk, 2) == (16, 1)  # a core each, all fit
-    memory["total"] = 24 * gib
-    assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2) == (3, 5)  # 12 GiB: 3; 16 cores / 3
+    null = 236936  # 256 neurons x 101 rows, 10 splits of 3200 images: 3.9 GB a 16,384-unit piece
+    task = null * chunk + chunk * images * 2  # and its float16 staging slot (one piece: one slot)
+    threads = reduce_module.local_gpu_threads
+    assert threads(engine(null), chunk, chunk, 2) == (40 * gib // task, 1)  # 10 of 16 cores, 1 read thread each
+    assert threads(engine(null), chunk, chunk, 2, max_tasks=3) == (3, 5)  # three blocks: the cores read them
+    assert threads(engine(1000), chunk, chunk, 2) == (16, 1)  # small working sets: a core each
+    device.update(free=10 * gib, reserved=6 * gib, allocated=2 * gib)  # 14 GiB free or reusable, below half
+    assert threads(engine(null), chunk, chunk, 2) == (14 * gib // task, 16 // (14 * gib // task))  # 3, 5
     with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
-        assert reduce_module.local_gpu_threads(engine(25856), block, chunk, 2, num_workers=8) == (8, 2)
-    assert "num_workers=8 block tasks on cuda hold 27.6 GiB of working sets (3.45 GiB each" in caplog.text
-    # a block of four chunks: four pieces, three of them in the ring
-    four = 4 * (images + 2 * 257) * 4 * chunk + 3 * chunk * images * 2
-    assert reduce_module.local_gpu_threads(engine(256), 4 * chunk, chunk, 2) == (min(16, 12 * gib // four), 1)
+        assert threads(engine(null), chunk, chunk, 2, num_workers=8) == (8, 2)
+    assert (f"num_workers=8 block tasks on cuda hold {8 * task / gib:.1f} GiB of working sets ({task / gib:.2f} GiB "
+            f"each: pieces of 16384 units x 25856 neuron rows), more than the 14.0 GiB") in caplog.text
+    # a block of four chunks is scored a piece (one chunk) at a time; three pieces wait in the ring
+    device.update(free=70 * gib, reserved=0, allocated=0)
+    four = 1000 * chunk + 3 * chunk * images * 2
+    assert threads(engine(1000), 4 * chunk, chunk, 2) == (min(16, 40 * gib // four), 1)
     with pytest.raises(ValueError, match="num_workers must be a positive integer; got 0"):
-        reduce_module.local_gpu_threads(engine(256), block, chunk, 2, num_workers=0)
+        threads(engine(1000), chunk, chunk, 2, num_workers=0)
+
+
+def test_the_engine_handle_sends_no_read_threads_to_ray_tasks():
+    """A local scheduler's read threads stay in the driver: a pickled handle (a Ray task's) reads on
+    the CPUs Ray gives the task."""
+    import pickle
+
+    from unitmatch.sweep.reduce import _EngineHandle
+
+    handle = _EngineHandle(None, np.zeros((2, 3)), [], {}, "key", read_threads=6)
+    assert handle.read_threads == 6 and pickle.loads(pickle.dumps(handle)).read_threads is None
