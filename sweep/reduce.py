@@ -172,7 +172,7 @@ class _EngineHandle:
         self.key = key  # the engine's content (:func:`engine_key`): workers reuse an engine across graphs
         self.responses, self.splits, self.options = responses, splits, options
         #: read threads of a block task on a GPU under a local scheduler (:func:`local_gpu_threads`);
-        #: None: :func:`block_read_threads` (a Ray task's CPUs)
+        #: None: a Ray task's (:func:`block_read_threads`: the CPUs Ray gave it)
         self.read_threads = read_threads
         self._engine = engine
 
@@ -199,13 +199,23 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
     On a GPU the read is the host's whole share of a block task: the block goes through pinned
     staging buffers in pieces (a checked store's read straight into them, its chunks on several
     threads: :func:`block_read_threads`), each piece's host-to-device copy and products
-    overlapping the next piece's read (:func:`process_staged`). On the CPU the tasks' products
-    keep the cores busy and each task reads its block on its own thread.
+    overlapping the next piece's read (:func:`process_staged`). A Ray task then gives its scratch
+    back to the GPU (an idle worker process would hold a block's working set, 4 GB with a null:
+    :meth:`core.engine.MatchEngine.scratch_bytes`); a local scheduler's threads keep theirs until
+    the reduction ends. On the CPU the tasks' products keep the cores busy and each task reads its
+    block on its own thread.
     """
     engine = handle.get()
-    if engine.device.type == "cuda":
-        return process_staged(engine, array, layer, first_unit, start, stop,
-                              handle.read_threads or block_read_threads())
+    if engine.device.type == "cuda" and handle.read_threads is None:  # a Ray task
+        try:
+            return process_staged(engine, array, layer, first_unit, start, stop, block_read_threads())
+        finally:  # the worker idles between tasks: its block's scratch goes back to the GPU, not kept for the next
+            import torch
+
+            engine.release_scratch()
+            torch.cuda.empty_cache()
+    if engine.device.type == "cuda":  # a local scheduler's thread: its scratch is kept until the reduction ends
+        return process_staged(engine, array, layer, first_unit, start, stop, handle.read_threads)
     if isinstance(array, CheckedArray):
         data = array.read_units(start, stop, 1)
     else:

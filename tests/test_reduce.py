@@ -405,6 +405,8 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     read = CheckedArray.read_units
     monkeypatch.setattr(CheckedArray, "read_units", lambda self, a, b, threads=1, out=None: asked.append(threads) or read(self, a, b, threads, out))
 
+    released = []
+
     class Engine:
         def __init__(self, device):
             self.device = torch.device(device)
@@ -412,6 +414,9 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
         def process(self, block):
             seen.append(np.array(block.data))
             return "partial"
+
+        def release_scratch(self):
+            released.append("scratch")
 
     class Handle:
         def __init__(self, device, read_threads=None):
@@ -422,6 +427,7 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
 
     staged = []
     monkeypatch.setattr(reduce_module, "process_staged", lambda *args: staged.append(args) or "staged partial")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: released.append("cache"))
     monkeypatch.setattr(reduce_module, "block_read_threads", lambda: 3)  # as in a Ray task given 3 CPUs
     assert reduce_module._process_block(Handle("cpu"), array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "partial"
     assert asked == [1] and staged == []
@@ -429,9 +435,14 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     cuda = Handle("cuda")
     assert reduce_module._process_block(cuda, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
     assert staged == [(cuda.engine, array, LAYERS[0].name, 5, BLOCK, 2 * BLOCK, 3)] and asked == [1]
+    assert released == ["scratch", "cache"]  # a Ray task gives its scratch back to the GPU
     local = Handle("cuda", read_threads=6)  # a local scheduler's (local_gpu_threads), not Ray's CPUs
     reduce_module._process_block(local, array, LAYERS[0].name, 0, BLOCK, 0)
-    assert staged[-1][-1] == 6
+    assert staged[-1][-1] == 6 and released == ["scratch", "cache"]  # kept until the reduction ends
+    monkeypatch.setattr(reduce_module, "process_staged", lambda *args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        reduce_module._process_block(cuda, array, LAYERS[0].name, 0, BLOCK, 0)
+    assert released == ["scratch", "cache"] * 2  # also when the block fails
     monkeypatch.undo()
     assert reduce_module.block_read_threads() == 1  # not in a Ray task
     in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
