@@ -1817,8 +1817,8 @@ def staged_blocks(blocks: Iterable[UnitBlock], device: torch.device, n_buffers: 
     event on the copy stream). The host buffers are pinned on CUDA, so the copies are true DMA
     transfers; a block that is already pinned is copied from directly, one already on the device
     passes through, and a store's block not read yet (:class:`core.units.BlockRead`) is read
-    straight into the slot's host buffer. On CPU the same ring runs with ordinary buffers and no streams (the "device"
-    buffer is the host buffer).
+    straight into the slot's host buffer. On CPU the same ring runs with ordinary buffers and no
+    streams (the "device" buffer is the host buffer).
 
     The data of a yielded block is valid until the next block is asked for.
 

@@ -206,16 +206,17 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
     block on its own thread.
     """
     engine = handle.get()
-    if engine.device.type == "cuda" and handle.read_threads is None:  # a Ray task
+    if engine.device.type == "cuda":
+        ray_task = handle.read_threads is None  # (a local scheduler's thread keeps its scratch until the end)
         try:
-            return process_staged(engine, array, layer, first_unit, start, stop, block_read_threads())
-        finally:  # the worker idles between tasks: its block's scratch goes back to the GPU, not kept for the next
-            import torch
+            return process_staged(engine, array, layer, first_unit, start, stop,
+                                  block_read_threads() if ray_task else handle.read_threads)
+        finally:
+            if ray_task:  # the worker idles between tasks: its block's scratch goes back to the GPU
+                import torch
 
-            engine.release_scratch()
-            torch.cuda.empty_cache()
-    if engine.device.type == "cuda":  # a local scheduler's thread: its scratch is kept until the reduction ends
-        return process_staged(engine, array, layer, first_unit, start, stop, handle.read_threads)
+                engine.release_scratch()
+                torch.cuda.empty_cache()
     if isinstance(array, CheckedArray):
         data = array.read_units(start, stop, 1)
     else:
@@ -242,18 +243,19 @@ def process_staged(engine: MatchEngine, array, layer: str, first_unit: int, star
     chunks = getattr(array, "chunks", None)
     chunk = int(chunks[1]) if (isinstance(chunks, tuple) and len(chunks) == 2
                                and isinstance(chunks[1], (int, np.integer))) else 1
-    width = _piece_units(stop - start, pieces, chunk)
+    width, slots = _piece_plan(stop - start, chunk, pieces)
     blocks = range_blocks(array, layer, first_unit, start, stop, width, read_threads, deferred=True)
     # closed on the way out, also when a piece fails: the staging thread and its buffers end with the call
-    with closing(staged_blocks(blocks, engine.device, n_buffers=max(2, min(STAGING_BUFFERS, pieces)))) as staged:
+    with closing(staged_blocks(blocks, engine.device, n_buffers=max(2, slots))) as staged:
         return engine.process_blocks(staged, overlap=False)
 
 
-def _piece_units(n_units: int, pieces: int, chunk: int) -> int:
-    """Units a piece when ``n_units`` are cut into at most ``pieces`` pieces, each of whole chunks
-    of ``chunk`` units."""
-    width = max(1, -(-n_units // pieces))
-    return -(-width // chunk) * chunk
+def _piece_plan(n_units: int, chunk: int, pieces: int = GPU_PIECES) -> tuple[int, int]:
+    """``(units a piece, staging slots it fills)`` when ``n_units`` are cut into at most ``pieces``
+    pieces, each of whole chunks of ``chunk`` units: :func:`process_staged`'s pieces, and the ring
+    :func:`local_gpu_threads` counts."""
+    width = -(-max(1, -(-n_units // pieces)) // chunk) * chunk
+    return width, min(STAGING_BUFFERS, max(1, -(-n_units // width)))
 
 
 def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsize: int,
@@ -275,9 +277,8 @@ def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsiz
     free, total = torch.cuda.mem_get_info(engine.device)
     budget = min(total // 2, free + torch.cuda.memory_reserved(engine.device)
                  - torch.cuda.memory_allocated(engine.device))
-    pieces = min(GPU_PIECES, -(-block_units // chunk))
-    piece = _piece_units(block_units, pieces, chunk)
-    per_task = engine.scratch_bytes(piece) + min(STAGING_BUFFERS, pieces) * piece * engine.n_images * itemsize
+    piece, slots = _piece_plan(block_units, chunk)
+    per_task = engine.scratch_bytes(piece) + slots * piece * engine.n_images * itemsize
     fit = max(1, budget // per_task)
     cores = usable_cores()
     if num_workers is None:
