@@ -19,8 +19,9 @@ copies nothing but its own slice, so there is no ``inline_array`` question with 
 Dask-on-Ray, and each task's unit range is exactly one run of whole Zarr chunks.
 
 GPUs on a Ray cluster: block tasks ask for a fraction of a GPU (``gpus_per_task``, so several
-blocks share one) and run their products on cuda only when Ray granted them one; a task that asked
-for none runs on cpu (:func:`task_device`). Requests are checked against the cluster's nodes before
+blocks share one) and run their products on cuda only when Ray granted them one, on that GPU (Ray
+reuses a worker process for tasks granted different GPUs: the tasks see every GPU of their node and
+pick theirs, :func:`task_device`); a task that asked for none runs on cpu. Requests are checked against the cluster's nodes before
 anything is submitted (:mod:`sweep.cluster`).
 """
 
@@ -53,6 +54,11 @@ DEFAULT_FAN_IN = 4
 DEFAULT_GPUS_PER_TASK = 0.25
 #: pieces a block task on a GPU reads, copies and scores its block in (:func:`process_staged`)
 GPU_PIECES = 4
+#: set in a Ray worker's environment, Ray leaves its CUDA_VISIBLE_DEVICES as the node has it: block
+#: tasks ask for it (:func:`block_remote_args`) and compute on the GPU granted (:func:`task_device`)
+NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+#: {"visible": CUDA_VISIBLE_DEVICES} when this process first ran a block task on CUDA without NOSET_CUDA_ENV
+_FIRST_CUDA_USE: dict = {}
 
 
 # ------------------------------------------------------------------------------------- planning
@@ -136,23 +142,68 @@ def cached_engine(key: str, device: str, build) -> MatchEngine:
 
 
 def task_device() -> str:
-    """The torch device of a block task running as a Ray task: what Ray granted it, nothing else.
+    """The torch device of a block task running as a Ray task: the GPU Ray granted it, nothing else.
 
-    ``"cuda"`` only when Ray granted this task a GPU (``ray.get_gpu_ids()``; Ray then sets
-    CUDA_VISIBLE_DEVICES to the granted GPU, so cuda:0 is that GPU) and torch sees CUDA; ``"cpu"``
-    otherwise. Since Ray 2.4x leaves CUDA_VISIBLE_DEVICES alone for tasks that ask for no GPU,
-    ``torch.cuda.is_available()`` alone would put every such task on cuda:0 of its node, unseen
-    by Ray's scheduler.
+    ``"cuda:<i>"`` only when Ray granted this task a GPU (``ray.get_gpu_ids()``) and torch sees
+    CUDA; ``"cpu"`` otherwise. Since Ray 2.4x leaves CUDA_VISIBLE_DEVICES alone for tasks that ask
+    for no GPU, ``torch.cuda.is_available()`` alone would put every such task on cuda:0 of its
+    node, unseen by Ray's scheduler.
+
+    Ray reuses a worker process for block tasks granted different GPUs of a node, and the CUDA
+    runtime reads CUDA_VISIBLE_DEVICES once, when a process first touches CUDA: had Ray set it per
+    task, a worker would go on computing on the GPU of its first task whatever the next grant (seen
+    with Ray 2.60: one worker ran tasks granted GPUs 0 and 1). So the block tasks ask Ray to leave
+    it alone (:data:`NOSET_CUDA_ENV` in their ``runtime_env``, :func:`block_remote_args`): each
+    sees every GPU of its node and computes on the one it was granted, its position in the node's
+    CUDA_VISIBLE_DEVICES (:func:`granted_cuda_index`).
+
+    Raises:
+        RuntimeError: Ray set CUDA_VISIBLE_DEVICES for this task (its ``runtime_env`` lacks
+            :data:`NOSET_CUDA_ENV`) and this process's CUDA was first used with another value: it
+            cannot reach the granted GPU.
     """
+    import os
+
     import ray
     import torch
 
     granted = ray.get_gpu_ids()
-    if granted and torch.cuda.is_available():
-        return "cuda"
-    if granted:
+    if not granted:
+        return "cpu"
+    if not torch.cuda.is_available():
         log.debug("Ray granted GPU %s but torch sees no CUDA (a logical GPU): the block runs on cpu", granted)
-    return "cpu"
+        return "cpu"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if os.environ.get(NOSET_CUDA_ENV, "").lower() in ("1", "true"):
+        return f"cuda:{granted_cuda_index(granted[0], visible, torch.cuda.device_count())}"
+    first = _FIRST_CUDA_USE.setdefault("visible", visible)
+    if first != visible:
+        raise RuntimeError(
+            f"Ray granted this block task GPU {granted[0]} (CUDA_VISIBLE_DEVICES={visible!r}), but this worker "
+            f"process first used CUDA with CUDA_VISIBLE_DEVICES={first!r}, which CUDA does not "
+            f"read again: its products would run on another task's GPU. Give the block tasks "
+            f"runtime_env={{'env_vars': {{'{NOSET_CUDA_ENV}': '1'}}}} (sweep.reduce.block_remote_args does)")
+    return "cuda:0"
+
+
+def granted_cuda_index(granted, visible: str | None, n_devices: int) -> int:
+    """The torch index of the GPU Ray granted (an id of ``ray.get_gpu_ids()``) in a process that sees
+    its node's GPUs as CUDA_VISIBLE_DEVICES ``visible`` lists them (``None``: all, in order): Ray's
+    ids are the node's visible ids (``"4"`` of ``"4,5,6,7"`` is cuda:0), or slot numbers when the
+    node sets none.
+
+    Raises:
+        RuntimeError: the id is not among the visible devices, or past the ``n_devices`` torch sees.
+    """
+    ids = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+    if ids is None:
+        index = int(granted) if str(granted).isdigit() else -1
+    else:
+        index = ids.index(str(granted)) if str(granted) in ids else -1
+    if not 0 <= index < n_devices:
+        raise RuntimeError(f"Ray granted GPU {granted!r}, which is not one of the {n_devices} CUDA devices this "
+                           f"process sees (CUDA_VISIBLE_DEVICES={visible!r})")
+    return index
 
 
 class _EngineHandle:
@@ -188,6 +239,10 @@ class _EngineHandle:
         if self._engine is not None:
             return self._engine
         device = task_device()
+        if device.startswith("cuda"):  # a worker keeps an engine on one GPU at most (it may be granted another)
+            with _ENGINES_LOCK:
+                for cached in [k for k in _ENGINES if k[1].startswith("cuda") and k[1] != device]:
+                    del _ENGINES[cached]
         return cached_engine(self.key or self.token, device, lambda: MatchEngine(
             self.responses, self.splits, dataclasses.replace(self.options, device=device)))
 
@@ -207,14 +262,17 @@ def _process_block(handle: _EngineHandle, array, layer: str, start: int, stop: i
     """
     engine = handle.get()
     if engine.device.type == "cuda":
+        import torch
+
         ray_task = handle.read_threads is None  # (a local scheduler's thread keeps its scratch until the end)
+        # a Ray task's engine is on the GPU granted (cuda:<i>): the streams and kernels made here go there
+        on = torch.cuda.device(engine.device) if engine.device.index is not None else contextlib.nullcontext()
         try:
-            return process_staged(engine, array, layer, first_unit, start, stop,
-                                  block_read_threads() if ray_task else handle.read_threads)
+            with on:
+                return process_staged(engine, array, layer, first_unit, start, stop,
+                                      block_read_threads() if ray_task else handle.read_threads)
         finally:
             if ray_task:  # the worker idles between tasks: its block's scratch goes back to the GPU
-                import torch
-
                 engine.release_scratch()
                 torch.cuda.empty_cache()
     if isinstance(array, CheckedArray):
@@ -499,8 +557,10 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
 
     Args:
         gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: :data:`DEFAULT_GPUS_PER_TASK`
-            when the cluster has GPUs, else 0.
-        ray_remote_args: other options (``num_cpus``, ``memory``, ``resources``, ...).
+            when the cluster has GPUs, else 0. With a GPU, the tasks' ``runtime_env`` also sets
+            :data:`NOSET_CUDA_ENV`, so that each computes on the GPU Ray granted it
+            (:func:`task_device`).
+        ray_remote_args: other options (``num_cpus``, ``memory``, ``resources``, ``runtime_env``, ...).
 
     Raises:
         ValueError: ``gpus_per_task`` outside 0..1, or ``num_gpus`` given in ``ray_remote_args`` too.
@@ -518,7 +578,16 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
                          f"got {gpus_per_task!r}")
     if gpus_per_task > 0:
         args["num_gpus"] = float(gpus_per_task)
+        args["runtime_env"] = _leave_cuda_visible(args.get("runtime_env"))
     return args
+
+
+def _leave_cuda_visible(runtime_env) -> dict:
+    """``runtime_env`` (a dict, a ``ray.runtime_env.RuntimeEnv`` or None) with :data:`NOSET_CUDA_ENV`
+    among its ``env_vars`` (a value given there is kept): a copy; Ray merges it with the job's."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {NOSET_CUDA_ENV: "1", **dict(env.get("env_vars") or {})}
+    return env
 
 
 def _compute_ray(graph, root, block_args: dict, num_workers: int | None, wait_log_s: float):

@@ -23,6 +23,7 @@ import torch
 
 from unitmatch.sweep.cluster import (ClusterResourceError, NodeResources, ResourceRequest, check_reachable,
                                      check_requests, unsatisfiable)
+from unitmatch.sweep.reduce import NOSET_CUDA_ENV
 
 GIB = 2**30
 TWO_NODES = [NodeResources("a" * 40, "10.0.0.1", {"CPU": 8.0, "memory": 30 * GIB, "node:10.0.0.1": 1.0}),
@@ -186,9 +187,9 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
     for record in seen:
         assert record["gpu_ids"] == [0], record  # granted, seen by the task itself
         # the task's engine follows torch: cpu here, cuda where the machine has a GPU (test_gpu.py covers that)
-        assert record["devices"] == (["cuda"] if torch.cuda.is_available() else ["cpu"]), record
+        assert record["devices"] == (["cuda:0"] if torch.cuda.is_available() else ["cpu"]), record
         assert record["result"] == "MatchPartial"
-    assert summary["block_args"] == {"num_gpus": 0.25}
+    assert summary["block_args"] == {"num_gpus": 0.25, "runtime_env": {"env_vars": {NOSET_CUDA_ENV: "1"}}}
     assert summary["extraction_plan"] == [1, 1.0, 0, 2]  # one actor per GPU; 2 cores: no decode workers
     assert summary["extractors_on"] == (["cuda"] if torch.cuda.is_available() else ["cpu"])
     result = pickle.loads((tmp_path / "result.pkl").read_bytes())
@@ -324,6 +325,66 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
 
     return {"blocks": blocks, "n_blocks": len(block_plan(store, 32 * 2)), "block_args": block_args,
             "extraction_plan": plan, "extractors_on": [w.rsplit(":", 1)[1] for w in where]}
+
+
+def test_block_tasks_see_their_nodes_gpus_as_it_has_them_and_compute_on_the_one_granted(tmp_path):
+    """Two logical GPUs listed as CUDA_VISIBLE_DEVICES=6,7, a whole one per block task: Ray reuses a
+    worker process for tasks granted either GPU, and CUDA reads CUDA_VISIBLE_DEVICES once a process.
+    So Ray must leave it alone in block tasks: each saw "6,7", and the device it computes on is its
+    grant's place there (6 -> cuda:0, 7 -> cuda:1; sweep.reduce.granted_cuda_index). Both GPUs were
+    granted; the result equals the threaded scheduler's."""
+    import pandas as pd
+
+    from unitmatch.core.splits import brainscore_splits
+    from unitmatch.sweep.reduce import match_store
+
+    store, responses = _tiny_store(tmp_path / "stores")
+    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0, stratify=None)
+    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((str(store.path), responses, splits)))
+    summary, _ = _run_scenario("granted_gpus", tmp_path)
+    seen = summary["blocks"]
+    assert len(seen) == 11  # 128 + 200 units in blocks of 32
+    for record in seen:
+        assert record["visible"] == "6,7" and record["noset"] == "1", record  # as the node has it
+        assert record["gpu_ids"] in (["6"], ["7"]), record
+        assert record["index"] == {"6": 0, "7": 1}[record["gpu_ids"][0]], record
+    assert {r["gpu_ids"][0] for r in seen} == {"6", "7"}
+    result = pickle.loads((tmp_path / "result.pkl").read_bytes())
+    threaded = match_store(store, responses, splits, scheduler="threads", block_units=32)
+    key = ["neuron", "split"]
+    pd.testing.assert_frame_equal(result.matches.sort_values(key).reset_index(drop=True),
+                                  threaded.matches.sort_values(key).reset_index(drop=True))
+
+
+def _scenario_granted_gpus(workdir: Path) -> dict:
+    import ray
+    from ray.util.dask import RayDaskCallback
+
+    from unitmatch.core.store import ActivationStore
+    from unitmatch.sweep.cluster import ray_session
+    from unitmatch.sweep.reduce import granted_cuda_index, match_store
+
+    path, responses, splits = pickle.loads((workdir / "inputs.pkl").read_bytes())
+    store = ActivationStore.open(path)
+    records = workdir / "blocks"
+    records.mkdir()
+
+    class RecordBlocks(RayDaskCallback):
+        def _ray_pretask(self, key, object_refs):
+            ids = [str(i) for i in ray.get_gpu_ids()]
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            return {"gpu_ids": ids, "visible": visible, "noset": os.environ.get(NOSET_CUDA_ENV), "pid": os.getpid(),
+                    "index": granted_cuda_index(ids[0], visible, 2) if ids else None}
+
+        def _ray_posttask(self, key, result, pre_state):
+            if "block" in str(key):
+                (records / f"{abs(hash(str(key)))}.json").write_text(json.dumps(pre_state))
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = "6,7"  # the node's GPUs, as a scheduler (SLURM) may list them
+    with ray_session("local", num_cpus=2, num_gpus=2), RecordBlocks():
+        result = match_store(store, responses, splits, scheduler="ray", block_units=32, gpus_per_task=1.0)
+    (workdir / "result.pkl").write_bytes(pickle.dumps(result))
+    return {"blocks": [json.loads(p.read_text()) for p in sorted(records.glob("*.json"))]}
 
 
 if __name__ == "__main__":

@@ -127,8 +127,11 @@ def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, 
             import sys
 
             if "block" in str(key):
+                import os
+
                 engines = sys.modules["unitmatch.sweep.reduce"]._ENGINES
-                record = {"gpu_ids": pre_state, "devices": sorted({e.device.type for e in engines.values()})}
+                record = {"gpu_ids": pre_state, "devices": sorted({str(e.device) for e in engines.values()}),
+                          "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
                 (records / f"{abs(hash(str(key)))}.json").write_text(json.dumps(record))
 
     expected = match_store(store, y, splits, scheduler="threads", block_units=128, device="cpu", n_permutations=3)
@@ -145,7 +148,16 @@ def test_reduction_on_cluster_gpus_equals_the_threaded_cpu_reduction(ray_local, 
 
     seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
     assert len(seen) == 2 + 2 + 4  # 200, 160 and 400 units in blocks of 128
-    assert all(r["gpu_ids"] and r["devices"] == ["cuda"] for r in seen), seen
+    # on the granted GPU of the node's GPUs as the node lists them (Ray left CUDA_VISIBLE_DEVICES alone)
+    import os
+
+    from unitmatch.sweep.reduce import granted_cuda_index
+
+    n = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert all(r["visible"] == visible for r in seen), (visible, seen)
+    assert all(r["gpu_ids"] and r["devices"] == [f"cuda:{granted_cuda_index(r['gpu_ids'][0], visible, n)}"]
+               for r in seen), seen
 
 
 def _same_reduction(result, expected):

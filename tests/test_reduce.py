@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -247,11 +249,20 @@ def test_gpu_request_that_no_node_can_grant_fails_fast(setup, ray_local):
 
 
 def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_fraction(ray_local):
-    from unitmatch.sweep.reduce import DEFAULT_GPUS_PER_TASK, block_remote_args
+    from unitmatch.sweep.reduce import DEFAULT_GPUS_PER_TASK, NOSET_CUDA_ENV, block_remote_args
 
     assert block_remote_args() == {}  # the fixture's cluster has no GPU
-    assert block_remote_args(0.5, {"num_cpus": 2}) == {"num_cpus": 2, "num_gpus": 0.5}
+    noset = {NOSET_CUDA_ENV: "1"}  # with a GPU, Ray leaves CUDA_VISIBLE_DEVICES as the node has it
+    assert block_remote_args(0.5, {"num_cpus": 2}) == {"num_cpus": 2, "num_gpus": 0.5,
+                                                       "runtime_env": {"env_vars": noset}}
+    given = {"runtime_env": {"pip": ["x"], "env_vars": {"A": "1"}}}
+    assert block_remote_args(0.25, given) == {"num_gpus": 0.25,
+                                              "runtime_env": {"pip": ["x"], "env_vars": {**noset, "A": "1"}}}
+    assert given == {"runtime_env": {"pip": ["x"], "env_vars": {"A": "1"}}}  # not changed
+    kept = {"runtime_env": {"env_vars": {NOSET_CUDA_ENV: "0"}}}
+    assert block_remote_args(1, kept)["runtime_env"] == kept["runtime_env"]  # a value given is kept
     assert block_remote_args(0) == {}
+    assert block_remote_args(0, given) == given
     assert 0 < DEFAULT_GPUS_PER_TASK <= 1
     for bad in (-0.1, 1.5, "0.5", True):
         with pytest.raises(ValueError, match="gpus_per_task"):
@@ -262,17 +273,55 @@ def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_f
 
 def test_block_tasks_use_cuda_only_when_ray_granted_them_a_gpu(monkeypatch):
     """Ray >= 2.4x leaves CUDA_VISIBLE_DEVICES set for tasks that ask for no GPU: the device comes from
-    the grant, never from torch.cuda.is_available() alone."""
+    the grant, never from torch.cuda.is_available() alone. Block tasks see the node's GPUs (Ray
+    leaves CUDA_VISIBLE_DEVICES alone for them) and compute on the granted one's place in it."""
     import ray
     import torch
 
-    from unitmatch.sweep.reduce import task_device
+    from unitmatch.sweep import reduce
+    from unitmatch.sweep.reduce import NOSET_CUDA_ENV, task_device
 
-    cases = {((), True): "cpu", ((0,), True): "cuda", ((0,), False): "cpu", ((), False): "cpu"}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(reduce, "_FIRST_CUDA_USE", {})
+    monkeypatch.setenv(NOSET_CUDA_ENV, "1")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cases = {((), True): "cpu", ((0,), True): "cuda:0", ((2,), True): "cuda:2", ((0,), False): "cpu",
+             ((), False): "cpu"}
     for (granted, cuda), device in cases.items():
         monkeypatch.setattr(ray, "get_gpu_ids", lambda granted=granted: list(granted))
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         assert task_device() == device, (granted, cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # ids as the node lists them
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["6"])
+    assert task_device() == "cuda:2"
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["3"])
+    with pytest.raises(RuntimeError, match=r"Ray granted GPU '3', which is not one of the 4 CUDA devices .*'4,5,6,7'"):
+        task_device()
+
+    # Ray set CUDA_VISIBLE_DEVICES per task (no NOSET_CUDA_ENV): the first grant binds this process
+    monkeypatch.delenv(NOSET_CUDA_ENV)
+    for visible, device in (("5", "cuda:0"), ("5", "cuda:0")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        monkeypatch.setattr(ray, "get_gpu_ids", lambda visible=visible: [visible])
+        assert task_device() == device
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["6"])
+    with pytest.raises(RuntimeError, match=r"granted this block task GPU 6 .* first used CUDA with "
+                                           r"CUDA_VISIBLE_DEVICES='5'"):
+        task_device()
+
+
+def test_granted_cuda_index_is_the_grants_place_among_the_visible_gpus():
+    from unitmatch.sweep.reduce import granted_cuda_index
+
+    assert granted_cuda_index(0, None, 2) == 0 and granted_cuda_index("1", None, 2) == 1
+    assert granted_cuda_index("6", "4,5,6,7", 4) == 2 and granted_cuda_index("6", " 6 , 7", 2) == 0
+    uuid = "GPU-9a8b7c6d-0000-1111-2222-333344445555"
+    assert granted_cuda_index(uuid, f"GPU-0000,{uuid}", 2) == 1
+    for granted, visible, n in ((2, None, 2), ("8", "6,7", 2), ("7", "6,7", 1), ("x", None, 4)):
+        with pytest.raises(RuntimeError, match="which is not one of the"):
+            granted_cuda_index(granted, visible, n)
 
 
 def test_graph_ships_engine_and_arrays_once_and_each_block_reads_its_own_slice(setup):
@@ -388,6 +437,25 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
     assert len(built) == 2 and len(other.matches) == len(threaded.matches) - len(splits)
 
 
+def test_a_worker_keeps_its_engine_on_one_gpu_at_most(monkeypatch):
+    """A Ray worker granted another GPU than its last task's drops its engine on that one (each holds
+    the neuron side, about 1.6 GB with a null); engines on cpu stay."""
+    import pickle
+
+    from unitmatch.sweep import reduce
+
+    monkeypatch.setattr(reduce, "_ENGINES", type(reduce._ENGINES)())
+    monkeypatch.setattr(reduce, "_ENGINES_KEEP", 4)
+    monkeypatch.setattr(reduce, "MatchEngine", lambda responses, splits, options: f"engine on {options.device}")
+    handle = reduce._EngineHandle(None, np.zeros((2, 4)), [], reduce.MatchSettings(), key="k")
+    shipped = pickle.loads(pickle.dumps(handle))  # as a Ray task receives it: no engine
+    for device, cached in (("cpu", ["cpu"]), ("cuda:1", ["cpu", "cuda:1"]), ("cuda:1", ["cpu", "cuda:1"]),
+                           ("cuda:0", ["cpu", "cuda:0"]), ("cpu", ["cuda:0", "cpu"])):
+        monkeypatch.setattr(reduce, "task_device", lambda device=device: device)
+        assert shipped.get() == f"engine on {device}"
+        assert [d for _, d in reduce._ENGINES] == cached
+
+
 def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setup, monkeypatch, ray_local):
     """A block whose products run on a GPU is staged in pieces (``process_staged``), read on as many
     threads as the CPUs Ray assigned its task (``cluster.cpus_per_reduce_task``); on the CPU, and
@@ -436,13 +504,18 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     assert reduce_module._process_block(cuda, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
     assert staged == [(cuda.engine, array, LAYERS[0].name, 5, BLOCK, 2 * BLOCK, 3)] and asked == [1]
     assert released == ["scratch", "cache"]  # a Ray task gives its scratch back to the GPU
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(str(device))))
+    granted = Handle("cuda:1")  # a Ray task's engine, on the GPU granted: the current device while it runs
+    assert reduce_module._process_block(granted, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
+    assert entered == ["cuda:1"] and staged[-1][0] is granted.engine and released == ["scratch", "cache"] * 2
     local = Handle("cuda", read_threads=6)  # a local scheduler's (local_gpu_threads), not Ray's CPUs
     reduce_module._process_block(local, array, LAYERS[0].name, 0, BLOCK, 0)
-    assert staged[-1][-1] == 6 and released == ["scratch", "cache"]  # kept until the reduction ends
+    assert staged[-1][-1] == 6 and released == ["scratch", "cache"] * 2  # kept until the reduction ends
     monkeypatch.setattr(reduce_module, "process_staged", lambda *args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         reduce_module._process_block(cuda, array, LAYERS[0].name, 0, BLOCK, 0)
-    assert released == ["scratch", "cache"] * 2  # also when the block fails
+    assert released == ["scratch", "cache"] * 3  # also when the block fails
     monkeypatch.undo()
     assert reduce_module.block_read_threads() == 1  # not in a Ray task
     in_task = ray_local.remote(num_cpus=2)(lambda: __import__("unitmatch.sweep.reduce").sweep.reduce.block_read_threads())
