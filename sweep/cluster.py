@@ -15,7 +15,10 @@ What this module owns:
   cluster) waits; :func:`describe_wait` says what for, and :func:`watch_waiting` logs it every
   ``interval_s`` while it lasts.
 
-Nothing here imports torch or the science: it is about Ray's resources only.
+- GPU memory: Ray's resources count GPUs, not their memory; :func:`gpu_memory_by_node` asks each
+  GPU node's devices (in a short-lived task of its own that needs no free CPU or GPU).
+
+Nothing here imports torch (but that task) or the science: it is about Ray's resources only.
 """
 
 from __future__ import annotations
@@ -113,6 +116,48 @@ def cluster_nodes() -> list[NodeResources]:
 
     return [NodeResources(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources", {})))
             for n in ray.nodes() if n.get("Alive")]
+
+
+def _smallest_gpu_bytes() -> int | None:
+    """In a task on a node: the memory of its smallest CUDA device, None where torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+
+
+def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
+    """Node id -> bytes of its smallest GPU, for every alive node with GPUs in its Ray resources;
+    None where its devices could not be read (torch sees no CUDA there: a logical GPU; or no answer
+    within ``timeout_s``).
+
+    One task a node, pinned to it, asking for no CPU and no GPU (so busy GPUs do not delay it; Ray
+    2.60 leaves such a task the node's GPUs as the node lists them), in a worker that exits after it
+    (``max_calls=1``: its CUDA context goes with it).
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n.node_id for n in cluster_nodes() if n.total.get("GPU", 0) > 0]
+    probe = ray.remote(num_cpus=0, num_gpus=0, max_calls=1)(_smallest_gpu_bytes)
+    refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+            for node in nodes if node not in _GPU_MEMORY}
+    ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
+    for node, ref in refs.items():
+        if ref in ready:
+            try:
+                _GPU_MEMORY[node] = ray.get(ref)  # a node's devices do not change while it lives
+            except Exception as err:  # noqa: BLE001 - a node whose devices cannot be read is not sized
+                log.warning("reading the GPU memory of node %s failed: %s", node, err)
+        else:
+            ray.cancel(ref, force=True)
+            log.warning("node %s did not say its GPU memory within %.0f s", node, timeout_s)
+    return {node: _GPU_MEMORY.get(node) for node in nodes}
+
+
+#: node id -> bytes of its smallest GPU (or None), as read once by gpu_memory_by_node
+_GPU_MEMORY: dict[str, int | None] = {}
 
 
 def unsatisfiable(request: ResourceRequest, nodes: Sequence[NodeResources]) -> bool:

@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import sys
 import threading
 import uuid
@@ -54,6 +55,11 @@ DEFAULT_FAN_IN = 4
 DEFAULT_GPUS_PER_TASK = 0.25
 #: pieces a block task on a GPU reads, copies and scores its block in (:func:`process_staged`)
 GPU_PIECES = 4
+#: a Ray worker's own memory on a GPU before it holds anything (CUDA context, library workspaces): an
+#: allowance, not measured in this project
+CUDA_PROCESS_BYTES = 1 << 30
+#: of a GPU's memory, what the block tasks Ray runs on it at once may fill (:func:`gpus_per_block_task`)
+GPU_MEMORY_SHARE = 0.9
 #: set in a Ray worker's environment, Ray leaves its CUDA_VISIBLE_DEVICES as the node has it: block
 #: tasks ask for it (:func:`block_remote_args`) and compute on the GPU granted (:func:`task_device`)
 NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -316,6 +322,29 @@ def _piece_plan(n_units: int, chunk: int, pieces: int = GPU_PIECES) -> tuple[int
     return width, min(STAGING_BUFFERS, max(1, -(-n_units // width)))
 
 
+def block_working_set(engine: MatchEngine, block_units: int, chunk: int, itemsize: int) -> int:
+    """Bytes a block task of ``block_units`` (a multiple of ``chunk``) holds on a GPU while it runs:
+    a piece's scratch on the engine's path (:meth:`core.engine.MatchEngine.scratch_bytes`) and its
+    staging ring of pieces as stored (``itemsize`` bytes a value)."""
+    piece, slots = _piece_plan(block_units, chunk)
+    return engine.scratch_bytes(piece) + slots * piece * engine.n_images * itemsize
+
+
+def gpus_per_block_task(task_bytes: int, gpu_bytes: int) -> float:
+    """The fraction of a GPU of ``gpu_bytes`` that each Ray block task of ``task_bytes`` asks for:
+    ``1/k`` (rounded down to Ray's 0.0001) for the most ``k`` tasks that fit in
+    :data:`GPU_MEMORY_SHARE` of it, and at least :data:`DEFAULT_GPUS_PER_TASK` (more tasks at
+    once on one GPU only queue behind each other's kernels). A task larger than that share asks
+    for a whole GPU, with a warning."""
+    k = int(GPU_MEMORY_SHARE * gpu_bytes // max(1, task_bytes))
+    if k < 1:
+        log.warning("a reduction block task holds about %.1f GiB on a GPU, more than %.0f%% of the smallest GPU "
+                    "(%.1f GiB): it asks for a whole GPU and may still run out of memory; lower "
+                    "compute.block_units", task_bytes / 2**30, 100 * GPU_MEMORY_SHARE, gpu_bytes / 2**30)
+        return 1.0
+    return max(DEFAULT_GPUS_PER_TASK, math.floor(10_000 / k) / 10_000)
+
+
 def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsize: int,
                       num_workers: int | None = None, max_tasks: int | None = None) -> tuple[int, int]:
     """``(block tasks at once, read threads a task)`` for a local scheduler whose engine is on a GPU.
@@ -335,8 +364,8 @@ def local_gpu_threads(engine: MatchEngine, block_units: int, chunk: int, itemsiz
     free, total = torch.cuda.mem_get_info(engine.device)
     budget = min(total // 2, free + torch.cuda.memory_reserved(engine.device)
                  - torch.cuda.memory_allocated(engine.device))
-    piece, slots = _piece_plan(block_units, chunk)
-    per_task = engine.scratch_bytes(piece) + slots * piece * engine.n_images * itemsize
+    piece = _piece_plan(block_units, chunk)[0]
+    per_task = block_working_set(engine, block_units, chunk, itemsize)
     fit = max(1, budget // per_task)
     cores = usable_cores()
     if num_workers is None:
@@ -484,8 +513,9 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
             tasks as half its memory holds, at most one a core: :func:`local_gpu_threads`, which
             then sets Dask's ``num_workers`` whatever ``dask.config`` says).
         gpus_per_task: with ``"ray"``, the fraction of a GPU each block task requests (0..1;
-            e.g. 0.25: four blocks share a GPU). ``None``: :data:`DEFAULT_GPUS_PER_TASK` when the
-            cluster has GPUs, else 0. 0: block tasks run on CPU even on GPU nodes.
+            e.g. 0.25: four blocks share a GPU). ``None``: as many tasks a GPU as the cluster's
+            smallest GPU holds, at most four (:func:`block_remote_args`), when the cluster has
+            GPUs, else 0. 0: block tasks run on CPU even on GPU nodes.
         ray_remote_args: further Ray options of the block tasks only (e.g. ``{"num_cpus": 2}`` or
             custom ``resources``); GPUs are asked with ``gpus_per_task``.
         wait_log_s: with ``"ray"``, how often to log that block tasks wait for resources while
@@ -516,7 +546,7 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
                 "scheduler='ray' needs a running Ray: call ray.init(...) (address='auto' to join a cluster, "
                 "address='local' for a private one) before match_store, or use scheduler='threads'"
             )
-        block_args = block_remote_args(gpus_per_task, ray_remote_args)
+        block_remote_args(gpus_per_task if gpus_per_task is not None else 0, ray_remote_args)  # checked first
     options = MatchSettings.resolve(settings, **overrides)
     block_units = options.block_units
     splits = list(splits)  # read twice below (a generator, e.g. scikit-learn's ShuffleSplit.split, once)
@@ -527,6 +557,11 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
+    if scheduler == "ray":  # a task's working set, and its worker's engine and CUDA context
+        task_bytes = (CUDA_PROCESS_BYTES + engine.resident_bytes()
+                      + block_working_set(engine, whole_chunks(block_units, store.unit_chunk), store.unit_chunk,
+                                          store.itemsize))
+        block_args = block_remote_args(gpus_per_task, ray_remote_args, task_bytes)
     read_threads, local_gpu = None, scheduler != "ray" and engine.device.type == "cuda"
     if local_gpu:  # this process's GPU: as many tasks at once as its memory holds
         num_workers, read_threads = local_gpu_threads(
@@ -552,15 +587,22 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
             engine.release_scratch()
 
 
-def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict | None = None) -> dict:
+def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict | None = None,
+                      task_bytes: int | None = None) -> dict:
     """The Ray options of the reduction's block tasks on the cluster ``ray.init`` joined.
 
     Args:
-        gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: :data:`DEFAULT_GPUS_PER_TASK`
-            when the cluster has GPUs, else 0. With a GPU, the tasks' ``runtime_env`` also sets
+        gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: 0 when the cluster has no
+            GPU; else, with ``task_bytes``, as many tasks a GPU as the smallest GPU of the cluster
+            holds (:func:`gpus_per_block_task`, its memory read by
+            :func:`sweep.cluster.gpu_memory_by_node`), at most 1/:data:`DEFAULT_GPUS_PER_TASK`;
+            without, or where no GPU's memory could be read, :data:`DEFAULT_GPUS_PER_TASK`.
+            With a GPU, the tasks' ``runtime_env`` also sets
             :data:`NOSET_CUDA_ENV`, so that each computes on the GPU Ray granted it
             (:func:`task_device`).
         ray_remote_args: other options (``num_cpus``, ``memory``, ``resources``, ``runtime_env``, ...).
+        task_bytes: what one block task holds on a GPU, its worker's engine and CUDA context
+            included (:func:`match_store` works it out).
 
     Raises:
         ValueError: ``gpus_per_task`` outside 0..1, or ``num_gpus`` given in ``ray_remote_args`` too.
@@ -573,6 +615,17 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
         import ray
 
         gpus_per_task = DEFAULT_GPUS_PER_TASK if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        if gpus_per_task and task_bytes is not None:
+            from .cluster import gpu_memory_by_node
+
+            known = [b for b in gpu_memory_by_node().values() if b]
+            if known:
+                gpus_per_task = gpus_per_block_task(task_bytes, min(known))
+                log.info("block tasks ask for %g of a GPU each: %.1f GiB a task, the smallest GPU %.1f GiB",
+                         gpus_per_task, task_bytes / 2**30, min(known) / 2**30)
+            else:
+                log.info("no GPU's memory could be read (logical GPUs?): block tasks ask for %g of a GPU each",
+                         gpus_per_task)
     if isinstance(gpus_per_task, bool) or not isinstance(gpus_per_task, (int, float)) or not 0 <= gpus_per_task <= 1:
         raise ValueError(f"gpus_per_task must be a number in 0..1 (a fraction of one GPU per block task, e.g. 0.25); "
                          f"got {gpus_per_task!r}")

@@ -190,6 +190,9 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
         assert record["devices"] == (["cuda:0"] if torch.cuda.is_available() else ["cpu"]), record
         assert record["result"] == "MatchPartial"
     assert summary["block_args"] == {"num_gpus": 0.25, "runtime_env": {"env_vars": {NOSET_CUDA_ENV: "1"}}}
+    # the node's GPU memory, read there: unknown with a logical GPU (the tasks then ask for a quarter)
+    assert summary["gpu_memory"] == ([torch.cuda.get_device_properties(0).total_memory]
+                                     if torch.cuda.is_available() else [None])
     assert summary["extraction_plan"] == [1, 1.0, 0, 2]  # one actor per GPU; 2 cores: no decode workers
     assert summary["extractors_on"] == (["cuda"] if torch.cuda.is_available() else ["cpu"])
     result = pickle.loads((tmp_path / "result.pkl").read_bytes())
@@ -317,6 +320,9 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
         finally:
             zoo.shutdown()
         block_args = block_remote_args()  # the cluster has a GPU: the default fraction
+        from unitmatch.sweep.cluster import gpu_memory_by_node
+
+        gpu_memory = list(gpu_memory_by_node().values())  # read on the node: none, torch sees no CUDA here
         with RecordBlocks():
             result = match_store(store, responses, splits, scheduler="ray", block_units=32 * 2)
     (workdir / "result.pkl").write_bytes(pickle.dumps(result))
@@ -324,6 +330,7 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
     from unitmatch.sweep.reduce import block_plan
 
     return {"blocks": blocks, "n_blocks": len(block_plan(store, 32 * 2)), "block_args": block_args,
+            "gpu_memory": gpu_memory,
             "extraction_plan": plan, "extractors_on": [w.rsplit(":", 1)[1] for w in where]}
 
 

@@ -173,3 +173,37 @@ def _same_reduction(result, expected):
         np.testing.assert_allclose(got[column], want[column], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(result.null.unit, expected.null.unit)
     np.testing.assert_allclose(result.null.test_r, expected.null.test_r, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_splits, n_permutations", [(1, 0), (10, 5)])
+def test_resident_bytes_bound_what_an_engine_keeps_on_cuda(n_splits, n_permutations):
+    """``MatchEngine.resident_bytes`` (the fraction of a GPU a Ray block task asks for) against what an
+    engine on cuda keeps allocated after a float16 block, its scratch released."""
+    import gc
+
+    from unitmatch.core.engine import MatchEngine
+    from unitmatch.core.splits import brainscore_splits
+    from unitmatch.core.units import UnitBlock
+
+    rng = np.random.default_rng(3)
+    n_images = 600
+    x = np.maximum(rng.standard_normal((n_images, 4000)), 0).astype(np.float16)
+    y = rng.standard_normal((64, n_images))
+    splits = brainscore_splits(n_images=n_images, n_splits=n_splits, stratify=None, random_state=0)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    engine = MatchEngine(y, splits, n_permutations=n_permutations, device="cuda")
+    partial = engine.process(UnitBlock(x, "l", 0))
+    del partial
+    engine.release_scratch()
+    gc.collect()
+    kept = torch.cuda.memory_allocated() - before
+    assert 0.5 * engine.resident_bytes() <= kept <= 1.1 * engine.resident_bytes(), (kept, engine.resident_bytes())
+
+
+def test_the_gpu_memory_of_each_gpu_node_is_read_in_a_task_of_its_own(ray_local):
+    from unitmatch.sweep.cluster import gpu_memory_by_node
+
+    smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    assert list(gpu_memory_by_node().values()) == [smallest]

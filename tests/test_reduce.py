@@ -271,6 +271,35 @@ def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_f
         block_remote_args(0.5, {"num_gpus": 1})
 
 
+def test_block_tasks_ask_for_the_share_of_the_smallest_gpu_their_memory_needs(ray_local, monkeypatch, caplog):
+    """gpus_per_reduce_task=null on a cluster with GPUs: as many block tasks a GPU as 90% of the
+    smallest GPU holds (a task's working set, its worker's engine and CUDA context), at most four;
+    where no GPU's memory is known, a quarter; a given fraction is kept."""
+    import ray
+
+    from unitmatch.sweep import cluster
+    from unitmatch.sweep.reduce import DEFAULT_GPUS_PER_TASK, block_remote_args, gpus_per_block_task
+
+    gib = 2**30
+    assert gpus_per_block_task(6.5 * gib, 80 * gib) == DEFAULT_GPUS_PER_TASK  # 11 fit: four at most
+    assert gpus_per_block_task(6.5 * gib, 24 * gib) == 0.3333  # 3 fit; 3 x 0.3333 <= 1 in Ray's units
+    assert gpus_per_block_task(6.5 * gib, 16 * gib) == 0.5
+    assert gpus_per_block_task(6.5 * gib, 8 * gib) == 1.0
+    with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
+        assert gpus_per_block_task(10 * gib, 8 * gib) == 1.0
+    assert "about 10.0 GiB on a GPU, more than 90% of the smallest GPU (8.0 GiB)" in caplog.text
+    assert "compute.block_units" in caplog.text
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
+    memory = {"a": 16 * gib, "b": 40 * gib}
+    monkeypatch.setattr(cluster, "gpu_memory_by_node", lambda: dict(memory))
+    assert block_remote_args(None, None, int(6.5 * gib))["num_gpus"] == 0.5  # the 16 GB node decides
+    assert block_remote_args(None)["num_gpus"] == DEFAULT_GPUS_PER_TASK  # no size given
+    assert block_remote_args(0.125, None, int(6.5 * gib))["num_gpus"] == 0.125  # as given
+    memory = {"a": None}  # logical GPUs: torch saw no CUDA there
+    assert block_remote_args(None, None, int(6.5 * gib))["num_gpus"] == DEFAULT_GPUS_PER_TASK
+
+
 def test_block_tasks_use_cuda_only_when_ray_granted_them_a_gpu(monkeypatch):
     """Ray >= 2.4x leaves CUDA_VISIBLE_DEVICES set for tasks that ask for no GPU: the device comes from
     the grant, never from torch.cuda.is_available() alone. Block tasks see the node's GPUs (Ray
