@@ -32,6 +32,10 @@ from typing import Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
+#: set in a Ray worker's environment, Ray leaves its CUDA_VISIBLE_DEVICES as the node has it (the
+#: reduction's block tasks and the GPU memory probe ask for it)
+NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
 #: addresses that are not host:port (``ray.init`` resolves them itself)
 _SPECIAL_ADDRESSES = ("local", "auto")
 
@@ -132,15 +136,18 @@ def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
     None where its devices could not be read (torch sees no CUDA there: a logical GPU; or no answer
     within ``timeout_s``).
 
-    One task a node, pinned to it, asking for no CPU and no GPU (so busy GPUs do not delay it; Ray
-    2.60 leaves such a task the node's GPUs as the node lists them), in a worker that exits after it
-    (``max_calls=1``: its CUDA context goes with it).
+    One task a node, pinned to it, asking for no CPU and no GPU (so busy GPUs do not delay it; its
+    runtime_env tells Ray to leave it the node's GPUs as the node lists them, which Ray 2.60 does
+    anyway), in a worker that exits after it (``max_calls=1``: its CUDA context goes with it). Each
+    node is asked once in a process; one that did not answer counts as unknown from then on.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n.node_id for n in cluster_nodes() if n.total.get("GPU", 0) > 0]
-    probe = ray.remote(num_cpus=0, num_gpus=0, max_calls=1)(_smallest_gpu_bytes)
+    # (older Ray releases hid a node's GPUs from tasks that ask for none, unless told to leave them)
+    probe = ray.remote(num_cpus=0, num_gpus=0, max_calls=1, runtime_env={"env_vars": {NOSET_CUDA_ENV: "1"}})(
+        _smallest_gpu_bytes)
     refs = {node: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
             for node in nodes if node not in _GPU_MEMORY}
     ready = set(ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)[0]) if refs else set()
@@ -150,9 +157,13 @@ def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
                 _GPU_MEMORY[node] = ray.get(ref)  # a node's devices do not change while it lives
             except Exception as err:  # noqa: BLE001 - a node whose devices cannot be read is not sized
                 log.warning("reading the GPU memory of node %s failed: %s", node, err)
+                _GPU_MEMORY[node] = None
         else:
             ray.cancel(ref, force=True)
             log.warning("node %s did not say its GPU memory within %.0f s", node, timeout_s)
+            _GPU_MEMORY[node] = None  # not asked again in this session
+        if _GPU_MEMORY.get(node) is None:
+            log.warning("the memory of node %s's GPUs is unknown (torch saw no CUDA there: logical GPUs?)", node)
     return {node: _GPU_MEMORY.get(node) for node in nodes}
 
 

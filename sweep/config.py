@@ -189,7 +189,7 @@ class ClusterConfig:
     in_flight: int = field(default=2, metadata=_range(1))
     memory_per_actor: int = field(default=0, metadata=_range(0))          # bytes Ray reserves per actor
     resources_per_actor: Dict[str, float] = field(default_factory=dict)   # custom Ray resources per actor
-    gpus_per_reduce_task: Optional[float] = field(default=None, metadata=_range(0, 1))  # null: by GPU memory, >= 0.25
+    gpus_per_reduce_task: Optional[float] = field(default=None, metadata=_range(0, 1))  # null: by GPU memory
     cpus_per_reduce_task: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))  # null: Ray's 1
     wait_log_s: float = field(default=30.0, metadata=_range(0, lo_open=True))   # how often waits are logged
     connect_timeout_s: float = field(default=10.0, metadata=_range(0, lo_open=True))  # a remote address answers

@@ -19,10 +19,11 @@ copies nothing but its own slice, so there is no ``inline_array`` question with 
 Dask-on-Ray, and each task's unit range is exactly one run of whole Zarr chunks.
 
 GPUs on a Ray cluster: block tasks ask for a fraction of a GPU (``gpus_per_task``, so several
-blocks share one) and run their products on cuda only when Ray granted them one, on that GPU (Ray
-reuses a worker process for tasks granted different GPUs: the tasks see every GPU of their node and
-pick theirs, :func:`task_device`); a task that asked for none runs on cpu. Requests are checked against the cluster's nodes before
-anything is submitted (:mod:`sweep.cluster`).
+blocks share one; by default as many as its memory holds, :func:`block_remote_args`) and run their
+products on cuda only when Ray granted them one, on that GPU (Ray reuses a worker process for tasks
+granted different GPUs: the tasks see every GPU of their node and pick theirs,
+:func:`task_device`); a task that asked for none runs on cpu. Requests are checked against the
+cluster's nodes before anything is submitted (:mod:`sweep.cluster`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ from unitmatch.core._checks import check_count
 from unitmatch.core.integrity import MAX_READ_THREADS, CheckedArray, usable_cores
 from unitmatch.core.units import UnitBlock, check_layer_subset, gather_columns, range_blocks, whole_chunks
 
+from .cluster import NOSET_CUDA_ENV  # block tasks ask for it (block_remote_args) and use the grant (task_device)
+
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("threads", "sync", "ray")
@@ -60,9 +63,6 @@ GPU_PIECES = 4
 CUDA_PROCESS_BYTES = 1 << 30
 #: of a GPU's memory, what the block tasks Ray runs on it at once may fill (:func:`gpus_per_block_task`)
 GPU_MEMORY_SHARE = 0.9
-#: set in a Ray worker's environment, Ray leaves its CUDA_VISIBLE_DEVICES as the node has it: block
-#: tasks ask for it (:func:`block_remote_args`) and compute on the GPU granted (:func:`task_device`)
-NOSET_CUDA_ENV = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 #: {"visible": CUDA_VISIBLE_DEVICES} when this process first ran a block task on CUDA without NOSET_CUDA_ENV
 _FIRST_CUDA_USE: dict = {}
 
@@ -176,6 +176,10 @@ def task_device() -> str:
     granted = ray.get_gpu_ids()
     if not granted:
         return "cpu"
+    if len(granted) > 1:  # a block task asks for at most one GPU; Ray lists all where its ids fit no GPU seen
+        raise RuntimeError(f"Ray lists GPUs {granted} for this block task, which asked for one at most: the node's "
+                           f"GPU resource does not match its CUDA_VISIBLE_DEVICES "
+                           f"({os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     if not torch.cuda.is_available():
         log.debug("Ray granted GPU %s but torch sees no CUDA (a logical GPU): the block runs on cpu", granted)
         return "cpu"
@@ -330,17 +334,23 @@ def block_working_set(engine: MatchEngine, block_units: int, chunk: int, itemsiz
     return engine.scratch_bytes(piece) + slots * piece * engine.n_images * itemsize
 
 
-def gpus_per_block_task(task_bytes: int, gpu_bytes: int) -> float:
-    """The fraction of a GPU of ``gpu_bytes`` that each Ray block task of ``task_bytes`` asks for:
-    ``1/k`` (rounded down to Ray's 0.0001) for the most ``k`` tasks that fit in
-    :data:`GPU_MEMORY_SHARE` of it, and at least :data:`DEFAULT_GPUS_PER_TASK` (more tasks at
-    once on one GPU only queue behind each other's kernels). A task larger than that share asks
-    for a whole GPU, with a warning."""
-    k = int(GPU_MEMORY_SHARE * gpu_bytes // max(1, task_bytes))
+def gpus_per_block_task(task_bytes: int, gpu_bytes: int, gpus_on_node: int = 1) -> float:
+    """The fraction of a GPU of ``gpu_bytes`` that each Ray block task of ``task_bytes`` asks for, on a
+    node of ``gpus_on_node`` such GPUs: ``1/k`` (rounded down to Ray's 0.0001) for the most ``k``
+    tasks that fit in :data:`GPU_MEMORY_SHARE` of it, and at least :data:`DEFAULT_GPUS_PER_TASK`
+    (more tasks at once on one GPU only queue behind each other's kernels).
+
+    Each of the ``k`` tasks also brings a worker that keeps a CUDA context
+    (:data:`CUDA_PROCESS_BYTES`) on every GPU of the node it was ever granted: Ray gives a worker
+    tasks on any of them, and a context stays until its process ends. So a GPU may hold ``k`` x
+    ``gpus_on_node`` contexts. A task larger than the share asks for a whole GPU, with a warning.
+    """
+    k = int(GPU_MEMORY_SHARE * gpu_bytes // max(1, task_bytes + gpus_on_node * CUDA_PROCESS_BYTES))
     if k < 1:
-        log.warning("a reduction block task holds about %.1f GiB on a GPU, more than %.0f%% of the smallest GPU "
-                    "(%.1f GiB): it asks for a whole GPU and may still run out of memory; lower "
-                    "compute.block_units", task_bytes / 2**30, 100 * GPU_MEMORY_SHARE, gpu_bytes / 2**30)
+        log.warning("a reduction block task holds about %.1f GiB on a GPU, and its worker a CUDA context on each of "
+                    "the node's %d GPU(s): more than %.0f%% of the smallest GPU (%.1f GiB). It asks for a whole GPU "
+                    "and may still run out of memory; lower compute.block_units", task_bytes / 2**30, gpus_on_node,
+                    100 * GPU_MEMORY_SHARE, gpu_bytes / 2**30)
         return 1.0
     return max(DEFAULT_GPUS_PER_TASK, math.floor(10_000 / k) / 10_000)
 
@@ -557,8 +567,8 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
-    if scheduler == "ray":  # a task's working set, and its worker's engine and CUDA context
-        task_bytes = (CUDA_PROCESS_BYTES + engine.resident_bytes()
+    if scheduler == "ray":  # a task's working set, and its worker's engines (the cache keeps two, on one GPU)
+        task_bytes = (_ENGINES_KEEP * engine.resident_bytes()
                       + block_working_set(engine, whole_chunks(block_units, store.unit_chunk), store.unit_chunk,
                                           store.itemsize))
         block_args = block_remote_args(gpus_per_task, ray_remote_args, task_bytes)
@@ -616,13 +626,15 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
 
         gpus_per_task = DEFAULT_GPUS_PER_TASK if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         if gpus_per_task and task_bytes is not None:
-            from .cluster import gpu_memory_by_node
+            from .cluster import cluster_nodes, gpu_memory_by_node
 
-            known = [b for b in gpu_memory_by_node().values() if b]
-            if known:
-                gpus_per_task = gpus_per_block_task(task_bytes, min(known))
-                log.info("block tasks ask for %g of a GPU each: %.1f GiB a task, the smallest GPU %.1f GiB",
-                         gpus_per_task, task_bytes / 2**30, min(known) / 2**30)
+            memory = gpu_memory_by_node()
+            sized = [(gpus_per_block_task(task_bytes, memory[n.node_id], int(n.total["GPU"])), n.address)
+                     for n in cluster_nodes() if memory.get(n.node_id)]
+            if sized:  # the node that holds the fewest tasks a GPU decides
+                gpus_per_task, where = max(sized)
+                log.info("block tasks ask for %g of a GPU each (%.1f GiB a task and a CUDA context on each GPU of "
+                         "its node; decided by node %s)", gpus_per_task, task_bytes / 2**30, where)
             else:
                 log.info("no GPU's memory could be read (logical GPUs?): block tasks ask for %g of a GPU each",
                          gpus_per_task)
@@ -637,9 +649,9 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
 
 def _leave_cuda_visible(runtime_env) -> dict:
     """``runtime_env`` (a dict, a ``ray.runtime_env.RuntimeEnv`` or None) with :data:`NOSET_CUDA_ENV`
-    among its ``env_vars`` (a value given there is kept): a copy; Ray merges it with the job's."""
+    set to 1 among its ``env_vars``: a copy; Ray merges it with the job's."""
     env = dict(runtime_env or {})
-    env["env_vars"] = {NOSET_CUDA_ENV: "1", **dict(env.get("env_vars") or {})}
+    env["env_vars"] = {**dict(env.get("env_vars") or {}), NOSET_CUDA_ENV: "1"}
     return env
 
 

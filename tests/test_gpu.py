@@ -190,6 +190,10 @@ def test_resident_bytes_bound_what_an_engine_keeps_on_cuda(n_splits, n_permutati
     x = np.maximum(rng.standard_normal((n_images, 4000)), 0).astype(np.float16)
     y = rng.standard_normal((64, n_images))
     splits = brainscore_splits(n_images=n_images, n_splits=n_splits, stratify=None, random_state=0)
+    for dtype in (torch.float32, torch.float16):  # cuBLAS's workspaces, allocated on a first GEMM, kept
+        a = torch.ones((64, 64), dtype=dtype, device="cuda")
+        (a @ a).sum().item()
+    del a
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -203,7 +207,14 @@ def test_resident_bytes_bound_what_an_engine_keeps_on_cuda(n_splits, n_permutati
 
 
 def test_the_gpu_memory_of_each_gpu_node_is_read_in_a_task_of_its_own(ray_local):
+    """The local Ray's one node: its smallest GPU, read in a task of its own; the block tasks' fraction
+    sized by it."""
     from unitmatch.sweep.cluster import gpu_memory_by_node
+
+    from unitmatch.sweep.reduce import block_remote_args, gpus_per_block_task
 
     smallest = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
     assert list(gpu_memory_by_node().values()) == [smallest]
+    task = 6 * 2**30  # the block tasks' default fraction on this GPU
+    assert block_remote_args(None, None, task)["num_gpus"] == gpus_per_block_task(task, smallest,
+                                                                                  torch.cuda.device_count())

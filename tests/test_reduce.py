@@ -259,8 +259,8 @@ def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_f
     assert block_remote_args(0.25, given) == {"num_gpus": 0.25,
                                               "runtime_env": {"pip": ["x"], "env_vars": {**noset, "A": "1"}}}
     assert given == {"runtime_env": {"pip": ["x"], "env_vars": {"A": "1"}}}  # not changed
-    kept = {"runtime_env": {"env_vars": {NOSET_CUDA_ENV: "0"}}}
-    assert block_remote_args(1, kept)["runtime_env"] == kept["runtime_env"]  # a value given is kept
+    unset = {"runtime_env": {"env_vars": {NOSET_CUDA_ENV: "0"}}}
+    assert block_remote_args(1, unset)["runtime_env"] == {"env_vars": noset}  # the tasks need it
     assert block_remote_args(0) == {}
     assert block_remote_args(0, given) == given
     assert 0 < DEFAULT_GPUS_PER_TASK <= 1
@@ -272,32 +272,41 @@ def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_f
 
 
 def test_block_tasks_ask_for_the_share_of_the_smallest_gpu_their_memory_needs(ray_local, monkeypatch, caplog):
-    """gpus_per_reduce_task=null on a cluster with GPUs: as many block tasks a GPU as 90% of the
-    smallest GPU holds (a task's working set, its worker's engine and CUDA context), at most four;
-    where no GPU's memory is known, a quarter; a given fraction is kept."""
+    """gpus_per_reduce_task=null on a cluster with GPUs: as many block tasks a GPU as 90% of it holds
+    (a task's working set and its worker's engines, and for each task a CUDA context on every GPU of
+    the node: Ray gives a worker tasks on any of them), at most four; the node that holds the fewest
+    decides; where no GPU's memory is known, a quarter; a given fraction is kept."""
     import ray
 
     from unitmatch.sweep import cluster
+    from unitmatch.sweep.cluster import NodeResources
     from unitmatch.sweep.reduce import DEFAULT_GPUS_PER_TASK, block_remote_args, gpus_per_block_task
 
     gib = 2**30
-    assert gpus_per_block_task(6.5 * gib, 80 * gib) == DEFAULT_GPUS_PER_TASK  # 11 fit: four at most
-    assert gpus_per_block_task(6.5 * gib, 24 * gib) == 0.3333  # 3 fit; 3 x 0.3333 <= 1 in Ray's units
-    assert gpus_per_block_task(6.5 * gib, 16 * gib) == 0.5
-    assert gpus_per_block_task(6.5 * gib, 8 * gib) == 1.0
+    task = int(6.5 * gib)  # + 1 GiB of context per GPU of the node, in 90% of the GPU
+    for gpu_gib, gpus, fraction in ((80, 1, 0.25), (32, 1, 0.3333), (24, 1, 0.5), (16, 1, 1.0),
+                                    (80, 8, 0.25), (40, 8, 0.5), (24, 8, 1.0)):
+        assert gpus_per_block_task(task, gpu_gib * gib, gpus) == fraction, (gpu_gib, gpus)
+    assert 3 * 0.3333 <= 1  # three fit in Ray's units of 0.0001
     with caplog.at_level("WARNING", logger="unitmatch.sweep.reduce"):
         assert gpus_per_block_task(10 * gib, 8 * gib) == 1.0
-    assert "about 10.0 GiB on a GPU, more than 90% of the smallest GPU (8.0 GiB)" in caplog.text
+    assert "about 10.0 GiB on a GPU, and its worker a CUDA context on each of the node's 1 GPU(s): more than " \
+           "90% of the smallest GPU (8.0 GiB)" in caplog.text
     assert "compute.block_units" in caplog.text
 
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": 2.0})
-    memory = {"a": 16 * gib, "b": 40 * gib}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0, "GPU": 9.0})
+    nodes = [NodeResources("a", "10.0.0.1", {"CPU": 2.0, "GPU": 1.0}), NodeResources("b", "10.0.0.2", {"GPU": 8.0}),
+             NodeResources("c", "10.0.0.3", {"CPU": 4.0})]
+    monkeypatch.setattr(cluster, "cluster_nodes", lambda: nodes)
+    memory = {"a": 80 * gib, "b": 40 * gib}
     monkeypatch.setattr(cluster, "gpu_memory_by_node", lambda: dict(memory))
-    assert block_remote_args(None, None, int(6.5 * gib))["num_gpus"] == 0.5  # the 16 GB node decides
+    assert block_remote_args(None, None, task)["num_gpus"] == 0.5  # node b: 40 GB GPUs, eight of them
+    memory = {"a": 80 * gib, "b": None}
+    assert block_remote_args(None, None, task)["num_gpus"] == 0.25  # b unknown: a decides
     assert block_remote_args(None)["num_gpus"] == DEFAULT_GPUS_PER_TASK  # no size given
-    assert block_remote_args(0.125, None, int(6.5 * gib))["num_gpus"] == 0.125  # as given
-    memory = {"a": None}  # logical GPUs: torch saw no CUDA there
-    assert block_remote_args(None, None, int(6.5 * gib))["num_gpus"] == DEFAULT_GPUS_PER_TASK
+    assert block_remote_args(0.125, None, task)["num_gpus"] == 0.125  # as given
+    memory = {"a": None, "b": None}  # logical GPUs: torch saw no CUDA there
+    assert block_remote_args(None, None, task)["num_gpus"] == DEFAULT_GPUS_PER_TASK
 
 
 def test_block_tasks_use_cuda_only_when_ray_granted_them_a_gpu(monkeypatch):
@@ -326,6 +335,10 @@ def test_block_tasks_use_cuda_only_when_ray_granted_them_a_gpu(monkeypatch):
     assert task_device() == "cuda:2"
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["3"])
     with pytest.raises(RuntimeError, match=r"Ray granted GPU '3', which is not one of the 4 CUDA devices .*'4,5,6,7'"):
+        task_device()
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["4", "5", "6", "7"])  # Ray's ids fit no GPU seen: all listed
+    with pytest.raises(RuntimeError, match=r"Ray lists GPUs \['4', '5', '6', '7'\] for this block task, which asked "
+                                           r"for one at most"):
         task_device()
 
     # Ray set CUDA_VISIBLE_DEVICES per task (no NOSET_CUDA_ENV): the first grant binds this process
@@ -467,8 +480,9 @@ def test_one_engine_per_neurons_splits_and_settings_across_reductions(setup, thr
 
 
 def test_a_worker_keeps_its_engine_on_one_gpu_at_most(monkeypatch):
-    """A Ray worker granted another GPU than its last task's drops its engine on that one (each holds
-    the neuron side, about 1.6 GB with a null); engines on cpu stay."""
+    """A Ray worker granted another GPU than its last task's drops its engines on that one (each holds
+    the neuron side, 2.0 GB for 256 neurons with the default null: MatchEngine.resident_bytes); engines
+    on cpu stay."""
     import pickle
 
     from unitmatch.sweep import reduce
@@ -534,10 +548,19 @@ def test_block_tasks_on_a_gpu_read_their_chunks_on_the_cpus_they_were_given(setu
     assert staged == [(cuda.engine, array, LAYERS[0].name, 5, BLOCK, 2 * BLOCK, 3)] and asked == [1]
     assert released == ["scratch", "cache"]  # a Ray task gives its scratch back to the GPU
     entered = []
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(entered.append(str(device))))
+
+    @contextlib.contextmanager
+    def current_device(device):
+        entered.append(f"enter {device}")
+        yield
+        entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", current_device)
+    monkeypatch.setattr(reduce_module, "process_staged", lambda *args: entered.append("staged") or "staged partial")
     granted = Handle("cuda:1")  # a Ray task's engine, on the GPU granted: the current device while it runs
     assert reduce_module._process_block(granted, array, LAYERS[0].name, BLOCK, 2 * BLOCK, 5) == "staged partial"
-    assert entered == ["cuda:1"] and staged[-1][0] is granted.engine and released == ["scratch", "cache"] * 2
+    assert entered == ["enter cuda:1", "staged", "exit"] and released == ["scratch", "cache"] * 2
+    monkeypatch.setattr(reduce_module, "process_staged", lambda *args: staged.append(args) or "staged partial")
     local = Handle("cuda", read_threads=6)  # a local scheduler's (local_gpu_threads), not Ray's CPUs
     reduce_module._process_block(local, array, LAYERS[0].name, 0, BLOCK, 0)
     assert staged[-1][-1] == 6 and released == ["scratch", "cache"] * 2  # kept until the reduction ends
