@@ -168,6 +168,26 @@ def _tiny_store(root: Path):
     return ActivationStore.open(store.path), np.vstack([responses, rng.standard_normal((2, 60))])
 
 
+def _write_inputs(tmp_path: Path):
+    """The tiny store, its responses and 3 splits, written for a scenario (:func:`_scenario_inputs`)."""
+    from unitmatch.core.splits import brainscore_splits
+
+    store, responses = _tiny_store(tmp_path / "stores")
+    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0, stratify=None)
+    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((str(store.path), responses, splits)))
+    return store, responses, splits
+
+
+def _scenario_inputs(workdir: Path):
+    """In a scenario: the store, responses and splits of :func:`_write_inputs`, and a folder for records."""
+    from unitmatch.core.store import ActivationStore
+
+    path, responses, splits = pickle.loads((workdir / "inputs.pkl").read_bytes())
+    records = workdir / "blocks"
+    records.mkdir()
+    return ActivationStore.open(path), responses, splits, records
+
+
 def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_answer(tmp_path):
     """ray.init(num_gpus=1) on this CPU machine: every block task asks for a quarter GPU and is granted
     GPU 0 (asserted inside the task); with torch seeing no CUDA the engine runs on cpu there, and the
@@ -175,12 +195,9 @@ def test_block_tasks_request_and_receive_a_logical_gpu_and_equal_the_threaded_an
     actor, given the GPU (on cpu here: torch sees no CUDA)."""
     import pandas as pd
 
-    from unitmatch.core.splits import brainscore_splits
     from unitmatch.sweep.reduce import match_store
 
-    store, responses = _tiny_store(tmp_path / "stores")
-    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0, stratify=None)
-    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((str(store.path), responses, splits)))
+    store, responses, splits = _write_inputs(tmp_path)
     summary, _ = _run_scenario("logical_gpu_reduction", tmp_path)
     seen = summary["blocks"]
     assert len(seen) == summary["n_blocks"] > 1
@@ -283,14 +300,10 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
 
     from unitmatch.sweep.extract import ZooExtraction
 
-    from unitmatch.core.store import ActivationStore
     from unitmatch.sweep.cluster import ray_session
     from unitmatch.sweep.reduce import block_remote_args, match_store
 
-    path, responses, splits = pickle.loads((workdir / "inputs.pkl").read_bytes())
-    store = ActivationStore.open(path)
-    records = workdir / "blocks"
-    records.mkdir()
+    store, responses, splits, records = _scenario_inputs(workdir)
 
     class RecordBlocks(RayDaskCallback):
         """Runs inside each Ray task: what the block task was granted and which device its engine used."""
@@ -337,17 +350,15 @@ def _scenario_logical_gpu_reduction(workdir: Path) -> dict:
 def test_block_tasks_see_their_nodes_gpus_as_it_has_them_and_compute_on_the_one_granted(tmp_path):
     """Two logical GPUs listed as CUDA_VISIBLE_DEVICES=6,7, a whole one per block task: Ray reuses a
     worker process for tasks granted either GPU, and CUDA reads CUDA_VISIBLE_DEVICES once a process.
-    So Ray must leave it alone in block tasks: each saw "6,7", and the device it computes on is its
-    grant's place there (6 -> cuda:0, 7 -> cuda:1; sweep.reduce.granted_cuda_index). Both GPUs were
-    granted; the result equals the threaded scheduler's."""
+    So Ray must leave it alone in block tasks: each saw "6,7", and the CUDA index task_device picks
+    from it is the grant's place there (6 -> cuda:0, 7 -> cuda:1; sweep.reduce.granted_cuda_index;
+    torch sees no CUDA here, so the blocks run on cpu). Both GPUs were granted; the result equals
+    the threaded scheduler's."""
     import pandas as pd
 
-    from unitmatch.core.splits import brainscore_splits
     from unitmatch.sweep.reduce import match_store
 
-    store, responses = _tiny_store(tmp_path / "stores")
-    splits = brainscore_splits(n_images=60, n_splits=3, random_state=0, stratify=None)
-    (tmp_path / "inputs.pkl").write_bytes(pickle.dumps((str(store.path), responses, splits)))
+    store, responses, splits = _write_inputs(tmp_path)
     summary, _ = _run_scenario("granted_gpus", tmp_path)
     seen = summary["blocks"]
     assert len(seen) == 11  # 128 + 200 units in blocks of 32
@@ -367,14 +378,10 @@ def _scenario_granted_gpus(workdir: Path) -> dict:
     import ray
     from ray.util.dask import RayDaskCallback
 
-    from unitmatch.core.store import ActivationStore
     from unitmatch.sweep.cluster import ray_session
     from unitmatch.sweep.reduce import granted_cuda_index, match_store
 
-    path, responses, splits = pickle.loads((workdir / "inputs.pkl").read_bytes())
-    store = ActivationStore.open(path)
-    records = workdir / "blocks"
-    records.mkdir()
+    store, responses, splits, records = _scenario_inputs(workdir)
 
     class RecordBlocks(RayDaskCallback):
         def _ray_pretask(self, key, object_refs):
