@@ -603,16 +603,17 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
 
     Args:
         gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: 0 when the cluster has no
-            GPU; else, with ``task_bytes``, as many tasks a GPU as the smallest GPU of the cluster
-            holds (:func:`gpus_per_block_task`, its memory read by
-            :func:`sweep.cluster.gpu_memory_by_node`), at most 1/:data:`DEFAULT_GPUS_PER_TASK`;
-            without, or where no GPU's memory could be read, :data:`DEFAULT_GPUS_PER_TASK`.
+            GPU; else, with ``task_bytes``, as many tasks a GPU as each node's smallest GPU holds
+            (:func:`gpus_per_block_task`, the memory read by
+            :func:`sweep.cluster.gpu_memory_by_node`), the node that holds the fewest deciding, at
+            most 1/:data:`DEFAULT_GPUS_PER_TASK`; without ``task_bytes``, or where no GPU's memory
+            could be read, :data:`DEFAULT_GPUS_PER_TASK`.
             With a GPU, the tasks' ``runtime_env`` also sets
             :data:`NOSET_CUDA_ENV`, so that each computes on the GPU Ray granted it
             (:func:`task_device`).
         ray_remote_args: other options (``num_cpus``, ``memory``, ``resources``, ``runtime_env``, ...).
-        task_bytes: what one block task holds on a GPU, its worker's engine and CUDA context
-            included (:func:`match_store` works it out).
+        task_bytes: what one block task holds on a GPU, its worker's engines included, its CUDA
+            contexts not (:func:`gpus_per_block_task` adds those; :func:`match_store` works it out).
 
     Raises:
         ValueError: ``gpus_per_task`` outside 0..1, or ``num_gpus`` given in ``ray_remote_args`` too.
@@ -629,7 +630,7 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
             from .cluster import cluster_nodes, gpu_memory_by_node
 
             memory = gpu_memory_by_node()
-            sized = [(gpus_per_block_task(task_bytes, memory[n.node_id], int(n.total["GPU"])), n.address)
+            sized = [(gpus_per_block_task(task_bytes, memory[n.node_id], max(1, int(n.total["GPU"]))), n.address)
                      for n in cluster_nodes() if memory.get(n.node_id)]
             if sized:  # the node that holds the fewest tasks a GPU decides
                 gpus_per_task, where = max(sized)
