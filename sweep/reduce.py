@@ -605,7 +605,8 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
         gpus_per_task: fraction of a GPU per block task, 0..1; ``None``: 0 when the cluster has no
             GPU; else, with ``task_bytes``, as many tasks a GPU as each node's smallest GPU holds
             (:func:`gpus_per_block_task`, the memory read by
-            :func:`sweep.cluster.gpu_memory_by_node`), the node that holds the fewest deciding, at
+            :func:`sweep.cluster.gpu_memory_by_node`), the node that holds the fewest of those the
+            tasks can run on (``ray_remote_args`` may rule some out) deciding, at
             most 1/:data:`DEFAULT_GPUS_PER_TASK`; without ``task_bytes``, or where no GPU's memory
             could be read, :data:`DEFAULT_GPUS_PER_TASK`.
             With a GPU, the tasks' ``runtime_env`` also sets
@@ -627,11 +628,13 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
 
         gpus_per_task = DEFAULT_GPUS_PER_TASK if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
         if gpus_per_task and task_bytes is not None:
-            from .cluster import cluster_nodes, gpu_memory_by_node
+            from .cluster import ResourceRequest, cluster_nodes, gpu_memory_by_node, unsatisfiable
 
             memory = gpu_memory_by_node()
+            # the nodes a block task can run on (its other options, e.g. custom resources, may rule some out)
+            request = ResourceRequest.from_remote_args("reduction block task", {**args, "num_gpus": gpus_per_task})
             sized = [(gpus_per_block_task(task_bytes, memory[n.node_id], max(1, int(n.total["GPU"]))), n.address)
-                     for n in cluster_nodes() if memory.get(n.node_id)]
+                     for n in cluster_nodes() if memory.get(n.node_id) and not unsatisfiable(request, [n])]
             if sized:  # the node that holds the fewest tasks a GPU decides
                 gpus_per_task, where = max(sized)
                 log.info("block tasks ask for %g of a GPU each (%.1f GiB a task and a CUDA context on each GPU of "

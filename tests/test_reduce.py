@@ -274,8 +274,9 @@ def test_block_tasks_ask_for_no_gpu_on_a_cluster_without_gpus_and_validate_the_f
 def test_block_tasks_ask_for_the_share_of_the_smallest_gpu_their_memory_needs(ray_local, monkeypatch, caplog):
     """gpus_per_reduce_task=null on a cluster with GPUs: as many block tasks a GPU as 90% of it holds
     (a task's working set and its worker's engines, and for each task a CUDA context on every GPU of
-    the node: Ray gives a worker tasks on any of them), at most four; the node that holds the fewest
-    decides; where no GPU's memory is known, a quarter; a given fraction is kept."""
+    the node: Ray gives a worker tasks on any of them), at most four; of the nodes the tasks can run
+    on, the one that holds the fewest decides; where no GPU's memory is known, a quarter; a given
+    fraction is kept."""
     import ray
 
     from unitmatch.sweep import cluster
@@ -295,12 +296,14 @@ def test_block_tasks_ask_for_the_share_of_the_smallest_gpu_their_memory_needs(ra
     assert "compute.block_units" in caplog.text
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0, "GPU": 9.0})
-    nodes = [NodeResources("a", "10.0.0.1", {"CPU": 2.0, "GPU": 1.0}), NodeResources("b", "10.0.0.2", {"GPU": 8.0}),
+    nodes = [NodeResources("a", "10.0.0.1", {"CPU": 2.0, "GPU": 1.0}), NodeResources("b", "10.0.0.2", {"CPU": 1.0, "GPU": 8.0}),
              NodeResources("c", "10.0.0.3", {"CPU": 4.0})]
     monkeypatch.setattr(cluster, "cluster_nodes", lambda: nodes)
     memory = {"a": 80 * gib, "b": 40 * gib}
     monkeypatch.setattr(cluster, "gpu_memory_by_node", lambda: dict(memory))
     assert block_remote_args(None, None, task)["num_gpus"] == 0.5  # node b: 40 GB GPUs, eight of them
+    # tasks that need 2 CPUs cannot run on b (it has one): a decides
+    assert block_remote_args(None, {"num_cpus": 2}, task)["num_gpus"] == 0.25
     memory = {"a": 80 * gib, "b": None}
     assert block_remote_args(None, None, task)["num_gpus"] == 0.25  # b unknown: a decides
     assert block_remote_args(None)["num_gpus"] == DEFAULT_GPUS_PER_TASK  # no size given
