@@ -131,7 +131,7 @@ def _smallest_gpu_bytes() -> int | None:
     return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
 
 
-def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
+def gpu_memory_by_node(nodes: Sequence[NodeResources] | None = None, timeout_s: float = 60.0) -> dict[str, int | None]:
     """Node id -> bytes of its smallest GPU, for every alive node with GPUs in its Ray resources;
     None where its devices could not be read (torch sees no CUDA there: a logical GPU; or no answer
     within ``timeout_s``).
@@ -140,11 +140,14 @@ def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
     runtime_env tells Ray to leave it the node's GPUs as the node lists them, which Ray 2.60 does
     anyway), in a worker that exits after it (``max_calls=1``: its CUDA context goes with it). Each
     node is asked once in a process; one that did not answer counts as unknown from then on.
+
+    Args:
+        nodes: the cluster's nodes (default: :func:`cluster_nodes`).
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n.node_id for n in cluster_nodes() if n.total.get("GPU", 0) > 0]
+    nodes = [n.node_id for n in (cluster_nodes() if nodes is None else nodes) if n.total.get("GPU", 0) > 0]
     # (older Ray releases hid a node's GPUs from tasks that ask for none, unless told to leave them)
     probe = ray.remote(num_cpus=0, num_gpus=0, max_calls=1, runtime_env={"env_vars": {NOSET_CUDA_ENV: "1"}})(
         _smallest_gpu_bytes)
@@ -155,6 +158,9 @@ def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
         if ref in ready:
             try:
                 _GPU_MEMORY[node] = ray.get(ref)  # a node's devices do not change while it lives
+                if _GPU_MEMORY[node] is None:
+                    log.warning("the memory of node %s's GPUs is unknown: torch saw no CUDA there (logical GPUs?)",
+                                node)
             except Exception as err:  # noqa: BLE001 - a node whose devices cannot be read is not sized
                 log.warning("reading the GPU memory of node %s failed: %s", node, err)
                 _GPU_MEMORY[node] = None
@@ -162,8 +168,6 @@ def gpu_memory_by_node(timeout_s: float = 60.0) -> dict[str, int | None]:
             ray.cancel(ref, force=True)
             log.warning("node %s did not say its GPU memory within %.0f s", node, timeout_s)
             _GPU_MEMORY[node] = None  # not asked again in this session
-        if _GPU_MEMORY.get(node) is None:
-            log.warning("the memory of node %s's GPUs is unknown (torch saw no CUDA there: logical GPUs?)", node)
     return {node: _GPU_MEMORY.get(node) for node in nodes}
 
 

@@ -567,15 +567,15 @@ def match_store(store, responses, splits, settings: MatchSettings | None = None,
     if block_units is None:
         block_units = whole_chunks(default_block_units(engine.n_images, engine.n_rows), store.unit_chunk)
     plan = block_plan(store, block_units, layers)
+    block_units = whole_chunks(block_units, store.unit_chunk)  # as the plan cuts them (it warns where it rounds)
     if scheduler == "ray":  # a task's working set, and its worker's engines (the cache keeps two, on one GPU)
         task_bytes = (_ENGINES_KEEP * engine.resident_bytes()
-                      + block_working_set(engine, whole_chunks(block_units, store.unit_chunk), store.unit_chunk,
-                                          store.itemsize))
+                      + block_working_set(engine, block_units, store.unit_chunk, store.itemsize))
         block_args = block_remote_args(gpus_per_task, ray_remote_args, task_bytes)
     read_threads, local_gpu = None, scheduler != "ray" and engine.device.type == "cuda"
     if local_gpu:  # this process's GPU: as many tasks at once as its memory holds
         num_workers, read_threads = local_gpu_threads(
-            engine, whole_chunks(block_units, store.unit_chunk), store.unit_chunk, store.itemsize,
+            engine, block_units, store.unit_chunk, store.itemsize,
             num_workers if scheduler == "threads" else None, max_tasks=len(plan) if scheduler == "threads" else 1)
         log.info("%d block tasks at once on %s, each reading its chunks on %d thread(s)", num_workers, engine.device,
                  read_threads)
@@ -630,11 +630,12 @@ def block_remote_args(gpus_per_task: float | None = None, ray_remote_args: dict 
         if gpus_per_task and task_bytes is not None:
             from .cluster import ResourceRequest, cluster_nodes, gpu_memory_by_node, unsatisfiable
 
-            memory = gpu_memory_by_node()
+            nodes = cluster_nodes()
+            memory = gpu_memory_by_node(nodes)
             # the nodes a block task can run on (its other options, e.g. custom resources, may rule some out)
             request = ResourceRequest.from_remote_args("reduction block task", {**args, "num_gpus": gpus_per_task})
             sized = [(gpus_per_block_task(task_bytes, memory[n.node_id], max(1, int(n.total["GPU"]))), n.address)
-                     for n in cluster_nodes() if memory.get(n.node_id) and not unsatisfiable(request, [n])]
+                     for n in nodes if memory.get(n.node_id) and not unsatisfiable(request, [n])]
             if sized:  # the node that holds the fewest tasks a GPU decides
                 gpus_per_task, where = max(sized)
                 log.info("block tasks ask for %g of a GPU each (%.1f GiB a task and a CUDA context on each GPU of "

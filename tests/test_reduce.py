@@ -300,7 +300,7 @@ def test_block_tasks_ask_for_the_share_of_the_smallest_gpu_their_memory_needs(ra
              NodeResources("c", "10.0.0.3", {"CPU": 4.0})]
     monkeypatch.setattr(cluster, "cluster_nodes", lambda: nodes)
     memory = {"a": 80 * gib, "b": 40 * gib}
-    monkeypatch.setattr(cluster, "gpu_memory_by_node", lambda: dict(memory))
+    monkeypatch.setattr(cluster, "gpu_memory_by_node", lambda nodes=None: dict(memory))
     assert block_remote_args(None, None, task)["num_gpus"] == 0.5  # node b: 40 GB GPUs, eight of them
     # tasks that need 2 CPUs cannot run on b (it has one): a decides
     assert block_remote_args(None, {"num_cpus": 2}, task)["num_gpus"] == 0.25
