@@ -6,6 +6,7 @@ The GPU session's suite leaves this file out (its machine has no numba; the code
 torch's ops there, which the other test files cover)."""
 
 import logging
+import platform
 import sys
 
 import numpy as np
@@ -108,6 +109,27 @@ def test_float32_rows_four_at_a_time_and_the_rest_one_at_a_time(n_rows):
     want = block[rows, 3:48]
     np.testing.assert_array_equal(out, want)
     np.testing.assert_allclose(squares, (want.astype(np.float64) ** 2).sum(axis=0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
+@pytest.mark.parametrize("shifted", [False, True])
+def test_the_gather_loops_compile_without_vector_gather_instructions(shifted):
+    """The row loops read each row's values one after the other: compiled for this x86 CPU, no loop
+    uses AVX2/AVX-512 gathers (``vgather*``), which index value by value. (``values[start + j]``,
+    an index LLVM cannot prove non-negative, kept numba's wraparound and compiled to gathers: the
+    float32 gather 1.7x slower on an AMD EPYC; benchmarks/RESULTS.md.) Compiled afresh (numba
+    shows no assembly of cached code)."""
+    import numba
+
+    block = np.arange(40 * 50, dtype=np.float32)
+    rows = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int64)
+    shift = np.ones(45, np.float32) if shifted else None
+    for loop, values in ((_kernels._gather4, block), (_kernels._gather, block),
+                         (_kernels._gather, block.astype(np.float16).view(np.uint16))):
+        fresh = numba.njit(nogil=True, boundscheck=False)(loop.py_func)
+        fresh(values, 50, 3, rows, shift, np.empty((8, 45), np.float32), np.zeros(45))
+        (asm,) = fresh.inspect_asm().values()
+        assert "vgather" not in asm, f"{loop.__name__} ({values.dtype}) compiles to vector gathers"
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
