@@ -40,8 +40,9 @@ _REBIAS = np.float32(2.0**112)
 
 
 def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarray, shift: np.ndarray | None,
-                out: np.ndarray, squares: np.ndarray) -> None:
-    """``out[i] = float32(block[rows[i], first:first + w]) - shift`` and ``squares += sum_i out[i] ** 2``.
+                out: np.ndarray, squares: np.ndarray, sums: np.ndarray | None = None) -> None:
+    """``out[i] = float32(block[rows[i], first:first + w]) - shift``, ``squares += sum_i out[i] ** 2``
+    and ``sums += sum_i out[i]``.
 
     Args:
         values: the block flat, row ``r`` starting at ``r * row_stride``: float32, or float16 (read as
@@ -53,28 +54,31 @@ def gather_rows(values: np.ndarray, row_stride: int, first: int, rows: np.ndarra
         out: float32 (len(rows), w), C-contiguous: written; or (1, w), each row written over the
             last (for the squares alone: the row stays in cache).
         squares: float64 (w,): the squares of the rows' (shifted) values added to it, column by column.
+        sums: float64 (w,): the rows' (shifted) values added to it, column by column; or None.
     """
     w = out.shape[1]
     if not (out.dtype == np.float32 and out.ndim == 2 and out.flags.c_contiguous and out.shape[0] in (len(rows), 1)
             and squares.dtype == np.float64 and squares.shape == (w,) and rows.dtype == np.int64
             and (shift is None or (shift.dtype == np.float32 and shift.shape == (w,)))
+            and (sums is None or (sums.dtype == np.float64 and sums.shape == (w,)))
             and values.ndim == 1 and first >= 0 and first + w <= row_stride):
         raise ValueError(
             f"gather_rows: out {out.dtype}{out.shape}, squares {squares.dtype}{squares.shape}, "
             f"rows {rows.dtype}{rows.shape}, "
-            f"shift {None if shift is None else (shift.dtype, shift.shape)}, columns {first}:{first + w} of "
+            f"shift {None if shift is None else f'{shift.dtype}{shift.shape}'}, "
+            f"sums {None if sums is None else f'{sums.dtype}{sums.shape}'}, columns {first}:{first + w} of "
             f"rows {row_stride} apart; expected float32 (rows or 1, w) C-contiguous, float64 (w,), int64, None or "
-            f"float32 (w,), columns within a row"
+            f"float32 (w,), None or float64 (w,), columns within a row"
         )
     if len(rows) and (rows.min() < 0 or rows.max() * row_stride + first + w > values.shape[0]):
         raise IndexError(f"gather_rows: rows {int(rows.min())}..{int(rows.max())} reach beyond the block's "
                          f"{_block_rows(values, row_stride)} rows")
     values = _readable(values, "gather_rows")
-    # float32 rows four at a time (:func:`_gather4`), the rest (float16 rows: all) one at a time
-    n4 = len(rows) - len(rows) % 4 if values.dtype == np.float32 else 0
+    # rows four at a time (:func:`_gather4`), the last few one at a time
+    n4 = len(rows) - len(rows) % 4
     if n4:
-        _gather4(values, row_stride, first, rows[:n4], shift, out[:n4] if len(out) > 1 else out, squares)
-    _gather(values, row_stride, first, rows[n4:], shift, out[n4:] if len(out) > 1 else out, squares)
+        _gather4(values, row_stride, first, rows[:n4], shift, out[:n4] if len(out) > 1 else out, squares, sums)
+    _gather(values, row_stride, first, rows[n4:], shift, out[n4:] if len(out) > 1 else out, squares, sums)
 
 
 def screen_pairs(values: np.ndarray, row_stride: int, first: int, width: int, masks: np.ndarray,
@@ -308,10 +312,12 @@ def _float32_compiled(v):
 
 
 @_compiled
-def _gather(values, row_stride, first, rows, shift, out, squares):  # pragma: no cover
-    """:func:`gather_rows`' loop, compiled apart for float16 bits and float32 ``values``."""
+def _gather(values, row_stride, first, rows, shift, out, squares, sums):  # pragma: no cover
+    """:func:`gather_rows`' loop, compiled apart for float16 bits and float32 ``values``, with and
+    without ``shift`` and ``sums``."""
     w = out.shape[1]
     partial = np.zeros(w, np.float32)
+    partial_sums = np.zeros(w if sums is not None else 0, np.float32)
     n, last = rows.shape[0], out.shape[0] - 1
     for i in range(n):
         start = rows[i] * row_stride + first
@@ -323,40 +329,53 @@ def _gather(values, row_stride, first, rows, shift, out, squares):  # pragma: no
                 v -= shift[j]
             dest[j] = v
             partial[j] += v * v
+            if sums is not None:
+                partial_sums[j] += v
         if i % _GROUP == _GROUP - 1 or i == n - 1:
-            for j in range(w):
-                squares[j] += partial[j]
-                partial[j] = 0.0
+            _flush(partial, squares, partial_sums, sums)
 
 
 @_compiled
-def _gather4(values, row_stride, first, rows, shift, out, squares):  # pragma: no cover
-    """:func:`_gather` for float32 ``values`` and a multiple of four rows, read four at a time: four
-    streams from memory in flight, where one row at a time leaves the core waiting at each row's
-    start (a share's gather 1.2-1.3x faster; RESULTS.md). Not for float16 bits: LLVM does not
-    vectorise four rows' conversions, and that loop ran 1.5x slower than :func:`_gather`'s."""
+def _gather4(values, row_stride, first, rows, shift, out, squares, sums):  # pragma: no cover
+    """:func:`_gather` for a multiple of four rows, read four at a time: four streams from memory in
+    flight, where one row at a time leaves the core waiting at each row's start (a share's float32
+    gather 1.2-1.3x faster on an Intel Xeon; float16 1.18x on an AMD EPYC; RESULTS.md)."""
     w = out.shape[1]
     partial = np.zeros(w, np.float32)
+    partial_sums = np.zeros(w if sums is not None else 0, np.float32)
     n, last = rows.shape[0], out.shape[0] - 1
     for i in range(0, n, 4):
         # the rows as slices, indexed from 0: indexed as values[s0 + j], an index LLVM cannot prove
         # non-negative, the loop kept numba's wraparound and was vectorised as AVX-512 gathers
-        # (vgatherqps), 1.7x slower on an AMD EPYC (Zen 4) VM (RESULTS.md)
+        # (vgatherqps), 1.7x slower on an AMD EPYC (Zen 4) VM, and float16 bits' conversions were
+        # not vectorised at all (RESULTS.md)
         s0, s1 = rows[i] * row_stride + first, rows[i + 1] * row_stride + first
         s2, s3 = rows[i + 2] * row_stride + first, rows[i + 3] * row_stride + first
         r0, r1, r2, r3 = values[s0:s0 + w], values[s1:s1 + w], values[s2:s2 + w], values[s3:s3 + w]
         d0, d1 = out[min(i, last)], out[min(i + 1, last)]
         d2, d3 = out[min(i + 2, last)], out[min(i + 3, last)]
         for j in range(w):
-            a, b, c, d = r0[j], r1[j], r2[j], r3[j]
+            a, b, c, d = _float32(r0[j]), _float32(r1[j]), _float32(r2[j]), _float32(r3[j])
             if shift is not None:
                 a, b, c, d = a - shift[j], b - shift[j], c - shift[j], d - shift[j]
             d0[j], d1[j], d2[j], d3[j] = a, b, c, d
             partial[j] += (a * a + b * b) + (c * c + d * d)
+            if sums is not None:
+                partial_sums[j] += (a + b) + (c + d)
         if (i + 4) % _GROUP == 0 or i + 4 == n:
-            for j in range(w):
-                squares[j] += partial[j]
-                partial[j] = 0.0
+            _flush(partial, squares, partial_sums, sums)
+
+
+@numba.njit(inline="always")
+def _flush(partial, squares, partial_sums, sums):  # pragma: no cover (compiled)
+    """The float32 partial sums of a group of rows added to the float64 totals, and reset."""
+    for j in range(partial.shape[0]):
+        squares[j] += partial[j]
+        partial[j] = 0.0
+    if sums is not None:
+        for j in range(partial.shape[0]):
+            sums[j] += partial_sums[j]
+            partial_sums[j] = 0.0
 
 
 @_compiled

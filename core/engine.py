@@ -917,8 +917,9 @@ class MatchEngine:
 
         The block is read once, in its own dtype: a tile's train rows are gathered and cast to
         float32 a chunk of rows at a time, and squared and summed while in cache, in one pass for
-        float16 and float32 blocks (:func:`core._kernels.gather_rows`; float64 sums) or with torch's
-        ops. With ``torch_gemm`` each chunk is multiplied at once, torch's GEMM adding it to the
+        float16 and float32 blocks (:func:`core._kernels.gather_rows`; float64 sums, the unit sums
+        too, so that the GEMMs multiply the neuron rows alone) or with torch's ops (the unit sums
+        from a GEMM row of ones). With ``torch_gemm`` each chunk is multiplied at once, torch's GEMM adding it to the
         tile's products (beta = 1): the cast rows never leave the core's cache. Otherwise (numpy's
         GEMM, which cannot add into its output) the chunks fill a tile of all train rows and one
         GEMM over it follows (``_SplitPlan.d_train``). The other rows are squared and summed only
@@ -939,12 +940,17 @@ class MatchEngine:
         # calls costs tens of microseconds there, their data having left the core's caches); the
         # fused kernel checks the other rows once, over all the block's columns, after the tiles
         row_sets = (plan.train_t, plan.outside) if fused is None else (plan.train,)
+        # the fused kernel sums the train values too: the GEMMs then leave out d_train's row of ones
+        # (on an AMD EPYC VM OpenBLAS's 257-row GEMM took 2.8% longer than the 256-row one; float16
+        # blocks 5% faster, float32 blocks the same, the kernel's extra sums taking what was saved)
+        d_rows = plan.d_train if fused is None else plan.d_train[:-1]
         chunks = [(k, r0, min(r0 + tile_rows, len(rows)), rows[r0:r0 + tile_rows],
-                   plan.d_train[:, r0:r0 + tile_rows] if k == 0 else None)
+                   d_rows[:, r0:r0 + tile_rows] if k == 0 else None)
                   for k, rows in enumerate(row_sets) for r0 in range(0, len(rows), tile_rows)]
         if fused is not None:
             kernels, flat, row_stride = fused
-            squares = self._buffer("squares64", (2, n_units), torch.float64).zero_()  # float64 sums: train, others
+            # float64 sums: squares of the train rows, of the others, and the train sums
+            squares = self._buffer("squares64", (3, n_units), torch.float64).zero_()
             squares_np = squares.numpy()
         buffers = {}  # (rows, width): a chunk buffer and its numpy view
         for c0 in range(0, n_units, tile_units):
@@ -952,11 +958,11 @@ class MatchEngine:
             width = c1 - c0
             src = xb[:, c0:c1]
             step = shift[c0:c1] if shift is not None else None
-            out = products[:, c0:c1]
+            out = products[:, c0:c1] if fused is None else products[:-1, c0:c1]
             tile = None if torch_gemm else self._buffer("tile", (n_train, width))
             if fused is not None:
                 step_np = None if step is None else step.numpy()
-                sums_np = squares_np[0, c0:c1]
+                sums_np, train_sums_np = squares_np[0, c0:c1], squares_np[2, c0:c1]
             else:
                 # squares summed elementwise over the row chunks while in cache, then once over the
                 # accumulator's rows (one op per chunk: measured twice as fast as squaring into a buffer
@@ -972,7 +978,7 @@ class MatchEngine:
                         buffers[r1 - r0, width] = view, view.numpy()
                     chunk, chunk_np = buffers[r1 - r0, width]
                 if fused is not None:
-                    kernels.gather_rows(flat, row_stride, c0, rows, step_np, chunk_np, sums_np)
+                    kernels.gather_rows(flat, row_stride, c0, rows, step_np, chunk_np, sums_np, train_sums_np)
                 else:
                     self._gather_rows(src, rows, chunk, step)
                     if r0 == 0:
@@ -984,11 +990,12 @@ class MatchEngine:
                 if tile is None and k == 0:
                     torch.addmm(out, d_part, chunk, beta=0.0 if r0 == 0 else 1.0, out=out)
             if tile is not None:
-                np.matmul(plan.d_train.numpy(), tile.numpy(), out=out.numpy())
+                np.matmul(d_rows.numpy(), tile.numpy(), out=out.numpy())
         if fused is not None:  # the other rows' squares, each row cast over the last (in cache)
             kernels.gather_rows(flat, row_stride, 0, plan.outside.numpy(), None if shift is None else shift.numpy(),
                                 self._buffer("row", (1, n_units)).numpy(), squares_np[1])
-            sxx.copy_(squares)
+            sxx.copy_(squares[:2])
+            products[-1].copy_(squares[2])
         return products, sxx[:1], sxx[1]
 
     def _share_pool(self, n: int) -> ThreadPoolExecutor:

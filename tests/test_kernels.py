@@ -16,10 +16,16 @@ from unitmatch.core import _kernels
 
 
 def _gather(block: np.ndarray, first: int, w: int, rows: np.ndarray, shift=None):
+    """The kernel's rows, sums of squares and sums (the same rows gathered again without sums: the
+    same rows and squares)."""
     out = np.full((len(rows), w), np.nan, np.float32)
-    squares = np.full(w, 0.25)  # added to, not overwritten
-    _kernels.gather_rows(block.reshape(-1), block.shape[1], first, rows, shift, out, squares)
-    return out, squares - 0.25
+    squares, sums = np.full(w, 0.25), np.full(w, -0.5)  # added to, not overwritten
+    _kernels.gather_rows(block.reshape(-1), block.shape[1], first, rows, shift, out, squares, sums)
+    again, squares_again = np.full_like(out, np.nan), np.full(w, 0.25)
+    _kernels.gather_rows(block.reshape(-1), block.shape[1], first, rows, shift, again, squares_again)
+    np.testing.assert_array_equal(again, out)
+    np.testing.assert_array_equal(squares_again, squares)
+    return out, squares - 0.25, sums + 0.5
 
 
 def _every_float16() -> np.ndarray:
@@ -38,7 +44,7 @@ def test_every_float16_value_is_cast_exactly():
     numpy casts them, bit for bit where numbers (NaN stays NaN), by the conversion this machine's
     kernel was compiled with."""
     block = _every_float16().reshape(256, 256)
-    out, _ = _gather(block, 0, 256, np.arange(256, dtype=np.int64))
+    out, _, _ = _gather(block, 0, 256, np.arange(256, dtype=np.int64))
     _assert_cast_as_numpy(out, block)
 
 
@@ -83,32 +89,37 @@ def test_hardware_conversion_only_where_llvm_has_it(monkeypatch, machine, featur
 def test_rows_gathered_cast_shifted_and_squared_as_numpy(dtype, shifted):
     """Unsorted, repeated rows of a column range that starts inside a row, over more rows than one
     float32 partial sum (``_GROUP``): the chunk equals numpy's float32 ``block[rows, cols] - shift``
-    and the squares its float64 sums of squares to 1e-6."""
+    and the squares and sums its float64 sums of squares and sums to 1e-6 (of the sum of |values|)."""
     rng = np.random.default_rng(0)
     block = (rng.standard_normal((300, 90)) * np.exp(rng.uniform(-8, 8, (300, 90)))).astype(dtype)
     rows = rng.integers(0, 300, 123).astype(np.int64)
     first, w = 7, 61
     shift = rng.standard_normal(w).astype(np.float32) * 10 if shifted else None
-    out, squares = _gather(block, first, w, rows, shift)
+    out, squares, sums = _gather(block, first, w, rows, shift)
     want = block[rows, first:first + w].astype(np.float32)
     if shifted:
         want = want - shift
     np.testing.assert_array_equal(out, want)
     ref = (want.astype(np.float64) ** 2).sum(axis=0)
     np.testing.assert_allclose(squares, ref, rtol=1e-6, atol=0)
+    scale = np.abs(want.astype(np.float64)).sum(axis=0)
+    assert (np.abs(sums - want.astype(np.float64).sum(axis=0)) <= 1e-6 * scale).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("n_rows", [0, 1, 3, 4, 5, 16, 17, 20])
-def test_float32_rows_four_at_a_time_and_the_rest_one_at_a_time(n_rows):
-    """float32 rows are read four at a time and the remainder one at a time: every count around the
+def test_rows_four_at_a_time_and_the_rest_one_at_a_time(dtype, n_rows):
+    """Rows are read four at a time and the remainder one at a time: every count around the
     multiples of four and of ``_GROUP`` gathers numpy's rows and float64 sums of squares."""
     rng = np.random.default_rng(n_rows)
-    block = rng.standard_normal((40, 50)).astype(np.float32)
+    block = rng.standard_normal((40, 50)).astype(dtype)
     rows = rng.integers(0, 40, n_rows).astype(np.int64)
-    out, squares = _gather(block, 3, 45, rows)
-    want = block[rows, 3:48]
+    out, squares, sums = _gather(block, 3, 45, rows)
+    want = block[rows, 3:48].astype(np.float32)
     np.testing.assert_array_equal(out, want)
     np.testing.assert_allclose(squares, (want.astype(np.float64) ** 2).sum(axis=0), rtol=1e-6, atol=0)
+    scale = np.abs(want.astype(np.float64)).sum(axis=0)
+    assert (np.abs(sums - want.astype(np.float64).sum(axis=0)) <= 1e-6 * scale).all()
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 assembly")
@@ -124,24 +135,26 @@ def test_the_gather_loops_compile_without_vector_gather_instructions(shifted):
     block = np.arange(40 * 50, dtype=np.float32)
     rows = np.array([3, 1, 4, 1, 5, 9, 2, 6], np.int64)
     shift = np.ones(45, np.float32) if shifted else None
-    for loop, values in ((_kernels._gather4, block), (_kernels._gather, block),
-                         (_kernels._gather, block.astype(np.float16).view(np.uint16))):
+    half = block.astype(np.float16).view(np.uint16)  # float16 values as the kernels read them
+    for loop, values in ((_kernels._gather4, block), (_kernels._gather, block), (_kernels._gather4, half),
+                         (_kernels._gather, half)):
         fresh = numba.njit(nogil=True, boundscheck=False)(loop.py_func)
-        fresh(values, 50, 3, rows, shift, np.empty((8, 45), np.float32), np.zeros(45))
-        (asm,) = fresh.inspect_asm().values()
-        assert "vgather" not in asm, f"{loop.__name__} ({values.dtype}) compiles to vector gathers"
+        for sums in (None, np.zeros(45)):
+            fresh(values, 50, 3, rows, shift, np.empty((8, 45), np.float32), np.zeros(45), sums)
+        for signature, asm in fresh.inspect_asm().items():
+            assert "vgather" not in asm, f"{loop.__name__} {signature} compiles to vector gathers"
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("n_rows", [36, 37])
 def test_a_one_row_out_gives_the_same_squares(dtype, n_rows):
     """The squares alone (the engine's check of the rows outside the train set): every row cast
-    into one row of ``out``, the last row's values left there (read one at a time or, float32 and a
-    multiple of four, four at a time), the same sums of squares."""
+    into one row of ``out``, the last row's values left there (read four at a time and the last
+    few one at a time), the same sums of squares."""
     rng = np.random.default_rng(1)
     block = rng.standard_normal((50, 30)).astype(dtype)
     rows = rng.permutation(50)[:n_rows].astype(np.int64)
-    full, squares = _gather(block, 2, 20, rows)
+    full, squares, _ = _gather(block, 2, 20, rows)
     one, squares_one = np.zeros((1, 20), np.float32), np.zeros(20)
     _kernels.gather_rows(block.reshape(-1), 30, 2, rows, None, one, squares_one)
     np.testing.assert_array_equal(squares_one, squares)
@@ -153,7 +166,7 @@ def test_non_finite_values_reach_the_squares():
     (what the engine's check reads)."""
     block = np.ones((40, 8), np.float16)
     block[3, 1], block[30, 5], block[31, 6] = np.nan, np.inf, -np.inf
-    _, squares = _gather(block, 0, 8, np.arange(40, dtype=np.int64))
+    _, squares, _ = _gather(block, 0, 8, np.arange(40, dtype=np.int64))
     assert np.isnan(squares[1]) and np.isinf(squares[5]) and np.isinf(squares[6])
     assert np.isfinite(np.delete(squares, [1, 5, 6])).all()
 
@@ -164,6 +177,7 @@ def test_non_finite_values_reach_the_squares():
     ("out of 2 rows for 4", "out float32\\(2, 8\\)"),
     ("rows int32", "rows int32"),
     ("squares float32", "squares float32"),
+    ("sums of 7 columns", "sums float64\\(7,\\)"),
     ("columns past the row", "columns 5:13 of rows 10 apart"),
     ("row past the block", "rows 0..12 reach beyond the block's 12 rows"),
     ("negative row", "rows -1..3 reach beyond"),
@@ -174,7 +188,7 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
     fit, naming them, before anything is read."""
     block = np.zeros((12, 10), np.float16)
     rows = np.arange(4, dtype=np.int64)
-    out, squares, first = np.zeros((4, 8), np.float32), np.zeros(8), 0
+    out, squares, sums, first = np.zeros((4, 8), np.float32), np.zeros(8), None, 0
     if case == "out float64":
         out = out.astype(np.float64)
     elif case == "out of 2 rows for 4":
@@ -185,6 +199,8 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
         rows = rows.astype(np.int32)
     elif case == "squares float32":
         squares = squares.astype(np.float32)
+    elif case == "sums of 7 columns":
+        sums = np.zeros(7)
     elif case == "columns past the row":
         first = 5
     elif case == "row past the block":
@@ -194,7 +210,7 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
     elif case == "float64 block":
         block = block.astype(np.float64)
     with pytest.raises((ValueError, IndexError), match=error):
-        _kernels.gather_rows(block.reshape(-1), 10, first, rows, None, out, squares)
+        _kernels.gather_rows(block.reshape(-1), 10, first, rows, None, out, squares, sums)
 
 
 def _screen_torch(block: np.ndarray, masks: np.ndarray, needed: np.ndarray) -> np.ndarray:
