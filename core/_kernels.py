@@ -3,8 +3,8 @@
 The one-split CPU path (:meth:`core.engine.MatchEngine._tiled_products`) gathers a tile's train rows
 from the block, casts them to float32 and sums their squares, a chunk of rows at a time, before each
 chunk's GEMM. As torch ops that is three passes (a gather into a buffer, a cast, a square-and-add)
-and a reduction; :func:`gather_rows` is one pass that reads the block's rows as stored and writes
-the float32 chunk while the squares add up. The smaller passes around it are fused the same way
+and a reduction, and the unit sums a GEMM row of ones; :func:`gather_rows` is one pass that reads
+the block's rows as stored and writes the float32 chunk while the squares and the values add up. The smaller passes around it are fused the same way
 (torch's version of each took several passes, and a few microseconds of Python each): the sparse-unit
 screen (:func:`screen_pairs`: pairs of rows compared and the equal ones counted per split), the
 shift estimate (:func:`column_moments`) and the block leaders' test r (:func:`column_r`). With several
@@ -31,8 +31,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-#: rows whose squares are summed in float32 before they are added to the float64 sums (adding every
-#: square in float64 took half the kernel's time; a multiple of :func:`_gather4`'s four rows)
+#: rows whose squares (and values) are summed in float32 before they are added to the float64 sums
+#: (adding every square in float64 took half the kernel's time; a multiple of :func:`_gather4`'s four
+#: rows, so that :func:`_gather`, which takes the last few rows, flushes at its end only)
 _GROUP = 16
 #: 2^112: a float16's exponent and significand bits moved into a float32's (13 places up), times this,
 #: are its value (exponent biases 15 and 127)

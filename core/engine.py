@@ -370,7 +370,8 @@ class _SplitPlan:
             a_t[:, -1] = torch.from_numpy(mz)
             self.a_t = a_t.to(device)
         else:
-            # the train rows: centred neurons, then a row of ones for the unit sums
+            # the train rows: centred neurons, then a row of ones for the unit sums (left out where
+            # the fused kernel sums the units' train values itself)
             d = np.ones((yz.shape[0] + 1, len(train)))
             d[:-1] = yz[:, train] - mz[:, None]
             #: over the train rows alone (the tiled CPU path gathers them while casting)

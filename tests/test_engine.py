@@ -686,6 +686,46 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     assert bool(fused_blocks) == (n_splits > 1 and one_split_cpu == _FUSED_TORCH)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("torch_gemm", [False, True])
+def test_the_fused_tiles_give_torchs_products_unit_sums_and_squares(dtype, shifted, torch_gemm, monkeypatch):
+    """One split on CPU, tiles and row chunks that do not divide the block: the fused kernel's tiles
+    (the neuron rows' GEMMs, the unit sums and squares from the kernel) give the products, unit sums
+    and sums of squares of torch's ops (the unit sums from a GEMM row of ones), shifted or not, with
+    either BLAS; and both equal float64 numpy's."""
+    import unitmatch.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
+    monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
+    monkeypatch.setattr(engine_module, "_KCHUNK_UNITS", 56)
+    monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((N_IMAGES, 130)) + (40.0 if shifted else 0.0)).astype(dtype)
+    y = rng.standard_normal((9, N_IMAGES))
+    splits = core.brainscore_splits(n_images=N_IMAGES, n_splits=1, stratify=None)
+    engine = MatchEngine(y, splits, top_k=3)
+    assert engine._tiled
+    plan, xb = engine._plans[0], torch.from_numpy(x)
+    shift = engine._shift(xb)
+    assert (shift is not None) == shifted
+    got = {}
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(engine_module, "_kernels", lambda: None)
+        assert (engine_module._fused(xb) is not None) == kernels
+        products, sxx, sxx_rest = engine._tiled_products(xb, shift, plan, torch_gemm=torch_gemm)
+        got[kernels] = products.numpy().copy(), sxx.numpy().copy(), sxx_rest.numpy().copy()
+    xs = x.astype(np.float64) - (0.0 if shift is None else shift.numpy().astype(np.float64))
+    train, outside = xs[plan.train], xs[plan.outside.numpy()]
+    want = (plan.d_train.numpy().astype(np.float64) @ train, (train ** 2).sum(axis=0), (outside ** 2).sum(axis=0))
+    scale = np.abs(plan.d_train.numpy()).astype(np.float64) @ np.abs(train)  # the sums' own size
+    for kernels, (products, sxx, sxx_rest) in got.items():
+        assert (np.abs(products - want[0]) <= 1e-5 * scale + 1e-6).all(), kernels
+        np.testing.assert_allclose(sxx[0], want[1], rtol=1e-5)
+        np.testing.assert_allclose(sxx_rest, want[2], rtol=1e-5)
+
+
 def _awkward_units_and_neurons(dtype):
     """Dense and sparse units (layers, and flat), and planted plus spiky neurons, for the block-path tests."""
     layers = {**{k: v.astype(dtype) for k, v in _activations(seed=11).items()},

@@ -44,8 +44,9 @@ def test_every_float16_value_is_cast_exactly():
     numpy casts them, bit for bit where numbers (NaN stays NaN), by the conversion this machine's
     kernel was compiled with."""
     block = _every_float16().reshape(256, 256)
-    out, _, _ = _gather(block, 0, 256, np.arange(256, dtype=np.int64))
-    _assert_cast_as_numpy(out, block)
+    for rows in (np.arange(256, dtype=np.int64), np.arange(1, 256, dtype=np.int64)):  # 255: both loops
+        out, _, _ = _gather(block, 0, 256, rows)
+        _assert_cast_as_numpy(out, block[rows])
 
 
 def test_the_bit_moving_conversion_is_exact_too():
@@ -178,6 +179,7 @@ def test_non_finite_values_reach_the_squares():
     ("rows int32", "rows int32"),
     ("squares float32", "squares float32"),
     ("sums of 7 columns", "sums float64\\(7,\\)"),
+    ("sums float32", "sums float32\\(8,\\)"),
     ("columns past the row", "columns 5:13 of rows 10 apart"),
     ("row past the block", "rows 0..12 reach beyond the block's 12 rows"),
     ("negative row", "rows -1..3 reach beyond"),
@@ -201,6 +203,8 @@ def test_bad_arguments_are_refused_with_what_was_given(case, error):
         squares = squares.astype(np.float32)
     elif case == "sums of 7 columns":
         sums = np.zeros(7)
+    elif case == "sums float32":
+        sums = np.zeros(8, np.float32)
     elif case == "columns past the row":
         first = 5
     elif case == "row past the block":
