@@ -4,13 +4,13 @@ The one-split CPU path (:meth:`core.engine.MatchEngine._tiled_products`) gathers
 from the block, casts them to float32 and sums their squares, a chunk of rows at a time, before each
 chunk's GEMM. As torch ops that is three passes (a gather into a buffer, a cast, a square-and-add)
 and a reduction, and the unit sums a GEMM row of ones; :func:`gather_rows` is one pass that reads
-the block's rows as stored and writes the float32 chunk while the squares and the values add up. The smaller passes around it are fused the same way
-(torch's version of each took several passes, and a few microseconds of Python each): the sparse-unit
-screen (:func:`screen_pairs`: pairs of rows compared and the equal ones counted per split), the
-shift estimate (:func:`column_moments`) and the block leaders' test r (:func:`column_r`). With several
-splits and a permutation null's many neuron rows (:meth:`core.engine.MatchEngine._split_top_k`),
-:func:`split_top_k` reduces every split's scores to their top k a cache-sized tile at a time, where
-torch wrote each split's scores out and read them back for the scaling and the top k.
+the block's rows as stored and writes the float32 chunk while the squares and the values add up.
+The smaller passes around it are fused the same way (torch's version of each took several passes,
+and a few microseconds of Python each): the sparse-unit screen (:func:`screen_pairs`: pairs of
+rows compared and the equal ones counted per split), the shift estimate (:func:`column_moments`) and
+the block leaders' test r (:func:`column_r`). With several splits and a permutation null's many
+neuron rows (:meth:`core.engine.MatchEngine._split_top_k`), :func:`split_top_k` reduces every
+split's scores to their top k a cache-sized tile at a time, where torch wrote each split's scores out and read them back for the scaling and the top k.
 
 numba has no float16 type on the CPU, so float16 blocks are read as their bits (``uint16``) and
 converted by LLVM's own half-to-float extension where the target converts in hardware (x86 with
