@@ -10,7 +10,8 @@ and a few microseconds of Python each): the sparse-unit screen (:func:`screen_pa
 rows compared and the equal ones counted per split), the shift estimate (:func:`column_moments`) and
 the block leaders' test r (:func:`column_r`). With several splits and a permutation null's many
 neuron rows (:meth:`core.engine.MatchEngine._split_top_k`), :func:`split_top_k` reduces every
-split's scores to their top k a cache-sized tile at a time, where torch wrote each split's scores out and read them back for the scaling and the top k.
+split's scores to their top k a cache-sized tile at a time, where torch wrote each split's scores
+out and read them back for the scaling and the top k.
 
 numba has no float16 type on the CPU, so float16 blocks are read as their bits (``uint16``) and
 converted by LLVM's own half-to-float extension where the target converts in hardware (x86 with
