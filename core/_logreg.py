@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._threads import single_threaded_ops
+from ._threads import one_thread_here, single_threaded_ops
 
 log = logging.getLogger(__name__)
 
@@ -684,7 +684,7 @@ def fit_many(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, *, device=N
         if n_threads == 1:
             fits = [fit(c) for c in chunks]
         else:
-            with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            with ThreadPoolExecutor(max_workers=n_threads, initializer=one_thread_here) as pool:
                 fits = list(pool.map(fit, chunks))
     return BatchedFit(coef=torch.cat([f.coef for f in fits]),
                       intercept=torch.cat([f.intercept for f in fits]),

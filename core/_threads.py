@@ -13,6 +13,12 @@ and scipy's OpenBLAS, through threadpoolctl) to one thread while inside. These a
 the context is reference counted: concurrent users (e.g. Dask's threaded scheduler running two
 block tasks) share one section, which the first entrant opens and the last one closes, restoring
 what the first found.
+
+Torch's GEMMs (MKL) and OpenMP regions size their teams by the calling thread's own OpenMP setting,
+which a new thread takes from the environment, not from :func:`torch.set_num_threads` in another
+thread: the pools that run such pieces start their threads with :func:`one_thread_here`. Without
+it, each of two share threads on the 2-core AMD EPYC Zen 4 VM ran torch's GEMMs with a team of two
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -73,3 +79,19 @@ def single_threaded_ops():
                 _state["limiter"].restore_original_limits()
                 _release_blas_control()
                 _state["limiter"] = None
+
+
+def one_thread_here() -> None:
+    """The calling thread's OpenMP teams at one thread, for good: the initializer of the thread pools
+    whose pieces run inside :func:`single_threaded_ops`.
+
+    The section sets torch's and the BLAS libraries' process-wide counts, but torch's CPU GEMMs
+    (MKL) and OpenMP regions take their team size from the calling thread's own OpenMP setting
+    (``omp_set_num_threads`` and MKL's thread-local count are per thread), which a thread started
+    later takes from the environment: with two share threads on two cores each GEMM then ran on two
+    threads, four on two cores. Set through threadpoolctl in the thread itself (it changes no other
+    thread's setting, and no process-wide one as :func:`torch.set_num_threads` would).
+    """
+    from threadpoolctl import ThreadpoolController
+
+    ThreadpoolController().limit(limits=1, user_api="openmp")

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._threads import single_threaded_ops
+from ._threads import one_thread_here, single_threaded_ops
 from .splits import Split, validate_splits
 from .units import UnitBlock, UnitCatalogue, check_layer_subset
 
@@ -659,7 +659,7 @@ class MatchEngine:
         queued as soon as it is read; the next block is read once the block before this one has
         ended, so two blocks are held at most: the one whose shares run and the one being read.
         Each share's GEMMs are torch's (a chunk of rows at a time, added up) or numpy's (a tile of
-        all train rows at once), whichever BLAS is the faster on one thread here
+        all train rows at once), whichever multiplied a tile the faster here timed as the shares run
         (:func:`_torch_gemm`, :func:`_numpy_gemm_faster`). Measured (benchmarks/RESULTS.md): on a
         2-core Intel Xeon (AVX-512) the shares with torch's chunked GEMMs and the fused kernel took
         106-119 ms a float16 block of 18,432 units, where the whole block with torch's 2-thread ops
@@ -680,9 +680,10 @@ class MatchEngine:
             pool = self._share_pool(threads)
             try:
                 for xb, block in tensors:
-                    gemm = _torch_gemm(xb.shape[1])
+                    shares = self._shares(xb, block, threads)
+                    gemm = _torch_gemm(xb.shape[1], len(shares))
                     queued.append([pool.submit(self._process, share.data, share, torch_gemm=gemm)
-                                   for share in self._shares(xb, block, threads)])
+                                   for share in shares])
                     while len(queued) > 1:  # the block before this one
                         merge_oldest()
                 while queued:
@@ -1006,7 +1007,8 @@ class MatchEngine:
             if self._pool is None or self._pool_size < n:
                 if self._pool is not None:
                     self._pool.shutdown(wait=False)
-                self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-shares")
+                self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="unitmatch-shares",
+                                                initializer=one_thread_here)
                 self._pool_size = n
             return self._pool
 
@@ -1616,61 +1618,91 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
 
 
-def _torch_gemm(n_units: int) -> bool:
+def _torch_gemm(n_units: int, threads: int = 1) -> bool:
     """Whether a one-split CPU block of ``n_units`` is multiplied with torch's GEMMs: a block wider
-    than a tile goes to the share threads, whose BLAS :func:`_numpy_gemm_faster` picks; a narrower
-    one is scored whole on torch's."""
-    return n_units <= _TILE_UNITS or not _numpy_gemm_faster()
+    than a tile goes to the share threads (``threads`` of them), whose BLAS
+    :func:`_numpy_gemm_faster` picks; a narrower one is scored whole on torch's."""
+    return n_units <= _TILE_UNITS or not _numpy_gemm_faster(threads)
 
 
-def _numpy_gemm_faster() -> bool:
-    """Whether the share threads of a one-split CPU block multiply with numpy's BLAS rather than
-    torch's (:func:`_probe_gemms`, run once; threads that ask meanwhile wait for its answer rather
-    than time GEMMs against it)."""
+def _numpy_gemm_faster(threads: int = 1) -> bool:
+    """Whether the ``threads`` share threads of a one-split CPU block multiply with numpy's BLAS
+    rather than torch's (:func:`_probe_gemms`, run once per thread count; threads that ask meanwhile
+    wait for its answer rather than time GEMMs against it)."""
     with _PROBE_LOCK:
-        return _probe_gemms()
+        return _probe_gemms(max(1, threads))
 
 
 _PROBE_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_gemms() -> bool:
-    """Whether numpy's BLAS (OpenBLAS) multiplies a tile, (257 x 2880) @ (2880 x 2048) float32 (the
-    shape measured below), on one thread at least ``_NUMPY_GEMM_RATIO`` times as fast as torch's
-    (MKL): then a one-split CPU block's share threads use numpy's GEMMs (on tiles of all train
-    rows: numpy's cannot add into its output), else torch's (a chunk of rows at a time, added up
-    while the cast rows are in cache). Decided once per process: about a quarter of a second.
+def _probe_gemms(threads: int) -> bool:
+    """Whether numpy's BLAS (OpenBLAS) multiplies the share threads' tiles faster than torch's (MKL),
+    each the way the engine calls it: numpy's one GEMM over a tile of all train rows,
+    (256 x 2880) @ (2880 x 2048) float32, torch's the same product a chunk of ``_KCHUNK_ROWS`` rows
+    at a time added up (``addmm``, beta = 1); each on ``threads`` Python threads at once, every op
+    single-threaded, as the shares run (the two libraries, alternating, best of three each). Then a
+    one-split CPU block's share threads use numpy's GEMMs where they were at least
+    ``_NUMPY_GEMM_RATIO`` times as fast, else torch's. Decided once per process and thread count:
+    about half a second on two threads.
 
     Measured (benchmarks/RESULTS.md): on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL
-    per thread; on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS.
+    per thread; on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS. On a
+    2-core AMD EPYC Zen 4 the two took the same time on one thread alone, and the probe, timing them
+    so, mostly picked MKL; in the engine's stream, both share threads busy, a float32 block's GEMMs
+    took 135-139 ms with OpenBLAS's tiles and 143-155 ms with MKL's chunks (145-173 ms while each
+    share's MKL GEMM still ran a team of two threads: :func:`core._threads.one_thread_here`).
     """
     import time
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((257, 2880), dtype=np.float32)
-    b = rng.standard_normal((2880, _TILE_UNITS), dtype=np.float32)
-    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+    a = rng.standard_normal((256, 2880), dtype=np.float32)
+    width = max(_TILE_UNITS, _KCHUNK_UNITS)
+    tiles = [rng.standard_normal((2880, width), dtype=np.float32) for _ in range(threads)]
+    outs = [np.empty((256, width), np.float32) for _ in range(threads)]
+    at = torch.from_numpy(a)
 
-    def best(multiply) -> float:
-        multiply()
-        times = []
+    def numpy_tile(i: int) -> None:
+        np.matmul(a, tiles[i][:, :_TILE_UNITS], out=outs[i][:, :_TILE_UNITS])
+
+    def torch_chunks(i: int) -> None:
+        bt, ot = torch.from_numpy(tiles[i][:, :_KCHUNK_UNITS]), torch.from_numpy(outs[i][:, :_KCHUNK_UNITS])
+        for r0 in range(0, a.shape[1], _KCHUNK_ROWS):
+            r1 = r0 + _KCHUNK_ROWS
+            torch.addmm(ot, at[:, r0:r1], bt[r0:r1], beta=0.0 if r0 == 0 else 1.0, out=ot)
+
+    start = threading.Barrier(threads)
+
+    def together(multiply, i: int) -> None:
+        start.wait()
+        multiply(i)
+
+    def on_every_thread(multiply) -> float:  # wall time of one call on each thread, started together
+        t0 = time.perf_counter()
+        for future in [pool.submit(together, multiply, i) for i in range(threads)]:
+            future.result()
+        return time.perf_counter() - t0
+
+    times = {numpy_tile: [], torch_chunks: []}
+    with single_threaded_ops(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="unitmatch-probe",
+                                                         initializer=one_thread_here) as pool:
+        for multiply in times:  # warm-ups: the threads, first touch of the outputs
+            on_every_thread(multiply)
         for _ in range(3):
-            t0 = time.perf_counter()
-            multiply()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    with single_threaded_ops():
-        numpy_s, torch_s = best(lambda: a @ b), best(lambda: torch.mm(at, bt))
+            for multiply, taken in times.items():
+                taken.append(on_every_thread(multiply))
+    numpy_s, torch_s = min(times[numpy_tile]), min(times[torch_chunks])
     faster = torch_s >= _NUMPY_GEMM_RATIO * numpy_s
-    log.info("one-split CPU blocks: %s's GEMMs in the share threads (a tile's GEMM on one thread took %.2f ms "
-             "with numpy, %.2f ms with torch)", "numpy" if faster else "torch", 1e3 * numpy_s, 1e3 * torch_s)
+    log.info("one-split CPU blocks: %s's GEMMs in the share threads (a tile's GEMMs on each of %d threads took "
+             "%.2f ms with numpy, %.2f ms with torch)", "numpy" if faster else "torch", threads, 1e3 * numpy_s,
+             1e3 * torch_s)
     return faster
 
 
-#: :func:`_probe_gemms`: how much faster numpy's one-thread GEMM must be than torch's to be used
-_NUMPY_GEMM_RATIO = 1.2
+#: :func:`_probe_gemms`: how much faster numpy's GEMMs must be than torch's to be used (timed as the
+#: share threads run them, the faster one is taken)
+_NUMPY_GEMM_RATIO = 1.0
 
 
 @functools.lru_cache(maxsize=None)

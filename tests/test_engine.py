@@ -263,7 +263,7 @@ def test_one_engine_from_several_threads_with_share_threads_agrees_with_one_thre
     either BLAS in the share threads (the CPU's choice, :func:`core.engine._numpy_gemm_faster`)."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda threads=1: numpy_gemm)
     rng = np.random.default_rng(30)
     x = np.maximum(rng.standard_normal((N_IMAGES, 12_000)), 0).astype(np.float16)
     y = plant_neurons(x.astype(np.float32), n_planted=8, n_noise=2, snr=3.0, seed=31).responses
@@ -660,7 +660,7 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     split_top_k = engine_module.MatchEngine._split_top_k
     monkeypatch.setattr(engine_module.MatchEngine, "_split_top_k",
                         lambda self, *a: fused_blocks.append(1) or split_top_k(self, *a))
-    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: one_split_cpu == _FUSED_NUMPY)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda threads=1: one_split_cpu == _FUSED_NUMPY)
     if one_split_cpu == _TORCH_OPS:
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
     monkeypatch.setattr(engine_module, "_HALF_STATS_BYTES", 4 * N_IMAGES * 37)  # the floor, 128 columns at a time
@@ -1031,7 +1031,7 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, numpy
     half (the lower unit id wins)."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda threads=1: numpy_gemm)
     rng = np.random.default_rng(21)
     x = np.maximum(rng.standard_normal((N_IMAGES, 5000)), 0).astype(dtype)  # 3 tiles of <= 2048 units
     x[:, 4321] = x[:, 7]
@@ -1070,10 +1070,10 @@ def test_tiles_over_threads_agree_with_the_serial_tiles_and_float64(dtype, numpy
 
 
 def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monkeypatch):
-    """The one-split CPU path's GEMMs are chosen once per process by timing a tile's GEMM on one
-    thread in numpy and in torch: numpy's where it is at least ``_NUMPY_GEMM_RATIO`` times as fast,
-    else torch's (a chunk of rows at a time); the block goes to the share threads either way, and
-    the units are the same."""
+    """The one-split CPU path's GEMMs are chosen once per process and share count by timing a tile's
+    GEMMs on the share threads in numpy and in torch (tests/test_threads.py): numpy's where they are
+    at least ``_NUMPY_GEMM_RATIO`` times as fast, else torch's (a chunk of rows at a time); the
+    block goes to the share threads either way, and the units are the same."""
     from unitmatch.core import engine as engine_module
 
     rng = np.random.default_rng(4)
@@ -1090,8 +1090,8 @@ def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monk
         for ratio, numpy_gemm in ((0.0, True), (1e9, False)):  # numpy always / never fast enough
             monkeypatch.setattr(engine_module, "_NUMPY_GEMM_RATIO", ratio)
             engine_module._probe_gemms.cache_clear()
-            assert engine_module._numpy_gemm_faster() is numpy_gemm
-            assert engine_module._numpy_gemm_faster() is numpy_gemm  # decided once
+            assert engine_module._numpy_gemm_faster(2) is numpy_gemm
+            assert engine_module._numpy_gemm_faster(2) is numpy_gemm  # decided once
             shared.clear()
             got[numpy_gemm] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
             assert shared == [not numpy_gemm] * 2  # two shares, each with the GEMMs chosen
@@ -1152,7 +1152,7 @@ def test_a_non_finite_unit_in_one_share_names_its_global_id_and_restores_the_thr
     (:func:`core.engine._numpy_gemm_faster`), with the fused kernel and with torch's ops."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda threads=1: numpy_gemm)
     if not fused:
         monkeypatch.setattr(engine_module, "_kernels", lambda: None)
     rng = np.random.default_rng(8)
@@ -1192,7 +1192,7 @@ def test_a_stream_of_blocks_through_the_share_threads_equals_block_by_block(dtyp
     the block two before it has ended (two blocks held at most)."""
     from unitmatch.core import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda: numpy_gemm)
+    monkeypatch.setattr(engine_module, "_numpy_gemm_faster", lambda threads=1: numpy_gemm)
     n_images = 1600  # 1440 train images: two chunks of rows
     rng = np.random.default_rng(31)
     x = np.maximum(rng.standard_normal((n_images, 9000)), 0).astype(dtype)
