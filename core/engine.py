@@ -79,9 +79,14 @@ log = logging.getLogger(__name__)
 #: rows of the shift estimate and of each preparation chunk (chunks stay in L2 with 16k units)
 _SHIFT_ROWS = 64
 _CHUNK_ROWS = 32
-#: one split on CPU (:meth:`MatchEngine._tiled_products`) with numpy's GEMMs: units per tile and train
-#: rows per cast chunk
+#: one split on CPU: blocks wider than this many units are shared out over the threads
+#: (:meth:`MatchEngine._in_shares`), at most one share per this many units
 _TILE_UNITS = 2048
+#: ... with numpy's GEMMs (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast
+#: chunk. Tiles of 4480 units (a 51.6 MB tile of 2880 train rows) made 1M-unit float32 streams 3-4%
+#: faster than 2048 in the same process on the 2-core AMD EPYC Zen 4 VM (1536-8960 measured: the wider
+#: the faster, 8960 as 4480; benchmarks/RESULTS.md)
+_NUMPY_TILE_UNITS = 4480
 _TILE_ROWS = 256
 #: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
 #: per chunk (5.6 MiB of float32; on the 2-core Intel Xeon with its 2 MiB L2 a core, rows of 8 KB
@@ -935,7 +940,7 @@ class MatchEngine:
         products = self._buffer("products", (self.n_rows + 1, n_units))
         sxx = self._buffer("sxx", (2, n_units))  # every column written below, tile by tile
         n_train, n_rest = plan.n_train, len(plan.outside)
-        tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_TILE_UNITS, _TILE_ROWS)
+        tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_NUMPY_TILE_UNITS, _TILE_ROWS)
         fused = _fused(xb)
         # the row chunks: (0 for the train rows, 1 for the others; first; end; the rows; their columns
         # of d_train): slices taken once, not per tile (each Python step between the kernel and GEMM
@@ -1640,12 +1645,13 @@ _PROBE_LOCK = threading.Lock()
 def _probe_gemms(threads: int) -> bool:
     """Whether numpy's BLAS (OpenBLAS) multiplies the share threads' tiles faster than torch's (MKL),
     each the way the engine calls it: numpy's one GEMM over a tile of all train rows,
-    (256 x 2880) @ (2880 x 2048) float32, torch's the same product a chunk of ``_KCHUNK_ROWS`` rows
-    at a time added up (``addmm``, beta = 1); each on ``threads`` Python threads at once, every op
+    (256 x 2880) @ (2880 x ``_NUMPY_TILE_UNITS``) float32, torch's (256 x 2880) @ (2880 x
+    ``_KCHUNK_UNITS``) a chunk of ``_KCHUNK_ROWS`` rows at a time added up (``addmm``, beta = 1),
+    compared per unit; each on ``threads`` Python threads at once, every op
     single-threaded, as the shares run (the two libraries, alternating, best of three each). Then a
     one-split CPU block's share threads use numpy's GEMMs where they were at least
     ``_NUMPY_GEMM_RATIO`` times as fast, else torch's. Decided once per process and thread count:
-    about half a second on two threads.
+    about 0.6 s on two threads.
 
     Measured (benchmarks/RESULTS.md): on a 2-core AMD EPYC (AVX2) OpenBLAS was 1.46x as fast as MKL
     per thread; on a 2-core Intel Xeon with AVX-512 and AMX MKL was 1.1x as fast as OpenBLAS. On a
@@ -1658,13 +1664,13 @@ def _probe_gemms(threads: int) -> bool:
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((256, 2880), dtype=np.float32)
-    width = max(_TILE_UNITS, _KCHUNK_UNITS)
-    tiles = [rng.standard_normal((2880, width), dtype=np.float32) for _ in range(threads)]
+    width = max(_NUMPY_TILE_UNITS, _KCHUNK_UNITS)
+    tiles = [rng.random((2880, width), dtype=np.float32) for _ in range(threads)]
     outs = [np.empty((256, width), np.float32) for _ in range(threads)]
     at = torch.from_numpy(a)
 
     def numpy_tile(i: int) -> None:
-        np.matmul(a, tiles[i][:, :_TILE_UNITS], out=outs[i][:, :_TILE_UNITS])
+        np.matmul(a, tiles[i][:, :_NUMPY_TILE_UNITS], out=outs[i][:, :_NUMPY_TILE_UNITS])
 
     def torch_chunks(i: int) -> None:
         bt, ot = torch.from_numpy(tiles[i][:, :_KCHUNK_UNITS]), torch.from_numpy(outs[i][:, :_KCHUNK_UNITS])
@@ -1692,11 +1698,13 @@ def _probe_gemms(threads: int) -> bool:
         for _ in range(3):
             for multiply, taken in times.items():
                 taken.append(on_every_thread(multiply))
-    numpy_s, torch_s = min(times[numpy_tile]), min(times[torch_chunks])
+    # seconds per unit: the two tiles' widths may differ
+    numpy_s = min(times[numpy_tile]) / _NUMPY_TILE_UNITS
+    torch_s = min(times[torch_chunks]) / _KCHUNK_UNITS
     faster = torch_s >= _NUMPY_GEMM_RATIO * numpy_s
     log.info("one-split CPU blocks: %s's GEMMs in the share threads (a tile's GEMMs on each of %d threads took "
-             "%.2f ms with numpy, %.2f ms with torch)", "numpy" if faster else "torch", threads, 1e3 * numpy_s,
-             1e3 * torch_s)
+             "%.2f ms per 1000 units with numpy, %.2f ms with torch)", "numpy" if faster else "torch", threads,
+             1e6 * numpy_s, 1e6 * torch_s)
     return faster
 
 

@@ -649,6 +649,7 @@ def test_every_block_path_agrees_with_float64_reference(dtype, n_splits, min_var
     import unitmatch.core.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
+    monkeypatch.setattr(engine_module, "_NUMPY_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
     monkeypatch.setattr(engine_module, "_KCHUNK_UNITS", 56)
     monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
@@ -697,6 +698,7 @@ def test_the_fused_tiles_give_torchs_products_unit_sums_and_squares(dtype, shift
     import unitmatch.core.engine as engine_module
 
     monkeypatch.setattr(engine_module, "_TILE_UNITS", 40)
+    monkeypatch.setattr(engine_module, "_NUMPY_TILE_UNITS", 40)
     monkeypatch.setattr(engine_module, "_TILE_ROWS", 47)
     monkeypatch.setattr(engine_module, "_KCHUNK_UNITS", 56)
     monkeypatch.setattr(engine_module, "_KCHUNK_ROWS", 33)
