@@ -940,7 +940,11 @@ class MatchEngine:
         products = self._buffer("products", (self.n_rows + 1, n_units))
         sxx = self._buffer("sxx", (2, n_units))  # every column written below, tile by tile
         n_train, n_rest = plan.n_train, len(plan.outside)
-        tile_units, tile_rows = (_KCHUNK_UNITS, _KCHUNK_ROWS) if torch_gemm else (_NUMPY_TILE_UNITS, _TILE_ROWS)
+        if torch_gemm:
+            tile_units, tile_rows = _KCHUNK_UNITS, _KCHUNK_ROWS
+        else:  # tiles of about equal width, at most _NUMPY_TILE_UNITS (no narrow last tile: the
+            # wider a tile, the faster OpenBLAS's GEMM a unit)
+            tile_units, tile_rows = -(-n_units // -(-n_units // _NUMPY_TILE_UNITS)), _TILE_ROWS
         fused = _fused(xb)
         # the row chunks: (0 for the train rows, 1 for the others; first; end; the rows; their columns
         # of d_train): slices taken once, not per tile (each Python step between the kernel and GEMM
