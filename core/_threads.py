@@ -14,11 +14,12 @@ the context is reference counted: concurrent users (e.g. Dask's threaded schedul
 block tasks) share one section, which the first entrant opens and the last one closes, restoring
 what the first found.
 
-Torch's GEMMs (MKL) and OpenMP regions size their teams by the calling thread's own OpenMP setting,
-which a new thread takes from the environment, not from :func:`torch.set_num_threads` in another
-thread: the pools that run such pieces start their threads with :func:`one_thread_here`. Without
-it, each of two share threads on the 2-core AMD EPYC Zen 4 VM ran torch's GEMMs with a team of two
-(benchmarks/RESULTS.md).
+Torch's GEMMs (MKL) size their teams by the calling thread's own OpenMP setting, which a new thread
+takes from the environment, not from :func:`torch.set_num_threads` in another thread (torch's own
+parallel loops set a thread to torch's process-wide count on their first use there, 1 inside the
+section; MKL's GEMMs did not): the pools that run such pieces start their threads with
+:func:`one_thread_here`. Without it, each of two share threads on the 2-core AMD EPYC Zen 4 VM ran
+torch's GEMMs with a team of two (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def single_threaded_ops():
 
 def one_thread_here() -> None:
     """The calling thread's OpenMP teams at one thread, for good: the initializer of the thread pools
-    whose pieces run inside :func:`single_threaded_ops`.
+    whose pieces run inside :func:`single_threaded_ops` (their threads start and work there, while
+    torch's process-wide count is 1 too).
 
     The section sets torch's and the BLAS libraries' process-wide counts, but torch's CPU GEMMs
     (MKL) and OpenMP regions take their team size from the calling thread's own OpenMP setting

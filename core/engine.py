@@ -82,11 +82,13 @@ _CHUNK_ROWS = 32
 #: one split on CPU: blocks wider than this many units are shared out over the threads
 #: (:meth:`MatchEngine._in_shares`), at most one share per this many units
 _TILE_UNITS = 2048
-#: ... with numpy's GEMMs (:meth:`MatchEngine._tiled_products`): units per tile and train rows per cast
-#: chunk. Tiles of 4480 units (a 51.6 MB tile of 2880 train rows) made 1M-unit float32 streams 3-4%
-#: faster than 2048 in the same process on the 2-core AMD EPYC Zen 4 VM (1536-8960 measured: the wider
-#: the faster, 8960 as 4480; benchmarks/RESULTS.md)
+#: ... with numpy's GEMMs (:meth:`MatchEngine._tiled_products`): units per tile at most, and train rows
+#: per cast chunk. Tiles of 4480 units (a 51.6 MB tile of 2880 train rows) made 1M-unit float32 streams
+#: 3-4% faster than 2048 in the same process on the 2-core AMD EPYC Zen 4 VM (1536-8960 measured: the
+#: wider the faster, 8960 as 4480; benchmarks/RESULTS.md). With more train rows a tile stays within
+#: _NUMPY_TILE_BYTES, or 2048 units wide (the width before) where that is more.
 _NUMPY_TILE_UNITS = 4480
+_NUMPY_TILE_BYTES = 2880 * 4480 * 4
 _TILE_ROWS = 256
 #: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
 #: per chunk (5.6 MiB of float32; on the 2-core Intel Xeon with its 2 MiB L2 a core, rows of 8 KB
@@ -617,7 +619,7 @@ class MatchEngine:
     def process(self, block: UnitBlock) -> MatchPartial:
         """Score one block of units against every neuron and split.
 
-        One split on CPU, a block wider than a tile and torch on several threads: the block's units
+        One split on CPU, a block wider than ``_TILE_UNITS`` and torch on several threads: the block's units
         are shared out over Python threads (:meth:`_in_shares`); elsewhere the block is scored whole.
         """
         xb = self._block_tensor(block)
@@ -685,10 +687,11 @@ class MatchEngine:
             pool = self._share_pool(threads)
             try:
                 for xb, block in tensors:
-                    shares = self._shares(xb, block, threads)
-                    gemm = _torch_gemm(xb.shape[1], len(shares))
+                    # probed for the pool's threads, which a stream's shares keep busy (not per
+                    # block: a narrow last block's fewer shares run beside the block before it)
+                    gemm = _torch_gemm(xb.shape[1], threads)
                     queued.append([pool.submit(self._process, share.data, share, torch_gemm=gemm)
-                                   for share in shares])
+                                   for share in self._shares(xb, block, threads)])
                     while len(queued) > 1:  # the block before this one
                         merge_oldest()
                 while queued:
@@ -942,9 +945,10 @@ class MatchEngine:
         n_train, n_rest = plan.n_train, len(plan.outside)
         if torch_gemm:
             tile_units, tile_rows = _KCHUNK_UNITS, _KCHUNK_ROWS
-        else:  # tiles of about equal width, at most _NUMPY_TILE_UNITS (no narrow last tile: the
+        else:  # tiles of about equal width, at most _numpy_tile_units (no narrow last tile: the
             # wider a tile, the faster OpenBLAS's GEMM a unit)
-            tile_units, tile_rows = -(-n_units // -(-n_units // _NUMPY_TILE_UNITS)), _TILE_ROWS
+            widest = _numpy_tile_units(n_train)
+            tile_units, tile_rows = -(-n_units // max(1, -(-n_units // widest))), _TILE_ROWS
         fused = _fused(xb)
         # the row chunks: (0 for the train rows, 1 for the others; first; end; the rows; their columns
         # of d_train): slices taken once, not per tile (each Python step between the kernel and GEMM
@@ -1627,9 +1631,15 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         torch.mm(a.to(torch.float32), b.to(torch.float32), out=out)
 
 
+def _numpy_tile_units(n_train: int) -> int:
+    """The widest tile of numpy's one-split GEMMs for ``n_train`` train rows: ``_NUMPY_TILE_UNITS``,
+    fewer where its float32 tile would exceed ``_NUMPY_TILE_BYTES``, but never fewer than 2048."""
+    return max(min(2048, _NUMPY_TILE_UNITS), min(_NUMPY_TILE_UNITS, _NUMPY_TILE_BYTES // (4 * max(1, n_train))))
+
+
 def _torch_gemm(n_units: int, threads: int = 1) -> bool:
     """Whether a one-split CPU block of ``n_units`` is multiplied with torch's GEMMs: a block wider
-    than a tile goes to the share threads (``threads`` of them), whose BLAS
+    than ``_TILE_UNITS`` goes to the share threads (a pool of ``threads``), whose BLAS
     :func:`_numpy_gemm_faster` picks; a narrower one is scored whole on torch's."""
     return n_units <= _TILE_UNITS or not _numpy_gemm_faster(threads)
 
@@ -1682,7 +1692,7 @@ def _probe_gemms(threads: int) -> bool:
             r1 = r0 + _KCHUNK_ROWS
             torch.addmm(ot, at[:, r0:r1], bt[r0:r1], beta=0.0 if r0 == 0 else 1.0, out=ot)
 
-    start = threading.Barrier(threads)
+    start = threading.Barrier(threads, timeout=120)  # a thread that never arrives: an error, not a hang
 
     def together(multiply, i: int) -> None:
         start.wait()

@@ -1093,7 +1093,8 @@ def test_the_share_threads_multiply_with_numpy_where_its_gemm_is_the_faster(monk
             monkeypatch.setattr(engine_module, "_NUMPY_GEMM_RATIO", ratio)
             engine_module._probe_gemms.cache_clear()
             assert engine_module._numpy_gemm_faster(2) is numpy_gemm
-            assert engine_module._numpy_gemm_faster(2) is numpy_gemm  # decided once
+            assert engine_module._numpy_gemm_faster(2) is numpy_gemm
+            assert engine_module._probe_gemms.cache_info().misses == 1  # decided once
             shared.clear()
             got[numpy_gemm] = MatchEngine(y, splits, top_k=3, device="cpu").process(UnitBlock(x, "l", 0))
             assert shared == [not numpy_gemm] * 2  # two shares, each with the GEMMs chosen
@@ -1714,3 +1715,14 @@ def test_resident_bytes_bound_what_the_engine_keeps_beside_its_scratch(n_splits,
     held = _tensor_bytes(engine, *engine._plans)
     half_rows = 4 * (engine.n_rows + 1) * engine.n_images  # the float16 halves a GPU builds, counted too
     assert held + half_rows <= engine.resident_bytes() <= 1.25 * (held + half_rows), (held, engine.resident_bytes())
+
+
+def test_numpys_tiles_stay_within_their_bytes_but_never_narrower_than_before():
+    """The widest tile of numpy's one-split GEMMs: 4480 units for up to 2880 train rows (51.6 MB of
+    float32), narrower with more rows, never below the 2048 units of before."""
+    from unitmatch.core.engine import _NUMPY_TILE_BYTES, _numpy_tile_units
+
+    assert _numpy_tile_units(1) == _numpy_tile_units(2880) == 4480
+    assert _numpy_tile_units(5000) == _NUMPY_TILE_BYTES // (4 * 5000) == 2580
+    assert 4 * 5000 * _numpy_tile_units(5000) <= _NUMPY_TILE_BYTES
+    assert _numpy_tile_units(10_000) == _numpy_tile_units(10**6) == 2048
