@@ -86,9 +86,10 @@ _TILE_UNITS = 2048
 #: per cast chunk. Tiles of 4480 units (a 51.6 MB tile of 2880 train rows) made 1M-unit float32 streams
 #: 3-4% faster than 2048 in the same process on the 2-core AMD EPYC Zen 4 VM (1536-8960 measured: the
 #: wider the faster, 8960 as 4480; benchmarks/RESULTS.md). With more train rows a tile stays within
-#: _NUMPY_TILE_BYTES, or 2048 units wide (the width before) where that is more.
+#: _NUMPY_TILE_BYTES, or _NUMPY_TILE_MIN_UNITS wide (the width before) where that is more.
 _NUMPY_TILE_UNITS = 4480
 _NUMPY_TILE_BYTES = 2880 * 4480 * 4
+_NUMPY_TILE_MIN_UNITS = 2048
 _TILE_ROWS = 256
 #: ... with torch's GEMMs, which add each chunk's products to the tile's: units per tile and train rows
 #: per chunk (5.6 MiB of float32; on the 2-core Intel Xeon with its 2 MiB L2 a core, rows of 8 KB
@@ -1633,8 +1634,10 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 def _numpy_tile_units(n_train: int) -> int:
     """The widest tile of numpy's one-split GEMMs for ``n_train`` train rows: ``_NUMPY_TILE_UNITS``,
-    fewer where its float32 tile would exceed ``_NUMPY_TILE_BYTES``, but never fewer than 2048."""
-    return max(min(2048, _NUMPY_TILE_UNITS), min(_NUMPY_TILE_UNITS, _NUMPY_TILE_BYTES // (4 * max(1, n_train))))
+    fewer where its float32 tile would exceed ``_NUMPY_TILE_BYTES``, but never fewer than
+    ``_NUMPY_TILE_MIN_UNITS`` (nor more than ``_NUMPY_TILE_UNITS``)."""
+    fits = _NUMPY_TILE_BYTES // (4 * max(1, n_train))
+    return min(_NUMPY_TILE_UNITS, max(_NUMPY_TILE_MIN_UNITS, fits))
 
 
 def _torch_gemm(n_units: int, threads: int = 1) -> bool:
